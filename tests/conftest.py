@@ -1,0 +1,18 @@
+"""Shared test fixtures: the offline real data in ../shared/data, and tiny synthetic data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    """Path to ../shared/data (CIFAR-10, MNIST, the ResNet-20 checkpoint), or skip when absent."""
+    if not (SHARED_DATA / "cifar10" / "test.npz").exists():
+        pytest.skip(f"real data not found at {SHARED_DATA} (the ../shared folder beside the repo)")
+    return SHARED_DATA
