@@ -1,0 +1,296 @@
+"""The `bdclean` command line: a thin skin over backdoor_cli.pipeline.
+
+Each command parses its options, calls ONE library function, renders the result, and maps errors
+to exit codes: 0 ok, 1 a gate failed, 2 bad usage or input, 3 unsafe input refused, 4 internal
+error (a bug), 130 interrupted. Results go to stdout, progress and messages to stderr.
+No torch import at module level: `bdclean --help` must answer instantly.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, List, Optional
+
+import typer
+
+
+from .errors import BdcleanError
+
+app = typer.Typer(
+    name="bdclean",
+    help="Audit and purify image classifiers that may carry a backdoor (Feature Shift Tuning and baselines).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+EXIT_GATE, EXIT_INTERNAL, EXIT_INTERRUPTED = 1, 4, 130
+
+# Shared options: one definition each, so names and help stay identical across commands.
+Arch = Annotated[Optional[str], typer.Option(help="Architecture: a built-in name (resnet18, preactresnet18, vgg16_bn, "
+                                             "simple_cnn, test_tiny), torchvision:NAME, or path/to/file.py:factory. "
+                                             "Default: from bdclean metadata, else guessed from the weights.")]
+NumClasses = Annotated[Optional[int], typer.Option(help="Number of classes (default: from the checkpoint).")]
+Head = Annotated[Optional[str], typer.Option(help="Module path of the linear head (default: auto-detected).")]
+Data = Annotated[Optional[str], typer.Option(help="Dataset: a name (cifar10, mnist, ...) under --data-dir, or a "
+                                             "directory with train.npz/test.npz or train/ and test/ image folders.")]
+DataDir = Annotated[Optional[str], typer.Option(help="Where named datasets live.")]
+Trigger = Annotated[Optional[str], typer.Option(help="Trigger: a built-in (badnets, blended, sig, wanet) or a YAML "
+                                                "spec file. Default: the one recorded in the checkpoint, if any.")]
+Target = Annotated[Optional[int], typer.Option(help="Attack target class (overrides the trigger spec).")]
+Device = Annotated[Optional[str], typer.Option(help="auto, cpu, cuda or cuda:N.")]
+Seed = Annotated[Optional[int], typer.Option(help="Random seed (default 0).")]
+EvalLimit = Annotated[Optional[int], typer.Option(help="Evaluate a seeded, stratified subset of N test images.")]
+Mean = Annotated[Optional[str], typer.Option(help="Normalisation mean, comma-separated (default: metadata or dataset).")]
+Std = Annotated[Optional[str], typer.Option(help="Normalisation std, comma-separated (default: metadata or dataset).")]
+Config = Annotated[Optional[Path], typer.Option(help="YAML file of options; flags override it.")]
+Json = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output on stderr.")]
+Force = Annotated[Optional[bool], typer.Option("--force", help="Replace existing outputs.")]
+MaxAsr = Annotated[Optional[str], typer.Option(help="Gate: fail (exit 1) if ASR is above this (0.05 or 5%).")]
+MinAcc = Annotated[Optional[str], typer.Option(help="Gate: fail (exit 1) if clean accuracy is below this.")]
+MaxAccDrop = Annotated[Optional[str], typer.Option(help="Gate: fail (exit 1) if clean accuracy drops by more than this.")]
+Out = Annotated[Optional[str], typer.Option(help="Output directory (purify) or file (train).")]
+
+
+def _stdout():
+    from rich.console import Console
+
+    return Console(soft_wrap=True)
+
+
+def _stderr():
+    from rich.console import Console
+
+    return Console(stderr=True, soft_wrap=True)
+
+
+def _reporter(quiet: bool, json_output: bool):
+    from .progress import StderrReporter
+
+    return StderrReporter(quiet=quiet)
+
+
+def _guard(action):
+    """Run a command body, turning every failure into a message and an exit code."""
+    try:
+        return action()
+    except BdcleanError as exc:
+        _stderr().print(f"[bold red]error:[/bold red] {exc.message}", highlight=False, markup=True)
+        if exc.hint:
+            _stderr().print(f"  hint: {exc.hint}", highlight=False, markup=False)
+        raise typer.Exit(exc.exit_code)
+    except KeyboardInterrupt:
+        _stderr().print("interrupted; no partial outputs were left behind", highlight=False)
+        raise typer.Exit(EXIT_INTERRUPTED)
+    except typer.Exit:
+        raise
+    except Exception as exc:  # a bug: say so plainly, keep the traceback for BDCLEAN_DEBUG=1
+        if os.environ.get("BDCLEAN_DEBUG") == "1":
+            raise
+        _stderr().print(f"internal error: {exc.__class__.__name__}: {str(exc)[:300]}", highlight=False, markup=False)
+        _stderr().print("  this is a bug in bdclean; rerun with BDCLEAN_DEBUG=1 for the traceback", markup=False)
+        raise typer.Exit(EXIT_INTERNAL)
+
+
+def _emit(report, json_output: bool, render) -> None:
+    if json_output:
+        from .report import to_json
+
+        sys.stdout.write(to_json(report) + "\n")
+    else:
+        render(report, _stdout())
+
+
+def _exit_for_gates(gates) -> None:
+    failed = [g for g in gates if not g.passed]
+    if failed:
+        for gate in failed:
+            _stderr().print(f"[bold red]{gate.describe()}[/bold red]", highlight=False)
+        raise typer.Exit(EXIT_GATE)
+
+
+def _floats(text: Optional[str]):
+    return None if text is None else text  # parsed and validated by config.coerce (comma-separated)
+
+
+@app.command()
+def inspect(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint file (.safetensors, .pt, .pth, .th, .bin).")],
+    json_output: Json = False,
+    keys: Annotated[bool, typer.Option("--keys", help="List every tensor (name, shape, dtype).")] = False,
+):
+    """Show what is in a checkpoint without running anything in it."""
+
+    def body():
+        from .inspection import inspect_checkpoint, render_inspection
+
+        info = inspect_checkpoint(checkpoint)
+        if json_output:
+            import json
+
+            sys.stdout.write(json.dumps(info, indent=2) + "\n")
+        else:
+            render_inspection(info, _stdout(), show_keys=keys)
+
+    _guard(body)
+
+
+@app.command()
+def evaluate(
+    checkpoint: Annotated[str, typer.Argument(help="Checkpoint to evaluate.")],
+    data: Data = None, arch: Arch = None, num_classes: NumClasses = None, head: Head = None,
+    data_dir: DataDir = None, trigger: Trigger = None, target: Target = None, mean: Mean = None, std: Std = None,
+    device: Device = None, seed: Seed = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Evaluation batch size (default 1024).")] = None,
+    eval_limit: EvalLimit = None, max_asr: MaxAsr = None, min_acc: MinAcc = None,
+    config: Config = None, json_output: Json = False, quiet: Quiet = False,
+):
+    """Measure clean accuracy and the attack success rate of a trigger, with 95% intervals."""
+    flags = dict(locals())
+
+    def body():
+        from .config import EvaluateOptions, resolve_options
+        from .pipeline import evaluate_checkpoint
+        from .report import render_evaluate
+
+        opts = resolve_options(EvaluateOptions, flags, flags.pop("config") and str(config))
+        report = evaluate_checkpoint(opts, _reporter(quiet, json_output))
+        _emit(report, json_output, render_evaluate)
+        return report
+
+    report = _guard(body)
+    _exit_for_gates(report.gates)
+
+
+@app.command()
+def purify(
+    checkpoint: Annotated[str, typer.Argument(help="Suspect checkpoint to purify (never modified).")],
+    method: Annotated[Optional[str], typer.Option(help="Defense: fst (default), ft, lp, fe-tuning, ft-init.")] = None,
+    data: Data = None, out: Out = None, arch: Arch = None, num_classes: NumClasses = None, head: Head = None,
+    data_dir: DataDir = None, trigger: Trigger = None, target: Target = None, mean: Mean = None, std: Std = None,
+    lr: Annotated[Optional[float], typer.Option(help="Learning rate (default: the paper's for the dataset).")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Tuning epochs (default: the paper's for the dataset).")] = None,
+    alpha: Annotated[Optional[float], typer.Option(help="FST penalty weight (default: the paper's for the dataset).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Tuning batch size (default 128).")] = None,
+    eval_batch_size: Annotated[Optional[int], typer.Option(help="Evaluation batch size (default 1024).")] = None,
+    momentum: Annotated[Optional[float], typer.Option(help="SGD momentum (default 0.9).")] = None,
+    weight_decay: Annotated[Optional[float], typer.Option(help="Weight decay (default 0).")] = None,
+    augment: Annotated[Optional[bool], typer.Option("--augment/--no-augment", help="Random crop + flip while tuning.")] = None,
+    clean_fraction: Annotated[Optional[float], typer.Option(help="Fraction of the training split used as clean data.")] = None,
+    clean_count: Annotated[Optional[int], typer.Option(help="Number of clean training images (class-balanced).")] = None,
+    clean_data: Annotated[Optional[str], typer.Option(help="Your own clean images (image folders or npz).")] = None,
+    device: Device = None, seed: Seed = None, eval_limit: EvalLimit = None,
+    max_asr: MaxAsr = None, min_acc: MinAcc = None, max_acc_drop: MaxAccDrop = None,
+    force: Force = None, config: Config = None, json_output: Json = False, quiet: Quiet = False,
+):
+    """Remove a backdoor by tuning on clean data; write purified weights and a report to --out."""
+    flags = dict(locals())
+
+    def body():
+        from .config import PurifyOptions, resolve_options
+        from .pipeline import purify_checkpoint
+        from .report import render_purify
+
+        opts = resolve_options(PurifyOptions, flags, flags.pop("config") and str(config))
+        report = purify_checkpoint(opts, _reporter(quiet, json_output))
+        _emit(report, json_output, render_purify)
+        return report
+
+    report = _guard(body)
+    _exit_for_gates(report.gates)
+
+
+@app.command()
+def compare(
+    checkpoints: Annotated[List[str], typer.Argument(help="Two or more checkpoints.")],
+    data: Data = None, arch: Arch = None, num_classes: NumClasses = None, head: Head = None,
+    data_dir: DataDir = None, trigger: Trigger = None, target: Target = None, mean: Mean = None, std: Std = None,
+    reference: Annotated[Optional[str], typer.Option(help="Checkpoint that DER and weight drift are measured "
+                                                     "against (default: the first).")] = None,
+    device: Device = None, seed: Seed = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Evaluation batch size (default 1024).")] = None,
+    eval_limit: EvalLimit = None, max_asr: MaxAsr = None, min_acc: MinAcc = None, max_acc_drop: MaxAccDrop = None,
+    markdown: Annotated[bool, typer.Option("--markdown", help="Print a Markdown table.")] = False,
+    config: Config = None, json_output: Json = False, quiet: Quiet = False,
+):
+    """Put several checkpoints side by side on the same data and trigger."""
+    flags = dict(locals())
+    flags["checkpoints"] = tuple(checkpoints)
+
+    def body():
+        from .config import CompareOptions, resolve_options
+        from .pipeline import compare_checkpoints
+        from .report import compare_markdown, render_compare
+
+        opts = resolve_options(CompareOptions, flags, flags.pop("config") and str(config))
+        report = compare_checkpoints(opts, _reporter(quiet, json_output))
+        if markdown and not json_output:
+            sys.stdout.write(compare_markdown(report))
+        else:
+            _emit(report, json_output, render_compare)
+        return report
+
+    report = _guard(body)
+    _exit_for_gates([g for row in report.rows for g in row.gates])
+
+
+@app.command()
+def train(
+    data: Data = None, out: Out = None,
+    arch: Annotated[Optional[str], typer.Option(help="Architecture to train (default simple_cnn).")] = None,
+    data_dir: DataDir = None, trigger: Trigger = None, target: Target = None,
+    poison_rate: Annotated[Optional[float], typer.Option(help="Fraction of training images poisoned (dirty label).")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Epochs (default 15).")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate, cosine schedule (default 0.05).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Batch size (default 128).")] = None,
+    momentum: Annotated[Optional[float], typer.Option(help="SGD momentum (default 0.9).")] = None,
+    weight_decay: Annotated[Optional[float], typer.Option(help="Weight decay (default 5e-4).")] = None,
+    augment: Annotated[Optional[bool], typer.Option("--augment/--no-augment", help="Random crop + flip.")] = None,
+    holdout_fraction: Annotated[Optional[float], typer.Option(help="Keep this fraction of the training split out of "
+                                                              "training (indices saved in the metadata).")] = None,
+    train_limit: Annotated[Optional[int], typer.Option(help="Train on a stratified subset of N images.")] = None,
+    mean: Mean = None, std: Std = None, device: Device = None, seed: Seed = None,
+    force: Force = None, config: Config = None, json_output: Json = False, quiet: Quiet = False,
+):
+    """Train a model, optionally backdoored, and save it as safetensors with metadata."""
+    flags = dict(locals())
+
+    def body():
+        from .config import TrainOptions, resolve_options
+        from .pipeline import train_model
+        from .report import render_train
+
+        opts = resolve_options(TrainOptions, flags, flags.pop("config") and str(config))
+        report = train_model(opts, _reporter(quiet, json_output))
+        _emit(report, json_output, render_train)
+
+    _guard(body)
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="Where the demo writes everything.")] = Path("bdclean-demo"),
+    force: Annotated[bool, typer.Option("--force", help="Replace an earlier demo's outputs.")] = True,
+    device: Device = None, quiet: Quiet = False,
+):
+    """Offline demo on a bundled MNIST sample: backdoor a model, purify it with FT and FST, compare."""
+
+    def body():
+        from .demo import run_demo
+
+        run_demo(out, force=force, device=device or "auto", console=_stdout(), reporter=_reporter(quiet, False))
+
+    _guard(body)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

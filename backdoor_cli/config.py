@@ -1,0 +1,223 @@
+"""Run options as frozen dataclasses: YAML (`--config`, safe_load) + flag overrides + validation.
+
+Precedence: a flag given on the command line > the same key in `--config` > the dataclass default.
+YAML keys use the flag names with either dashes or underscores (`clean-fraction` or `clean_fraction`).
+Unknown keys and wrong types are errors that name the key: a typo must not silently fall back to
+a default in a security tool.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from .errors import ConfigError
+
+MAX_CONFIG_BYTES = 1024 * 1024
+# Gate thresholds accept a fraction (0.05) or a percentage string ("5%") from flags and YAML alike.
+GATE_OPTIONS = ("max_asr", "min_acc", "max_acc_drop")
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    checkpoint: str = ""
+    arch: str | None = None
+    num_classes: int | None = None
+    head: str | None = None
+
+
+@dataclass(frozen=True)
+class EvaluateOptions:
+    checkpoint: str = ""
+    data: str | None = None
+    arch: str | None = None
+    num_classes: int | None = None
+    head: str | None = None
+    data_dir: str | None = None
+    trigger: str | None = None
+    target: int | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    device: str = "auto"
+    seed: int = 0
+    batch_size: int = 1024
+    eval_limit: int | None = None
+    max_asr: float | None = None
+    min_acc: float | None = None
+
+
+@dataclass(frozen=True)
+class PurifyOptions(EvaluateOptions):
+    method: str = "fst"
+    out: str | None = None
+    force: bool = False
+    lr: float | None = None
+    epochs: int | None = None
+    alpha: float | None = None
+    batch_size: int = 128
+    eval_batch_size: int = 1024
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    augment: bool = True
+    clean_fraction: float | None = None
+    clean_count: int | None = None
+    clean_data: str | None = None
+    max_acc_drop: float | None = None
+
+
+@dataclass(frozen=True)
+class CompareOptions(EvaluateOptions):
+    checkpoints: tuple[str, ...] = ()
+    reference: str | None = None
+    max_acc_drop: float | None = None
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    arch: str = "simple_cnn"
+    data: str | None = None
+    data_dir: str | None = None
+    out: str | None = None
+    force: bool = False
+    trigger: str | None = None
+    target: int | None = None
+    poison_rate: float = 0.0
+    epochs: int = 15
+    lr: float = 0.05
+    batch_size: int = 128
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    augment: bool = True
+    holdout_fraction: float = 0.0
+    train_limit: int | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    device: str = "auto"
+    seed: int = 0
+    eval_batch_size: int = 1024
+
+
+def load_config_file(path: str | Path) -> dict:
+    """Read a YAML mapping with yaml.safe_load (no Python tags, no object construction)."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    raw = path.read_bytes()
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config file {path} is over 1 MB; that is not a run configuration")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not UTF-8 text") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        line = f" (line {where.line + 1})" if where is not None else ""
+        raise ConfigError(f"config file {path} is not valid YAML{line}: {getattr(exc, 'problem', None) or exc}") from None
+    except RecursionError:
+        raise ConfigError(f"config file {path} is nested too deeply") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of option: value, not a {type(data).__name__}")
+    return data
+
+
+def resolve_options(cls, flags: dict, config_path: str | None = None):
+    """Build `cls` from flags (None = not given) over the config file over the defaults."""
+    names = {f.name: f for f in fields(cls)}
+    merged: dict = {}
+    if config_path:
+        for key, value in load_config_file(config_path).items():
+            name = str(key).replace("-", "_")
+            if name not in names or name == "config":
+                known = ", ".join(sorted(n.replace("_", "-") for n in names))
+                raise ConfigError(f"unknown key {key!r} in {config_path}", hint=f"known keys: {known}")
+            merged[name] = coerce(name, value, names[name].type, source=f"{config_path}: {key}")
+    for name, value in flags.items():
+        if value is not None and name in names:
+            merged[name] = coerce(name, value, names[name].type, source=f"--{name.replace('_', '-')}")
+    try:
+        return cls(**merged)
+    except TypeError as exc:  # pragma: no cover - guarded by the name check above
+        raise ConfigError(str(exc)) from None
+
+
+def _resolve_type(annotation):
+    if isinstance(annotation, str):
+        annotation = eval(annotation, {**vars(typing), "tuple": tuple}, {})  # our own annotations only
+    return annotation
+
+
+def coerce(name: str, value, annotation, source: str):
+    """Check and convert one value to the field's type; bools are not numbers, strings not lists."""
+    if name in GATE_OPTIONS:
+        return parse_rate(value, source)
+    annotation = _resolve_type(annotation)
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return coerce(name, value, inner[0], source)
+    if origin is tuple:
+        item_type = args[0] if args else str
+        if isinstance(value, str):
+            value = [v for v in value.replace(" ", "").split(",") if v]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{source}: expected a list, got {type(value).__name__}")
+        return tuple(coerce(name, v, item_type, source) for v in value)
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{source}: expected true or false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+                return int(value)
+            raise ConfigError(f"{source}: expected an integer, got {value!r}")
+        return value
+    if annotation is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{source}: expected a number, got {value!r}")
+        try:
+            result = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{source}: expected a number, got {value!r}") from None
+        if result != result or result in (float("inf"), float("-inf")):
+            raise ConfigError(f"{source}: expected a finite number, got {value!r}")
+        return result
+    if annotation is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{source}: expected a string, got {type(value).__name__}")
+    return value
+
+
+def parse_rate(text: str | float | None, option: str) -> float | None:
+    """A gate threshold: a fraction in [0, 1] (`0.05`) or a percentage (`5%`)."""
+    if text is None:
+        return None
+    raw = str(text).strip()
+    try:
+        value = float(raw[:-1]) / 100 if raw.endswith("%") else float(raw)
+    except ValueError:
+        raise ConfigError(f"{option} {raw!r} is not a number", hint="write a fraction like 0.05 or a percentage like 5%") from None
+    if not (0.0 <= value <= 1.0):
+        raise ConfigError(f"{option} {raw} is out of range", hint="write a fraction in [0, 1] like 0.05, or a percentage like 5%")
+    return value
+
+
+def to_yaml_dict(options) -> dict:
+    """The resolved options as plain YAML-friendly values (written to config.yaml beside the outputs)."""
+    out = {}
+    for key, value in dataclasses.asdict(options).items():
+        out[key.replace("_", "-")] = list(value) if isinstance(value, tuple) else value
+    return out

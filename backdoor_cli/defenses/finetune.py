@@ -1,0 +1,81 @@
+"""The paper's baselines: FT, LP, FE-tuning and FT-init (and the shared machinery FST reuses).
+
+| method    | head at start  | trained                          |
+|-----------|----------------|----------------------------------|
+| ft        | original       | all                              |
+| lp        | original       | head only (body frozen, BN stats too) |
+| fe-tuning | re-initialised | all but the head (head frozen)   |
+| ft-init   | re-initialised | all                              |
+
+LP keeps the body's BatchNorm layers in eval mode: "head only" should leave every body tensor,
+running statistics included, byte-identical. (The reference code leaves them in train mode, so its
+LP silently shifts BN statistics; we consider that a bug, not part of the method.)
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..data import ImageSet
+from ..tuning import TuneSettings, tune
+from .base import Defense, DefenseOutcome, DefenseParams, get_head, register
+
+
+def reinitialise_head(head: torch.nn.Linear, seed: int) -> None:
+    """PyTorch's default Linear init (uniform +-1/sqrt(fan_in)), from a seeded generator."""
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    bound = 1.0 / head.in_features**0.5
+    with torch.no_grad():
+        weight = torch.empty(head.weight.shape).uniform_(-bound, bound, generator=generator)
+        bias = torch.empty(head.out_features).uniform_(-bound, bound, generator=generator)
+        head.weight.copy_(weight.to(head.weight))
+        if head.bias is not None:
+            head.bias.copy_(bias.to(head.bias))
+
+
+def select_trainable(model: torch.nn.Module, head: torch.nn.Linear, trains: str):
+    """Return (params to train, modules to hold in eval mode) and set requires_grad to match."""
+    head_params = set(map(id, head.parameters()))
+    for p in model.parameters():
+        in_head = id(p) in head_params
+        p.requires_grad_(trains == "all" or (trains == "head") == in_head)
+    frozen: list[torch.nn.Module] = []
+    if trains == "head":
+        frozen = [m for m in model.modules() if m is not model and m is not head and not list(m.children())]
+    return [p for p in model.parameters() if p.requires_grad], frozen
+
+
+def run_tuning(defense: Defense, model, head_name: str, clean: ImageSet, mean, std, params: DefenseParams,
+               device, flip: bool, penalty=None, after_step=None, on_step=None, on_epoch=None) -> DefenseOutcome:
+    head = get_head(model, head_name)
+    if defense.reinit_head:
+        reinitialise_head(head, params.seed)
+    trainable, frozen = select_trainable(model, head, defense.trains)
+    settings = TuneSettings(epochs=params.epochs, lr=params.lr, batch_size=params.batch_size,
+                            momentum=params.momentum, weight_decay=params.weight_decay,
+                            augment=params.augment, flip=flip, seed=params.seed)
+    try:
+        history = tune(model, clean, mean, std, settings, device, params=trainable, frozen_modules=frozen,
+                       penalty=penalty, after_step=after_step, on_step=on_step, on_epoch=on_epoch)
+    finally:
+        for p in model.parameters():
+            p.requires_grad_(True)
+    return DefenseOutcome(history=history)
+
+
+def _make(name: str, summary: str, reinit_head: bool, trains: str) -> Defense:
+    defense_ref: list[Defense] = []
+
+    def run(model, head_name, clean, mean, std, params, device, flip=True, **callbacks) -> DefenseOutcome:
+        return run_tuning(defense_ref[0], model, head_name, clean, mean, std, params, device, flip, **callbacks)
+
+    defense = Defense(name=name, summary=summary, reinit_head=reinit_head, trains=trains, uses_alpha=False, run=run)
+    defense_ref.append(defense)
+    return register(defense)
+
+
+FT = _make("ft", "fine-tune all layers from the original weights", reinit_head=False, trains="all")
+LP = _make("lp", "linear probing: train the original head only", reinit_head=False, trains="head")
+FE_TUNING = _make("fe-tuning", "re-initialise the head, freeze it, tune the feature extractor",
+                  reinit_head=True, trains="body")
+FT_INIT = _make("ft-init", "re-initialise the head, tune all layers", reinit_head=True, trains="all")

@@ -1,0 +1,401 @@
+"""The use cases as typed functions: evaluate, purify, compare, train. The CLI calls one each.
+
+    purify_checkpoint(opts)
+      read checkpoint -> build + load strictly -> load data (test, clean subset) -> trigger
+      -> evaluate (before) -> defense.run -> evaluate (after) -> write weights + report
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import torch
+
+from .checkpoint import write_safetensors
+from .config import CompareOptions, EvaluateOptions, PurifyOptions, TrainOptions, to_yaml_dict
+from .data import DatasetBundle, ImageSet, indices_sha256, load_clean_folder, load_dataset, select_clean_subset
+from .defenses import DefenseParams, default_params, get_defense
+from .errors import ConfigError, InputError
+from .evaluate import EvalSets, build_eval_sets, evaluate_model
+from .gates import check_gates
+from .metrics import defense_effectiveness_rating
+from .outputs import atomic_write_text, check_output_file, prepare_out_dir
+from .progress import Reporter
+from .report import (CompareReport, CompareRow, EvaluateReport, PurifyReport, TrainReport, weight_drift,
+                     write_purify_report)
+from .runtime import Stopwatch, environment, prepare_model, resolve_device, seed_everything
+from .subject import Subject, load_subject, normalization_tensors
+from .triggers import build_trigger, load_trigger_spec, parse_trigger_spec, poison_training_set
+from .tuning import TuneSettings, steps_per_epoch, tune
+
+PURIFY_OUTPUTS = ("purified.safetensors", "report.json", "report.md", "config.yaml", "clean_indices.txt")
+SCHEMA_CHECKPOINT = "bdclean.checkpoint/1"
+
+
+def _require_data(data: str | None) -> str:
+    if not data:
+        raise ConfigError("--data is required", hint="a dataset name (cifar10, mnist, ...) with --data-dir, or a directory")
+    return data
+
+
+def resolve_trigger(spec_text: str | None, target: int | None, subject: Subject | None, image_shape, num_classes: int):
+    """The trigger from --trigger, else the one recorded in the checkpoint's metadata, else none."""
+    spec = None
+    if spec_text:
+        spec = load_trigger_spec(spec_text)
+    elif subject is not None and subject.checkpoint.metadata.get("trigger"):
+        spec = parse_trigger_spec(subject.checkpoint.metadata["trigger"], None, source="checkpoint metadata")
+    if spec is None:
+        if target is not None:
+            raise ConfigError("--target needs a trigger", hint="pass --trigger badnets (or a YAML spec)")
+        return None
+    if target is not None:
+        spec = dataclasses.replace(spec, target=target)
+    if not 0 <= spec.target < num_classes:
+        raise ConfigError(f"trigger target {spec.target} is not a class of this model (0..{num_classes - 1})")
+    return build_trigger(spec, tuple(image_shape))
+
+
+def _open_subject(opts: EvaluateOptions, checkpoint: str, bundle: DatasetBundle, reporter: Reporter) -> Subject:
+    reporter.stage(f"loading checkpoint {checkpoint}")
+    return load_subject(checkpoint, bundle, arch=opts.arch, num_classes=opts.num_classes, head=opts.head,
+                        mean=opts.mean, std=opts.std)
+
+
+def _check_gate_inputs(opts, trigger) -> None:
+    if opts.max_asr is not None and trigger is None:
+        raise ConfigError("--max-asr needs a trigger to measure ASR", hint="pass --trigger")
+
+
+def evaluate_checkpoint(opts: EvaluateOptions, reporter: Reporter | None = None) -> EvaluateReport:
+    """Measure C-Acc (and ASR/RA when there is a trigger) of one checkpoint."""
+    reporter = reporter or Reporter()
+    device = resolve_device(opts.device)
+    seed_everything(opts.seed)
+    timer = Stopwatch(device)
+    with timer.stage("load"):
+        reporter.stage(f"loading data {opts.data}")
+        bundle = load_dataset(_require_data(opts.data), opts.data_dir, need_train=False)
+        subject = _open_subject(opts, opts.checkpoint, bundle, reporter)
+        trigger = resolve_trigger(opts.trigger, opts.target, subject, bundle.test.image_shape, subject.num_classes)
+        _check_gate_inputs(opts, trigger)
+        model = prepare_model(subject.model, device)
+        mean, std = normalization_tensors(subject, device)
+        sets = build_eval_sets(bundle.test, trigger, device, opts.eval_limit, opts.seed)
+    with timer.stage("evaluate"):
+        reporter.stage(f"evaluating on {sets.clean.num_images} clean"
+                       + (f" + {sets.poisoned.num_images} triggered images" if sets.poisoned else " images"))
+        result = evaluate_model(model, sets, mean, std, device, opts.batch_size)
+    gates = check_gates(result.asr.value if result.asr else None, result.clean_acc.value,
+                        max_asr=opts.max_asr, min_acc=opts.min_acc)
+    return EvaluateReport(subject=subject.describe(), data=_describe_data(bundle, sets), trigger=_describe_trigger(trigger),
+                          result=result, gates=gates, timings=dict(timer.stages), environment=environment(device),
+                          options=to_yaml_dict(opts))
+
+
+def _describe_data(bundle: DatasetBundle, sets: EvalSets) -> dict:
+    return {"name": bundle.name, "source": bundle.source, "num_classes": bundle.num_classes,
+            "image_shape": list(bundle.test.image_shape), "test_images": sets.clean.num_images,
+            "eval_limited": sets.limited,
+            "asr_set": "test images whose true class is not the target, with the trigger applied"}
+
+
+def _describe_trigger(trigger) -> dict | None:
+    return trigger.to_dict() if trigger is not None else None
+
+
+def _defense_params(opts: PurifyOptions, dataset: str) -> tuple[DefenseParams, float | None]:
+    defaults = default_params(dataset)
+    params = DefenseParams(
+        lr=opts.lr if opts.lr is not None else defaults["lr"],
+        epochs=opts.epochs if opts.epochs is not None else defaults["epochs"],
+        alpha=opts.alpha if opts.alpha is not None else defaults["alpha"],
+        batch_size=opts.batch_size, momentum=opts.momentum, weight_decay=opts.weight_decay,
+        augment=opts.augment, seed=opts.seed,
+    ).validate()
+    fraction = opts.clean_fraction
+    if fraction is None and opts.clean_count is None and opts.clean_data is None:
+        fraction = defaults["clean_fraction"]
+    return params, fraction
+
+
+def _clean_set(opts: PurifyOptions, bundle: DatasetBundle, fraction: float | None, num_classes: int):
+    """The defender's clean data: the user's own images, or a seeded class-balanced training subset."""
+    if opts.clean_data:
+        if opts.clean_fraction is not None or opts.clean_count is not None:
+            raise ConfigError("--clean-data cannot be combined with --clean-fraction/--clean-count")
+        clean = load_clean_folder(opts.clean_data)
+        if clean.image_shape != bundle.test.image_shape:
+            raise InputError(f"--clean-data images are {clean.image_shape} but the test images are {bundle.test.image_shape}")
+        if int(clean.y.max()) >= num_classes:
+            raise InputError(f"--clean-data has label {int(clean.y.max())}, outside the model's {num_classes} classes")
+        if len(torch.unique(clean.y)) < 2:
+            raise InputError("--clean-data holds a single class; tuning needs clean images of several classes")
+        return clean, None
+    if bundle.train is None:
+        raise InputError(f"{bundle.source} has no training split to draw clean data from", hint="pass --clean-data DIR")
+    indices = select_clean_subset(bundle.train.y, fraction, opts.clean_count, opts.seed, num_classes)
+    return bundle.train.subset(indices), indices
+
+
+def purify_checkpoint(opts: PurifyOptions, reporter: Reporter | None = None) -> PurifyReport:
+    """Evaluate, tune with a defense, evaluate again, and write the purified weights and report."""
+    reporter = reporter or Reporter()
+    defense = get_defense(opts.method)
+    if not opts.out:
+        raise ConfigError("--out is required", hint="a directory for purified.safetensors and the report")
+    device = resolve_device(opts.device)
+    seed_everything(opts.seed)
+    timer = Stopwatch(device)
+    out = Path(opts.out)
+    with timer.stage("load"):
+        reporter.stage(f"loading data {opts.data}")
+        bundle = load_dataset(_require_data(opts.data), opts.data_dir, need_train=opts.clean_data is None)
+        subject = _open_subject(opts, opts.checkpoint, bundle, reporter)
+        inputs = [Path(opts.checkpoint)] + ([Path(opts.clean_data)] if opts.clean_data else [])
+        prepare_out_dir(out, PURIFY_OUTPUTS + ("report.png",), inputs, opts.force)
+        trigger = resolve_trigger(opts.trigger, opts.target, subject, bundle.test.image_shape, subject.num_classes)
+        _check_gate_inputs(opts, trigger)
+        params, fraction = _defense_params(opts, bundle.name)
+        clean, clean_indices = _clean_set(opts, bundle, fraction, subject.num_classes)
+        reporter.info(f"{defense.name}: {clean.num_images} clean images, lr {params.lr}, {params.epochs} epochs"
+                      + (f", alpha {params.alpha}" if defense.uses_alpha else ""))
+        model = prepare_model(subject.model, device)
+        mean, std = normalization_tensors(subject, device)
+        sets = build_eval_sets(bundle.test, trigger, device, opts.eval_limit, opts.seed)
+    with timer.stage("evaluate_before"):
+        reporter.stage("evaluating the input model")
+        before = evaluate_model(model, sets, mean, std, device, opts.eval_batch_size)
+    with timer.stage("tune"):
+        outcome = _run_defense(defense, model, subject, clean.to(device), mean, std, params, device,
+                               bundle.augment_flip, reporter)
+    with timer.stage("evaluate_after"):
+        reporter.stage("evaluating the purified model")
+        after = evaluate_model(model, sets, mean, std, device, opts.eval_batch_size)
+    acc_drop = before.clean_acc.value - after.clean_acc.value
+    gates = check_gates(after.asr.value if after.asr else None, after.clean_acc.value, acc_drop,
+                        opts.max_asr, opts.min_acc, opts.max_acc_drop)
+    report = PurifyReport(
+        subject=subject.describe(), data=_describe_data(bundle, sets), trigger=_describe_trigger(trigger),
+        method={"name": defense.name, "summary": defense.summary, "reinit_head": defense.reinit_head,
+                "trains": defense.trains, "params": params.to_dict(), "head_norm": outcome.head_norm},
+        clean={"source": opts.clean_data or "training split", "images": clean.num_images,
+               "fraction": fraction, "indices_sha256": indices_sha256(clean_indices) if clean_indices is not None else None,
+               "class_counts": torch.bincount(clean.y.cpu(), minlength=subject.num_classes).tolist()},
+        before=before, after=after,
+        der=(defense_effectiveness_rating(before.clean_acc.value, after.clean_acc.value, before.asr.value, after.asr.value)
+             if before.asr and after.asr else None),
+        history=[h.to_dict() for h in outcome.history], gates=gates, timings={}, environment=environment(device),
+        options=to_yaml_dict(opts), outputs={},
+    )
+    with timer.stage("write"):
+        reporter.stage(f"writing outputs to {out}")
+        state = _matching_state_dict(model, subject)
+        metadata = _purified_metadata(subject, bundle, trigger, report)
+        report.outputs["purified.safetensors"] = write_safetensors(out / "purified.safetensors", state, metadata)
+        if clean_indices is not None:
+            atomic_write_text(out / "clean_indices.txt", "".join(f"{i}\n" for i in clean_indices.tolist()))
+        import yaml
+
+        atomic_write_text(out / "config.yaml", yaml.safe_dump(report.options, sort_keys=False))
+        report.timings = dict(timer.stages)
+        plot_note = write_purify_report(out, report)
+        if plot_note:
+            reporter.warn(plot_note)
+    report.timings = dict(timer.stages)
+    return report
+
+
+def _run_defense(defense, model, subject: Subject, clean: ImageSet, mean, std, params: DefenseParams, device,
+                 flip: bool, reporter: Reporter):
+    total = params.epochs * steps_per_epoch(clean.num_images, params.batch_size)
+    reporter.start_steps(f"{defense.name} tuning", total)
+    clock = {"start": time.perf_counter()}
+
+    def on_step(step: int) -> None:
+        reporter.advance(step)
+        if step == 1:  # one timed batch -> an estimate of the whole run, before the user waits for it
+            per_step = time.perf_counter() - clock["start"]
+            reporter.info(f"estimated tuning time: {per_step * total:.0f}s ({total} steps)")
+
+    def on_epoch(log) -> None:
+        reporter.epoch(f"epoch {log.epoch}/{params.epochs}: loss {log.loss:.4f}, "
+                       f"train acc {log.train_acc:.2%}, lr {log.lr:.4g}, {log.seconds:.1f}s")
+
+    try:
+        return defense.run(model, subject.head, clean, mean, std, params, device, flip=flip,
+                           on_step=on_step, on_epoch=on_epoch)
+    finally:
+        reporter.finish_steps()
+
+
+def _matching_state_dict(model: torch.nn.Module, subject: Subject) -> dict[str, torch.Tensor]:
+    """The tuned weights under the input's own keys, shapes and dtypes (nothing added or dropped)."""
+    tuned = model.state_dict()
+    state = {}
+    for key, original in subject.checkpoint.state_dict.items():
+        state[key] = tuned[key].detach().to("cpu", original.dtype)
+    return state
+
+
+def _purified_metadata(subject: Subject, bundle: DatasetBundle, trigger, report: PurifyReport) -> dict:
+    from . import __version__
+
+    meta = _base_metadata(subject.arch, subject.num_classes, subject.in_channels, subject.head,
+                          subject.mean, subject.std, bundle)
+    meta.update({
+        "tool_version": __version__,
+        "trigger": trigger.to_dict() if trigger is not None else subject.checkpoint.metadata.get("trigger"),
+        "purification": {
+            "method": report.method["name"], "params": report.method["params"],
+            "input_sha256": subject.checkpoint.sha256, "clean_indices_sha256": report.clean["indices_sha256"],
+            "clean_images": report.clean["images"],
+            "before": report.before.to_dict(), "after": report.after.to_dict(), "der": report.der,
+        },
+        "origin": {k: v for k, v in subject.checkpoint.metadata.items() if k in ("poison_rate", "seed", "trained_by")},
+    })
+    return meta
+
+
+def _base_metadata(arch, num_classes, in_channels, head, mean, std, bundle: DatasetBundle) -> dict:
+    h, w, _ = bundle.test.image_shape
+    return {"schema": SCHEMA_CHECKPOINT, "arch": arch, "num_classes": num_classes, "in_channels": in_channels,
+            "input_size": [h, w], "head": head, "normalization": {"mean": list(mean), "std": list(std)},
+            "dataset": bundle.name}
+
+
+def compare_checkpoints(opts: CompareOptions, reporter: Reporter | None = None) -> CompareReport:
+    """Evaluate N checkpoints on the same images and trigger; drift and DER against the reference."""
+    reporter = reporter or Reporter()
+    if len(opts.checkpoints) < 2:
+        raise ConfigError("compare needs at least two checkpoints")
+    device = resolve_device(opts.device)
+    seed_everything(opts.seed)
+    reporter.stage(f"loading data {opts.data}")
+    bundle = load_dataset(_require_data(opts.data), opts.data_dir, need_train=False)
+    reference_path = opts.reference or opts.checkpoints[0]
+    paths = list(opts.checkpoints) + ([reference_path] if reference_path not in opts.checkpoints else [])
+    subjects = {p: _open_subject(opts, p, bundle, reporter) for p in paths}
+    trigger = resolve_trigger(opts.trigger, opts.target, subjects[reference_path], bundle.test.image_shape,
+                              subjects[reference_path].num_classes)
+    _check_gate_inputs(opts, trigger)
+    sets = build_eval_sets(bundle.test, trigger, device, opts.eval_limit, opts.seed)
+    results = {}
+    for path in paths:
+        reporter.stage(f"evaluating {path}")
+        subject = subjects[path]
+        mean, std = normalization_tensors(subject, device)
+        results[path] = evaluate_model(prepare_model(subject.model, device), sets, mean, std, device, opts.batch_size)
+    ref = results[reference_path]
+    ref_state = subjects[reference_path].checkpoint.state_dict
+    rows = []
+    for path in opts.checkpoints:
+        res = results[path]
+        drop = ref.clean_acc.value - res.clean_acc.value
+        der = (defense_effectiveness_rating(ref.clean_acc.value, res.clean_acc.value, ref.asr.value, res.asr.value)
+               if ref.asr and res.asr and path != reference_path else None)
+        gates = check_gates(res.asr.value if res.asr else None, res.clean_acc.value, drop,
+                            opts.max_asr, opts.min_acc, opts.max_acc_drop)
+        subject = subjects[path]
+        rows.append(CompareRow(path=path, sha256=subject.checkpoint.sha256, arch=subject.arch,
+                               method=(subject.checkpoint.metadata.get("purification") or {}).get("method"),
+                               result=res, acc_drop=drop, der=der,
+                               drift=weight_drift(ref_state, subject.checkpoint.state_dict), gates=gates,
+                               is_reference=path == reference_path))
+    return CompareReport(rows=rows, reference=reference_path, data=_describe_data(bundle, sets),
+                         trigger=_describe_trigger(trigger), environment=environment(device), options=to_yaml_dict(opts))
+
+
+def train_model(opts: TrainOptions, reporter: Reporter | None = None) -> TrainReport:
+    """Train a (possibly backdoored) model and save it as safetensors with full metadata."""
+    from .models import build_model, find_head
+
+    reporter = reporter or Reporter()
+    if not opts.out:
+        raise ConfigError("--out is required", hint="e.g. --out model.safetensors")
+    if not 0.0 <= opts.poison_rate <= 1.0:
+        raise ConfigError(f"--poison-rate must be in [0, 1], got {opts.poison_rate}")
+    if opts.poison_rate > 0 and not opts.trigger:
+        raise ConfigError("--poison-rate needs --trigger", hint="e.g. --trigger badnets")
+    if not 0.0 <= opts.holdout_fraction < 1.0:
+        raise ConfigError(f"--holdout-fraction must be in [0, 1), got {opts.holdout_fraction}")
+    settings = TuneSettings(epochs=opts.epochs, lr=opts.lr, batch_size=opts.batch_size, momentum=opts.momentum,
+                            weight_decay=opts.weight_decay, augment=opts.augment, seed=opts.seed)
+    device = resolve_device(opts.device)
+    seed_everything(opts.seed)
+    timer = Stopwatch(device)
+    out = check_output_file(Path(opts.out), [], opts.force)
+    with timer.stage("load"):
+        reporter.stage(f"loading data {opts.data}")
+        bundle = load_dataset(_require_data(opts.data), opts.data_dir, need_train=True)
+        if bundle.train is None:
+            raise InputError(f"{bundle.source} has no training split")
+        train = bundle.train
+        if opts.train_limit is not None and opts.train_limit < train.num_images:
+            from .data import stratified_limit
+
+            train = train.subset(stratified_limit(train.y, opts.train_limit, opts.seed))
+        holdout = None
+        if opts.holdout_fraction > 0:
+            holdout = select_clean_subset(train.y, opts.holdout_fraction, None, opts.seed, bundle.num_classes)
+            keep = torch.ones(train.num_images, dtype=torch.bool)
+            keep[holdout] = False
+            train = train.subset(torch.nonzero(keep).flatten())
+        trigger = resolve_trigger(opts.trigger, opts.target, None, bundle.test.image_shape, bundle.num_classes)
+        poison_idx = torch.empty(0, dtype=torch.long)
+        x, y = train.x, train.y
+        if trigger is not None and opts.poison_rate > 0:
+            x, y, poison_idx = poison_training_set(trigger, x, y, opts.poison_rate, opts.seed)
+        mean = tuple(opts.mean) if opts.mean else bundle.mean
+        std = tuple(opts.std) if opts.std else bundle.std
+        from .subject import validate_normalization
+
+        mean, std = validate_normalization(mean, std, bundle.test.image_shape[2])
+        h, w, c = bundle.test.image_shape
+        model = prepare_model(build_model(opts.arch, bundle.num_classes, c), device)
+        head = find_head(model, None, input_shape=(c, h, w))
+        shape = (1, c, 1, 1)
+        mean_t = torch.tensor(mean, device=device).view(shape)
+        std_t = torch.tensor(std, device=device).view(shape)
+        data = ImageSet(x, y).to(device)
+    reporter.info(f"training {opts.arch} on {data.num_images} images"
+                  + (f" ({len(poison_idx)} poisoned, target {trigger.target})" if len(poison_idx) else ""))
+    total = settings.epochs * steps_per_epoch(data.num_images, settings.batch_size)
+    reporter.start_steps("training", total)
+    clock = {"start": time.perf_counter()}
+
+    def on_step(step: int) -> None:
+        reporter.advance(step)
+        if step == 1:
+            reporter.info(f"estimated training time: {(time.perf_counter() - clock['start']) * total:.0f}s ({total} steps)")
+
+    try:
+        with timer.stage("train"):
+            history = tune(model, data, mean_t, std_t, settings, device, on_step=on_step,
+                           on_epoch=lambda log: reporter.epoch(
+                               f"epoch {log.epoch}/{settings.epochs}: loss {log.loss:.4f}, train acc {log.train_acc:.2%}, "
+                               f"{log.seconds:.1f}s"))
+    finally:
+        reporter.finish_steps()
+    with timer.stage("evaluate"):
+        sets = build_eval_sets(bundle.test, trigger, device, None, opts.seed)
+        result = evaluate_model(model, sets, mean_t, std_t, device, opts.eval_batch_size)
+    from . import __version__
+
+    meta = _base_metadata(opts.arch, bundle.num_classes, c, head, mean, std, bundle)
+    meta.update({
+        "tool_version": __version__, "trained_by": "bdclean train",
+        "trigger": trigger.to_dict() if trigger is not None else None,
+        "poison_rate": opts.poison_rate if trigger is not None else 0.0, "seed": opts.seed,
+        "poisoned_count": int(len(poison_idx)),
+        "holdout_indices": holdout.tolist() if holdout is not None else None,
+        "training": {k: v for k, v in dataclasses.asdict(settings).items()},
+        "test_metrics": result.to_dict(),
+    })
+    with timer.stage("write"):
+        sha = write_safetensors(out, {k: v for k, v in model.state_dict().items()}, meta)
+    return TrainReport(out=str(out), sha256=sha, arch=opts.arch, data=bundle.name, result=result,
+                       history=[h.to_dict() for h in history], poisoned=int(len(poison_idx)),
+                       trigger=_describe_trigger(trigger), timings=dict(timer.stages), environment=environment(device))

@@ -1,0 +1,87 @@
+"""Progress reporting for long work. The library calls a Reporter; the CLI passes one that draws on
+stderr (stdout is reserved for results), tests and library users get the silent default."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+
+class Reporter:
+    """Silent reporter: the interface the library calls. Subclasses draw something."""
+
+    def stage(self, message: str) -> None:
+        """A step of the pipeline begins (loading, evaluating, tuning, writing)."""
+
+    def info(self, message: str) -> None:
+        """A fact worth telling the user (estimated duration, what was picked by default)."""
+
+    def warn(self, message: str) -> None:
+        """Something suspicious that does not stop the run."""
+
+    def start_steps(self, description: str, total: int) -> None:
+        """A loop of `total` steps begins (tuning or training batches)."""
+
+    def advance(self, step: int) -> None:
+        """`step` steps of the current loop are done."""
+
+    def epoch(self, message: str) -> None:
+        """One epoch finished; `message` carries its loss and accuracy."""
+
+    def finish_steps(self) -> None:
+        """The current loop ended."""
+
+
+class StderrReporter(Reporter):
+    """Rich progress bar + messages on stderr. `quiet` keeps warnings only."""
+
+    def __init__(self, quiet: bool = False):
+        from rich.console import Console
+
+        self.console = Console(stderr=True)
+        self.quiet = quiet
+        self._progress = None
+        self._task = None
+        self._started = time.perf_counter()
+
+    def _elapsed(self) -> str:
+        return f"[dim]{time.perf_counter() - self._started:6.1f}s[/dim]"
+
+    def stage(self, message: str) -> None:
+        if not self.quiet:
+            self.console.print(f"{self._elapsed()} {message}", highlight=False)
+
+    def info(self, message: str) -> None:
+        if not self.quiet:
+            self.console.print(f"{self._elapsed()} [cyan]{message}[/cyan]", highlight=False)
+
+    def warn(self, message: str) -> None:
+        self.console.print(f"[yellow]warning:[/yellow] {message}", highlight=False)
+
+    def start_steps(self, description: str, total: int) -> None:
+        if self.quiet:
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self._progress = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TimeElapsedColumn(), TimeRemainingColumn(), console=self.console, transient=True,
+            disable=not self.console.is_terminal and not sys.stderr.isatty() and False,
+        )
+        self._progress.start()
+        self._task = self._progress.add_task(description, total=total)
+
+    def advance(self, step: int) -> None:
+        if self._progress is not None:
+            self._progress.update(self._task, completed=step)
+
+    def epoch(self, message: str) -> None:
+        if self._progress is not None:
+            self._progress.console.print(f"{self._elapsed()}   {message}", highlight=False)
+        elif not self.quiet:
+            self.console.print(f"{self._elapsed()}   {message}", highlight=False)
+
+    def finish_steps(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None

@@ -1,0 +1,362 @@
+"""Reports: dataclasses -> JSON (versioned schema, docs/report-schema.md), Markdown, rich tables, plot.
+
+The same facts everywhere: every rate as k/n with its 95% Wilson interval, the definitions of the
+metrics, the seed, the versions and the device.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .evaluate import EvalResult
+from .gates import GateResult
+from .outputs import atomic_write_bytes, atomic_write_text
+
+SCHEMA_VERSION = "bdclean.report/1"
+DEFINITIONS = {
+    "clean_acc": "accuracy on the clean test set",
+    "asr": "fraction of non-target-class test images classified as the target when the trigger is applied",
+    "ra": "fraction of the same triggered images classified as their true class (robust accuracy)",
+    "der": "defense effectiveness rating (BackdoorBench): (max(0, dASR) - max(0, dC-Acc) + 1) / 2",
+    "ci95": "95% Wilson score interval",
+}
+
+
+def pct(rate) -> str:
+    return "-" if rate is None else f"{rate.value:.2%}"
+
+
+def interval(rate) -> str:
+    return "-" if rate is None else f"[{rate.low:.2%}, {rate.high:.2%}]"
+
+
+def counts(rate) -> str:
+    return "-" if rate is None else f"{rate.k}/{rate.n}"
+
+
+def signed_points(delta: float | None) -> str:
+    return "-" if delta is None else f"{delta * 100:+.2f} pp"
+
+
+@dataclass
+class EvaluateReport:
+    subject: dict
+    data: dict
+    trigger: dict | None
+    result: EvalResult
+    gates: list[GateResult]
+    timings: dict
+    environment: dict
+    options: dict
+
+    def to_dict(self) -> dict:
+        return {"schema": SCHEMA_VERSION, "kind": "evaluate", "checkpoint": self.subject, "data": self.data,
+                "trigger": self.trigger, "metrics": self.result.to_dict(), "gates": [g.to_dict() for g in self.gates],
+                "passed": all(g.passed for g in self.gates), "timings": _round(self.timings),
+                "environment": self.environment, "options": self.options, "definitions": DEFINITIONS}
+
+
+@dataclass
+class PurifyReport:
+    subject: dict
+    data: dict
+    trigger: dict | None
+    method: dict
+    clean: dict
+    before: EvalResult
+    after: EvalResult
+    der: float | None
+    history: list[dict]
+    gates: list[GateResult]
+    timings: dict
+    environment: dict
+    options: dict
+    outputs: dict = field(default_factory=dict)
+
+    @property
+    def acc_delta(self) -> float:
+        return self.after.clean_acc.value - self.before.clean_acc.value
+
+    @property
+    def asr_delta(self) -> float | None:
+        return self.after.asr.value - self.before.asr.value if self.before.asr and self.after.asr else None
+
+    def to_dict(self) -> dict:
+        return {"schema": SCHEMA_VERSION, "kind": "purify", "checkpoint": self.subject, "data": self.data,
+                "trigger": self.trigger, "method": self.method, "clean_data": self.clean,
+                "before": self.before.to_dict(), "after": self.after.to_dict(),
+                "delta": {"clean_acc": self.acc_delta, "asr": self.asr_delta}, "der": self.der,
+                "history": self.history, "gates": [g.to_dict() for g in self.gates],
+                "passed": all(g.passed for g in self.gates), "outputs": self.outputs,
+                "timings": _round(self.timings), "environment": self.environment, "options": self.options,
+                "definitions": DEFINITIONS}
+
+
+@dataclass
+class CompareRow:
+    path: str
+    sha256: str
+    arch: str
+    method: str | None
+    result: EvalResult
+    acc_drop: float
+    der: float | None
+    drift: dict
+    gates: list[GateResult]
+    is_reference: bool
+
+    def to_dict(self) -> dict:
+        return {"path": self.path, "sha256": self.sha256, "arch": self.arch, "method": self.method,
+                "reference": self.is_reference, "metrics": self.result.to_dict(), "acc_drop": self.acc_drop,
+                "der": self.der, "drift": self.drift, "gates": [g.to_dict() for g in self.gates],
+                "passed": all(g.passed for g in self.gates)}
+
+
+@dataclass
+class CompareReport:
+    rows: list[CompareRow]
+    reference: str
+    data: dict
+    trigger: dict | None
+    environment: dict
+    options: dict
+
+    @property
+    def passed(self) -> bool:
+        return all(g.passed for row in self.rows for g in row.gates)
+
+    def to_dict(self) -> dict:
+        return {"schema": SCHEMA_VERSION, "kind": "compare", "reference": self.reference, "data": self.data,
+                "trigger": self.trigger, "rows": [r.to_dict() for r in self.rows], "passed": self.passed,
+                "environment": self.environment, "options": self.options, "definitions": DEFINITIONS}
+
+
+@dataclass
+class TrainReport:
+    out: str
+    sha256: str
+    arch: str
+    data: str
+    result: EvalResult
+    history: list[dict]
+    poisoned: int
+    trigger: dict | None
+    timings: dict
+    environment: dict
+
+    def to_dict(self) -> dict:
+        return {"schema": SCHEMA_VERSION, "kind": "train", "out": self.out, "sha256": self.sha256, "arch": self.arch,
+                "data": self.data, "poisoned_images": self.poisoned, "trigger": self.trigger,
+                "metrics": self.result.to_dict(), "history": self.history, "timings": _round(self.timings),
+                "environment": self.environment, "definitions": DEFINITIONS}
+
+
+def _round(timings: dict) -> dict:
+    return {k: round(v, 3) for k, v in timings.items()}
+
+
+def to_json(report) -> str:
+    return json.dumps(report.to_dict(), indent=2, sort_keys=False, default=str)
+
+
+# ---------------------------------------------------------------- weight drift (compare)
+
+def weight_drift(reference: dict[str, torch.Tensor], other: dict[str, torch.Tensor]) -> dict:
+    """Per-tensor L2 distance and cosine similarity for weights present in both with equal shapes."""
+    layers = {}
+    for key, ref in reference.items():
+        cand = other.get(key)
+        if cand is None or cand.shape != ref.shape or not ref.is_floating_point() or not key.endswith("weight"):
+            continue
+        a, b = ref.detach().double().flatten(), cand.detach().double().flatten()
+        distance = float(torch.linalg.vector_norm(a - b))
+        denom = float(torch.linalg.vector_norm(a) * torch.linalg.vector_norm(b))
+        cosine = float(a @ b) / denom if denom > 0 else 1.0
+        layers[key] = {"l2": distance, "relative_l2": distance / max(float(torch.linalg.vector_norm(a)), 1e-12),
+                       "cosine": cosine}
+    total = sum(v["l2"] ** 2 for v in layers.values()) ** 0.5
+    most = max(layers, key=lambda k: layers[k]["relative_l2"]) if layers else None
+    return {"total_l2": total, "most_changed": most, "layers": layers}
+
+
+# ---------------------------------------------------------------- Markdown
+
+def purify_markdown(report: PurifyReport) -> str:
+    d = report.to_dict()
+    subject, method = d["checkpoint"], d["method"]
+    lines = [
+        f"# bdclean purification report ({method['name']})", "",
+        f"- Input: `{subject['path']}` (sha256 `{subject['sha256'][:16]}...`, {subject['arch']}, "
+        f"{subject['num_classes']} classes, head `{subject['head']}`)",
+        f"- Data: {d['data']['name']} ({d['data']['source']}), {d['data']['test_images']} test images",
+        f"- Trigger: {_trigger_line(report.trigger)}",
+        f"- Method: `{method['name']}` - {method['summary']}",
+        f"- Hyper-parameters: " + ", ".join(f"{k}={v}" for k, v in method["params"].items()),
+        f"- Clean data: {report.clean['images']} images from {report.clean['source']}"
+        + (f" (indices sha256 `{report.clean['indices_sha256'][:16]}...`)" if report.clean.get("indices_sha256") else ""),
+        "", "## Results", "",
+        "| metric | before | after | change |", "|---|---|---|---|",
+    ]
+    for name, key in (("C-Acc", "clean_acc"), ("ASR", "asr"), ("RA", "ra")):
+        b, a = getattr(report.before, key), getattr(report.after, key)
+        change = signed_points(a.value - b.value) if a is not None and b is not None else "-"
+        lines.append(f"| {name} | {_rate_md(b)} | {_rate_md(a)} | {change} |")
+    lines += ["", f"DER: {report.der:.4f}" if report.der is not None else "DER: - (no trigger)", ""]
+    if report.gates:
+        lines += ["## Gates", ""] + [f"- {g.describe()}" for g in report.gates] + [""]
+    lines += ["## Tuning", "", "| epoch | loss | train acc | lr | seconds |", "|---|---|---|---|---|"]
+    lines += [f"| {h['epoch']} | {h['loss']:.4f} | {h['train_acc']:.2%} | {h['lr']:.4g} | {h['seconds']:.2f} |"
+              for h in report.history]
+    env = report.environment
+    lines += ["", "## Reproducibility", "",
+              f"- seed {report.method['params']['seed']}; bdclean {env['bdclean']}, torch {env['torch']}, "
+              f"python {env['python']}; device {env['device_name']}",
+              "- timings: " + ", ".join(f"{k} {v:.2f}s" for k, v in report.timings.items()),
+              "", "## Definitions", ""] + [f"- **{k}**: {v}" for k, v in DEFINITIONS.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _rate_md(rate) -> str:
+    return "-" if rate is None else f"{rate.value:.2%} {interval(rate)} ({counts(rate)})"
+
+
+def _trigger_line(trigger: dict | None) -> str:
+    if not trigger:
+        return "none (ASR not measured)"
+    params = ", ".join(f"{k}={v}" for k, v in trigger.items() if k not in ("type", "target"))
+    return f"{trigger.get('type')} -> class {trigger.get('target')}" + (f" ({params})" if params else "")
+
+
+def compare_markdown(report: CompareReport) -> str:
+    lines = ["| checkpoint | method | C-Acc | ASR | RA | DER | drift (L2) |", "|---|---|---|---|---|---|---|"]
+    for row in report.rows:
+        r = row.result
+        name = Path(row.path).name + (" (ref)" if row.is_reference else "")
+        lines.append(f"| {name} | {row.method or '-'} | {_rate_md(r.clean_acc)} | {_rate_md(r.asr)} | {_rate_md(r.ra)} | "
+                     f"{'-' if row.der is None else f'{row.der:.3f}'} | {row.drift['total_l2']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------- files
+
+def write_purify_report(out: Path, report: PurifyReport) -> str | None:
+    """Write report.json, report.md and report.png; return a note when the plot was skipped."""
+    report.outputs.setdefault("report.json", "report.json")
+    atomic_write_text(out / "report.md", purify_markdown(report))
+    note = None
+    try:
+        atomic_write_bytes(out / "report.png", purify_plot_png(report))
+        report.outputs["report.png"] = "report.png"
+    except ImportError:
+        note = "matplotlib is not installed, so report.png was not drawn (pip install 'bdclean[plot]')"
+    atomic_write_text(out / "report.json", to_json(report))
+    return note
+
+
+def purify_plot_png(report: PurifyReport) -> bytes:
+    """Before/after bars per metric with 95% interval whiskers."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n, k in (("C-Acc", "clean_acc"), ("ASR", "asr"), ("RA", "ra")) if getattr(report.before, k)]
+    keys = {"C-Acc": "clean_acc", "ASR": "asr", "RA": "ra"}
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
+    width = 0.38
+    for offset, (label, result, color) in enumerate((("before", report.before, "#c0504d"),
+                                                     ("after", report.after, "#4f81bd"))):
+        rates = [getattr(result, keys[n]) for n in names]
+        xs = [i + (offset - 0.5) * width for i in range(len(names))]
+        values = [r.value * 100 for r in rates]
+        errors = [[(r.value - r.low) * 100 for r in rates], [(r.high - r.value) * 100 for r in rates]]
+        ax.bar(xs, values, width, yerr=errors, capsize=4, label=label, color=color)
+    ax.set_xticks(range(len(names)), names)
+    ax.set_ylim(0, 105)
+    ax.set_ylabel("%")
+    ax.set_title(f"bdclean {report.method['name']}: before vs after (95% CI)")
+    ax.legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------- terminal (rich)
+
+def _metric_table(title: str, columns: list[str]):
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    for i, col in enumerate(columns):
+        table.add_column(col, justify="left" if i == 0 else "right")
+    return table
+
+
+def render_evaluate(report: EvaluateReport, console) -> None:
+    s = report.subject
+    console.print(f"[bold]{s['path']}[/bold]  {s['arch']}, {s['num_classes']} classes, sha256 {s['sha256'][:12]}")
+    console.print(f"trigger: {_trigger_line(report.trigger)}")
+    table = _metric_table("evaluation", ["metric", "value", "95% CI", "k/n"])
+    for name, rate in (("C-Acc", report.result.clean_acc), ("ASR", report.result.asr), ("RA", report.result.ra)):
+        if rate is not None:
+            table.add_row(name, pct(rate), interval(rate), counts(rate))
+    console.print(table)
+    _render_gates(report.gates, console)
+
+
+def render_purify(report: PurifyReport, console) -> None:
+    s = report.subject
+    console.print(f"[bold]{s['path']}[/bold] -> purified with [bold]{report.method['name']}[/bold] "
+                  f"on {report.clean['images']} clean images")
+    console.print(f"trigger: {_trigger_line(report.trigger)}")
+    table = _metric_table("before / after", ["metric", "before", "95% CI", "after", "95% CI", "change"])
+    for name, key in (("C-Acc", "clean_acc"), ("ASR", "asr"), ("RA", "ra")):
+        b, a = getattr(report.before, key), getattr(report.after, key)
+        if b is None:
+            continue
+        table.add_row(name, f"{pct(b)} ({counts(b)})", interval(b), f"{pct(a)} ({counts(a)})", interval(a),
+                      signed_points(a.value - b.value))
+    console.print(table)
+    if report.der is not None:
+        console.print(f"DER {report.der:.3f}   ΔC-Acc {signed_points(report.acc_delta)}   "
+                      f"ΔASR {signed_points(report.asr_delta)}")
+    if report.outputs:
+        console.print("outputs: " + ", ".join(sorted(report.outputs)))
+    _render_gates(report.gates, console)
+
+
+def render_compare(report: CompareReport, console) -> None:
+    table = _metric_table("compare", ["checkpoint", "method", "C-Acc", "ASR", "RA", "DER", "drift L2", "most changed"])
+    for row in report.rows:
+        r = row.result
+        name = Path(row.path).name + (" (ref)" if row.is_reference else "")
+        table.add_row(name, row.method or "-", f"{pct(r.clean_acc)} {interval(r.clean_acc)}",
+                      f"{pct(r.asr)} {interval(r.asr)}", f"{pct(r.ra)} {interval(r.ra)}",
+                      "-" if row.der is None else f"{row.der:.3f}", f"{row.drift['total_l2']:.3f}",
+                      row.drift["most_changed"] or "-")
+    console.print(table)
+    _render_gates([g for row in report.rows for g in row.gates], console)
+
+
+def render_train(report: TrainReport, console) -> None:
+    r = report.result
+    console.print(f"saved [bold]{report.out}[/bold] ({report.arch}, sha256 {report.sha256[:12]})")
+    table = _metric_table("trained model", ["metric", "value", "95% CI", "k/n"])
+    for name, rate in (("C-Acc", r.clean_acc), ("ASR", r.asr), ("RA", r.ra)):
+        if rate is not None:
+            table.add_row(name, pct(rate), interval(rate), counts(rate))
+    console.print(table)
+
+
+def _render_gates(gates: list[GateResult], console) -> None:
+    for gate in gates:
+        style = "green" if gate.passed else "bold red"
+        console.print(f"[{style}]{gate.describe()}[/{style}]")

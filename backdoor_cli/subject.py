@@ -1,0 +1,109 @@
+"""The model under audit: checkpoint + architecture + head + normalisation, resolved once.
+
+Every command starts here. Each fact comes from the first source that has it:
+flags > bdclean metadata embedded in the checkpoint > what the weights themselves show > the
+dataset's standard values. Whatever was picked is recorded, so a report says where it came from.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .checkpoint import Checkpoint, read_checkpoint
+from .data import DatasetBundle
+from .errors import InputError
+from .models import ARCHITECTURES, build_model, find_head, guess_architecture, load_strict
+
+
+@dataclass
+class Subject:
+    """A loaded model and everything needed to feed it."""
+
+    checkpoint: Checkpoint
+    model: torch.nn.Module
+    arch: str
+    num_classes: int
+    in_channels: int
+    head: str
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    sources: dict[str, str] = field(default_factory=dict)  # fact -> where it came from
+
+    def describe(self) -> dict:
+        ckpt = self.checkpoint
+        return {
+            "path": str(ckpt.path), "sha256": ckpt.sha256, "format": ckpt.format, "bytes": ckpt.size_bytes,
+            "arch": self.arch, "num_classes": self.num_classes, "in_channels": self.in_channels,
+            "head": self.head, "parameters": ckpt.num_parameters,
+            "normalization": {"mean": list(self.mean), "std": list(self.std)},
+            "resolved_from": dict(self.sources),
+        }
+
+
+def _pick(sources: dict, name: str, *candidates):
+    for origin, value in candidates:
+        if value is not None:
+            sources[name] = origin
+            return value
+    return None
+
+
+def load_subject(path: str, bundle: DatasetBundle, arch: str | None = None, num_classes: int | None = None,
+                 head: str | None = None, mean=None, std=None, checkpoint: Checkpoint | None = None) -> Subject:
+    """Read the checkpoint, build its architecture, load strictly, find the head, fix normalisation."""
+    ckpt = checkpoint or read_checkpoint(path)
+    meta = ckpt.metadata
+    guess = guess_architecture(ckpt.state_dict)
+    sources: dict[str, str] = {}
+    image_h, image_w, image_c = bundle.test.image_shape
+    arch = _pick(sources, "arch", ("flag", arch), ("metadata", meta.get("arch")), ("weights", guess.arch))
+    if arch is None:
+        raise InputError(
+            f"cannot tell the architecture of {ckpt.path} (no bdclean metadata, no built-in architecture matches its keys)",
+            hint=f"pass --arch: one of {', '.join(ARCHITECTURES)}, torchvision:NAME, or path/to/file.py:factory",
+        )
+    n_classes = _pick(sources, "num_classes", ("flag", num_classes), ("metadata", meta.get("num_classes")),
+                      ("weights", guess.num_classes), ("data", bundle.num_classes))
+    in_channels = _pick(sources, "in_channels", ("metadata", meta.get("in_channels")),
+                        ("weights", guess.in_channels), ("data", image_c))
+    if in_channels != image_c:
+        raise InputError(
+            f"the model takes {in_channels}-channel images but the data has {image_c} channel(s)",
+            hint="check --data: the checkpoint and the dataset do not belong together",
+        )
+    if n_classes != bundle.num_classes:
+        raise InputError(
+            f"the model has {n_classes} classes but the data has {bundle.num_classes}",
+            hint="check --data, or --num-classes if the checkpoint's class count was misread",
+        )
+    model = build_model(arch, n_classes, in_channels)
+    load_strict(model, ckpt.state_dict)
+    head_name = find_head(model, head or meta.get("head"), input_shape=(image_c, image_h, image_w))
+    sources["head"] = "flag" if head else ("metadata" if meta.get("head") else "forward order")
+    norm_meta = meta.get("normalization") or {}
+    mean = _pick(sources, "mean", ("flag", mean), ("metadata", norm_meta.get("mean")), ("dataset", bundle.mean))
+    std = _pick(sources, "std", ("flag", std), ("metadata", norm_meta.get("std")), ("dataset", bundle.std))
+    mean, std = validate_normalization(mean, std, image_c)
+    return Subject(ckpt, model, arch, int(n_classes), int(in_channels), head_name, mean, std, sources)
+
+
+def validate_normalization(mean, std, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+    if len(mean) == 1 and channels > 1:
+        mean = mean * channels
+    if len(std) == 1 and channels > 1:
+        std = std * channels
+    if len(mean) != channels or len(std) != channels:
+        raise InputError(f"normalisation needs {channels} value(s) per statistic, got mean {list(mean)} std {list(std)}")
+    if any(s <= 0 for s in std):
+        raise InputError(f"--std values must be > 0, got {list(std)}")
+    return mean, std
+
+
+def normalization_tensors(subject: Subject, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    shape = (1, len(subject.mean), 1, 1)
+    mean = torch.tensor(subject.mean, dtype=torch.float32, device=device).view(shape)
+    std = torch.tensor(subject.std, dtype=torch.float32, device=device).view(shape)
+    return mean, std

@@ -1,0 +1,125 @@
+"""The one training loop every defense and `train` use.
+
+Data stays on the device as uint8; each step gathers a batch by index, augments it with batched
+tensor ops, normalises and steps. Nothing reads a value back to the host inside an epoch: loss
+and accuracy accumulate on the device and are read once per epoch (a per-step `.item()` would
+stall a GPU on every batch).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .data import ImageSet, augment_batch, iterate_minibatches, normalize
+from .errors import ConfigError
+from .runtime import autocast
+
+
+@dataclass(frozen=True)
+class TuneSettings:
+    """Optimiser and schedule for one tuning run (SGD + cosine annealing stepped per epoch)."""
+
+    epochs: int
+    lr: float
+    batch_size: int = 128
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    augment: bool = True
+    flip: bool = True
+    seed: int = 0
+
+
+@dataclass
+class EpochLog:
+    epoch: int
+    loss: float  # mean cross-entropy over the epoch (without any penalty term)
+    train_acc: float  # accuracy on the (augmented) tuning batches
+    lr: float
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return {"epoch": self.epoch, "loss": round(self.loss, 6), "train_acc": round(self.train_acc, 6),
+                "lr": self.lr, "seconds": round(self.seconds, 3)}
+
+
+def tune(
+    model: torch.nn.Module,
+    data: ImageSet,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    settings: TuneSettings,
+    device: torch.device,
+    params: Iterable[torch.nn.Parameter] | None = None,
+    frozen_modules: Iterable[torch.nn.Module] = (),
+    penalty: Callable[[], torch.Tensor] | None = None,
+    after_step: Callable[[], None] | None = None,
+    on_step: Callable[[int], None] | None = None,
+    on_epoch: Callable[[EpochLog], None] | None = None,
+) -> list[EpochLog]:
+    """Train `params` (default: all) of `model` on `data` (uint8 NHWC, already on `device`).
+
+    `frozen_modules` stay in eval mode so a frozen part keeps its BatchNorm statistics too.
+    `penalty()` is added to each minibatch loss; `after_step()` runs after each optimiser step.
+    """
+    if settings.epochs < 1 or settings.batch_size < 1 or settings.lr <= 0:
+        raise ConfigError("epochs and batch size must be >= 1 and lr > 0")
+    trainable = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
+    if not trainable:
+        raise ConfigError("nothing to train: every parameter is frozen")
+    optimizer = torch.optim.SGD(trainable, lr=settings.lr, momentum=settings.momentum,
+                                weight_decay=settings.weight_decay, foreach=True)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=settings.epochs)
+    generator = torch.Generator(device=device).manual_seed(settings.seed)
+    frozen_modules = list(frozen_modules)
+    n = data.num_images
+    history: list[EpochLog] = []
+    step = 0
+    for epoch in range(settings.epochs):
+        start = time.perf_counter()
+        model.train()
+        for module in frozen_modules:
+            module.eval()
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device, dtype=torch.long)
+        seen = 0
+        lr = optimizer.param_groups[0]["lr"]
+        for idx in iterate_minibatches(n, settings.batch_size, generator, shuffle=True):
+            if len(idx) < 2 and n >= 2:  # BatchNorm cannot train on a batch of one
+                continue
+            xb, yb = data.x[idx], data.y[idx]
+            if settings.augment:
+                xb = augment_batch(xb, generator, flip=settings.flip)
+            with autocast(device):
+                logits = model(normalize(xb, mean, std))
+            loss = F.cross_entropy(logits.float(), yb)
+            total = loss + penalty() if penalty is not None else loss
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            optimizer.step()
+            if after_step is not None:
+                after_step()
+            loss_sum += loss.detach() * len(idx)
+            correct += (logits.detach().argmax(1) == yb).sum()
+            seen += len(idx)
+            step += 1
+            if on_step is not None:
+                on_step(step)
+        scheduler.step()
+        if seen == 0:
+            raise ConfigError("the tuning set is too small for one training batch")
+        log = EpochLog(epoch + 1, loss_sum.item() / seen, correct.item() / seen, lr, time.perf_counter() - start)
+        if log.loss != log.loss or log.loss == float("inf"):
+            raise ConfigError(f"training diverged at epoch {epoch + 1} (loss is {log.loss})", hint="lower --lr")
+        history.append(log)
+        if on_epoch is not None:
+            on_epoch(log)
+    return history
+
+
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    return max(1, -(-n // batch_size))
