@@ -150,14 +150,17 @@ def _allowed_pickle_globals() -> set[str]:
     return allowed | _NUMPY_GLOBALS
 
 
-def scan_pickle_globals(pickle_bytes: bytes) -> list[str]:
+def scan_pickle_globals(pickle_bytes: bytes, max_pickles: int = 1) -> list[str]:
     """List the globals a pickle stream would import, by parsing opcodes only (nothing is executed).
 
-    Torch's legacy format is several pickles back to back; all of them are scanned.
+    Torch's legacy format is five pickles back to back (magic number, protocol, system info, the
+    object, the storage keys) followed by raw storage bytes; pass max_pickles=5 to scan all five.
     """
     found: list[str] = []
     stream = io.BytesIO(pickle_bytes)
-    while stream.tell() < len(pickle_bytes):
+    for _ in range(max_pickles):
+        if stream.tell() >= len(pickle_bytes):
+            break
         strings: list[str] = []
         memo: dict[int, str] = {}
         for opcode, arg, _pos in pickletools.genops(stream):
@@ -195,7 +198,7 @@ def _load_torch(data: bytes, path: Path, fmt: str):
     allowed = _allowed_pickle_globals()
     for payload in _pickle_payloads(data, fmt, path):
         try:
-            wanted = scan_pickle_globals(payload)
+            wanted = scan_pickle_globals(payload, max_pickles=5 if fmt == "torch-legacy" else 1)
         except Exception as exc:  # genops raises ValueError & co. on malformed streams
             raise InputError(f"{path}: corrupt pickle stream ({_first_line(exc)})") from None
         unsafe = sorted({g for g in wanted if g not in allowed})

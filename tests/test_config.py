@@ -1,0 +1,63 @@
+"""config.py: YAML + flags precedence, strict keys and types, safe YAML, gate thresholds."""
+
+from __future__ import annotations
+
+import pytest
+
+from backdoor_cli.config import EvaluateOptions, PurifyOptions, parse_rate, resolve_options
+from backdoor_cli.errors import ConfigError
+
+
+def test_flags_override_config_over_defaults(tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("lr: 0.05\nclean-fraction: 0.1\nmethod: ft\nmean: [0.5, 0.5, 0.5]\n")
+    opts = resolve_options(PurifyOptions, {"lr": 0.02, "method": None}, str(cfg))
+    assert opts.lr == 0.02 and opts.clean_fraction == 0.1 and opts.method == "ft"
+    assert opts.mean == (0.5, 0.5, 0.5) and opts.epochs is None and opts.batch_size == 128
+
+
+def test_comma_separated_floats_from_flags():
+    opts = resolve_options(EvaluateOptions, {"mean": "0.485,0.456,0.406"})
+    assert opts.mean == (0.485, 0.456, 0.406)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("lr: [1, 2]\n", "expected a number"),
+    ("epochs: 2.5\n", "expected an integer"),
+    ("epochs: true\n", "expected an integer"),
+    ("force: 'yes'\n", "expected true or false"),
+    ("lr: .nan\n", "finite"),
+    ("lrr: 0.1\n", "unknown key 'lrr'"),
+    ("- a\n- b\n", "must hold a mapping"),
+    ("!!python/object/apply:os.system ['touch x']\n", "not valid YAML"),
+    ("a: [1, 2\n", "not valid YAML"),
+    ("max-asr: 5\n", "out of range"),
+])
+def test_bad_config_values(tmp_path, text, message):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        resolve_options(PurifyOptions, {}, str(cfg))
+
+
+def test_non_utf8_config(tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_bytes(b"lr: \xff\xfe\n")
+    with pytest.raises(ConfigError, match="UTF-8"):
+        resolve_options(PurifyOptions, {}, str(cfg))
+
+
+def test_missing_config(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        resolve_options(PurifyOptions, {}, str(tmp_path / "nope.yaml"))
+
+
+@pytest.mark.parametrize("text, value", [("0.05", 0.05), ("5%", 0.05), ("0", 0.0), ("1", 1.0), ("100%", 1.0)])
+def test_parse_rate(text, value):
+    assert parse_rate(text, "--max-asr") == pytest.approx(value)
+
+
+@pytest.mark.parametrize("text", ["5", "-0.1", "abc", "150%"])
+def test_parse_rate_rejects(text):
+    with pytest.raises(ConfigError):
+        parse_rate(text, "--max-asr")
