@@ -107,7 +107,7 @@ def test_fst_head_norm_held_after_every_step_and_head_reinitialised():
     norms = []
     params = DefenseParams(lr=0.05, epochs=2, alpha=0.2, batch_size=16)
     outcome = get_defense("fst").run(model, "fc", _data(), MEAN, STD, params, torch.device("cpu"),
-                                     after_step=None, on_step=lambda step: norms.append(float(model.fc.weight.norm())))
+                                     on_step=lambda step: norms.append(float(model.fc.weight.norm())))
     assert len(norms) == 6  # 48 images / 16 per batch * 2 epochs
     assert all(abs(n - target) < 1e-4 * target for n in norms)
     assert outcome.head_norm == pytest.approx(target)

@@ -1,0 +1,398 @@
+"""Images in, uint8 tensors out: dataset layouts, clean-subset selection, and the batched fast path.
+
+Everything downstream works on `ImageSet`: uint8 NHWC images and int64 labels that can live on
+the device. Normalisation and augmentation are whole-batch tensor ops (`normalize`,
+`augment_batch`), so a training step never touches PIL or Python per image.
+
+Layouts `load_dataset` understands (all read without unpickling anything):
+  * an npz directory: `train.npz` / `test.npz`, each with `x` (uint8 NHWC or NHW) and `y` labels;
+  * a single `.npz` file (used as the test split);
+  * an ImageFolder directory: `train/<class>/*.png|jpg` and `test/<class>/...`;
+  * a dataset name (`cifar10`, `mnist`, ...) looked up as `<data-dir>/<name>` in one of the above.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import ConfigError, InputError
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What is known about a standard dataset: its class count and usual normalisation."""
+
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    flip: bool  # horizontal flips are label-preserving (not for digits or traffic signs)
+
+
+DATASET_DEFAULTS: dict[str, DatasetInfo] = {
+    "cifar10": DatasetInfo(10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), True),
+    "cifar100": DatasetInfo(100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), True),
+    "mnist": DatasetInfo(10, (0.1307,), (0.3081,), False),
+    "fashion-mnist": DatasetInfo(10, (0.2860,), (0.3530,), False),
+    "gtsrb": DatasetInfo(43, (0.3337, 0.3064, 0.3171), (0.2672, 0.2564, 0.2629), False),
+    "tiny-imagenet": DatasetInfo(200, (0.4802, 0.4481, 0.3975), (0.2302, 0.2265, 0.2262), True),
+}
+# Data of unknown origin: map pixels to [-1, 1]. Checkpoints made by bdclean carry their own values.
+UNKNOWN_MEAN, UNKNOWN_STD = (0.5,), (0.5,)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm", ".pgm", ".tif", ".tiff")
+MAX_IMAGE_SIDE = 4096  # per image in an ImageFolder; checked from the header before decoding
+DATA_DIR_ENV = "BDCLEAN_DATA_DIR"
+
+
+@dataclass(frozen=True)
+class ImageSet:
+    """uint8 images (N, H, W, C) and int64 labels (N,), on one device."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+
+    @property
+    def num_images(self) -> int:
+        return int(self.x.shape[0])
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(int(s) for s in self.x.shape[1:])  # type: ignore[return-value]
+
+    def to(self, device: torch.device | str) -> "ImageSet":
+        return ImageSet(self.x.to(device, non_blocking=True), self.y.to(device, non_blocking=True))
+
+    def subset(self, indices: torch.Tensor) -> "ImageSet":
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        return ImageSet(self.x[idx.to(self.x.device)], self.y[idx.to(self.y.device)])
+
+
+@dataclass(frozen=True)
+class DatasetBundle:
+    """A dataset as the pipeline sees it: splits, class count, normalisation defaults, provenance."""
+
+    name: str
+    train: ImageSet | None
+    test: ImageSet
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    augment_flip: bool
+    source: str
+
+
+# ---------------------------------------------------------------- loading
+
+def canonical_name(name: str) -> str:
+    """'CIFAR-10', 'cifar_10', 'tiny_imagenet' -> the keys of DATASET_DEFAULTS."""
+    key = name.lower().replace("_", "-")
+    aliases = {"cifar-10": "cifar10", "cifar-100": "cifar100", "tinyimagenet": "tiny-imagenet",
+               "tiny-imagenet-200": "tiny-imagenet",
+               "fashionmnist": "fashion-mnist"}
+    return aliases.get(key, key)
+
+
+def default_data_dir() -> Path:
+    return Path(os.environ.get(DATA_DIR_ENV) or "data")
+
+
+def load_dataset(spec: str, data_dir: str | None = None, need_train: bool = True) -> DatasetBundle:
+    """Load a dataset from a path or a name; `need_train=False` skips reading the training split."""
+    path = Path(spec).expanduser()
+    if not path.exists():
+        name = canonical_name(spec)
+        root = Path(data_dir).expanduser() if data_dir else default_data_dir()
+        if name in DATASET_DEFAULTS and "/" not in spec:
+            candidates = [root / spec, root / name]
+            path = next((c for c in candidates if c.exists()), candidates[0])
+            if not path.exists():
+                raise InputError(f"dataset '{spec}' not found: {path} does not exist",
+                                 hint=f"pass --data-dir DIR holding {name}/ (train.npz/test.npz or train/ and test/ "
+                                      f"class folders), set {DATA_DIR_ENV}, or give --data a directory")
+        else:
+            raise InputError(f"data not found: {spec}",
+                             hint=f"a directory (train.npz/test.npz or ImageFolder), an .npz file, or one of "
+                                  f"{', '.join(DATASET_DEFAULTS)} with --data-dir")
+    name = canonical_name(path.stem if path.is_file() else path.name)
+    info = DATASET_DEFAULTS.get(name)
+    if path.is_file():
+        if path.suffix != ".npz":
+            raise InputError(f"{path}: a data file must be .npz with arrays x and y")
+        test, train, classes = read_npz_split(path), None, None
+    elif (path / "test.npz").exists() or (path / "train.npz").exists():
+        if not (path / "test.npz").exists():
+            raise InputError(f"{path} has train.npz but no test.npz", hint="evaluation needs a test split")
+        test = read_npz_split(path / "test.npz")
+        train = read_npz_split(path / "train.npz") if need_train and (path / "train.npz").exists() else None
+        classes = None
+    elif (path / "test").is_dir():
+        classes = _folder_classes(path / "train") if (path / "train").is_dir() else _folder_classes(path / "test")
+        test = read_image_folder(path / "test", classes)
+        train = read_image_folder(path / "train", classes) if need_train and (path / "train").is_dir() else None
+    elif path.is_dir():
+        raise InputError(f"{path} holds no dataset",
+                         hint="expected train.npz/test.npz, or train/ and test/ folders with one subfolder per class")
+    else:
+        raise InputError(f"{path} is not a regular file or directory")
+    if train is not None and train.image_shape != test.image_shape:
+        raise InputError(f"{path}: train images are {train.image_shape} but test images are {test.image_shape}")
+    if info is not None:
+        num_classes = info.num_classes
+    elif classes is not None:
+        num_classes = len(classes)
+    else:
+        num_classes = 1 + max(int(s.y.max()) for s in (train, test) if s is not None)
+    for split_name, split in (("train", train), ("test", test)):
+        if split is not None and int(split.y.max()) >= num_classes:
+            raise InputError(f"{path}: {split_name} label {int(split.y.max())} is out of range for {name} "
+                             f"({num_classes} classes)")
+    channels = test.image_shape[2]
+    if info is not None and len(info.mean) == channels:
+        mean, std, flip = info.mean, info.std, info.flip
+    else:
+        mean, std, flip = UNKNOWN_MEAN * channels, UNKNOWN_STD * channels, True
+    return DatasetBundle(name=name, train=train, test=test, num_classes=num_classes, mean=tuple(mean),
+                         std=tuple(std), augment_flip=flip, source=str(path))
+
+
+def load_clean_folder(spec: str) -> ImageSet:
+    """A defender's own clean images: an .npz file, an npz directory (its train.npz, else test.npz),
+    or a folder with one subfolder per class (labels are the sorted folder names' positions)."""
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise InputError(f"--clean-data {spec} does not exist")
+    if path.is_file():
+        return read_npz_split(path)
+    for name in ("train.npz", "test.npz"):
+        if (path / name).exists():
+            return read_npz_split(path / name)
+    if (path / "train").is_dir():
+        path = path / "train"
+    return read_image_folder(path, _folder_classes(path))
+
+
+def read_npz_split(path: Path) -> ImageSet:
+    """One split from an .npz (never unpickles: object arrays are refused)."""
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            if "x" not in archive.files or "y" not in archive.files:
+                raise InputError(f"{path}: needs arrays 'x' (images) and 'y' (labels), found {sorted(archive.files)}")
+            x, y = archive["x"], archive["y"]
+    except InputError:
+        raise
+    except (ValueError, OSError, zipfile.BadZipFile, EOFError, KeyError) as e:
+        raise InputError(f"{path}: not a readable .npz archive ({_clip(str(e) or type(e).__name__)})",
+                         hint="numpy.savez(path, x=uint8 images, y=labels); pickled arrays are refused") from None
+    return images_from_arrays(x, y, str(path))
+
+
+def images_from_arrays(x: np.ndarray, y: np.ndarray, what: str) -> ImageSet:
+    """Validate raw arrays and wrap them: uint8 NHW(C) images, integer labels >= 0, equal lengths."""
+    if x.dtype != np.uint8:
+        raise InputError(f"{what}: images must be uint8 (0..255), got {x.dtype}",
+                         hint="convert with (x * 255).round().astype(np.uint8) if they are floats in [0, 1]")
+    if x.ndim == 3:
+        x = x[..., None]
+    if x.ndim != 4 or x.shape[3] not in (1, 3):
+        raise InputError(f"{what}: images must be (N, H, W) or (N, H, W, C) with C 1 or 3, got shape {x.shape}")
+    if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+        raise InputError(f"{what}: labels 'y' must be a 1-D integer array, got {y.dtype} {y.shape}")
+    if len(x) != len(y):
+        raise InputError(f"{what}: x has {len(x)} images but y has {len(y)} labels (lengths differ)")
+    if len(x) == 0:
+        raise InputError(f"{what}: the split holds no images")
+    if int(y.min()) < 0:
+        raise InputError(f"{what}: negative label {int(y.min())}")
+    if x.shape[1] < 2 or x.shape[2] < 2:
+        raise InputError(f"{what}: images of {x.shape[1]}x{x.shape[2]} pixels are too small")
+    return ImageSet(torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y.astype(np.int64)))
+
+
+def _folder_classes(path: Path) -> list[str]:
+    classes = sorted(p.name for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise InputError(f"{path} has no class subfolders", hint="ImageFolder layout: DIR/<class>/<image files>")
+    return classes
+
+
+def read_image_folder(path: Path, classes: list[str]) -> ImageSet:
+    """Images under path/<class>/ -> one ImageSet. All images must share one size; grayscale images
+    in a colour dataset are replicated to RGB (common in real folders, e.g. Tiny-ImageNet)."""
+    from PIL import Image
+
+    present = set(_folder_classes(path))
+    unknown = sorted(present - set(classes))
+    if unknown:
+        raise InputError(f"{path} has classes not in the training split: {', '.join(unknown[:5])}")
+    files: list[tuple[Path, int]] = []
+    for label, cls in enumerate(classes):
+        folder = path / cls
+        if folder.is_dir():
+            files += [(f, label) for f in sorted(folder.iterdir())
+                      if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES]
+    if not files:
+        raise InputError(f"{path} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
+    headers = [_image_header(f) for f, _ in files]
+    size = headers[0][1]
+    for (f, _), (_, s) in zip(files, headers):
+        if s != size:
+            raise InputError(f"{f}: image is {s[0]}x{s[1]} but the others are {size[0]}x{size[1]}",
+                             hint="resize the folder's images to one size first")
+    mode = "RGB" if any(m not in ("L", "1", "I", "I;16", "F") for m, _ in headers) else "L"
+    x = np.empty((len(files), size[1], size[0], 3 if mode == "RGB" else 1), dtype=np.uint8)
+    for i, (f, _) in enumerate(files):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            try:
+                with Image.open(f) as image:
+                    pixels = np.asarray(image.convert(mode), dtype=np.uint8)
+            except Exception as e:  # noqa: BLE001 - PIL raises many types for corrupt files
+                raise InputError(f"{f}: not a readable image ({_clip(str(e) or type(e).__name__)})") from None
+        x[i] = pixels.reshape(x.shape[1:])
+    y = np.array([label for _, label in files], dtype=np.int64)
+    return images_from_arrays(x, y, str(path))
+
+
+def _image_header(path: Path) -> tuple[str, tuple[int, int]]:
+    """(mode, (width, height)) from the header only, refusing oversized images before any decoding."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            mode, size = image.mode, image.size
+    except Exception as e:  # noqa: BLE001
+        raise InputError(f"{path}: not a readable image ({_clip(str(e) or type(e).__name__)})") from None
+    if not (0 < size[0] <= MAX_IMAGE_SIDE and 0 < size[1] <= MAX_IMAGE_SIDE):
+        raise InputError(f"{path}: image is {size[0]}x{size[1]} pixels (limit {MAX_IMAGE_SIDE} per side)")
+    return mode, size
+
+
+def _clip(text: str, limit: int = 120) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# ---------------------------------------------------------------- subsets
+
+def select_clean_subset(y: torch.Tensor, fraction: float | None, count: int | None, seed: int,
+                        num_classes: int) -> torch.Tensor:
+    """Seeded, class-balanced indices of the defender's clean data (sorted int64).
+
+    Each class gets total // C images and the remainder goes to randomly drawn classes, so a 2%
+    subset of CIFAR-10 is 100 images per class, as in the FST paper's setting.
+    """
+    if fraction is not None and count is not None:
+        raise ConfigError("give either --clean-fraction or --clean-count, not both")
+    if fraction is None and count is None:
+        raise ConfigError("the clean subset needs --clean-fraction or --clean-count")
+    n = int(y.shape[0])
+    if fraction is not None:
+        if not 0 < fraction <= 1:
+            raise ConfigError(f"--clean-fraction must be in (0, 1], got {fraction}")
+        total = round(fraction * n)
+    else:
+        if count < 1:
+            raise ConfigError(f"--clean-count must be >= 1, got {count}")
+        if count > n:
+            raise ConfigError(f"--clean-count {count} is larger than the {n} training images")
+        total = count
+    if total == 0:
+        raise ConfigError(f"the clean subset would be empty ({fraction} of {n} images)",
+                          hint="raise --clean-fraction or use --clean-count")
+    generator = torch.Generator().manual_seed(seed)
+    labels = y.cpu()
+    counts = torch.bincount(labels, minlength=num_classes)
+    present = torch.nonzero(counts).flatten()
+    quota = torch.zeros(num_classes, dtype=torch.long)
+    quota[present] = total // len(present)
+    extra = present[torch.randperm(len(present), generator=generator)[: total % len(present)]]
+    quota[extra] += 1
+    chosen = []
+    for cls in present.tolist():
+        members = torch.nonzero(labels == cls).flatten()
+        take = min(int(quota[cls]), len(members))
+        chosen.append(members[torch.randperm(len(members), generator=generator)[:take]])
+    indices = torch.cat(chosen).sort().values
+    if len(torch.unique(labels[indices])) < 2:
+        raise ConfigError(f"the clean subset ({len(indices)} image(s)) holds a single class; "
+                          "tuning needs clean images of at least 2 classes", hint="raise --clean-count")
+    return indices
+
+
+def stratified_limit(y: torch.Tensor, limit: int, seed: int) -> torch.Tensor:
+    """`limit` seeded indices keeping the class proportions of `y` (sorted int64)."""
+    n = int(y.shape[0])
+    if limit >= n:
+        return torch.arange(n)
+    if limit < 1:
+        raise ConfigError(f"limit must be >= 1, got {limit}")
+    generator = torch.Generator().manual_seed(seed)
+    labels = y.cpu()
+    perm = torch.randperm(n, generator=generator)
+    # Position of each image among its class in the shuffled order, as a fraction of the class size:
+    # taking the smallest fractions takes every class in proportion.
+    order = torch.sort(labels[perm], stable=True).indices
+    sorted_labels = labels[perm][order]
+    counts = torch.bincount(sorted_labels)
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(n) - starts[sorted_labels]
+    key = (rank.double() + 0.5) / counts[sorted_labels].double()
+    picked = perm[order[torch.sort(key, stable=True).indices[:limit]]]
+    return picked.sort().values
+
+
+def indices_sha256(indices: torch.Tensor) -> str:
+    """sha256 of the indices written one per line: equals `sha256sum clean_indices.txt`."""
+    text = "".join(f"{i}\n" for i in indices.tolist())
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+# ---------------------------------------------------------------- batch ops (the fast path)
+
+def normalize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """uint8 NHWC -> float NCHW, (x/255 - mean) / std.
+
+    The permute is a view: the result has channels_last strides without a copy, which is the
+    memory format convolutions prefer on GPU (and on CPU with oneDNN).
+    """
+    return x.permute(0, 3, 1, 2).float().div_(255.0).sub_(mean).div_(std)
+
+
+def augment_batch(x: torch.Tensor, generator: torch.Generator, flip: bool = True, pad: int = 4) -> torch.Tensor:
+    """Random crop with zero padding plus optional horizontal flip, for a whole uint8 NHWC batch at once.
+
+    One gather does both: each image reads rows oy..oy+H and columns ox..ox+W of its padded copy,
+    the columns reversed when it is flipped.
+    """
+    n, h, w, _ = x.shape
+    device = x.device
+    if pad > 0:
+        padded = torch.nn.functional.pad(x, (0, 0, pad, pad, pad, pad))
+        oy = torch.randint(0, 2 * pad + 1, (n,), generator=generator, device=generator.device).to(device)
+        ox = torch.randint(0, 2 * pad + 1, (n,), generator=generator, device=generator.device).to(device)
+    else:
+        padded = x
+        oy = ox = torch.zeros(n, dtype=torch.long, device=device)
+    cols = torch.arange(w, device=device).expand(n, w)
+    if flip:
+        flips = torch.rand(n, generator=generator, device=generator.device).to(device) < 0.5
+        cols = torch.where(flips[:, None], (w - 1) - cols, cols)
+    rows = oy[:, None] + torch.arange(h, device=device)
+    cols = ox[:, None] + cols
+    batch = torch.arange(n, device=device)[:, None, None]
+    return padded[batch, rows[:, :, None], cols[:, None, :]]
+
+
+def iterate_minibatches(n: int, batch_size: int, generator: torch.Generator, shuffle: bool = True):
+    """Index tensors (on the generator's device) covering 0..n-1 once, shuffled by `generator`."""
+    order = (torch.randperm(n, generator=generator, device=generator.device) if shuffle
+             else torch.arange(n, device=generator.device))
+    for start in range(0, n, batch_size):
+        yield order[start : start + batch_size]
