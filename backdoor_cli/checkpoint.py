@@ -30,6 +30,7 @@ WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "ema", "net")
 STRIPPED_PREFIXES = ("module.", "_orig_mod.")
 METADATA_KEY = "bdclean"
 MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
+MAX_SNIFF_PICKLE = 1 << 20  # protocol 0/1 sniffing parses at most this much
 MAX_CHECKPOINT_BYTES = 4 * 1024**3
 
 # BackdoorBench stores numpy arrays (poison indices) beside the weights; reconstructing a plain
@@ -105,10 +106,23 @@ def sniff_format(data: bytes, path: Path) -> str:
         return "safetensors"
     if data[:1] == b"\x80":
         return "torch-legacy"
+    if _is_old_protocol_pickle(data):
+        return "pickle"  # protocol 0/1 (no PROTO byte): still a pickle, so it is scanned and may be refused
     raise InputError(
         f"{path} is not a checkpoint bdclean can read (not safetensors, not a torch zip, not a pickle)",
         hint="supported: .safetensors, and .pt/.pth/.th/.bin files saved by torch.save",
     )
+
+
+def _is_old_protocol_pickle(data: bytes) -> bool:
+    """True when the bytes parse as one complete pickle stream (parsing only; nothing runs)."""
+    try:
+        for opcode, _arg, _pos in pickletools.genops(io.BytesIO(data[:MAX_SNIFF_PICKLE])):
+            if opcode.name == "STOP":
+                return True
+    except Exception:  # noqa: BLE001 - any parse failure means "not a pickle"
+        return False
+    return False
 
 
 def _load_safetensors(data: bytes, path: Path) -> tuple[dict[str, torch.Tensor], dict]:
@@ -185,7 +199,7 @@ def scan_pickle_globals(pickle_bytes: bytes, max_pickles: int = 1) -> list[str]:
 
 
 def _pickle_payloads(data: bytes, fmt: str, path: Path) -> list[bytes]:
-    if fmt == "torch-legacy":
+    if fmt in ("torch-legacy", "pickle"):
         return [data]
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as archive:
@@ -214,7 +228,25 @@ def _load_torch(data: bytes, path: Path, fmt: str):
         with torch.serialization.safe_globals(numpy_globals):
             return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for corrupt files; all mean "bad input" here
+        refused = _weights_only_refusal(exc)
+        if refused is not None:
+            # The opcode scan missed it (obfuscated pickle) but torch's safe unpickler did not: still a refusal.
+            raise UnsafeInputError(f"refused {path}: its pickle needs {refused}, which safe loading does not allow "
+                                   "(loading it could run arbitrary code)",
+                                   hint="convert it to .safetensors where it was made") from None
         raise InputError(f"{path}: cannot read torch checkpoint ({_first_line(exc)})") from None
+
+
+def _weights_only_refusal(exc: BaseException) -> str | None:
+    """What torch's weights_only unpickler refused, or None if the failure was something else.
+    Its own message advises weights_only=False, which is exactly what must not be done here."""
+    text = str(exc)
+    if "Unsupported global" in text or "WeightsUnpickler" in text or "weights_only" in text.lower():
+        import re
+
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+        return f"the global {found.group(1)}" if found else "a construct outside the allowlist"
+    return None
 
 
 def _numpy_safe_globals() -> list:
@@ -282,13 +314,18 @@ def check_tensors(state: dict[str, torch.Tensor], path: Path) -> None:
         raise InputError(f"{path}: no floating-point tensors; this does not look like model weights")
 
 
-def write_safetensors(path: str | Path, state: dict[str, torch.Tensor], metadata: dict) -> str:
-    """Write weights + bdclean metadata atomically (temp file + rename); return the file's sha256."""
+def safetensors_bytes(state: dict[str, torch.Tensor], metadata: dict) -> bytes:
+    """Weights + bdclean metadata as safetensors bytes (deterministic: sorted metadata keys)."""
     from safetensors.torch import save as save_safetensors
 
     # Clone into contiguous CPU tensors: safetensors refuses shared or strided storage.
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
-    blob = save_safetensors(tensors, metadata={METADATA_KEY: json.dumps(metadata, sort_keys=True)})
+    return save_safetensors(tensors, metadata={METADATA_KEY: json.dumps(metadata, sort_keys=True)})
+
+
+def write_safetensors(path: str | Path, state: dict[str, torch.Tensor], metadata: dict) -> str:
+    """Write weights + bdclean metadata atomically (temp file + rename); return the file's sha256."""
+    blob = safetensors_bytes(state, metadata)
     atomic_write_bytes(Path(path), blob)
     return hashlib.sha256(blob).hexdigest()
 

@@ -19,6 +19,17 @@ from .errors import ConfigError
 MAX_CONFIG_BYTES = 1024 * 1024
 # Gate thresholds accept a fraction (0.05) or a percentage string ("5%") from flags and YAML alike.
 GATE_OPTIONS = ("max_asr", "min_acc", "max_acc_drop")
+# Allowed ranges, checked where values enter (flag or YAML), so a bad value fails in a second, naming
+# its option, instead of deep inside torch after minutes of work: name -> (low, high, low_open, high_open).
+MAX_SEED = 2**63 - 1
+RANGES: dict[str, tuple] = {
+    "batch_size": (1, 65_536, False, False), "eval_batch_size": (1, 1 << 20, False, False),
+    "eval_limit": (1, None, False, False), "seed": (0, MAX_SEED, False, False), "epochs": (1, 10_000, False, False),
+    "clean_count": (1, None, False, False), "num_classes": (2, 100_000, False, False), "target": (0, None, False, False),
+    "train_limit": (1, None, False, False), "lr": (0, 10, True, False), "alpha": (0, None, False, False),
+    "momentum": (0, 1, False, True), "weight_decay": (0, None, False, False), "clean_fraction": (0, 1, True, False),
+    "poison_rate": (0, 1, False, False), "holdout_fraction": (0, 1, False, True),
+}
 
 
 @dataclass(frozen=True)
@@ -32,6 +43,7 @@ class ModelOptions:
 @dataclass(frozen=True)
 class EvaluateOptions:
     checkpoint: str = ""
+    config: str | None = None  # the --config file it came from (an input: never overwritten)
     data: str | None = None
     arch: str | None = None
     num_classes: int | None = None
@@ -78,6 +90,7 @@ class CompareOptions(EvaluateOptions):
 @dataclass(frozen=True)
 class TrainOptions:
     arch: str = "simple_cnn"
+    config: str | None = None  # the --config file it came from (an input: never overwritten)
     data: str | None = None
     data_dir: str | None = None
     out: str | None = None
@@ -122,6 +135,10 @@ def load_config_file(path: str | Path) -> dict:
         raise ConfigError(f"config file {path} is not valid YAML{line}: {getattr(exc, 'problem', None) or exc}") from None
     except RecursionError:
         raise ConfigError(f"config file {path} is nested too deeply") from None
+    except (ValueError, KeyError, AttributeError, TypeError, OverflowError) as exc:
+        # safe_load's constructors raise these (not YAMLError) for standard tags with bad values: !!int x
+        text = " ".join(str(exc).split())[:120] or type(exc).__name__
+        raise ConfigError(f"config file {path} is not valid YAML: bad value ({text})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -143,6 +160,8 @@ def resolve_options(cls, flags: dict, config_path: str | None = None):
     for name, value in flags.items():
         if value is not None and name in names:
             merged[name] = coerce(name, value, names[name].type, source=f"--{name.replace('_', '-')}")
+    if config_path and "config" in names:
+        merged["config"] = str(config_path)
     try:
         return cls(**merged)
     except TypeError as exc:  # pragma: no cover - guarded by the name check above
@@ -156,7 +175,25 @@ def _resolve_type(annotation):
 
 
 def coerce(name: str, value, annotation, source: str):
-    """Check and convert one value to the field's type; bools are not numbers, strings not lists."""
+    """Check and convert one value to the field's type and range; bools are not numbers, strings not lists."""
+    result = _coerce_type(name, value, annotation, source)
+    if name in RANGES and isinstance(result, (int, float)) and not isinstance(result, bool):
+        _check_range(name, result, source)
+    return result
+
+
+def _check_range(name: str, value: float, source: str) -> None:
+    low, high, low_open, high_open = RANGES[name]
+    bad_low = low is not None and (value <= low if low_open else value < low)
+    bad_high = high is not None and (value >= high if high_open else value > high)
+    if bad_low or bad_high:
+        left = "(" if low_open else "["
+        right = ")" if high_open else "]"
+        span = f"{left}{low}, {high if high is not None else 'inf'}{right}"
+        raise ConfigError(f"{source} must be in {span}, got {value}")
+
+
+def _coerce_type(name: str, value, annotation, source: str):
     if name in GATE_OPTIONS:
         return parse_rate(value, source)
     annotation = _resolve_type(annotation)
@@ -166,14 +203,14 @@ def coerce(name: str, value, annotation, source: str):
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return coerce(name, value, inner[0], source)
+        return _coerce_type(name, value, inner[0], source)
     if origin is tuple:
         item_type = args[0] if args else str
         if isinstance(value, str):
             value = [v for v in value.replace(" ", "").split(",") if v]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{source}: expected a list, got {type(value).__name__}")
-        return tuple(coerce(name, v, item_type, source) for v in value)
+        return tuple(_coerce_type(name, v, item_type, source) for v in value)
     if annotation is bool:
         if isinstance(value, bool):
             return value
@@ -219,5 +256,7 @@ def to_yaml_dict(options) -> dict:
     """The resolved options as plain YAML-friendly values (written to config.yaml beside the outputs)."""
     out = {}
     for key, value in dataclasses.asdict(options).items():
+        if key == "config":  # the file it came from is not an option (and would not load back)
+            continue
         out[key.replace("_", "-")] = list(value) if isinstance(value, tuple) else value
     return out

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -50,39 +51,172 @@ def _describe_write_error(path: Path, exc: OSError) -> str:
     return f"cannot write {path}: {exc.strerror or exc}"
 
 
-def prepare_out_dir(out: Path, names: Iterable[str], inputs: Iterable[Path], force: bool) -> Path:
-    """Create `out` if needed and check that writing `names` there is allowed.
+def _refuse_special(target: Path) -> None:
+    """Only regular files (or symlinks, which are replaced as links) may be replaced: os.replace over
+    a FIFO or a device node such as /dev/null would destroy it."""
+    try:
+        mode = os.lstat(target).st_mode
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise OutputError(_describe_write_error(target, exc)) from None
+    if not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
+        raise OutputError(f"{target} exists and is not a regular file; bdclean will not replace it",
+                          hint="choose another output path")
 
-    Refuses: `out` being a file, an output that would replace one of `inputs` (never, even with
-    --force), existing outputs without `force`, and a directory we cannot write to.
-    """
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"--out {out} is a file; it must be a directory", hint="choose a directory for the outputs")
-    resolved_inputs = {Path(p).resolve() for p in inputs if p is not None}
-    targets = [out / n for n in names]
+
+def _inside(target: Path, directory: Path) -> bool:
+    try:
+        target.relative_to(directory)
+        return True
+    except ValueError:
+        return False
+
+
+def check_targets(targets: Iterable[Path], inputs: Iterable[Path | str | None], force: bool) -> None:
+    """Refuse outputs that would replace an input (or land inside an input directory, e.g. the
+    dataset), special files, and existing files without --force. Never relaxed by --force."""
+    resolved_inputs = [Path(p).resolve() for p in inputs if p is not None and str(p)]
     for target in targets:
-        if target.resolve() in resolved_inputs:
-            raise OutputError(f"refusing to overwrite the input {target}", hint="choose another --out directory")
-    existing = [t for t in targets if t.exists()]
+        resolved = target.resolve()
+        for source in resolved_inputs:
+            if resolved == source or (source.is_dir() and _inside(resolved, source)):
+                raise OutputError(f"refusing to overwrite the input {source}" if resolved == source else
+                                  f"refusing to write {target} inside the input directory {source}",
+                                  hint="choose another output path")
+        _refuse_special(target)
+    existing = [t for t in targets if os.path.lexists(t)]
     if existing and not force:
         raise OutputError(
-            f"{len(existing)} output(s) already exist in {out} (e.g. {existing[0].name})",
+            f"{len(existing)} output(s) already exist (e.g. {existing[0]})",
             hint="pass --force to replace them, or choose another --out",
         )
+
+
+class OutputSet:
+    """All outputs of one run, published together or not at all.
+
+    Used as a context manager around the whole run: opening checks every target and creates the
+    directory (so a bad --out fails in a second, not after tuning); `stage()` writes each file to
+    a hidden temp file beside its target; `commit()` renames them all into place, restoring the
+    previous files if any rename fails. Leaving the block without a commit (an error, Ctrl-C)
+    deletes the temp files and the directory if this run created it, so nothing partial remains.
+    """
+
+    def __init__(self, directory: Path, names: Iterable[str], inputs: Iterable[Path | str | None], force: bool):
+        self.directory = Path(directory)
+        self.names = list(names)
+        self.inputs = list(inputs)
+        self.force = force
+        self._staged: dict[str, str] = {}
+        self._created: list[Path] = []
+        self.committed = False
+
+    def __enter__(self) -> "OutputSet":
+        out = self.directory
+        if os.path.lexists(out) and not out.is_dir():
+            raise OutputError(f"--out {out} is a file; it must be a directory",
+                              hint="choose a directory for the outputs")
+        check_targets([out / n for n in self.names], self.inputs, self.force)
+        missing = []
+        parent = out
+        while not parent.exists():
+            missing.append(parent)
+            if parent.parent == parent:
+                break
+            parent = parent.parent
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(_describe_write_error(out, exc)) from None
+        self._created = missing  # deepest first: removed in this order on abort
+        if not os.access(out, os.W_OK | os.X_OK):
+            self._remove_created()
+            raise OutputError(f"cannot write to {out}: permission denied", hint="choose another --out")
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if not self.committed:
+            self._discard_staged()
+            self._remove_created()
+
+    def stage(self, name: str, data: bytes) -> None:
+        """Write one output's bytes to a temp file (fsynced) next to where it will go."""
+        if name not in self.names:
+            raise ValueError(f"{name} was not declared as an output")  # programming error
+        path = self.directory / name
+        tmp_name = None
+        try:
+            fd, tmp_name = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=self.directory)
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+        except OSError as exc:
+            if tmp_name is not None:
+                _unlink_quietly(tmp_name)
+            raise OutputError(_describe_write_error(path, exc)) from None
+        if name in self._staged:
+            _unlink_quietly(self._staged[name])
+        self._staged[name] = tmp_name
+
+    def commit(self) -> None:
+        """Rename every staged file into place; on any failure put back what was there before."""
+        backups: dict[Path, str | None] = {}
+        try:
+            for name, tmp in self._staged.items():
+                target = self.directory / name
+                backup = None
+                if os.path.lexists(target):
+                    backup = tempfile.mktemp(prefix=f".{name}.", suffix=".old", dir=self.directory)
+                    os.replace(target, backup)
+                backups[target] = backup
+                os.replace(tmp, target)
+            for name in self.names:  # a stale output of an earlier run (e.g. its plot) must not pass as ours
+                target = self.directory / name
+                if name not in self._staged and os.path.lexists(target):
+                    backup = tempfile.mktemp(prefix=f".{name}.", suffix=".old", dir=self.directory)
+                    os.replace(target, backup)
+                    backups[target] = backup
+        except BaseException as exc:  # Ctrl-C too: roll back, then let it propagate
+            for target, backup in backups.items():
+                _unlink_quietly(target)
+                if backup is not None:
+                    try:
+                        os.replace(backup, target)
+                    except OSError:
+                        pass
+            if isinstance(exc, OSError):
+                raise OutputError(_describe_write_error(self.directory, exc)) from None
+            raise
+        self.committed = True
+        for backup in backups.values():
+            if backup is not None:
+                _unlink_quietly(backup)
+        self._staged.clear()
+
+    def _discard_staged(self) -> None:
+        for tmp in self._staged.values():
+            _unlink_quietly(tmp)
+        self._staged.clear()
+
+    def _remove_created(self) -> None:
+        for path in self._created:
+            try:
+                path.rmdir()  # only if empty: never removes anything the run did not create
+            except OSError:
+                break
+
+
+def _unlink_quietly(path) -> None:
     try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(_describe_write_error(out, exc)) from None
-    if not os.access(out, os.W_OK | os.X_OK):
-        raise OutputError(f"cannot write to {out}: permission denied", hint="choose another --out")
-    return out
+        os.unlink(path)
+    except OSError:
+        pass
 
 
-def check_output_file(path: Path, inputs: Iterable[Path], force: bool) -> Path:
-    """The single-file version of prepare_out_dir, for commands that write one file (train)."""
-    path = Path(path)
-    if path.is_dir():
-        raise OutputError(f"{path} is a directory; give a file name such as model.safetensors")
-    prepare_out_dir(path.parent if str(path.parent) else Path("."), [path.name], inputs, force)
-    return path
+def prepare_out_dir(out: Path, names: Iterable[str], inputs: Iterable[Path], force: bool) -> Path:
+    """Check and create an output directory for writers that publish file by file (the demo)."""
+    with OutputSet(out, names, inputs, force) as outputs:
+        outputs.committed = True  # keep the directory: the caller writes into it
+    return Path(out)

@@ -8,23 +8,24 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import time
 from pathlib import Path
 
 import torch
 
-from .checkpoint import write_safetensors
+from .checkpoint import safetensors_bytes
 from .config import CompareOptions, EvaluateOptions, PurifyOptions, TrainOptions, to_yaml_dict
 from .data import DatasetBundle, ImageSet, indices_sha256, load_clean_folder, load_dataset, select_clean_subset
 from .defenses import DefenseParams, default_params, get_defense
-from .errors import ConfigError, InputError
+from .errors import ConfigError, InputError, OutputError
 from .evaluate import EvalSets, build_eval_sets, evaluate_model
 from .gates import check_gates
 from .metrics import defense_effectiveness_rating
-from .outputs import atomic_write_text, check_output_file, prepare_out_dir
+from .outputs import OutputSet
 from .progress import Reporter
-from .report import (CompareReport, CompareRow, EvaluateReport, PurifyReport, TrainReport, weight_drift,
-                     write_purify_report)
+from .report import (CompareReport, CompareRow, EvaluateReport, PurifyReport, TrainReport, stage_purify_report,
+                     weight_drift)
 from .runtime import Stopwatch, environment, prepare_model, resolve_device, seed_everything
 from .subject import Subject, load_subject, normalization_tensors
 from .triggers import build_trigger, load_trigger_spec, parse_trigger_spec, poison_training_set
@@ -43,7 +44,9 @@ def _require_data(data: str | None) -> str:
 def resolve_trigger(spec_text: str | None, target: int | None, subject: Subject | None, image_shape, num_classes: int):
     """The trigger from --trigger, else the one recorded in the checkpoint's metadata, else none."""
     spec = None
-    if spec_text:
+    if spec_text is not None:
+        if not spec_text.strip():
+            raise ConfigError("--trigger is empty", hint="a built-in name (badnets, blended, sig, wanet) or a YAML spec file")
         spec = load_trigger_spec(spec_text)
     elif subject is not None and subject.checkpoint.metadata.get("trigger"):
         spec = parse_trigger_spec(subject.checkpoint.metadata["trigger"], None, source="checkpoint metadata")
@@ -106,7 +109,7 @@ def _describe_trigger(trigger) -> dict | None:
     return trigger.to_dict() if trigger is not None else None
 
 
-def _defense_params(opts: PurifyOptions, dataset: str) -> tuple[DefenseParams, float | None]:
+def _defense_params(opts: PurifyOptions, dataset: str | None) -> tuple[DefenseParams, float | None]:
     defaults = default_params(dataset)
     params = DefenseParams(
         lr=opts.lr if opts.lr is not None else defaults["lr"],
@@ -121,14 +124,19 @@ def _defense_params(opts: PurifyOptions, dataset: str) -> tuple[DefenseParams, f
     return params, fraction
 
 
-def _clean_set(opts: PurifyOptions, bundle: DatasetBundle, fraction: float | None, num_classes: int):
+def _clean_set(opts: PurifyOptions, bundle: DatasetBundle, fraction: float | None, subject: Subject):
     """The defender's clean data: the user's own images, or a seeded class-balanced training subset."""
+    num_classes = subject.num_classes
     if opts.clean_data:
         if opts.clean_fraction is not None or opts.clean_count is not None:
             raise ConfigError("--clean-data cannot be combined with --clean-fraction/--clean-count")
         clean = load_clean_folder(opts.clean_data)
-        if clean.image_shape != bundle.test.image_shape:
-            raise InputError(f"--clean-data images are {clean.image_shape} but the test images are {bundle.test.image_shape}")
+        (h, w, c), (th, tw, tc) = clean.image_shape, bundle.test.image_shape
+        if c != tc:
+            raise InputError(f"--clean-data images have {c} channel(s) but the model takes {tc}-channel images")
+        if (h, w) != (th, tw):
+            raise InputError(f"--clean-data images are {w}x{h} pixels but the test images are {tw}x{th}",
+                             hint="resize them to the model's input size first")
         if int(clean.y.max()) >= num_classes:
             raise InputError(f"--clean-data has label {int(clean.y.max())}, outside the model's {num_classes} classes")
         if len(torch.unique(clean.y)) < 2:
@@ -140,26 +148,48 @@ def _clean_set(opts: PurifyOptions, bundle: DatasetBundle, fraction: float | Non
     return bundle.train.subset(indices), indices
 
 
+def _input_paths(opts, *extra) -> list[Path]:
+    """Every file or directory a run reads: outputs may never replace or land inside one of them."""
+    candidates = [getattr(opts, "config", None), getattr(opts, "trigger", None), getattr(opts, "data", None),
+                  getattr(opts, "clean_data", None), *extra]
+    paths = []
+    for value in candidates:
+        if value and Path(str(value)).exists():
+            paths.append(Path(str(value)))
+    return paths
+
+
 def purify_checkpoint(opts: PurifyOptions, reporter: Reporter | None = None) -> PurifyReport:
-    """Evaluate, tune with a defense, evaluate again, and write the purified weights and report."""
+    """Evaluate, tune with a defense, evaluate again, and write the purified weights and report.
+
+    The outputs are published as one set at the end (OutputSet): a failure or Ctrl-C at any point
+    leaves --out as it was.
+    """
     reporter = reporter or Reporter()
     defense = get_defense(opts.method)
     if not opts.out:
         raise ConfigError("--out is required", hint="a directory for purified.safetensors and the report")
     device = resolve_device(opts.device)
+    out = Path(opts.out)
+    params, fraction = _defense_params(opts, None)  # range errors before any work; dataset defaults below
+    with OutputSet(out, PURIFY_OUTPUTS + ("report.png",), _input_paths(opts, opts.checkpoint), opts.force) as outputs:
+        report = _purify_into(opts, defense, device, outputs, reporter)
+        reporter.stage(f"writing outputs to {out}")
+        outputs.commit()
+    return report
+
+
+def _purify_into(opts: PurifyOptions, defense, device, outputs: OutputSet, reporter: Reporter) -> PurifyReport:
     seed_everything(opts.seed)
     timer = Stopwatch(device)
-    out = Path(opts.out)
     with timer.stage("load"):
         reporter.stage(f"loading data {opts.data}")
         bundle = load_dataset(_require_data(opts.data), opts.data_dir, need_train=opts.clean_data is None)
         subject = _open_subject(opts, opts.checkpoint, bundle, reporter)
-        inputs = [Path(opts.checkpoint)] + ([Path(opts.clean_data)] if opts.clean_data else [])
-        prepare_out_dir(out, PURIFY_OUTPUTS + ("report.png",), inputs, opts.force)
         trigger = resolve_trigger(opts.trigger, opts.target, subject, bundle.test.image_shape, subject.num_classes)
         _check_gate_inputs(opts, trigger)
         params, fraction = _defense_params(opts, bundle.name)
-        clean, clean_indices = _clean_set(opts, bundle, fraction, subject.num_classes)
+        clean, clean_indices = _clean_set(opts, bundle, fraction, subject)
         reporter.info(f"{defense.name}: {clean.num_images} clean images, lr {params.lr}, {params.epochs} epochs"
                       + (f", alpha {params.alpha}" if defense.uses_alpha else ""))
         model = prepare_model(subject.model, device)
@@ -191,17 +221,16 @@ def purify_checkpoint(opts: PurifyOptions, reporter: Reporter | None = None) -> 
         options=to_yaml_dict(opts), outputs={},
     )
     with timer.stage("write"):
-        reporter.stage(f"writing outputs to {out}")
-        state = _matching_state_dict(model, subject)
-        metadata = _purified_metadata(subject, bundle, trigger, report)
-        report.outputs["purified.safetensors"] = write_safetensors(out / "purified.safetensors", state, metadata)
-        if clean_indices is not None:
-            atomic_write_text(out / "clean_indices.txt", "".join(f"{i}\n" for i in clean_indices.tolist()))
         import yaml
 
-        atomic_write_text(out / "config.yaml", yaml.safe_dump(report.options, sort_keys=False))
+        blob = safetensors_bytes(_matching_state_dict(model, subject), _purified_metadata(subject, bundle, trigger, report))
+        outputs.stage("purified.safetensors", blob)
+        report.outputs["purified.safetensors"] = hashlib.sha256(blob).hexdigest()
+        if clean_indices is not None:
+            outputs.stage("clean_indices.txt", "".join(f"{i}\n" for i in clean_indices.tolist()).encode())
+        outputs.stage("config.yaml", yaml.safe_dump(report.options, sort_keys=False).encode())
         report.timings = dict(timer.stages)
-        plot_note = write_purify_report(out, report)
+        plot_note = stage_purify_report(outputs, report)
         if plot_note:
             reporter.warn(plot_note)
     report.timings = dict(timer.stages)
@@ -252,11 +281,17 @@ def _purified_metadata(subject: Subject, bundle: DatasetBundle, trigger, report:
             "method": report.method["name"], "params": report.method["params"],
             "input_sha256": subject.checkpoint.sha256, "clean_indices_sha256": report.clean["indices_sha256"],
             "clean_images": report.clean["images"],
-            "before": report.before.to_dict(), "after": report.after.to_dict(), "der": report.der,
+            "before": _replayable(report.before), "after": _replayable(report.after), "der": report.der,
         },
         "origin": {k: v for k, v in subject.checkpoint.metadata.items() if k in ("poison_rate", "seed", "trained_by")},
     })
     return meta
+
+
+def _replayable(result) -> dict:
+    """Metrics for embedding in weights: no wall-clock times, so a replay with the same seed gives a
+    byte-identical file that can be checked by its sha256."""
+    return {k: v for k, v in result.to_dict().items() if k != "seconds"}
 
 
 def _base_metadata(arch, num_classes, in_channels, head, mean, std, bundle: DatasetBundle) -> dict:
@@ -324,9 +359,21 @@ def train_model(opts: TrainOptions, reporter: Reporter | None = None) -> TrainRe
     settings = TuneSettings(epochs=opts.epochs, lr=opts.lr, batch_size=opts.batch_size, momentum=opts.momentum,
                             weight_decay=opts.weight_decay, augment=opts.augment, seed=opts.seed)
     device = resolve_device(opts.device)
+    out = Path(opts.out)
+    if out.is_dir():
+        raise OutputError(f"--out {out} is a directory; give a file name such as model.safetensors")
+    with OutputSet(out.parent, [out.name], _input_paths(opts), opts.force) as outputs:
+        report = _train_into(opts, settings, device, out, outputs, reporter)
+        outputs.commit()
+    return report
+
+
+def _train_into(opts: TrainOptions, settings: TuneSettings, device, out: Path, outputs: OutputSet,
+                reporter: Reporter) -> TrainReport:
+    from .models import build_model, find_head
+
     seed_everything(opts.seed)
     timer = Stopwatch(device)
-    out = check_output_file(Path(opts.out), [], opts.force)
     with timer.stage("load"):
         reporter.stage(f"loading data {opts.data}")
         bundle = load_dataset(_require_data(opts.data), opts.data_dir, need_train=True)
@@ -392,10 +439,12 @@ def train_model(opts: TrainOptions, reporter: Reporter | None = None) -> TrainRe
         "poisoned_count": int(len(poison_idx)),
         "holdout_indices": holdout.tolist() if holdout is not None else None,
         "training": {k: v for k, v in dataclasses.asdict(settings).items()},
-        "test_metrics": result.to_dict(),
+        "test_metrics": _replayable(result),
     })
     with timer.stage("write"):
-        sha = write_safetensors(out, {k: v for k, v in model.state_dict().items()}, meta)
+        blob = safetensors_bytes(dict(model.state_dict()), meta)
+        outputs.stage(out.name, blob)
+        sha = hashlib.sha256(blob).hexdigest()
     return TrainReport(out=str(out), sha256=sha, arch=opts.arch, data=bundle.name, result=result,
                        history=[h.to_dict() for h in history], poisoned=int(len(poison_idx)),
                        trigger=_describe_trigger(trigger), timings=dict(timer.stages), environment=environment(device))

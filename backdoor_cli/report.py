@@ -14,7 +14,6 @@ import torch
 
 from .evaluate import EvalResult
 from .gates import GateResult
-from .outputs import atomic_write_bytes, atomic_write_text
 
 SCHEMA_VERSION = "bdclean.report/1"
 DEFINITIONS = {
@@ -243,17 +242,18 @@ def compare_markdown(report: CompareReport) -> str:
 
 # ---------------------------------------------------------------- files
 
-def write_purify_report(out: Path, report: PurifyReport) -> str | None:
-    """Write report.json, report.md and report.png; return a note when the plot was skipped."""
+def stage_purify_report(outputs, report: PurifyReport) -> str | None:
+    """Stage report.md, report.png and report.json in an OutputSet; return a note when the plot was skipped."""
     report.outputs.setdefault("report.json", "report.json")
-    atomic_write_text(out / "report.md", purify_markdown(report))
+    report.outputs.setdefault("report.md", "report.md")
     note = None
     try:
-        atomic_write_bytes(out / "report.png", purify_plot_png(report))
+        outputs.stage("report.png", purify_plot_png(report))
         report.outputs["report.png"] = "report.png"
     except ImportError:
         note = "matplotlib is not installed, so report.png was not drawn (pip install 'bdclean[plot]')"
-    atomic_write_text(out / "report.json", to_json(report))
+    outputs.stage("report.md", purify_markdown(report).encode())
+    outputs.stage("report.json", to_json(report).encode())
     return note
 
 

@@ -7,6 +7,7 @@ dataset's standard values. Whatever was picked is recorded, so a report says whe
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -54,7 +55,7 @@ def load_subject(path: str, bundle: DatasetBundle, arch: str | None = None, num_
                  head: str | None = None, mean=None, std=None, checkpoint: Checkpoint | None = None) -> Subject:
     """Read the checkpoint, build its architecture, load strictly, find the head, fix normalisation."""
     ckpt = checkpoint or read_checkpoint(path)
-    meta = ckpt.metadata
+    meta = trusted_metadata(ckpt)
     guess = guess_architecture(ckpt.state_dict)
     sources: dict[str, str] = {}
     image_h, image_w, image_c = bundle.test.image_shape
@@ -89,6 +90,43 @@ def load_subject(path: str, bundle: DatasetBundle, arch: str | None = None, num_
     return Subject(ckpt, model, arch, int(n_classes), int(in_channels), head_name, mean, std, sources)
 
 
+def trusted_metadata(ckpt: Checkpoint) -> dict:
+    """The embedded metadata fields bdclean acts on, type- and range-checked.
+
+    The metadata comes from the same untrusted file as the weights, so it may only select among
+    built-in behaviour: an `arch` naming a Python file would make opening a checkpoint run code
+    of the checkpoint author's choosing, so only registered and torchvision names are honoured.
+    """
+    meta = dict(ckpt.metadata)
+    where = f"{ckpt.path}: embedded metadata"
+    arch = meta.get("arch")
+    if arch is not None:
+        if not isinstance(arch, str):
+            raise InputError(f"{where}: 'arch' must be a string, got {type(arch).__name__}")
+        if arch not in ARCHITECTURES and not arch.startswith("torchvision:"):
+            raise InputError(f"{where} names the architecture {arch[:80]!r}, which is not built in; bdclean will not "
+                             "run code named by a checkpoint",
+                             hint="if you trust that file, pass --arch yourself")
+    for key, lo, hi in (("num_classes", 2, 100_000), ("in_channels", 1, 4)):
+        value = meta.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi):
+            raise InputError(f"{where}: '{key}' must be an integer in [{lo}, {hi}], got {str(value)[:40]}")
+    head = meta.get("head")
+    if head is not None and not isinstance(head, str):
+        raise InputError(f"{where}: 'head' must be a module name, got {type(head).__name__}")
+    norm = meta.get("normalization")
+    if norm is not None:
+        if not isinstance(norm, dict):
+            raise InputError(f"{where}: 'normalization' must be a mapping with mean and std")
+        for key in ("mean", "std"):
+            values = norm.get(key)
+            if values is not None and (not isinstance(values, list) or not values or len(values) > 4 or not all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)):
+                raise InputError(f"{where}: normalization {key} must be a list of 1-4 finite numbers, "
+                                 f"got {str(values)[:60]}")
+    return meta
+
+
 def validate_normalization(mean, std, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
     mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
     if len(mean) == 1 and channels > 1:
@@ -97,6 +135,8 @@ def validate_normalization(mean, std, channels: int) -> tuple[tuple[float, ...],
         std = std * channels
     if len(mean) != channels or len(std) != channels:
         raise InputError(f"normalisation needs {channels} value(s) per statistic, got mean {list(mean)} std {list(std)}")
+    if not all(math.isfinite(v) for v in mean + std):
+        raise InputError(f"normalisation values must be finite numbers, got mean {list(mean)} std {list(std)}")
     if any(s <= 0 for s in std):
         raise InputError(f"--std values must be > 0, got {list(std)}")
     return mean, std

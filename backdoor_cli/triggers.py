@@ -124,6 +124,9 @@ def load_trigger_spec(text_or_path: str) -> TriggerSpec:
         raise ConfigError(f"trigger spec {path}: invalid YAML: {_clip(str(e))}") from None
     except RecursionError:
         raise ConfigError(f"trigger spec {path}: YAML nested too deeply") from None
+    except (ValueError, KeyError, AttributeError, TypeError, OverflowError) as e:
+        # safe_load's constructors raise these (not YAMLError) for standard tags with bad values: !!int x
+        raise ConfigError(f"trigger spec {path}: invalid YAML value ({_clip(str(e) or type(e).__name__)})") from None
     if obj is None:
         raise ConfigError(f"trigger spec {path}: the file is empty", hint=_trigger_hint())
     return parse_trigger_spec(obj, path.parent, source=str(path))
