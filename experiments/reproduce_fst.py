@@ -1,0 +1,161 @@
+#!/usr/bin/env python3
+"""Reproduce the FST paper's CIFAR-10 comparison with bdclean as a library, and write the table.
+
+    # the paper's setting (ResNet-18, CIFAR-10) on a CUDA GPU:
+    python experiments/reproduce_fst.py --data ../shared/data/cifar10
+    # a small CPU grid (small CNN) that finishes on a 2-core CPU:
+    python experiments/reproduce_fst.py --small --data ../shared/data/cifar10
+
+For each attack and poisoning rate it trains a backdoored model with `bdclean train`'s pipeline
+(SGD lr 0.1, momentum 0.9, weight decay 5e-4, cosine schedule, batch 128, crop + flip: the
+reference code's recipe), evaluates it, purifies it with every method using 2% clean training data
+(lr 0.01, 10 epochs, alpha 0.2: the paper's CIFAR-10 defaults), and writes one Markdown table.
+
+It resumes: models and per-run results are files under --runs; a run that stops part-way picks up
+from what is already there (delete a file to redo that piece).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from backdoor_cli.config import EvaluateOptions, PurifyOptions, TrainOptions  # noqa: E402
+from backdoor_cli.pipeline import evaluate_checkpoint, purify_checkpoint, train_model  # noqa: E402
+from backdoor_cli.progress import StderrReporter  # noqa: E402
+from backdoor_cli.runtime import device_name, resolve_device  # noqa: E402
+
+METHODS = ("ft", "lp", "fe-tuning", "ft-init", "fst")
+# Figures from the FST paper (Min et al., NeurIPS 2023), Fig. 3: CIFAR-10, ResNet-18, Blended, target 0, ASR in %.
+PAPER_ASR = {
+    ("blended", 0.01): {"original": 98.1, "ft": 82.4, "ft-init": 61.2, "fe-tuning": 8.5, "fst": 0.2},
+    ("blended", 0.10): {"original": 99.9},
+}
+PROFILES = {
+    # The paper's model. Epochs: the reference recipe's schedule, shortened (say so in the table).
+    "full": {"arch": "resnet18", "train_epochs": 40, "train_lr": 0.1, "train_limit": None,
+             "attacks": ("badnets", "blended", "sig", "wanet"), "rates": (0.05, 0.01, 0.005)},
+    # CPU profile: the small CNN, CIFAR-10 training subset, fewer epochs.
+    "small": {"arch": "simple_cnn", "train_epochs": 12, "train_lr": 0.05, "train_limit": 20000,
+              "attacks": ("badnets", "blended", "sig", "wanet"), "rates": (0.05, 0.01, 0.005)},
+}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "cifar10"))
+    parser.add_argument("--small", action="store_true", help="CPU profile: small CNN on a training subset")
+    parser.add_argument("--runs", default=None, help="where models and results go (default runs/repro-<profile>)")
+    parser.add_argument("--doc", default=None, help="Markdown file to write the table to")
+    parser.add_argument("--attacks", default=None, help="comma-separated (default: the profile's)")
+    parser.add_argument("--rates", default=None, help="comma-separated poisoning rates (default: the profile's)")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--arch", default=None)
+    parser.add_argument("--train-epochs", type=int, default=None)
+    parser.add_argument("--train-limit", type=int, default=None)
+    parser.add_argument("--clean-fraction", type=float, default=0.02)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quiet", action="store_true")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    profile = dict(PROFILES["small" if args.small else "full"])
+    name = "small" if args.small else "full"
+    arch = args.arch or profile["arch"]
+    epochs = args.train_epochs or profile["train_epochs"]
+    train_limit = args.train_limit if args.train_limit is not None else profile["train_limit"]
+    attacks = tuple(args.attacks.split(",")) if args.attacks else profile["attacks"]
+    rates = tuple(float(r) for r in args.rates.split(",")) if args.rates else profile["rates"]
+    methods = tuple(args.methods.split(","))
+    runs = Path(args.runs or REPO / "runs" / f"repro-{name}")
+    (runs / "models").mkdir(parents=True, exist_ok=True)
+    (runs / "results").mkdir(parents=True, exist_ok=True)
+    reporter = StderrReporter(quiet=args.quiet)
+    device = resolve_device(args.device)
+    started = time.perf_counter()
+
+    for attack in attacks:
+        for rate in rates:
+            tag = f"{attack}-{rate:g}"
+            model = runs / "models" / f"{tag}.safetensors"
+            original = runs / "results" / f"{tag}-original.json"
+            if not model.exists():
+                reporter.stage(f"[{tag}] training {arch} ({epochs} epochs)")
+                t0 = time.perf_counter()
+                report = train_model(TrainOptions(arch=arch, data=args.data, out=str(model), trigger=attack,
+                                                  poison_rate=rate, epochs=epochs, lr=profile["train_lr"],
+                                                  train_limit=train_limit, device=args.device, seed=args.seed),
+                                     reporter)
+                (runs / "results" / f"{tag}-train.json").write_text(json.dumps(
+                    {**report.to_dict(), "wall_seconds": time.perf_counter() - t0}, indent=1))
+            if not original.exists():
+                report = evaluate_checkpoint(EvaluateOptions(checkpoint=str(model), data=args.data, device=args.device,
+                                                             seed=args.seed), reporter)
+                original.write_text(json.dumps(report.to_dict(), indent=1))
+            for method in methods:
+                result = runs / "results" / f"{tag}-{method}.json"
+                if result.exists():
+                    continue
+                reporter.stage(f"[{tag}] purifying with {method}")
+                t0 = time.perf_counter()
+                report = purify_checkpoint(PurifyOptions(checkpoint=str(model), data=args.data, method=method,
+                                                         out=str(runs / "purified" / tag / method), force=True,
+                                                         clean_fraction=args.clean_fraction, device=args.device,
+                                                         seed=args.seed), reporter)
+                result.write_text(json.dumps({**report.to_dict(), "wall_seconds": time.perf_counter() - t0}, indent=1))
+
+    doc = Path(args.doc) if args.doc else REPO / "docs" / ("reproduction-small.md" if args.small else "reproduction-full.md")
+    table = render_table(runs, attacks, rates, methods)
+    header = (f"<!-- generated by experiments/reproduce_fst.py{' --small' if args.small else ''}; "
+              f"device: {device_name(device)}; arch {arch}, {epochs} training epochs, train limit {train_limit}; "
+              f"this invocation {time.perf_counter() - started:.0f}s -->\n")
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    doc.write_text(header + table)
+    print(table)
+    return 0
+
+
+def _fmt(rate: dict | None) -> str:
+    if not rate:
+        return "-"
+    lo, hi = rate["ci95"]
+    return f"{rate['value'] * 100:.1f} [{lo * 100:.1f}, {hi * 100:.1f}]"
+
+
+def render_table(runs: Path, attacks, rates, methods) -> str:
+    """One Markdown table: the original model's row, then every method's, with the paper's ASR beside ours."""
+    lines = ["| attack | rate | model | C-Acc % [95% CI] | ASR % [95% CI] | RA % [95% CI] | paper ASR % | time s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for attack in attacks:
+        for rate in rates:
+            tag = f"{attack}-{rate:g}"
+            paper = PAPER_ASR.get((attack, rate), {})
+            original = runs / "results" / f"{tag}-original.json"
+            train = runs / "results" / f"{tag}-train.json"
+            if original.exists():
+                m = json.loads(original.read_text())["metrics"]
+                t = json.loads(train.read_text())["wall_seconds"] if train.exists() else None
+                lines.append(f"| {attack} | {rate:.1%} | original | {_fmt(m['clean_acc'])} | {_fmt(m['asr'])} | "
+                             f"{_fmt(m['ra'])} | {paper.get('original', '-')} | {'-' if t is None else f'{t:.0f} (train)'} |")
+            for method in methods:
+                path = runs / "results" / f"{tag}-{method}.json"
+                if not path.exists():
+                    continue
+                r = json.loads(path.read_text())
+                a = r["after"]
+                lines.append(f"| {attack} | {rate:.1%} | {method} | {_fmt(a['clean_acc'])} | {_fmt(a['asr'])} | "
+                             f"{_fmt(a['ra'])} | {paper.get(method, '-')} | {r['wall_seconds']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
