@@ -244,7 +244,7 @@ def train(
     arch: Annotated[Optional[str], typer.Option(help="Architecture to train (default simple_cnn).")] = None,
     data_dir: DataDir = None, trigger: Trigger = None, target: Target = None,
     poison_rate: Annotated[Optional[float], typer.Option(help="Fraction of training images poisoned (dirty label).")] = None,
-    epochs: Annotated[Optional[int], typer.Option(help="Epochs (default 15).")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Epochs (default 6).")] = None,
     lr: Annotated[Optional[float], typer.Option(help="Peak learning rate, cosine schedule (default 0.05).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Batch size (default 128).")] = None,
     momentum: Annotated[Optional[float], typer.Option(help="SGD momentum (default 0.9).")] = None,

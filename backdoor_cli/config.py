@@ -98,7 +98,7 @@ class TrainOptions:
     trigger: str | None = None
     target: int | None = None
     poison_rate: float = 0.0
-    epochs: int = 15
+    epochs: int = 6
     lr: float = 0.05
     batch_size: int = 128
     momentum: float = 0.9

@@ -23,7 +23,7 @@ from .evaluate import EvalSets, build_eval_sets, evaluate_model
 from .gates import check_gates
 from .metrics import defense_effectiveness_rating
 from .outputs import OutputSet
-from .progress import Reporter
+from .progress import Reporter, step_callback
 from .report import (CompareReport, CompareRow, EvaluateReport, PurifyReport, TrainReport, stage_purify_report,
                      weight_drift)
 from .runtime import Stopwatch, environment, prepare_model, resolve_device, seed_everything
@@ -241,13 +241,7 @@ def _run_defense(defense, model, subject: Subject, clean: ImageSet, mean, std, p
                  flip: bool, reporter: Reporter):
     total = params.epochs * steps_per_epoch(clean.num_images, params.batch_size)
     reporter.start_steps(f"{defense.name} tuning", total)
-    clock = {"start": time.perf_counter()}
-
-    def on_step(step: int) -> None:
-        reporter.advance(step)
-        if step == 1:  # one timed batch -> an estimate of the whole run, before the user waits for it
-            per_step = time.perf_counter() - clock["start"]
-            reporter.info(f"estimated tuning time: {per_step * total:.0f}s ({total} steps)")
+    on_step = step_callback(reporter, "tuning", total)
 
     def on_epoch(log) -> None:
         reporter.epoch(f"epoch {log.epoch}/{params.epochs}: loss {log.loss:.4f}, "
@@ -349,7 +343,8 @@ def train_model(opts: TrainOptions, reporter: Reporter | None = None) -> TrainRe
 
     reporter = reporter or Reporter()
     if not opts.out:
-        raise ConfigError("--out is required", hint="e.g. --out model.safetensors")
+        opts = dataclasses.replace(opts, out=default_model_name(opts))
+        reporter.info(f"no --out given: writing {opts.out}")
     if not 0.0 <= opts.poison_rate <= 1.0:
         raise ConfigError(f"--poison-rate must be in [0, 1], got {opts.poison_rate}")
     if opts.poison_rate > 0 and not opts.trigger:
@@ -366,6 +361,16 @@ def train_model(opts: TrainOptions, reporter: Reporter | None = None) -> TrainRe
         report = _train_into(opts, settings, device, out, outputs, reporter)
         outputs.commit()
     return report
+
+
+def default_model_name(opts: TrainOptions) -> str:
+    """simple_cnn-cifar10-badnets-p0.05.safetensors: what was trained, on what, with which backdoor."""
+    from .data import canonical_name
+
+    arch = opts.arch.replace(":", "_").replace("/", "_").replace(".py", "")
+    data = canonical_name(Path(str(opts.data or "data")).name) or "data"
+    attack = f"{Path(opts.trigger).stem}-p{opts.poison_rate:g}" if opts.trigger and opts.poison_rate > 0 else "clean"
+    return f"{arch}-{data}-{attack}.safetensors"
 
 
 def _train_into(opts: TrainOptions, settings: TuneSettings, device, out: Path, outputs: OutputSet,
@@ -411,12 +416,7 @@ def _train_into(opts: TrainOptions, settings: TuneSettings, device, out: Path, o
                   + (f" ({len(poison_idx)} poisoned, target {trigger.target})" if len(poison_idx) else ""))
     total = settings.epochs * steps_per_epoch(data.num_images, settings.batch_size)
     reporter.start_steps("training", total)
-    clock = {"start": time.perf_counter()}
-
-    def on_step(step: int) -> None:
-        reporter.advance(step)
-        if step == 1:
-            reporter.info(f"estimated training time: {(time.perf_counter() - clock['start']) * total:.0f}s ({total} steps)")
+    on_step = step_callback(reporter, "training", total)
 
     try:
         with timer.stage("train"):

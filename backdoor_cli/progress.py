@@ -85,3 +85,25 @@ class StderrReporter(Reporter):
         if self._progress is not None:
             self._progress.stop()
             self._progress = None
+
+
+WARMUP_STEPS = 1  # the first step pays for allocation and kernel selection; it says little about the rest
+SAMPLE_STEPS = 5
+
+
+def step_callback(reporter: Reporter, what: str, total: int):
+    """An on_step hook that advances the progress bar and, after a few timed steps, tells the user
+    how long the whole loop will take, before they wait for it."""
+    marks: dict[str, float] = {"start": time.perf_counter()}
+
+    def on_step(step: int) -> None:
+        reporter.advance(step)
+        if step == WARMUP_STEPS:
+            marks["warm"] = time.perf_counter()
+        elif step == min(WARMUP_STEPS + SAMPLE_STEPS, total) and "warm" in marks:
+            now = time.perf_counter()
+            per_step = (now - marks["warm"]) / (step - WARMUP_STEPS)
+            estimate = (now - marks["start"]) + per_step * (total - step)
+            reporter.info(f"estimated {what} time: {estimate:.0f}s ({total} steps, {per_step * 1000:.0f} ms/step)")
+
+    return on_step

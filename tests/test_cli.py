@@ -279,3 +279,15 @@ def test_train_clean_model_json(toy, tmp_path):
 
     meta = read_checkpoint(tmp_path / "clean.safetensors").metadata
     assert len(meta["holdout_indices"]) == 24
+
+
+def test_train_without_out_names_the_file_after_the_run(toy, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = invoke("train", "--arch", "test_tiny", "--data", toy["data"], "--trigger", "badnets", "--poison-rate",
+                    "0.1", "--epochs", "1")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "test_tiny-data-badnets-p0.1.safetensors").is_file()
+    assert "test_tiny-data-badnets-p0.1.safetensors" in result.stderr
+    again = invoke("train", "--arch", "test_tiny", "--data", toy["data"], "--trigger", "badnets", "--poison-rate",
+                   "0.1", "--epochs", "1")
+    assert again.exit_code == 2 and "--force" in again.stderr  # a second run never silently replaces the first
