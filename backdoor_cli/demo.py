@@ -16,13 +16,15 @@ from .progress import Reporter
 from .report import compare_markdown, render_compare, to_json
 from .outputs import atomic_write_text, prepare_out_dir
 
-# Chosen so the demo finishes in about a minute on a 2-core CPU and shows the paper's effect:
-# at a low poisoning rate, fine-tuning keeps the backdoor while FST removes it.
+# Chosen by trying them on the sample (2-core CPU, see docs/demo.md): 1% poisoning is low enough for
+# fine-tuning to leave part of the backdoor, and 5 epochs without augmentation (the usual MNIST
+# recipe; random crops would push the corner patch out of view) make the backdoor take hold.
 DEMO_TRIGGER = "badnets"
 DEMO_POISON_RATE = 0.01
-DEMO_TRAIN = dict(arch="simple_cnn", epochs=8, lr=0.05, batch_size=128)
-DEMO_CLEAN_COUNT = 300
-DEMO_TUNE = dict(lr=0.01, epochs=10, alpha=0.2)
+DEMO_TRAIN = dict(arch="simple_cnn", epochs=5, lr=0.05, batch_size=128, augment=False)
+DEMO_CLEAN_COUNT = 600  # 10% of the sample's training split
+DEMO_TUNE = dict(lr=0.01, epochs=10, alpha=0.2)  # the FST paper's CIFAR-10 settings
+LOW_ASR = 0.10  # what the story calls "removed"
 
 
 def sample_dir() -> Path:
@@ -34,7 +36,7 @@ def run_demo(out: Path, force: bool, device: str, console, reporter: Reporter | 
     reporter = reporter or Reporter()
     data = str(sample_dir())
     out = prepare_out_dir(Path(out), ["backdoored.safetensors", "compare.md", "compare.json"], [], force)
-    console.print(f"[bold]bdclean demo[/bold]: offline, on {data} (6,000 MNIST training / 2,000 test images)")
+    console.print(f"[bold]bdclean demo[/bold]: offline, on {data} (6,000 MNIST training / 2,000 test images; about 2 minutes on a 2-core CPU)")
 
     console.print(f"\n[bold]1. The backdoor.[/bold] Training {DEMO_TRAIN['arch']} with a {DEMO_TRIGGER} trigger "
                   f"(3x3 white patch -> class 0) on {DEMO_POISON_RATE:.0%} of the training images...")
@@ -63,13 +65,26 @@ def run_demo(out: Path, force: bool, device: str, console, reporter: Reporter | 
     atomic_write_text(out / "compare.md", compare_markdown(comparison))
     atomic_write_text(out / "compare.json", to_json(comparison))
 
-    ft_asr, fst_asr = purified["ft"].after.asr.value, purified["fst"].after.asr.value
     console.print("\n[bold]What happened[/bold]")
-    console.print(f"- The poisoned model obeys the trigger {r.asr.value:.1%} of the time while looking healthy "
-                  f"({r.clean_acc.value:.1%} clean accuracy).")
-    console.print(f"- Fine-tuning (FT) on clean data left an ASR of {ft_asr:.1%}: at a low poisoning rate the backdoor "
-                  "features survive tuning, as the FST paper found.")
-    console.print(f"- FST re-initialised the head and pushed it away from the original one, shifting the features: "
-                  f"ASR {fst_asr:.1%}, clean accuracy {purified['fst'].after.clean_acc.value:.1%}.")
+    for line in story(r.clean_acc.value, r.asr.value, purified["ft"], purified["fst"]):
+        console.print(f"- {line}")
     console.print(f"\nEverything is in {out}/ (weights, report.json/.md per method, compare.md).")
     return {"trained": trained, "purified": purified, "compare": comparison}
+
+
+def story(clean_acc: float, asr: float, ft, fst) -> list[str]:
+    """The demo's conclusions, written from the measured figures (never assumed)."""
+    lines = [f"The poisoned model obeys the trigger {asr:.1%} of the time while looking healthy "
+             f"({clean_acc:.1%} clean accuracy)."]
+    ft_asr, fst_asr = ft.after.asr.value, fst.after.asr.value
+    if ft_asr > LOW_ASR:
+        lines.append(f"Fine-tuning (FT) on clean data left an ASR of {ft_asr:.1%}: at a low poisoning rate the "
+                     "backdoor features survive plain tuning, as the FST paper found.")
+    else:
+        lines.append(f"Fine-tuning (FT) brought the ASR down to {ft_asr:.1%} on this run.")
+    verdict = "removed the backdoor" if fst_asr <= LOW_ASR else "did not remove the backdoor"
+    lines.append(f"FST re-initialised the head and kept it away from the original one, shifting the features: it "
+                 f"{verdict} (ASR {fst_asr:.1%}) at a clean-accuracy cost of "
+                 f"{(fst.before.clean_acc.value - fst.after.clean_acc.value) * 100:.1f} points "
+                 f"({fst.after.clean_acc.value:.1%}).")
+    return lines

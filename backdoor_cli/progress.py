@@ -32,6 +32,13 @@ class Reporter:
         """The current loop ended."""
 
 
+def _escape(text: str) -> str:
+    """Messages carry user paths and option names like bdclean[plot]: never parse them as rich markup."""
+    from rich.markup import escape
+
+    return escape(text)
+
+
 class StderrReporter(Reporter):
     """Rich progress bar + messages on stderr. `quiet` keeps warnings only."""
 
@@ -49,14 +56,16 @@ class StderrReporter(Reporter):
 
     def stage(self, message: str) -> None:
         if not self.quiet:
-            self.console.print(f"{self._elapsed()} {message}", highlight=False)
+            self.console.print(f"{self._elapsed()} {_escape(message)}", highlight=False)
 
     def info(self, message: str) -> None:
         if not self.quiet:
-            self.console.print(f"{self._elapsed()} [cyan]{message}[/cyan]", highlight=False)
+            self.console.print(f"{self._elapsed()} [cyan]{_escape(message)}[/cyan]", highlight=False)
 
     def warn(self, message: str) -> None:
-        self.console.print(f"[yellow]warning:[/yellow] {message}", highlight=False)
+        from rich.markup import escape
+
+        self.console.print(f"[yellow]warning:[/yellow] {escape(message)}", highlight=False)
 
     def start_steps(self, description: str, total: int) -> None:
         if self.quiet:

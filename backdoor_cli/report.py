@@ -333,15 +333,32 @@ def render_purify(report: PurifyReport, console) -> None:
     _render_gates(report.gates, console)
 
 
+def _display_names(paths: list[str]) -> list[str]:
+    """Shortest distinguishing names: paths relative to their common folder (ft/purified.safetensors)."""
+    import os
+
+    resolved = [os.path.abspath(p) for p in paths]
+    try:
+        common = os.path.commonpath([os.path.dirname(p) for p in resolved])
+    except ValueError:
+        return list(paths)
+    return [os.path.relpath(p, common) for p in resolved]
+
+
 def render_compare(report: CompareReport, console) -> None:
-    table = _metric_table("compare", ["checkpoint", "method", "C-Acc", "ASR", "RA", "DER", "drift L2", "most changed"])
-    for row in report.rows:
+    wide = console.width >= 120
+    columns = ["checkpoint", "method", "C-Acc", "ASR", "RA", "DER", "drift L2"] + (["most changed"] if wide else [])
+    table = _metric_table("compare", columns)
+    names = _display_names([row.path for row in report.rows])
+    for name, row in zip(names, report.rows):
         r = row.result
-        name = Path(row.path).name + (" (ref)" if row.is_reference else "")
-        table.add_row(name, row.method or "-", f"{pct(r.clean_acc)} {interval(r.clean_acc)}",
-                      f"{pct(r.asr)} {interval(r.asr)}", f"{pct(r.ra)} {interval(r.ra)}",
-                      "-" if row.der is None else f"{row.der:.3f}", f"{row.drift['total_l2']:.3f}",
-                      row.drift["most_changed"] or "-")
+        cells = [name + (" (ref)" if row.is_reference else ""), row.method or "-"]
+        # value over its interval: narrow enough for an 80-column terminal
+        cells += ["-" if rate is None else f"{pct(rate)}\n[dim]{interval(rate)}[/dim]" for rate in (r.clean_acc, r.asr, r.ra)]
+        cells += ["-" if row.der is None else f"{row.der:.3f}", f"{row.drift['total_l2']:.3f}"]
+        if wide:
+            cells.append(row.drift["most_changed"] or "-")
+        table.add_row(*cells)
     console.print(table)
     _render_gates([g for row in report.rows for g in row.gates], console)
 
