@@ -328,7 +328,7 @@ def _simple_cnn_state() -> dict:
     return build_model("simple_cnn", 3, 3).state_dict()
 
 
-@pytest.mark.parametrize("build, args, code, words, stage", _cases_checkpoint())
+@pytest.mark.parametrize("build, args, code, words, stage", list(_cases_checkpoint()))
 def test_hostile_checkpoint(toy, tmp_path, build, args, code, words, stage):
     path = build(tmp_path, toy)
     words = [w.replace("{}", toy["head"]) for w in words]
@@ -406,7 +406,7 @@ def _cases_config():
         yield pytest.param(command, text, code, words, id=case_id, marks=marks)
 
 
-@pytest.mark.parametrize("command, text, code, words", _cases_config())
+@pytest.mark.parametrize("command, text, code, words", list(_cases_config()))
 def test_hostile_config(toy, tmp_path, command, text, code, words):
     cfg = tmp_path / "run.yaml"
     if isinstance(text, bytes):
@@ -501,7 +501,7 @@ def _trigger_assets(root: Path) -> None:
     _bad_png_header(root / "bomb.png", 100_000, 100_000)
 
 
-@pytest.mark.parametrize("text, code, words", _cases_trigger())
+@pytest.mark.parametrize("text, code, words", list(_cases_trigger()))
 def test_hostile_trigger(toy, tmp_path, text, code, words):
     _trigger_assets(tmp_path)
     spec = tmp_path / "trigger.yaml"
