@@ -8,7 +8,8 @@ Layouts `load_dataset` understands (all read without unpickling anything):
   * an npz directory: `train.npz` / `test.npz`, each with `x` (uint8 NHWC or NHW) and `y` labels;
   * a single `.npz` file (used as the test split);
   * an ImageFolder directory: `train/<class>/*.png|jpg` and `test/<class>/...`;
-  * a dataset name (`cifar10`, `mnist`, ...) looked up as `<data-dir>/<name>` in one of the above.
+  * a dataset name (`cifar10`, `mnist`, ...) looked up as `<data-dir>/<name>` in one of the above,
+    or in torchvision's download folders under `<data-dir>` (see standard_layouts.py).
 """
 
 from __future__ import annotations
@@ -113,9 +114,15 @@ def load_dataset(spec: str, data_dir: str | None = None, need_train: bool = True
             candidates = [root / spec, root / name]
             path = next((c for c in candidates if c.exists()), candidates[0])
             if not path.exists():
-                raise InputError(f"dataset '{spec}' not found: {path} does not exist",
+                from .standard_layouts import read_standard_layout
+
+                found = read_standard_layout(name, root, need_train)
+                if found is not None:
+                    return _bundle_from_arrays(name, *found)
+                raise InputError(f"dataset '{spec}' not found under {root}",
                                  hint=f"pass --data-dir DIR holding {name}/ (train.npz/test.npz or train/ and test/ "
-                                      f"class folders), set {DATA_DIR_ENV}, or give --data a directory")
+                                      f"class folders) or torchvision's download folder, set {DATA_DIR_ENV}, "
+                                      "or give --data a directory")
         else:
             raise InputError(f"data not found: {spec}",
                              hint=f"a directory (train.npz/test.npz or ImageFolder), an .npz file, or one of "
@@ -160,6 +167,17 @@ def load_dataset(spec: str, data_dir: str | None = None, need_train: bool = True
         mean, std, flip = UNKNOWN_MEAN * channels, UNKNOWN_STD * channels, True
     return DatasetBundle(name=name, train=train, test=test, num_classes=num_classes, mean=tuple(mean),
                          std=tuple(std), augment_flip=flip, source=str(path))
+
+
+def _bundle_from_arrays(name: str, train, test, source: Path) -> DatasetBundle:
+    info = DATASET_DEFAULTS[name]
+    test_set = images_from_arrays(test[0], test[1], f"{source} (test)")
+    train_set = images_from_arrays(train[0], train[1], f"{source} (train)") if train is not None else None
+    for split_name, split in (("train", train_set), ("test", test_set)):
+        if split is not None and int(split.y.max()) >= info.num_classes:
+            raise InputError(f"{source}: {split_name} label {int(split.y.max())} is out of range for {name}")
+    return DatasetBundle(name=name, train=train_set, test=test_set, num_classes=info.num_classes, mean=info.mean,
+                         std=info.std, augment_flip=info.flip, source=str(source))
 
 
 def load_clean_folder(spec: str) -> ImageSet:

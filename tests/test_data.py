@@ -220,3 +220,64 @@ def test_real_cifar10_and_mnist(shared_dir):
     assert torch.bincount(cifar.test.y).tolist() == [1000] * 10
     mnist = load_dataset(str(shared_dir / "mnist"), need_train=False)
     assert mnist.test.image_shape == (28, 28, 1) and mnist.num_classes == 10 and not mnist.augment_flip
+
+
+def _cifar_folder(root, n=20, classes=10):
+    import pickle
+
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), b"labels": list(np.arange(n) % classes)}
+        (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
+    return folder
+
+
+def test_torchvision_cifar10_folder(tmp_path):
+    folder = _cifar_folder(tmp_path)
+    bundle = load_dataset("cifar10", str(tmp_path))
+    assert bundle.train.num_images == 100 and bundle.test.num_images == 20 and bundle.num_classes == 10
+    import pickle
+
+    raw = pickle.loads((folder / "test_batch").read_bytes())[b"data"][3]
+    # CHW planes in the file -> HWC in the set: pixel (row 0, col 1) of channel 2 is byte 2*1024 + 1
+    assert int(bundle.test.x[3, 0, 1, 2]) == int(raw[2 * 1024 + 1])
+    assert bundle.mean == pytest.approx((0.4914, 0.4822, 0.4465))
+
+
+def test_torchvision_cifar_pickle_with_code_is_refused(tmp_path):
+    import os
+    import pickle
+
+    from backdoor_cli.errors import UnsafeInputError
+
+    folder = _cifar_folder(tmp_path)
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path}/PWNED",))
+
+    (folder / "test_batch").write_bytes(pickle.dumps({b"data": Payload(), b"labels": []}, protocol=2))
+    with pytest.raises(UnsafeInputError, match="system"):
+        load_dataset("cifar10", str(tmp_path), need_train=False)
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_torchvision_mnist_idx_folder(tmp_path):
+    import gzip
+    import struct
+
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for prefix, n in (("train", 30), ("t10k", 10)):
+        images = np.arange(n * 28 * 28, dtype=np.uint64).astype(np.uint8).reshape(n, 28, 28)
+        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(struct.pack(">4B3I", 0, 0, 8, 3, n, 28, 28) + images.tobytes())
+        labels = (np.arange(n) % 10).astype(np.uint8)
+        blob = struct.pack(">4BI", 0, 0, 8, 1, n) + labels.tobytes()
+        (raw / f"{prefix}-labels-idx1-ubyte.gz").write_bytes(gzip.compress(blob))
+    bundle = load_dataset("mnist", str(tmp_path))
+    assert bundle.train.num_images == 30 and bundle.test.image_shape == (28, 28, 1) and bundle.test.y[3] == 3
+    (raw / "t10k-images-idx3-ubyte").write_bytes(struct.pack(">4B3I", 0, 0, 8, 3, 10, 28, 28) + b"\x00" * 50)
+    with pytest.raises(InputError, match="truncated"):
+        load_dataset("mnist", str(tmp_path))
