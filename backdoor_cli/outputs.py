@@ -17,8 +17,9 @@ from pathlib import Path
 from .errors import OutputError
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` via a temp file in the same directory and an atomic rename."""
+def write_temp_beside(path: Path, data: bytes) -> str:
+    """Write `data` (fsynced) to a hidden temp file in `path`'s directory; return its name.
+    Nothing is left behind when writing fails."""
     path = Path(path)
     tmp_name = None
     try:
@@ -27,16 +28,21 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-        tmp_name = None
+        return tmp_name
     except OSError as exc:
-        raise OutputError(_describe_write_error(path, exc)) from None
-    finally:
         if tmp_name is not None:
-            try:
-                os.unlink(tmp_name)
-            except OSError:
-                pass
+            _unlink_quietly(tmp_name)
+        raise OutputError(_describe_write_error(path, exc)) from None
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` via a temp file in the same directory and an atomic rename."""
+    tmp_name = write_temp_beside(path, data)
+    try:
+        os.replace(tmp_name, path)
+    except OSError as exc:
+        _unlink_quietly(tmp_name)
+        raise OutputError(_describe_write_error(Path(path), exc)) from None
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -144,18 +150,7 @@ class OutputSet:
         """Write one output's bytes to a temp file (fsynced) next to where it will go."""
         if name not in self.names:
             raise ValueError(f"{name} was not declared as an output")  # programming error
-        path = self.directory / name
-        tmp_name = None
-        try:
-            fd, tmp_name = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=self.directory)
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-        except OSError as exc:
-            if tmp_name is not None:
-                _unlink_quietly(tmp_name)
-            raise OutputError(_describe_write_error(path, exc)) from None
+        tmp_name = write_temp_beside(self.directory / name, data)
         if name in self._staged:
             _unlink_quietly(self._staged[name])
         self._staged[name] = tmp_name

@@ -60,3 +60,62 @@ def test_full_disk_leaves_no_partial_file(tmp_path, monkeypatch):
     with pytest.raises(OutputError, match="no space left"):
         atomic_write_bytes(tmp_path / "big.bin", b"x" * 100_000)
     assert os.listdir(tmp_path) == []
+
+
+def test_output_set_publishes_all_or_nothing(tmp_path):
+    from backdoor_cli.outputs import OutputSet
+
+    out = tmp_path / "new" / "out"
+    with pytest.raises(RuntimeError):
+        with OutputSet(out, ["a.txt", "b.txt"], [], force=False) as outputs:
+            outputs.stage("a.txt", b"A")
+            raise RuntimeError("tuning failed")
+    assert not (tmp_path / "new").exists()  # the directories this run created are gone too
+    with OutputSet(out, ["a.txt", "b.txt"], [], force=False) as outputs:
+        outputs.stage("a.txt", b"A")
+        outputs.stage("b.txt", b"B")
+        assert not (out / "a.txt").exists()  # nothing visible before the commit
+        outputs.commit()
+    assert (out / "a.txt").read_bytes() == b"A" and sorted(p.name for p in out.iterdir()) == ["a.txt", "b.txt"]
+
+
+def test_output_set_rolls_back_a_failed_commit_and_drops_stale_outputs(tmp_path, monkeypatch):
+    from backdoor_cli import outputs as mod
+    from backdoor_cli.outputs import OutputSet
+
+    (tmp_path / "a.txt").write_text("old a")
+    (tmp_path / "plot.png").write_text("old plot")
+    real_replace = mod.os.replace
+    calls = {"n": 0}
+
+    def flaky_replace(src, dst):
+        calls["n"] += 1
+        if str(dst).endswith("b.txt"):
+            raise OSError(28, "No space left on device")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(mod.os, "replace", flaky_replace)
+    with pytest.raises(OutputError, match="no space"):
+        with OutputSet(tmp_path, ["a.txt", "b.txt", "plot.png"], [], force=True) as outputs:
+            outputs.stage("a.txt", b"new a")
+            outputs.stage("b.txt", b"new b")
+            outputs.commit()
+    assert (tmp_path / "a.txt").read_text() == "old a" and not (tmp_path / "b.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "plot.png"]  # no temp or backup files
+    monkeypatch.setattr(mod.os, "replace", real_replace)
+    with OutputSet(tmp_path, ["a.txt", "b.txt", "plot.png"], [], force=True) as outputs:
+        outputs.stage("a.txt", b"new a")
+        outputs.commit()
+    # plot.png belonged to an earlier run and this one drew none: it must not pass as this run's
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"]
+
+
+def test_outputs_never_land_in_an_input_directory(tmp_path):
+    from backdoor_cli.outputs import OutputSet
+
+    data = tmp_path / "data"
+    data.mkdir()
+    with pytest.raises(OutputError, match="inside the input directory"):
+        with OutputSet(data / "models", ["m.safetensors"], [data], force=True):
+            pass
+    assert not (data / "models").exists()
