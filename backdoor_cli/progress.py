@@ -109,7 +109,7 @@ def step_callback(reporter: Reporter, what: str, total: int):
         reporter.advance(step)
         if step == WARMUP_STEPS:
             marks["warm"] = time.perf_counter()
-        elif step == min(WARMUP_STEPS + SAMPLE_STEPS, total) and "warm" in marks:
+        elif step == WARMUP_STEPS + SAMPLE_STEPS and total > step and "warm" in marks:  # short loops need none
             now = time.perf_counter()
             per_step = (now - marks["warm"]) / (step - WARMUP_STEPS)
             estimate = (now - marks["start"]) + per_step * (total - step)
