@@ -229,6 +229,9 @@ def _purify_into(opts: PurifyOptions, defense, device, outputs: OutputSet, repor
         if clean_indices is not None:
             outputs.stage("clean_indices.txt", "".join(f"{i}\n" for i in clean_indices.tolist()).encode())
         outputs.stage("config.yaml", yaml.safe_dump(report.options, sort_keys=False).encode())
+        report.outputs["config.yaml"] = "config.yaml"
+        if clean_indices is not None:
+            report.outputs["clean_indices.txt"] = "clean_indices.txt"
         report.timings = dict(timer.stages)
         plot_note = stage_purify_report(outputs, report)
         if plot_note:
