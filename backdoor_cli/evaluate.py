@@ -71,8 +71,9 @@ def build_eval_sets(test: ImageSet, trigger, device: torch.device, limit: int | 
 
 @torch.inference_mode()
 def predict(model: torch.nn.Module, x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
-            device: torch.device, batch_size: int = 1024) -> torch.Tensor:
-    """Class predictions for uint8 NHWC images, in large batches, staying on the device."""
+            device: torch.device, batch_size: int = 1024, on_batch=None) -> torch.Tensor:
+    """Class predictions for uint8 NHWC images, in large batches, staying on the device.
+    `on_batch(n_images)` is called after each batch is queued (no sync: it only counts)."""
     was_training = model.training
     model.eval()
     preds = []
@@ -80,23 +81,39 @@ def predict(model: torch.nn.Module, x: torch.Tensor, mean: torch.Tensor, std: to
         batch = normalize(x[start : start + batch_size].to(device, non_blocking=True), mean, std)
         with autocast(device):
             preds.append(model(batch).argmax(dim=1))
+        if on_batch is not None:
+            on_batch(len(batch))
     model.train(was_training)
     return torch.cat(preds) if preds else torch.empty(0, dtype=torch.long, device=device)
 
 
 def evaluate_model(model: torch.nn.Module, sets: EvalSets, mean: torch.Tensor, std: torch.Tensor,
-                   device: torch.device, batch_size: int = 1024) -> EvalResult:
-    """C-Acc on the clean set; ASR and RA on the triggered set when a trigger was given."""
+                   device: torch.device, batch_size: int = 1024, reporter=None) -> EvalResult:
+    """C-Acc on the clean set; ASR and RA on the triggered set when a trigger was given.
+    With a `reporter`, a progress bar counts the images (useful on CPU, where this takes a while)."""
     synchronize(device)
     start = time.perf_counter()
-    clean_correct = (predict(model, sets.clean.x, mean, std, device, batch_size) == sets.clean.y).sum()
-    hits = robust = None
-    if sets.poisoned is not None:
-        preds = predict(model, sets.poisoned.x, mean, std, device, batch_size)
-        hits = (preds == sets.target).sum()
-        robust = (preds == sets.poisoned.y).sum()
-    # One host transfer for all counts.
-    counts = torch.stack([c for c in (clean_correct, hits, robust) if c is not None]).tolist()
+    total = sets.clean.num_images + (sets.poisoned.num_images if sets.poisoned is not None else 0)
+    on_batch = None
+    if reporter is not None:
+        reporter.start_steps("evaluating (images)", total)
+        done = {"n": 0}
+
+        def on_batch(n: int) -> None:
+            done["n"] += n
+            reporter.advance(done["n"])
+    try:
+        clean_correct = (predict(model, sets.clean.x, mean, std, device, batch_size, on_batch) == sets.clean.y).sum()
+        hits = robust = None
+        if sets.poisoned is not None:
+            preds = predict(model, sets.poisoned.x, mean, std, device, batch_size, on_batch)
+            hits = (preds == sets.target).sum()
+            robust = (preds == sets.poisoned.y).sum()
+        # One host transfer for all counts.
+        counts = torch.stack([c for c in (clean_correct, hits, robust) if c is not None]).tolist()
+    finally:
+        if reporter is not None:
+            reporter.finish_steps()
     seconds = time.perf_counter() - start
     n_clean = sets.clean.num_images
     if sets.poisoned is None:

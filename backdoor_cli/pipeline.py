@@ -90,7 +90,7 @@ def evaluate_checkpoint(opts: EvaluateOptions, reporter: Reporter | None = None)
     with timer.stage("evaluate"):
         reporter.stage(f"evaluating on {sets.clean.num_images} clean"
                        + (f" + {sets.poisoned.num_images} triggered images" if sets.poisoned else " images"))
-        result = evaluate_model(model, sets, mean, std, device, opts.batch_size)
+        result = evaluate_model(model, sets, mean, std, device, opts.batch_size, reporter)
     gates = check_gates(result.asr.value if result.asr else None, result.clean_acc.value,
                         max_asr=opts.max_asr, min_acc=opts.min_acc)
     return EvaluateReport(subject=subject.describe(), data=_describe_data(bundle, sets), trigger=_describe_trigger(trigger),
@@ -197,13 +197,13 @@ def _purify_into(opts: PurifyOptions, defense, device, outputs: OutputSet, repor
         sets = build_eval_sets(bundle.test, trigger, device, opts.eval_limit, opts.seed)
     with timer.stage("evaluate_before"):
         reporter.stage("evaluating the input model")
-        before = evaluate_model(model, sets, mean, std, device, opts.eval_batch_size)
+        before = evaluate_model(model, sets, mean, std, device, opts.eval_batch_size, reporter)
     with timer.stage("tune"):
         outcome = _run_defense(defense, model, subject, clean.to(device), mean, std, params, device,
                                bundle.augment_flip, reporter)
     with timer.stage("evaluate_after"):
         reporter.stage("evaluating the purified model")
-        after = evaluate_model(model, sets, mean, std, device, opts.eval_batch_size)
+        after = evaluate_model(model, sets, mean, std, device, opts.eval_batch_size, reporter)
     acc_drop = before.clean_acc.value - after.clean_acc.value
     gates = check_gates(after.asr.value if after.asr else None, after.clean_acc.value, acc_drop,
                         opts.max_asr, opts.min_acc, opts.max_acc_drop)
@@ -319,7 +319,8 @@ def compare_checkpoints(opts: CompareOptions, reporter: Reporter | None = None) 
         reporter.stage(f"evaluating {path}")
         subject = subjects[path]
         mean, std = normalization_tensors(subject, device)
-        results[path] = evaluate_model(prepare_model(subject.model, device), sets, mean, std, device, opts.batch_size)
+        results[path] = evaluate_model(prepare_model(subject.model, device), sets, mean, std, device, opts.batch_size,
+                                       reporter)
     ref = results[reference_path]
     ref_state = subjects[reference_path].checkpoint.state_dict
     rows = []
@@ -431,7 +432,7 @@ def _train_into(opts: TrainOptions, settings: TuneSettings, device, out: Path, o
         reporter.finish_steps()
     with timer.stage("evaluate"):
         sets = build_eval_sets(bundle.test, trigger, device, None, opts.seed)
-        result = evaluate_model(model, sets, mean_t, std_t, device, opts.eval_batch_size)
+        result = evaluate_model(model, sets, mean_t, std_t, device, opts.eval_batch_size, reporter)
     from . import __version__
 
     meta = _base_metadata(opts.arch, bundle.num_classes, c, head, mean, std, bundle)
