@@ -14,6 +14,7 @@ import io
 import json
 import pickletools
 import struct
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -225,7 +226,9 @@ def _load_torch(data: bytes, path: Path, fmt: str):
             )
     numpy_globals = _numpy_safe_globals()
     try:
-        with torch.serialization.safe_globals(numpy_globals):
+        with torch.serialization.safe_globals(numpy_globals), warnings.catch_warnings():
+            # torch warns about pickle protocols it was not written with; the outcome is what matters here
+            warnings.simplefilter("ignore", UserWarning)
             return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for corrupt files; all mean "bad input" here
         refused = _weights_only_refusal(exc)
