@@ -60,7 +60,7 @@ DEFAULT_RESULTS = REPO / "benchmarks" / "results"
 # ten minutes on a 2-core machine (the reference pipeline is the slow half). Quick: a smoke test.
 PROFILES = {
     "cuda": {"arch": "resnet18", "clean_count": 1000, "epochs": 10, "eval_limit": None, "num_workers": 4},
-    "cpu": {"arch": "simple_cnn", "clean_count": 500, "epochs": 3, "eval_limit": 2000, "num_workers": 0},
+    "cpu": {"arch": "simple_cnn", "clean_count": 1000, "epochs": 10, "eval_limit": 2000, "num_workers": 0},
     "quick": {"arch": "test_tiny", "clean_count": 100, "epochs": 1, "eval_limit": 300, "num_workers": 0,
               "batch_size": 32},
 }
@@ -567,8 +567,8 @@ def parse_args(argv) -> argparse.Namespace:
                                   "else the bundled MNIST sample; --quick: the MNIST sample)")
     p.add_argument("--arch", help="architecture (default: simple_cnn on CPU, resnet18 on CUDA)")
     p.add_argument("--trigger", help="trigger spec (default: the one recorded in the checkpoint)")
-    p.add_argument("--clean-count", type=int, help="clean images to tune on (CPU 500, CUDA 1000)")
-    p.add_argument("--epochs", type=int, help="FST epochs (CPU 3, CUDA 10)")
+    p.add_argument("--clean-count", type=int, help="clean images to tune on (1000: the paper's 2%% of CIFAR-10)")
+    p.add_argument("--epochs", type=int, help="FST epochs (10, the paper's)")
     p.add_argument("--batch-size", type=int, help="tuning batch size (128)")
     p.add_argument("--eval-limit", type=int, help="evaluate on a stratified subset of N test images "
                                                   "(CPU 2000, CUDA: full test set); 0 = full test set")
