@@ -249,7 +249,8 @@ def train(
     batch_size: Annotated[Optional[int], typer.Option(help="Batch size (default 128).")] = None,
     momentum: Annotated[Optional[float], typer.Option(help="SGD momentum (default 0.9).")] = None,
     weight_decay: Annotated[Optional[float], typer.Option(help="Weight decay (default 5e-4).")] = None,
-    augment: Annotated[Optional[bool], typer.Option("--augment/--no-augment", help="Random crop + flip.")] = None,
+    augment: Annotated[Optional[bool], typer.Option("--augment/--no-augment", help="Random crop + flip while "
+                                                    "training (default off: short runs then miss the backdoor).")] = None,
     holdout_fraction: Annotated[Optional[float], typer.Option(help="Keep this fraction of the training split out of "
                                                               "training (indices saved in the metadata).")] = None,
     train_limit: Annotated[Optional[int], typer.Option(help="Train on a stratified subset of N images.")] = None,
