@@ -39,8 +39,11 @@ def _start(args: list[str]) -> tuple[subprocess.Popen, queue.Queue]:
     """Start `bdclean ARGS` in its own process; stderr lines arrive on the returned queue."""
     command = [sys.executable, "-c", "import sys; from backdoor_cli.cli import main; sys.argv[0] = 'bdclean'; main()",
                *args]
+    # A shell that starts jobs in the background (nohup, `&` without job control) passes SIGINT on as
+    # ignored, and Python then never raises KeyboardInterrupt: restore the default as a terminal would.
     proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "COLUMNS": "200", "BDCLEAN_DEBUG": ""})
+                            env={**os.environ, "COLUMNS": "200", "BDCLEAN_DEBUG": ""},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     lines: queue.Queue = queue.Queue()
 
     def pump():
@@ -69,12 +72,14 @@ def _wait_for(lines: queue.Queue, needle: str, seen: list[str], timeout: float =
 
 def _interrupt(proc: subprocess.Popen, lines: queue.Queue, seen: list[str]) -> tuple[int, str, str]:
     proc.send_signal(signal.SIGINT)
+    stdout = ""
     try:
-        stdout = proc.stdout.read()
         code = proc.wait(timeout=60)
+        stdout = proc.stdout.read()
     finally:
         if proc.poll() is None:  # pragma: no cover - only when the process ignored SIGINT
             proc.kill()
+            pytest.fail("the process did not stop within 60 s of SIGINT")
     while True:
         line = lines.get(timeout=10)
         if line is None:
