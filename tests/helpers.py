@@ -20,3 +20,18 @@ def make_npz_dataset(root: Path, classes: int = 3, size: int = 12, channels: int
             x = x[..., 0]
         np.savez(root / f"{split}.npz", x=x, y=y.astype(np.uint8))
     return root
+
+
+def train_toy_model(root: Path, name: str = "bd.safetensors", epochs: int = 2, **data_kwargs) -> dict:
+    """A toy dataset under root/data and a BadNets-backdoored test_tiny model trained on it through the CLI."""
+    from typer.testing import CliRunner
+
+    from backdoor_cli.cli import app
+
+    data = make_npz_dataset(root / "data", **data_kwargs)
+    model = root / name
+    result = CliRunner().invoke(app, ["train", "--arch", "test_tiny", "--data", str(data), "--out", str(model),
+                                      "--trigger", "badnets", "--poison-rate", "0.1", "--epochs", str(epochs),
+                                      "--lr", "0.05", "--device", "cpu", "--quiet"])
+    assert result.exit_code == 0, result.output
+    return {"root": root, "data": data, "model": model}

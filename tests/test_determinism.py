@@ -11,21 +11,14 @@ import torch
 from typer.testing import CliRunner
 
 from backdoor_cli.cli import app
-from helpers import make_npz_dataset
+from helpers import train_toy_model
 
 runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
-    root = tmp_path_factory.mktemp("determinism")
-    data = make_npz_dataset(root / "data")
-    model = root / "bd.safetensors"
-    result = runner.invoke(app, ["train", "--arch", "test_tiny", "--data", str(data), "--out", str(model),
-                                 "--trigger", "badnets", "--poison-rate", "0.1", "--epochs", "2", "--lr", "0.05",
-                                 "--device", "cpu", "--quiet"])
-    assert result.exit_code == 0, result.output
-    return {"root": root, "data": data, "model": model}
+    return train_toy_model(tmp_path_factory.mktemp("determinism"))
 
 
 def tensor_hashes(path: Path) -> dict[str, str]:

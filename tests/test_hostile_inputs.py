@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from backdoor_cli.cli import app
-from helpers import make_npz_dataset
+from helpers import make_npz_dataset, train_toy_model
 
 REPO = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -41,20 +41,13 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
     """A 3-class 12x12 RGB toy dataset and a backdoored test_tiny model trained on it by `bdclean train`."""
-    root = tmp_path_factory.mktemp("hostile")
-    data = make_npz_dataset(root / "data")
-    model = root / "bd.safetensors"
-    result = runner.invoke(app, ["train", "--arch", "test_tiny", "--data", str(data), "--out", str(model),
-                                 "--trigger", "badnets", "--poison-rate", "0.1", "--epochs", "2", "--lr", "0.05",
-                                 "--device", "cpu", "--quiet"])
-    assert result.exit_code == 0, result.output
+    toy = train_toy_model(tmp_path_factory.mktemp("hostile"))
     from safetensors import safe_open
 
-    with safe_open(str(model), "pt") as f:
+    with safe_open(str(toy["model"]), "pt") as f:
         state = {k: f.get_tensor(k) for k in f.keys()}
         meta = json.loads(f.metadata()["bdclean"])
-    return {"root": root, "data": data, "model": model, "state": state, "meta": meta,
-            "head": meta["head"]}
+    return {**toy, "state": state, "meta": meta, "head": meta["head"]}
 
 
 def files_under(root: Path) -> dict[str, str]:
