@@ -47,3 +47,21 @@ def test_quick_benchmark_writes_both_pipelines_and_ratio(tmp_path, capsys):
     assert result["check"]["same_eval_images"] is True
     assert result["bdclean"]["before"]["clean_acc"]["n"] == result["reference"]["before"]["clean_acc"]["n"]
     assert "speed-up (reference / bdclean)" in capsys.readouterr().out
+
+
+def test_profile_step_counts_arithmetic_and_groups_the_time(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("profile_step", REPO / "benchmarks" / "profile_step.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "profile.json"
+    assert module.main(["--arch", "test_tiny", "--device", "cpu", "--batch-size", "8", "--size", "8",
+                        "--steps", "2", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    # TinyNet: a 3->4 3x3 conv on 8x8 (8*8*4*27 MACs) and a 4->10 linear head
+    assert result["macs_per_image"] == 8 * 8 * 4 * 27 + 4 * 10
+    shares = result["profile_channels_last"]
+    assert abs(sum(shares.values()) - 1.0) < 0.01
+    assert "convolution forward" in shares and "convolution backward" in shares
+    for fmt in ("contiguous", "channels_last"):
+        assert result[fmt]["step_ms"] > 0 and result[fmt]["eval_images_per_s"] > 0
+    assert "share of a channels_last training step" in capsys.readouterr().out
