@@ -158,15 +158,16 @@ class SimpleCNN(nn.Module):
     on a 2-core CPU this was 2.2x faster per batch than pooling after a second full-resolution conv,
     and no less accurate in a short training run. Global pooling makes any input size work."""
 
-    def __init__(self, num_classes: int, in_channels: int = 3):
+    def __init__(self, num_classes: int, in_channels: int = 3, width: int = 32):
         super().__init__()
+        w = width
         self.features = nn.Sequential(
-            _conv_bn_relu(in_channels, 32), nn.MaxPool2d(2, ceil_mode=True),
-            _conv_bn_relu(32, 64), _conv_bn_relu(64, 64), nn.MaxPool2d(2, ceil_mode=True),
-            _conv_bn_relu(64, 128), _conv_bn_relu(128, 128),
+            _conv_bn_relu(in_channels, w), nn.MaxPool2d(2, ceil_mode=True),
+            _conv_bn_relu(w, 2 * w), _conv_bn_relu(2 * w, 2 * w), nn.MaxPool2d(2, ceil_mode=True),
+            _conv_bn_relu(2 * w, 4 * w), _conv_bn_relu(4 * w, 4 * w),
         )
         self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(128, num_classes)
+        self.fc = nn.Linear(4 * w, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(torch.flatten(self.pool(self.features(x)), 1))
@@ -206,6 +207,12 @@ def simple_cnn(num_classes: int, in_channels: int = 3) -> nn.Module:
     return SimpleCNN(num_classes, in_channels)
 
 
+def simple_cnn_half(num_classes: int, in_channels: int = 3) -> nn.Module:
+    """simple_cnn at half the channels (16-32-64, ~71k parameters): 3.3x faster per training step on a
+    2-core CPU (112 ms against 371 ms per batch of 128), for experiment grids that must fit in an hour."""
+    return SimpleCNN(num_classes, in_channels, width=16)
+
+
 def test_tiny(num_classes: int, in_channels: int = 3) -> nn.Module:
     """Minuscule model for unit tests."""
     return TinyNet(num_classes, in_channels)
@@ -218,6 +225,7 @@ ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "preactresnet18": preactresnet18,
     "vgg16_bn": vgg16_bn,
     "simple_cnn": simple_cnn,
+    "simple_cnn_half": simple_cnn_half,
     "test_tiny": test_tiny,
 }
 

@@ -16,9 +16,9 @@ from backdoor_cli.models import ARCHITECTURES, ArchGuess, build_model, find_head
 
 REPO = Path(__file__).resolve().parents[1]
 RESNET20 = f"{REPO / 'examples' / 'models' / 'resnet20.py'}:resnet20"
-HEADS = {"resnet18": "linear", "preactresnet18": "linear", "vgg16_bn": "classifier", "simple_cnn": "fc",
+HEADS = {"resnet18": "linear", "preactresnet18": "linear", "vgg16_bn": "classifier", "simple_cnn": "fc", "simple_cnn_half": "fc",
          "test_tiny": "fc"}
-SMALL = ("simple_cnn", "test_tiny")
+SMALL = ("simple_cnn", "simple_cnn_half", "test_tiny")
 BN = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
 
