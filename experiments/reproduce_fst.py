@@ -37,6 +37,8 @@ PAPER_ASR = {
     ("blended", 0.01): {"original": 98.1, "ft": 82.4, "ft-init": 61.2, "fe-tuning": 8.5, "fst": 0.2},
     ("blended", 0.10): {"original": 99.9},
 }
+# Below this ASR the training run did not plant the backdoor, and the row cannot test a defence.
+PLANTED_ASR = 0.5
 PROFILES = {
     # The paper's model. Epochs: the reference recipe's schedule, shortened (say so in the table).
     "full": {"arch": "resnet18", "train_epochs": 40, "train_lr": 0.1, "train_limit": None, "eval_limit": None,
@@ -202,6 +204,9 @@ def render_summary(runs: Path, attacks, rates, methods) -> str:
             best_name, best = min(base, key=lambda item: item[1]["value"])
             margin = (best["value"] - fst["value"]) * 100
             lower = "yes" if fst["ci95"][1] < best["ci95"][0] else "no"
+            if original and original["value"] < PLANTED_ASR:
+                # nothing to remove: a low ASR after tuning says nothing about the method
+                lower = f"n/a: not planted (original ASR < {PLANTED_ASR:.0%})"
             acc_before = _load_rate(runs, tag, "original", "clean_acc")
             acc_after = _load_rate(runs, tag, "fst", "clean_acc")
             cost = "-" if not (acc_before and acc_after) else f"{(acc_before['value'] - acc_after['value']) * 100:.1f}"

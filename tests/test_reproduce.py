@@ -81,3 +81,6 @@ def test_summary_decides_on_intervals(tmp_path):
     write("fst", 0.29, 0.27, 0.31)  # overlapping intervals: not a demonstrated advantage
     row = repro.render_summary(tmp_path, ("blended",), (0.01,), ("ft", "lp", "fst")).splitlines()[2]
     assert [c.strip() for c in row.split("|")[1:-1]][6] == "no"
+    write("original", 0.3, 0.28, 0.32)  # the training run did not plant the backdoor: no verdict
+    row = repro.render_summary(tmp_path, ("blended",), (0.01,), ("ft", "lp", "fst")).splitlines()[2]
+    assert [c.strip() for c in row.split("|")[1:-1]][6].startswith("n/a: not planted")
