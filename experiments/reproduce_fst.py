@@ -77,6 +77,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="same as --train-augment off")
     parser.add_argument("--eval-limit", type=int, default=None,
                         help="evaluate on a seeded stratified subset of the test set (default: the profile's)")
+    parser.add_argument("--fst-alphas", default="",
+                        help="comma-separated extra alpha values: FST is also run with each (rows 'fst a=<alpha>'); "
+                             "the paper's alpha for the dataset always runs as 'fst'")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quiet", action="store_true")
@@ -95,6 +98,9 @@ def main(argv=None) -> int:
     attacks = tuple(args.attacks.split(",")) if args.attacks else profile["attacks"]
     rates = tuple(float(r) for r in args.rates.split(",")) if args.rates else profile["rates"]
     methods = tuple(args.methods.split(","))
+    extra_alphas = tuple(float(a) for a in args.fst_alphas.split(",") if a.strip())
+    # (row label, method, alpha override); the label names the result file
+    runs_per_model = [(m, m, None) for m in methods] + [(f"fst-a{a:g}", "fst", a) for a in extra_alphas]
     runs = Path(args.runs or REPO / "runs" / f"repro-{name}")
     (runs / "models").mkdir(parents=True, exist_ok=True)
     (runs / "results").mkdir(parents=True, exist_ok=True)
@@ -121,20 +127,20 @@ def main(argv=None) -> int:
                 report = evaluate_checkpoint(EvaluateOptions(checkpoint=str(model), data=args.data, device=args.device,
                                                              seed=args.seed, eval_limit=eval_limit), reporter)
                 original.write_text(json.dumps(report.to_dict(), indent=1))
-            for method in methods:
-                result = runs / "results" / f"{tag}-{method}.json"
+            for label, method, alpha in runs_per_model:
+                result = runs / "results" / f"{tag}-{label}.json"
                 if result.exists():
                     continue
-                reporter.stage(f"[{tag}] purifying with {method}")
+                reporter.stage(f"[{tag}] purifying with {label}")
                 t0 = time.perf_counter()
                 report = purify_checkpoint(PurifyOptions(checkpoint=str(model), data=args.data, method=method,
-                                                         out=str(runs / "purified" / tag / method), force=True,
+                                                         out=str(runs / "purified" / tag / label), force=True,
                                                          clean_fraction=args.clean_fraction, device=args.device,
-                                                         seed=args.seed, eval_limit=eval_limit), reporter)
+                                                         seed=args.seed, eval_limit=eval_limit, alpha=alpha), reporter)
                 result.write_text(json.dumps({**report.to_dict(), "wall_seconds": time.perf_counter() - t0}, indent=1))
 
     doc = Path(args.doc) if args.doc else REPO / "docs" / "reproduction.md"
-    table = render_table(runs, attacks, rates, methods)
+    table = render_table(runs, attacks, rates, [label for label, _, _ in runs_per_model])
     summary = render_summary(runs, attacks, rates, methods)
     shown = argv if argv is not None else sys.argv[1:]
     command = " ".join(["python experiments/reproduce_fst.py", *shown])

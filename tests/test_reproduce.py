@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -47,15 +48,18 @@ def test_doc_keeps_hand_written_text_and_summarises(tmp_path):
                    "<!-- END generated:small -->\n\nMore analysis.\n")
     args = ["--small", "--data", str(data), "--arch", "test_tiny", "--train-epochs", "1", "--attacks", "badnets",
             "--rates", "0.1", "--methods", "ft,lp,fst", "--clean-fraction", "0.25", "--eval-limit", "60",
-            "--runs", str(tmp_path / "runs"), "--doc", str(doc), "--device", "cpu", "--quiet"]
+            "--fst-alphas", "0.05", "--runs", str(tmp_path / "runs"), "--doc", str(doc), "--device", "cpu", "--quiet"]
     assert repro.main(args) == 0
+    extra = json.loads((tmp_path / "runs" / "results" / "badnets-0.1-fst-a0.05.json").read_text())
+    assert extra["method"]["name"] == "fst" and extra["method"]["params"]["alpha"] == 0.05
     text = doc.read_text()
+    assert "| badnets | 10.0% | fst-a0.05 |" in text
     assert text.startswith("# Title\n\nAnalysis written by hand.\n") and text.rstrip().endswith("More analysis.")
     assert "old table" not in text and text.count("<!-- BEGIN generated:small -->") == 1
     assert "python experiments/reproduce_fst.py --small" in text
     summary = [line for line in text.splitlines() if line.startswith("| badnets | 10.0% | ")]
     # one summary row (it has the margin column) and the per-method rows of the full table
-    margin_rows = [row for row in summary if row.split("|")[7].strip() in ("yes", "no")]
+    margin_rows = [row for row in summary if row.split("|")[7].strip().split(":")[0] in ("yes", "no", "n/a")]
     assert len(margin_rows) == 1
 
 
