@@ -33,6 +33,10 @@ from .tuning import TuneSettings, steps_per_epoch, tune
 
 PURIFY_OUTPUTS = ("purified.safetensors", "report.json", "report.md", "config.yaml", "clean_indices.txt")
 SCHEMA_CHECKPOINT = "bdclean.checkpoint/1"
+# A clean-accuracy loss (in fractions) above which an alpha-based defence suggests a smaller alpha.
+# Measured (docs/reproduction.md): on small, weakly trained CIFAR-10 models FST at the paper's alpha
+# 0.2 cost 25-41 points, and alpha 0.05 cost 12-15 while ASR stayed at 0-10.5%.
+ALPHA_ADVICE_DROP = 0.10
 
 
 def _require_data(data: str | None) -> str:
@@ -205,6 +209,9 @@ def _purify_into(opts: PurifyOptions, defense, device, outputs: OutputSet, repor
         reporter.stage("evaluating the purified model")
         after = evaluate_model(model, sets, mean, std, device, opts.eval_batch_size, reporter)
     acc_drop = before.clean_acc.value - after.clean_acc.value
+    advice = alpha_advice(defense.uses_alpha, params.alpha, acc_drop)
+    if advice:
+        reporter.warn(advice)
     gates = check_gates(after.asr.value if after.asr else None, after.clean_acc.value, acc_drop,
                         opts.max_asr, opts.min_acc, opts.max_acc_drop)
     report = PurifyReport(
@@ -238,6 +245,15 @@ def _purify_into(opts: PurifyOptions, defense, device, outputs: OutputSet, repor
             reporter.warn(plot_note)
     report.timings = dict(timer.stages)
     return report
+
+
+def alpha_advice(uses_alpha: bool, alpha: float | None, acc_drop: float) -> str | None:
+    """A hint when an alpha-based defence (FST) cost more clean accuracy than ALPHA_ADVICE_DROP."""
+    if not uses_alpha or alpha is None or acc_drop <= ALPHA_ADVICE_DROP:
+        return None
+    return (f"clean accuracy fell by {acc_drop * 100:.1f} points. alpha {alpha:g} (the paper's default for "
+            f"ResNet-18) can be too strong for a smaller or weaker model: a smaller --alpha (e.g. 0.05) or more "
+            f"--epochs usually costs less accuracy (docs/reproduction.md). Check the ASR it leaves.")
 
 
 def _run_defense(defense, model, subject: Subject, clean: ImageSet, mean, std, params: DefenseParams, device,

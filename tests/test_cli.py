@@ -291,3 +291,23 @@ def test_train_without_out_names_the_file_after_the_run(toy, tmp_path, monkeypat
     again = invoke("train", "--arch", "test_tiny", "--data", toy["data"], "--trigger", "badnets", "--poison-rate",
                    "0.1", "--epochs", "1")
     assert again.exit_code == 2 and "--force" in again.stderr  # a second run never silently replaces the first
+
+
+def test_alpha_advice_only_for_alpha_methods_past_the_threshold():
+    from backdoor_cli.pipeline import ALPHA_ADVICE_DROP, alpha_advice
+
+    assert alpha_advice(True, 0.2, ALPHA_ADVICE_DROP + 0.05).startswith("clean accuracy fell by 15.0 points")
+    assert "--alpha" in alpha_advice(True, 0.2, 0.3)
+    assert alpha_advice(True, 0.2, ALPHA_ADVICE_DROP) is None  # at the threshold: no advice
+    assert alpha_advice(False, None, 0.5) is None  # ft, lp, ...: alpha does not apply
+
+
+@pytest.mark.parametrize("method,advised", [("fst", True), ("ft", False)])
+def test_purify_warns_about_alpha_when_fst_costs_accuracy(toy, tmp_path, monkeypatch, method, advised):
+    import backdoor_cli.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "ALPHA_ADVICE_DROP", -1.0)  # any change in accuracy counts as a large drop
+    result = invoke("purify", toy["model"], "--method", method, "--data", toy["data"], "--out", tmp_path / "o",
+                    "--clean-count", "30", "--epochs", "1", "--quiet")
+    assert result.exit_code == 0, result.output
+    assert ("smaller --alpha" in " ".join(result.output.split())) is advised
