@@ -78,6 +78,11 @@ def check_refused(result, code: int, *words: str) -> None:
     assert result.exit_code == code, f"expected exit {code}, got {result.exit_code}:\n{out}"
     assert "Traceback" not in out and "internal error" not in out, out
     lines = [line for line in result.stderr.splitlines() if line.strip()]
+    # Warnings printed before the failure (e.g. advice about a finished tuning run) are not part of
+    # the error message; the message itself starts at "error:".
+    starts = [i for i, line in enumerate(lines) if line.lower().startswith("error")]
+    assert starts, f"no 'error:' line in stderr:\n{result.stderr}"
+    lines = lines[starts[0]:]
     assert 1 <= len(lines) <= 3, f"expected a 1-3 line message, got {len(lines)}:\n{result.stderr}"
     assert result.stdout.strip() == "", f"stdout must stay empty on errors:\n{result.stdout}"
     for word in words:
