@@ -34,6 +34,7 @@ import math
 import os
 import platform
 import re
+import statistics
 import sys
 import tempfile
 import time
@@ -523,6 +524,10 @@ def print_summary(result: dict) -> None:
                        ("evaluate_after_images_per_s", "evaluate (after)"), ("tune_images_per_s", "tune")):
         print(f"  {label:<24}{bd['throughput'][key] or 0:>11.1f}{ref['throughput'][key] or 0:>13.1f}")
     print(f"\n  speed-up (reference / bdclean): total {sp['total']}x, evaluate {sp['evaluate']}x, tune {sp['tune']}x")
+    rep = result.get("repeats")
+    if rep and rep["count"] > 1:
+        print(f"  total ratio over {rep['count']} repeats: median {rep['median_total_ratio']}x "
+              f"(all: {', '.join(f'{r}x' for r in rep['total_ratios'])})")
     print(f"\n  {'result':<22}{'bdclean':>12}{'reference':>12}")
     for phase in ("before", "after"):
         for metric in ("clean_acc", "asr", "ra"):
@@ -559,6 +564,9 @@ def parse_args(argv) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test in seconds")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="run the bdclean/reference pair this many times and report the median total ratio too "
+                        "(the first pair's stage times are the ones shown)")
     p.add_argument("--json-out", help="JSON result (default: benchmarks/results/bench-<device>.json)")
     p.add_argument("--cache-dir", default=str(DEFAULT_CACHE), help="where the default subject model is cached")
     p.add_argument("--acc-tol", type=float, default=3.0, help="max C-Acc difference after FST, points")
@@ -611,6 +619,9 @@ def main(argv=None) -> int:
     from backdoor_cli.data import load_dataset, stratified_limit
     from backdoor_cli.runtime import environment, resolve_device
 
+    if args.repeat < 1:
+        log("error: --repeat must be at least 1")
+        return 2
     device = resolve_device(args.device)
     args.device = str(device)
     profile = resolve_defaults(args, device)
@@ -635,32 +646,17 @@ def main(argv=None) -> int:
     warm_up([checkpoint, data_dir / "train.npz", data_dir / "test.npz"], _arch_of(checkpoint, args.arch),
             test_bundle.num_classes, channels, (height, width), device)
 
-    with tempfile.TemporaryDirectory(prefix="bdclean-bench-") as tmp:
-        tmp = Path(tmp)
-        load_start = load_average()
-        log("running bdclean (purify_checkpoint, method fst)...")
-        start = time.perf_counter()
-        bd, report = run_bdclean(args, checkpoint, data_dir, tmp / "bdclean")
-        bd["total"] = time.perf_counter() - start
-        log(f"bdclean done in {bd['total']:.1f}s")
-        params = report.method["params"]
-        clean_indices = np.array([int(line) for line in (tmp / "bdclean" / "clean_indices.txt").read_text().split()],
-                                 dtype=np.int64)
-        job = ReferenceJob(
-            checkpoint=checkpoint, data_dir=data_dir, arch=report.subject["arch"],
-            num_classes=report.subject["num_classes"], in_channels=report.subject["in_channels"],
-            head=report.subject["head"], mean=tuple(report.subject["normalization"]["mean"]),
-            std=tuple(report.subject["normalization"]["std"]), flip=test_bundle.augment_flip,
-            trigger_spec=report.trigger, clean_indices=clean_indices, eval_indices=eval_indices,
-            lr=params["lr"], epochs=params["epochs"], alpha=params["alpha"], batch_size=params["batch_size"],
-            momentum=params["momentum"], weight_decay=params["weight_decay"], augment=params["augment"],
-            seed=args.seed, num_workers=args.num_workers, out_dir=tmp)
-        log(f"running the reference-style pipeline (DataLoader, num_workers={args.num_workers})...")
-        start = time.perf_counter()
-        ref = run_reference(job, device)
-        ref["total"] = time.perf_counter() - start
-        log(f"reference done in {ref['total']:.1f}s")
-        load_end = load_average()
+    load_start = load_average()
+    pairs = []  # (bdclean total, reference total) per repeat; the first pair's details are reported
+    for attempt in range(args.repeat):
+        tag = f" (repeat {attempt + 1}/{args.repeat})" if args.repeat > 1 else ""
+        bd_run, report_run, ref_run, job_run, indices_run = _run_pair(args, checkpoint, data_dir, test_bundle,
+                                                                      eval_indices, tag)
+        pairs.append((bd_run["total"], ref_run["total"]))
+        if attempt == 0:
+            bd, report, ref, job, clean_indices = bd_run, report_run, ref_run, job_run, indices_run
+    load_end = load_average()
+    result_repeats = _repeat_summary(pairs)
 
     same_images = _same_eval_images(test_bundle, eval_indices, report, ref, args.seed)
     poisoned_x, clean_y = ref.pop("_poisoned_x"), ref.pop("_clean_y")  # noqa: F841 (only for the check above)
@@ -689,6 +685,7 @@ def main(argv=None) -> int:
         "bdclean": bd,
         "reference": ref,
         "speedup": speedups(bd, ref),
+        "repeats": result_repeats,
         "check": check,
     }
     print_summary(result)
@@ -698,6 +695,43 @@ def main(argv=None) -> int:
     out.write_text(json.dumps(_jsonable(result), indent=2) + "\n")
     print(f"\n  JSON: {out}")
     return 0 if check["passed"] else 1
+
+
+def _run_pair(args, checkpoint: Path, data_dir: Path, test_bundle, eval_indices, tag: str):
+    """One bdclean run, then one reference run of the same job: (bd, report, ref, job, clean_indices)."""
+    device = torch.device(args.device)
+    with tempfile.TemporaryDirectory(prefix="bdclean-bench-") as tmp:
+        tmp = Path(tmp)
+        log(f"running bdclean (purify_checkpoint, method fst){tag}...")
+        start = time.perf_counter()
+        bd, report = run_bdclean(args, checkpoint, data_dir, tmp / "bdclean")
+        bd["total"] = time.perf_counter() - start
+        log(f"bdclean done in {bd['total']:.1f}s")
+        params = report.method["params"]
+        clean_indices = np.array([int(line) for line in (tmp / "bdclean" / "clean_indices.txt").read_text().split()],
+                                 dtype=np.int64)
+        job = ReferenceJob(
+            checkpoint=checkpoint, data_dir=data_dir, arch=report.subject["arch"],
+            num_classes=report.subject["num_classes"], in_channels=report.subject["in_channels"],
+            head=report.subject["head"], mean=tuple(report.subject["normalization"]["mean"]),
+            std=tuple(report.subject["normalization"]["std"]), flip=test_bundle.augment_flip,
+            trigger_spec=report.trigger, clean_indices=clean_indices, eval_indices=eval_indices,
+            lr=params["lr"], epochs=params["epochs"], alpha=params["alpha"], batch_size=params["batch_size"],
+            momentum=params["momentum"], weight_decay=params["weight_decay"], augment=params["augment"],
+            seed=args.seed, num_workers=args.num_workers, out_dir=tmp)
+        log(f"running the reference-style pipeline (DataLoader, num_workers={args.num_workers}){tag}...")
+        start = time.perf_counter()
+        ref = run_reference(job, device)
+        ref["total"] = time.perf_counter() - start
+        log(f"reference done in {ref['total']:.1f}s")
+    return bd, report, ref, job, clean_indices
+
+
+def _repeat_summary(pairs: list[tuple[float, float]]) -> dict:
+    """Total-time ratio of every repeat and their median: on a shared machine one pair can be unlucky."""
+    ratios = sorted(ref / bd for bd, ref in pairs)
+    return {"count": len(pairs), "totals": [{"bdclean": round(bd, 3), "reference": round(ref, 3)} for bd, ref in pairs],
+            "total_ratios": [round(r, 3) for r in ratios], "median_total_ratio": round(statistics.median(ratios), 3)}
 
 
 def _arch_of(checkpoint: Path, arch: str | None) -> str:

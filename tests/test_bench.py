@@ -26,8 +26,13 @@ def test_quick_benchmark_writes_both_pipelines_and_ratio(tmp_path, capsys):
     bench = _load_bench()
     out = tmp_path / "bench.json"
     code = bench.main(["--quick", "--device", "cpu", "--data", str(REPO / "backdoor_cli" / "assets" / "mnist_sample"),
-                       "--cache-dir", str(tmp_path / "cache"), "--json-out", str(out)])
+                       "--cache-dir", str(tmp_path / "cache"), "--json-out", str(out), "--repeat", "2"])
     result = json.loads(out.read_text())
+    repeats = result["repeats"]
+    assert repeats["count"] == 2 and len(repeats["totals"]) == 2 and len(repeats["total_ratios"]) == 2
+    assert min(repeats["total_ratios"]) <= repeats["median_total_ratio"] <= max(repeats["total_ratios"])
+    first = repeats["totals"][0]
+    assert first["bdclean"] == round(result["bdclean"]["total"], 3)  # the reported stages are the first pair's
     # Exit code follows the comparability check; both outcomes are legitimate for a 1-epoch toy run.
     assert code == (0 if result["check"]["passed"] else 1)
     for name in ("bdclean", "reference"):
@@ -46,7 +51,8 @@ def test_quick_benchmark_writes_both_pipelines_and_ratio(tmp_path, capsys):
     # Same checkpoint, same images: the two pipelines must agree before tuning.
     assert result["check"]["same_eval_images"] is True
     assert result["bdclean"]["before"]["clean_acc"]["n"] == result["reference"]["before"]["clean_acc"]["n"]
-    assert "speed-up (reference / bdclean)" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "speed-up (reference / bdclean)" in printed and "total ratio over 2 repeats: median" in printed
 
 
 def test_profile_step_counts_arithmetic_and_groups_the_time(tmp_path, capsys):
@@ -65,3 +71,9 @@ def test_profile_step_counts_arithmetic_and_groups_the_time(tmp_path, capsys):
     for fmt in ("contiguous", "channels_last"):
         assert result[fmt]["step_ms"] > 0 and result[fmt]["eval_images_per_s"] > 0
     assert "share of a channels_last training step" in capsys.readouterr().out
+
+
+def test_repeat_must_be_positive(capsys):
+    bench = _load_bench()
+    assert bench.main(["--quick", "--device", "cpu", "--repeat", "0"]) == 2
+    assert "--repeat" in capsys.readouterr().err
