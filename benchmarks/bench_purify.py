@@ -647,16 +647,11 @@ def main(argv=None) -> int:
             test_bundle.num_classes, channels, (height, width), device)
 
     load_start = load_average()
-    pairs = []  # (bdclean total, reference total) per repeat; the first pair's details are reported
-    for attempt in range(args.repeat):
-        tag = f" (repeat {attempt + 1}/{args.repeat})" if args.repeat > 1 else ""
-        bd_run, report_run, ref_run, job_run, indices_run = _run_pair(args, checkpoint, data_dir, test_bundle,
-                                                                      eval_indices, tag)
-        pairs.append((bd_run["total"], ref_run["total"]))
-        if attempt == 0:
-            bd, report, ref, job, clean_indices = bd_run, report_run, ref_run, job_run, indices_run
+    outcomes = [_run_pair(args, device, checkpoint, data_dir, test_bundle, eval_indices,
+                          f" (repeat {i + 1}/{args.repeat})" if args.repeat > 1 else "") for i in range(args.repeat)]
     load_end = load_average()
-    result_repeats = _repeat_summary(pairs)
+    bd, report, ref, job, clean_indices = outcomes[0]  # the first pair's details are the ones reported
+    result_repeats = _repeat_summary([(o[0]["total"], o[2]["total"]) for o in outcomes])
 
     same_images = _same_eval_images(test_bundle, eval_indices, report, ref, args.seed)
     poisoned_x, clean_y = ref.pop("_poisoned_x"), ref.pop("_clean_y")  # noqa: F841 (only for the check above)
@@ -697,9 +692,8 @@ def main(argv=None) -> int:
     return 0 if check["passed"] else 1
 
 
-def _run_pair(args, checkpoint: Path, data_dir: Path, test_bundle, eval_indices, tag: str):
+def _run_pair(args, device: torch.device, checkpoint: Path, data_dir: Path, test_bundle, eval_indices, tag: str):
     """One bdclean run, then one reference run of the same job: (bd, report, ref, job, clean_indices)."""
-    device = torch.device(args.device)
     with tempfile.TemporaryDirectory(prefix="bdclean-bench-") as tmp:
         tmp = Path(tmp)
         log(f"running bdclean (purify_checkpoint, method fst){tag}...")

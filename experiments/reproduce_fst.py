@@ -27,6 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from backdoor_cli.config import EvaluateOptions, PurifyOptions, TrainOptions  # noqa: E402
+from backdoor_cli.outputs import atomic_write_text  # noqa: E402
 from backdoor_cli.pipeline import evaluate_checkpoint, purify_checkpoint, train_model  # noqa: E402
 from backdoor_cli.progress import StderrReporter  # noqa: E402
 from backdoor_cli.runtime import device_name, resolve_device  # noqa: E402
@@ -78,7 +79,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--eval-limit", type=int, default=None,
                         help="evaluate on a seeded stratified subset of the test set (default: the profile's)")
     parser.add_argument("--fst-alphas", default="",
-                        help="comma-separated extra alpha values: FST is also run with each (rows 'fst a=<alpha>'); "
+                        help="comma-separated extra alpha values: FST is also run with each (rows 'fst-a<alpha>'); "
                              "the paper's alpha for the dataset always runs as 'fst'")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--seed", type=int, default=0)
@@ -177,9 +178,7 @@ def write_section(doc: Path, name: str, body: str) -> None:
     else:
         text = text.rstrip("\n") + f"\n\n{block}\n"
     doc.parent.mkdir(parents=True, exist_ok=True)
-    tmp = doc.with_name(doc.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(doc)
+    atomic_write_text(doc, text)
 
 
 def _fmt(rate: dict | None) -> str:
