@@ -67,8 +67,11 @@ def resolve_trigger(spec_text: str | None, target: int | None, subject: Subject 
 
 def _open_subject(opts: EvaluateOptions, checkpoint: str, bundle: DatasetBundle, reporter: Reporter) -> Subject:
     reporter.stage(f"loading checkpoint {checkpoint}")
-    return load_subject(checkpoint, bundle, arch=opts.arch, num_classes=opts.num_classes, head=opts.head,
-                        mean=opts.mean, std=opts.std)
+    subject = load_subject(checkpoint, bundle, arch=opts.arch, num_classes=opts.num_classes, head=opts.head,
+                           mean=opts.mean, std=opts.std)
+    for note in subject.notes:
+        reporter.warn(note)
+    return subject
 
 
 def _check_gate_inputs(opts, trigger) -> None:
@@ -287,6 +290,8 @@ def _purified_metadata(subject: Subject, bundle: DatasetBundle, trigger, report:
 
     meta = _base_metadata(subject.arch, subject.num_classes, subject.in_channels, subject.head,
                           subject.mean, subject.std, bundle)
+    if subject.arch_source:
+        meta["arch_source"] = subject.arch_source  # which file and factory built it (see subject._arch_notes)
     meta.update({
         "tool_version": __version__,
         "trigger": trigger.to_dict() if trigger is not None else subject.checkpoint.metadata.get("trigger"),
@@ -452,6 +457,10 @@ def _train_into(opts: TrainOptions, settings: TuneSettings, device, out: Path, o
     from . import __version__
 
     meta = _base_metadata(opts.arch, bundle.num_classes, c, head, mean, std, bundle)
+    from .models import arch_file_source
+
+    if arch_file_source(opts.arch):
+        meta["arch_source"] = arch_file_source(opts.arch)
     meta.update({
         "tool_version": __version__, "trained_by": "bdclean train",
         "trigger": trigger.to_dict() if trigger is not None else None,

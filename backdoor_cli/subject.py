@@ -15,7 +15,8 @@ import torch
 from .checkpoint import Checkpoint, read_checkpoint
 from .data import DatasetBundle
 from .errors import InputError
-from .models import ARCHITECTURES, build_model, find_head, guess_architecture, load_strict
+from .models import (ARCHITECTURES, arch_file_source, build_model, find_head, guess_architecture, is_file_arch,
+                     load_strict, read_shape_facts)
 
 
 @dataclass
@@ -31,6 +32,8 @@ class Subject:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     sources: dict[str, str] = field(default_factory=dict)  # fact -> where it came from
+    arch_source: dict | None = None  # for a user's file architecture: file name, factory, sha256
+    notes: list[str] = field(default_factory=list)  # warnings for the user (e.g. a changed arch file)
 
     def describe(self) -> dict:
         ckpt = self.checkpoint
@@ -40,6 +43,7 @@ class Subject:
             "head": self.head, "parameters": ckpt.num_parameters,
             "normalization": {"mean": list(self.mean), "std": list(self.std)},
             "resolved_from": dict(self.sources),
+            **({"arch_source": dict(self.arch_source)} if self.arch_source else {}),
         }
 
 
@@ -55,28 +59,36 @@ def load_subject(path: str, bundle: DatasetBundle, arch: str | None = None, num_
                  head: str | None = None, mean=None, std=None, checkpoint: Checkpoint | None = None) -> Subject:
     """Read the checkpoint, build its architecture, load strictly, find the head, fix normalisation."""
     ckpt = checkpoint or read_checkpoint(path)
-    meta = trusted_metadata(ckpt)
-    guess = guess_architecture(ckpt.state_dict)
+    meta = trusted_metadata(ckpt, arch_flag=arch)
+    notes = _arch_notes(ckpt, arch)
     sources: dict[str, str] = {}
     image_h, image_w, image_c = bundle.test.image_shape
-    arch = _pick(sources, "arch", ("flag", arch), ("metadata", meta.get("arch")), ("weights", guess.arch))
+    guess = guess_architecture(ckpt.state_dict) if arch is None and meta.get("arch") is None else None
+    arch = _pick(sources, "arch", ("flag", arch), ("metadata", meta.get("arch")),
+                 ("weights", guess.arch if guess else None))
     if arch is None:
         raise InputError(
             f"cannot tell the architecture of {ckpt.path} (no bdclean metadata, no built-in architecture matches its keys)",
             hint=f"pass --arch: one of {', '.join(ARCHITECTURES)}, torchvision:NAME, or path/to/file.py:factory",
         )
+    # Sizes come from the architecture's own head and stem key names, never from the file's order.
+    facts = read_shape_facts(arch, ckpt.state_dict, (image_c, image_h, image_w),
+                             placeholder_classes=num_classes or meta.get("num_classes") or bundle.num_classes,
+                             head=head or meta.get("head"))
     n_classes = _pick(sources, "num_classes", ("flag", num_classes), ("metadata", meta.get("num_classes")),
-                      ("weights", guess.num_classes), ("data", bundle.num_classes))
+                      ("weights", facts.num_classes), ("data", bundle.num_classes))
     in_channels = _pick(sources, "in_channels", ("metadata", meta.get("in_channels")),
-                        ("weights", guess.in_channels), ("data", image_c))
+                        ("weights", facts.in_channels), ("data", image_c))
     if in_channels != image_c:
         raise InputError(
-            f"the model takes {in_channels}-channel images but the data has {image_c} channel(s)",
+            f"the model takes {in_channels}-channel images but the data has {image_c} channel(s)"
+            + _origin(sources["in_channels"], facts.stem),
             hint="check --data: the checkpoint and the dataset do not belong together",
         )
     if n_classes != bundle.num_classes:
         raise InputError(
-            f"the model has {n_classes} classes but the data has {bundle.num_classes}",
+            f"the model has {n_classes} classes but the data has {bundle.num_classes}"
+            + _origin(sources["num_classes"], facts.head),
             hint="check --data, or --num-classes if the checkpoint's class count was misread",
         )
     model = build_model(arch, n_classes, in_channels)
@@ -87,15 +99,51 @@ def load_subject(path: str, bundle: DatasetBundle, arch: str | None = None, num_
     mean = _pick(sources, "mean", ("flag", mean), ("metadata", norm_meta.get("mean")), ("dataset", bundle.mean))
     std = _pick(sources, "std", ("flag", std), ("metadata", norm_meta.get("std")), ("dataset", bundle.std))
     mean, std = validate_normalization(mean, std, image_c)
-    return Subject(ckpt, model, arch, int(n_classes), int(in_channels), head_name, mean, std, sources)
+    return Subject(ckpt, model, arch, int(n_classes), int(in_channels), head_name, mean, std, sources,
+                   arch_source=arch_file_source(arch), notes=notes)
 
 
-def trusted_metadata(ckpt: Checkpoint) -> dict:
+def _origin(source: str, module: str | None) -> str:
+    if source == "weights" and module:
+        return f" (from the checkpoint's {module}.weight)"
+    return {"metadata": " (from the checkpoint's bdclean metadata)", "flag": " (from --num-classes)"}.get(source, "")
+
+
+def _arch_notes(ckpt: Checkpoint, arch_flag: str | None) -> list[str]:
+    """A warning when the user's --arch file is not the file that built the checkpoint (by sha256)."""
+    recorded = ckpt.metadata.get("arch_source")
+    if not arch_flag or not isinstance(recorded, dict) or not is_file_arch(arch_flag):
+        return []
+    current = arch_file_source(arch_flag) or {}
+    notes = []
+    if isinstance(recorded.get("sha256"), str) and current.get("sha256") and current["sha256"] != recorded["sha256"]:
+        notes.append(f"--arch {arch_flag}: this file differs from the one that built {ckpt.path.name} "
+                     f"(sha256 {current['sha256'][:12]} vs recorded {recorded['sha256'][:12]}); "
+                     "the weights still loaded strictly, but check that the code computes the same thing")
+    if isinstance(recorded.get("factory"), str) and current.get("factory") and current["factory"] != recorded["factory"]:
+        notes.append(f"--arch {arch_flag}: the checkpoint was built by the factory {recorded['factory'][:60]!r}, "
+                     f"not {current['factory']!r}")
+    return notes
+
+
+def _arch_flag_hint(arch: str, source) -> str:
+    if is_file_arch(arch):
+        hint = f"if you trust that file, pass --arch {arch}"
+        if isinstance(source, dict) and isinstance(source.get("sha256"), str):
+            hint += f" (the file that built it had sha256 {source['sha256'][:64]})"
+        return hint
+    return "pass --arch yourself (a built-in name, torchvision:NAME or path/to/file.py:factory)"
+
+
+def trusted_metadata(ckpt: Checkpoint, arch_flag: str | None = None) -> dict:
     """The embedded metadata fields bdclean acts on, type- and range-checked.
 
     The metadata comes from the same untrusted file as the weights, so it may only select among
     built-in behaviour: an `arch` naming a Python file would make opening a checkpoint run code
     of the checkpoint author's choosing, so only registered and torchvision names are honoured.
+    When the user names the architecture on the command line (`arch_flag`), their word wins: the
+    file's `arch` is not acted on, and the rest of the metadata (classes, head, normalisation,
+    trigger) still applies.
     """
     meta = dict(ckpt.metadata)
     where = f"{ckpt.path}: embedded metadata"
@@ -103,10 +151,12 @@ def trusted_metadata(ckpt: Checkpoint) -> dict:
     if arch is not None:
         if not isinstance(arch, str):
             raise InputError(f"{where}: 'arch' must be a string, got {type(arch).__name__}")
-        if arch not in ARCHITECTURES and not arch.startswith("torchvision:"):
-            raise InputError(f"{where} names the architecture {arch[:80]!r}, which is not built in; bdclean will not "
+        if arch_flag is not None:
+            meta.pop("arch")
+        elif arch not in ARCHITECTURES and not arch.startswith("torchvision:"):
+            raise InputError(f"{where} names the architecture {arch[:200]!r}, which is not built in; bdclean will not "
                              "run code named by a checkpoint",
-                             hint="if you trust that file, pass --arch yourself")
+                             hint=_arch_flag_hint(arch, meta.get("arch_source")))
     for key, lo, hi in (("num_classes", 2, 100_000), ("in_channels", 1, 4)):
         value = meta.get(key)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi):

@@ -130,3 +130,19 @@ def _accepts(fn: Callable, name: str) -> bool:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def arch_file_source(arch: str) -> dict | None:
+    """For `path.py:factory`: the factory name and the sha256 of the file's bytes, recorded in a
+    purified checkpoint's metadata so a later run can tell whether the same code rebuilds it."""
+    file_part, sep, factory = arch.rpartition(":")
+    if not (sep and file_part.endswith(".py")):
+        return None
+    path = Path(file_part)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+    return {"file": path.name, "factory": factory, "sha256": digest}
+
+
+def is_file_arch(arch: str) -> bool:
+    file_part, sep, _factory = arch.rpartition(":")
+    return bool(sep and file_part.endswith(".py")) or arch.endswith(".py")

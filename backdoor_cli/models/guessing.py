@@ -33,21 +33,43 @@ def guess_architecture(state_dict: dict[str, torch.Tensor]) -> ArchGuess:
     shapes = {k: tuple(v.shape) for k, v in state_dict.items()
               if isinstance(k, str) and isinstance(v, torch.Tensor) and not _is_counter(k)}
     head, num_classes = _guess_head(shapes)
-    in_channels = next((s[1] for k, s in shapes.items() if k.endswith(".weight") and len(s) == 4), None)
+    in_channels = _guess_in_channels(shapes)
     for name, builder in ARCHITECTURES.items():
         found = _match(builder, shapes)
         if found is not None:
             return ArchGuess(name, *found)
-    return ArchGuess(None, num_classes, in_channels if _sane(in_channels, _MAX_CHANNELS) else None, head)
+    return ArchGuess(None, num_classes, in_channels, head)
+
+
+# Without an architecture, nothing may depend on the order of tensors in the file (safetensors
+# sorts them; other writers shuffle): the rules below look only at names and shapes.
+_HEAD_NAMES = ("fc", "classifier", "head", "linear", "last_linear", "logits", "out", "output", "predictions")
 
 
 def _guess_head(shapes: dict[str, tuple]) -> tuple[str | None, int | None]:
-    """The last 2-D `.weight` (state_dict order follows module registration, usually forward order)."""
-    for key in reversed(list(shapes)):
-        shape = shapes[key]
-        if key.endswith(".weight") and len(shape) == 2 and _sane(shape[0], _MAX_CLASSES):
-            return key[: -len(".weight")], shape[0]
-    return None, None
+    """Among 2-D `.weight`s, those whose output size feeds no other 2-D weight (the ends of the
+    Linear chains); of those, one named like a head, then the shallowest path, then by name."""
+    linears = {k[: -len(".weight")]: s for k, s in shapes.items()
+               if k.endswith(".weight") and len(s) == 2 and _sane(s[0], _MAX_CLASSES) and s[1] >= 1}
+    if not linears:
+        return None, None
+    ends = [n for n, s in linears.items()
+            if all(other[1] != s[0] for m, other in linears.items() if m != n)] or list(linears)
+    best = min(ends, key=lambda n: (n.rsplit(".", 1)[-1] not in _HEAD_NAMES, n.count("."), n))
+    return best, linears[best][0]
+
+
+def _guess_in_channels(shapes: dict[str, tuple]) -> int | None:
+    """The input channels of the convolution no other convolution feeds: of the 4-D weights whose
+    input size is no 4-D weight's output size, the shallowest path (then by name)."""
+    convs = {k: s for k, s in shapes.items() if k.endswith(".weight") and len(s) == 4}
+    outputs = {s[0] for s in convs.values()}
+    starts = [k for k, s in convs.items() if s[1] not in outputs] or list(convs)
+    if not starts:
+        return None
+    best = min(starts, key=lambda k: (k.count("."), k))
+    channels = convs[best][1]
+    return channels if _sane(channels, _MAX_CHANNELS) else None
 
 
 def _sane(value, upper: int) -> bool:

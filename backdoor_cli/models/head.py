@@ -7,6 +7,7 @@ from torch import nn
 
 from ..errors import InputError
 
+
 def find_head(model: nn.Module, name: str | None = None, input_shape: tuple[int, ...] = (3, 32, 32)) -> str:
     """The module path of the classifier head: `name` if given (it must be an nn.Linear), else the
     last nn.Linear reached in a forward pass on a zero batch."""
@@ -30,9 +31,16 @@ def find_head(model: nn.Module, name: str | None = None, input_shape: tuple[int,
 
 
 def _linears_in_forward_order(model: nn.Module, input_shape: tuple[int, ...]) -> list[str]:
+    modules = dict(model.named_modules())
+    return [n for n in modules_in_forward_order(model, input_shape) if isinstance(modules[n], nn.Linear)]
+
+
+def modules_in_forward_order(model: nn.Module, input_shape: tuple[int, ...]) -> list[str]:
+    """Names of the leaf modules in the order a forward pass on a zero batch calls them (a module
+    called twice is listed twice); empty when the pass fails. Works on the meta device too."""
     called: list[str] = []
-    handles = [m.register_forward_hook(lambda _m, _i, _o, n=n: called.append(n))
-               for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    handles = [m.register_forward_pre_hook(lambda _m, _i, n=n: called.append(n))
+               for n, m in model.named_modules() if n and not any(True for _ in m.children())]
     modes = {m: m.training for m in model.modules()}  # restored exactly, even when mixed
     param = next(iter(model.parameters()), None)
     device = param.device if param is not None else torch.device("cpu")
@@ -41,7 +49,7 @@ def _linears_in_forward_order(model: nn.Module, input_shape: tuple[int, ...]) ->
         model.eval()
         with torch.no_grad():
             model(torch.zeros((2, *input_shape), device=device, dtype=dtype))
-    except Exception:  # noqa: BLE001 - any failure falls back to definition order
+    except Exception:  # noqa: BLE001 - any failure falls back to definition order at the caller
         called.clear()
     finally:
         for handle in handles:
