@@ -5,6 +5,7 @@
 - loading: strict weight loading with a readable key diff
 - head: finding the classifier head in forward order
 - guessing: what a state_dict's keys and shapes reveal (never their order in the file)
+- output_kind: whether the forward returns logits, probabilities or log-probabilities, and the tuning loss that fits
 """
 
 from .architectures import ARCHITECTURES
