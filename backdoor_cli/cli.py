@@ -183,6 +183,8 @@ def purify(
     clean_fraction: Annotated[Optional[float], typer.Option(help="Fraction of the training split used as clean data.")] = None,
     clean_count: Annotated[Optional[int], typer.Option(help="Number of clean training images (class-balanced).")] = None,
     clean_data: Annotated[Optional[str], typer.Option(help="Your own clean images (image folders or npz).")] = None,
+    output_kind: Annotated[Optional[str], typer.Option(help="What the model returns: logits, probs, log-probs, or auto "
+                                                       "(default: detected from a probe batch).")] = None,
     device: Device = None, seed: Seed = None, eval_limit: EvalLimit = None,
     max_asr: MaxAsr = None, min_acc: MinAcc = None, max_acc_drop: MaxAccDrop = None,
     force: Force = None, config: Config = None, json_output: Json = False, quiet: Quiet = False,

@@ -78,6 +78,7 @@ class PurifyOptions(EvaluateOptions):
     clean_count: int | None = None
     clean_data: str | None = None
     max_acc_drop: float | None = None
+    output_kind: str = "auto"  # logits | probs | log-probs | auto (models.output_kind)
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,8 @@
 
     purify_checkpoint(opts)
       read checkpoint -> build + load strictly -> load data (test, clean subset) -> trigger
-      -> evaluate (before) -> defense.run -> evaluate (after) -> write weights + report
+      -> probe the output kind (logits/probs/log-probs) -> evaluate (before) -> defense.run with the
+      matching loss -> evaluate (after) -> write weights + report
 """
 
 from __future__ import annotations
@@ -16,17 +17,19 @@ import torch
 
 from .checkpoint import safetensors_bytes
 from .config import CompareOptions, EvaluateOptions, PurifyOptions, TrainOptions, to_yaml_dict
-from .data import DatasetBundle, ImageSet, indices_sha256, load_clean_folder, load_dataset, select_clean_subset
+from .data import (DatasetBundle, ImageSet, indices_sha256, load_clean_folder, load_dataset, normalize,
+                   select_clean_subset)
 from .defenses import DefenseParams, default_params, get_defense
 from .errors import ConfigError, InputError, OutputError
 from .evaluate import EvalSets, build_eval_sets, evaluate_model
 from .gates import check_gates
 from .metrics import defense_effectiveness_rating
+from .models.output_kind import PROBE_IMAGES, OutputKind, parse_output_kind, probe_outputs, resolve_output_kind
 from .outputs import OutputSet
 from .progress import Reporter, step_callback
 from .report import (CompareReport, CompareRow, EvaluateReport, PurifyReport, TrainReport, stage_purify_report,
                      weight_drift)
-from .runtime import Stopwatch, environment, prepare_model, resolve_device, seed_everything
+from .runtime import Stopwatch, autocast, environment, prepare_model, resolve_device, seed_everything
 from .subject import Subject, load_subject, normalization_tensors
 from .triggers import build_trigger, load_trigger_spec, parse_trigger_spec, poison_training_set
 from .tuning import TuneSettings, steps_per_epoch, tune
@@ -179,6 +182,7 @@ def purify_checkpoint(opts: PurifyOptions, reporter: Reporter | None = None) -> 
     device = resolve_device(opts.device)
     out = Path(opts.out)
     params, fraction = _defense_params(opts, None)  # range errors before any work; dataset defaults below
+    parse_output_kind(opts.output_kind)  # a bad --output-kind: exit 2 before any work
     with OutputSet(out, PURIFY_OUTPUTS + ("report.png",), _input_paths(opts, opts.checkpoint), opts.force) as outputs:
         report = _purify_into(opts, defense, device, outputs, reporter)
         reporter.stage(f"writing outputs to {out}")
@@ -202,12 +206,13 @@ def _purify_into(opts: PurifyOptions, defense, device, outputs: OutputSet, repor
         model = prepare_model(subject.model, device)
         mean, std = normalization_tensors(subject, device)
         sets = build_eval_sets(bundle.test, trigger, device, opts.eval_limit, opts.seed)
+        output_kind = _output_kind(opts.output_kind, model, clean, mean, std, device, reporter)
     with timer.stage("evaluate_before"):
         reporter.stage("evaluating the input model")
         before = evaluate_model(model, sets, mean, std, device, opts.eval_batch_size, reporter)
     with timer.stage("tune"):
         outcome = _run_defense(defense, model, subject, clean.to(device), mean, std, params, device,
-                               bundle.augment_flip, reporter)
+                               bundle.augment_flip, reporter, output_kind)
     with timer.stage("evaluate_after"):
         reporter.stage("evaluating the purified model")
         after = evaluate_model(model, sets, mean, std, device, opts.eval_batch_size, reporter)
@@ -228,7 +233,7 @@ def _purify_into(opts: PurifyOptions, defense, device, outputs: OutputSet, repor
         der=(defense_effectiveness_rating(before.clean_acc.value, after.clean_acc.value, before.asr.value, after.asr.value)
              if before.asr and after.asr else None),
         history=[h.to_dict() for h in outcome.history], gates=gates, timings={}, environment=environment(device),
-        options=to_yaml_dict(opts), outputs={},
+        options=to_yaml_dict(opts), outputs={}, output_kind=output_kind.to_dict(),
     )
     with timer.stage("write"):
         import yaml
@@ -259,8 +264,20 @@ def alpha_advice(uses_alpha: bool, alpha: float | None, acc_drop: float) -> str 
             f"--epochs usually costs less accuracy (docs/reproduction.md). Check the ASR it leaves.")
 
 
+def _output_kind(flag: str, model, clean: ImageSet, mean, std, device, reporter: Reporter) -> OutputKind:
+    """What the model returns, from a few clean tuning images normalised as it expects (or --output-kind)."""
+    batch = normalize(clean.x[:PROBE_IMAGES].to(device), mean, std)
+    with autocast(device):
+        probe = probe_outputs(model, batch)
+    found = resolve_output_kind(parse_output_kind(flag), probe)
+    reporter.info(f"model output: {found.kind} ({found.decided_by}); tuning loss: {found.adapter.describe()}")
+    if found.warning:
+        reporter.warn(found.warning)
+    return found
+
+
 def _run_defense(defense, model, subject: Subject, clean: ImageSet, mean, std, params: DefenseParams, device,
-                 flip: bool, reporter: Reporter):
+                 flip: bool, reporter: Reporter, output_kind: OutputKind):
     total = params.epochs * steps_per_epoch(clean.num_images, params.batch_size)
     reporter.start_steps(f"{defense.name} tuning", total)
     on_step = step_callback(reporter, "tuning", total)
@@ -271,7 +288,7 @@ def _run_defense(defense, model, subject: Subject, clean: ImageSet, mean, std, p
 
     try:
         return defense.run(model, subject.head, clean, mean, std, params, device, flip=flip,
-                           on_step=on_step, on_epoch=on_epoch)
+                           on_step=on_step, on_epoch=on_epoch, loss_adapter=output_kind.adapter)
     finally:
         reporter.finish_steps()
 

@@ -75,6 +75,7 @@ class PurifyReport:
     environment: dict
     options: dict
     outputs: dict = field(default_factory=dict)
+    output_kind: dict | None = None  # models.output_kind.OutputKind.to_dict(): what the model returns, the loss
 
     @property
     def acc_delta(self) -> float:
@@ -86,7 +87,8 @@ class PurifyReport:
 
     def to_dict(self) -> dict:
         return {"schema": SCHEMA_VERSION, "kind": "purify", "checkpoint": self.subject, "data": self.data,
-                "trigger": self.trigger, "method": self.method, "clean_data": self.clean,
+                "trigger": self.trigger, "method": self.method, "output_kind": self.output_kind,
+                "clean_data": self.clean,
                 "before": self.before.to_dict(), "after": self.after.to_dict(),
                 "delta": {"clean_acc": self.acc_delta, "asr": self.asr_delta}, "der": self.der,
                 "history": self.history, "gates": [g.to_dict() for g in self.gates],
@@ -195,6 +197,8 @@ def purify_markdown(report: PurifyReport) -> str:
         f"- Trigger: {_trigger_line(report.trigger)}",
         f"- Method: `{method['name']}` - {method['summary']}",
         f"- Hyper-parameters: " + ", ".join(f"{k}={v}" for k, v in method["params"].items()),
+        f"- Model output: {output_kind_line(report.output_kind)}",
+        *([f"- **Warning:** {report.output_kind['warning']}"] if (report.output_kind or {}).get("warning") else []),
         f"- Clean data: {report.clean['images']} images from {report.clean['source']}"
         + (f" (indices sha256 `{report.clean['indices_sha256'][:16]}...`)" if report.clean.get("indices_sha256") else ""),
         "", "## Results", "",
@@ -217,6 +221,14 @@ def purify_markdown(report: PurifyReport) -> str:
               "- timings: " + ", ".join(f"{k} {v:.2f}s" for k, v in report.timings.items()),
               "", "## Definitions", ""] + [f"- **{k}**: {v}" for k, v in DEFINITIONS.items()]
     return "\n".join(lines) + "\n"
+
+
+def output_kind_line(found: dict | None) -> str:
+    """`probs (detected: every row ... sums to 1 ...); loss: cross-entropy on ...` for the report and terminal."""
+    if not found:
+        return "not probed"
+    how = found["reason"] if found["decided_by"] == "detected" else f"--output-kind; detection said {found['detected']}"
+    return f"{found['kind']} ({found['decided_by']}: {how}); loss: {found['loss']}"
 
 
 def _rate_md(rate) -> str:
@@ -317,6 +329,9 @@ def render_purify(report: PurifyReport, console) -> None:
     console.print(f"[bold]{s['path']}[/bold] -> purified with [bold]{report.method['name']}[/bold] "
                   f"on {report.clean['images']} clean images")
     console.print(f"trigger: {_trigger_line(report.trigger)}")
+    console.print(f"model output: {output_kind_line(report.output_kind)}", highlight=False, markup=False)
+    if report.output_kind and report.output_kind.get("warning"):
+        console.print(f"warning: {report.output_kind['warning']}", style="bold yellow", highlight=False, markup=False)
     table = _metric_table("before / after", ["metric", "before", "95% CI", "after", "95% CI", "change"])
     for name, key in (("C-Acc", "clean_acc"), ("ASR", "asr"), ("RA", "ra")):
         b, a = getattr(report.before, key), getattr(report.after, key)

@@ -13,10 +13,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from .data import ImageSet, augment_batch, iterate_minibatches, normalize
 from .errors import ConfigError
+from .models.output_kind import LOGITS, LossAdapter, attach_loss
 from .runtime import autocast
 
 
@@ -37,7 +37,7 @@ class TuneSettings:
 @dataclass
 class EpochLog:
     epoch: int
-    loss: float  # mean cross-entropy over the epoch (without any penalty term)
+    loss: float  # mean tuning loss (cross-entropy, or NLL for a model ending in a softmax) without any penalty term
     train_acc: float  # accuracy on the (augmented) tuning batches
     lr: float
     seconds: float
@@ -60,11 +60,14 @@ def tune(
     after_step: Callable[[], None] | None = None,
     on_step: Callable[[int], None] | None = None,
     on_epoch: Callable[[EpochLog], None] | None = None,
+    loss_adapter: LossAdapter = LOGITS,
 ) -> list[EpochLog]:
     """Train `params` (default: all) of `model` on `data` (uint8 NHWC, already on `device`).
 
     `frozen_modules` stay in eval mode so a frozen part keeps its BatchNorm statistics too.
     `penalty()` is added to each minibatch loss; `after_step()` runs after each optimiser step.
+    `loss_adapter` says how the loss is formed from the output (models.output_kind): cross-entropy on
+    it for a logits model, the default.
     """
     if settings.epochs < 1 or settings.batch_size < 1 or settings.lr <= 0:
         raise ConfigError("epochs and batch size must be >= 1 and lr > 0")
@@ -79,45 +82,47 @@ def tune(
     n = data.num_images
     history: list[EpochLog] = []
     step = 0
-    for epoch in range(settings.epochs):
-        start = time.perf_counter()
-        model.train()
-        for module in frozen_modules:
-            module.eval()
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device, dtype=torch.long)
-        seen = 0
-        lr = optimizer.param_groups[0]["lr"]
-        for idx in iterate_minibatches(n, settings.batch_size, generator, shuffle=True):
-            if len(idx) < 2 and n >= 2:  # BatchNorm cannot train on a batch of one
-                continue
-            xb, yb = data.x[idx], data.y[idx]
-            if settings.augment:
-                xb = augment_batch(xb, generator, flip=settings.flip)
-            with autocast(device):
-                logits = model(normalize(xb, mean, std))
-            loss = F.cross_entropy(logits.float(), yb)
-            total = loss + penalty() if penalty is not None else loss
-            optimizer.zero_grad(set_to_none=True)
-            total.backward()
-            optimizer.step()
-            if after_step is not None:
-                after_step()
-            loss_sum += loss.detach() * len(idx)
-            correct += (logits.detach().argmax(1) == yb).sum()
-            seen += len(idx)
-            step += 1
-            if on_step is not None:
-                on_step(step)
-        scheduler.step()
-        if seen == 0:
-            raise ConfigError("the tuning set is too small for one training batch")
-        log = EpochLog(epoch + 1, loss_sum.item() / seen, correct.item() / seen, lr, time.perf_counter() - start)
-        if log.loss != log.loss or log.loss == float("inf"):
-            raise ConfigError(f"training diverged at epoch {epoch + 1} (loss is {log.loss})", hint="lower --lr")
-        history.append(log)
-        if on_epoch is not None:
-            on_epoch(log)
+    # The adapter's hook (a trailing softmax's input) lives exactly as long as the run.
+    with attach_loss(model, loss_adapter) as loss_fn:
+        for epoch in range(settings.epochs):
+            start = time.perf_counter()
+            model.train()
+            for module in frozen_modules:
+                module.eval()
+            loss_sum = torch.zeros((), device=device)
+            correct = torch.zeros((), device=device, dtype=torch.long)
+            seen = 0
+            lr = optimizer.param_groups[0]["lr"]
+            for idx in iterate_minibatches(n, settings.batch_size, generator, shuffle=True):
+                if len(idx) < 2 and n >= 2:  # BatchNorm cannot train on a batch of one
+                    continue
+                xb, yb = data.x[idx], data.y[idx]
+                if settings.augment:
+                    xb = augment_batch(xb, generator, flip=settings.flip)
+                with autocast(device):
+                    output = model(normalize(xb, mean, std))
+                loss, logits = loss_fn(output, yb)
+                total = loss + penalty() if penalty is not None else loss
+                optimizer.zero_grad(set_to_none=True)
+                total.backward()
+                optimizer.step()
+                if after_step is not None:
+                    after_step()
+                loss_sum += loss.detach() * len(idx)
+                correct += (logits.detach().argmax(1) == yb).sum()
+                seen += len(idx)
+                step += 1
+                if on_step is not None:
+                    on_step(step)
+            scheduler.step()
+            if seen == 0:
+                raise ConfigError("the tuning set is too small for one training batch")
+            log = EpochLog(epoch + 1, loss_sum.item() / seen, correct.item() / seen, lr, time.perf_counter() - start)
+            if log.loss != log.loss or log.loss == float("inf"):
+                raise ConfigError(f"training diverged at epoch {epoch + 1} (loss is {log.loss})", hint="lower --lr")
+            history.append(log)
+            if on_epoch is not None:
+                on_epoch(log)
     return history
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from ..data import ImageSet
+from ..models.output_kind import LOGITS, LossAdapter
 from ..tuning import TuneSettings, tune
 from .base import Defense, DefenseOutcome, DefenseParams, get_head, register
 
@@ -46,7 +47,9 @@ def select_trainable(model: torch.nn.Module, head: torch.nn.Linear, trains: str)
 
 
 def run_tuning(defense: Defense, model, head_name: str, clean: ImageSet, mean, std, params: DefenseParams,
-               device, flip: bool, penalty=None, after_step=None, on_step=None, on_epoch=None) -> DefenseOutcome:
+               device, flip: bool, penalty=None, after_step=None, on_step=None, on_epoch=None,
+               loss_adapter: LossAdapter = LOGITS) -> DefenseOutcome:
+    """Tune per the defense's recipe; `loss_adapter` says how the loss is formed from the model's output."""
     head = get_head(model, head_name)
     if defense.reinit_head:
         reinitialise_head(head, params.seed)
@@ -56,7 +59,8 @@ def run_tuning(defense: Defense, model, head_name: str, clean: ImageSet, mean, s
                             augment=params.augment, flip=flip, seed=params.seed)
     try:
         history = tune(model, clean, mean, std, settings, device, params=trainable, frozen_modules=frozen,
-                       penalty=penalty, after_step=after_step, on_step=on_step, on_epoch=on_epoch)
+                       penalty=penalty, after_step=after_step, on_step=on_step, on_epoch=on_epoch,
+                       loss_adapter=loss_adapter)
     finally:
         for p in model.parameters():
             p.requires_grad_(True)
@@ -66,8 +70,8 @@ def run_tuning(defense: Defense, model, head_name: str, clean: ImageSet, mean, s
 def _make(name: str, summary: str, reinit_head: bool, trains: str) -> Defense:
     defense_ref: list[Defense] = []
 
-    def run(model, head_name, clean, mean, std, params, device, flip=True, **callbacks) -> DefenseOutcome:
-        return run_tuning(defense_ref[0], model, head_name, clean, mean, std, params, device, flip, **callbacks)
+    def run(model, head_name, clean, mean, std, params, device, flip=True, **options) -> DefenseOutcome:
+        return run_tuning(defense_ref[0], model, head_name, clean, mean, std, params, device, flip, **options)
 
     defense = Defense(name=name, summary=summary, reinit_head=reinit_head, trains=trains, uses_alpha=False, run=run)
     defense_ref.append(defense)

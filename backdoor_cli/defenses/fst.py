@@ -32,7 +32,8 @@ def project_to_norm(weight: torch.Tensor, norm: torch.Tensor) -> None:
     weight.mul_(norm / weight.norm())
 
 
-def run_fst(model, head_name, clean, mean, std, params, device, flip=True, **callbacks) -> DefenseOutcome:
+def run_fst(model, head_name, clean, mean, std, params, device, flip=True, **options) -> DefenseOutcome:
+    """`options`: run_tuning's callbacks and loss_adapter, passed through."""
     head = get_head(model, head_name)
     original = head.weight.detach().clone()
     target_norm = original.norm()
@@ -40,7 +41,7 @@ def run_fst(model, head_name, clean, mean, std, params, device, flip=True, **cal
         FST, model, head_name, clean, mean, std, params, device, flip,
         penalty=lambda: feature_shift_penalty(head.weight, original, params.alpha),
         after_step=lambda: project_to_norm(head.weight, target_norm),
-        **callbacks,
+        **options,
     )
     outcome.head_norm = float(target_norm)
     return outcome

@@ -6,6 +6,7 @@
 - head: finding the classifier head in forward order
 - guessing: what a state_dict's keys and shapes reveal (never their order in the file)
 - shapes: class count and input channels read under the known architecture's own key names
+- output_kind: whether the forward returns logits, probabilities or log-probabilities, and the tuning loss that fits
 """
 
 from .architectures import ARCHITECTURES
