@@ -243,7 +243,10 @@ def compare(
 @app.command()
 def train(
     data: Data = None, out: Out = None,
-    arch: Annotated[Optional[str], typer.Option(help="Architecture to train (default simple_cnn).")] = None,
+    arch: Annotated[Optional[str], typer.Option(help="Architecture to train (default simple_cnn; with --init, the "
+                                                "starting checkpoint's).")] = None,
+    init: Annotated[Optional[str], typer.Option(help="Start from this checkpoint's weights (fine-tune it, e.g. to "
+                                                "poison a published clean model) instead of a fresh model.")] = None,
     data_dir: DataDir = None, trigger: Trigger = None, target: Target = None,
     poison_rate: Annotated[Optional[float], typer.Option(help="Fraction of training images poisoned (dirty label).")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Epochs (default 6).")] = None,
@@ -264,7 +267,7 @@ def train(
 
     def body():
         from .config import TrainOptions, resolve_options
-        from .pipeline import train_model
+        from .training import train_model
         from .report import render_train
 
         opts = resolve_options(TrainOptions, flags, flags.pop("config") and str(config))

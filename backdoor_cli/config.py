@@ -90,7 +90,8 @@ class CompareOptions(EvaluateOptions):
 
 @dataclass(frozen=True)
 class TrainOptions:
-    arch: str = "simple_cnn"
+    arch: str | None = None  # default simple_cnn; with --init, the starting checkpoint's architecture
+    init: str | None = None  # start from this checkpoint's weights (fine-tune) instead of a fresh model
     config: str | None = None  # the --config file it came from (an input: never overwritten)
     data: str | None = None
     data_dir: str | None = None

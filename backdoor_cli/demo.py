@@ -11,7 +11,8 @@ from importlib import resources
 from pathlib import Path
 
 from .config import CompareOptions, PurifyOptions, TrainOptions
-from .pipeline import compare_checkpoints, purify_checkpoint, train_model
+from .pipeline import compare_checkpoints, purify_checkpoint
+from .training import train_model
 from .progress import Reporter
 from .report import compare_markdown, render_compare, to_json
 from .outputs import atomic_write_text, prepare_out_dir

@@ -10,29 +10,28 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import time
 from pathlib import Path
 
 import torch
 
 from .checkpoint import safetensors_bytes
-from .config import CompareOptions, EvaluateOptions, PurifyOptions, TrainOptions, to_yaml_dict
+from .config import CompareOptions, EvaluateOptions, PurifyOptions, to_yaml_dict
 from .data import (DatasetBundle, ImageSet, indices_sha256, load_clean_folder, load_dataset, normalize,
                    select_clean_subset)
 from .defenses import DefenseParams, default_params, get_defense
-from .errors import ConfigError, InputError, OutputError
+from .errors import ConfigError, InputError
 from .evaluate import EvalSets, build_eval_sets, evaluate_model
 from .gates import check_gates
 from .metrics import defense_effectiveness_rating
 from .models.output_kind import PROBE_IMAGES, OutputKind, parse_output_kind, probe_outputs, resolve_output_kind
 from .outputs import OutputSet
 from .progress import Reporter, step_callback
-from .report import (CompareReport, CompareRow, EvaluateReport, PurifyReport, TrainReport, stage_purify_report,
+from .report import (CompareReport, CompareRow, EvaluateReport, PurifyReport, stage_purify_report,
                      weight_drift)
 from .runtime import Stopwatch, autocast, environment, prepare_model, resolve_device, seed_everything
 from .subject import Subject, load_subject, normalization_tensors
-from .triggers import build_trigger, load_trigger_spec, parse_trigger_spec, poison_training_set
-from .tuning import TuneSettings, steps_per_epoch, tune
+from .triggers import build_trigger, load_trigger_spec, parse_trigger_spec
+from .tuning import steps_per_epoch
 
 PURIFY_OUTPUTS = ("purified.safetensors", "report.json", "report.md", "config.yaml", "clean_indices.txt")
 SCHEMA_CHECKPOINT = "bdclean.checkpoint/1"
@@ -377,120 +376,3 @@ def compare_checkpoints(opts: CompareOptions, reporter: Reporter | None = None) 
                                is_reference=path == reference_path))
     return CompareReport(rows=rows, reference=reference_path, data=_describe_data(bundle, sets),
                          trigger=_describe_trigger(trigger), environment=environment(device), options=to_yaml_dict(opts))
-
-
-def train_model(opts: TrainOptions, reporter: Reporter | None = None) -> TrainReport:
-    """Train a (possibly backdoored) model and save it as safetensors with full metadata."""
-    from .models import build_model, find_head
-
-    reporter = reporter or Reporter()
-    if not opts.out:
-        opts = dataclasses.replace(opts, out=default_model_name(opts))
-        reporter.info(f"no --out given: writing {opts.out}")
-    if not 0.0 <= opts.poison_rate <= 1.0:
-        raise ConfigError(f"--poison-rate must be in [0, 1], got {opts.poison_rate}")
-    if opts.poison_rate > 0 and not opts.trigger:
-        raise ConfigError("--poison-rate needs --trigger", hint="e.g. --trigger badnets")
-    if not 0.0 <= opts.holdout_fraction < 1.0:
-        raise ConfigError(f"--holdout-fraction must be in [0, 1), got {opts.holdout_fraction}")
-    settings = TuneSettings(epochs=opts.epochs, lr=opts.lr, batch_size=opts.batch_size, momentum=opts.momentum,
-                            weight_decay=opts.weight_decay, augment=opts.augment, seed=opts.seed)
-    device = resolve_device(opts.device)
-    out = Path(opts.out)
-    if out.is_dir():
-        raise OutputError(f"--out {out} is a directory; give a file name such as model.safetensors")
-    with OutputSet(out.parent, [out.name], _input_paths(opts), opts.force) as outputs:
-        report = _train_into(opts, settings, device, out, outputs, reporter)
-        outputs.commit()
-    return report
-
-
-def default_model_name(opts: TrainOptions) -> str:
-    """simple_cnn-cifar10-badnets-p0.05.safetensors: what was trained, on what, with which backdoor."""
-    from .data import canonical_name
-
-    arch = opts.arch.replace(":", "_").replace("/", "_").replace(".py", "")
-    data = canonical_name(Path(str(opts.data or "data")).name) or "data"
-    attack = f"{Path(opts.trigger).stem}-p{opts.poison_rate:g}" if opts.trigger and opts.poison_rate > 0 else "clean"
-    return f"{arch}-{data}-{attack}.safetensors"
-
-
-def _train_into(opts: TrainOptions, settings: TuneSettings, device, out: Path, outputs: OutputSet,
-                reporter: Reporter) -> TrainReport:
-    from .models import build_model, find_head
-
-    seed_everything(opts.seed)
-    timer = Stopwatch(device)
-    with timer.stage("load"):
-        reporter.stage(f"loading data {opts.data}")
-        bundle = load_dataset(_require_data(opts.data), opts.data_dir, need_train=True)
-        if bundle.train is None:
-            raise InputError(f"{bundle.source} has no training split")
-        train = bundle.train
-        if opts.train_limit is not None and opts.train_limit < train.num_images:
-            from .data import stratified_limit
-
-            train = train.subset(stratified_limit(train.y, opts.train_limit, opts.seed))
-        holdout = None
-        if opts.holdout_fraction > 0:
-            holdout = select_clean_subset(train.y, opts.holdout_fraction, None, opts.seed, bundle.num_classes)
-            keep = torch.ones(train.num_images, dtype=torch.bool)
-            keep[holdout] = False
-            train = train.subset(torch.nonzero(keep).flatten())
-        trigger = resolve_trigger(opts.trigger, opts.target, None, bundle.test.image_shape, bundle.num_classes)
-        poison_idx = torch.empty(0, dtype=torch.long)
-        x, y = train.x, train.y
-        if trigger is not None and opts.poison_rate > 0:
-            x, y, poison_idx = poison_training_set(trigger, x, y, opts.poison_rate, opts.seed)
-        mean = tuple(opts.mean) if opts.mean else bundle.mean
-        std = tuple(opts.std) if opts.std else bundle.std
-        from .subject import validate_normalization
-
-        mean, std = validate_normalization(mean, std, bundle.test.image_shape[2])
-        h, w, c = bundle.test.image_shape
-        model = prepare_model(build_model(opts.arch, bundle.num_classes, c), device)
-        head = find_head(model, None, input_shape=(c, h, w))
-        shape = (1, c, 1, 1)
-        mean_t = torch.tensor(mean, device=device).view(shape)
-        std_t = torch.tensor(std, device=device).view(shape)
-        data = ImageSet(x, y).to(device)
-    reporter.info(f"training {opts.arch} on {data.num_images} images"
-                  + (f" ({len(poison_idx)} poisoned, target {trigger.target})" if len(poison_idx) else ""))
-    total = settings.epochs * steps_per_epoch(data.num_images, settings.batch_size)
-    reporter.start_steps("training", total)
-    on_step = step_callback(reporter, "training", total)
-
-    try:
-        with timer.stage("train"):
-            history = tune(model, data, mean_t, std_t, settings, device, on_step=on_step,
-                           on_epoch=lambda log: reporter.epoch(
-                               f"epoch {log.epoch}/{settings.epochs}: loss {log.loss:.4f}, train acc {log.train_acc:.2%}, "
-                               f"{log.seconds:.1f}s"))
-    finally:
-        reporter.finish_steps()
-    with timer.stage("evaluate"):
-        sets = build_eval_sets(bundle.test, trigger, device, None, opts.seed)
-        result = evaluate_model(model, sets, mean_t, std_t, device, opts.eval_batch_size, reporter)
-    from . import __version__
-
-    meta = _base_metadata(opts.arch, bundle.num_classes, c, head, mean, std, bundle)
-    from .models import arch_file_source
-
-    if arch_file_source(opts.arch):
-        meta["arch_source"] = arch_file_source(opts.arch)
-    meta.update({
-        "tool_version": __version__, "trained_by": "bdclean train",
-        "trigger": trigger.to_dict() if trigger is not None else None,
-        "poison_rate": opts.poison_rate if trigger is not None else 0.0, "seed": opts.seed,
-        "poisoned_count": int(len(poison_idx)),
-        "holdout_indices": holdout.tolist() if holdout is not None else None,
-        "training": {k: v for k, v in dataclasses.asdict(settings).items()},
-        "test_metrics": _replayable(result),
-    })
-    with timer.stage("write"):
-        blob = safetensors_bytes(dict(model.state_dict()), meta)
-        outputs.stage(out.name, blob)
-        sha = hashlib.sha256(blob).hexdigest()
-    return TrainReport(out=str(out), sha256=sha, arch=opts.arch, data=bundle.name, result=result,
-                       history=[h.to_dict() for h in history], poisoned=int(len(poison_idx)),
-                       trigger=_describe_trigger(trigger), timings=dict(timer.stages), environment=environment(device))

@@ -148,10 +148,12 @@ class TrainReport:
     trigger: dict | None
     timings: dict
     environment: dict
+    init: dict | None = None  # --init: {"path", "sha256", "metrics": EvalResult of the starting model}
 
     def to_dict(self) -> dict:
+        init = None if self.init is None else {**self.init, "metrics": self.init["metrics"].to_dict()}
         return {"schema": SCHEMA_VERSION, "kind": "train", "out": self.out, "sha256": self.sha256, "arch": self.arch,
-                "data": self.data, "poisoned_images": self.poisoned, "trigger": self.trigger,
+                "data": self.data, "poisoned_images": self.poisoned, "trigger": self.trigger, "init": init,
                 "metrics": self.result.to_dict(), "history": self.history, "timings": _round(self.timings),
                 "environment": self.environment, "definitions": DEFINITIONS}
 
@@ -381,10 +383,14 @@ def render_compare(report: CompareReport, console) -> None:
 def render_train(report: TrainReport, console) -> None:
     r = report.result
     console.print(f"saved [bold]{report.out}[/bold] ({report.arch}, sha256 {report.sha256[:12]})")
-    table = _metric_table("trained model", ["metric", "value", "95% CI", "k/n"])
-    for name, rate in (("C-Acc", r.clean_acc), ("ASR", r.asr), ("RA", r.ra)):
+    start = report.init["metrics"] if report.init else None
+    columns = ["metric"] + (["initial model"] if start else []) + ["value", "95% CI", "k/n"]
+    table = _metric_table("trained model" + (f" (from {report.init['path']})" if start else ""), columns)
+    for name, rate, first in (("C-Acc", r.clean_acc, start and start.clean_acc), ("ASR", r.asr, start and start.asr),
+                              ("RA", r.ra, start and start.ra)):
         if rate is not None:
-            table.add_row(name, pct(rate), interval(rate), counts(rate))
+            table.add_row(name, *([pct(first) if first is not None else "-"] if start else []),
+                          pct(rate), interval(rate), counts(rate))
     console.print(table)
 
 

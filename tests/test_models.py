@@ -16,7 +16,8 @@ from backdoor_cli.models import ARCHITECTURES, ArchGuess, build_model, find_head
 
 REPO = Path(__file__).resolve().parents[1]
 RESNET20 = f"{REPO / 'examples' / 'models' / 'resnet20.py'}:resnet20"
-HEADS = {"resnet18": "linear", "preactresnet18": "linear", "vgg16_bn": "classifier", "simple_cnn": "fc", "simple_cnn_half": "fc",
+HEADS = {"resnet18": "linear", "resnet20": "linear", "resnet32": "linear", "resnet44": "linear", "resnet56": "linear",
+         "preactresnet18": "linear", "vgg16_bn": "classifier", "simple_cnn": "fc", "simple_cnn_half": "fc",
          "test_tiny": "fc"}
 SMALL = ("simple_cnn", "simple_cnn_half", "test_tiny")
 BN = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
@@ -380,6 +381,9 @@ def test_guess_architecture_names_nothing_unless_everything_matches():
 
 def test_guess_architecture_of_a_foreign_layout():
     state = build_model(RESNET20, 10).state_dict()  # (not on meta: its kaiming init is slow to set up there)
+    # The example file is key-compatible with the built-in resnet20, so it is named.
+    assert guess_architecture(state) == ArchGuess("resnet20", 10, 3, "linear")
+    del state["linear.bias"]  # no longer any built-in: the sizes are still read from names and shapes
     assert guess_architecture(state) == ArchGuess(None, 10, 3, "linear")
 
 
@@ -410,7 +414,7 @@ def test_resnet20_example_loads_the_shared_checkpoint_strictly(shared_dir):
     assert set(model.state_dict()) - set(state) == {k for k in model.state_dict() if "num_batches" in k}
     load_strict(model, state)
     assert find_head(model) == "linear"
-    assert guess_architecture(state) == ArchGuess(None, 10, 3, "linear")
+    assert guess_architecture(state) == ArchGuess("resnet20", 10, 3, "linear")
     assert sum(p.numel() for p in model.parameters()) == 269_722
 
 

@@ -5,6 +5,8 @@ those checkpoints load strictly without any renaming:
 - `resnet18`: the CIFAR ResNet-18 of the FST reference code (3x3 stem, no max-pool, head `linear`).
 - `preactresnet18`: BackdoorBench's PreActResNet-18 (no final BN before pooling, head `linear`).
 - `vgg16_bn`: the common CIFAR VGG-16 with BN (`features` + a single Linear `classifier`).
+- `resnet20/32/44/56`: He et al.'s CIFAR ResNets with option-A shortcuts, as in the widely used
+  akamaster/pytorch_resnet_cifar10 checkpoints (strong subjects that train on a CPU).
 """
 
 from __future__ import annotations
@@ -132,6 +134,57 @@ class CifarVGG(nn.Module):
         return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
 
 
+class OptionABlock(nn.Module):
+    """He et al.'s CIFAR basic block: two 3x3 conv + BN around a parameter-free shortcut (option A:
+    where the shape changes, the input is subsampled by the stride and zero-padded in channels)."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.stride, self.extra = stride, planes - in_planes
+
+    def _shortcut(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stride == 1 and self.extra == 0:
+            return x
+        x = x[:, :, :: self.stride, :: self.stride]
+        before = self.extra // 2  # the zeros go half before, half after the existing channels
+        return F.pad(x, (0, 0, 0, 0, before, self.extra - before))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + self._shortcut(x))
+
+
+class CifarResNetA(nn.Module):
+    """The CIFAR ResNets of He et al. 2016, section 4.2 (depth 6n+2: 16/32/64 channels, n blocks per
+    stage, option-A shortcuts). Key names (conv1, bn1, layerK.I.*, linear) are those of the widely
+    used akamaster/pytorch_resnet_cifar10 checkpoints, so they load strictly once 'module.' is stripped."""
+
+    def __init__(self, blocks_per_stage: int, num_classes: int, in_channels: int = 3):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, 16, 3, stride=1, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        planes = 16
+        for i, width in enumerate((16, 32, 64)):
+            stage = []
+            for j in range(blocks_per_stage):
+                stage.append(OptionABlock(planes, width, stride=2 if i > 0 and j == 0 else 1))
+                planes = width
+            self.add_module(f"layer{i + 1}", nn.Sequential(*stage))
+        self.linear = nn.Linear(64, num_classes)
+        for module in self.modules():  # He initialisation, as in the paper
+            if isinstance(module, (nn.Conv2d, nn.Linear)):
+                nn.init.kaiming_normal_(module.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.layer3(self.layer2(self.layer1(out)))
+        return self.linear(torch.flatten(F.adaptive_avg_pool2d(out, 1), 1))
+
+
 def _conv_bn_relu(c_in: int, c_out: int) -> nn.Sequential:
     # No conv bias: the BN right after it has its own shift.
     return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
@@ -200,6 +253,26 @@ def simple_cnn_half(num_classes: int, in_channels: int = 3) -> nn.Module:
     return SimpleCNN(num_classes, in_channels, width=16)
 
 
+def resnet20(num_classes: int, in_channels: int = 3) -> nn.Module:
+    """CIFAR ResNet-20 (0.27M parameters; akamaster key names)."""
+    return CifarResNetA(3, num_classes, in_channels)
+
+
+def resnet32(num_classes: int, in_channels: int = 3) -> nn.Module:
+    """CIFAR ResNet-32 (0.46M parameters; akamaster key names)."""
+    return CifarResNetA(5, num_classes, in_channels)
+
+
+def resnet44(num_classes: int, in_channels: int = 3) -> nn.Module:
+    """CIFAR ResNet-44 (0.66M parameters; akamaster key names)."""
+    return CifarResNetA(7, num_classes, in_channels)
+
+
+def resnet56(num_classes: int, in_channels: int = 3) -> nn.Module:
+    """CIFAR ResNet-56 (0.85M parameters; akamaster key names)."""
+    return CifarResNetA(9, num_classes, in_channels)
+
+
 def test_tiny(num_classes: int, in_channels: int = 3) -> nn.Module:
     """Minuscule model for unit tests."""
     return TinyNet(num_classes, in_channels)
@@ -209,6 +282,10 @@ test_tiny.__test__ = False  # not a pytest test, despite its name
 
 ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "resnet18": resnet18,
+    "resnet20": resnet20,
+    "resnet32": resnet32,
+    "resnet44": resnet44,
+    "resnet56": resnet56,
     "preactresnet18": preactresnet18,
     "vgg16_bn": vgg16_bn,
     "simple_cnn": simple_cnn,
