@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -16,6 +17,7 @@ from .checkpoint import Checkpoint, read_checkpoint
 from .data import DatasetBundle
 from .errors import InputError
 from .models import ARCHITECTURES, build_model, find_head, guess_architecture, load_strict
+from .models.hub import METADATA_KEY as HUB_METADATA_KEY, HubModel, load_hub_subject
 
 
 @dataclass
@@ -31,6 +33,7 @@ class Subject:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     sources: dict[str, str] = field(default_factory=dict)  # fact -> where it came from
+    hub: HubModel | None = None  # set for Hugging Face / timm models (models/hub.py)
 
     def describe(self) -> dict:
         ckpt = self.checkpoint
@@ -40,6 +43,7 @@ class Subject:
             "head": self.head, "parameters": ckpt.num_parameters,
             "normalization": {"mean": list(self.mean), "std": list(self.std)},
             "resolved_from": dict(self.sources),
+            **({"hub": self.hub.describe()} if self.hub is not None else {}),
         }
 
 
@@ -54,7 +58,9 @@ def _pick(sources: dict, name: str, *candidates):
 def load_subject(path: str, bundle: DatasetBundle, arch: str | None = None, num_classes: int | None = None,
                  head: str | None = None, mean=None, std=None, checkpoint: Checkpoint | None = None) -> Subject:
     """Read the checkpoint, build its architecture, load strictly, find the head, fix normalisation."""
-    ckpt = checkpoint or read_checkpoint(path)
+    ckpt = checkpoint or (None if Path(path).is_dir() else read_checkpoint(path))
+    if ckpt is None or HUB_METADATA_KEY in ckpt.metadata:  # a Hugging Face/timm directory, or bdclean's purified copy
+        return load_hub_subject(path, bundle, ckpt, arch=arch, num_classes=num_classes, head=head, mean=mean, std=std)
     meta = trusted_metadata(ckpt)
     guess = guess_architecture(ckpt.state_dict)
     sources: dict[str, str] = {}

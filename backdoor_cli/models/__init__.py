@@ -5,6 +5,8 @@
 - loading: strict weight loading with a readable key diff
 - head: finding the classifier head in forward order
 - guessing: what a state_dict's keys and shapes reveal (never their order in the file)
+- hub_config: what a Hugging Face / timm model directory's JSON says, checked as untrusted data
+- hub: building such a model, loading it as a Subject, writing the purified copy in its layout
 """
 
 from .architectures import ARCHITECTURES
