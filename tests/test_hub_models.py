@@ -279,9 +279,15 @@ def test_pickled_weights_go_through_the_safe_reader(tmp_path, models):
 
 
 def test_weights_that_do_not_fit_the_config(tmp_path, models):
-    directory = _model_dir(tmp_path, models, _resnet_config(models, hidden_sizes=[8, 32]))
+    directory = _model_dir(tmp_path, models, _resnet_config(models, hidden_sizes=[8, 8]))
     result = _evaluate(directory, models)
     assert result.exit_code == 2 and "does not fit the model" in result.output
+
+
+def test_config_asking_for_a_huge_model_is_refused_before_allocating(tmp_path, models):
+    directory = _model_dir(tmp_path, models, _resnet_config(models, hidden_sizes=[4096, 8192]))
+    result = _evaluate(directory, models)
+    assert result.exit_code == 2 and "parameters but the weights hold 6,251" in result.output, result.output
 
 
 def test_size_and_class_mismatches_name_the_remedy(tmp_path, models):

@@ -33,9 +33,24 @@ OUTPUTS = tuple(f"{OUTPUT_DIR}/{name}" for name in (CONFIG, "model.safetensors",
 
 # ---- building the model --------------------------------------------------------------------------
 
-def build_hub_model(hub: HubModel) -> nn.Module:
-    """A randomly initialised model of the directory's architecture that returns logits from a tensor."""
-    return _build_transformers(hub) if hub.library == "transformers" else _build_timm(hub)
+def build_hub_model(hub: HubModel, max_parameters: int | None = None) -> nn.Module:
+    """A randomly initialised model of the directory's architecture that returns logits from a tensor.
+
+    With max_parameters (what the weights file holds), the config's model is first built on the meta
+    device (shapes only, no memory): a config asking for more parameters than the file has cannot
+    match it, and is refused before a possibly huge allocation."""
+    construct = _build_transformers if hub.library == "transformers" else _build_timm
+    if max_parameters is not None:
+        with torch.device("meta"):
+            declared = sum(p.numel() for p in construct(hub).parameters())
+        if declared > max_parameters:
+            raise InputError(f"{hub.source} describes a model of {declared:,} parameters but the weights hold "
+                             f"{max_parameters:,}", hint="the config and the weights do not belong together")
+    model = construct(hub)
+    if hub.library == "transformers":
+        keep_file_keys(model, file_key_map(model, hub))
+        model.forward = LogitsForward(model)
+    return model.eval()
 
 
 def import_optional(module: str, extra: str):
@@ -86,9 +101,7 @@ def _build_transformers(hub: HubModel) -> nn.Module:
                          f"({exc.__class__.__name__}: {str(exc)[:200]})") from None
     finally:
         transformers.logging.set_verbosity(verbosity)
-    keep_file_keys(model, file_key_map(model, hub))
-    model.forward = LogitsForward(model)
-    return model.eval()
+    return model
 
 
 def _build_timm(hub: HubModel) -> nn.Module:
@@ -101,7 +114,7 @@ def _build_timm(hub: HubModel) -> nn.Module:
     except (ValueError, TypeError, KeyError, RuntimeError, AssertionError) as exc:
         raise InputError(f"{hub.source}: timm cannot build {hub.arch} ({exc.__class__.__name__}: {str(exc)[:200]})") \
             from None
-    return model.eval()
+    return model
 
 
 def num_classes_of(model: nn.Module, hub: HubModel) -> int:
@@ -188,7 +201,7 @@ def load_hub_subject(path: str, bundle, checkpoint: Checkpoint | None = None, ar
     spec = input_spec(hub)
     image_h, image_w, image_c = bundle.test.image_shape
     check_input_shape(spec, bundle.test.image_shape)
-    model = build_hub_model(hub)
+    model = build_hub_model(hub, max_parameters=ckpt.num_parameters)
     n_classes = num_classes_of(model, hub)
     if num_classes is not None and num_classes != n_classes:
         raise InputError(f"--num-classes {num_classes} contradicts {hub.source}, which has {n_classes} classes")
