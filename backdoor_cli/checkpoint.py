@@ -317,13 +317,14 @@ def check_tensors(state: dict[str, torch.Tensor], path: Path) -> None:
         raise InputError(f"{path}: no floating-point tensors; this does not look like model weights")
 
 
-def safetensors_bytes(state: dict[str, torch.Tensor], metadata: dict) -> bytes:
-    """Weights + bdclean metadata as safetensors bytes (deterministic: sorted metadata keys)."""
+def safetensors_bytes(state: dict[str, torch.Tensor], metadata: dict, extra: dict[str, str] | None = None) -> bytes:
+    """Weights + bdclean metadata as safetensors bytes (deterministic: sorted metadata keys).
+    `extra`: other string metadata entries a loader expects (transformers wants {'format': 'pt'})."""
     from safetensors.torch import save as save_safetensors
 
     # Clone into contiguous CPU tensors: safetensors refuses shared or strided storage.
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
-    return save_safetensors(tensors, metadata={METADATA_KEY: json.dumps(metadata, sort_keys=True)})
+    return save_safetensors(tensors, metadata={**(extra or {}), METADATA_KEY: json.dumps(metadata, sort_keys=True)})
 
 
 def write_safetensors(path: str | Path, state: dict[str, torch.Tensor], metadata: dict) -> str:

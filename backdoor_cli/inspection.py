@@ -6,17 +6,29 @@ from collections import Counter
 from pathlib import Path
 
 from .checkpoint import read_checkpoint
-from .models import guess_architecture
+from .models import guess_architecture, hub
 
 
 def inspect_checkpoint(path: str | Path) -> dict:
-    """Format, tensors, parameter count, guessed architecture and head, embedded bdclean metadata."""
-    ckpt = read_checkpoint(path)
+    """Format, tensors, parameter count, guessed architecture and head, embedded bdclean metadata.
+    A Hugging Face/timm model directory is described from its config.json and weights file."""
+    model = hub.read_model_dir(path) if Path(path).is_dir() else None
+    ckpt = read_checkpoint(model.weights if model else path)
+    if model is None and hub.METADATA_KEY in ckpt.metadata:
+        model = hub.hub_from_metadata(ckpt)
+    info = _describe_checkpoint(ckpt)
+    if model is not None:
+        info.update(path=str(path), hub=model.describe(), guess=hub.hub_guess(model, ckpt.state_dict))
+    return info
+
+
+def _describe_checkpoint(ckpt) -> dict:
     guess = guess_architecture(ckpt.state_dict)
     meta = ckpt.metadata
     dtypes = Counter(str(t.dtype).replace("torch.", "") for t in ckpt.state_dict.values())
     return {
         "path": str(ckpt.path),
+        "weights": str(ckpt.path),
         "format": ckpt.format,
         "bytes": ckpt.size_bytes,
         "sha256": ckpt.sha256,
@@ -53,6 +65,8 @@ def render_inspection(info: dict, console, show_keys: bool = False) -> None:
         ("input channels", str(guess["in_channels"] or "unknown")),
         ("head", guess["head"] or "unknown"),
     ]
+    if info.get("hub"):
+        rows.insert(0, ("model", f"{info['hub']} (weights {Path(info['weights']).name})"))
     if info["stripped_prefix"]:
         rows.append(("prefix stripped", info["stripped_prefix"]))
     if info["extra_entries"]:

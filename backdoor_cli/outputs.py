@@ -124,13 +124,7 @@ class OutputSet:
             raise OutputError(f"--out {out} is a file; it must be a directory",
                               hint="choose a directory for the outputs")
         check_targets([out / n for n in self.names], self.inputs, self.force)
-        missing = []
-        parent = out
-        while not parent.exists():
-            missing.append(parent)
-            if parent.parent == parent:
-                break
-            parent = parent.parent
+        missing = _missing_dirs(out)
         try:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -150,10 +144,21 @@ class OutputSet:
         """Write one output's bytes to a temp file (fsynced) next to where it will go."""
         if name not in self.names:
             raise ValueError(f"{name} was not declared as an output")  # programming error
+        self._make_parent(self.directory / name)
         tmp_name = write_temp_beside(self.directory / name, data)
         if name in self._staged:
             _unlink_quietly(self._staged[name])
         self._staged[name] = tmp_name
+
+    def _make_parent(self, target: Path) -> None:
+        """Create the subdirectory an output name like 'purified-hf/config.json' needs, remembering it
+        (deepest first) so an aborted run removes it again."""
+        created = _missing_dirs(target.parent)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(_describe_write_error(target.parent, exc)) from None
+        self._created = created + self._created
 
     def commit(self) -> None:
         """Rename every staged file into place; on any failure put back what was there before."""
@@ -163,14 +168,14 @@ class OutputSet:
                 target = self.directory / name
                 backup = None
                 if os.path.lexists(target):
-                    backup = tempfile.mktemp(prefix=f".{name}.", suffix=".old", dir=self.directory)
+                    backup = _backup_name(target)
                     os.replace(target, backup)
                 backups[target] = backup
                 os.replace(tmp, target)
             for name in self.names:  # a stale output of an earlier run (e.g. its plot) must not pass as ours
                 target = self.directory / name
                 if name not in self._staged and os.path.lexists(target):
-                    backup = tempfile.mktemp(prefix=f".{name}.", suffix=".old", dir=self.directory)
+                    backup = _backup_name(target)
                     os.replace(target, backup)
                     backups[target] = backup
         except BaseException as exc:  # Ctrl-C too: roll back, then let it propagate
@@ -201,6 +206,22 @@ class OutputSet:
                 path.rmdir()  # only if empty: never removes anything the run did not create
             except OSError:
                 break
+
+
+def _missing_dirs(path: Path) -> list[Path]:
+    """`path` and those of its parents that do not exist yet, deepest first."""
+    missing = []
+    while not path.exists():
+        missing.append(path)
+        if path.parent == path:
+            break
+        path = path.parent
+    return missing
+
+
+def _backup_name(target: Path) -> str:
+    """A free name beside `target` for its previous version while a commit is under way."""
+    return tempfile.mktemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent)
 
 
 def _unlink_quietly(path) -> None:

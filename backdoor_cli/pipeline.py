@@ -22,6 +22,7 @@ from .defenses import DefenseParams, default_params, get_defense
 from .errors import ConfigError, InputError
 from .evaluate import EvalSets, build_eval_sets, evaluate_model
 from .gates import check_gates
+from .models import hub
 from .metrics import defense_effectiveness_rating
 from .models.output_kind import PROBE_IMAGES, OutputKind, parse_output_kind, probe_outputs, resolve_output_kind
 from .outputs import OutputSet
@@ -182,7 +183,8 @@ def purify_checkpoint(opts: PurifyOptions, reporter: Reporter | None = None) -> 
     out = Path(opts.out)
     params, fraction = _defense_params(opts, None)  # range errors before any work; dataset defaults below
     parse_output_kind(opts.output_kind)  # a bad --output-kind: exit 2 before any work
-    with OutputSet(out, PURIFY_OUTPUTS + ("report.png",), _input_paths(opts, opts.checkpoint), opts.force) as outputs:
+    names = PURIFY_OUTPUTS + ("report.png",) + hub.OUTPUTS  # the hub layout is written for hub models only
+    with OutputSet(out, names, _input_paths(opts, opts.checkpoint), opts.force) as outputs:
         report = _purify_into(opts, defense, device, outputs, reporter)
         reporter.stage(f"writing outputs to {out}")
         outputs.commit()
@@ -237,9 +239,14 @@ def _purify_into(opts: PurifyOptions, defense, device, outputs: OutputSet, repor
     with timer.stage("write"):
         import yaml
 
-        blob = safetensors_bytes(_matching_state_dict(model, subject), _purified_metadata(subject, bundle, trigger, report))
+        state, meta = _matching_state_dict(model, subject), _purified_metadata(subject, bundle, trigger, report)
+        blob = safetensors_bytes(state, meta)
         outputs.stage("purified.safetensors", blob)
         report.outputs["purified.safetensors"] = hashlib.sha256(blob).hexdigest()
+        if subject.hub is not None:
+            for name, data in hub.hub_layout(subject.hub, state, meta).items():
+                outputs.stage(f"{hub.OUTPUT_DIR}/{name}", data)
+                report.outputs[f"{hub.OUTPUT_DIR}/{name}"] = hashlib.sha256(data).hexdigest()
         if clean_indices is not None:
             outputs.stage("clean_indices.txt", "".join(f"{i}\n" for i in clean_indices.tolist()).encode())
         outputs.stage("config.yaml", yaml.safe_dump(report.options, sort_keys=False).encode())
@@ -319,6 +326,8 @@ def _purified_metadata(subject: Subject, bundle: DatasetBundle, trigger, report:
         },
         "origin": {k: v for k, v in subject.checkpoint.metadata.items() if k in ("poison_rate", "seed", "trained_by")},
     })
+    if subject.hub is not None:  # what rebuilds the model from purified.safetensors alone
+        meta[hub.METADATA_KEY] = subject.hub.to_metadata()
     return meta
 
 

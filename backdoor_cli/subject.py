@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -17,6 +18,7 @@ from .data import DatasetBundle
 from .errors import InputError
 from .models import (ARCHITECTURES, arch_file_source, build_model, find_head, guess_architecture, is_file_arch,
                      load_strict, read_shape_facts)
+from .models.hub import METADATA_KEY as HUB_METADATA_KEY, HubModel, load_hub_subject
 
 
 @dataclass
@@ -34,6 +36,7 @@ class Subject:
     sources: dict[str, str] = field(default_factory=dict)  # fact -> where it came from
     arch_source: dict | None = None  # for a user's file architecture: file name, factory, sha256
     notes: list[str] = field(default_factory=list)  # warnings for the user (e.g. a changed arch file)
+    hub: HubModel | None = None  # set for Hugging Face / timm models (models/hub.py)
 
     def describe(self) -> dict:
         ckpt = self.checkpoint
@@ -44,6 +47,7 @@ class Subject:
             "normalization": {"mean": list(self.mean), "std": list(self.std)},
             "resolved_from": dict(self.sources),
             **({"arch_source": dict(self.arch_source)} if self.arch_source else {}),
+            **({"hub": self.hub.describe()} if self.hub is not None else {}),
         }
 
 
@@ -58,7 +62,9 @@ def _pick(sources: dict, name: str, *candidates):
 def load_subject(path: str, bundle: DatasetBundle, arch: str | None = None, num_classes: int | None = None,
                  head: str | None = None, mean=None, std=None, checkpoint: Checkpoint | None = None) -> Subject:
     """Read the checkpoint, build its architecture, load strictly, find the head, fix normalisation."""
-    ckpt = checkpoint or read_checkpoint(path)
+    ckpt = checkpoint or (None if Path(path).is_dir() else read_checkpoint(path))
+    if ckpt is None or HUB_METADATA_KEY in ckpt.metadata:  # a Hugging Face/timm directory, or bdclean's purified copy
+        return load_hub_subject(path, bundle, ckpt, arch=arch, num_classes=num_classes, head=head, mean=mean, std=std)
     meta = trusted_metadata(ckpt, arch_flag=arch)
     notes = _arch_notes(ckpt, arch)
     sources: dict[str, str] = {}

@@ -119,3 +119,27 @@ def test_outputs_never_land_in_an_input_directory(tmp_path):
         with OutputSet(data / "models", ["m.safetensors"], [data], force=True):
             pass
     assert not (data / "models").exists()
+
+
+def test_output_set_names_in_a_subdirectory(tmp_path):
+    """purify writes purified-hf/config.json & co.: the subdirectory is made when first staged, removed
+    again on abort, and a stale file in it is replaced (with --force) like any other output."""
+    from backdoor_cli.outputs import OutputSet
+
+    names = ["a.txt", "sub/b.txt", "sub/c.txt"]
+    with pytest.raises(RuntimeError):
+        with OutputSet(tmp_path / "out", names, [], force=False) as outputs:
+            outputs.stage("sub/b.txt", b"B")
+            raise RuntimeError("tuning failed")
+    assert not (tmp_path / "out").exists()
+    with OutputSet(tmp_path / "out", names, [], force=False) as outputs:
+        outputs.stage("sub/b.txt", b"B")
+        outputs.stage("sub/c.txt", b"C")
+        outputs.commit()
+    with pytest.raises(OutputError, match="already exist"):
+        OutputSet(tmp_path / "out", names, [], force=False).__enter__()
+    with OutputSet(tmp_path / "out", names, [], force=True) as outputs:
+        outputs.stage("sub/b.txt", b"B2")
+        outputs.commit()
+    assert sorted(p.name for p in (tmp_path / "out" / "sub").iterdir()) == ["b.txt"]  # stale c.txt dropped
+    assert (tmp_path / "out" / "sub" / "b.txt").read_bytes() == b"B2"

@@ -7,6 +7,8 @@
 - guessing: what a state_dict's keys and shapes reveal (never their order in the file)
 - shapes: class count and input channels read under the known architecture's own key names
 - output_kind: whether the forward returns logits, probabilities or log-probabilities, and the tuning loss that fits
+- hub_config: what a Hugging Face / timm model directory's JSON says, checked as untrusted data
+- hub: building such a model, loading it as a Subject, writing the purified copy in its layout
 """
 
 from .architectures import ARCHITECTURES
