@@ -30,12 +30,10 @@ import numpy as np
 import torch
 
 from .errors import ConfigError, InputError
-from .imagefolder import IMAGE_SUFFIXES, MAX_IMAGE_SIDE, ImageSize, clip, folder_classes, index_folder
+from .imagefolder import ImageSize, clip, folder_classes, index_folder
 
 if TYPE_CHECKING:
     from .streaming import FolderStream
-
-__all__ = ["IMAGE_SUFFIXES", "MAX_IMAGE_SIDE"]  # re-exported: they were defined here
 
 
 @dataclass(frozen=True)
