@@ -4,6 +4,7 @@ test split (same metrics as resident, bounded number of batches in flight, same 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -243,3 +244,22 @@ def test_decompression_bomb_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 300)  # over twice it: PIL refuses to open it
     with pytest.raises(InputError, match="decompression bomb"):
         load_dataset(str(tmp_path / "f"), image_size=(16, 16))
+
+
+def test_benchmark_smoke(tmp_path):
+    """benchmarks/bench_imagefolder.py end to end on a tiny folder: JSON shape and identical metrics only."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_imagefolder.py"
+    spec = importlib.util.spec_from_file_location("bench_imagefolder", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "bench.json"
+    code = bench.main(["--images", "24", "--min-side", "20", "--max-side", "40", "--image-size", "16",
+                       "--batch-size", "8", "--loaders", "--json-out", str(out)])
+    result = json.loads(out.read_text())
+    assert code == 0 and result["metrics_identical"]
+    runs = result["runs"]
+    assert runs["resident"]["streamed"] is False and runs["streamed"]["streamed"] is True
+    assert runs["decode-threads"]["images"] == runs["decode-dataloader"]["images"] == 24
+    assert result["machine"]["cpu_capability"] and result["streamed_over_resident"]["max_rss"] > 0
