@@ -71,6 +71,7 @@ class EvalResult:
 def build_eval_sets(test: ImageSet | FolderStream, trigger, device: torch.device, limit: int | None = None,
                     seed: int = 0) -> EvalSets:
     """Move the test split to the device and build the triggered set from its non-target images.
+    A FolderStream stays on disk: evaluate_model triggers its non-target images batch by batch.
 
     ASR counts only images whose true class differs from the target: a target-class image
     classified as the target is a correct prediction, not a successful attack.
