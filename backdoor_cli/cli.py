@@ -53,6 +53,10 @@ Force = Annotated[Optional[bool], typer.Option("--force", help="Replace existing
 MaxAsr = Annotated[Optional[str], typer.Option(help="Gate: fail (exit 1) if ASR is above this (0.05 or 5%).")]
 MinAcc = Annotated[Optional[str], typer.Option(help="Gate: fail (exit 1) if clean accuracy is below this.")]
 MaxAccDrop = Annotated[Optional[str], typer.Option(help="Gate: fail (exit 1) if clean accuracy drops by more than this.")]
+ImageSize = Annotated[Optional[str], typer.Option(help="Model input size N (square) or H,W: image folders are "
+                                                  "resized (shorter side to round(N / 0.875), e.g. 256 for 224) and "
+                                                  "centre-cropped to it, the ImageNet evaluation transform. Needed when "
+                                                  "a folder's images differ in size.")]
 Out = Annotated[Optional[str], typer.Option(help="Output directory (purify) or file (train).")]
 
 
@@ -146,7 +150,7 @@ def evaluate(
     data_dir: DataDir = None, trigger: Trigger = None, target: Target = None, mean: Mean = None, std: Std = None,
     device: Device = None, seed: Seed = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Evaluation batch size (default 1024).")] = None,
-    eval_limit: EvalLimit = None, max_asr: MaxAsr = None, min_acc: MinAcc = None,
+    eval_limit: EvalLimit = None, max_asr: MaxAsr = None, min_acc: MinAcc = None, image_size: ImageSize = None,
     config: Config = None, json_output: Json = False, quiet: Quiet = False,
 ):
     """Measure clean accuracy and the attack success rate of a trigger, with 95% intervals."""
@@ -186,7 +190,7 @@ def purify(
     output_kind: Annotated[Optional[str], typer.Option(help="What the model returns: logits, probs, log-probs, or auto "
                                                        "(default: detected from a probe batch).")] = None,
     device: Device = None, seed: Seed = None, eval_limit: EvalLimit = None,
-    max_asr: MaxAsr = None, min_acc: MinAcc = None, max_acc_drop: MaxAccDrop = None,
+    max_asr: MaxAsr = None, min_acc: MinAcc = None, max_acc_drop: MaxAccDrop = None, image_size: ImageSize = None,
     force: Force = None, config: Config = None, json_output: Json = False, quiet: Quiet = False,
 ):
     """Remove a backdoor by tuning on clean data; write purified weights and a report to --out."""
@@ -216,6 +220,7 @@ def compare(
     device: Device = None, seed: Seed = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Evaluation batch size (default 1024).")] = None,
     eval_limit: EvalLimit = None, max_asr: MaxAsr = None, min_acc: MinAcc = None, max_acc_drop: MaxAccDrop = None,
+    image_size: ImageSize = None,
     markdown: Annotated[bool, typer.Option("--markdown", help="Print a Markdown table.")] = False,
     config: Config = None, json_output: Json = False, quiet: Quiet = False,
 ):
@@ -259,7 +264,7 @@ def train(
     holdout_fraction: Annotated[Optional[float], typer.Option(help="Keep this fraction of the training split out of "
                                                               "training (indices saved in the metadata).")] = None,
     train_limit: Annotated[Optional[int], typer.Option(help="Train on a stratified subset of N images.")] = None,
-    mean: Mean = None, std: Std = None, device: Device = None, seed: Seed = None,
+    mean: Mean = None, std: Std = None, device: Device = None, seed: Seed = None, image_size: ImageSize = None,
     force: Force = None, config: Config = None, json_output: Json = False, quiet: Quiet = False,
 ):
     """Train a model, optionally backdoored, and save it as safetensors with metadata."""

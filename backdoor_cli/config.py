@@ -15,10 +15,12 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from .errors import ConfigError
+from .imagefolder import MAX_IMAGE_SIDE
 
 MAX_CONFIG_BYTES = 1024 * 1024
 # Gate thresholds accept a fraction (0.05) or a percentage string ("5%") from flags and YAML alike.
 GATE_OPTIONS = ("max_asr", "min_acc", "max_acc_drop")
+IMAGE_SIZE_OPTION = "image_size"  # one side (224: a square) or height,width; each in [2, MAX_IMAGE_SIDE]
 # Allowed ranges, checked where values enter (flag or YAML), so a bad value fails in a second, naming
 # its option, instead of deep inside torch after minutes of work: name -> (low, high, low_open, high_open).
 MAX_SEED = 2**63 - 1
@@ -59,6 +61,7 @@ class EvaluateOptions:
     eval_limit: int | None = None
     max_asr: float | None = None
     min_acc: float | None = None
+    image_size: tuple[int, int] | None = None  # (height, width); image folders are resized + centre-cropped
 
 
 @dataclass(frozen=True)
@@ -116,6 +119,7 @@ class TrainOptions:
     device: str = "auto"
     seed: int = 0
     eval_batch_size: int = 1024
+    image_size: tuple[int, int] | None = None
 
 
 def load_config_file(path: str | Path) -> dict:
@@ -201,6 +205,8 @@ def _check_range(name: str, value: float, source: str) -> None:
 def _coerce_type(name: str, value, annotation, source: str):
     if name in GATE_OPTIONS:
         return parse_rate(value, source)
+    if name == IMAGE_SIZE_OPTION:
+        return parse_image_size(value, source)
     annotation = _resolve_type(annotation)
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
@@ -241,6 +247,27 @@ def _coerce_type(name: str, value, annotation, source: str):
             return str(value)
         raise ConfigError(f"{source}: expected a string, got {type(value).__name__}")
     return value
+
+
+def parse_image_size(value, source: str) -> tuple[int, int] | None:
+    """`224` or `"224"` -> (224, 224); `"224,192"` or [224, 192] -> (224, 192) as (height, width)."""
+    if value is None:
+        return None
+    parts = value.replace(" ", "").split(",") if isinstance(value, str) else value
+    if not isinstance(parts, (list, tuple)):
+        parts = [parts]
+    if len(parts) not in (1, 2) or not all(_is_count(p) for p in parts):
+        raise ConfigError(f"{source}: expected N or H,W in pixels, got {value!r}", hint="e.g. --image-size 224")
+    sides = tuple(int(p) for p in parts)
+    if not all(2 <= side <= MAX_IMAGE_SIDE for side in sides):
+        raise ConfigError(f"{source}: each side must be in [2, {MAX_IMAGE_SIDE}], got {value!r}")
+    return sides[0], sides[-1]
+
+
+def _is_count(value) -> bool:
+    if isinstance(value, str):
+        return value.isascii() and value.isdigit()
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def parse_rate(text: str | float | None, option: str) -> float | None:

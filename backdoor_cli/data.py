@@ -7,24 +7,33 @@ the device. Normalisation and augmentation are whole-batch tensor ops (`normaliz
 Layouts `load_dataset` understands (all read without unpickling anything):
   * an npz directory: `train.npz` / `test.npz`, each with `x` (uint8 NHWC or NHW) and `y` labels;
   * a single `.npz` file (used as the test split);
-  * an ImageFolder directory: `train/<class>/*.png|jpg` and `test/<class>/...`;
+  * an ImageFolder directory: `train/<class>/*.png|jpg` and `test/<class>/...` (imagefolder.py);
   * a dataset name (`cifar10`, `mnist`, ...) looked up as `<data-dir>/<name>` in one of the above,
     or in torchvision's download folders under `<data-dir>` (see standard_layouts.py).
+
+Image folders whose images differ in size need `image_size` (`--image-size`): every image is then
+resized and centre-cropped to it (imagefolder.py). A folder split whose decoded images would take
+more than STREAM_MIN_BYTES stays on disk as a `FolderStream` (streaming.py), decoded batch by batch
+when evaluated; smaller ones, and npz data, are read resident as before.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from .errors import ConfigError, InputError
+from .imagefolder import ImageSize, clip, folder_classes, index_folder
+
+if TYPE_CHECKING:
+    from .streaming import FolderStream
 
 
 @dataclass(frozen=True)
@@ -47,9 +56,10 @@ DATASET_DEFAULTS: dict[str, DatasetInfo] = {
 }
 # Data of unknown origin: map pixels to [-1, 1]. Checkpoints made by bdclean carry their own values.
 UNKNOWN_MEAN, UNKNOWN_STD = (0.5,), (0.5,)
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm", ".pgm", ".tif", ".tiff")
-MAX_IMAGE_SIDE = 4096  # per image in an ImageFolder; checked from the header before decoding
 DATA_DIR_ENV = "BDCLEAN_DATA_DIR"
+# An image-folder split larger than this once decoded (N x H x W x C bytes) is streamed, not resident:
+# 5,000 images at 224 px are 750 MB, CIFAR-sized or Tiny-ImageNet folders (30 / 123 MB) stay resident.
+STREAM_MIN_BYTES = 256 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -80,8 +90,8 @@ class DatasetBundle:
     """A dataset as the pipeline sees it: splits, class count, normalisation defaults, provenance."""
 
     name: str
-    train: ImageSet | None
-    test: ImageSet
+    train: "ImageSet | FolderStream | None"  # a FolderStream only for large image folders (STREAM_MIN_BYTES)
+    test: "ImageSet | FolderStream"
     num_classes: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
@@ -104,8 +114,14 @@ def default_data_dir() -> Path:
     return Path(os.environ.get(DATA_DIR_ENV) or "data")
 
 
-def load_dataset(spec: str, data_dir: str | None = None, need_train: bool = True) -> DatasetBundle:
-    """Load a dataset from a path or a name; `need_train=False` skips reading the training split."""
+def load_dataset(spec: str, data_dir: str | None = None, need_train: bool = True,
+                 image_size: ImageSize | None = None) -> DatasetBundle:
+    """Load a dataset from a path or a name; `need_train=False` skips reading the training split.
+
+    `image_size` (height, width) is the model's input size, from `--image-size` or a model loader's
+    own config: image folders are resized and centre-cropped to it (imagefolder.py); npz data must
+    already have that size. None keeps the images' own (common) size.
+    """
     path = Path(spec).expanduser()
     if not path.exists():
         name = canonical_name(spec)
@@ -118,7 +134,7 @@ def load_dataset(spec: str, data_dir: str | None = None, need_train: bool = True
 
                 found = read_standard_layout(name, root, need_train)
                 if found is not None:
-                    return _bundle_from_arrays(name, *found)
+                    return _check_size(_bundle_from_arrays(name, *found), image_size)
                 raise InputError(f"dataset '{spec}' not found under {root}",
                                  hint=f"pass --data-dir DIR holding {name}/ (train.npz/test.npz or train/ and test/ "
                                       f"class folders) or torchvision's download folder, set {DATA_DIR_ENV}, "
@@ -132,17 +148,19 @@ def load_dataset(spec: str, data_dir: str | None = None, need_train: bool = True
     if path.is_file():
         if path.suffix != ".npz":
             raise InputError(f"{path}: a data file must be .npz with arrays x and y")
-        test, train, classes = read_npz_split(path), None, None
+        test, train, classes = _sized(read_npz_split(path), image_size), None, None
     elif (path / "test.npz").exists() or (path / "train.npz").exists():
         if not (path / "test.npz").exists():
             raise InputError(f"{path} has train.npz but no test.npz", hint="evaluation needs a test split")
-        test = read_npz_split(path / "test.npz")
-        train = read_npz_split(path / "train.npz") if need_train and (path / "train.npz").exists() else None
+        test = _sized(read_npz_split(path / "test.npz"), image_size)
+        train = (_sized(read_npz_split(path / "train.npz"), image_size)
+                 if need_train and (path / "train.npz").exists() else None)
         classes = None
     elif (path / "test").is_dir():
-        classes = _folder_classes(path / "train") if (path / "train").is_dir() else _folder_classes(path / "test")
-        test = read_image_folder(path / "test", classes)
-        train = read_image_folder(path / "train", classes) if need_train and (path / "train").is_dir() else None
+        classes = folder_classes(path / "train") if (path / "train").is_dir() else folder_classes(path / "test")
+        test = read_folder_split(path / "test", classes, image_size)
+        train = (read_folder_split(path / "train", classes, image_size)
+                 if need_train and (path / "train").is_dir() else None)
     elif path.is_dir():
         raise InputError(f"{path} holds no dataset",
                          hint="expected train.npz/test.npz, or train/ and test/ folders with one subfolder per class")
@@ -180,20 +198,37 @@ def _bundle_from_arrays(name: str, train, test, source: Path) -> DatasetBundle:
                          std=info.std, augment_flip=info.flip, source=str(source))
 
 
-def load_clean_folder(spec: str) -> ImageSet:
+def _sized(split: ImageSet, image_size: ImageSize | None) -> ImageSet:
+    """npz images are used as stored: with an image_size, they must already have it."""
+    if image_size is not None and split.image_shape[:2] != tuple(image_size):
+        h, w, _ = split.image_shape
+        raise InputError(f"the images are {w}x{h} pixels but --image-size asks for {image_size[1]}x{image_size[0]}",
+                         hint="--image-size resizes image folders only; resize array data before saving it")
+    return split
+
+
+def _check_size(bundle: DatasetBundle, image_size: ImageSize | None) -> DatasetBundle:
+    for split in (bundle.train, bundle.test):
+        if split is not None:
+            _sized(split, image_size)
+    return bundle
+
+
+def load_clean_folder(spec: str, image_size: ImageSize | None = None) -> ImageSet:
     """A defender's own clean images: an .npz file, an npz directory (its train.npz, else test.npz),
-    or a folder with one subfolder per class (labels are the sorted folder names' positions)."""
+    or a folder with one subfolder per class (labels are the sorted folder names' positions).
+    Always resident; `image_size` as for load_dataset."""
     path = Path(spec).expanduser()
     if not path.exists():
         raise InputError(f"--clean-data {spec} does not exist")
     if path.is_file():
-        return read_npz_split(path)
+        return _sized(read_npz_split(path), image_size)
     for name in ("train.npz", "test.npz"):
         if (path / name).exists():
-            return read_npz_split(path / name)
+            return _sized(read_npz_split(path / name), image_size)
     if (path / "train").is_dir():
         path = path / "train"
-    return read_image_folder(path, _folder_classes(path))
+    return read_image_folder(path, folder_classes(path), image_size)
 
 
 def read_npz_split(path: Path) -> ImageSet:
@@ -206,7 +241,7 @@ def read_npz_split(path: Path) -> ImageSet:
     except InputError:
         raise
     except (ValueError, OSError, zipfile.BadZipFile, EOFError, KeyError) as e:
-        raise InputError(f"{path}: not a readable .npz archive ({_clip(str(e) or type(e).__name__)})",
+        raise InputError(f"{path}: not a readable .npz archive ({clip(str(e) or type(e).__name__)})",
                          hint="numpy.savez(path, x=uint8 images, y=labels); pickled arrays are refused") from None
     return images_from_arrays(x, y, str(path))
 
@@ -233,68 +268,25 @@ def images_from_arrays(x: np.ndarray, y: np.ndarray, what: str) -> ImageSet:
     return ImageSet(torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y.astype(np.int64)))
 
 
-def _folder_classes(path: Path) -> list[str]:
-    classes = sorted(p.name for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not classes:
-        raise InputError(f"{path} has no class subfolders", hint="ImageFolder layout: DIR/<class>/<image files>")
-    return classes
+def read_folder_split(path: Path, classes: list[str], image_size: ImageSize | None = None):
+    """One image-folder split: resident (ImageSet) when its decoded images fit in STREAM_MIN_BYTES,
+    else a FolderStream decoded batch by batch. Every header is checked first either way."""
+    from .streaming import FolderStream
+
+    stream = FolderStream.from_index(index_folder(path, classes), image_size)
+    h, w, c = stream.image_shape
+    if stream.num_images * h * w * c > STREAM_MIN_BYTES:
+        return stream
+    return stream.materialize()
 
 
-def read_image_folder(path: Path, classes: list[str]) -> ImageSet:
-    """Images under path/<class>/ -> one ImageSet. All images must share one size; grayscale images
-    in a colour dataset are replicated to RGB (common in real folders, e.g. Tiny-ImageNet)."""
-    from PIL import Image
+def read_image_folder(path: Path, classes: list[str], image_size: ImageSize | None = None) -> ImageSet:
+    """Images under path/<class>/ -> one resident ImageSet. Without image_size all images must share
+    one size; grayscale images in a colour dataset are replicated to RGB (common in real folders,
+    e.g. Tiny-ImageNet)."""
+    from .streaming import FolderStream
 
-    present = set(_folder_classes(path))
-    unknown = sorted(present - set(classes))
-    if unknown:
-        raise InputError(f"{path} has classes not in the training split: {', '.join(unknown[:5])}")
-    files: list[tuple[Path, int]] = []
-    for label, cls in enumerate(classes):
-        folder = path / cls
-        if folder.is_dir():
-            files += [(f, label) for f in sorted(folder.iterdir())
-                      if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES]
-    if not files:
-        raise InputError(f"{path} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
-    headers = [_image_header(f) for f, _ in files]
-    size = headers[0][1]
-    for (f, _), (_, s) in zip(files, headers):
-        if s != size:
-            raise InputError(f"{f}: image is {s[0]}x{s[1]} but the others are {size[0]}x{size[1]}",
-                             hint="resize the folder's images to one size first")
-    mode = "RGB" if any(m not in ("L", "1", "I", "I;16", "F") for m, _ in headers) else "L"
-    x = np.empty((len(files), size[1], size[0], 3 if mode == "RGB" else 1), dtype=np.uint8)
-    for i, (f, _) in enumerate(files):
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            try:
-                with Image.open(f) as image:
-                    pixels = np.asarray(image.convert(mode), dtype=np.uint8)
-            except Exception as e:  # noqa: BLE001 - PIL raises many types for corrupt files
-                raise InputError(f"{f}: not a readable image ({_clip(str(e) or type(e).__name__)})") from None
-        x[i] = pixels.reshape(x.shape[1:])
-    y = np.array([label for _, label in files], dtype=np.int64)
-    return images_from_arrays(x, y, str(path))
-
-
-def _image_header(path: Path) -> tuple[str, tuple[int, int]]:
-    """(mode, (width, height)) from the header only, refusing oversized images before any decoding."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as image:
-            mode, size = image.mode, image.size
-    except Exception as e:  # noqa: BLE001
-        raise InputError(f"{path}: not a readable image ({_clip(str(e) or type(e).__name__)})") from None
-    if not (0 < size[0] <= MAX_IMAGE_SIDE and 0 < size[1] <= MAX_IMAGE_SIDE):
-        raise InputError(f"{path}: image is {size[0]}x{size[1]} pixels (limit {MAX_IMAGE_SIDE} per side)")
-    return mode, size
-
-
-def _clip(text: str, limit: int = 120) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    return FolderStream.from_index(index_folder(path, classes), image_size).materialize()
 
 
 # ---------------------------------------------------------------- subsets

@@ -3,6 +3,10 @@
 The evaluation sets are built once per run (clean test images, and the triggered copies of the
 non-target ones) and reused before and after purification, so both measurements see exactly the
 same images. Counts accumulate on the device; the host reads them once at the end.
+
+A large image folder's test split arrives as a FolderStream (streaming.py): it is decoded batch by
+batch for every evaluation, and the trigger is applied to each batch's non-target images as they
+pass, so the counts are those of the resident path on the same images.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import torch
 from .data import ImageSet, normalize, stratified_limit
 from .metrics import Rate
 from .runtime import autocast, synchronize
+from .streaming import FolderStream
 
 APPLY_CHUNK = 4096  # trigger application is chunked to bound float temporaries (WaNet's grid_sample)
 
@@ -23,11 +28,26 @@ APPLY_CHUNK = 4096  # trigger application is chunked to bound float temporaries 
 class EvalSets:
     """The images every evaluation of a run uses."""
 
-    clean: ImageSet
-    poisoned: ImageSet | None  # triggered non-target-class images, labelled with their TRUE class
+    clean: ImageSet | FolderStream  # resident on the device, or streamed from disk
+    poisoned: ImageSet | None  # resident: triggered non-target-class images, labelled with their TRUE class
     target: int | None
     trigger_name: str | None
     limited: bool = False
+    trigger: object | None = None  # streamed: applied per batch (poisoned stays None)
+
+    @property
+    def streamed(self) -> bool:
+        return isinstance(self.clean, FolderStream)
+
+    @property
+    def has_trigger(self) -> bool:
+        return self.poisoned is not None or self.trigger is not None
+
+    @property
+    def num_poisoned(self) -> int:
+        if self.poisoned is not None:
+            return self.poisoned.num_images
+        return int((self.clean.y != self.target).sum()) if self.trigger is not None else 0
 
 
 @dataclass
@@ -48,8 +68,10 @@ class EvalResult:
         }
 
 
-def build_eval_sets(test: ImageSet, trigger, device: torch.device, limit: int | None = None, seed: int = 0) -> EvalSets:
+def build_eval_sets(test: ImageSet | FolderStream, trigger, device: torch.device, limit: int | None = None,
+                    seed: int = 0) -> EvalSets:
     """Move the test split to the device and build the triggered set from its non-target images.
+    A FolderStream stays on disk: evaluate_model triggers its non-target images batch by batch.
 
     ASR counts only images whose true class differs from the target: a target-class image
     classified as the target is a correct prediction, not a successful attack.
@@ -58,6 +80,9 @@ def build_eval_sets(test: ImageSet, trigger, device: torch.device, limit: int | 
     if limit is not None and limit < test.num_images:
         test = test.subset(stratified_limit(test.y, limit, seed))
         limited = True
+    name = (getattr(trigger.spec, "source", None) or trigger.spec.type) if trigger is not None else None
+    if isinstance(test, FolderStream):
+        return EvalSets(test, None, trigger.target if trigger else None, name, limited, trigger)
     clean = test.to(device)
     if trigger is None:
         return EvalSets(clean, None, None, None, limited)
@@ -65,7 +90,6 @@ def build_eval_sets(test: ImageSet, trigger, device: torch.device, limit: int | 
     source_x, source_y = clean.x[keep], clean.y[keep]
     chunks = [trigger.apply(source_x[i : i + APPLY_CHUNK]) for i in range(0, len(source_x), APPLY_CHUNK)]
     poisoned_x = torch.cat(chunks) if chunks else source_x
-    name = getattr(trigger.spec, "source", None) or trigger.spec.type
     return EvalSets(clean, ImageSet(poisoned_x, source_y), trigger.target, name, limited)
 
 
@@ -93,7 +117,8 @@ def evaluate_model(model: torch.nn.Module, sets: EvalSets, mean: torch.Tensor, s
     With a `reporter`, a progress bar counts the images (useful on CPU, where this takes a while)."""
     synchronize(device)
     start = time.perf_counter()
-    total = sets.clean.num_images + (sets.poisoned.num_images if sets.poisoned is not None else 0)
+    n_clean, n_poison = sets.clean.num_images, sets.num_poisoned
+    total = n_clean + n_poison
     on_batch = None
     if reporter is not None:
         reporter.start_steps("evaluating (images)", total)
@@ -103,21 +128,39 @@ def evaluate_model(model: torch.nn.Module, sets: EvalSets, mean: torch.Tensor, s
             done["n"] += n
             reporter.advance(done["n"])
     try:
-        clean_correct = (predict(model, sets.clean.x, mean, std, device, batch_size, on_batch) == sets.clean.y).sum()
-        hits = robust = None
-        if sets.poisoned is not None:
-            preds = predict(model, sets.poisoned.x, mean, std, device, batch_size, on_batch)
-            hits = (preds == sets.target).sum()
-            robust = (preds == sets.poisoned.y).sum()
-        # One host transfer for all counts.
-        counts = torch.stack([c for c in (clean_correct, hits, robust) if c is not None]).tolist()
+        count = _streamed_counts if sets.streamed else _resident_counts
+        counts = count(model, sets, mean, std, device, batch_size, on_batch).tolist()  # one host transfer
     finally:
         if reporter is not None:
             reporter.finish_steps()
     seconds = time.perf_counter() - start
-    n_clean = sets.clean.num_images
-    if sets.poisoned is None:
+    if not sets.has_trigger:
         return EvalResult(Rate(counts[0], n_clean), None, None, seconds, n_clean)
-    n_poison = sets.poisoned.num_images
     return EvalResult(Rate(counts[0], n_clean), Rate(counts[1], n_poison), Rate(counts[2], n_poison),
                       seconds, n_clean + n_poison)
+
+
+def _resident_counts(model, sets: EvalSets, mean, std, device, batch_size: int, on_batch) -> torch.Tensor:
+    """[clean correct, target hits, robust] on the device, for sets held in memory."""
+    counts = torch.zeros(3, dtype=torch.long, device=device)
+    counts[0] = (predict(model, sets.clean.x, mean, std, device, batch_size, on_batch) == sets.clean.y).sum()
+    if sets.poisoned is not None:
+        preds = predict(model, sets.poisoned.x, mean, std, device, batch_size, on_batch)
+        counts[1] = (preds == sets.target).sum()
+        counts[2] = (preds == sets.poisoned.y).sum()
+    return counts
+
+
+def _streamed_counts(model, sets: EvalSets, mean, std, device, batch_size: int, on_batch) -> torch.Tensor:
+    """The same counts for a FolderStream: each decoded batch is predicted clean, then its non-target
+    images with the trigger applied, and dropped before the next batch is taken."""
+    counts = torch.zeros(3, dtype=torch.long, device=device)
+    for x, y in sets.clean.batches(batch_size):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        counts[0] += (predict(model, x, mean, std, device, batch_size, on_batch) == y).sum()
+        if sets.trigger is not None:
+            keep = y != sets.target
+            preds = predict(model, sets.trigger.apply(x[keep]), mean, std, device, batch_size, on_batch)
+            counts[1] += (preds == sets.target).sum()
+            counts[2] += (preds == y[keep]).sum()
+    return counts

@@ -22,6 +22,7 @@ from .defenses import DefenseParams, default_params, get_defense
 from .errors import ConfigError, InputError
 from .evaluate import EvalSets, build_eval_sets, evaluate_model
 from .gates import check_gates
+from .imagefolder import TRANSFORM
 from .models import hub
 from .metrics import defense_effectiveness_rating
 from .models.output_kind import PROBE_IMAGES, OutputKind, parse_output_kind, probe_outputs, resolve_output_kind
@@ -30,6 +31,7 @@ from .progress import Reporter, step_callback
 from .report import (CompareReport, CompareRow, EvaluateReport, PurifyReport, stage_purify_report,
                      weight_drift)
 from .runtime import Stopwatch, autocast, environment, prepare_model, resolve_device, seed_everything
+from .streaming import materialize
 from .subject import Subject, load_subject, normalization_tensors
 from .triggers import build_trigger, load_trigger_spec, parse_trigger_spec
 from .tuning import steps_per_epoch
@@ -90,7 +92,7 @@ def evaluate_checkpoint(opts: EvaluateOptions, reporter: Reporter | None = None)
     timer = Stopwatch(device)
     with timer.stage("load"):
         reporter.stage(f"loading data {opts.data}")
-        bundle = load_dataset(_require_data(opts.data), opts.data_dir, need_train=False)
+        bundle = load_dataset(_require_data(opts.data), opts.data_dir, need_train=False, image_size=opts.image_size)
         subject = _open_subject(opts, opts.checkpoint, bundle, reporter)
         trigger = resolve_trigger(opts.trigger, opts.target, subject, bundle.test.image_shape, subject.num_classes)
         _check_gate_inputs(opts, trigger)
@@ -99,19 +101,22 @@ def evaluate_checkpoint(opts: EvaluateOptions, reporter: Reporter | None = None)
         sets = build_eval_sets(bundle.test, trigger, device, opts.eval_limit, opts.seed)
     with timer.stage("evaluate"):
         reporter.stage(f"evaluating on {sets.clean.num_images} clean"
-                       + (f" + {sets.poisoned.num_images} triggered images" if sets.poisoned else " images"))
+                       + (f" + {sets.num_poisoned} triggered images" if sets.has_trigger else " images")
+                       + (" (streamed from disk)" if sets.streamed else ""))
         result = evaluate_model(model, sets, mean, std, device, opts.batch_size, reporter)
     gates = check_gates(result.asr.value if result.asr else None, result.clean_acc.value,
                         max_asr=opts.max_asr, min_acc=opts.min_acc)
-    return EvaluateReport(subject=subject.describe(), data=_describe_data(bundle, sets), trigger=_describe_trigger(trigger),
+    return EvaluateReport(subject=subject.describe(), data=_describe_data(bundle, sets, opts.image_size),
+                          trigger=_describe_trigger(trigger),
                           result=result, gates=gates, timings=dict(timer.stages), environment=environment(device),
                           options=to_yaml_dict(opts))
 
 
-def _describe_data(bundle: DatasetBundle, sets: EvalSets) -> dict:
+def _describe_data(bundle: DatasetBundle, sets: EvalSets, image_size=None) -> dict:
     return {"name": bundle.name, "source": bundle.source, "num_classes": bundle.num_classes,
             "image_shape": list(bundle.test.image_shape), "test_images": sets.clean.num_images,
-            "eval_limited": sets.limited,
+            "eval_limited": sets.limited, "image_size": list(image_size) if image_size else None,
+            "resize": TRANSFORM if image_size else None, "streamed": sets.streamed,
             "asr_set": "test images whose true class is not the target, with the trigger applied"}
 
 
@@ -140,13 +145,13 @@ def _clean_set(opts: PurifyOptions, bundle: DatasetBundle, fraction: float | Non
     if opts.clean_data:
         if opts.clean_fraction is not None or opts.clean_count is not None:
             raise ConfigError("--clean-data cannot be combined with --clean-fraction/--clean-count")
-        clean = load_clean_folder(opts.clean_data)
+        clean = load_clean_folder(opts.clean_data, opts.image_size)
         (h, w, c), (th, tw, tc) = clean.image_shape, bundle.test.image_shape
         if c != tc:
             raise InputError(f"--clean-data images have {c} channel(s) but the model takes {tc}-channel images")
         if (h, w) != (th, tw):
             raise InputError(f"--clean-data images are {w}x{h} pixels but the test images are {tw}x{th}",
-                             hint="resize them to the model's input size first")
+                             hint="pass --image-size to resize both image folders, or resize them first")
         if int(clean.y.max()) >= num_classes:
             raise InputError(f"--clean-data has label {int(clean.y.max())}, outside the model's {num_classes} classes")
         if len(torch.unique(clean.y)) < 2:
@@ -155,7 +160,7 @@ def _clean_set(opts: PurifyOptions, bundle: DatasetBundle, fraction: float | Non
     if bundle.train is None:
         raise InputError(f"{bundle.source} has no training split to draw clean data from", hint="pass --clean-data DIR")
     indices = select_clean_subset(bundle.train.y, fraction, opts.clean_count, opts.seed, num_classes)
-    return bundle.train.subset(indices), indices
+    return materialize(bundle.train.subset(indices)), indices
 
 
 def _input_paths(opts, *extra) -> list[Path]:
@@ -196,7 +201,8 @@ def _purify_into(opts: PurifyOptions, defense, device, outputs: OutputSet, repor
     timer = Stopwatch(device)
     with timer.stage("load"):
         reporter.stage(f"loading data {opts.data}")
-        bundle = load_dataset(_require_data(opts.data), opts.data_dir, need_train=opts.clean_data is None)
+        bundle = load_dataset(_require_data(opts.data), opts.data_dir, need_train=opts.clean_data is None,
+                              image_size=opts.image_size)
         subject = _open_subject(opts, opts.checkpoint, bundle, reporter)
         trigger = resolve_trigger(opts.trigger, opts.target, subject, bundle.test.image_shape, subject.num_classes)
         _check_gate_inputs(opts, trigger)
@@ -224,7 +230,7 @@ def _purify_into(opts: PurifyOptions, defense, device, outputs: OutputSet, repor
     gates = check_gates(after.asr.value if after.asr else None, after.clean_acc.value, acc_drop,
                         opts.max_asr, opts.min_acc, opts.max_acc_drop)
     report = PurifyReport(
-        subject=subject.describe(), data=_describe_data(bundle, sets), trigger=_describe_trigger(trigger),
+        subject=subject.describe(), data=_describe_data(bundle, sets, opts.image_size), trigger=_describe_trigger(trigger),
         method={"name": defense.name, "summary": defense.summary, "reinit_head": defense.reinit_head,
                 "trains": defense.trains, "params": params.to_dict(), "head_norm": outcome.head_norm},
         clean={"source": opts.clean_data or "training split", "images": clean.num_images,
@@ -352,7 +358,7 @@ def compare_checkpoints(opts: CompareOptions, reporter: Reporter | None = None) 
     device = resolve_device(opts.device)
     seed_everything(opts.seed)
     reporter.stage(f"loading data {opts.data}")
-    bundle = load_dataset(_require_data(opts.data), opts.data_dir, need_train=False)
+    bundle = load_dataset(_require_data(opts.data), opts.data_dir, need_train=False, image_size=opts.image_size)
     reference_path = opts.reference or opts.checkpoints[0]
     paths = list(opts.checkpoints) + ([reference_path] if reference_path not in opts.checkpoints else [])
     subjects = {p: _open_subject(opts, p, bundle, reporter) for p in paths}
@@ -383,5 +389,5 @@ def compare_checkpoints(opts: CompareOptions, reporter: Reporter | None = None) 
                                result=res, acc_drop=drop, der=der,
                                drift=weight_drift(ref_state, subject.checkpoint.state_dict), gates=gates,
                                is_reference=path == reference_path))
-    return CompareReport(rows=rows, reference=reference_path, data=_describe_data(bundle, sets),
+    return CompareReport(rows=rows, reference=reference_path, data=_describe_data(bundle, sets, opts.image_size),
                          trigger=_describe_trigger(trigger), environment=environment(device), options=to_yaml_dict(opts))

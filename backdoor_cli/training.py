@@ -21,6 +21,7 @@ from .pipeline import _base_metadata, _describe_trigger, _input_paths, _replayab
 from .progress import Reporter, step_callback
 from .report import TrainReport
 from .runtime import Stopwatch, environment, prepare_model, resolve_device, seed_everything
+from .streaming import materialize
 from .triggers import poison_training_set
 from .tuning import TuneSettings, steps_per_epoch, tune
 
@@ -68,7 +69,7 @@ def _train_into(opts: TrainOptions, settings: TuneSettings, device, out: Path, o
     timer = Stopwatch(device)
     with timer.stage("load"):
         reporter.stage(f"loading data {opts.data}")
-        bundle = load_dataset(_require_data(opts.data), opts.data_dir, need_train=True)
+        bundle = load_dataset(_require_data(opts.data), opts.data_dir, need_train=True, image_size=opts.image_size)
         if bundle.train is None:
             raise InputError(f"{bundle.source} has no training split")
         train = bundle.train
@@ -76,6 +77,7 @@ def _train_into(opts: TrainOptions, settings: TuneSettings, device, out: Path, o
             from .data import stratified_limit
 
             train = train.subset(stratified_limit(train.y, opts.train_limit, opts.seed))
+        train = materialize(train)
         holdout = None
         if opts.holdout_fraction > 0:
             holdout = select_clean_subset(train.y, opts.holdout_fraction, None, opts.seed, bundle.num_classes)

@@ -24,14 +24,19 @@ def make_npz_dataset(root: Path, classes: int = 3, size: int = 12, channels: int
 
 def train_toy_model(root: Path, name: str = "bd.safetensors", epochs: int = 2, **data_kwargs) -> dict:
     """A toy dataset under root/data and a BadNets-backdoored test_tiny model trained on it through the CLI."""
+    data = make_npz_dataset(root / "data", **data_kwargs)
+    model = root / name
+    train_badnets_model(data, model, epochs)
+    return {"root": root, "data": data, "model": model}
+
+
+def train_badnets_model(data: Path, model: Path, epochs: int = 2, poison_rate: float = 0.1, *extra: str) -> None:
+    """`bdclean train` a BadNets-backdoored test_tiny model on `data` into `model` (extra: more flags)."""
     from typer.testing import CliRunner
 
     from backdoor_cli.cli import app
 
-    data = make_npz_dataset(root / "data", **data_kwargs)
-    model = root / name
     result = CliRunner().invoke(app, ["train", "--arch", "test_tiny", "--data", str(data), "--out", str(model),
-                                      "--trigger", "badnets", "--poison-rate", "0.1", "--epochs", str(epochs),
-                                      "--lr", "0.05", "--device", "cpu", "--quiet"])
+                                      "--trigger", "badnets", "--poison-rate", str(poison_rate), "--epochs", str(epochs),
+                                      "--lr", "0.05", "--device", "cpu", "--quiet", *extra])
     assert result.exit_code == 0, result.output
-    return {"root": root, "data": data, "model": model}
