@@ -198,12 +198,21 @@ def _bundle_from_arrays(name: str, train, test, source: Path) -> DatasetBundle:
                          std=info.std, augment_flip=info.flip, source=str(source))
 
 
+class ImageSizeError(InputError):
+    """Array (npz) images whose stored size is not the one asked for: they are never resized."""
+
+    def __init__(self, message: str, hint: str, stored: tuple[int, int]):
+        super().__init__(message, hint=hint)
+        self.stored = stored
+
+
 def _sized(split: ImageSet, image_size: ImageSize | None) -> ImageSet:
     """npz images are used as stored: with an image_size, they must already have it."""
     if image_size is not None and split.image_shape[:2] != tuple(image_size):
         h, w, _ = split.image_shape
-        raise InputError(f"the images are {w}x{h} pixels but --image-size asks for {image_size[1]}x{image_size[0]}",
-                         hint="--image-size resizes image folders only; resize array data before saving it")
+        raise ImageSizeError(f"the images are {w}x{h} pixels but --image-size asks for {image_size[1]}x{image_size[0]}",
+                             hint="--image-size resizes image folders only; resize array data before saving it",
+                             stored=(h, w))
     return split
 
 

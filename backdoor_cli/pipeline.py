@@ -16,7 +16,7 @@ import torch
 
 from .checkpoint import safetensors_bytes
 from .config import CompareOptions, EvaluateOptions, PurifyOptions, to_yaml_dict
-from .data import (DatasetBundle, ImageSet, indices_sha256, load_clean_folder, load_dataset, normalize,
+from .data import (DatasetBundle, ImageSizeError, ImageSet, indices_sha256, load_clean_folder, load_dataset, normalize,
                    select_clean_subset)
 from .defenses import DefenseParams, default_params, get_defense
 from .errors import ConfigError, InputError
@@ -79,6 +79,30 @@ def _open_subject(opts: EvaluateOptions, checkpoint: str, bundle: DatasetBundle,
     return subject
 
 
+def _image_size(opts, checkpoints) -> tuple[int, int] | None:
+    """--image-size, else the input size a Hugging Face/timm model directory's config names (the
+    first such among `checkpoints`), so image folders are resized to what the model was made for."""
+    if opts.image_size is not None:
+        return opts.image_size
+    from .models.hub_config import configured_image_size
+
+    return next((size for size in map(configured_image_size, checkpoints) if size is not None), None)
+
+
+def _load_data(opts, checkpoints, need_train: bool) -> DatasetBundle:
+    size = _image_size(opts, checkpoints)
+    try:
+        return load_dataset(_require_data(opts.data), opts.data_dir, need_train=need_train, image_size=size)
+    except ImageSizeError as exc:
+        if opts.image_size is not None:
+            raise
+        # The size came from the model directory's config, not from a flag: say so.
+        (h, w), (sh, sw) = size, exc.stored
+        raise InputError(f"the model expects {w}x{h} images (its config) but the data is {sw}x{sh}",
+                         hint="image folders are resized to the model's size automatically (or with --image-size); "
+                              f"npz data is used as stored, so save it at {w}x{h}") from None
+
+
 def _check_gate_inputs(opts, trigger) -> None:
     if opts.max_asr is not None and trigger is None:
         raise ConfigError("--max-asr needs a trigger to measure ASR", hint="pass --trigger")
@@ -92,7 +116,7 @@ def evaluate_checkpoint(opts: EvaluateOptions, reporter: Reporter | None = None)
     timer = Stopwatch(device)
     with timer.stage("load"):
         reporter.stage(f"loading data {opts.data}")
-        bundle = load_dataset(_require_data(opts.data), opts.data_dir, need_train=False, image_size=opts.image_size)
+        bundle = _load_data(opts, [opts.checkpoint], need_train=False)
         subject = _open_subject(opts, opts.checkpoint, bundle, reporter)
         trigger = resolve_trigger(opts.trigger, opts.target, subject, bundle.test.image_shape, subject.num_classes)
         _check_gate_inputs(opts, trigger)
@@ -106,7 +130,7 @@ def evaluate_checkpoint(opts: EvaluateOptions, reporter: Reporter | None = None)
         result = evaluate_model(model, sets, mean, std, device, opts.batch_size, reporter)
     gates = check_gates(result.asr.value if result.asr else None, result.clean_acc.value,
                         max_asr=opts.max_asr, min_acc=opts.min_acc)
-    return EvaluateReport(subject=subject.describe(), data=_describe_data(bundle, sets, opts.image_size),
+    return EvaluateReport(subject=subject.describe(), data=_describe_data(bundle, sets, _image_size(opts, [opts.checkpoint])),
                           trigger=_describe_trigger(trigger),
                           result=result, gates=gates, timings=dict(timer.stages), environment=environment(device),
                           options=to_yaml_dict(opts))
@@ -201,8 +225,7 @@ def _purify_into(opts: PurifyOptions, defense, device, outputs: OutputSet, repor
     timer = Stopwatch(device)
     with timer.stage("load"):
         reporter.stage(f"loading data {opts.data}")
-        bundle = load_dataset(_require_data(opts.data), opts.data_dir, need_train=opts.clean_data is None,
-                              image_size=opts.image_size)
+        bundle = _load_data(opts, [opts.checkpoint], need_train=opts.clean_data is None)
         subject = _open_subject(opts, opts.checkpoint, bundle, reporter)
         trigger = resolve_trigger(opts.trigger, opts.target, subject, bundle.test.image_shape, subject.num_classes)
         _check_gate_inputs(opts, trigger)
@@ -230,7 +253,8 @@ def _purify_into(opts: PurifyOptions, defense, device, outputs: OutputSet, repor
     gates = check_gates(after.asr.value if after.asr else None, after.clean_acc.value, acc_drop,
                         opts.max_asr, opts.min_acc, opts.max_acc_drop)
     report = PurifyReport(
-        subject=subject.describe(), data=_describe_data(bundle, sets, opts.image_size), trigger=_describe_trigger(trigger),
+        subject=subject.describe(), data=_describe_data(bundle, sets, _image_size(opts, [opts.checkpoint])),
+        trigger=_describe_trigger(trigger),
         method={"name": defense.name, "summary": defense.summary, "reinit_head": defense.reinit_head,
                 "trains": defense.trains, "params": params.to_dict(), "head_norm": outcome.head_norm},
         clean={"source": opts.clean_data or "training split", "images": clean.num_images,
@@ -358,7 +382,7 @@ def compare_checkpoints(opts: CompareOptions, reporter: Reporter | None = None) 
     device = resolve_device(opts.device)
     seed_everything(opts.seed)
     reporter.stage(f"loading data {opts.data}")
-    bundle = load_dataset(_require_data(opts.data), opts.data_dir, need_train=False, image_size=opts.image_size)
+    bundle = _load_data(opts, opts.checkpoints, need_train=False)
     reference_path = opts.reference or opts.checkpoints[0]
     paths = list(opts.checkpoints) + ([reference_path] if reference_path not in opts.checkpoints else [])
     subjects = {p: _open_subject(opts, p, bundle, reporter) for p in paths}
@@ -389,5 +413,5 @@ def compare_checkpoints(opts: CompareOptions, reporter: Reporter | None = None) 
                                result=res, acc_drop=drop, der=der,
                                drift=weight_drift(ref_state, subject.checkpoint.state_dict), gates=gates,
                                is_reference=path == reference_path))
-    return CompareReport(rows=rows, reference=reference_path, data=_describe_data(bundle, sets, opts.image_size),
+    return CompareReport(rows=rows, reference=reference_path, data=_describe_data(bundle, sets, _image_size(opts, opts.checkpoints)),
                          trigger=_describe_trigger(trigger), environment=environment(device), options=to_yaml_dict(opts))

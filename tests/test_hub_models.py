@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import copy
 import json
+
+import numpy as np
 import os
 import pickle
 from pathlib import Path
@@ -293,7 +295,8 @@ def test_config_asking_for_a_huge_model_is_refused_before_allocating(tmp_path, m
 def test_size_and_class_mismatches_name_the_remedy(tmp_path, models):
     small = make_npz_dataset(tmp_path / "small", size=12)
     result = invoke("evaluate", models["vit"], "--data", small, "--device", "cpu", "--quiet")
-    assert result.exit_code == 2 and "expects 16x16 images" in result.output and "--image-size" in result.output
+    assert result.exit_code == 2 and "expects 16x16 images (its config)" in result.output
+    assert "--image-size" in result.output and "save it at 16x16" in result.output
     four = make_npz_dataset(tmp_path / "four", classes=4, size=SIZE)
     result = invoke("evaluate", models["resnet"], "--data", four, "--device", "cpu", "--quiet")
     assert result.exit_code == 2 and "3 classes but the data has 4" in result.output
@@ -393,3 +396,23 @@ def test_timm_predictions_equal_timms_own_forward(tmp_path, models):
         theirs = model(normalize(x, torch.tensor(cfg["mean"]).view(shape), torch.tensor(cfg["std"]).view(shape)))
     ours = _bdclean_logits(directory, models["data"])
     assert torch.equal(ours.argmax(1), theirs.argmax(1)) and torch.allclose(ours, theirs, atol=1e-5)
+
+
+def test_a_model_directory_resizes_an_image_folder_to_its_configured_size(tmp_path, models):
+    """No --image-size: the size in the model's config is used, so a folder of 20-40 px photos is
+    resized and centre-cropped to the ViT's 16 px, and the report says so."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for label in range(3):
+            folder = tmp_path / "photos" / split / f"c{label}"
+            folder.mkdir(parents=True)
+            for j in range(4):
+                w, h = (int(v) for v in rng.integers(20, 41, 2))
+                Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(folder / f"{j}.png")
+    result = runner.invoke(app, ["evaluate", str(models["vit"]), "--data", str(tmp_path / "photos"),
+                                 "--device", "cpu", "--quiet", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)["data"]
+    assert data["image_shape"][:2] == [SIZE, SIZE] and data["image_size"] == [SIZE, SIZE]

@@ -305,8 +305,8 @@ def check_input_shape(spec: InputSpec, image_shape: tuple[int, int, int]) -> Non
     for (mh, mw), where in spec.sizes:
         if (mh, mw) != (h, w):
             raise InputError(f"the model expects {mw}x{mh} images ({where}) but the data is {w}x{h}",
-                             hint="resize the data to the model's input size (--image-size, where this bdclean "
-                                  "has it) or use data stored at that size")
+                             hint=f"image folders are resized with --image-size {mh},{mw} (the default for a model "
+                                  "directory); npz data must be stored at that size")
 
 
 # ---- inspect, without building the model ---------------------------------------------------------
@@ -326,3 +326,13 @@ def _head_from_keys(state: dict[str, torch.Tensor], classes: int | None) -> str 
              if k.endswith(".weight") and t.dim() == 2 and t.shape[0] == classes
              and any(part in ("classifier", "head", "fc") for part in k.split("."))]
     return found[0] if len(found) == 1 else None
+
+
+def configured_image_size(path: str | Path) -> tuple[int, int] | None:
+    """The input size a Hugging Face/timm model directory's config asks for (None for a checkpoint
+    file or a config without one): the default `--image-size`, so an image folder of any size is
+    resized and centre-cropped to what the model was made for. Reads JSON only."""
+    if not Path(path).is_dir():
+        return None
+    sizes = input_spec(read_model_dir(path)).sizes
+    return tuple(sizes[0][0]) if sizes else None
