@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import copy
 import json
-
-import numpy as np
 import os
 import pickle
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
