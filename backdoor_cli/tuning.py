@@ -57,6 +57,7 @@ def tune(
     params: Iterable[torch.nn.Parameter] | None = None,
     frozen_modules: Iterable[torch.nn.Module] = (),
     penalty: Callable[[], torch.Tensor] | None = None,
+    batch_penalty: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     after_step: Callable[[], None] | None = None,
     on_step: Callable[[int], None] | None = None,
     on_epoch: Callable[[EpochLog], None] | None = None,
@@ -65,7 +66,8 @@ def tune(
     """Train `params` (default: all) of `model` on `data` (uint8 NHWC, already on `device`).
 
     `frozen_modules` stay in eval mode so a frozen part keeps its BatchNorm statistics too.
-    `penalty()` is added to each minibatch loss; `after_step()` runs after each optimiser step.
+    `penalty()` is added to each minibatch loss, and `batch_penalty(inputs, logits)` (a term that
+    needs the batch, e.g. distillation from a teacher) too; `after_step()` runs after each optimiser step.
     `loss_adapter` says how the loss is formed from the output (models.output_kind): cross-entropy on
     it for a logits model, the default.
     """
@@ -99,10 +101,13 @@ def tune(
                 xb, yb = data.x[idx], data.y[idx]
                 if settings.augment:
                     xb = augment_batch(xb, generator, flip=settings.flip)
+                inputs = normalize(xb, mean, std)
                 with autocast(device):
-                    output = model(normalize(xb, mean, std))
+                    output = model(inputs)
                 loss, logits = loss_fn(output, yb)
                 total = loss + penalty() if penalty is not None else loss
+                if batch_penalty is not None:
+                    total = total + batch_penalty(inputs, logits)
                 optimizer.zero_grad(set_to_none=True)
                 total.backward()
                 optimizer.step()
