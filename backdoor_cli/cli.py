@@ -30,7 +30,7 @@ app = typer.Typer(
 EXIT_GATE, EXIT_INTERNAL, EXIT_INTERRUPTED = 1, 4, 130
 
 # Shared options: one definition each, so names and help stay identical across commands.
-Arch = Annotated[Optional[str], typer.Option(help="Architecture: a built-in name (resnet18, preactresnet18, vgg16_bn, "
+Arch = Annotated[Optional[str], typer.Option(help="Architecture: a built-in name (resnet18, resnet20/32/44/56, preactresnet18, vgg16_bn, "
                                              "simple_cnn, simple_cnn_half, test_tiny), torchvision:NAME, or path/to/file.py:factory. "
                                              "Default: from bdclean metadata, else guessed from the weights.")]
 NumClasses = Annotated[Optional[int], typer.Option(help="Number of classes (default: from the checkpoint).")]
