@@ -184,7 +184,11 @@ def _check_timm_config(config: dict, where: str) -> str:
     args = config.get("model_args", {})
     if not isinstance(args, dict):
         raise InputError(f"{where}: 'model_args' must be an object")
-    unknown = sorted(set(args) - TIMM_MODEL_ARGS)
+    # timm's save_for_hf repeats num_classes in model_args; it must agree with the top-level one bdclean builds.
+    if args.get("num_classes", config["num_classes"]) != config["num_classes"]:
+        raise InputError(f"{where}: model_args.num_classes {str(args['num_classes'])[:20]} contradicts num_classes "
+                         f"{config['num_classes']}")
+    unknown = sorted(set(args) - TIMM_MODEL_ARGS - {"num_classes"})
     if unknown:
         raise InputError(f"{where}: model_args {', '.join(unknown[:5])} are not passed to timm by bdclean",
                          hint=f"bdclean passes only architecture sizes: {', '.join(sorted(TIMM_MODEL_ARGS))}")
