@@ -190,3 +190,13 @@ def test_model_args_num_classes_must_agree(models):
     with pytest.raises(InputError, match="model_args.num_classes 5 contradicts num_classes 3"):
         parse_config({**config, "model_args": {**config["model_args"], "num_classes": 5}}, "c")
 
+
+def test_export_without_data_config_names_both_sizes(models, tmp_path):
+    """Saved without data_config, a 32 px ViT's config keeps the source's 160 px pretrained_cfg: no data fits
+    it, and the error names both sizes instead of sending the user from one refusal to the other."""
+    directory = tmp_path / "vit160"
+    save_for_hf(timm.create_model("test_vit", num_classes=CLASSES, img_size=SIZE), directory, safe_serialization=True)
+    result = invoke("evaluate", directory, "--data", models["data"], "--device", "cpu", "--quiet")
+    assert result.exit_code == 2, result.output
+    assert "160x160 (pretrained_cfg input_size) but 32x32 (model_args img_size)" in result.output
+    assert "data_config" in result.output
