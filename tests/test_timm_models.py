@@ -18,8 +18,8 @@ from typer.testing import CliRunner
 
 from backdoor_cli.cli import app
 from backdoor_cli.data import load_dataset, normalize
-from backdoor_cli.subject import load_subject, normalization_tensors
-from helpers import make_npz_dataset
+from backdoor_cli.subject import load_subject
+from helpers import bdclean_logits, check_compare_of_purified_dir, make_npz_dataset
 
 
 def _import_timm():
@@ -94,14 +94,6 @@ def _test_images(data) -> torch.Tensor:
     return load_dataset(str(data), None, need_train=False).test.x
 
 
-def _bdclean_logits(path, data) -> torch.Tensor:
-    bundle = load_dataset(str(data), None, need_train=False)
-    subject = load_subject(str(path), bundle)
-    mean, std = normalization_tensors(subject, torch.device("cpu"))
-    with torch.no_grad():
-        return subject.model.eval()(normalize(bundle.test.x, mean, std))
-
-
 def _timm_model(path):
     """The directory as timm itself reads it: config.json's model_args and pretrained_cfg, then the weights."""
     return timm.create_model(f"local-dir:{path}", pretrained=True).eval()
@@ -124,7 +116,7 @@ def test_predictions_equal_timms_own_forward(models, name):
     cfg = json.loads((models[name] / "config.json").read_text())["pretrained_cfg"]
     assert subject.mean == pytest.approx(tuple(cfg["mean"])) and subject.std == pytest.approx(tuple(cfg["std"]))
     assert subject.head == cfg["classifier"] and subject.sources["mean"] == "pretrained_cfg"
-    ours, theirs = _bdclean_logits(models[name], models["data"]), _timm_logits(models[name], models["data"])
+    ours, theirs = bdclean_logits(models[name], models["data"]), _timm_logits(models[name], models["data"])
     assert torch.equal(ours.argmax(1), theirs.argmax(1)) and len(ours.argmax(1).unique()) > 1
     assert torch.allclose(ours, theirs, atol=1e-5)
     assert subject.describe()["hub"] == f"timm {ARCHS[name.removesuffix('_bin')][0]}, from config.json"
@@ -163,21 +155,14 @@ def test_purified_dir_loads_in_timm_with_purified_safetensors_predictions(models
     assert json.loads((out / "purified-hf" / "config.json").read_text()) == \
         json.loads((models[name] / "config.json").read_text())
     theirs = _timm_logits(out / "purified-hf", models["data"])
-    ours = _bdclean_logits(out / "purified.safetensors", models["data"])
+    ours = bdclean_logits(out / "purified.safetensors", models["data"])
     assert torch.equal(ours.argmax(1), theirs.argmax(1)) and torch.allclose(ours, theirs, atol=1e-5)
-    assert not torch.allclose(_bdclean_logits(models[name], models["data"]), ours)  # it was tuned
+    assert not torch.allclose(bdclean_logits(models[name], models["data"]), ours)  # it was tuned
     assert set(load_file(out / "purified-hf" / "model.safetensors")) == set(_timm_model(models[name]).state_dict())
 
 
 def test_compare_timm_dirs_and_purified_file(models, purified):
-    out = purified("vit")["out"]
-    result = invoke("compare", models["vit"], out / "purified-hf", out / "purified.safetensors", "--data",
-                    models["data"], "--device", "cpu", "--json", "--quiet")
-    assert result.exit_code == 0, result.output
-    rows = json.loads(result.stdout)["rows"]
-    assert [r["arch"] for r in rows] == ["timm:test_vit"] * 3
-    assert rows[1]["method"] == "fst" and rows[1]["metrics"]["clean_acc"] == rows[2]["metrics"]["clean_acc"]
-    assert rows[1]["drift"]["total_l2"] > 0
+    check_compare_of_purified_dir(models["vit"], purified("vit")["out"], models["data"], "timm:test_vit")
 
 
 def test_model_args_num_classes_must_agree(models):
