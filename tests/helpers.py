@@ -40,3 +40,36 @@ def train_badnets_model(data: Path, model: Path, epochs: int = 2, poison_rate: f
                                       "--trigger", "badnets", "--poison-rate", str(poison_rate), "--epochs", str(epochs),
                                       "--lr", "0.05", "--device", "cpu", "--quiet", *extra])
     assert result.exit_code == 0, result.output
+
+
+def bdclean_logits(path, data):
+    """The test split's logits from the model bdclean loads from `path`, normalised as bdclean resolves it."""
+    import torch
+
+    from backdoor_cli.data import load_dataset, normalize
+    from backdoor_cli.subject import load_subject, normalization_tensors
+
+    bundle = load_dataset(str(data), None, need_train=False)
+    subject = load_subject(str(path), bundle)
+    mean, std = normalization_tensors(subject, torch.device("cpu"))
+    with torch.no_grad():
+        return subject.model.eval()(normalize(bundle.test.x, mean, std))
+
+
+def check_compare_of_purified_dir(model_dir: Path, out: Path, data: Path, arch: str) -> None:
+    """`bdclean compare` of a model directory, purify's purified-hf/ and purified.safetensors: one arch,
+    the two purified copies scoring alike, the purified one drifted from the original."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from backdoor_cli.cli import app
+
+    result = CliRunner().invoke(app, ["compare", str(model_dir), str(out / "purified-hf"),
+                                      str(out / "purified.safetensors"), "--data", str(data), "--device", "cpu",
+                                      "--json", "--quiet"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)["rows"]
+    assert [r["arch"] for r in rows] == [arch] * 3
+    assert rows[1]["method"] == "fst" and rows[1]["metrics"]["clean_acc"] == rows[2]["metrics"]["clean_acc"]
+    assert rows[1]["drift"]["total_l2"] > 0

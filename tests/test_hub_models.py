@@ -22,8 +22,8 @@ from backdoor_cli.cli import app
 from backdoor_cli.data import load_dataset, normalize
 from backdoor_cli.errors import InputError
 from backdoor_cli.models import hub, hub_config
-from backdoor_cli.subject import load_subject, normalization_tensors
-from helpers import make_npz_dataset
+from backdoor_cli.subject import load_subject
+from helpers import bdclean_logits, check_compare_of_purified_dir, make_npz_dataset
 
 transformers = pytest.importorskip("transformers", reason="the hf extra (pip install -e '.[hf]') is not installed")
 runner = CliRunner()
@@ -88,14 +88,6 @@ def purified(models):
     return {"out": out, "report": json.loads(result.stdout)}
 
 
-def _bdclean_logits(path, data) -> torch.Tensor:
-    bundle = load_dataset(str(data), None, need_train=False)
-    subject = load_subject(str(path), bundle)
-    mean, std = normalization_tensors(subject, torch.device("cpu"))
-    with torch.no_grad():
-        return subject.model.eval()(normalize(bundle.test.x, mean, std))
-
-
 def _library_logits(path, data, mean, std) -> torch.Tensor:
     """The library's own model and forward on the same images, normalised as its preprocessor says."""
     model = transformers.AutoModelForImageClassification.from_pretrained(str(path)).eval()
@@ -111,7 +103,7 @@ def test_predictions_equal_the_librarys_own_forward(models, name):
     subject = load_subject(str(models[name]), bundle)
     mean, std = (PREPROCESSOR["image_mean"], PREPROCESSOR["image_std"]) if name == "vit" else (bundle.mean, bundle.std)
     assert subject.mean == pytest.approx(tuple(mean)) and subject.std == pytest.approx(tuple(std))
-    ours, theirs = _bdclean_logits(models[name], models["data"]), _library_logits(models[name], models["data"], mean, std)
+    ours, theirs = bdclean_logits(models[name], models["data"]), _library_logits(models[name], models["data"], mean, std)
     assert torch.equal(ours.argmax(1), theirs.argmax(1)) and len(ours.argmax(1).unique()) > 1
     assert torch.allclose(ours, theirs, atol=1e-5)
     assert subject.describe()["hub"].startswith(f"transformers {type(subject.model).__name__}")
@@ -163,9 +155,9 @@ def test_purify_writes_the_librarys_layout_beside_purified_safetensors(models, p
     assert json.loads((out / "purified-hf" / "preprocessor_config.json").read_text()) == PREPROCESSOR
     assert {f"purified-hf/{n}" for n in names} <= set(purified["report"]["outputs"])
     theirs = _library_logits(out / "purified-hf", models["data"], PREPROCESSOR["image_mean"], PREPROCESSOR["image_std"])
-    ours = _bdclean_logits(out / "purified.safetensors", models["data"])
+    ours = bdclean_logits(out / "purified.safetensors", models["data"])
     assert torch.equal(ours.argmax(1), theirs.argmax(1)) and torch.allclose(ours, theirs, atol=1e-5)
-    before = _bdclean_logits(models["vit"], models["data"])
+    before = bdclean_logits(models["vit"], models["data"])
     assert not torch.allclose(before, ours)  # it was tuned
     from safetensors.torch import load_file
 
@@ -173,14 +165,7 @@ def test_purify_writes_the_librarys_layout_beside_purified_safetensors(models, p
 
 
 def test_compare_model_dirs_and_purified_file(models, purified):
-    out = purified["out"]
-    result = invoke("compare", models["vit"], out / "purified-hf", out / "purified.safetensors", "--data",
-                    models["data"], "--device", "cpu", "--json", "--quiet")
-    assert result.exit_code == 0, result.output
-    rows = json.loads(result.stdout)["rows"]
-    assert [r["arch"] for r in rows] == ["transformers:ViTForImageClassification"] * 3
-    assert rows[1]["method"] == "fst" and rows[1]["metrics"]["clean_acc"] == rows[2]["metrics"]["clean_acc"]
-    assert rows[1]["drift"]["total_l2"] > 0
+    check_compare_of_purified_dir(models["vit"], purified["out"], models["data"], "transformers:ViTForImageClassification")
 
 
 def test_purify_refuses_to_write_inside_the_model_dir(models):
@@ -393,7 +378,7 @@ def test_timm_predictions_equal_timms_own_forward(tmp_path, models):
     shape = (1, 3, 1, 1)
     with torch.no_grad():
         theirs = model(normalize(x, torch.tensor(cfg["mean"]).view(shape), torch.tensor(cfg["std"]).view(shape)))
-    ours = _bdclean_logits(directory, models["data"])
+    ours = bdclean_logits(directory, models["data"])
     assert torch.equal(ours.argmax(1), theirs.argmax(1)) and torch.allclose(ours, theirs, atol=1e-5)
 
 

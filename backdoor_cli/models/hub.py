@@ -109,8 +109,9 @@ def _build_timm(hub: HubModel) -> nn.Module:
     if not timm.is_model(hub.arch):
         raise InputError(f"{hub.source}: {hub.arch!r} is not a timm architecture (timm {timm.__version__})")
     try:
-        model = timm.create_model(hub.arch, pretrained=False, num_classes=hub.config["num_classes"],
-                                  **hub.config.get("model_args", {}))
+        # num_classes comes from the top level (model_args may repeat it, checked equal by hub_config).
+        args = {k: v for k, v in hub.config.get("model_args", {}).items() if k != "num_classes"}
+        model = timm.create_model(hub.arch, pretrained=False, num_classes=hub.config["num_classes"], **args)
     except (ValueError, TypeError, KeyError, RuntimeError, AssertionError) as exc:
         raise InputError(f"{hub.source}: timm cannot build {hub.arch} ({exc.__class__.__name__}: {str(exc)[:200]})") \
             from None

@@ -184,7 +184,11 @@ def _check_timm_config(config: dict, where: str) -> str:
     args = config.get("model_args", {})
     if not isinstance(args, dict):
         raise InputError(f"{where}: 'model_args' must be an object")
-    unknown = sorted(set(args) - TIMM_MODEL_ARGS)
+    # timm's save_for_hf repeats num_classes in model_args; it must agree with the top-level one bdclean builds.
+    if args.get("num_classes", config["num_classes"]) != config["num_classes"]:
+        raise InputError(f"{where}: model_args.num_classes {str(args['num_classes'])[:20]} contradicts num_classes "
+                         f"{config['num_classes']}")
+    unknown = sorted(set(args) - TIMM_MODEL_ARGS - {"num_classes"})
     if unknown:
         raise InputError(f"{where}: model_args {', '.join(unknown[:5])} are not passed to timm by bdclean",
                          hint=f"bdclean passes only architecture sizes: {', '.join(sorted(TIMM_MODEL_ARGS))}")
@@ -302,11 +306,24 @@ def check_input_shape(spec: InputSpec, image_shape: tuple[int, int, int]) -> Non
     if spec.channels != c:
         raise InputError(f"the model takes {spec.channels}-channel images but the data has {c} channel(s)",
                          hint="check --data: the model and the dataset do not belong together")
+    declared_size(spec)
     for (mh, mw), where in spec.sizes:
         if (mh, mw) != (h, w):
             raise InputError(f"the model expects {mw}x{mh} images ({where}) but the data is {w}x{h}",
                              hint=f"image folders are resized with --image-size {mh},{mw} (the default for a model "
                                   "directory); npz data must be stored at that size")
+
+
+def declared_size(spec: InputSpec) -> tuple[int, int] | None:
+    """The one (height, width) the files declare, or None. Files declaring different sizes fit no data, and
+    naming only the first mismatch would send the user to the other size and its refusal; so both are named.
+    timm's save_for_hf writes such a config for a model built at another img_size unless given data_config."""
+    if len({size for size, _ in spec.sizes}) > 1:
+        listed = " but ".join(f"{w}x{h} ({where})" for (h, w), where in spec.sizes)
+        raise InputError(f"the model's config contradicts itself on the input size: {listed}",
+                         hint="make them agree; for a timm model, save_for_hf(model, dir, "
+                              "data_config={'input_size': (3, H, W)}) records the size it is built for")
+    return tuple(spec.sizes[0][0]) if spec.sizes else None
 
 
 # ---- inspect, without building the model ---------------------------------------------------------
@@ -334,5 +351,4 @@ def configured_image_size(path: str | Path) -> tuple[int, int] | None:
     resized and centre-cropped to what the model was made for. Reads JSON only."""
     if not Path(path).is_dir():
         return None
-    sizes = input_spec(read_model_dir(path)).sizes
-    return tuple(sizes[0][0]) if sizes else None
+    return declared_size(input_spec(read_model_dir(path)))
