@@ -173,12 +173,16 @@ def evaluate(
 @app.command()
 def purify(
     checkpoint: Annotated[str, typer.Argument(help="Suspect checkpoint to purify (never modified).")],
-    method: Annotated[Optional[str], typer.Option(help="Defense: fst (default), ft, lp, fe-tuning, ft-init.")] = None,
+    method: Annotated[Optional[str], typer.Option(help="Defense: fst (default, the paper's), fst-kd (FST + distillation of the input "
+                                                 "model's clean outputs: lower accuracy cost), ft, lp, fe-tuning, ft-init.")] = None,
     data: Data = None, out: Out = None, arch: Arch = None, num_classes: NumClasses = None, head: Head = None,
     data_dir: DataDir = None, trigger: Trigger = None, target: Target = None, mean: Mean = None, std: Std = None,
     lr: Annotated[Optional[float], typer.Option(help="Learning rate (default: the paper's for the dataset).")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Tuning epochs (default: the paper's for the dataset).")] = None,
     alpha: Annotated[Optional[float], typer.Option(help="FST penalty weight (default: the paper's for the dataset).")] = None,
+    distill: Annotated[Optional[float], typer.Option(help="fst-kd: weight of the distillation of the input model's "
+                                                     "clean-data outputs (default 3).")] = None,
+    distill_temperature: Annotated[Optional[float], typer.Option(help="fst-kd: distillation temperature (default 2).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Tuning batch size (default 128).")] = None,
     eval_batch_size: Annotated[Optional[int], typer.Option(help="Evaluation batch size (default 1024).")] = None,
     momentum: Annotated[Optional[float], typer.Option(help="SGD momentum (default 0.9).")] = None,

@@ -82,6 +82,8 @@ class PurifyOptions(EvaluateOptions):
     clean_data: str | None = None
     max_acc_drop: float | None = None
     output_kind: str = "auto"  # logits | probs | log-probs | auto (models.output_kind)
+    distill: float | None = None  # fst-kd: weight of the distillation term (default in DefenseParams)
+    distill_temperature: float | None = None  # fst-kd: its softmax temperature
 
 
 @dataclass(frozen=True)

@@ -156,6 +156,8 @@ def _defense_params(opts: PurifyOptions, dataset: str | None) -> tuple[DefensePa
         alpha=opts.alpha if opts.alpha is not None else defaults["alpha"],
         batch_size=opts.batch_size, momentum=opts.momentum, weight_decay=opts.weight_decay,
         augment=opts.augment, seed=opts.seed,
+        **{k: v for k, v in (("distill", opts.distill), ("distill_temperature", opts.distill_temperature))
+           if v is not None},
     ).validate()
     fraction = opts.clean_fraction
     if fraction is None and opts.clean_count is None and opts.clean_data is None:

@@ -1,10 +1,11 @@
 """Tuning defenses behind one registry: `--method NAME` -> a Defense.
 
-Importing this package registers the built-in methods (ft, lp, fe-tuning, ft-init, fst).
+Importing this package registers the built-in methods (ft, lp, fe-tuning, ft-init, fst, fst-kd).
 """
 
 from .base import DEFENSES, Defense, DefenseParams, DefenseOutcome, default_params, get_defense
 from . import finetune as _finetune  # noqa: F401  (registers ft, lp, fe-tuning, ft-init)
 from . import fst as _fst  # noqa: F401  (registers fst)
+from . import distill as _distill  # noqa: F401  (registers fst-kd)
 
 __all__ = ["DEFENSES", "Defense", "DefenseParams", "DefenseOutcome", "default_params", "get_defense"]

@@ -32,6 +32,8 @@ class DefenseParams:
     weight_decay: float = 0.0
     augment: bool = True
     seed: int = 0
+    distill: float = 3.0  # fst-kd only: weight of the distillation term
+    distill_temperature: float = 2.0  # fst-kd only: softmax temperature of the distillation
 
     def validate(self) -> "DefenseParams":
         if not (self.lr > 0 and self.lr <= 10):
@@ -46,6 +48,10 @@ class DefenseParams:
             raise ConfigError(f"momentum must be in [0, 1), got {self.momentum}")
         if self.weight_decay < 0:
             raise ConfigError(f"weight decay must be >= 0, got {self.weight_decay}")
+        if not (0 <= self.distill <= 1000):
+            raise ConfigError(f"--distill must be in [0, 1000], got {self.distill}")
+        if not (0 < self.distill_temperature <= 100):
+            raise ConfigError(f"--distill-temperature must be in (0, 100], got {self.distill_temperature}")
         return self
 
     def to_dict(self) -> dict:
