@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import json
 
 import pytest
 import torch
@@ -16,7 +15,7 @@ from backdoor_cli.errors import ConfigError
 from backdoor_cli.models.output_kind import LossAdapter
 
 from test_defenses import MEAN, STD, Tiny, _data
-from test_output_kind import ARCH_FILE, run_ok, toy  # noqa: F401  (toy is a fixture)
+from test_output_kind import run_ok, toy  # noqa: F401  (toy is a fixture)
 
 
 def _tune(name: str, **overrides):
@@ -63,7 +62,7 @@ def test_probabilities_are_taken_to_logits_before_distilling():
     logits = torch.randn(5, 4)
     probs = torch.softmax(logits, 1)
     assert torch.allclose(torch.log_softmax(as_logits(probs, "probs"), 1), torch.log_softmax(logits, 1), atol=1e-5)
-    softmax_teacher = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Softmax(dim=1))
+    softmax_teacher = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Softmax(dim=1)).requires_grad_(False)
     inputs = torch.randn(6, 4)
     term = distillation_term(softmax_teacher, 1.0, 2.0, LossAdapter(kind="probs", source="normaliser-input", module="1"))
     assert float(term(inputs, softmax_teacher[0](inputs))) == pytest.approx(0.0, abs=1e-6)
