@@ -181,7 +181,7 @@ def purify(
     epochs: Annotated[Optional[int], typer.Option(help="Tuning epochs (default: the paper's for the dataset).")] = None,
     alpha: Annotated[Optional[float], typer.Option(help="FST penalty weight (default: the paper's for the dataset).")] = None,
     distill: Annotated[Optional[float], typer.Option(help="fst-kd: weight of the distillation of the input model's "
-                                                     "clean-data outputs (default 3).")] = None,
+                                                     "clean-data outputs (default 1).")] = None,
     distill_temperature: Annotated[Optional[float], typer.Option(help="fst-kd: distillation temperature (default 2).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Tuning batch size (default 128).")] = None,
     eval_batch_size: Annotated[Optional[int], typer.Option(help="Evaluation batch size (default 1024).")] = None,

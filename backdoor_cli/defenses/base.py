@@ -32,7 +32,7 @@ class DefenseParams:
     weight_decay: float = 0.0
     augment: bool = True
     seed: int = 0
-    distill: float = 3.0  # fst-kd only: weight of the distillation term
+    distill: float = 1.0  # fst-kd only: weight of the distillation term (measured: docs/purification.md)
     distill_temperature: float = 2.0  # fst-kd only: softmax temperature of the distillation
 
     def validate(self) -> "DefenseParams":
