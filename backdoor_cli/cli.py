@@ -191,6 +191,10 @@ def purify(
     clean_fraction: Annotated[Optional[float], typer.Option(help="Fraction of the training split used as clean data.")] = None,
     clean_count: Annotated[Optional[int], typer.Option(help="Number of clean training images (class-balanced).")] = None,
     clean_data: Annotated[Optional[str], typer.Option(help="Your own clean images (image folders or npz).")] = None,
+    holdout_fraction: Annotated[Optional[float], typer.Option(help="Hold this fraction of the clean images out of "
+                                                              "tuning and report their accuracy after every epoch; "
+                                                              "with --max-acc-drop, keep the latest epoch within "
+                                                              "that budget (trigger-free). Default 0: off.")] = None,
     output_kind: Annotated[Optional[str], typer.Option(help="What the model returns: logits, probs, log-probs, or auto "
                                                        "(default: detected from a probe batch).")] = None,
     device: Device = None, seed: Seed = None, eval_limit: EvalLimit = None,

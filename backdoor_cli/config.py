@@ -82,6 +82,7 @@ class PurifyOptions(EvaluateOptions):
     clean_data: str | None = None
     max_acc_drop: float | None = None
     output_kind: str = "auto"  # logits | probs | log-probs | auto (models.output_kind)
+    holdout_fraction: float = 0.0  # keep this part of the clean data out of tuning (0: off, the paper's setup)
     distill: float | None = None  # fst-kd: weight of the distillation term (default in DefenseParams)
     distill_temperature: float | None = None  # fst-kd: its softmax temperature
 

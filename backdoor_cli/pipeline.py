@@ -22,6 +22,7 @@ from .defenses import DefenseParams, default_params, get_defense
 from .errors import ConfigError, InputError
 from .evaluate import EvalSets, build_eval_sets, evaluate_model
 from .gates import check_gates
+from .holdout import HoldoutMonitor, holdout_accuracy, split_holdout
 from .imagefolder import TRANSFORM
 from .models import hub
 from .metrics import defense_effectiveness_rating
@@ -239,12 +240,16 @@ def _purify_into(opts: PurifyOptions, defense, device, outputs: OutputSet, repor
         mean, std = normalization_tensors(subject, device)
         sets = build_eval_sets(bundle.test, trigger, device, opts.eval_limit, opts.seed)
         output_kind = _output_kind(opts.output_kind, model, clean, mean, std, device, reporter)
+        tune_set, monitor = _holdout(opts, clean, subject, model, mean, std, device, reporter)
     with timer.stage("evaluate_before"):
         reporter.stage("evaluating the input model")
         before = evaluate_model(model, sets, mean, std, device, opts.eval_batch_size, reporter)
     with timer.stage("tune"):
-        outcome = _run_defense(defense, model, subject, clean.to(device), mean, std, params, device,
-                               bundle.augment_flip, reporter, output_kind)
+        outcome = _run_defense(defense, model, subject, tune_set.to(device), mean, std, params, device,
+                               bundle.augment_flip, reporter, output_kind, monitor)
+        selection = monitor.restore(model, params.epochs) if monitor is not None else None
+        if selection:
+            reporter.info(f"held-out selection: {selection}")
     with timer.stage("evaluate_after"):
         reporter.stage("evaluating the purified model")
         after = evaluate_model(model, sets, mean, std, device, opts.eval_batch_size, reporter)
@@ -260,6 +265,8 @@ def _purify_into(opts: PurifyOptions, defense, device, outputs: OutputSet, repor
         method={"name": defense.name, "summary": defense.summary, "reinit_head": defense.reinit_head,
                 "trains": defense.trains, "params": params.to_dict(), "head_norm": outcome.head_norm},
         clean={"source": opts.clean_data or "training split", "images": clean.num_images,
+               "tuned_on": tune_set.num_images,
+               "holdout": ({**monitor.to_dict(), "selection": selection} if monitor is not None else None),
                "fraction": fraction, "indices_sha256": indices_sha256(clean_indices) if clean_indices is not None else None,
                "class_counts": torch.bincount(clean.y.cpu(), minlength=subject.num_classes).tolist()},
         before=before, after=after,
@@ -314,15 +321,29 @@ def _output_kind(flag: str, model, clean: ImageSet, mean, std, device, reporter:
     return found
 
 
+def _holdout(opts: PurifyOptions, clean: ImageSet, subject: Subject, model, mean, std, device, reporter: Reporter):
+    """(images to tune on, HoldoutMonitor or None): --holdout-fraction keeps part of the clean data out."""
+    if not opts.holdout_fraction:
+        return clean, None
+    tune_set, held = split_holdout(clean, opts.holdout_fraction, opts.seed, subject.num_classes)
+    held = held.to(device)
+    monitor = HoldoutMonitor(held, holdout_accuracy(model, held, mean, std), budget=opts.max_acc_drop)
+    reporter.info(f"held out {held.num_images} of the {clean.num_images} clean images (input model: "
+                  f"{monitor.base_acc:.1%} on them)" + (f"; budget {opts.max_acc_drop:.1%}" if opts.max_acc_drop
+                                                        is not None else ""))
+    return tune_set, monitor
+
+
 def _run_defense(defense, model, subject: Subject, clean: ImageSet, mean, std, params: DefenseParams, device,
-                 flip: bool, reporter: Reporter, output_kind: OutputKind):
+                 flip: bool, reporter: Reporter, output_kind: OutputKind, monitor: HoldoutMonitor | None = None):
     total = params.epochs * steps_per_epoch(clean.num_images, params.batch_size)
     reporter.start_steps(f"{defense.name} tuning", total)
     on_step = step_callback(reporter, "tuning", total)
 
     def on_epoch(log) -> None:
+        held = f", held-out acc {monitor.observe(model, log.epoch, mean, std):.2%}" if monitor is not None else ""
         reporter.epoch(f"epoch {log.epoch}/{params.epochs}: loss {log.loss:.4f}, "
-                       f"train acc {log.train_acc:.2%}, lr {log.lr:.4g}, {log.seconds:.1f}s")
+                       f"train acc {log.train_acc:.2%}{held}, lr {log.lr:.4g}, {log.seconds:.1f}s")
 
     try:
         return defense.run(model, subject.head, clean, mean, std, params, device, flip=flip,

@@ -203,6 +203,8 @@ def purify_markdown(report: PurifyReport) -> str:
         *([f"- **Warning:** {report.output_kind['warning']}"] if (report.output_kind or {}).get("warning") else []),
         f"- Clean data: {report.clean['images']} images from {report.clean['source']}"
         + (f" (indices sha256 `{report.clean['indices_sha256'][:16]}...`)" if report.clean.get("indices_sha256") else ""),
+        *([f"- Held out: {held['images']} of them (input model {held['input_acc']:.2%} on them); kept: {held['selection']}"]
+          if (held := report.clean.get("holdout")) else []),
         "", "## Results", "",
         "| metric | before | after | change |", "|---|---|---|---|",
     ]
@@ -213,9 +215,10 @@ def purify_markdown(report: PurifyReport) -> str:
     lines += ["", f"DER: {report.der:.4f}" if report.der is not None else "DER: - (no trigger)", ""]
     if report.gates:
         lines += ["## Gates", ""] + [f"- {g.describe()}" for g in report.gates] + [""]
-    lines += ["## Tuning", "", "| epoch | loss | train acc | lr | seconds |", "|---|---|---|---|---|"]
-    lines += [f"| {h['epoch']} | {h['loss']:.4f} | {h['train_acc']:.2%} | {h['lr']:.4g} | {h['seconds']:.2f} |"
-              for h in report.history]
+    curve = {c["epoch"]: c["holdout_acc"] for c in (report.clean.get("holdout") or {}).get("curve", [])}
+    lines += ["## Tuning", "", "| epoch | loss | train acc | held-out acc | lr | seconds |", "|---|---|---|---|---|---|"]
+    lines += [f"| {h['epoch']} | {h['loss']:.4f} | {h['train_acc']:.2%} | {_held_cell(curve, h['epoch'])} | "
+              f"{h['lr']:.4g} | {h['seconds']:.2f} |" for h in report.history]
     env = report.environment
     lines += ["", "## Reproducibility", "",
               f"- seed {report.method['params']['seed']}; bdclean {env['bdclean']}, torch {env['torch']}, "
@@ -223,6 +226,10 @@ def purify_markdown(report: PurifyReport) -> str:
               "- timings: " + ", ".join(f"{k} {v:.2f}s" for k, v in report.timings.items()),
               "", "## Definitions", ""] + [f"- **{k}**: {v}" for k, v in DEFINITIONS.items()]
     return "\n".join(lines) + "\n"
+
+
+def _held_cell(curve: dict, epoch: int) -> str:
+    return f"{curve[epoch]:.2%}" if epoch in curve else "-"
 
 
 def output_kind_line(found: dict | None) -> str:
