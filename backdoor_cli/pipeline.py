@@ -90,10 +90,11 @@ def _image_size(opts, checkpoints) -> tuple[int, int] | None:
     return next((size for size in map(configured_image_size, checkpoints) if size is not None), None)
 
 
-def _load_data(opts, checkpoints, need_train: bool) -> DatasetBundle:
+def _load_data(opts, checkpoints, need_train: bool) -> tuple[DatasetBundle, tuple[int, int] | None]:
+    """(the dataset, the image size it was resized to or None): the size is worked out once here."""
     size = _image_size(opts, checkpoints)
     try:
-        return load_dataset(_require_data(opts.data), opts.data_dir, need_train=need_train, image_size=size)
+        return load_dataset(_require_data(opts.data), opts.data_dir, need_train=need_train, image_size=size), size
     except ImageSizeError as exc:
         if opts.image_size is not None:
             raise
@@ -117,7 +118,7 @@ def evaluate_checkpoint(opts: EvaluateOptions, reporter: Reporter | None = None)
     timer = Stopwatch(device)
     with timer.stage("load"):
         reporter.stage(f"loading data {opts.data}")
-        bundle = _load_data(opts, [opts.checkpoint], need_train=False)
+        bundle, image_size = _load_data(opts, [opts.checkpoint], need_train=False)
         subject = _open_subject(opts, opts.checkpoint, bundle, reporter)
         trigger = resolve_trigger(opts.trigger, opts.target, subject, bundle.test.image_shape, subject.num_classes)
         _check_gate_inputs(opts, trigger)
@@ -131,7 +132,7 @@ def evaluate_checkpoint(opts: EvaluateOptions, reporter: Reporter | None = None)
         result = evaluate_model(model, sets, mean, std, device, opts.batch_size, reporter)
     gates = check_gates(result.asr.value if result.asr else None, result.clean_acc.value,
                         max_asr=opts.max_asr, min_acc=opts.min_acc)
-    return EvaluateReport(subject=subject.describe(), data=_describe_data(bundle, sets, _image_size(opts, [opts.checkpoint])),
+    return EvaluateReport(subject=subject.describe(), data=_describe_data(bundle, sets, image_size),
                           trigger=_describe_trigger(trigger),
                           result=result, gates=gates, timings=dict(timer.stages), environment=environment(device),
                           options=to_yaml_dict(opts))
@@ -228,7 +229,7 @@ def _purify_into(opts: PurifyOptions, defense, device, outputs: OutputSet, repor
     timer = Stopwatch(device)
     with timer.stage("load"):
         reporter.stage(f"loading data {opts.data}")
-        bundle = _load_data(opts, [opts.checkpoint], need_train=opts.clean_data is None)
+        bundle, image_size = _load_data(opts, [opts.checkpoint], need_train=opts.clean_data is None)
         subject = _open_subject(opts, opts.checkpoint, bundle, reporter)
         trigger = resolve_trigger(opts.trigger, opts.target, subject, bundle.test.image_shape, subject.num_classes)
         _check_gate_inputs(opts, trigger)
@@ -260,7 +261,7 @@ def _purify_into(opts: PurifyOptions, defense, device, outputs: OutputSet, repor
     gates = check_gates(after.asr.value if after.asr else None, after.clean_acc.value, acc_drop,
                         opts.max_asr, opts.min_acc, opts.max_acc_drop)
     report = PurifyReport(
-        subject=subject.describe(), data=_describe_data(bundle, sets, _image_size(opts, [opts.checkpoint])),
+        subject=subject.describe(), data=_describe_data(bundle, sets, image_size),
         trigger=_describe_trigger(trigger),
         method={"name": defense.name, "summary": defense.summary, "reinit_head": defense.reinit_head,
                 "trains": defense.trains, "params": params.to_dict(), "head_norm": outcome.head_norm},
@@ -405,7 +406,7 @@ def compare_checkpoints(opts: CompareOptions, reporter: Reporter | None = None) 
     device = resolve_device(opts.device)
     seed_everything(opts.seed)
     reporter.stage(f"loading data {opts.data}")
-    bundle = _load_data(opts, opts.checkpoints, need_train=False)
+    bundle, image_size = _load_data(opts, opts.checkpoints, need_train=False)
     reference_path = opts.reference or opts.checkpoints[0]
     paths = list(opts.checkpoints) + ([reference_path] if reference_path not in opts.checkpoints else [])
     subjects = {p: _open_subject(opts, p, bundle, reporter) for p in paths}
@@ -436,5 +437,5 @@ def compare_checkpoints(opts: CompareOptions, reporter: Reporter | None = None) 
                                result=res, acc_drop=drop, der=der,
                                drift=weight_drift(ref_state, subject.checkpoint.state_dict), gates=gates,
                                is_reference=path == reference_path))
-    return CompareReport(rows=rows, reference=reference_path, data=_describe_data(bundle, sets, _image_size(opts, opts.checkpoints)),
+    return CompareReport(rows=rows, reference=reference_path, data=_describe_data(bundle, sets, image_size),
                          trigger=_describe_trigger(trigger), environment=environment(device), options=to_yaml_dict(opts))
