@@ -20,6 +20,7 @@ from .data import (DatasetBundle, ImageSizeError, ImageSet, indices_sha256, load
                    select_clean_subset)
 from .defenses import DefenseParams, default_params, get_defense
 from .errors import ConfigError, InputError
+from .eval_cache import data_fingerprint, eval_key, measured
 from .evaluate import EvalSets, build_eval_sets, evaluate_model
 from .gates import check_gates
 from .holdout import HoldoutMonitor, holdout_accuracy, split_holdout
@@ -110,8 +111,9 @@ def _check_gate_inputs(opts, trigger) -> None:
         raise ConfigError("--max-asr needs a trigger to measure ASR", hint="pass --trigger")
 
 
-def evaluate_checkpoint(opts: EvaluateOptions, reporter: Reporter | None = None) -> EvaluateReport:
-    """Measure C-Acc (and ASR/RA when there is a trigger) of one checkpoint."""
+def evaluate_checkpoint(opts: EvaluateOptions, reporter: Reporter | None = None, cache=None) -> EvaluateReport:
+    """Measure C-Acc (and ASR/RA when there is a trigger) of one checkpoint; with an EvalCache (eval_cache.py),
+    an evaluation of the same bytes on the same images is read back instead of run again."""
     reporter = reporter or Reporter()
     device = resolve_device(opts.device)
     seed_everything(opts.seed)
@@ -129,13 +131,22 @@ def evaluate_checkpoint(opts: EvaluateOptions, reporter: Reporter | None = None)
         reporter.stage(f"evaluating on {sets.clean.num_images} clean"
                        + (f" + {sets.num_poisoned} triggered images" if sets.has_trigger else " images")
                        + (" (streamed from disk)" if sets.streamed else ""))
-        result = evaluate_model(model, sets, mean, std, device, opts.batch_size, reporter)
+        result, _ = measured(cache, cache_key(cache, subject, bundle, trigger, opts, device),
+                             lambda: evaluate_model(model, sets, mean, std, device, opts.batch_size, reporter))
     gates = check_gates(result.asr.value if result.asr else None, result.clean_acc.value,
                         max_asr=opts.max_asr, min_acc=opts.min_acc)
     return EvaluateReport(subject=subject.describe(), data=_describe_data(bundle, sets, image_size),
                           trigger=_describe_trigger(trigger),
                           result=result, gates=gates, timings=dict(timer.stages), environment=environment(device),
                           options=to_yaml_dict(opts))
+
+
+def cache_key(cache, subject: Subject, bundle: DatasetBundle, trigger, opts, device):
+    """The EvalKey of this evaluation, or None without a cache (hashing the test images costs a little)."""
+    if cache is None:
+        return None
+    return eval_key(subject.checkpoint.sha256, subject, data_fingerprint(bundle.test), trigger, opts.eval_limit,
+                    opts.seed, device)
 
 
 def _describe_data(bundle: DatasetBundle, sets: EvalSets, image_size=None) -> dict:
@@ -202,8 +213,9 @@ def _input_paths(opts, *extra) -> list[Path]:
     return paths
 
 
-def purify_checkpoint(opts: PurifyOptions, reporter: Reporter | None = None) -> PurifyReport:
+def purify_checkpoint(opts: PurifyOptions, reporter: Reporter | None = None, cache=None) -> PurifyReport:
     """Evaluate, tune with a defense, evaluate again, and write the purified weights and report.
+    With an EvalCache, the input's evaluation is read back when `evaluate` already measured it.
 
     The outputs are published as one set at the end (OutputSet): a failure or Ctrl-C at any point
     leaves --out as it was.
@@ -218,13 +230,14 @@ def purify_checkpoint(opts: PurifyOptions, reporter: Reporter | None = None) -> 
     parse_output_kind(opts.output_kind)  # a bad --output-kind: exit 2 before any work
     names = PURIFY_OUTPUTS + ("report.png",) + hub.OUTPUTS  # the hub layout is written for hub models only
     with OutputSet(out, names, _input_paths(opts, opts.checkpoint), opts.force) as outputs:
-        report = _purify_into(opts, defense, device, outputs, reporter)
+        report = _purify_into(opts, defense, device, outputs, reporter, cache)
         reporter.stage(f"writing outputs to {out}")
         outputs.commit()
     return report
 
 
-def _purify_into(opts: PurifyOptions, defense, device, outputs: OutputSet, reporter: Reporter) -> PurifyReport:
+def _purify_into(opts: PurifyOptions, defense, device, outputs: OutputSet, reporter: Reporter,
+                 cache=None) -> PurifyReport:
     seed_everything(opts.seed)
     timer = Stopwatch(device)
     with timer.stage("load"):
@@ -244,7 +257,10 @@ def _purify_into(opts: PurifyOptions, defense, device, outputs: OutputSet, repor
         tune_set, monitor = _holdout(opts, clean, subject, model, mean, std, device, reporter)
     with timer.stage("evaluate_before"):
         reporter.stage("evaluating the input model")
-        before = evaluate_model(model, sets, mean, std, device, opts.eval_batch_size, reporter)
+        before, cached = measured(cache, cache_key(cache, subject, bundle, trigger, opts, device),
+                                  lambda: evaluate_model(model, sets, mean, std, device, opts.eval_batch_size, reporter))
+        if cached:
+            reporter.info("the input model's evaluation was read from the evaluation cache")
     with timer.stage("tune"):
         outcome = _run_defense(defense, model, subject, tune_set.to(device), mean, std, params, device,
                                bundle.augment_flip, reporter, output_kind, monitor)
