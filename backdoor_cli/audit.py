@@ -241,16 +241,16 @@ def audit_settings(opts: AuditOptions, data_fingerprint: str, device: torch.devi
 def output_names(paths: list[str]) -> dict[str, str]:
     """A folder name per checkpoint for --purify, from its path relative to the audited folders' common
     parent (the same in every shard, which all expand the same list): a/b.pt -> a__b."""
-    if not paths:
-        return {}
-    absolute = [os.path.abspath(p) for p in paths]
-    common = os.path.commonpath([os.path.dirname(p) for p in absolute])
-    names = {}
-    for path, full in zip(paths, absolute):
-        relative = os.path.relpath(full, common)
-        stem = relative[: -len(Path(relative).suffix)] if Path(relative).suffix else relative
-        names[path] = re.sub(r"[^A-Za-z0-9._-]+", "_", stem.replace(os.sep, "__")).strip("._") or "checkpoint"
-    return names
+    from .report import _display_names
+
+    def slug(text: str) -> str:
+        return re.sub(r"[^A-Za-z0-9._-]+", "_", text.replace(os.sep, "__")).strip("._") or "checkpoint"
+
+    relative = dict(zip(paths, _display_names(paths) if paths else []))
+    stems = {p: slug(r[: -len(Path(r).suffix)] if Path(r).suffix else r) for p, r in relative.items()}
+    taken = [stem for stem in stems.values()]
+    # a.pt beside a.safetensors: both keep their suffix (a.pt, a.safetensors) rather than share a folder
+    return {p: stem if taken.count(stem) == 1 else slug(relative[p]) for p, stem in stems.items()}
 
 
 def shard_device(spec: str | None) -> str:

@@ -59,7 +59,7 @@ def expand_targets(arguments: list[str], from_list: str | None = None) -> list[s
 
 def expand_in_order(arguments: list[str], from_list: str | None = None) -> list[str]:
     """The arguments in the order given (compare's first is its reference), each folder or glob replaced
-    by the sorted checkpoints it holds, duplicates dropped after their first appearance."""
+    by the sorted checkpoints it holds. Repeats stay: `compare m m` is a valid self-check."""
     found: list[str] = []
     for argument in list(arguments) + _read_list(from_list):
         matches = sorted(glob.glob(argument, recursive=True)) if GLOB_CHARS & set(argument) else [argument]
@@ -67,7 +67,7 @@ def expand_in_order(arguments: list[str], from_list: str | None = None) -> list[
             raise InputError(f"no checkpoint matches {argument!r}")
         for match in matches:
             found.extend(sorted(_expand_path(Path(match))))
-    return list(dict.fromkeys(found))
+    return found
 
 
 def _expand_path(path: Path) -> list[str]:

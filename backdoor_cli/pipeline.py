@@ -424,34 +424,33 @@ def compare_checkpoints(opts: CompareOptions, reporter: Reporter | None = None) 
     reporter.stage(f"loading data {opts.data}")
     bundle, image_size = _load_data(opts, opts.checkpoints, need_train=False)
     reference_path = opts.reference or opts.checkpoints[0]
-    paths = list(opts.checkpoints) + ([reference_path] if reference_path not in opts.checkpoints else [])
-    subjects = {p: _open_subject(opts, p, bundle, reporter) for p in paths}
-    trigger = resolve_trigger(opts.trigger, opts.target, subjects[reference_path], bundle.test.image_shape,
-                              subjects[reference_path].num_classes)
+    # One model in memory besides the reference: a folder of checkpoints compares in flat memory.
+    reference = _open_subject(opts, reference_path, bundle, reporter)
+    trigger = resolve_trigger(opts.trigger, opts.target, reference, bundle.test.image_shape, reference.num_classes)
     _check_gate_inputs(opts, trigger)
     sets = build_eval_sets(bundle.test, trigger, device, opts.eval_limit, opts.seed)
-    results = {}
-    for path in paths:
+
+    def measure(path: str, subject: Subject):
         reporter.stage(f"evaluating {path}")
-        subject = subjects[path]
         mean, std = normalization_tensors(subject, device)
-        results[path] = evaluate_model(prepare_model(subject.model, device), sets, mean, std, device, opts.batch_size,
-                                       reporter)
-    ref = results[reference_path]
-    ref_state = subjects[reference_path].checkpoint.state_dict
+        return evaluate_model(prepare_model(subject.model, device), sets, mean, std, device, opts.batch_size, reporter)
+
+    ref = measure(reference_path, reference)
+    ref_state = reference.checkpoint.state_dict
     rows = []
     for path in opts.checkpoints:
-        res = results[path]
+        subject = reference if path == reference_path else _open_subject(opts, path, bundle, reporter)
+        res = ref if path == reference_path else measure(path, subject)
         drop = ref.clean_acc.value - res.clean_acc.value
         der = (defense_effectiveness_rating(ref.clean_acc.value, res.clean_acc.value, ref.asr.value, res.asr.value)
                if ref.asr and res.asr and path != reference_path else None)
         gates = check_gates(res.asr.value if res.asr else None, res.clean_acc.value, drop,
                             opts.max_asr, opts.min_acc, opts.max_acc_drop)
-        subject = subjects[path]
         rows.append(CompareRow(path=path, sha256=subject.checkpoint.sha256, arch=subject.arch,
                                method=(subject.checkpoint.metadata.get("purification") or {}).get("method"),
                                result=res, acc_drop=drop, der=der,
                                drift=weight_drift(ref_state, subject.checkpoint.state_dict), gates=gates,
                                is_reference=path == reference_path))
+        del subject  # the next checkpoint's model replaces this one
     return CompareReport(rows=rows, reference=reference_path, data=_describe_data(bundle, sets, image_size),
                          trigger=_describe_trigger(trigger), environment=environment(device), options=to_yaml_dict(opts))

@@ -305,6 +305,9 @@ def test_targets_shards_and_lists(tmp_path):
         with pytest.raises(ConfigError):
             parse_shard(bad, {})
     assert invoke("evaluate", str(tmp_path / "nothing-*.pt"), "--data", tmp_path).exit_code == 2
+    # --purify folder names: relative to the common folder, unique even when only the suffix differs
+    assert audit_module.output_names(["z/a.pt", "z/a.safetensors", "z/sub/b.pt"]) == \
+        {"z/a.pt": "a.pt", "z/a.safetensors": "a.safetensors", "z/sub/b.pt": "sub__b"}
 
 
 def test_compare_accepts_a_folder(zoo, tmp_path):
