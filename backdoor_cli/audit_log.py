@@ -81,6 +81,7 @@ class AuditLog:
         if self.path.exists() and self.path.is_dir():
             raise InputError(f"--jsonl {self.path} is a directory")
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.touch()  # a shard with no checkpoints still leaves its (empty) file for merge
         self._torn = _ends_torn(self.path)
 
     def write(self, row: AuditRow) -> None:

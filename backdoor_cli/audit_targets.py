@@ -52,8 +52,11 @@ def expand_targets(arguments: list[str], from_list: str | None = None) -> list[s
     files with a checkpoint suffix, so its READMEs and reports are not audited."""
     unique = sorted(set(expand_in_order(arguments, from_list)))
     if not unique:
-        raise InputError("no checkpoints found in " + ", ".join(map(repr, list(arguments) + ([from_list] if from_list else []))),
-                         hint=f"a folder is searched for {', '.join(CHECKPOINT_SUFFIXES)} files and model directories")
+        named = ", ".join(map(str, list(arguments) + ([from_list] if from_list else [])))
+        raise InputError(f"no checkpoints found in {named} (a directory without {MODEL_DIR_MARKER} is searched for "
+                         "checkpoint files and model directories)",
+                         hint=f"checkpoint files end in {', '.join(CHECKPOINT_SUFFIXES)}; a Hugging Face/timm model "
+                              f"directory has a {MODEL_DIR_MARKER}")
     return unique
 
 
