@@ -319,3 +319,19 @@ def test_compare_accepts_a_folder(zoo, tmp_path):
     assert result.exit_code == 0, result.output
     rows = json.loads(result.stdout)["rows"]
     assert [Path(r["path"]).name for r in rows] == ["a.safetensors", "b.pt"]
+
+
+def test_from_list_and_the_launcher_rank_pick_the_share(zoo, tmp_path, monkeypatch):
+    listing = tmp_path / "list.txt"
+    names = ["badnets.safetensors", "simple_cnn_half.safetensors", "truncated.safetensors"]
+    listing.write_text("# three of the zoo\n" + "".join(f"{zoo['zoo'] / n}\n" for n in names))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    result = invoke("evaluate", "--from-list", listing, "--data", zoo["data"], *BASE, "--json")
+    rows = json.loads(result.stdout)["rows"]
+    # sorted: badnets, simple_cnn_half, truncated -> rank 1 of 2 takes the second only
+    assert [Path(r["path"]).name for r in rows] == ["simple_cnn_half.safetensors"] and result.exit_code == 0
+    assert json.loads(result.stdout)["shard"] == "1/2"
+    explicit = invoke("evaluate", "--from-list", listing, "--data", zoo["data"], *BASE, "--shard", "0/2", "--json")
+    assert sorted(Path(r["path"]).name for r in json.loads(explicit.stdout)["rows"]) == \
+        ["badnets.safetensors", "truncated.safetensors"] and explicit.exit_code == 2
