@@ -16,7 +16,7 @@ from typing import Annotated, List, Optional
 import typer
 
 
-from .errors import BdcleanError
+from .errors import BdcleanError, ConfigError
 
 app = typer.Typer(
     name="bdclean",
@@ -58,6 +58,10 @@ ImageSize = Annotated[Optional[str], typer.Option(help="Model input size N (squa
                                                   "centre-cropped to it, the ImageNet evaluation transform. Needed when "
                                                   "a folder's images differ in size.")]
 Out = Annotated[Optional[str], typer.Option(help="Output directory (purify) or file (train).")]
+FromList = Annotated[Optional[str], typer.Option(help="A file of checkpoint paths, one a line (# comments allowed).")]
+CacheDir = Annotated[Optional[str], typer.Option(help="Evaluation cache folder (default $BDCLEAN_CACHE_DIR; off when "
+                                                 "neither is set): an evaluation of the same bytes, data, trigger "
+                                                 "and settings is read back, not run again (evaluate, then purify).")]
 
 
 def _stdout():
@@ -145,29 +149,108 @@ def inspect(
 
 @app.command()
 def evaluate(
-    checkpoint: Annotated[str, typer.Argument(help="Checkpoint to evaluate.")],
+    checkpoints: Annotated[Optional[List[str]], typer.Argument(
+        help="Checkpoint to evaluate; or several: files, folders of checkpoints, globs ('zoo/**/*.pt').",
+        show_default=False)] = None,
     data: Data = None, arch: Arch = None, num_classes: NumClasses = None, head: Head = None,
     data_dir: DataDir = None, trigger: Trigger = None, target: Target = None, mean: Mean = None, std: Std = None,
     device: Device = None, seed: Seed = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Evaluation batch size (default 1024).")] = None,
     eval_limit: EvalLimit = None, max_asr: MaxAsr = None, min_acc: MinAcc = None, image_size: ImageSize = None,
+    from_list: FromList = None,
+    jsonl: Annotated[Optional[str], typer.Option(help="Many: append one JSON line per checkpoint as it finishes; "
+                                                 "a rerun with the same file skips what it already holds.")] = None,
+    markdown: Annotated[bool, typer.Option("--markdown", help="Many: print the summary as a Markdown table.")] = False,
+    shard: Annotated[Optional[str], typer.Option(help="Many: evaluate share I of N (0-based, e.g. 0/4); default "
+                                                 "RANK/WORLD_SIZE when a launcher set them.")] = None,
+    purify: Annotated[Optional[str], typer.Option(help="Many: purify each checkpoint that fails a gate with this "
+                                                  "method (fst, ...), into one folder per checkpoint under --out.")] = None,
+    out: Annotated[Optional[str], typer.Option(help="--purify: where the per-checkpoint folders go.")] = None,
+    force: Force = None, cache_dir: CacheDir = None,
     config: Config = None, json_output: Json = False, quiet: Quiet = False,
 ):
-    """Measure clean accuracy and the attack success rate of a trigger, with 95% intervals."""
-    flags = dict(locals())
+    """Measure clean accuracy and the attack success rate of a trigger, with 95% intervals.
 
-    def body():
+    Given a folder, a glob, several paths or --from-list, one process audits them all on the same
+    images: a summary worst ASR first, one row per checkpoint, a bad file costing only its own row.
+    Exit code of an audit: the largest of its rows' codes (0 all passed, 1 a gate failed, 2 a file
+    unreadable, 3 a pickle refused as unsafe, 4 an internal error).
+    """
+    flags = dict(locals())
+    flags.pop("checkpoints")
+    config_path = flags.pop("config") and str(config)
+    targets = list(checkpoints or [])
+    many = bool(from_list or jsonl or markdown or shard or purify)
+
+    def single():
+        from .audit_targets import is_single_target
         from .config import EvaluateOptions, resolve_options
+        from .eval_cache import open_cache
         from .pipeline import evaluate_checkpoint
         from .report import render_evaluate
 
-        opts = resolve_options(EvaluateOptions, flags, flags.pop("config") and str(config))
-        report = evaluate_checkpoint(opts, _reporter(quiet, json_output))
+        if not is_single_target(targets):
+            return None
+        if out or force:
+            raise ConfigError("--out and --force go with --purify (auditing several checkpoints)")
+        opts = resolve_options(EvaluateOptions, {**flags, "checkpoint": targets[0]}, config_path)
+        report = evaluate_checkpoint(opts, _reporter(quiet, json_output), open_cache(cache_dir))
         _emit(report, json_output, render_evaluate)
         return report
 
-    report = _guard(body)
-    _exit_for_gates(report.gates)
+    def audit():
+        from .audit import audit_checkpoints
+        from .audit_report import emit_audit
+        from .config import AuditOptions, resolve_options
+        from .eval_cache import open_cache
+
+        if not targets and not from_list:
+            raise ConfigError("evaluate needs a checkpoint", hint="a file, a folder of checkpoints, a glob, or --from-list FILE")
+        opts = resolve_options(AuditOptions, {**flags, "checkpoints": tuple(targets)}, config_path)
+        report = audit_checkpoints(opts, _reporter(quiet, json_output), open_cache(cache_dir))
+        emit_audit(report.rows, json_output, markdown, _stdout, report.context())
+        return report
+
+    report = None if many else _guard(single)
+    if report is not None:
+        _exit_for_gates(report.gates)
+        return
+    code = _guard(audit).exit_code
+    if code:
+        raise typer.Exit(code)
+
+
+@app.command()
+def merge(
+    files: Annotated[List[str], typer.Argument(help="JSONL files written by `evaluate DIR --jsonl` (one per shard).")],
+    jsonl: Annotated[Optional[str], typer.Option(help="Also write the merged rows to this JSONL file.")] = None,
+    markdown: Annotated[bool, typer.Option("--markdown", help="Print a Markdown table.")] = False,
+    json_output: Json = False,
+):
+    """Join the JSONL rows of an audit's shards into one summary (the table one process would print)."""
+
+    def body():
+        from .audit_log import AuditLog, merge_rows, read_rows
+        from .audit_report import emit_audit
+
+        rows = merge_rows([read_rows(path, strict=True) for path in files])
+        if len({row.settings for row in rows}) > 1:
+            _stderr().print("warning: these rows were measured with different settings (data, trigger, gates or "
+                            "version); the table mixes them", highlight=False, markup=False)
+        if jsonl:
+            if Path(jsonl).exists():
+                raise ConfigError(f"--jsonl {jsonl} exists; merge writes a new file")
+            log = AuditLog(jsonl)
+            for row in rows:
+                log.write(row)
+        emit_audit(rows, json_output, markdown, _stdout)
+        return rows
+
+    from .audit_log import audit_exit_code  # torch-free
+
+    code = audit_exit_code(_guard(body))
+    if code:
+        raise typer.Exit(code)
 
 
 @app.command()
@@ -199,18 +282,20 @@ def purify(
                                                        "(default: detected from a probe batch).")] = None,
     device: Device = None, seed: Seed = None, eval_limit: EvalLimit = None,
     max_asr: MaxAsr = None, min_acc: MinAcc = None, max_acc_drop: MaxAccDrop = None, image_size: ImageSize = None,
-    force: Force = None, config: Config = None, json_output: Json = False, quiet: Quiet = False,
+    force: Force = None, cache_dir: CacheDir = None, config: Config = None, json_output: Json = False,
+    quiet: Quiet = False,
 ):
     """Remove a backdoor by tuning on clean data; write purified weights and a report to --out."""
     flags = dict(locals())
 
     def body():
         from .config import PurifyOptions, resolve_options
+        from .eval_cache import open_cache
         from .pipeline import purify_checkpoint
         from .report import render_purify
 
         opts = resolve_options(PurifyOptions, flags, flags.pop("config") and str(config))
-        report = purify_checkpoint(opts, _reporter(quiet, json_output))
+        report = purify_checkpoint(opts, _reporter(quiet, json_output), open_cache(cache_dir))
         _emit(report, json_output, render_purify)
         return report
 
@@ -220,7 +305,8 @@ def purify(
 
 @app.command()
 def compare(
-    checkpoints: Annotated[List[str], typer.Argument(help="Two or more checkpoints.")],
+    checkpoints: Annotated[Optional[List[str]], typer.Argument(help="Two or more checkpoints (files, folders of "
+                                                               "checkpoints, globs).", show_default=False)] = None,
     data: Data = None, arch: Arch = None, num_classes: NumClasses = None, head: Head = None,
     data_dir: DataDir = None, trigger: Trigger = None, target: Target = None, mean: Mean = None, std: Std = None,
     reference: Annotated[Optional[str], typer.Option(help="Checkpoint that DER and weight drift are measured "
@@ -230,14 +316,17 @@ def compare(
     eval_limit: EvalLimit = None, max_asr: MaxAsr = None, min_acc: MinAcc = None, max_acc_drop: MaxAccDrop = None,
     image_size: ImageSize = None,
     markdown: Annotated[bool, typer.Option("--markdown", help="Print a Markdown table.")] = False,
+    from_list: FromList = None,
     config: Config = None, json_output: Json = False, quiet: Quiet = False,
 ):
     """Put several checkpoints side by side on the same data and trigger."""
     flags = dict(locals())
-    flags["checkpoints"] = tuple(checkpoints)
 
     def body():
+        from .audit_targets import expand_in_order
         from .config import CompareOptions, resolve_options
+
+        flags["checkpoints"] = tuple(expand_in_order(list(checkpoints or []), from_list))
         from .pipeline import compare_checkpoints
         from .report import compare_markdown, render_compare
 

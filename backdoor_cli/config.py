@@ -95,6 +95,20 @@ class CompareOptions(EvaluateOptions):
 
 
 @dataclass(frozen=True)
+class AuditOptions(EvaluateOptions):
+    """`evaluate` over many checkpoints (audit.py): the evaluation settings plus where the list comes
+    from, where rows go, which shard this process takes, and what to do with a checkpoint that fails."""
+
+    checkpoints: tuple[str, ...] = ()  # files, folders of checkpoints, globs
+    from_list: str | None = None  # a file of paths, one a line
+    jsonl: str | None = None  # one row per checkpoint, appended as each finishes; resumes from it
+    shard: str | None = None  # "I/N" (0-based); default RANK/WORLD_SIZE when set
+    purify: str | None = None  # a defense to purify every checkpoint that fails a gate with
+    out: str | None = None  # --purify: one folder per checkpoint under it
+    force: bool = False
+
+
+@dataclass(frozen=True)
 class TrainOptions:
     arch: str | None = None  # default simple_cnn; with --init, the starting checkpoint's architecture
     init: str | None = None  # start from this checkpoint's weights (fine-tune) instead of a fresh model

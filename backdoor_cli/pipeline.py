@@ -20,6 +20,7 @@ from .data import (DatasetBundle, ImageSizeError, ImageSet, indices_sha256, load
                    select_clean_subset)
 from .defenses import DefenseParams, default_params, get_defense
 from .errors import ConfigError, InputError
+from .eval_cache import data_fingerprint, eval_key, measured
 from .evaluate import EvalSets, build_eval_sets, evaluate_model
 from .gates import check_gates
 from .holdout import HoldoutMonitor, holdout_accuracy, split_holdout
@@ -110,8 +111,9 @@ def _check_gate_inputs(opts, trigger) -> None:
         raise ConfigError("--max-asr needs a trigger to measure ASR", hint="pass --trigger")
 
 
-def evaluate_checkpoint(opts: EvaluateOptions, reporter: Reporter | None = None) -> EvaluateReport:
-    """Measure C-Acc (and ASR/RA when there is a trigger) of one checkpoint."""
+def evaluate_checkpoint(opts: EvaluateOptions, reporter: Reporter | None = None, cache=None) -> EvaluateReport:
+    """Measure C-Acc (and ASR/RA when there is a trigger) of one checkpoint; with an EvalCache (eval_cache.py),
+    an evaluation of the same bytes on the same images is read back instead of run again."""
     reporter = reporter or Reporter()
     device = resolve_device(opts.device)
     seed_everything(opts.seed)
@@ -129,13 +131,22 @@ def evaluate_checkpoint(opts: EvaluateOptions, reporter: Reporter | None = None)
         reporter.stage(f"evaluating on {sets.clean.num_images} clean"
                        + (f" + {sets.num_poisoned} triggered images" if sets.has_trigger else " images")
                        + (" (streamed from disk)" if sets.streamed else ""))
-        result = evaluate_model(model, sets, mean, std, device, opts.batch_size, reporter)
+        result, _ = measured(cache, cache_key(cache, subject, bundle, trigger, opts, device),
+                             lambda: evaluate_model(model, sets, mean, std, device, opts.batch_size, reporter))
     gates = check_gates(result.asr.value if result.asr else None, result.clean_acc.value,
                         max_asr=opts.max_asr, min_acc=opts.min_acc)
     return EvaluateReport(subject=subject.describe(), data=_describe_data(bundle, sets, image_size),
                           trigger=_describe_trigger(trigger),
                           result=result, gates=gates, timings=dict(timer.stages), environment=environment(device),
                           options=to_yaml_dict(opts))
+
+
+def cache_key(cache, subject: Subject, bundle: DatasetBundle, trigger, opts, device):
+    """The EvalKey of this evaluation, or None without a cache (hashing the test images costs a little)."""
+    if cache is None:
+        return None
+    return eval_key(subject.checkpoint.sha256, subject, data_fingerprint(bundle.test), trigger, opts.eval_limit,
+                    opts.seed, device)
 
 
 def _describe_data(bundle: DatasetBundle, sets: EvalSets, image_size=None) -> dict:
@@ -202,8 +213,9 @@ def _input_paths(opts, *extra) -> list[Path]:
     return paths
 
 
-def purify_checkpoint(opts: PurifyOptions, reporter: Reporter | None = None) -> PurifyReport:
+def purify_checkpoint(opts: PurifyOptions, reporter: Reporter | None = None, cache=None) -> PurifyReport:
     """Evaluate, tune with a defense, evaluate again, and write the purified weights and report.
+    With an EvalCache, the input's evaluation is read back when `evaluate` already measured it.
 
     The outputs are published as one set at the end (OutputSet): a failure or Ctrl-C at any point
     leaves --out as it was.
@@ -218,13 +230,14 @@ def purify_checkpoint(opts: PurifyOptions, reporter: Reporter | None = None) -> 
     parse_output_kind(opts.output_kind)  # a bad --output-kind: exit 2 before any work
     names = PURIFY_OUTPUTS + ("report.png",) + hub.OUTPUTS  # the hub layout is written for hub models only
     with OutputSet(out, names, _input_paths(opts, opts.checkpoint), opts.force) as outputs:
-        report = _purify_into(opts, defense, device, outputs, reporter)
+        report = _purify_into(opts, defense, device, outputs, reporter, cache)
         reporter.stage(f"writing outputs to {out}")
         outputs.commit()
     return report
 
 
-def _purify_into(opts: PurifyOptions, defense, device, outputs: OutputSet, reporter: Reporter) -> PurifyReport:
+def _purify_into(opts: PurifyOptions, defense, device, outputs: OutputSet, reporter: Reporter,
+                 cache=None) -> PurifyReport:
     seed_everything(opts.seed)
     timer = Stopwatch(device)
     with timer.stage("load"):
@@ -244,7 +257,10 @@ def _purify_into(opts: PurifyOptions, defense, device, outputs: OutputSet, repor
         tune_set, monitor = _holdout(opts, clean, subject, model, mean, std, device, reporter)
     with timer.stage("evaluate_before"):
         reporter.stage("evaluating the input model")
-        before = evaluate_model(model, sets, mean, std, device, opts.eval_batch_size, reporter)
+        before, cached = measured(cache, cache_key(cache, subject, bundle, trigger, opts, device),
+                                  lambda: evaluate_model(model, sets, mean, std, device, opts.eval_batch_size, reporter))
+        if cached:
+            reporter.info("the input model's evaluation was read from the evaluation cache")
     with timer.stage("tune"):
         outcome = _run_defense(defense, model, subject, tune_set.to(device), mean, std, params, device,
                                bundle.augment_flip, reporter, output_kind, monitor)
@@ -408,34 +424,33 @@ def compare_checkpoints(opts: CompareOptions, reporter: Reporter | None = None) 
     reporter.stage(f"loading data {opts.data}")
     bundle, image_size = _load_data(opts, opts.checkpoints, need_train=False)
     reference_path = opts.reference or opts.checkpoints[0]
-    paths = list(opts.checkpoints) + ([reference_path] if reference_path not in opts.checkpoints else [])
-    subjects = {p: _open_subject(opts, p, bundle, reporter) for p in paths}
-    trigger = resolve_trigger(opts.trigger, opts.target, subjects[reference_path], bundle.test.image_shape,
-                              subjects[reference_path].num_classes)
+    # One model in memory besides the reference: a folder of checkpoints compares in flat memory.
+    reference = _open_subject(opts, reference_path, bundle, reporter)
+    trigger = resolve_trigger(opts.trigger, opts.target, reference, bundle.test.image_shape, reference.num_classes)
     _check_gate_inputs(opts, trigger)
     sets = build_eval_sets(bundle.test, trigger, device, opts.eval_limit, opts.seed)
-    results = {}
-    for path in paths:
+
+    def measure(path: str, subject: Subject):
         reporter.stage(f"evaluating {path}")
-        subject = subjects[path]
         mean, std = normalization_tensors(subject, device)
-        results[path] = evaluate_model(prepare_model(subject.model, device), sets, mean, std, device, opts.batch_size,
-                                       reporter)
-    ref = results[reference_path]
-    ref_state = subjects[reference_path].checkpoint.state_dict
+        return evaluate_model(prepare_model(subject.model, device), sets, mean, std, device, opts.batch_size, reporter)
+
+    ref = measure(reference_path, reference)
+    ref_state = reference.checkpoint.state_dict
     rows = []
     for path in opts.checkpoints:
-        res = results[path]
+        subject = reference if path == reference_path else _open_subject(opts, path, bundle, reporter)
+        res = ref if path == reference_path else measure(path, subject)
         drop = ref.clean_acc.value - res.clean_acc.value
         der = (defense_effectiveness_rating(ref.clean_acc.value, res.clean_acc.value, ref.asr.value, res.asr.value)
                if ref.asr and res.asr and path != reference_path else None)
         gates = check_gates(res.asr.value if res.asr else None, res.clean_acc.value, drop,
                             opts.max_asr, opts.min_acc, opts.max_acc_drop)
-        subject = subjects[path]
         rows.append(CompareRow(path=path, sha256=subject.checkpoint.sha256, arch=subject.arch,
                                method=(subject.checkpoint.metadata.get("purification") or {}).get("method"),
                                result=res, acc_drop=drop, der=der,
                                drift=weight_drift(ref_state, subject.checkpoint.state_dict), gates=gates,
                                is_reference=path == reference_path))
+        del subject  # the next checkpoint's model replaces this one
     return CompareReport(rows=rows, reference=reference_path, data=_describe_data(bundle, sets, image_size),
                          trigger=_describe_trigger(trigger), environment=environment(device), options=to_yaml_dict(opts))
