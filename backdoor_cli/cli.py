@@ -174,7 +174,10 @@ def evaluate(
 def purify(
     checkpoint: Annotated[str, typer.Argument(help="Suspect checkpoint to purify (never modified).")],
     method: Annotated[Optional[str], typer.Option(help="Defense: fst (default, the paper's), fst-kd (FST + distillation of the input "
-                                                 "model's clean outputs: lower accuracy cost), ft, lp, fe-tuning, ft-init.")] = None,
+                                                 "model's clean outputs: lower accuracy cost), ft, lp, fe-tuning, ft-init, "
+                                                 "pam (path-aware minimisation, clean-data variant: without the paper's "
+                                                 "inverted-trigger images), ft-sam (adaptive SAM), nad (attention "
+                                                 "distillation).")] = None,
     data: Data = None, out: Out = None, arch: Arch = None, num_classes: NumClasses = None, head: Head = None,
     data_dir: DataDir = None, trigger: Trigger = None, target: Target = None, mean: Mean = None, std: Std = None,
     lr: Annotated[Optional[float], typer.Option(help="Learning rate (default: the paper's for the dataset).")] = None,
@@ -183,6 +186,17 @@ def purify(
     distill: Annotated[Optional[float], typer.Option(help="fst-kd: weight of the distillation of the input model's "
                                                      "clean-data outputs (default 1).")] = None,
     distill_temperature: Annotated[Optional[float], typer.Option(help="fst-kd: distillation temperature (default 2).")] = None,
+    rho: Annotated[Optional[float], typer.Option(help="pam: distance of the gradient point toward the suspect weights "
+                                                 "(default 0.5); ft-sam: SAM radius (default 2.0, adaptive).")] = None,
+    label_smoothing: Annotated[Optional[float], typer.Option(help="Label smoothing of the tuning loss (ft-sam default "
+                                                             "0.1, others 0).")] = None,
+    nad_beta: Annotated[Optional[str], typer.Option(help="nad: attention-loss weight, one or one per layer, comma-"
+                                                    "separated (default 500,1000,1000).")] = None,
+    nad_p: Annotated[Optional[float], typer.Option(help="nad: power p of the attention map (default 2).")] = None,
+    nad_layers: Annotated[Optional[str], typer.Option(help="nad: module paths to distil, comma-separated (default: "
+                                                      "the end of each of the last three stages).")] = None,
+    teacher_epochs: Annotated[Optional[int], typer.Option(help="nad: epochs of the teacher's fine-tuning (default: "
+                                                          "--epochs).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Tuning batch size (default 128).")] = None,
     eval_batch_size: Annotated[Optional[int], typer.Option(help="Evaluation batch size (default 1024).")] = None,
     momentum: Annotated[Optional[float], typer.Option(help="SGD momentum (default 0.9).")] = None,

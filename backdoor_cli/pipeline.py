@@ -158,7 +158,10 @@ def _defense_params(opts: PurifyOptions, dataset: str | None) -> tuple[DefensePa
         alpha=opts.alpha if opts.alpha is not None else defaults["alpha"],
         batch_size=opts.batch_size, momentum=opts.momentum, weight_decay=opts.weight_decay,
         augment=opts.augment, seed=opts.seed,
-        **{k: v for k, v in (("distill", opts.distill), ("distill_temperature", opts.distill_temperature))
+        **{k: v for k, v in (("distill", opts.distill), ("distill_temperature", opts.distill_temperature),
+                             ("rho", opts.rho), ("label_smoothing", opts.label_smoothing),
+                             ("nad_beta", opts.nad_beta), ("nad_p", opts.nad_p), ("nad_layers", opts.nad_layers),
+                             ("teacher_epochs", opts.teacher_epochs))
            if v is not None},
     ).validate()
     fraction = opts.clean_fraction
@@ -264,7 +267,8 @@ def _purify_into(opts: PurifyOptions, defense, device, outputs: OutputSet, repor
         subject=subject.describe(), data=_describe_data(bundle, sets, image_size),
         trigger=_describe_trigger(trigger),
         method={"name": defense.name, "summary": defense.summary, "reinit_head": defense.reinit_head,
-                "trains": defense.trains, "params": params.to_dict(), "head_norm": outcome.head_norm},
+                "trains": defense.trains, "params": params.to_dict(), "head_norm": outcome.head_norm,
+                "notes": list(outcome.notes)},
         clean={"source": opts.clean_data or "training split", "images": clean.num_images,
                "tuned_on": tune_set.num_images,
                "holdout": ({**monitor.to_dict(), "selection": selection} if monitor is not None else None),
