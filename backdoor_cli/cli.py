@@ -57,6 +57,14 @@ ImageSize = Annotated[Optional[str], typer.Option(help="Model input size N (squa
                                                   "resized (shorter side to round(N / 0.875), e.g. 256 for 224) and "
                                                   "centre-cropped to it, the ImageNet evaluation transform. Needed when "
                                                   "a folder's images differ in size.")]
+RetuneCheck = Annotated[Optional[bool], typer.Option("--retune-check", help="Retune a copy with a few poisoned images (the trigger's) "
+                                           "and report the ASR after retuning: a low ASR that comes back is a "
+                                           "dormant backdoor. The copy is never saved. Needs a trigger.")]
+CleanReference = Annotated[Optional[str], typer.Option(help="--retune-check: a clean model given the same retuning, "
+                                                       "for the verdict.")]
+RetunePoisoned = Annotated[Optional[int], typer.Option(help="--retune-check: poisoned images (default 5).")]
+RetuneEpochs = Annotated[Optional[int], typer.Option(help="--retune-check: epochs (default 5).")]
+RetuneLr = Annotated[Optional[float], typer.Option(help="--retune-check: SGD learning rate, constant (default 0.01).")]
 Out = Annotated[Optional[str], typer.Option(help="Output directory (purify) or file (train).")]
 
 
@@ -213,6 +221,8 @@ def purify(
                                                        "(default: detected from a probe batch).")] = None,
     device: Device = None, seed: Seed = None, eval_limit: EvalLimit = None,
     max_asr: MaxAsr = None, min_acc: MinAcc = None, max_acc_drop: MaxAccDrop = None, image_size: ImageSize = None,
+    retune_check: RetuneCheck = None, clean_reference: CleanReference = None, retune_poisoned: RetunePoisoned = None,
+    retune_epochs: RetuneEpochs = None, retune_lr: RetuneLr = None,
     force: Force = None, config: Config = None, json_output: Json = False, quiet: Quiet = False,
 ):
     """Remove a backdoor by tuning on clean data; write purified weights and a report to --out."""

@@ -32,7 +32,8 @@ RANGES: dict[str, tuple] = {
     "momentum": (0, 1, False, True), "weight_decay": (0, None, False, False), "clean_fraction": (0, 1, True, False),
     "poison_rate": (0, 1, False, False), "holdout_fraction": (0, 1, False, True),
     "rho": (0, 100, False, False), "label_smoothing": (0, 1, False, True), "nad_p": (0, 16, True, False),
-    "teacher_epochs": (1, 10_000, False, False),
+    "teacher_epochs": (1, 10_000, False, False), "retune_poisoned": (1, 100_000, False, False),
+    "retune_epochs": (1, 1000, False, False), "retune_lr": (0, 10, True, False),
 }
 
 
@@ -64,6 +65,11 @@ class EvaluateOptions:
     max_asr: float | None = None
     min_acc: float | None = None
     image_size: tuple[int, int] | None = None  # (height, width); image folders are resized + centre-cropped
+    retune_check: bool = False  # retune a copy with a few poisoned images and report its ASR (retune.py)
+    clean_reference: str | None = None  # a clean model given the same retuning, for the verdict
+    retune_poisoned: int = 5
+    retune_epochs: int = 5
+    retune_lr: float = 0.01
 
 
 @dataclass(frozen=True)

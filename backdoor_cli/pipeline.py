@@ -25,12 +25,14 @@ from .gates import check_gates
 from .holdout import HoldoutMonitor, holdout_accuracy, split_holdout
 from .imagefolder import TRANSFORM
 from .models import hub
-from .metrics import defense_effectiveness_rating
-from .models.output_kind import PROBE_IMAGES, OutputKind, parse_output_kind, probe_outputs, resolve_output_kind
+from .metrics import Rate, defense_effectiveness_rating
+from .models.output_kind import (PROBE_IMAGES, LossAdapter, OutputKind, parse_output_kind, probe_outputs,
+                                 resolve_output_kind)
 from .outputs import OutputSet
 from .progress import Reporter, step_callback
 from .report import (CompareReport, CompareRow, EvaluateReport, PurifyReport, stage_purify_report,
                      weight_drift)
+from .retune import RetuneResult, RetuneSettings, check_retuning, judge
 from .runtime import Stopwatch, autocast, environment, prepare_model, resolve_device, seed_everything
 from .streaming import materialize
 from .subject import Subject, load_subject, normalization_tensors
@@ -108,6 +110,8 @@ def _load_data(opts, checkpoints, need_train: bool) -> tuple[DatasetBundle, tupl
 def _check_gate_inputs(opts, trigger) -> None:
     if opts.max_asr is not None and trigger is None:
         raise ConfigError("--max-asr needs a trigger to measure ASR", hint="pass --trigger")
+    if getattr(opts, "retune_check", False) and trigger is None:
+        raise ConfigError("--retune-check needs a trigger", hint="pass --trigger (a built-in name or a spec file)")
 
 
 def evaluate_checkpoint(opts: EvaluateOptions, reporter: Reporter | None = None) -> EvaluateReport:
@@ -197,7 +201,7 @@ def _clean_set(opts: PurifyOptions, bundle: DatasetBundle, fraction: float | Non
 def _input_paths(opts, *extra) -> list[Path]:
     """Every file or directory a run reads: outputs may never replace or land inside one of them."""
     candidates = [getattr(opts, "config", None), getattr(opts, "trigger", None), getattr(opts, "data", None),
-                  getattr(opts, "clean_data", None), *extra]
+                  getattr(opts, "clean_data", None), getattr(opts, "clean_reference", None), *extra]
     paths = []
     for value in candidates:
         if value and Path(str(value)).exists():
@@ -257,6 +261,11 @@ def _purify_into(opts: PurifyOptions, defense, device, outputs: OutputSet, repor
     with timer.stage("evaluate_after"):
         reporter.stage("evaluating the purified model")
         after = evaluate_model(model, sets, mean, std, device, opts.eval_batch_size, reporter)
+    retune = None
+    if opts.retune_check:
+        with timer.stage("retune_check"):
+            retune = retune_checked(opts, bundle, model, tune_set, trigger, sets, mean, std, device, after.asr,
+                                    output_kind.adapter, reporter)
     acc_drop = before.clean_acc.value - after.clean_acc.value
     advice = alpha_advice(defense.uses_alpha, params.alpha, acc_drop)
     if advice:
@@ -279,6 +288,7 @@ def _purify_into(opts: PurifyOptions, defense, device, outputs: OutputSet, repor
              if before.asr and after.asr else None),
         history=[h.to_dict() for h in outcome.history], gates=gates, timings={}, environment=environment(device),
         options=to_yaml_dict(opts), outputs={}, output_kind=output_kind.to_dict(),
+        retune=retune.to_dict() if retune is not None else None,
     )
     with timer.stage("write"):
         import yaml
@@ -303,6 +313,33 @@ def _purify_into(opts: PurifyOptions, defense, device, outputs: OutputSet, repor
             reporter.warn(plot_note)
     report.timings = dict(timer.stages)
     return report
+
+
+def retune_checked(opts: EvaluateOptions, bundle: DatasetBundle, model, clean: ImageSet, trigger, sets: EvalSets,
+                   mean, std, device, asr: Rate | None, adapter: LossAdapter, reporter: Reporter) -> RetuneResult:
+    """The retuning check on `model` and, with --clean-reference, on that model with the same images."""
+    if trigger is None or asr is None:
+        raise ConfigError("--retune-check needs a trigger", hint="pass --trigger (a built-in name or a spec file)")
+    settings = RetuneSettings(poisoned=opts.retune_poisoned, epochs=opts.retune_epochs, lr=opts.retune_lr,
+                              seed=opts.seed).validate()
+    batch = getattr(opts, "eval_batch_size", opts.batch_size)
+    reporter.stage(f"retuning check: a copy tuned {settings.epochs} epochs with {settings.poisoned} poisoned images")
+    result = check_retuning(model, clean, trigger, sets, mean, std, settings, device, asr, batch,
+                            bundle.augment_flip, adapter)
+    reference = None
+    if opts.clean_reference:
+        reporter.stage(f"retuning check on the clean reference {opts.clean_reference}")
+        ref_subject = _open_subject(opts, opts.clean_reference, bundle, reporter)
+        ref_model = prepare_model(ref_subject.model, device)
+        ref_mean, ref_std = normalization_tensors(ref_subject, device)
+        ref_asr = evaluate_model(ref_model, sets, ref_mean, ref_std, device, batch).asr
+        ref_kind = _output_kind("auto", ref_model, clean, ref_mean, ref_std, device, reporter)
+        reference = check_retuning(ref_model, clean, trigger, sets, ref_mean, ref_std, settings, device, ref_asr,
+                                   batch, bundle.augment_flip, ref_kind.adapter)
+        del ref_model, ref_subject
+    judge(result, reference)
+    reporter.info(f"retuning check: {result.verdict}")
+    return result
 
 
 def alpha_advice(uses_alpha: bool, alpha: float | None, acc_drop: float) -> str | None:

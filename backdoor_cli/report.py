@@ -76,6 +76,7 @@ class PurifyReport:
     options: dict
     outputs: dict = field(default_factory=dict)
     output_kind: dict | None = None  # models.output_kind.OutputKind.to_dict(): what the model returns, the loss
+    retune: dict | None = None  # retune.RetuneResult.to_dict() of the purified model, with --retune-check
 
     @property
     def acc_delta(self) -> float:
@@ -91,7 +92,7 @@ class PurifyReport:
                 "clean_data": self.clean,
                 "before": self.before.to_dict(), "after": self.after.to_dict(),
                 "delta": {"clean_acc": self.acc_delta, "asr": self.asr_delta}, "der": self.der,
-                "history": self.history, "gates": [g.to_dict() for g in self.gates],
+                "retune_check": self.retune, "history": self.history, "gates": [g.to_dict() for g in self.gates],
                 "passed": all(g.passed for g in self.gates), "outputs": self.outputs,
                 "timings": _round(self.timings), "environment": self.environment, "options": self.options,
                 "definitions": DEFINITIONS}
@@ -213,6 +214,7 @@ def purify_markdown(report: PurifyReport) -> str:
         change = signed_points(a.value - b.value) if a is not None and b is not None else "-"
         lines.append(f"| {name} | {_rate_md(b)} | {_rate_md(a)} | {change} |")
     lines += ["", f"DER: {report.der:.4f}" if report.der is not None else "DER: - (no trigger)", ""]
+    lines += retune_markdown(report.retune)
     if report.gates:
         lines += ["## Gates", ""] + [f"- {g.describe()}" for g in report.gates] + [""]
     curve = {c["epoch"]: c["holdout_acc"] for c in (report.clean.get("holdout") or {}).get("curve", [])}
@@ -226,6 +228,25 @@ def purify_markdown(report: PurifyReport) -> str:
               "- timings: " + ", ".join(f"{k} {v:.2f}s" for k, v in report.timings.items()),
               "", "## Definitions", ""] + [f"- **{k}**: {v}" for k, v in DEFINITIONS.items()]
     return "\n".join(lines) + "\n"
+
+
+def retune_markdown(retune: dict | None) -> list[str]:
+    if not retune:
+        return []
+    s = retune["settings"]
+    ref = retune.get("reference_asr_after_retuning")
+    return ["## Retuning check", "", f"**{retune['verdict']}**", "",
+            f"- ASR after retuning: {_rate_dict_md(retune['asr_after_retuning'])}"
+            + (f"; clean reference: {_rate_dict_md(ref)}" if ref else ""),
+            f"- C-Acc after retuning: {_rate_dict_md(retune['clean_acc_after_retuning'])}",
+            f"- protocol: {s['poisoned']} poisoned images (not augmented) in the clean tuning set, SGD lr {s['lr']}, "
+            f"momentum {s['momentum']}, constant lr, batch {s['batch_size']}, {s['epochs']} epochs; the retuned copy "
+            "is not saved", ""]
+
+
+def _rate_dict_md(rate: dict) -> str:
+    lo, hi = rate["ci95"]
+    return f"{rate['value']:.2%} [{lo:.2%}, {hi:.2%}] ({rate['k']}/{rate['n']})"
 
 
 def _held_cell(curve: dict, epoch: int) -> str:
@@ -352,9 +373,17 @@ def render_purify(report: PurifyReport, console) -> None:
     if report.der is not None:
         console.print(f"DER {report.der:.3f}   ΔC-Acc {signed_points(report.acc_delta)}   "
                       f"ΔASR {signed_points(report.asr_delta)}")
+    if report.retune:
+        render_retune(report.retune, console)
     if report.outputs:
         console.print("outputs: " + ", ".join(sorted(report.outputs)))
     _render_gates(report.gates, console)
+
+
+def render_retune(retune: dict, console) -> None:
+    after = retune["asr_after_retuning"]
+    console.print(f"retuning check: ASR after retuning {after['value']:.2%} ({after['k']}/{after['n']}) - "
+                  f"{retune['verdict']}", highlight=False, markup=False)
 
 
 def _display_names(paths: list[str]) -> list[str]:
