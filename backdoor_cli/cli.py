@@ -254,7 +254,11 @@ def compare(
     eval_limit: EvalLimit = None, max_asr: MaxAsr = None, min_acc: MinAcc = None, max_acc_drop: MaxAccDrop = None,
     image_size: ImageSize = None,
     markdown: Annotated[bool, typer.Option("--markdown", help="Print a Markdown table.")] = False,
-    config: Config = None, json_output: Json = False, quiet: Quiet = False,
+    path: Annotated[Optional[int], typer.Option(help="Linear-path diagnostic: C-Acc and ASR of the models at N evenly "
+                                                "spaced points on the straight line from the first checkpoint to the "
+                                                "second (same architecture).")] = None,
+    path_plot: Annotated[Optional[str], typer.Option(help="--path: also draw it to this PNG file.")] = None,
+    force: Force = None, config: Config = None, json_output: Json = False, quiet: Quiet = False,
 ):
     """Put several checkpoints side by side on the same data and trigger."""
     flags = dict(locals())
@@ -266,6 +270,12 @@ def compare(
         from .report import compare_markdown, render_compare
 
         opts = resolve_options(CompareOptions, flags, flags.pop("config") and str(config))
+        if opts.path is not None:
+            return _trace_path(opts, markdown, json_output, quiet)
+        if opts.path_plot:
+            from .errors import ConfigError
+
+            raise ConfigError("--path-plot needs --path N")
         report = compare_checkpoints(opts, _reporter(quiet, json_output))
         if markdown and not json_output:
             sys.stdout.write(compare_markdown(report))
@@ -274,7 +284,19 @@ def compare(
         return report
 
     report = _guard(body)
-    _exit_for_gates([g for row in report.rows for g in row.gates])
+    _exit_for_gates([g for row in getattr(report, "rows", []) for g in row.gates])
+
+
+def _trace_path(opts, markdown: bool, json_output: bool, quiet: bool):
+    from .linear_path import path_markdown, render_path
+    from .pipeline import trace_linear_path
+
+    report = trace_linear_path(opts, _reporter(quiet, json_output))
+    if markdown and not json_output:
+        sys.stdout.write(path_markdown(report.points, opts.checkpoints[0], opts.checkpoints[1]))
+    else:
+        _emit(report, json_output, render_path)
+    return report
 
 
 @app.command()

@@ -106,6 +106,9 @@ class CompareOptions(EvaluateOptions):
     checkpoints: tuple[str, ...] = ()
     reference: str | None = None
     max_acc_drop: float | None = None
+    path: int | None = None  # the linear-path diagnostic: this many points from the first checkpoint to the second
+    path_plot: str | None = None  # its PNG
+    force: bool = False
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ from .outputs import OutputSet
 from .progress import Reporter, step_callback
 from .report import (CompareReport, CompareRow, EvaluateReport, PurifyReport, stage_purify_report,
                      weight_drift)
+from .linear_path import PathReport, path_plot_png, path_points, walk_path
 from .retune import RetuneResult, RetuneSettings, check_retuning, judge
 from .runtime import Stopwatch, autocast, environment, prepare_model, resolve_device, seed_everything
 from .streaming import materialize
@@ -480,3 +481,42 @@ def compare_checkpoints(opts: CompareOptions, reporter: Reporter | None = None) 
                                is_reference=path == reference_path))
     return CompareReport(rows=rows, reference=reference_path, data=_describe_data(bundle, sets, image_size),
                          trigger=_describe_trigger(trigger), environment=environment(device), options=to_yaml_dict(opts))
+
+
+def trace_linear_path(opts: CompareOptions, reporter: Reporter | None = None) -> PathReport:
+    """compare A B --path N: C-Acc and ASR at N evenly spaced points of the segment from A to B."""
+    reporter = reporter or Reporter()
+    if len(opts.checkpoints) != 2:
+        raise ConfigError(f"--path needs exactly two checkpoints, got {len(opts.checkpoints)}")
+    path_points(opts.path)  # checks the count before anything is loaded
+    device = resolve_device(opts.device)
+    seed_everything(opts.seed)
+    reporter.stage(f"loading data {opts.data}")
+    bundle, image_size = _load_data(opts, opts.checkpoints, need_train=False)
+    start, end = (_open_subject(opts, p, bundle, reporter) for p in opts.checkpoints)
+    if (start.mean, start.std) != (end.mean, end.std):
+        raise InputError("the two checkpoints normalise their inputs differently, so the models between them have no "
+                         "one input normalisation", hint="pass --mean and --std to use one for both")
+    trigger = resolve_trigger(opts.trigger, opts.target, start, bundle.test.image_shape, start.num_classes)
+    sets = build_eval_sets(bundle.test, trigger, device, opts.eval_limit, opts.seed)
+    mean, std = normalization_tensors(start, device)
+    model = prepare_model(start.model, device)
+    states = [{k: v.detach().clone() for k, v in s.model.state_dict().items()} for s in (start, end)]
+    points_done: list[int] = []
+    reporter.start_steps("linear path", opts.path)
+    try:
+        points = walk_path(model, states[0], states[1], opts.path, sets, mean, std, device, opts.batch_size,
+                           on_point=lambda _p: reporter.advance(len(points_done) + 1) or points_done.append(1))
+    finally:
+        reporter.finish_steps()
+    outputs = {}
+    if opts.path_plot:
+        plot = Path(opts.path_plot)
+        png = path_plot_png(points, Path(opts.checkpoints[0]).name, Path(opts.checkpoints[1]).name)
+        with OutputSet(plot.parent, [plot.name], _input_paths(opts, *opts.checkpoints), opts.force) as staged:
+            staged.stage(plot.name, png)
+            staged.commit()
+        outputs["plot"] = str(plot)
+    return PathReport(start=start.describe(), end=end.describe(), points=points,
+                      data=_describe_data(bundle, sets, image_size), trigger=_describe_trigger(trigger),
+                      environment=environment(device), options=to_yaml_dict(opts), outputs=outputs)
