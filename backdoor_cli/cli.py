@@ -64,6 +64,8 @@ CleanReference = Annotated[Optional[str], typer.Option(help="--retune-check: a c
                                                        "for the verdict.")]
 RetunePoisoned = Annotated[Optional[int], typer.Option(help="--retune-check: poisoned images (default 5).")]
 RetuneEpochs = Annotated[Optional[int], typer.Option(help="--retune-check: epochs (default 5).")]
+RetuneCleanCount = Annotated[Optional[int], typer.Option(help="--retune-check: clean training images to retune on "
+                                                      "(default: those purify would tune on, the paper's fraction).")]
 RetuneLr = Annotated[Optional[float], typer.Option(help="--retune-check: SGD learning rate, constant (default 0.01).")]
 Out = Annotated[Optional[str], typer.Option(help="Output directory (purify) or file (train).")]
 
@@ -159,6 +161,8 @@ def evaluate(
     device: Device = None, seed: Seed = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Evaluation batch size (default 1024).")] = None,
     eval_limit: EvalLimit = None, max_asr: MaxAsr = None, min_acc: MinAcc = None, image_size: ImageSize = None,
+    retune_check: RetuneCheck = None, clean_reference: CleanReference = None, retune_poisoned: RetunePoisoned = None,
+    retune_epochs: RetuneEpochs = None, retune_lr: RetuneLr = None, retune_clean_count: RetuneCleanCount = None,
     config: Config = None, json_output: Json = False, quiet: Quiet = False,
 ):
     """Measure clean accuracy and the attack success rate of a trigger, with 95% intervals."""
@@ -258,6 +262,8 @@ def compare(
                                                 "spaced points on the straight line from the first checkpoint to the "
                                                 "second (same architecture).")] = None,
     path_plot: Annotated[Optional[str], typer.Option(help="--path: also draw it to this PNG file.")] = None,
+    retune_check: RetuneCheck = None, clean_reference: CleanReference = None, retune_poisoned: RetunePoisoned = None,
+    retune_epochs: RetuneEpochs = None, retune_lr: RetuneLr = None, retune_clean_count: RetuneCleanCount = None,
     force: Force = None, config: Config = None, json_output: Json = False, quiet: Quiet = False,
 ):
     """Put several checkpoints side by side on the same data and trigger."""

@@ -34,6 +34,7 @@ RANGES: dict[str, tuple] = {
     "rho": (0, 100, False, False), "label_smoothing": (0, 1, False, True), "nad_p": (0, 16, True, False),
     "teacher_epochs": (1, 10_000, False, False), "retune_poisoned": (1, 100_000, False, False),
     "retune_epochs": (1, 1000, False, False), "retune_lr": (0, 10, True, False),
+    "retune_clean_count": (1, None, False, False),
 }
 
 
@@ -70,6 +71,7 @@ class EvaluateOptions:
     retune_poisoned: int = 5
     retune_epochs: int = 5
     retune_lr: float = 0.01
+    retune_clean_count: int | None = None  # evaluate/compare: clean images for the check (default: purify's default)
 
 
 @dataclass(frozen=True)

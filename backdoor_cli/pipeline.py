@@ -123,7 +123,7 @@ def evaluate_checkpoint(opts: EvaluateOptions, reporter: Reporter | None = None)
     timer = Stopwatch(device)
     with timer.stage("load"):
         reporter.stage(f"loading data {opts.data}")
-        bundle, image_size = _load_data(opts, [opts.checkpoint], need_train=False)
+        bundle, image_size = _load_data(opts, [opts.checkpoint], need_train=opts.retune_check)
         subject = _open_subject(opts, opts.checkpoint, bundle, reporter)
         trigger = resolve_trigger(opts.trigger, opts.target, subject, bundle.test.image_shape, subject.num_classes)
         _check_gate_inputs(opts, trigger)
@@ -135,12 +135,34 @@ def evaluate_checkpoint(opts: EvaluateOptions, reporter: Reporter | None = None)
                        + (f" + {sets.num_poisoned} triggered images" if sets.has_trigger else " images")
                        + (" (streamed from disk)" if sets.streamed else ""))
         result = evaluate_model(model, sets, mean, std, device, opts.batch_size, reporter)
+    retune = None
+    if opts.retune_check:
+        with timer.stage("retune_check"):
+            clean = retune_clean_set(opts, bundle, subject)
+            retune = retune_checked(opts, bundle, model, clean, trigger, sets, mean, std, device, result.asr,
+                                    probed_adapter(model, clean, mean, std, device, reporter), reporter)
     gates = check_gates(result.asr.value if result.asr else None, result.clean_acc.value,
                         max_asr=opts.max_asr, min_acc=opts.min_acc)
     return EvaluateReport(subject=subject.describe(), data=_describe_data(bundle, sets, image_size),
                           trigger=_describe_trigger(trigger),
                           result=result, gates=gates, timings=dict(timer.stages), environment=environment(device),
-                          options=to_yaml_dict(opts))
+                          options=to_yaml_dict(opts), retune=retune.to_dict() if retune is not None else None)
+
+
+def retune_clean_set(opts: EvaluateOptions, bundle: DatasetBundle, subject: Subject) -> ImageSet:
+    """evaluate/compare --retune-check: purify's default clean subset (the paper's fraction for the dataset,
+    the same seed), so the check on an input model uses the images purify would tune on."""
+    if bundle.train is None:
+        raise InputError(f"{bundle.source} has no training split to draw the retuning check's clean images from",
+                         hint="purify --retune-check --clean-data DIR runs the check on your own clean images")
+    fraction = None if opts.retune_clean_count else default_params(bundle.name)["clean_fraction"]
+    indices = select_clean_subset(bundle.train.y, fraction, opts.retune_clean_count, opts.seed, subject.num_classes)
+    return materialize(bundle.train.subset(indices))
+
+
+def probed_adapter(model, clean: ImageSet, mean, std, device, reporter) -> LossAdapter:
+    """The loss the retuning uses, from what the model returns (decided as purify decides it)."""
+    return _output_kind("auto", model, clean, mean, std, device, reporter).adapter
 
 
 def _describe_data(bundle: DatasetBundle, sets: EvalSets, image_size=None) -> dict:
@@ -316,31 +338,45 @@ def _purify_into(opts: PurifyOptions, defense, device, outputs: OutputSet, repor
     return report
 
 
+def retune_settings(opts: EvaluateOptions) -> RetuneSettings:
+    return RetuneSettings(poisoned=opts.retune_poisoned, epochs=opts.retune_epochs, lr=opts.retune_lr,
+                          seed=opts.seed).validate()
+
+
 def retune_checked(opts: EvaluateOptions, bundle: DatasetBundle, model, clean: ImageSet, trigger, sets: EvalSets,
                    mean, std, device, asr: Rate | None, adapter: LossAdapter, reporter: Reporter) -> RetuneResult:
     """The retuning check on `model` and, with --clean-reference, on that model with the same images."""
     if trigger is None or asr is None:
         raise ConfigError("--retune-check needs a trigger", hint="pass --trigger (a built-in name or a spec file)")
-    settings = RetuneSettings(poisoned=opts.retune_poisoned, epochs=opts.retune_epochs, lr=opts.retune_lr,
-                              seed=opts.seed).validate()
-    batch = getattr(opts, "eval_batch_size", opts.batch_size)
+    settings = retune_settings(opts)
     reporter.stage(f"retuning check: a copy tuned {settings.epochs} epochs with {settings.poisoned} poisoned images")
-    result = check_retuning(model, clean, trigger, sets, mean, std, settings, device, asr, batch,
+    result = check_retuning(model, clean, trigger, sets, mean, std, settings, device, asr, _eval_batch(opts),
                             bundle.augment_flip, adapter)
-    reference = None
-    if opts.clean_reference:
-        reporter.stage(f"retuning check on the clean reference {opts.clean_reference}")
-        ref_subject = _open_subject(opts, opts.clean_reference, bundle, reporter)
-        ref_model = prepare_model(ref_subject.model, device)
-        ref_mean, ref_std = normalization_tensors(ref_subject, device)
-        ref_asr = evaluate_model(ref_model, sets, ref_mean, ref_std, device, batch).asr
-        ref_kind = _output_kind("auto", ref_model, clean, ref_mean, ref_std, device, reporter)
-        reference = check_retuning(ref_model, clean, trigger, sets, ref_mean, ref_std, settings, device, ref_asr,
-                                   batch, bundle.augment_flip, ref_kind.adapter)
-        del ref_model, ref_subject
-    judge(result, reference)
+    judge(result, _reference_check(opts, bundle, clean, trigger, sets, settings, device, reporter))
     reporter.info(f"retuning check: {result.verdict}")
     return result
+
+
+def _eval_batch(opts) -> int:
+    return getattr(opts, "eval_batch_size", opts.batch_size)
+
+
+def _reference_check(opts, bundle, clean, trigger, sets, settings, device, reporter) -> RetuneResult | None:
+    if not opts.clean_reference:
+        return None
+    reporter.stage(f"retuning check on the clean reference {opts.clean_reference}")
+    subject = _open_subject(opts, opts.clean_reference, bundle, reporter)
+    return _retune_one(subject, None, clean, bundle, trigger, sets, settings, device, opts, reporter)
+
+
+def _retune_one(subject: Subject, result, clean, bundle, trigger, sets, settings, device, opts, reporter):
+    """The check on one checkpoint's model (its ASR measured here unless `result` has it)."""
+    model = prepare_model(subject.model, device)
+    mean, std = normalization_tensors(subject, device)
+    asr = (result or evaluate_model(model, sets, mean, std, device, _eval_batch(opts))).asr
+    adapter = probed_adapter(model, clean, mean, std, device, reporter)
+    return check_retuning(model, clean, trigger, sets, mean, std, settings, device, asr, _eval_batch(opts),
+                          bundle.augment_flip, adapter)
 
 
 def alpha_advice(uses_alpha: bool, alpha: float | None, acc_drop: float) -> str | None:
@@ -448,7 +484,7 @@ def compare_checkpoints(opts: CompareOptions, reporter: Reporter | None = None) 
     device = resolve_device(opts.device)
     seed_everything(opts.seed)
     reporter.stage(f"loading data {opts.data}")
-    bundle, image_size = _load_data(opts, opts.checkpoints, need_train=False)
+    bundle, image_size = _load_data(opts, opts.checkpoints, need_train=opts.retune_check)
     reference_path = opts.reference or opts.checkpoints[0]
     paths = list(opts.checkpoints) + ([reference_path] if reference_path not in opts.checkpoints else [])
     subjects = {p: _open_subject(opts, p, bundle, reporter) for p in paths}
@@ -463,6 +499,7 @@ def compare_checkpoints(opts: CompareOptions, reporter: Reporter | None = None) 
         mean, std = normalization_tensors(subject, device)
         results[path] = evaluate_model(prepare_model(subject.model, device), sets, mean, std, device, opts.batch_size,
                                        reporter)
+    checks = _compare_retune_checks(opts, bundle, subjects, results, trigger, sets, device, reporter)
     ref = results[reference_path]
     ref_state = subjects[reference_path].checkpoint.state_dict
     rows = []
@@ -478,9 +515,26 @@ def compare_checkpoints(opts: CompareOptions, reporter: Reporter | None = None) 
                                method=(subject.checkpoint.metadata.get("purification") or {}).get("method"),
                                result=res, acc_drop=drop, der=der,
                                drift=weight_drift(ref_state, subject.checkpoint.state_dict), gates=gates,
-                               is_reference=path == reference_path))
+                               is_reference=path == reference_path,
+                               retune=checks[path].to_dict() if path in checks else None))
     return CompareReport(rows=rows, reference=reference_path, data=_describe_data(bundle, sets, image_size),
                          trigger=_describe_trigger(trigger), environment=environment(device), options=to_yaml_dict(opts))
+
+
+
+def _compare_retune_checks(opts, bundle, subjects, results, trigger, sets, device, reporter) -> dict:
+    """compare --retune-check: the check for every checkpoint (the clean reference retuned once)."""
+    if not opts.retune_check:
+        return {}
+    settings = retune_settings(opts)
+    clean = retune_clean_set(opts, bundle, subjects[opts.checkpoints[0]])
+    reference = _reference_check(opts, bundle, clean, trigger, sets, settings, device, reporter)
+    checks = {}
+    for path in opts.checkpoints:
+        reporter.stage(f"retuning check on {path}")
+        checks[path] = judge(_retune_one(subjects[path], results[path], clean, bundle, trigger, sets, settings,
+                                         device, opts, reporter), reference)
+    return checks
 
 
 def trace_linear_path(opts: CompareOptions, reporter: Reporter | None = None) -> PathReport:

@@ -51,10 +51,12 @@ class EvaluateReport:
     timings: dict
     environment: dict
     options: dict
+    retune: dict | None = None  # retune.RetuneResult.to_dict(), with --retune-check
 
     def to_dict(self) -> dict:
         return {"schema": SCHEMA_VERSION, "kind": "evaluate", "checkpoint": self.subject, "data": self.data,
-                "trigger": self.trigger, "metrics": self.result.to_dict(), "gates": [g.to_dict() for g in self.gates],
+                "trigger": self.trigger, "metrics": self.result.to_dict(), "retune_check": self.retune,
+                "gates": [g.to_dict() for g in self.gates],
                 "passed": all(g.passed for g in self.gates), "timings": _round(self.timings),
                 "environment": self.environment, "options": self.options, "definitions": DEFINITIONS}
 
@@ -110,10 +112,12 @@ class CompareRow:
     drift: dict
     gates: list[GateResult]
     is_reference: bool
+    retune: dict | None = None  # retune.RetuneResult.to_dict(), with --retune-check
 
     def to_dict(self) -> dict:
         return {"path": self.path, "sha256": self.sha256, "arch": self.arch, "method": self.method,
-                "reference": self.is_reference, "metrics": self.result.to_dict(), "acc_drop": self.acc_drop,
+                "reference": self.is_reference, "metrics": self.result.to_dict(), "retune_check": self.retune,
+                "acc_drop": self.acc_drop,
                 "der": self.der, "drift": self.drift, "gates": [g.to_dict() for g in self.gates],
                 "passed": all(g.passed for g in self.gates)}
 
@@ -244,6 +248,12 @@ def retune_markdown(retune: dict | None) -> list[str]:
             "is not saved", ""]
 
 
+def _rate_of(rate: dict):
+    from .metrics import Rate
+
+    return Rate(rate["k"], rate["n"])
+
+
 def _rate_dict_md(rate: dict) -> str:
     lo, hi = rate["ci95"]
     return f"{rate['value']:.2%} [{lo:.2%}, {hi:.2%}] ({rate['k']}/{rate['n']})"
@@ -273,12 +283,16 @@ def _trigger_line(trigger: dict | None) -> str:
 
 
 def compare_markdown(report: CompareReport) -> str:
-    lines = ["| checkpoint | method | C-Acc | ASR | RA | DER | drift (L2) |", "|---|---|---|---|---|---|---|"]
+    retuned = any(row.retune for row in report.rows)
+    lines = ["| checkpoint | method | C-Acc | ASR | RA |" + (" ASR after retuning | retuning verdict |" if retuned else "")
+             + " DER | drift (L2) |", "|---|---|---|---|---|" + ("---|---|" if retuned else "") + "---|---|"]
     for row in report.rows:
         r = row.result
         name = Path(row.path).name + (" (ref)" if row.is_reference else "")
-        lines.append(f"| {name} | {row.method or '-'} | {_rate_md(r.clean_acc)} | {_rate_md(r.asr)} | {_rate_md(r.ra)} | "
-                     f"{'-' if row.der is None else f'{row.der:.3f}'} | {row.drift['total_l2']:.3f} |")
+        check = (f" {_rate_dict_md(row.retune['asr_after_retuning'])} | {row.retune['status']} |" if row.retune
+                 else " - | - |") if retuned else ""
+        lines.append(f"| {name} | {row.method or '-'} | {_rate_md(r.clean_acc)} | {_rate_md(r.asr)} | {_rate_md(r.ra)} |"
+                     f"{check} {'-' if row.der is None else f'{row.der:.3f}'} | {row.drift['total_l2']:.3f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -350,7 +364,12 @@ def render_evaluate(report: EvaluateReport, console) -> None:
     for name, rate in (("C-Acc", report.result.clean_acc), ("ASR", report.result.asr), ("RA", report.result.ra)):
         if rate is not None:
             table.add_row(name, pct(rate), interval(rate), counts(rate))
+    if report.retune:
+        after = _rate_of(report.retune["asr_after_retuning"])
+        table.add_row("ASR after retuning", pct(after), interval(after), counts(after))
     console.print(table)
+    if report.retune:
+        console.print(f"retuning check: {report.retune['verdict']}", highlight=False, markup=False)
     _render_gates(report.gates, console)
 
 
@@ -400,7 +419,9 @@ def _display_names(paths: list[str]) -> list[str]:
 
 def render_compare(report: CompareReport, console) -> None:
     wide = console.width >= 120
-    columns = ["checkpoint", "method", "C-Acc", "ASR", "RA", "DER", "drift L2"] + (["most changed"] if wide else [])
+    retuned = any(row.retune for row in report.rows)
+    columns = (["checkpoint", "method", "C-Acc", "ASR", "RA"] + (["ASR retuned"] if retuned else [])
+               + ["DER", "drift L2"] + (["most changed"] if wide else []))
     table = _metric_table("compare", columns)
     names = _display_names([row.path for row in report.rows])
     for name, row in zip(names, report.rows):
@@ -408,6 +429,9 @@ def render_compare(report: CompareReport, console) -> None:
         cells = [name + (" (ref)" if row.is_reference else ""), row.method or "-"]
         # value over its interval: narrow enough for an 80-column terminal
         cells += ["-" if rate is None else f"{pct(rate)}\n[dim]{interval(rate)}[/dim]" for rate in (r.clean_acc, r.asr, r.ra)]
+        if retuned:
+            after = _rate_of(row.retune["asr_after_retuning"]) if row.retune else None
+            cells.append("-" if after is None else f"{pct(after)}\n[dim]{row.retune['status']}[/dim]")
         cells += ["-" if row.der is None else f"{row.der:.3f}", f"{row.drift['total_l2']:.3f}"]
         if wide:
             cells.append(row.drift["most_changed"] or "-")

@@ -122,3 +122,35 @@ def test_the_check_needs_a_trigger_and_valid_settings(toys, tmp_path):
     assert no_trigger.exit_code == 2 and "--retune-check needs a trigger" in no_trigger.output
     bad = _purify(toys, tmp_path / "b", "--retune-check", "--retune-poisoned", "0")
     assert bad.exit_code == 2 and "--retune-poisoned" in bad.output
+
+
+def test_evaluate_and_compare_carry_the_check(toys):
+    common = ["--data", str(toys["data"]), "--trigger", "badnets", "--device", "cpu", "--quiet", "--retune-check",
+              "--retune-epochs", "1", "--retune-clean-count", "80", "--clean-reference", str(toys["clean"])]
+    evaluated = runner.invoke(app, ["evaluate", str(toys["bd"]), *common, "--json"])
+    assert evaluated.exit_code == 0, evaluated.output
+    check = json.loads(evaluated.stdout)["retune_check"]
+    assert check["asr"] == json.loads(evaluated.stdout)["metrics"]["asr"]
+    assert check["reference_asr_after_retuning"]["n"] == check["asr_after_retuning"]["n"]
+    table = runner.invoke(app, ["evaluate", str(toys["bd"]), *common])
+    assert table.exit_code == 0 and "ASR after retuning" in table.stdout and "retuning check:" in table.stdout
+
+    compared = runner.invoke(app, ["compare", str(toys["bd"]), str(toys["clean"]), *common, "--json"])
+    assert compared.exit_code == 0, compared.output
+    rows = json.loads(compared.stdout)["rows"]
+    assert all(row["retune_check"]["status"] in ("dormant", "not-revived", "active") for row in rows)
+    # the clean reference is the second checkpoint too: the same images and steps give the same figure
+    assert rows[1]["retune_check"]["asr_after_retuning"] == rows[1]["retune_check"]["reference_asr_after_retuning"]
+    md = runner.invoke(app, ["compare", str(toys["bd"]), str(toys["clean"]), *common, "--markdown"])
+    assert md.exit_code == 0 and "| ASR after retuning | retuning verdict |" in md.stdout
+    shown = runner.invoke(app, ["compare", str(toys["bd"]), str(toys["clean"]), *common])
+    assert shown.exit_code == 0 and "retuned" in shown.stdout  # the column header (rich may wrap it)
+
+
+def test_evaluate_check_without_a_trigger_exits_2(toys, tmp_path):
+    plain = tmp_path / "plain.safetensors"
+    assert runner.invoke(app, ["train", "--arch", "test_tiny", "--data", str(toys["data"]), "--out", str(plain),
+                               "--epochs", "1", "--device", "cpu", "--quiet"]).exit_code == 0
+    result = runner.invoke(app, ["evaluate", str(plain), "--data", str(toys["data"]), "--device", "cpu",
+                                 "--retune-check"])
+    assert result.exit_code == 2 and "--retune-check needs a trigger" in result.output
