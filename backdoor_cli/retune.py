@@ -70,6 +70,7 @@ class RetuneResult:
     settings: RetuneSettings
     seconds: float
     reference_asr_after: Rate | None = None
+    reference_asr: Rate | None = None  # the clean reference's ASR before its retuning
     verdict: str = ""
     status: str = ""  # 'dormant' | 'not-revived' | 'active'
 
@@ -77,6 +78,7 @@ class RetuneResult:
         return {"asr": self.asr_before.to_dict(), "asr_after_retuning": self.asr_after.to_dict(),
                 "clean_acc_after_retuning": self.clean_acc_after.to_dict(),
                 "reference_asr_after_retuning": self.reference_asr_after.to_dict() if self.reference_asr_after else None,
+                "reference_asr": self.reference_asr.to_dict() if self.reference_asr else None,
                 "status": self.status, "verdict": self.verdict, "settings": self.settings.to_dict(),
                 "seconds": round(self.seconds, 3)}
 
@@ -136,6 +138,7 @@ def judge(result: RetuneResult, reference: RetuneResult | None = None) -> Retune
     after, before = result.asr_after, result.asr_before
     ref = reference.asr_after if reference is not None else None
     result.reference_asr_after = ref
+    result.reference_asr = reference.asr_before if reference is not None else None
     ref_text = f" (a clean model: {pct(ref)})" if ref is not None else " (no clean reference given)"
     if before.value >= ACTIVE_ASR:
         result.status = "active"

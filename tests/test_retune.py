@@ -92,6 +92,7 @@ def test_purify_reports_the_check_beside_the_asr_and_never_saves_the_copy(toys, 
     assert check["asr"] == report["after"]["asr"]
     after, ref = check["asr_after_retuning"], check["reference_asr_after_retuning"]
     assert after["n"] == report["after"]["asr"]["n"] and ref["n"] == after["n"]
+    assert check["reference_asr"]["n"] == after["n"]
     assert check["status"] in ("dormant", "not-revived", "active") and "retuning with 8 poisoned images" in check["verdict"]
     assert check["settings"] == {"poisoned": 8, "epochs": 2, "lr": 0.01, "momentum": 0.9, "batch_size": 128,
                                  "augment": True, "seed": 0, "schedule": "constant", "poisoned_augmented": False}
