@@ -89,6 +89,9 @@ def audit_checkpoints(opts: AuditOptions, reporter: Reporter | None = None, cach
     everything = expand_targets(list(opts.checkpoints), opts.from_list)
     shard = parse_shard(opts.shard)
     paths = select_shard(everything, shard)
+    if opts.retune_check:
+        raise ConfigError("--retune-check is not part of an audit of many checkpoints (it tunes a copy of each)",
+                          hint="run `bdclean compare DIR --retune-check` to check a folder's checkpoints side by side")
     if opts.purify:
         get_defense(opts.purify)  # an unknown method: exit 2 before any work
         if not opts.out:

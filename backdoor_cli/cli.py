@@ -57,6 +57,16 @@ ImageSize = Annotated[Optional[str], typer.Option(help="Model input size N (squa
                                                   "resized (shorter side to round(N / 0.875), e.g. 256 for 224) and "
                                                   "centre-cropped to it, the ImageNet evaluation transform. Needed when "
                                                   "a folder's images differ in size.")]
+RetuneCheck = Annotated[Optional[bool], typer.Option("--retune-check", help="Retune a copy with a few poisoned images (the trigger's) "
+                                           "and report the ASR after retuning: a low ASR that comes back is a "
+                                           "dormant backdoor. The copy is never saved. Needs a trigger.")]
+CleanReference = Annotated[Optional[str], typer.Option(help="--retune-check: a clean model given the same retuning, "
+                                                       "for the verdict.")]
+RetunePoisoned = Annotated[Optional[int], typer.Option(help="--retune-check: poisoned images (default 5).")]
+RetuneEpochs = Annotated[Optional[int], typer.Option(help="--retune-check: epochs (default 5).")]
+RetuneCleanCount = Annotated[Optional[int], typer.Option(help="--retune-check: clean training images to retune on "
+                                                      "(default: those purify would tune on, the paper's fraction).")]
+RetuneLr = Annotated[Optional[float], typer.Option(help="--retune-check: SGD learning rate, constant (default 0.01).")]
 Out = Annotated[Optional[str], typer.Option(help="Output directory (purify) or file (train).")]
 FromList = Annotated[Optional[str], typer.Option(help="A file of checkpoint paths, one a line (# comments allowed).")]
 CacheDir = Annotated[Optional[str], typer.Option(help="Evaluation cache folder (default $BDCLEAN_CACHE_DIR; off when "
@@ -167,6 +177,8 @@ def evaluate(
                                                   "method (fst, ...), into one folder per checkpoint under --out.")] = None,
     out: Annotated[Optional[str], typer.Option(help="--purify: where the per-checkpoint folders go.")] = None,
     force: Force = None, cache_dir: CacheDir = None,
+    retune_check: RetuneCheck = None, clean_reference: CleanReference = None, retune_poisoned: RetunePoisoned = None,
+    retune_epochs: RetuneEpochs = None, retune_lr: RetuneLr = None, retune_clean_count: RetuneCleanCount = None,
     config: Config = None, json_output: Json = False, quiet: Quiet = False,
 ):
     """Measure clean accuracy and the attack success rate of a trigger, with 95% intervals.
@@ -257,7 +269,10 @@ def merge(
 def purify(
     checkpoint: Annotated[str, typer.Argument(help="Suspect checkpoint to purify (never modified).")],
     method: Annotated[Optional[str], typer.Option(help="Defense: fst (default, the paper's), fst-kd (FST + distillation of the input "
-                                                 "model's clean outputs: lower accuracy cost), ft, lp, fe-tuning, ft-init.")] = None,
+                                                 "model's clean outputs: lower accuracy cost), ft, lp, fe-tuning, ft-init, "
+                                                 "pam (path-aware minimisation, clean-data variant: without the paper's "
+                                                 "inverted-trigger images), ft-sam (adaptive SAM), nad (attention "
+                                                 "distillation).")] = None,
     data: Data = None, out: Out = None, arch: Arch = None, num_classes: NumClasses = None, head: Head = None,
     data_dir: DataDir = None, trigger: Trigger = None, target: Target = None, mean: Mean = None, std: Std = None,
     lr: Annotated[Optional[float], typer.Option(help="Learning rate (default: the paper's for the dataset).")] = None,
@@ -266,6 +281,17 @@ def purify(
     distill: Annotated[Optional[float], typer.Option(help="fst-kd: weight of the distillation of the input model's "
                                                      "clean-data outputs (default 1).")] = None,
     distill_temperature: Annotated[Optional[float], typer.Option(help="fst-kd: distillation temperature (default 2).")] = None,
+    rho: Annotated[Optional[float], typer.Option(help="pam: distance of the gradient point toward the suspect weights "
+                                                 "(default 0.5); ft-sam: SAM radius (default 2.0, adaptive).")] = None,
+    label_smoothing: Annotated[Optional[float], typer.Option(help="Label smoothing of the tuning loss (ft-sam default "
+                                                             "0.1, others 0).")] = None,
+    nad_beta: Annotated[Optional[str], typer.Option(help="nad: attention-loss weight, one or one per layer, comma-"
+                                                    "separated (default 500,1000,1000).")] = None,
+    nad_p: Annotated[Optional[float], typer.Option(help="nad: power p of the attention map (default 2).")] = None,
+    nad_layers: Annotated[Optional[str], typer.Option(help="nad: module paths to distil, comma-separated (default: "
+                                                      "the end of each of the last three stages).")] = None,
+    teacher_epochs: Annotated[Optional[int], typer.Option(help="nad: epochs of the teacher's fine-tuning (default: "
+                                                          "--epochs).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Tuning batch size (default 128).")] = None,
     eval_batch_size: Annotated[Optional[int], typer.Option(help="Evaluation batch size (default 1024).")] = None,
     momentum: Annotated[Optional[float], typer.Option(help="SGD momentum (default 0.9).")] = None,
@@ -282,6 +308,8 @@ def purify(
                                                        "(default: detected from a probe batch).")] = None,
     device: Device = None, seed: Seed = None, eval_limit: EvalLimit = None,
     max_asr: MaxAsr = None, min_acc: MinAcc = None, max_acc_drop: MaxAccDrop = None, image_size: ImageSize = None,
+    retune_check: RetuneCheck = None, clean_reference: CleanReference = None, retune_poisoned: RetunePoisoned = None,
+    retune_epochs: RetuneEpochs = None, retune_lr: RetuneLr = None,
     force: Force = None, cache_dir: CacheDir = None, config: Config = None, json_output: Json = False,
     quiet: Quiet = False,
 ):
@@ -317,7 +345,13 @@ def compare(
     image_size: ImageSize = None,
     markdown: Annotated[bool, typer.Option("--markdown", help="Print a Markdown table.")] = False,
     from_list: FromList = None,
-    config: Config = None, json_output: Json = False, quiet: Quiet = False,
+    path: Annotated[Optional[int], typer.Option(help="Linear-path diagnostic: C-Acc and ASR of the models at N evenly "
+                                                "spaced points on the straight line from the first checkpoint to the "
+                                                "second (same architecture).")] = None,
+    path_plot: Annotated[Optional[str], typer.Option(help="--path: also draw it to this PNG file.")] = None,
+    retune_check: RetuneCheck = None, clean_reference: CleanReference = None, retune_poisoned: RetunePoisoned = None,
+    retune_epochs: RetuneEpochs = None, retune_lr: RetuneLr = None, retune_clean_count: RetuneCleanCount = None,
+    force: Force = None, config: Config = None, json_output: Json = False, quiet: Quiet = False,
 ):
     """Put several checkpoints side by side on the same data and trigger."""
     flags = dict(locals())
@@ -331,6 +365,12 @@ def compare(
         from .report import compare_markdown, render_compare
 
         opts = resolve_options(CompareOptions, flags, flags.pop("config") and str(config))
+        if opts.path is not None:
+            return _trace_path(opts, markdown, json_output, quiet)
+        if opts.path_plot:
+            from .errors import ConfigError
+
+            raise ConfigError("--path-plot needs --path N")
         report = compare_checkpoints(opts, _reporter(quiet, json_output))
         if markdown and not json_output:
             sys.stdout.write(compare_markdown(report))
@@ -339,7 +379,19 @@ def compare(
         return report
 
     report = _guard(body)
-    _exit_for_gates([g for row in report.rows for g in row.gates])
+    _exit_for_gates([g for row in getattr(report, "rows", []) for g in row.gates])
+
+
+def _trace_path(opts, markdown: bool, json_output: bool, quiet: bool):
+    from .linear_path import path_markdown, render_path
+    from .pipeline import trace_linear_path
+
+    report = trace_linear_path(opts, _reporter(quiet, json_output))
+    if markdown and not json_output:
+        sys.stdout.write(path_markdown(report.points, opts.checkpoints[0], opts.checkpoints[1]))
+    else:
+        _emit(report, json_output, render_path)
+    return report
 
 
 @app.command()

@@ -31,6 +31,10 @@ RANGES: dict[str, tuple] = {
     "train_limit": (1, None, False, False), "lr": (0, 10, True, False), "alpha": (0, None, False, False),
     "momentum": (0, 1, False, True), "weight_decay": (0, None, False, False), "clean_fraction": (0, 1, True, False),
     "poison_rate": (0, 1, False, False), "holdout_fraction": (0, 1, False, True),
+    "rho": (0, 100, False, False), "label_smoothing": (0, 1, False, True), "nad_p": (0, 16, True, False),
+    "teacher_epochs": (1, 10_000, False, False), "retune_poisoned": (1, 100_000, False, False),
+    "retune_epochs": (1, 1000, False, False), "retune_lr": (0, 10, True, False),
+    "retune_clean_count": (1, None, False, False),
 }
 
 
@@ -62,6 +66,12 @@ class EvaluateOptions:
     max_asr: float | None = None
     min_acc: float | None = None
     image_size: tuple[int, int] | None = None  # (height, width); image folders are resized + centre-cropped
+    retune_check: bool = False  # retune a copy with a few poisoned images and report its ASR (retune.py)
+    clean_reference: str | None = None  # a clean model given the same retuning, for the verdict
+    retune_poisoned: int = 5
+    retune_epochs: int = 5
+    retune_lr: float = 0.01
+    retune_clean_count: int | None = None  # evaluate/compare: clean images for the check (default: purify's default)
 
 
 @dataclass(frozen=True)
@@ -85,6 +95,12 @@ class PurifyOptions(EvaluateOptions):
     holdout_fraction: float = 0.0  # keep this part of the clean data out of tuning (0: off, the paper's setup)
     distill: float | None = None  # fst-kd: weight of the distillation term (default in DefenseParams)
     distill_temperature: float | None = None  # fst-kd: its softmax temperature
+    rho: float | None = None  # pam / ft-sam: perturbation radius (default: the method's)
+    label_smoothing: float | None = None  # ft-sam (default 0.1)
+    nad_beta: tuple[float, ...] | None = None  # nad: attention-loss weight(s)
+    nad_p: float | None = None  # nad: attention-map power (default 2)
+    nad_layers: tuple[str, ...] | None = None  # nad: layers to distil (default: the end of each stage)
+    teacher_epochs: int | None = None  # nad: teacher fine-tuning epochs (default: --epochs)
 
 
 @dataclass(frozen=True)
@@ -92,6 +108,9 @@ class CompareOptions(EvaluateOptions):
     checkpoints: tuple[str, ...] = ()
     reference: str | None = None
     max_acc_drop: float | None = None
+    path: int | None = None  # the linear-path diagnostic: this many points from the first checkpoint to the second
+    path_plot: str | None = None  # its PNG
+    force: bool = False
 
 
 @dataclass(frozen=True)

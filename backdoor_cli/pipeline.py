@@ -26,12 +26,15 @@ from .gates import check_gates
 from .holdout import HoldoutMonitor, holdout_accuracy, split_holdout
 from .imagefolder import TRANSFORM
 from .models import hub
-from .metrics import defense_effectiveness_rating
-from .models.output_kind import PROBE_IMAGES, OutputKind, parse_output_kind, probe_outputs, resolve_output_kind
+from .metrics import Rate, defense_effectiveness_rating
+from .models.output_kind import (PROBE_IMAGES, LossAdapter, OutputKind, parse_output_kind, probe_outputs,
+                                 resolve_output_kind)
 from .outputs import OutputSet
 from .progress import Reporter, step_callback
 from .report import (CompareReport, CompareRow, EvaluateReport, PurifyReport, stage_purify_report,
                      weight_drift)
+from .linear_path import PathReport, path_plot_png, path_points, walk_path
+from .retune import RetuneResult, RetuneSettings, check_retuning, judge
 from .runtime import Stopwatch, autocast, environment, prepare_model, resolve_device, seed_everything
 from .streaming import materialize
 from .subject import Subject, load_subject, normalization_tensors
@@ -109,6 +112,8 @@ def _load_data(opts, checkpoints, need_train: bool) -> tuple[DatasetBundle, tupl
 def _check_gate_inputs(opts, trigger) -> None:
     if opts.max_asr is not None and trigger is None:
         raise ConfigError("--max-asr needs a trigger to measure ASR", hint="pass --trigger")
+    if getattr(opts, "retune_check", False) and trigger is None:
+        raise ConfigError("--retune-check needs a trigger", hint="pass --trigger (a built-in name or a spec file)")
 
 
 def evaluate_checkpoint(opts: EvaluateOptions, reporter: Reporter | None = None, cache=None) -> EvaluateReport:
@@ -120,7 +125,7 @@ def evaluate_checkpoint(opts: EvaluateOptions, reporter: Reporter | None = None,
     timer = Stopwatch(device)
     with timer.stage("load"):
         reporter.stage(f"loading data {opts.data}")
-        bundle, image_size = _load_data(opts, [opts.checkpoint], need_train=False)
+        bundle, image_size = _load_data(opts, [opts.checkpoint], need_train=opts.retune_check)
         subject = _open_subject(opts, opts.checkpoint, bundle, reporter)
         trigger = resolve_trigger(opts.trigger, opts.target, subject, bundle.test.image_shape, subject.num_classes)
         _check_gate_inputs(opts, trigger)
@@ -133,12 +138,34 @@ def evaluate_checkpoint(opts: EvaluateOptions, reporter: Reporter | None = None,
                        + (" (streamed from disk)" if sets.streamed else ""))
         result, _ = measured(cache, cache_key(cache, subject, bundle, trigger, opts, device),
                              lambda: evaluate_model(model, sets, mean, std, device, opts.batch_size, reporter))
+    retune = None
+    if opts.retune_check:
+        with timer.stage("retune_check"):
+            clean = retune_clean_set(opts, bundle, subject)
+            retune = retune_checked(opts, bundle, model, clean, trigger, sets, mean, std, device, result.asr,
+                                    probed_adapter(model, clean, mean, std, device, reporter), reporter)
     gates = check_gates(result.asr.value if result.asr else None, result.clean_acc.value,
                         max_asr=opts.max_asr, min_acc=opts.min_acc)
     return EvaluateReport(subject=subject.describe(), data=_describe_data(bundle, sets, image_size),
                           trigger=_describe_trigger(trigger),
                           result=result, gates=gates, timings=dict(timer.stages), environment=environment(device),
-                          options=to_yaml_dict(opts))
+                          options=to_yaml_dict(opts), retune=retune.to_dict() if retune is not None else None)
+
+
+def retune_clean_set(opts: EvaluateOptions, bundle: DatasetBundle, subject: Subject) -> ImageSet:
+    """evaluate/compare --retune-check: purify's default clean subset (the paper's fraction for the dataset,
+    the same seed), so the check on an input model uses the images purify would tune on."""
+    if bundle.train is None:
+        raise InputError(f"{bundle.source} has no training split to draw the retuning check's clean images from",
+                         hint="purify --retune-check --clean-data DIR runs the check on your own clean images")
+    fraction = None if opts.retune_clean_count else default_params(bundle.name)["clean_fraction"]
+    indices = select_clean_subset(bundle.train.y, fraction, opts.retune_clean_count, opts.seed, subject.num_classes)
+    return materialize(bundle.train.subset(indices))
+
+
+def probed_adapter(model, clean: ImageSet, mean, std, device, reporter) -> LossAdapter:
+    """The loss the retuning uses, from what the model returns (decided as purify decides it)."""
+    return _output_kind("auto", model, clean, mean, std, device, reporter).adapter
 
 
 def cache_key(cache, subject: Subject, bundle: DatasetBundle, trigger, opts, device):
@@ -169,7 +196,10 @@ def _defense_params(opts: PurifyOptions, dataset: str | None) -> tuple[DefensePa
         alpha=opts.alpha if opts.alpha is not None else defaults["alpha"],
         batch_size=opts.batch_size, momentum=opts.momentum, weight_decay=opts.weight_decay,
         augment=opts.augment, seed=opts.seed,
-        **{k: v for k, v in (("distill", opts.distill), ("distill_temperature", opts.distill_temperature))
+        **{k: v for k, v in (("distill", opts.distill), ("distill_temperature", opts.distill_temperature),
+                             ("rho", opts.rho), ("label_smoothing", opts.label_smoothing),
+                             ("nad_beta", opts.nad_beta), ("nad_p", opts.nad_p), ("nad_layers", opts.nad_layers),
+                             ("teacher_epochs", opts.teacher_epochs))
            if v is not None},
     ).validate()
     fraction = opts.clean_fraction
@@ -205,7 +235,7 @@ def _clean_set(opts: PurifyOptions, bundle: DatasetBundle, fraction: float | Non
 def _input_paths(opts, *extra) -> list[Path]:
     """Every file or directory a run reads: outputs may never replace or land inside one of them."""
     candidates = [getattr(opts, "config", None), getattr(opts, "trigger", None), getattr(opts, "data", None),
-                  getattr(opts, "clean_data", None), *extra]
+                  getattr(opts, "clean_data", None), getattr(opts, "clean_reference", None), *extra]
     paths = []
     for value in candidates:
         if value and Path(str(value)).exists():
@@ -270,6 +300,11 @@ def _purify_into(opts: PurifyOptions, defense, device, outputs: OutputSet, repor
     with timer.stage("evaluate_after"):
         reporter.stage("evaluating the purified model")
         after = evaluate_model(model, sets, mean, std, device, opts.eval_batch_size, reporter)
+    retune = None
+    if opts.retune_check:
+        with timer.stage("retune_check"):
+            retune = retune_checked(opts, bundle, model, tune_set, trigger, sets, mean, std, device, after.asr,
+                                    output_kind.adapter, reporter)
     acc_drop = before.clean_acc.value - after.clean_acc.value
     advice = alpha_advice(defense.uses_alpha, params.alpha, acc_drop)
     if advice:
@@ -280,7 +315,8 @@ def _purify_into(opts: PurifyOptions, defense, device, outputs: OutputSet, repor
         subject=subject.describe(), data=_describe_data(bundle, sets, image_size),
         trigger=_describe_trigger(trigger),
         method={"name": defense.name, "summary": defense.summary, "reinit_head": defense.reinit_head,
-                "trains": defense.trains, "params": params.to_dict(), "head_norm": outcome.head_norm},
+                "trains": defense.trains, "params": params.to_dict(), "head_norm": outcome.head_norm,
+                "notes": list(outcome.notes)},
         clean={"source": opts.clean_data or "training split", "images": clean.num_images,
                "tuned_on": tune_set.num_images,
                "holdout": ({**monitor.to_dict(), "selection": selection} if monitor is not None else None),
@@ -291,6 +327,7 @@ def _purify_into(opts: PurifyOptions, defense, device, outputs: OutputSet, repor
              if before.asr and after.asr else None),
         history=[h.to_dict() for h in outcome.history], gates=gates, timings={}, environment=environment(device),
         options=to_yaml_dict(opts), outputs={}, output_kind=output_kind.to_dict(),
+        retune=retune.to_dict() if retune is not None else None,
     )
     with timer.stage("write"):
         import yaml
@@ -315,6 +352,47 @@ def _purify_into(opts: PurifyOptions, defense, device, outputs: OutputSet, repor
             reporter.warn(plot_note)
     report.timings = dict(timer.stages)
     return report
+
+
+def retune_settings(opts: EvaluateOptions) -> RetuneSettings:
+    return RetuneSettings(poisoned=opts.retune_poisoned, epochs=opts.retune_epochs, lr=opts.retune_lr,
+                          seed=opts.seed).validate()
+
+
+def retune_checked(opts: EvaluateOptions, bundle: DatasetBundle, model, clean: ImageSet, trigger, sets: EvalSets,
+                   mean, std, device, asr: Rate | None, adapter: LossAdapter, reporter: Reporter) -> RetuneResult:
+    """The retuning check on `model` and, with --clean-reference, on that model with the same images."""
+    if trigger is None or asr is None:
+        raise ConfigError("--retune-check needs a trigger", hint="pass --trigger (a built-in name or a spec file)")
+    settings = retune_settings(opts)
+    reporter.stage(f"retuning check: a copy tuned {settings.epochs} epochs with {settings.poisoned} poisoned images")
+    result = check_retuning(model, clean, trigger, sets, mean, std, settings, device, asr, _eval_batch(opts),
+                            bundle.augment_flip, adapter)
+    judge(result, _reference_check(opts, bundle, clean, trigger, sets, settings, device, reporter))
+    reporter.info(f"retuning check: {result.verdict}")
+    return result
+
+
+def _eval_batch(opts) -> int:
+    return getattr(opts, "eval_batch_size", opts.batch_size)
+
+
+def _reference_check(opts, bundle, clean, trigger, sets, settings, device, reporter) -> RetuneResult | None:
+    if not opts.clean_reference:
+        return None
+    reporter.stage(f"retuning check on the clean reference {opts.clean_reference}")
+    subject = _open_subject(opts, opts.clean_reference, bundle, reporter)
+    return _retune_one(subject, None, clean, bundle, trigger, sets, settings, device, opts, reporter)
+
+
+def _retune_one(subject: Subject, result, clean, bundle, trigger, sets, settings, device, opts, reporter):
+    """The check on one checkpoint's model (its ASR measured here unless `result` has it)."""
+    model = prepare_model(subject.model, device)
+    mean, std = normalization_tensors(subject, device)
+    asr = (result or evaluate_model(model, sets, mean, std, device, _eval_batch(opts))).asr
+    adapter = probed_adapter(model, clean, mean, std, device, reporter)
+    return check_retuning(model, clean, trigger, sets, mean, std, settings, device, asr, _eval_batch(opts),
+                          bundle.augment_flip, adapter)
 
 
 def alpha_advice(uses_alpha: bool, alpha: float | None, acc_drop: float) -> str | None:
@@ -422,7 +500,7 @@ def compare_checkpoints(opts: CompareOptions, reporter: Reporter | None = None) 
     device = resolve_device(opts.device)
     seed_everything(opts.seed)
     reporter.stage(f"loading data {opts.data}")
-    bundle, image_size = _load_data(opts, opts.checkpoints, need_train=False)
+    bundle, image_size = _load_data(opts, opts.checkpoints, need_train=opts.retune_check)
     reference_path = opts.reference or opts.checkpoints[0]
     # One model in memory besides the reference: a folder of checkpoints compares in flat memory.
     reference = _open_subject(opts, reference_path, bundle, reporter)
@@ -437,6 +515,7 @@ def compare_checkpoints(opts: CompareOptions, reporter: Reporter | None = None) 
 
     ref = measure(reference_path, reference)
     ref_state = reference.checkpoint.state_dict
+    retune = _retune_checker(opts, bundle, reference, trigger, sets, device, reporter)
     rows = []
     for path in opts.checkpoints:
         subject = reference if path == reference_path else _open_subject(opts, path, bundle, reporter)
@@ -450,7 +529,65 @@ def compare_checkpoints(opts: CompareOptions, reporter: Reporter | None = None) 
                                method=(subject.checkpoint.metadata.get("purification") or {}).get("method"),
                                result=res, acc_drop=drop, der=der,
                                drift=weight_drift(ref_state, subject.checkpoint.state_dict), gates=gates,
-                               is_reference=path == reference_path))
+                               is_reference=path == reference_path,
+                               retune=retune(subject, res).to_dict() if retune is not None else None))
         del subject  # the next checkpoint's model replaces this one
     return CompareReport(rows=rows, reference=reference_path, data=_describe_data(bundle, sets, image_size),
                          trigger=_describe_trigger(trigger), environment=environment(device), options=to_yaml_dict(opts))
+
+
+
+def _retune_checker(opts, bundle, first: Subject, trigger, sets, device, reporter):
+    """compare --retune-check: a function (subject, its result) -> RetuneResult, or None without the flag.
+    The clean reference is retuned once, here; each checkpoint while it is the one in memory."""
+    if not opts.retune_check:
+        return None
+    settings = retune_settings(opts)
+    clean = retune_clean_set(opts, bundle, first)
+    reference = _reference_check(opts, bundle, clean, trigger, sets, settings, device, reporter)
+
+    def check(subject: Subject, result) -> RetuneResult:
+        reporter.stage(f"retuning check on {subject.checkpoint.path}")
+        return judge(_retune_one(subject, result, clean, bundle, trigger, sets, settings, device, opts, reporter),
+                     reference)
+
+    return check
+
+
+def trace_linear_path(opts: CompareOptions, reporter: Reporter | None = None) -> PathReport:
+    """compare A B --path N: C-Acc and ASR at N evenly spaced points of the segment from A to B."""
+    reporter = reporter or Reporter()
+    if len(opts.checkpoints) != 2:
+        raise ConfigError(f"--path needs exactly two checkpoints, got {len(opts.checkpoints)}")
+    path_points(opts.path)  # checks the count before anything is loaded
+    device = resolve_device(opts.device)
+    seed_everything(opts.seed)
+    reporter.stage(f"loading data {opts.data}")
+    bundle, image_size = _load_data(opts, opts.checkpoints, need_train=False)
+    start, end = (_open_subject(opts, p, bundle, reporter) for p in opts.checkpoints)
+    if (start.mean, start.std) != (end.mean, end.std):
+        raise InputError("the two checkpoints normalise their inputs differently, so the models between them have no "
+                         "one input normalisation", hint="pass --mean and --std to use one for both")
+    trigger = resolve_trigger(opts.trigger, opts.target, start, bundle.test.image_shape, start.num_classes)
+    sets = build_eval_sets(bundle.test, trigger, device, opts.eval_limit, opts.seed)
+    mean, std = normalization_tensors(start, device)
+    model = prepare_model(start.model, device)
+    states = [{k: v.detach().clone() for k, v in s.model.state_dict().items()} for s in (start, end)]
+    points_done: list[int] = []
+    reporter.start_steps("linear path", opts.path)
+    try:
+        points = walk_path(model, states[0], states[1], opts.path, sets, mean, std, device, opts.batch_size,
+                           on_point=lambda _p: reporter.advance(len(points_done) + 1) or points_done.append(1))
+    finally:
+        reporter.finish_steps()
+    outputs = {}
+    if opts.path_plot:
+        plot = Path(opts.path_plot)
+        png = path_plot_png(points, Path(opts.checkpoints[0]).name, Path(opts.checkpoints[1]).name)
+        with OutputSet(plot.parent, [plot.name], _input_paths(opts, *opts.checkpoints), opts.force) as staged:
+            staged.stage(plot.name, png)
+            staged.commit()
+        outputs["plot"] = str(plot)
+    return PathReport(start=start.describe(), end=end.describe(), points=points,
+                      data=_describe_data(bundle, sets, image_size), trigger=_describe_trigger(trigger),
+                      environment=environment(device), options=to_yaml_dict(opts), outputs=outputs)

@@ -51,10 +51,12 @@ class EvaluateReport:
     timings: dict
     environment: dict
     options: dict
+    retune: dict | None = None  # retune.RetuneResult.to_dict(), with --retune-check
 
     def to_dict(self) -> dict:
         return {"schema": SCHEMA_VERSION, "kind": "evaluate", "checkpoint": self.subject, "data": self.data,
-                "trigger": self.trigger, "metrics": self.result.to_dict(), "gates": [g.to_dict() for g in self.gates],
+                "trigger": self.trigger, "metrics": self.result.to_dict(), "retune_check": self.retune,
+                "gates": [g.to_dict() for g in self.gates],
                 "passed": all(g.passed for g in self.gates), "timings": _round(self.timings),
                 "environment": self.environment, "options": self.options, "definitions": DEFINITIONS}
 
@@ -76,6 +78,7 @@ class PurifyReport:
     options: dict
     outputs: dict = field(default_factory=dict)
     output_kind: dict | None = None  # models.output_kind.OutputKind.to_dict(): what the model returns, the loss
+    retune: dict | None = None  # retune.RetuneResult.to_dict() of the purified model, with --retune-check
 
     @property
     def acc_delta(self) -> float:
@@ -91,7 +94,7 @@ class PurifyReport:
                 "clean_data": self.clean,
                 "before": self.before.to_dict(), "after": self.after.to_dict(),
                 "delta": {"clean_acc": self.acc_delta, "asr": self.asr_delta}, "der": self.der,
-                "history": self.history, "gates": [g.to_dict() for g in self.gates],
+                "retune_check": self.retune, "history": self.history, "gates": [g.to_dict() for g in self.gates],
                 "passed": all(g.passed for g in self.gates), "outputs": self.outputs,
                 "timings": _round(self.timings), "environment": self.environment, "options": self.options,
                 "definitions": DEFINITIONS}
@@ -109,10 +112,12 @@ class CompareRow:
     drift: dict
     gates: list[GateResult]
     is_reference: bool
+    retune: dict | None = None  # retune.RetuneResult.to_dict(), with --retune-check
 
     def to_dict(self) -> dict:
         return {"path": self.path, "sha256": self.sha256, "arch": self.arch, "method": self.method,
-                "reference": self.is_reference, "metrics": self.result.to_dict(), "acc_drop": self.acc_drop,
+                "reference": self.is_reference, "metrics": self.result.to_dict(), "retune_check": self.retune,
+                "acc_drop": self.acc_drop,
                 "der": self.der, "drift": self.drift, "gates": [g.to_dict() for g in self.gates],
                 "passed": all(g.passed for g in self.gates)}
 
@@ -213,6 +218,7 @@ def purify_markdown(report: PurifyReport) -> str:
         change = signed_points(a.value - b.value) if a is not None and b is not None else "-"
         lines.append(f"| {name} | {_rate_md(b)} | {_rate_md(a)} | {change} |")
     lines += ["", f"DER: {report.der:.4f}" if report.der is not None else "DER: - (no trigger)", ""]
+    lines += retune_markdown(report.retune)
     if report.gates:
         lines += ["## Gates", ""] + [f"- {g.describe()}" for g in report.gates] + [""]
     curve = {c["epoch"]: c["holdout_acc"] for c in (report.clean.get("holdout") or {}).get("curve", [])}
@@ -226,6 +232,31 @@ def purify_markdown(report: PurifyReport) -> str:
               "- timings: " + ", ".join(f"{k} {v:.2f}s" for k, v in report.timings.items()),
               "", "## Definitions", ""] + [f"- **{k}**: {v}" for k, v in DEFINITIONS.items()]
     return "\n".join(lines) + "\n"
+
+
+def retune_markdown(retune: dict | None) -> list[str]:
+    if not retune:
+        return []
+    s = retune["settings"]
+    ref = retune.get("reference_asr_after_retuning")
+    return ["## Retuning check", "", f"**{retune['verdict']}**", "",
+            f"- ASR after retuning: {_rate_dict_md(retune['asr_after_retuning'])}"
+            + (f"; clean reference: {_rate_dict_md(ref)}" if ref else ""),
+            f"- C-Acc after retuning: {_rate_dict_md(retune['clean_acc_after_retuning'])}",
+            f"- protocol: {s['poisoned']} poisoned images (not augmented) in the clean tuning set, SGD lr {s['lr']}, "
+            f"momentum {s['momentum']}, constant lr, batch {s['batch_size']}, {s['epochs']} epochs; the retuned copy "
+            "is not saved", ""]
+
+
+def _rate_of(rate: dict):
+    from .metrics import Rate
+
+    return Rate(rate["k"], rate["n"])
+
+
+def _rate_dict_md(rate: dict) -> str:
+    lo, hi = rate["ci95"]
+    return f"{rate['value']:.2%} [{lo:.2%}, {hi:.2%}] ({rate['k']}/{rate['n']})"
 
 
 def _held_cell(curve: dict, epoch: int) -> str:
@@ -252,12 +283,16 @@ def _trigger_line(trigger: dict | None) -> str:
 
 
 def compare_markdown(report: CompareReport) -> str:
-    lines = ["| checkpoint | method | C-Acc | ASR | RA | DER | drift (L2) |", "|---|---|---|---|---|---|---|"]
+    retuned = any(row.retune for row in report.rows)
+    lines = ["| checkpoint | method | C-Acc | ASR | RA |" + (" ASR after retuning | retuning verdict |" if retuned else "")
+             + " DER | drift (L2) |", "|---|---|---|---|---|" + ("---|---|" if retuned else "") + "---|---|"]
     for row in report.rows:
         r = row.result
         name = Path(row.path).name + (" (ref)" if row.is_reference else "")
-        lines.append(f"| {name} | {row.method or '-'} | {_rate_md(r.clean_acc)} | {_rate_md(r.asr)} | {_rate_md(r.ra)} | "
-                     f"{'-' if row.der is None else f'{row.der:.3f}'} | {row.drift['total_l2']:.3f} |")
+        check = (f" {_rate_dict_md(row.retune['asr_after_retuning'])} | {row.retune['status']} |" if row.retune
+                 else " - | - |") if retuned else ""
+        lines.append(f"| {name} | {row.method or '-'} | {_rate_md(r.clean_acc)} | {_rate_md(r.asr)} | {_rate_md(r.ra)} |"
+                     f"{check} {'-' if row.der is None else f'{row.der:.3f}'} | {row.drift['total_l2']:.3f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -329,7 +364,12 @@ def render_evaluate(report: EvaluateReport, console) -> None:
     for name, rate in (("C-Acc", report.result.clean_acc), ("ASR", report.result.asr), ("RA", report.result.ra)):
         if rate is not None:
             table.add_row(name, pct(rate), interval(rate), counts(rate))
+    if report.retune:
+        after = _rate_of(report.retune["asr_after_retuning"])
+        table.add_row("ASR after retuning", pct(after), interval(after), counts(after))
     console.print(table)
+    if report.retune:
+        console.print(f"retuning check: {report.retune['verdict']}", highlight=False, markup=False)
     _render_gates(report.gates, console)
 
 
@@ -352,9 +392,17 @@ def render_purify(report: PurifyReport, console) -> None:
     if report.der is not None:
         console.print(f"DER {report.der:.3f}   ΔC-Acc {signed_points(report.acc_delta)}   "
                       f"ΔASR {signed_points(report.asr_delta)}")
+    if report.retune:
+        render_retune(report.retune, console)
     if report.outputs:
         console.print("outputs: " + ", ".join(sorted(report.outputs)))
     _render_gates(report.gates, console)
+
+
+def render_retune(retune: dict, console) -> None:
+    after = retune["asr_after_retuning"]
+    console.print(f"retuning check: ASR after retuning {after['value']:.2%} ({after['k']}/{after['n']}) - "
+                  f"{retune['verdict']}", highlight=False, markup=False)
 
 
 def _display_names(paths: list[str]) -> list[str]:
@@ -371,7 +419,9 @@ def _display_names(paths: list[str]) -> list[str]:
 
 def render_compare(report: CompareReport, console) -> None:
     wide = console.width >= 120
-    columns = ["checkpoint", "method", "C-Acc", "ASR", "RA", "DER", "drift L2"] + (["most changed"] if wide else [])
+    retuned = any(row.retune for row in report.rows)
+    columns = (["checkpoint", "method", "C-Acc", "ASR", "RA"] + (["ASR retuned"] if retuned else [])
+               + ["DER", "drift L2"] + (["most changed"] if wide else []))
     table = _metric_table("compare", columns)
     names = _display_names([row.path for row in report.rows])
     for name, row in zip(names, report.rows):
@@ -379,6 +429,9 @@ def render_compare(report: CompareReport, console) -> None:
         cells = [name + (" (ref)" if row.is_reference else ""), row.method or "-"]
         # value over its interval: narrow enough for an 80-column terminal
         cells += ["-" if rate is None else f"{pct(rate)}\n[dim]{interval(rate)}[/dim]" for rate in (r.clean_acc, r.asr, r.ra)]
+        if retuned:
+            after = _rate_of(row.retune["asr_after_retuning"]) if row.retune else None
+            cells.append("-" if after is None else f"{pct(after)}\n[dim]{row.retune['status']}[/dim]")
         cells += ["-" if row.der is None else f"{row.der:.3f}", f"{row.drift['total_l2']:.3f}"]
         if wide:
             cells.append(row.drift["most_changed"] or "-")

@@ -22,7 +22,7 @@ from .runtime import autocast
 
 @dataclass(frozen=True)
 class TuneSettings:
-    """Optimiser and schedule for one tuning run (SGD + cosine annealing stepped per epoch)."""
+    """Optimiser and schedule for one tuning run (SGD; cosine annealing stepped per epoch, or constant)."""
 
     epochs: int
     lr: float
@@ -32,6 +32,8 @@ class TuneSettings:
     augment: bool = True
     flip: bool = True
     seed: int = 0
+    schedule: str = "cosine"  # 'cosine' | 'constant' (the retuning check's protocol has no schedule)
+    label_smoothing: float = 0.0
 
 
 @dataclass
@@ -62,6 +64,8 @@ def tune(
     on_step: Callable[[int], None] | None = None,
     on_epoch: Callable[[EpochLog], None] | None = None,
     loss_adapter: LossAdapter = LOGITS,
+    perturb: Callable[[Callable[[], None]], Callable[[], None]] | None = None,
+    no_augment: torch.Tensor | None = None,
 ) -> list[EpochLog]:
     """Train `params` (default: all) of `model` on `data` (uint8 NHWC, already on `device`).
 
@@ -70,6 +74,12 @@ def tune(
     needs the batch, e.g. distillation from a teacher) too; `after_step()` runs after each optimiser step.
     `loss_adapter` says how the loss is formed from the output (models.output_kind): cross-entropy on
     it for a logits model, the default.
+
+    `perturb(grads_here)` moves the weights before each step's forward pass and returns the function
+    that moves them back: the gradient is taken at the moved point and applied at the original one
+    (SAM, PAM). `grads_here()` runs forward and backward on the step's batch at the current weights,
+    for a perturbation that needs that gradient first (SAM).
+    `no_augment` (bool per image of `data`) marks images that are used as they are, never augmented.
     """
     if settings.epochs < 1 or settings.batch_size < 1 or settings.lr <= 0:
         raise ConfigError("epochs and batch size must be >= 1 and lr > 0")
@@ -78,14 +88,14 @@ def tune(
         raise ConfigError("nothing to train: every parameter is frozen")
     optimizer = torch.optim.SGD(trainable, lr=settings.lr, momentum=settings.momentum,
                                 weight_decay=settings.weight_decay, foreach=True)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=settings.epochs)
+    scheduler = make_scheduler(optimizer, settings)
     generator = torch.Generator(device=device).manual_seed(settings.seed)
     frozen_modules = list(frozen_modules)
     n = data.num_images
     history: list[EpochLog] = []
     step = 0
     # The adapter's hook (a trailing softmax's input) lives exactly as long as the run.
-    with attach_loss(model, loss_adapter) as loss_fn:
+    with attach_loss(model, loss_adapter, settings.label_smoothing) as loss_fn:
         for epoch in range(settings.epochs):
             start = time.perf_counter()
             model.train()
@@ -100,16 +110,24 @@ def tune(
                     continue
                 xb, yb = data.x[idx], data.y[idx]
                 if settings.augment:
-                    xb = augment_batch(xb, generator, flip=settings.flip)
+                    xb = _augment(xb, generator, settings.flip, None if no_augment is None else no_augment[idx])
                 inputs = normalize(xb, mean, std)
-                with autocast(device):
-                    output = model(inputs)
-                loss, logits = loss_fn(output, yb)
-                total = loss + penalty() if penalty is not None else loss
-                if batch_penalty is not None:
-                    total = total + batch_penalty(inputs, logits)
-                optimizer.zero_grad(set_to_none=True)
-                total.backward()
+
+                def forward_backward():
+                    with autocast(device):
+                        output = model(inputs)
+                    loss, logits = loss_fn(output, yb)
+                    total = loss + penalty() if penalty is not None else loss
+                    if batch_penalty is not None:
+                        total = total + batch_penalty(inputs, logits)
+                    optimizer.zero_grad(set_to_none=True)
+                    total.backward()
+                    return loss, logits
+
+                restore = perturb(forward_backward) if perturb is not None else None
+                loss, logits = forward_backward()
+                if restore is not None:
+                    restore()
                 optimizer.step()
                 if after_step is not None:
                     after_step()
@@ -129,6 +147,23 @@ def tune(
             if on_epoch is not None:
                 on_epoch(log)
     return history
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, settings: TuneSettings):
+    if settings.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=settings.epochs)
+    if settings.schedule == "constant":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _epoch: 1.0)
+    raise ConfigError(f"unknown learning-rate schedule {settings.schedule!r}", hint="choose cosine or constant")
+
+
+def _augment(xb: torch.Tensor, generator: torch.Generator, flip: bool, keep: torch.Tensor | None) -> torch.Tensor:
+    """Augment the batch; images marked in `keep` stay as they are (the random draws are made for all,
+    so marking images does not change what the others get)."""
+    augmented = augment_batch(xb, generator, flip=flip)
+    if keep is None:
+        return augmented
+    return torch.where(keep[:, None, None, None], xb, augmented)
 
 
 def steps_per_epoch(n: int, batch_size: int) -> int:

@@ -1,11 +1,15 @@
 """Tuning defenses behind one registry: `--method NAME` -> a Defense.
 
-Importing this package registers the built-in methods (ft, lp, fe-tuning, ft-init, fst, fst-kd).
+Importing this package registers the built-in methods (ft, lp, fe-tuning, ft-init, fst, fst-kd, pam,
+ft-sam, nad).
 """
 
 from .base import DEFENSES, Defense, DefenseParams, DefenseOutcome, default_params, get_defense
 from . import finetune as _finetune  # noqa: F401  (registers ft, lp, fe-tuning, ft-init)
 from . import fst as _fst  # noqa: F401  (registers fst)
 from . import distill as _distill  # noqa: F401  (registers fst-kd)
+from . import pam as _pam  # noqa: F401  (registers pam)
+from . import ft_sam as _ft_sam  # noqa: F401  (registers ft-sam)
+from . import nad as _nad  # noqa: F401  (registers nad)
 
 __all__ = ["DEFENSES", "Defense", "DefenseParams", "DefenseOutcome", "default_params", "get_defense"]

@@ -34,6 +34,17 @@ class DefenseParams:
     seed: int = 0
     distill: float = 1.0  # fst-kd only: weight of the distillation term (measured: docs/purification.md)
     distill_temperature: float = 2.0  # fst-kd only: softmax temperature of the distillation
+    rho: float | None = None  # pam / ft-sam: perturbation radius (None: the method's default, METHOD_DEFAULTS)
+    label_smoothing: float | None = None  # ft-sam (None: its default 0.1); the other methods use none
+    nad_beta: tuple[float, ...] | None = None  # nad: attention-loss weight per layer (None: 500, 1000, 1000)
+    nad_p: float = 2.0  # nad: power of the attention map, mean over channels of |a|^p
+    nad_layers: tuple[str, ...] | None = None  # nad: module paths (None: the last block of each stage)
+    teacher_epochs: int | None = None  # nad: epochs of the teacher's fine-tuning (None: --epochs)
+
+    def method_value(self, method: str, name: str):
+        """A per-method hyper-parameter: the given value, else the method's default."""
+        value = getattr(self, name)
+        return value if value is not None else METHOD_DEFAULTS.get(method, {}).get(name)
 
     def validate(self) -> "DefenseParams":
         if not (self.lr > 0 and self.lr <= 10):
@@ -52,10 +63,29 @@ class DefenseParams:
             raise ConfigError(f"--distill must be in [0, 1000], got {self.distill}")
         if not (0 < self.distill_temperature <= 100):
             raise ConfigError(f"--distill-temperature must be in (0, 100], got {self.distill_temperature}")
+        if self.rho is not None and not (0 <= self.rho <= 100):
+            raise ConfigError(f"--rho must be in [0, 100], got {self.rho}")
+        if self.label_smoothing is not None and not (0 <= self.label_smoothing < 1):
+            raise ConfigError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.nad_beta is not None and (not self.nad_beta or any(not (0 <= b <= 1e6) for b in self.nad_beta)):
+            raise ConfigError(f"--nad-beta must be one or more weights in [0, 1e6], got {self.nad_beta}")
+        if not (0 < self.nad_p <= 16):
+            raise ConfigError(f"--nad-p must be in (0, 16], got {self.nad_p}")
+        if self.teacher_epochs is not None and not (1 <= self.teacher_epochs <= 10_000):
+            raise ConfigError(f"--teacher-epochs must be in [1, 10000], got {self.teacher_epochs}")
         return self
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+# Hyper-parameters only some methods have. PAM: the paper's ρ; FT-SAM: BackdoorBench's adaptive-SAM
+# setting (ρ 2.0, label smoothing 0.1); NAD: its CIFAR weights for the three attention layers.
+METHOD_DEFAULTS: dict[str, dict] = {
+    "pam": {"rho": 0.5, "label_smoothing": 0.0},
+    "ft-sam": {"rho": 2.0, "label_smoothing": 0.1},
+    "nad": {"nad_beta": (500.0, 1000.0, 1000.0)},
+}
 
 
 def default_params(dataset: str | None) -> dict:

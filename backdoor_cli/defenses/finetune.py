@@ -48,19 +48,24 @@ def select_trainable(model: torch.nn.Module, head: torch.nn.Linear, trains: str)
 
 def run_tuning(defense: Defense, model, head_name: str, clean: ImageSet, mean, std, params: DefenseParams,
                device, flip: bool, penalty=None, after_step=None, on_step=None, on_epoch=None,
-               loss_adapter: LossAdapter = LOGITS, batch_penalty=None) -> DefenseOutcome:
-    """Tune per the defense's recipe; `loss_adapter` says how the loss is formed from the model's output."""
+               loss_adapter: LossAdapter = LOGITS, batch_penalty=None, perturb_with=None,
+               label_smoothing: float = 0.0) -> DefenseOutcome:
+    """Tune per the defense's recipe; `loss_adapter` says how the loss is formed from the model's output.
+
+    `perturb_with(trainable)` makes the step's weight perturbation (defenses.perturbations) once the
+    trainable parameters are known."""
     head = get_head(model, head_name)
     if defense.reinit_head:
         reinitialise_head(head, params.seed)
     trainable, frozen = select_trainable(model, head, defense.trains)
+    perturb = perturb_with(trainable) if perturb_with is not None else None
     settings = TuneSettings(epochs=params.epochs, lr=params.lr, batch_size=params.batch_size,
                             momentum=params.momentum, weight_decay=params.weight_decay,
-                            augment=params.augment, flip=flip, seed=params.seed)
+                            augment=params.augment, flip=flip, seed=params.seed, label_smoothing=label_smoothing)
     try:
         history = tune(model, clean, mean, std, settings, device, params=trainable, frozen_modules=frozen,
                        penalty=penalty, batch_penalty=batch_penalty, after_step=after_step, on_step=on_step,
-                       on_epoch=on_epoch, loss_adapter=loss_adapter)
+                       on_epoch=on_epoch, loss_adapter=loss_adapter, perturb=perturb)
     finally:
         for p in model.parameters():
             p.requires_grad_(True)

@@ -178,7 +178,7 @@ def mismatch_warning(kind: str, probe: OutputProbe) -> str | None:
 
 
 @contextlib.contextmanager
-def attach_loss(model: nn.Module, adapter: LossAdapter) -> Iterator[LossFn]:
+def attach_loss(model: nn.Module, adapter: LossAdapter, label_smoothing: float = 0.0) -> Iterator[LossFn]:
     """A function (output, targets) -> (loss, scores) for the length of a tuning run.
 
     `scores` are what accuracy is counted on: the logits when they are reachable. For a trailing
@@ -186,7 +186,7 @@ def attach_loss(model: nn.Module, adapter: LossAdapter) -> Iterator[LossFn]:
     gradients are the ones the same model without it would get.
     """
     if adapter.source != "normaliser-input":
-        yield _output_loss(adapter)
+        yield _output_loss(adapter, label_smoothing)
         return
     captured: dict[str, torch.Tensor] = {}
     module = model.get_submodule(adapter.module)
@@ -198,7 +198,7 @@ def attach_loss(model: nn.Module, adapter: LossAdapter) -> Iterator[LossFn]:
                              hint="pass --output-kind to choose the loss yourself")
         logits = captured.pop("logits")
         captured.clear()
-        return F.cross_entropy(logits.float(), targets), logits
+        return F.cross_entropy(logits.float(), targets, label_smoothing=label_smoothing), logits
 
     try:
         yield loss
@@ -206,10 +206,18 @@ def attach_loss(model: nn.Module, adapter: LossAdapter) -> Iterator[LossFn]:
         handle.remove()
 
 
-def _output_loss(adapter: LossAdapter) -> LossFn:
+def _output_loss(adapter: LossAdapter, label_smoothing: float = 0.0) -> LossFn:
     if adapter.kind == "logits":
-        return lambda output, targets: (F.cross_entropy(output.float(), targets), output)
+        return lambda output, targets: (F.cross_entropy(output.float(), targets, label_smoothing=label_smoothing), output)
     if adapter.kind == "log-probs":
-        return lambda output, targets: (F.nll_loss(output.float(), targets), output)
+        return lambda output, targets: (smoothed_nll(output.float(), targets, label_smoothing), output)
     tiny = torch.finfo(torch.float32).tiny  # log(0) would be -inf; the clamp keeps the loss finite
-    return lambda output, targets: (F.nll_loss(output.float().clamp_min(tiny).log(), targets), output)
+    return lambda output, targets: (smoothed_nll(output.float().clamp_min(tiny).log(), targets, label_smoothing), output)
+
+
+def smoothed_nll(log_probs: torch.Tensor, targets: torch.Tensor, smoothing: float) -> torch.Tensor:
+    """NLL with label smoothing, the same target distribution F.cross_entropy uses for logits."""
+    nll = F.nll_loss(log_probs, targets)
+    if smoothing == 0:
+        return nll
+    return (1 - smoothing) * nll - smoothing * log_probs.mean(1).mean()
