@@ -265,7 +265,8 @@ def scan(
                                                        "(class-balanced; default 200).")] = None,
     clean_data: Annotated[Optional[str], typer.Option(help="Your own clean images (image folders or npz) instead "
                                                       "of the training split.")] = None,
-    steps: Annotated[Optional[int], typer.Option(help="Optimisation steps per class at most (default 300; stops earlier once the mask stops shrinking).")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Optimisation steps per class at most (default 120; stops "
+                                                 "earlier once the mask stops shrinking).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Clean images per optimisation step (default 32).")] = None,
     anomaly_threshold: Annotated[Optional[float], typer.Option(help="Flag a class whose anomaly index exceeds "
                                                                "this (default 2, Neural Cleanse's).")] = None,

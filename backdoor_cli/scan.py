@@ -38,7 +38,7 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], "tuple[torch.Tensor, torch.Tenso
 class InversionParams:
     """How hard each class's trigger is searched for. Defaults fit a CIFAR ResNet in minutes on 2 cores."""
 
-    steps: int = 300  # optimisation steps per class at most (early stopping usually ends sooner)
+    steps: int = 120  # optimisation steps per class at most (early stopping can end sooner)
     batch_size: int = 32  # clean images per step
     lr: float = 0.1  # Adam on the mask and pattern logits
     success: float = 0.95  # attack success a candidate needs before its size counts
