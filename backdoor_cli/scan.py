@@ -25,6 +25,8 @@ from typing import Callable
 
 import torch
 
+from .errors import ConfigError, InputError
+
 # MAD -> standard deviation for normally distributed data (1 / Phi^-1(3/4)).
 MAD_CONSISTENCY = 1.4826
 # Neural Cleanse's decision threshold on the anomaly index (about 95% one-sided under normality).
@@ -49,8 +51,6 @@ class InversionParams:
     threshold: float = ANOMALY_THRESHOLD
 
     def validate(self) -> "InversionParams":
-        from .errors import ConfigError
-
         checks = (("steps", self.steps >= 1), ("batch_size", self.batch_size >= 1), ("lr", self.lr > 0),
                   ("success", 0 < self.success <= 1), ("init_cost", self.init_cost > 0),
                   ("cost_step", self.cost_step > 1), ("patience", self.patience >= 1),
@@ -204,8 +204,6 @@ def scan_model(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tenso
         for target in range(num_classes):
             others = labels != target  # a class's own images say nothing about a shortcut into it
             if int(others.sum()) == 0:
-                from .errors import InputError
-
                 raise InputError(f"the scan images are all of class {target}; it needs images of other classes")
             done = target * params.steps
             trigger = invert_class(model, images[others], labels[others], target, mean, std, loss_fn, params,

@@ -167,3 +167,13 @@ def test_bad_input_exits_2(subjects, args, message):
 def test_missing_checkpoint_exits_2(subjects, tmp_path):
     result = run_scan(tmp_path / "nope.safetensors", subjects["data"], "--quiet")
     assert result.exit_code == 2, result.output
+
+
+def test_clean_data_replaces_the_training_split(subjects):
+    flags = [f for f in QUICK_FLAGS if f not in ("--clean-count", "40")]
+    result = run_scan(subjects["backdoored"], subjects["data"], "--clean-data", str(subjects["data"] / "train.npz"),
+                      "--json", *flags)
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["data"]["scan_source"].endswith("train.npz") and doc["data"]["scan_images"] == 1600
+    assert doc["data"]["indices_sha256"] is None
