@@ -395,6 +395,49 @@ def _trace_path(opts, markdown: bool, json_output: bool, quiet: bool):
 
 
 @app.command()
+def scan(
+    checkpoint: Annotated[str, typer.Argument(help="Checkpoint to scan (never modified).")],
+    data: Data = None, out: Annotated[Optional[str], typer.Option(help="Directory for the reconstructed trigger of "
+                                                                  "each flagged class (preview PNG, pattern and "
+                                                                  "mask PNGs, a --trigger spec YAML) and scan.json.")] = None,
+    arch: Arch = None, num_classes: NumClasses = None, head: Head = None, data_dir: DataDir = None,
+    mean: Mean = None, std: Std = None, device: Device = None, seed: Seed = None, image_size: ImageSize = None,
+    clean_count: Annotated[Optional[int], typer.Option(help="Number of clean training images the scan uses "
+                                                       "(class-balanced; default 200).")] = None,
+    clean_data: Annotated[Optional[str], typer.Option(help="Your own clean images (image folders or npz) instead "
+                                                      "of the training split.")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Optimisation steps per class at most (default 120; stops "
+                                                 "earlier once the mask stops shrinking).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Clean images per optimisation step (default 32).")] = None,
+    anomaly_threshold: Annotated[Optional[float], typer.Option(help="Flag a class whose anomaly index exceeds "
+                                                               "this (default 2, Neural Cleanse's).")] = None,
+    output_kind: Annotated[Optional[str], typer.Option(help="What the model returns: logits, probs, log-probs, or "
+                                                       "auto (default).")] = None,
+    fail_on_detect: Annotated[Optional[bool], typer.Option("--fail-on-detect", help="Gate: exit 1 if any class "
+                                                           "is flagged.")] = None,
+    force: Force = None, config: Config = None, json_output: Json = False, quiet: Quiet = False,
+):
+    """Look for a backdoor without knowing its trigger: invert a trigger per class, flag outliers."""
+    flags = dict(locals())
+
+    def body():
+        from .config import ScanOptions, resolve_options
+        from .scan_pipeline import scan_checkpoint
+        from .scan_report import render_scan
+
+        opts = resolve_options(ScanOptions, flags, flags.pop("config") and str(config))
+        report = scan_checkpoint(opts, _reporter(quiet, json_output))
+        _emit(report, json_output, render_scan)
+        return opts, report
+
+    opts, report = _guard(body)
+    if opts.fail_on_detect and report.flagged:
+        _stderr().print(f"[bold red]gate fail-on-detect FAILED: class(es) {', '.join(map(str, report.flagged))} "
+                        f"flagged[/bold red]", highlight=False)
+        raise typer.Exit(EXIT_GATE)
+
+
+@app.command()
 def train(
     data: Data = None, out: Out = None,
     arch: Annotated[Optional[str], typer.Option(help="Architecture to train (default simple_cnn; with --init, the "

@@ -35,6 +35,7 @@ RANGES: dict[str, tuple] = {
     "teacher_epochs": (1, 10_000, False, False), "retune_poisoned": (1, 100_000, False, False),
     "retune_epochs": (1, 1000, False, False), "retune_lr": (0, 10, True, False),
     "retune_clean_count": (1, None, False, False),
+    "steps": (1, 100_000, False, False), "anomaly_threshold": (0, None, True, False),
 }
 
 
@@ -125,6 +126,32 @@ class AuditOptions(EvaluateOptions):
     purify: str | None = None  # a defense to purify every checkpoint that fails a gate with
     out: str | None = None  # --purify: one folder per checkpoint under it
     force: bool = False
+
+
+@dataclass(frozen=True)
+class ScanOptions:
+    checkpoint: str = ""
+    config: str | None = None  # the --config file it came from (an input: never overwritten)
+    data: str | None = None
+    arch: str | None = None
+    num_classes: int | None = None
+    head: str | None = None
+    data_dir: str | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    device: str = "auto"
+    seed: int = 0
+    image_size: tuple[int, int] | None = None
+    out: str | None = None  # directory for the reconstructed triggers (PNG + spec YAML per flagged class)
+    force: bool = False
+    clean_count: int | None = None  # scan images drawn from the training split (default scan.DEFAULT_IMAGES)
+    clean_data: str | None = None  # or the user's own clean images
+    clean_fraction: float | None = None  # never set by the scan; present so pipeline._clean_set accepts it
+    steps: int = 120  # optimisation steps per class at most (scan.InversionParams)
+    batch_size: int = 32
+    anomaly_threshold: float = 2.0
+    output_kind: str = "auto"
+    fail_on_detect: bool = False
 
 
 @dataclass(frozen=True)

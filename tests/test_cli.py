@@ -48,7 +48,7 @@ def test_help_is_fast_and_does_not_import_torch():
 
 
 def test_each_command_has_help():
-    for command in ("inspect", "evaluate", "purify", "compare", "train", "demo"):
+    for command in ("inspect", "evaluate", "purify", "compare", "scan", "train", "demo"):
         result = invoke(command, "--help")
         assert result.exit_code == 0 and "Usage" in result.output
 

@@ -1,0 +1,179 @@
+"""bdclean scan: the inversion mechanics on tiny planted and clean models, the outlier test, the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from backdoor_cli.cli import app
+from backdoor_cli.scan import anomaly_indices
+from backdoor_cli.scan_pipeline import class_output_names
+from backdoor_cli.triggers import build_trigger, load_trigger_spec
+
+CLASSES, SIZE = 8, 16
+SCAN_FLAGS = ["--steps", "100", "--batch-size", "32", "--clean-count", "160", "--device", "cpu", "--quiet"]
+QUICK_FLAGS = ["--steps", "10", "--batch-size", "16", "--clean-count", "40", "--device", "cpu", "--quiet"]
+
+
+def make_template_dataset(root: Path, n_train: int = 1600, n_test: int = 320, seed: int = 0) -> Path:
+    """8 equally distinct classes, so a clean model has no natural shortcut class: each class's template
+    is a row of the 8x8 Hadamard matrix (every two rows differ in exactly 4 of 8 signs), repeated over
+    48 cells of 4x4 pixels (16 x 16 x 3) under a shared shuffle, as brightness 128 +- 50, plus noise."""
+    rng = np.random.default_rng(seed)
+    hadamard = np.array([[1]])
+    while hadamard.shape[0] < CLASSES:
+        hadamard = np.block([[hadamard, hadamard], [hadamard, -hadamard]])
+    cells = np.tile(hadamard, (1, 6))[:, rng.permutation(48)]  # pairwise distances stay exactly 24 of 48
+    templates = (128 + 50 * cells).reshape(CLASSES, 4, 4, 3).repeat(SIZE // 4, 1).repeat(SIZE // 4, 2)
+    root.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", n_train), ("test", n_test)):
+        y = np.arange(n) % CLASSES
+        x = np.clip(templates[y] + rng.normal(0, 30, (n, SIZE, SIZE, 3)), 0, 255).astype(np.uint8)
+        np.savez(root / f"{split}.npz", x=x, y=y.astype(np.uint8))
+    return root
+
+
+def train(data: Path, out: Path, *trigger: str) -> Path:
+    result = CliRunner().invoke(app, ["train", "--arch", "simple_cnn_half", "--data", str(data), "--out", str(out),
+                                      "--epochs", "4", "--lr", "0.05", "--device", "cpu", "--quiet", *trigger])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+@pytest.fixture(scope="module")
+def subjects(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("scan")
+    data = make_template_dataset(root / "data")
+    # A strong BadNets patch (3x3 white, bottom-right, 10% poisoned, target 0) and the same model without it.
+    backdoored = train(data, root / "bd.safetensors", "--trigger", "badnets", "--poison-rate", "0.1")
+    clean = train(data, root / "clean.safetensors")
+    return {"root": root, "data": data, "backdoored": backdoored, "clean": clean}
+
+
+def run_scan(path: Path, data: Path, *args: str):
+    return CliRunner().invoke(app, ["scan", str(path), "--data", str(data), *args])
+
+
+@pytest.fixture(scope="module")
+def backdoored_scan(subjects) -> dict:
+    """One full scan of the planted model through the CLI, with the gate, --json and --out."""
+    out = subjects["root"] / "scan-out"
+    result = run_scan(subjects["backdoored"], subjects["data"], "--out", str(out), "--json", "--fail-on-detect",
+                      *SCAN_FLAGS)
+    return {"result": result, "out": out, "doc": json.loads(result.stdout) if result.stdout.strip() else None}
+
+
+@pytest.fixture(scope="module")
+def clean_scan(subjects):
+    return run_scan(subjects["clean"], subjects["data"], "--json", "--fail-on-detect", *SCAN_FLAGS)
+
+
+def test_anomaly_index_is_the_robust_z_score_on_the_small_side():
+    norms = [100.0, 110.0, 90.0, 105.0, 95.0, 20.0]
+    anomaly, median, mad = anomaly_indices(norms)
+    assert median == pytest.approx(97.5)
+    assert mad == pytest.approx(7.5)  # |deviations| 2.5 12.5 7.5 7.5 2.5 77.5 -> median 7.5
+    assert anomaly[5] == pytest.approx((97.5 - 20) / (1.4826 * 7.5))
+    assert anomaly[1] < 0  # larger than typical: negative, never flagged
+
+
+def test_zero_spread_flags_nothing_instead_of_everything():
+    anomaly, _, mad = anomaly_indices([10.0, 10.0, 10.0, 10.0, 1.0])
+    assert mad == 0 and anomaly == [0.0] * 5
+
+
+def test_planted_patch_is_found_and_the_gate_fails(backdoored_scan):
+    result, doc = backdoored_scan["result"], backdoored_scan["doc"]
+    assert result.exit_code == 1, result.output  # --fail-on-detect
+    assert doc["kind"] == "scan" and doc["flagged_classes"] == [0], [c["mask_l1"] for c in doc["classes"]]
+    assert len(doc["classes"]) == CLASSES and doc["classes"][0]["flagged"]
+    found, others = doc["classes"][0], doc["classes"][1:]
+    assert found["success"] >= 0.9
+    assert found["mask_l1"] < 0.5 * min(c["mask_l1"] for c in others)
+    assert found["verdict"].startswith("class 0 is a likely backdoor target") and "pixel pattern sends" in found["verdict"]
+    assert doc["backdoor_suspected"] and "flagged when" in doc["decision_rule"]
+
+
+def test_reconstruction_is_a_compact_bright_patch(backdoored_scan):
+    from PIL import Image
+
+    names = class_output_names(0)
+    mask = torch.from_numpy(np.asarray(Image.open(backdoored_scan["out"] / names["mask"]), dtype=np.float32) / 255)
+    pattern = torch.from_numpy(np.asarray(Image.open(backdoored_scan["out"] / names["image"]), dtype=np.float32) / 255)
+    assert mask.shape == (SIZE, SIZE) and pattern.shape == (SIZE, SIZE, 3)
+    # Like the planted 3x3 white patch: a few strong, white pixels, not a faint wash over the image. (Not
+    # necessarily in its corner: global pooling makes this model respond to the patch anywhere; a 16-px
+    # mask of two white blobs, one near the corner, is what this test saw.)
+    heavy = mask > 0.5
+    assert 1 <= int(heavy.sum()) <= 18, int(heavy.sum())
+    assert pattern[heavy].mean() > 0.8
+    assert mask[mask > 0.1].sum() / mask.sum() > 0.6
+
+
+def test_reconstructed_trigger_is_a_working_bdclean_spec(subjects, backdoored_scan):
+    out, names = backdoored_scan["out"], class_output_names(0)
+    for name in list(names.values()) + ["scan.json"]:
+        assert (out / name).is_file(), name
+    assert not (out / class_output_names(1)["spec"]).exists()  # only flagged classes get files
+    spec = load_trigger_spec(str(out / names["spec"]))
+    assert spec.type == "image" and spec.target == 0
+    trigger = build_trigger(spec, (SIZE, SIZE, 3))
+    assert trigger.apply(torch.zeros(2, SIZE, SIZE, 3, dtype=torch.uint8)).shape == (2, SIZE, SIZE, 3)
+    # evaluate --trigger with it: the 8-bit saved trigger still fires on the backdoored model's test images.
+    evaluated = CliRunner().invoke(app, ["evaluate", str(subjects["backdoored"]), "--data", str(subjects["data"]),
+                                         "--trigger", str(out / names["spec"]), "--device", "cpu", "--json", "--quiet"])
+    assert evaluated.exit_code == 0, evaluated.output
+    assert json.loads(evaluated.stdout)["metrics"]["asr"]["value"] > 0.8
+
+
+def test_existing_out_is_refused_before_any_work(subjects, backdoored_scan):
+    again = run_scan(subjects["backdoored"], subjects["data"], "--out", str(backdoored_scan["out"]), *SCAN_FLAGS)
+    assert again.exit_code == 2, again.output
+    assert "--force" in again.output
+
+
+def test_clean_model_flags_nothing_and_passes_the_gate(clean_scan):
+    assert clean_scan.exit_code == 0, clean_scan.output
+    doc = json.loads(clean_scan.stdout)
+    assert doc["flagged_classes"] == [], [(c["mask_l1"], c["anomaly_index"]) for c in doc["classes"]]
+    assert not doc["backdoor_suspected"] and doc["verdict"].startswith("no class flagged")
+
+
+def test_text_report_states_verdicts_and_the_rule(subjects):
+    result = run_scan(subjects["backdoored"], subjects["data"], *QUICK_FLAGS)  # format only: 10 steps
+    assert result.exit_code == 0, result.output  # no --fail-on-detect: a finding is not a failure
+    assert "trigger inversion per class" in result.stdout
+    assert "verdict:" in result.stdout and "rule:" in result.stdout and "anomaly index" in result.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "--data is required"),
+    (["--steps", "0"], "--steps"),
+    (["--anomaly-threshold", "0"], "--anomaly-threshold"),
+    (["--clean-count", "5", "--clean-data", "x.npz"], "cannot be combined"),
+])
+def test_bad_input_exits_2(subjects, args, message):
+    data = [] if not args else ["--data", str(subjects["data"])]
+    result = CliRunner().invoke(app, ["scan", str(subjects["backdoored"]), *data, *args, "--device", "cpu", "--quiet"])
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+
+
+def test_missing_checkpoint_exits_2(subjects, tmp_path):
+    result = run_scan(tmp_path / "nope.safetensors", subjects["data"], "--quiet")
+    assert result.exit_code == 2, result.output
+
+
+def test_clean_data_replaces_the_training_split(subjects):
+    flags = [f for f in QUICK_FLAGS if f not in ("--clean-count", "40")]
+    result = run_scan(subjects["backdoored"], subjects["data"], "--clean-data", str(subjects["data"] / "train.npz"),
+                      "--json", *flags)
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["data"]["scan_source"].endswith("train.npz") and doc["data"]["scan_images"] == 1600
+    assert doc["data"]["indices_sha256"] is None
