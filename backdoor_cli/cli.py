@@ -57,6 +57,13 @@ ImageSize = Annotated[Optional[str], typer.Option(help="Model input size N (squa
                                                   "resized (shorter side to round(N / 0.875), e.g. 256 for 224) and "
                                                   "centre-cropped to it, the ImageNet evaluation transform. Needed when "
                                                   "a folder's images differ in size.")]
+Precision = Annotated[Optional[str], typer.Option(help="Arithmetic: fp32, bf16 (autocast; fp32 weights and loss), or "
+                                                  "auto (default): bf16 on CUDA and on a CPU with native bf16 (AMX, "
+                                                  "AVX512-BF16; evaluation too, as measured in benchmarks/README.md), "
+                                                  "fp32 elsewhere. Recorded in the report.")]
+MemoryFormat = Annotated[Optional[str], typer.Option(help="Model memory format: channels_last, contiguous, or auto "
+                                                     "(default: on CPU, time a few steps in each at start-up and keep "
+                                                     "the faster). Recorded in the report.")]
 Out = Annotated[Optional[str], typer.Option(help="Output directory (purify) or file (train).")]
 
 
@@ -151,6 +158,7 @@ def evaluate(
     device: Device = None, seed: Seed = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Evaluation batch size (default 1024).")] = None,
     eval_limit: EvalLimit = None, max_asr: MaxAsr = None, min_acc: MinAcc = None, image_size: ImageSize = None,
+    precision: Precision = None, memory_format: MemoryFormat = None,
     config: Config = None, json_output: Json = False, quiet: Quiet = False,
 ):
     """Measure clean accuracy and the attack success rate of a trigger, with 95% intervals."""
@@ -199,6 +207,7 @@ def purify(
                                                        "(default: detected from a probe batch).")] = None,
     device: Device = None, seed: Seed = None, eval_limit: EvalLimit = None,
     max_asr: MaxAsr = None, min_acc: MinAcc = None, max_acc_drop: MaxAccDrop = None, image_size: ImageSize = None,
+    precision: Precision = None, memory_format: MemoryFormat = None,
     force: Force = None, config: Config = None, json_output: Json = False, quiet: Quiet = False,
 ):
     """Remove a backdoor by tuning on clean data; write purified weights and a report to --out."""
@@ -228,7 +237,7 @@ def compare(
     device: Device = None, seed: Seed = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Evaluation batch size (default 1024).")] = None,
     eval_limit: EvalLimit = None, max_asr: MaxAsr = None, min_acc: MinAcc = None, max_acc_drop: MaxAccDrop = None,
-    image_size: ImageSize = None,
+    image_size: ImageSize = None, precision: Precision = None, memory_format: MemoryFormat = None,
     markdown: Annotated[bool, typer.Option("--markdown", help="Print a Markdown table.")] = False,
     config: Config = None, json_output: Json = False, quiet: Quiet = False,
 ):
@@ -273,6 +282,7 @@ def train(
                                                               "training (indices saved in the metadata).")] = None,
     train_limit: Annotated[Optional[int], typer.Option(help="Train on a stratified subset of N images.")] = None,
     mean: Mean = None, std: Std = None, device: Device = None, seed: Seed = None, image_size: ImageSize = None,
+    precision: Precision = None, memory_format: MemoryFormat = None,
     force: Force = None, config: Config = None, json_output: Json = False, quiet: Quiet = False,
 ):
     """Train a model, optionally backdoored, and save it as safetensors with metadata."""

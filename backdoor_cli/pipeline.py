@@ -31,7 +31,9 @@ from .outputs import OutputSet
 from .progress import Reporter, step_callback
 from .report import (CompareReport, CompareRow, EvaluateReport, PurifyReport, stage_purify_report,
                      weight_drift)
-from .runtime import Stopwatch, autocast, environment, prepare_model, resolve_device, seed_everything
+from .precision import (Compute, autocast, choose_memory_format, eval_timing_batch, example_batch, resolve_precision,
+                        torch_format)
+from .runtime import Stopwatch, environment, prepare_model, resolve_device, seed_everything
 from .streaming import materialize
 from .subject import Subject, load_subject, normalization_tensors
 from .triggers import build_trigger, load_trigger_spec, parse_trigger_spec
@@ -105,6 +107,14 @@ def _load_data(opts, checkpoints, need_train: bool) -> tuple[DatasetBundle, tupl
                               f"npz data is used as stored, so save it at {w}x{h}") from None
 
 
+def _eval_format(opts, model, image_shape, device, plan, reporter: Reporter):
+    """The evaluation memory format: --memory-format, or the faster of the two on a forward pass."""
+    choice = choose_memory_format(model, example_batch(image_shape, eval_timing_batch(image_shape), device), device,
+                                  plan.evaluate, train=False, spec=opts.memory_format)
+    reporter.info(f"evaluation: {plan.evaluate}, {choice.format} ({choice.reason})")
+    return choice
+
+
 def _check_gate_inputs(opts, trigger) -> None:
     if opts.max_asr is not None and trigger is None:
         raise ConfigError("--max-asr needs a trigger to measure ASR", hint="pass --trigger")
@@ -114,6 +124,7 @@ def evaluate_checkpoint(opts: EvaluateOptions, reporter: Reporter | None = None)
     """Measure C-Acc (and ASR/RA when there is a trigger) of one checkpoint."""
     reporter = reporter or Reporter()
     device = resolve_device(opts.device)
+    plan = resolve_precision(opts.precision, device)
     seed_everything(opts.seed)
     timer = Stopwatch(device)
     with timer.stage("load"):
@@ -125,17 +136,21 @@ def evaluate_checkpoint(opts: EvaluateOptions, reporter: Reporter | None = None)
         model = prepare_model(subject.model, device)
         mean, std = normalization_tensors(subject, device)
         sets = build_eval_sets(bundle.test, trigger, device, opts.eval_limit, opts.seed)
+    with timer.stage("choose_format"):
+        compute = Compute(device, plan, {"evaluate": _eval_format(opts, model, bundle.test.image_shape, device, plan,
+                                                                  reporter)})
     with timer.stage("evaluate"):
         reporter.stage(f"evaluating on {sets.clean.num_images} clean"
                        + (f" + {sets.num_poisoned} triggered images" if sets.has_trigger else " images")
                        + (" (streamed from disk)" if sets.streamed else ""))
-        result = evaluate_model(model, sets, mean, std, device, opts.batch_size, reporter)
+        result = evaluate_model(model, sets, mean, std, device, opts.batch_size, reporter, plan.evaluate,
+                                compute.formats["evaluate"].format)
     gates = check_gates(result.asr.value if result.asr else None, result.clean_acc.value,
                         max_asr=opts.max_asr, min_acc=opts.min_acc)
     return EvaluateReport(subject=subject.describe(), data=_describe_data(bundle, sets, image_size),
                           trigger=_describe_trigger(trigger),
-                          result=result, gates=gates, timings=dict(timer.stages), environment=environment(device),
-                          options=to_yaml_dict(opts))
+                          result=result, gates=gates, timings=dict(timer.stages),
+                          environment=environment(device, compute), options=to_yaml_dict(opts))
 
 
 def _describe_data(bundle: DatasetBundle, sets: EvalSets, image_size=None) -> dict:
@@ -213,6 +228,7 @@ def purify_checkpoint(opts: PurifyOptions, reporter: Reporter | None = None) -> 
     if not opts.out:
         raise ConfigError("--out is required", hint="a directory for purified.safetensors and the report")
     device = resolve_device(opts.device)
+    resolve_precision(opts.precision, device)  # a bad --precision: exit 2 before any work
     out = Path(opts.out)
     params, fraction = _defense_params(opts, None)  # range errors before any work; dataset defaults below
     parse_output_kind(opts.output_kind)  # a bad --output-kind: exit 2 before any work
@@ -225,6 +241,7 @@ def purify_checkpoint(opts: PurifyOptions, reporter: Reporter | None = None) -> 
 
 
 def _purify_into(opts: PurifyOptions, defense, device, outputs: OutputSet, reporter: Reporter) -> PurifyReport:
+    plan = resolve_precision(opts.precision, device)
     seed_everything(opts.seed)
     timer = Stopwatch(device)
     with timer.stage("load"):
@@ -240,20 +257,34 @@ def _purify_into(opts: PurifyOptions, defense, device, outputs: OutputSet, repor
         model = prepare_model(subject.model, device)
         mean, std = normalization_tensors(subject, device)
         sets = build_eval_sets(bundle.test, trigger, device, opts.eval_limit, opts.seed)
-        output_kind = _output_kind(opts.output_kind, model, clean, mean, std, device, reporter)
+        output_kind = _output_kind(opts.output_kind, model, clean, mean, std, device, reporter, plan.evaluate)
         tune_set, monitor = _holdout(opts, clean, subject, model, mean, std, device, reporter)
+    with timer.stage("choose_format"):
+        shape = bundle.test.image_shape
+        formats = {"evaluate": _eval_format(opts, model, shape, device, plan, reporter)}
+        formats["tune"] = choose_memory_format(model, example_batch(shape, min(params.batch_size, tune_set.num_images),
+                                                                    device),
+                                               device, plan.tune, train=True, spec=opts.memory_format)
+        compute = Compute(device, plan, formats)
+        reporter.info(f"tuning: {plan.tune}, {formats['tune'].format} ({formats['tune'].reason})")
+    eval_format = formats["evaluate"].format
     with timer.stage("evaluate_before"):
         reporter.stage("evaluating the input model")
-        before = evaluate_model(model, sets, mean, std, device, opts.eval_batch_size, reporter)
+        model.to(memory_format=torch_format(eval_format))
+        before = evaluate_model(model, sets, mean, std, device, opts.eval_batch_size, reporter, plan.evaluate,
+                                eval_format)
     with timer.stage("tune"):
+        model.to(memory_format=torch_format(formats["tune"].format))
         outcome = _run_defense(defense, model, subject, tune_set.to(device), mean, std, params, device,
-                               bundle.augment_flip, reporter, output_kind, monitor)
+                               bundle.augment_flip, reporter, output_kind, monitor, compute)
         selection = monitor.restore(model, params.epochs) if monitor is not None else None
         if selection:
             reporter.info(f"held-out selection: {selection}")
     with timer.stage("evaluate_after"):
         reporter.stage("evaluating the purified model")
-        after = evaluate_model(model, sets, mean, std, device, opts.eval_batch_size, reporter)
+        model.to(memory_format=torch_format(eval_format))
+        after = evaluate_model(model, sets, mean, std, device, opts.eval_batch_size, reporter, plan.evaluate,
+                               eval_format)
     acc_drop = before.clean_acc.value - after.clean_acc.value
     advice = alpha_advice(defense.uses_alpha, params.alpha, acc_drop)
     if advice:
@@ -273,13 +304,15 @@ def _purify_into(opts: PurifyOptions, defense, device, outputs: OutputSet, repor
         before=before, after=after,
         der=(defense_effectiveness_rating(before.clean_acc.value, after.clean_acc.value, before.asr.value, after.asr.value)
              if before.asr and after.asr else None),
-        history=[h.to_dict() for h in outcome.history], gates=gates, timings={}, environment=environment(device),
+        history=[h.to_dict() for h in outcome.history], gates=gates, timings={},
+        environment=environment(device, compute),
         options=to_yaml_dict(opts), outputs={}, output_kind=output_kind.to_dict(),
     )
     with timer.stage("write"):
         import yaml
 
-        state, meta = _matching_state_dict(model, subject), _purified_metadata(subject, bundle, trigger, report)
+        state = _matching_state_dict(model, subject)
+        meta = _purified_metadata(subject, bundle, trigger, report, compute)
         blob = safetensors_bytes(state, meta)
         outputs.stage("purified.safetensors", blob)
         report.outputs["purified.safetensors"] = hashlib.sha256(blob).hexdigest()
@@ -310,10 +343,11 @@ def alpha_advice(uses_alpha: bool, alpha: float | None, acc_drop: float) -> str 
             f"--epochs usually costs less accuracy (docs/reproduction.md). Check the ASR it leaves.")
 
 
-def _output_kind(flag: str, model, clean: ImageSet, mean, std, device, reporter: Reporter) -> OutputKind:
+def _output_kind(flag: str, model, clean: ImageSet, mean, std, device, reporter: Reporter,
+                 precision: str) -> OutputKind:
     """What the model returns, from a few clean tuning images normalised as it expects (or --output-kind)."""
     batch = normalize(clean.x[:PROBE_IMAGES].to(device), mean, std)
-    with autocast(device):
+    with autocast(device, precision):
         probe = probe_outputs(model, batch)
     found = resolve_output_kind(parse_output_kind(flag), probe)
     reporter.info(f"model output: {found.kind} ({found.decided_by}); tuning loss: {found.adapter.describe()}")
@@ -336,7 +370,8 @@ def _holdout(opts: PurifyOptions, clean: ImageSet, subject: Subject, model, mean
 
 
 def _run_defense(defense, model, subject: Subject, clean: ImageSet, mean, std, params: DefenseParams, device,
-                 flip: bool, reporter: Reporter, output_kind: OutputKind, monitor: HoldoutMonitor | None = None):
+                 flip: bool, reporter: Reporter, output_kind: OutputKind, monitor: HoldoutMonitor | None = None,
+                 compute: Compute | None = None):
     total = params.epochs * steps_per_epoch(clean.num_images, params.batch_size)
     reporter.start_steps(f"{defense.name} tuning", total)
     on_step = step_callback(reporter, "tuning", total)
@@ -348,7 +383,9 @@ def _run_defense(defense, model, subject: Subject, clean: ImageSet, mean, std, p
 
     try:
         return defense.run(model, subject.head, clean, mean, std, params, device, flip=flip,
-                           on_step=on_step, on_epoch=on_epoch, loss_adapter=output_kind.adapter)
+                           on_step=on_step, on_epoch=on_epoch, loss_adapter=output_kind.adapter,
+                           **({"precision": compute.plan.tune, "memory_format": compute.formats["tune"].format}
+                              if compute is not None else {}))
     finally:
         reporter.finish_steps()
 
@@ -362,7 +399,8 @@ def _matching_state_dict(model: torch.nn.Module, subject: Subject) -> dict[str, 
     return state
 
 
-def _purified_metadata(subject: Subject, bundle: DatasetBundle, trigger, report: PurifyReport) -> dict:
+def _purified_metadata(subject: Subject, bundle: DatasetBundle, trigger, report: PurifyReport,
+                       compute: Compute | None = None) -> dict:
     from . import __version__
 
     meta = _base_metadata(subject.arch, subject.num_classes, subject.in_channels, subject.head,
@@ -377,6 +415,7 @@ def _purified_metadata(subject: Subject, bundle: DatasetBundle, trigger, report:
             "input_sha256": subject.checkpoint.sha256, "clean_indices_sha256": report.clean["indices_sha256"],
             "clean_images": report.clean["images"],
             "before": _replayable(report.before), "after": _replayable(report.after), "der": report.der,
+            **({"compute": compute.replayable()} if compute is not None else {}),
         },
         "origin": {k: v for k, v in subject.checkpoint.metadata.items() if k in ("poison_rate", "seed", "trained_by")},
     })
@@ -404,6 +443,7 @@ def compare_checkpoints(opts: CompareOptions, reporter: Reporter | None = None) 
     if len(opts.checkpoints) < 2:
         raise ConfigError("compare needs at least two checkpoints")
     device = resolve_device(opts.device)
+    plan = resolve_precision(opts.precision, device)
     seed_everything(opts.seed)
     reporter.stage(f"loading data {opts.data}")
     bundle, image_size = _load_data(opts, opts.checkpoints, need_train=False)
@@ -414,13 +454,16 @@ def compare_checkpoints(opts: CompareOptions, reporter: Reporter | None = None) 
                               subjects[reference_path].num_classes)
     _check_gate_inputs(opts, trigger)
     sets = build_eval_sets(bundle.test, trigger, device, opts.eval_limit, opts.seed)
-    results = {}
+    results, formats = {}, {}
     for path in paths:
         reporter.stage(f"evaluating {path}")
         subject = subjects[path]
         mean, std = normalization_tensors(subject, device)
-        results[path] = evaluate_model(prepare_model(subject.model, device), sets, mean, std, device, opts.batch_size,
-                                       reporter)
+        model = prepare_model(subject.model, device)
+        choice = _eval_format(opts, model, bundle.test.image_shape, device, plan, reporter)
+        formats[f"evaluate {path}"] = choice
+        results[path] = evaluate_model(model, sets, mean, std, device, opts.batch_size, reporter, plan.evaluate,
+                                       choice.format)
     ref = results[reference_path]
     ref_state = subjects[reference_path].checkpoint.state_dict
     rows = []
@@ -438,4 +481,5 @@ def compare_checkpoints(opts: CompareOptions, reporter: Reporter | None = None) 
                                drift=weight_drift(ref_state, subject.checkpoint.state_dict), gates=gates,
                                is_reference=path == reference_path))
     return CompareReport(rows=rows, reference=reference_path, data=_describe_data(bundle, sets, image_size),
-                         trigger=_describe_trigger(trigger), environment=environment(device), options=to_yaml_dict(opts))
+                         trigger=_describe_trigger(trigger), environment=environment(device, Compute(device, plan, formats)),
+                         options=to_yaml_dict(opts))

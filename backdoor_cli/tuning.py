@@ -17,7 +17,7 @@ import torch
 from .data import ImageSet, augment_batch, iterate_minibatches, normalize
 from .errors import ConfigError
 from .models.output_kind import LOGITS, LossAdapter, attach_loss
-from .runtime import autocast
+from .precision import as_format, autocast, default_precision
 
 
 @dataclass(frozen=True)
@@ -62,6 +62,8 @@ def tune(
     on_step: Callable[[int], None] | None = None,
     on_epoch: Callable[[EpochLog], None] | None = None,
     loss_adapter: LossAdapter = LOGITS,
+    precision: str | None = None,
+    memory_format: str = "channels_last",
 ) -> list[EpochLog]:
     """Train `params` (default: all) of `model` on `data` (uint8 NHWC, already on `device`).
 
@@ -70,7 +72,10 @@ def tune(
     needs the batch, e.g. distillation from a teacher) too; `after_step()` runs after each optimiser step.
     `loss_adapter` says how the loss is formed from the output (models.output_kind): cross-entropy on
     it for a logits model, the default.
+    `precision` (fp32 | bf16; None: the device's default) is the forward pass's autocast; the
+    parameters and the loss stay fp32. `memory_format` is the one the model is in (precision.py).
     """
+    precision = precision or default_precision(device)
     if settings.epochs < 1 or settings.batch_size < 1 or settings.lr <= 0:
         raise ConfigError("epochs and batch size must be >= 1 and lr > 0")
     trainable = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
@@ -101,8 +106,8 @@ def tune(
                 xb, yb = data.x[idx], data.y[idx]
                 if settings.augment:
                     xb = augment_batch(xb, generator, flip=settings.flip)
-                inputs = normalize(xb, mean, std)
-                with autocast(device):
+                inputs = as_format(normalize(xb, mean, std), memory_format)
+                with autocast(device, precision):
                     output = model(inputs)
                 loss, logits = loss_fn(output, yb)
                 total = loss + penalty() if penalty is not None else loss

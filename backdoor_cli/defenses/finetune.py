@@ -48,8 +48,10 @@ def select_trainable(model: torch.nn.Module, head: torch.nn.Linear, trains: str)
 
 def run_tuning(defense: Defense, model, head_name: str, clean: ImageSet, mean, std, params: DefenseParams,
                device, flip: bool, penalty=None, after_step=None, on_step=None, on_epoch=None,
-               loss_adapter: LossAdapter = LOGITS, batch_penalty=None) -> DefenseOutcome:
-    """Tune per the defense's recipe; `loss_adapter` says how the loss is formed from the model's output."""
+               loss_adapter: LossAdapter = LOGITS, batch_penalty=None, precision: str | None = None,
+               memory_format: str = "channels_last") -> DefenseOutcome:
+    """Tune per the defense's recipe; `loss_adapter` says how the loss is formed from the model's output;
+    `precision` and `memory_format` as for tuning.tune."""
     head = get_head(model, head_name)
     if defense.reinit_head:
         reinitialise_head(head, params.seed)
@@ -60,7 +62,8 @@ def run_tuning(defense: Defense, model, head_name: str, clean: ImageSet, mean, s
     try:
         history = tune(model, clean, mean, std, settings, device, params=trainable, frozen_modules=frozen,
                        penalty=penalty, batch_penalty=batch_penalty, after_step=after_step, on_step=on_step,
-                       on_epoch=on_epoch, loss_adapter=loss_adapter)
+                       on_epoch=on_epoch, loss_adapter=loss_adapter, precision=precision,
+                       memory_format=memory_format)
     finally:
         for p in model.parameters():
             p.requires_grad_(True)
