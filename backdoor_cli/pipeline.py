@@ -257,7 +257,7 @@ def _purify_into(opts: PurifyOptions, defense, device, outputs: OutputSet, repor
         model = prepare_model(subject.model, device)
         mean, std = normalization_tensors(subject, device)
         sets = build_eval_sets(bundle.test, trigger, device, opts.eval_limit, opts.seed)
-        output_kind = _output_kind(opts.output_kind, model, clean, mean, std, device, reporter, plan.evaluate)
+        output_kind = _output_kind(opts.output_kind, model, clean, mean, std, device, reporter)
         tune_set, monitor = _holdout(opts, clean, subject, model, mean, std, device, reporter)
     with timer.stage("choose_format"):
         shape = bundle.test.image_shape
@@ -343,11 +343,12 @@ def alpha_advice(uses_alpha: bool, alpha: float | None, acc_drop: float) -> str 
             f"--epochs usually costs less accuracy (docs/reproduction.md). Check the ASR it leaves.")
 
 
-def _output_kind(flag: str, model, clean: ImageSet, mean, std, device, reporter: Reporter,
-                 precision: str) -> OutputKind:
-    """What the model returns, from a few clean tuning images normalised as it expects (or --output-kind)."""
+def _output_kind(flag: str, model, clean: ImageSet, mean, std, device, reporter: Reporter) -> OutputKind:
+    """What the model returns, from a few clean tuning images normalised as it expects (or --output-kind).
+    The probe runs in fp32 whatever --precision says: bf16 rounds a softmax's rows to sums off by
+    ~0.002, and the probe would then call probabilities logits (and pick the wrong loss)."""
     batch = normalize(clean.x[:PROBE_IMAGES].to(device), mean, std)
-    with autocast(device, precision):
+    with autocast(device, "fp32"):
         probe = probe_outputs(model, batch)
     found = resolve_output_kind(parse_output_kind(flag), probe)
     reporter.info(f"model output: {found.kind} ({found.decided_by}); tuning loss: {found.adapter.describe()}")
