@@ -33,6 +33,7 @@ from .defenses import get_defense
 from .errors import BdcleanError, ConfigError, InputError
 from .eval_cache import EvalCache, data_fingerprint, eval_key, file_sha256, measured, trigger_fingerprint
 from .evaluate import EvalSets, build_eval_sets, evaluate_model
+from .precision import resolve_precision
 from .gates import check_gates
 from .pipeline import _check_gate_inputs, _describe_data, _load_data, purify_checkpoint, resolve_trigger
 from .progress import Reporter
@@ -41,7 +42,7 @@ from .subject import load_subject, normalization_tensors
 
 # Evaluation settings that change a row's outcome; a rerun reuses a row only when all of them match.
 SETTING_FIELDS = ("arch", "num_classes", "head", "trigger", "target", "mean", "std", "seed", "eval_limit",
-                  "max_asr", "min_acc", "image_size", "purify")
+                  "max_asr", "min_acc", "image_size", "purify", "precision")
 
 
 @dataclass
@@ -164,10 +165,11 @@ def _measure(run: _Run, path: str, sha: str) -> AuditRow:
     sets = _sets_for(run, trigger)
     model = prepare_model(subject.model, run.device)
     mean, std = normalization_tensors(subject, run.device)
+    precision = resolve_precision(opts.precision, run.device).evaluate
     key = eval_key(subject.checkpoint.sha256, subject, run.data_fingerprint, trigger, opts.eval_limit, opts.seed,
-                   run.device)
+                   run.device, precision)
     result, cached = measured(run.cache, key, lambda: evaluate_model(model, sets, mean, std, run.device,
-                                                                      opts.batch_size, run.reporter))
+                                                                      opts.batch_size, run.reporter, precision))
     gates = check_gates(result.asr.value if result.asr else None, result.clean_acc.value,
                         max_asr=opts.max_asr, min_acc=opts.min_acc)
     passed = all(g.passed for g in gates)

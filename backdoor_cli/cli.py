@@ -67,6 +67,13 @@ RetuneEpochs = Annotated[Optional[int], typer.Option(help="--retune-check: epoch
 RetuneCleanCount = Annotated[Optional[int], typer.Option(help="--retune-check: clean training images to retune on "
                                                       "(default: those purify would tune on, the paper's fraction).")]
 RetuneLr = Annotated[Optional[float], typer.Option(help="--retune-check: SGD learning rate, constant (default 0.01).")]
+Precision = Annotated[Optional[str], typer.Option(help="Arithmetic: fp32, bf16 (autocast; fp32 weights and loss), or "
+                                                  "auto (default): bf16 on CUDA and on a CPU with native bf16 (AMX, "
+                                                  "AVX512-BF16; evaluation too, as measured in benchmarks/README.md), "
+                                                  "fp32 elsewhere. Recorded in the report.")]
+MemoryFormat = Annotated[Optional[str], typer.Option(help="Model memory format: channels_last, contiguous, or auto "
+                                                     "(default: on CPU, time a few steps in each at start-up and keep "
+                                                     "the faster). Recorded in the report.")]
 Out = Annotated[Optional[str], typer.Option(help="Output directory (purify) or file (train).")]
 FromList = Annotated[Optional[str], typer.Option(help="A file of checkpoint paths, one a line (# comments allowed).")]
 CacheDir = Annotated[Optional[str], typer.Option(help="Evaluation cache folder (default $BDCLEAN_CACHE_DIR; off when "
@@ -179,6 +186,7 @@ def evaluate(
     force: Force = None, cache_dir: CacheDir = None,
     retune_check: RetuneCheck = None, clean_reference: CleanReference = None, retune_poisoned: RetunePoisoned = None,
     retune_epochs: RetuneEpochs = None, retune_lr: RetuneLr = None, retune_clean_count: RetuneCleanCount = None,
+    precision: Precision = None, memory_format: MemoryFormat = None,
     config: Config = None, json_output: Json = False, quiet: Quiet = False,
 ):
     """Measure clean accuracy and the attack success rate of a trigger, with 95% intervals.
@@ -310,6 +318,7 @@ def purify(
     max_asr: MaxAsr = None, min_acc: MinAcc = None, max_acc_drop: MaxAccDrop = None, image_size: ImageSize = None,
     retune_check: RetuneCheck = None, clean_reference: CleanReference = None, retune_poisoned: RetunePoisoned = None,
     retune_epochs: RetuneEpochs = None, retune_lr: RetuneLr = None,
+    precision: Precision = None, memory_format: MemoryFormat = None,
     force: Force = None, cache_dir: CacheDir = None, config: Config = None, json_output: Json = False,
     quiet: Quiet = False,
 ):
@@ -342,7 +351,7 @@ def compare(
     device: Device = None, seed: Seed = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Evaluation batch size (default 1024).")] = None,
     eval_limit: EvalLimit = None, max_asr: MaxAsr = None, min_acc: MinAcc = None, max_acc_drop: MaxAccDrop = None,
-    image_size: ImageSize = None,
+    image_size: ImageSize = None, precision: Precision = None, memory_format: MemoryFormat = None,
     markdown: Annotated[bool, typer.Option("--markdown", help="Print a Markdown table.")] = False,
     from_list: FromList = None,
     path: Annotated[Optional[int], typer.Option(help="Linear-path diagnostic: C-Acc and ASR of the models at N evenly "
@@ -457,6 +466,7 @@ def train(
                                                               "training (indices saved in the metadata).")] = None,
     train_limit: Annotated[Optional[int], typer.Option(help="Train on a stratified subset of N images.")] = None,
     mean: Mean = None, std: Std = None, device: Device = None, seed: Seed = None, image_size: ImageSize = None,
+    precision: Precision = None, memory_format: MemoryFormat = None,
     force: Force = None, config: Config = None, json_output: Json = False, quiet: Quiet = False,
 ):
     """Train a model, optionally backdoored, and save it as safetensors with metadata."""

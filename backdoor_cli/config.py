@@ -38,6 +38,12 @@ RANGES: dict[str, tuple] = {
     "steps": (1, 100_000, False, False), "anomaly_threshold": (0, None, True, False),
 }
 
+# Options that take one of a few words; checked where values enter, like the ranges.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "precision": ("auto", "fp32", "bf16"),  # precision.resolve_precision
+    "memory_format": ("auto", "channels_last", "contiguous"),  # precision.choose_memory_format
+}
+
 
 @dataclass(frozen=True)
 class ModelOptions:
@@ -73,6 +79,8 @@ class EvaluateOptions:
     retune_epochs: int = 5
     retune_lr: float = 0.01
     retune_clean_count: int | None = None  # evaluate/compare: clean images for the check (default: purify's default)
+    precision: str = "auto"  # fp32 | bf16 | auto (bf16 where the device has it natively; precision.py)
+    memory_format: str = "auto"  # channels_last | contiguous | auto (timed at start-up on CPU)
 
 
 @dataclass(frozen=True)
@@ -183,6 +191,8 @@ class TrainOptions:
     seed: int = 0
     eval_batch_size: int = 1024
     image_size: tuple[int, int] | None = None
+    precision: str = "auto"
+    memory_format: str = "auto"
 
 
 def load_config_file(path: str | Path) -> dict:
@@ -249,9 +259,19 @@ def _resolve_type(annotation):
 def coerce(name: str, value, annotation, source: str):
     """Check and convert one value to the field's type and range; bools are not numbers, strings not lists."""
     result = _coerce_type(name, value, annotation, source)
+    if name in CHOICES:
+        result = _check_choice(name, result, source)
     if name in RANGES and isinstance(result, (int, float)) and not isinstance(result, bool):
         _check_range(name, result, source)
     return result
+
+
+def _check_choice(name: str, value: str, source: str) -> str:
+    """Case and - or _ do not matter (bf16, BF16; channels-last, channels_last)."""
+    text = value.strip().lower().replace("-", "_")
+    if text not in CHOICES[name]:
+        raise ConfigError(f"{source} must be one of {', '.join(CHOICES[name])}, got {value!r}")
+    return text
 
 
 def _check_range(name: str, value: float, source: str) -> None:

@@ -82,15 +82,16 @@ def open_cache(directory: str | Path | None) -> EvalCache | None:
 
 
 def eval_key(checkpoint_sha256: str, subject, data_fingerprint: str, trigger, eval_limit, seed: int,
-             device: torch.device) -> EvalKey:
-    """The key of evaluating `subject` (a loaded Subject) on the test split with `trigger`."""
+             device: torch.device, precision: str = "fp32") -> EvalKey:
+    """The key of evaluating `subject` (a loaded Subject) on the test split with `trigger`, in `precision`
+    (bf16 and fp32 evaluations can differ in a few predictions, so they are different entries)."""
     from . import __version__
 
     fields = {
         "checkpoint_sha256": checkpoint_sha256, "arch": subject.arch, "num_classes": subject.num_classes,
         "normalization": [list(subject.mean), list(subject.std)], "data": data_fingerprint,
         "trigger": trigger_fingerprint(trigger), "eval_limit": eval_limit, "seed": seed,
-        "device_type": device.type, "bdclean": __version__,
+        "device_type": device.type, "precision": precision, "bdclean": __version__,
     }
     return EvalKey(_digest(fields), fields)
 

@@ -11,6 +11,7 @@ pass, so the counts are those of the resident path on the same images.
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 
@@ -18,7 +19,8 @@ import torch
 
 from .data import ImageSet, normalize, stratified_limit
 from .metrics import Rate
-from .runtime import autocast, synchronize
+from .precision import as_format, autocast, default_precision
+from .runtime import synchronize
 from .streaming import FolderStream
 
 APPLY_CHUNK = 4096  # trigger application is chunked to bound float temporaries (WaNet's grid_sample)
@@ -95,15 +97,19 @@ def build_eval_sets(test: ImageSet | FolderStream, trigger, device: torch.device
 
 @torch.inference_mode()
 def predict(model: torch.nn.Module, x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
-            device: torch.device, batch_size: int = 1024, on_batch=None) -> torch.Tensor:
+            device: torch.device, batch_size: int = 1024, on_batch=None, precision: str | None = None,
+            memory_format: str = "channels_last") -> torch.Tensor:
     """Class predictions for uint8 NHWC images, in large batches, staying on the device.
-    `on_batch(n_images)` is called after each batch is queued (no sync: it only counts)."""
+    `on_batch(n_images)` is called after each batch is queued (no sync: it only counts).
+    `precision`: fp32 or bf16 autocast (None: the device's default); `memory_format`: the model's."""
+    precision = precision or default_precision(device)
     was_training = model.training
     model.eval()
     preds = []
     for start in range(0, len(x), batch_size):
-        batch = normalize(x[start : start + batch_size].to(device, non_blocking=True), mean, std)
-        with autocast(device):
+        batch = as_format(normalize(x[start : start + batch_size].to(device, non_blocking=True), mean, std),
+                          memory_format)
+        with autocast(device, precision):
             preds.append(model(batch).argmax(dim=1))
         if on_batch is not None:
             on_batch(len(batch))
@@ -112,9 +118,11 @@ def predict(model: torch.nn.Module, x: torch.Tensor, mean: torch.Tensor, std: to
 
 
 def evaluate_model(model: torch.nn.Module, sets: EvalSets, mean: torch.Tensor, std: torch.Tensor,
-                   device: torch.device, batch_size: int = 1024, reporter=None) -> EvalResult:
+                   device: torch.device, batch_size: int = 1024, reporter=None, precision: str | None = None,
+                   memory_format: str = "channels_last") -> EvalResult:
     """C-Acc on the clean set; ASR and RA on the triggered set when a trigger was given.
-    With a `reporter`, a progress bar counts the images (useful on CPU, where this takes a while)."""
+    With a `reporter`, a progress bar counts the images (useful on CPU, where this takes a while).
+    `precision` and `memory_format` as for `predict`."""
     synchronize(device)
     start = time.perf_counter()
     n_clean, n_poison = sets.clean.num_images, sets.num_poisoned
@@ -129,7 +137,8 @@ def evaluate_model(model: torch.nn.Module, sets: EvalSets, mean: torch.Tensor, s
             reporter.advance(done["n"])
     try:
         count = _streamed_counts if sets.streamed else _resident_counts
-        counts = count(model, sets, mean, std, device, batch_size, on_batch).tolist()  # one host transfer
+        run = functools.partial(predict, precision=precision, memory_format=memory_format)
+        counts = count(model, sets, mean, std, device, batch_size, on_batch, run).tolist()  # one host transfer
     finally:
         if reporter is not None:
             reporter.finish_steps()
@@ -140,7 +149,7 @@ def evaluate_model(model: torch.nn.Module, sets: EvalSets, mean: torch.Tensor, s
                       seconds, n_clean + n_poison)
 
 
-def _resident_counts(model, sets: EvalSets, mean, std, device, batch_size: int, on_batch) -> torch.Tensor:
+def _resident_counts(model, sets: EvalSets, mean, std, device, batch_size: int, on_batch, predict) -> torch.Tensor:
     """[clean correct, target hits, robust] on the device, for sets held in memory."""
     counts = torch.zeros(3, dtype=torch.long, device=device)
     counts[0] = (predict(model, sets.clean.x, mean, std, device, batch_size, on_batch) == sets.clean.y).sum()
@@ -151,7 +160,7 @@ def _resident_counts(model, sets: EvalSets, mean, std, device, batch_size: int, 
     return counts
 
 
-def _streamed_counts(model, sets: EvalSets, mean, std, device, batch_size: int, on_batch) -> torch.Tensor:
+def _streamed_counts(model, sets: EvalSets, mean, std, device, batch_size: int, on_batch, predict) -> torch.Tensor:
     """The same counts for a FolderStream: each decoded batch is predicted clean, then its non-target
     images with the trigger applied, and dropped before the next batch is taken."""
     counts = torch.zeros(3, dtype=torch.long, device=device)

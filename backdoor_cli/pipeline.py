@@ -34,8 +34,10 @@ from .progress import Reporter, step_callback
 from .report import (CompareReport, CompareRow, EvaluateReport, PurifyReport, stage_purify_report,
                      weight_drift)
 from .linear_path import PathReport, path_plot_png, path_points, walk_path
+from .precision import (Compute, autocast, choose_memory_format, eval_timing_batch, example_batch, resolve_precision,
+                        torch_format)
 from .retune import RetuneResult, RetuneSettings, check_retuning, judge
-from .runtime import Stopwatch, autocast, environment, prepare_model, resolve_device, seed_everything
+from .runtime import Stopwatch, environment, prepare_model, resolve_device, seed_everything
 from .streaming import materialize
 from .subject import Subject, load_subject, normalization_tensors
 from .triggers import build_trigger, load_trigger_spec, parse_trigger_spec
@@ -109,6 +111,14 @@ def _load_data(opts, checkpoints, need_train: bool) -> tuple[DatasetBundle, tupl
                               f"npz data is used as stored, so save it at {w}x{h}") from None
 
 
+def _eval_format(opts, model, image_shape, device, plan, reporter: Reporter):
+    """The evaluation memory format: --memory-format, or the faster of the two on a forward pass."""
+    choice = choose_memory_format(model, example_batch(image_shape, eval_timing_batch(image_shape), device), device,
+                                  plan.evaluate, train=False, spec=opts.memory_format)
+    reporter.info(f"evaluation: {plan.evaluate}, {choice.format} ({choice.reason})")
+    return choice
+
+
 def _check_gate_inputs(opts, trigger) -> None:
     if opts.max_asr is not None and trigger is None:
         raise ConfigError("--max-asr needs a trigger to measure ASR", hint="pass --trigger")
@@ -121,6 +131,7 @@ def evaluate_checkpoint(opts: EvaluateOptions, reporter: Reporter | None = None,
     an evaluation of the same bytes on the same images is read back instead of run again."""
     reporter = reporter or Reporter()
     device = resolve_device(opts.device)
+    plan = resolve_precision(opts.precision, device)
     seed_everything(opts.seed)
     timer = Stopwatch(device)
     with timer.stage("load"):
@@ -132,12 +143,16 @@ def evaluate_checkpoint(opts: EvaluateOptions, reporter: Reporter | None = None,
         model = prepare_model(subject.model, device)
         mean, std = normalization_tensors(subject, device)
         sets = build_eval_sets(bundle.test, trigger, device, opts.eval_limit, opts.seed)
+    with timer.stage("choose_format"):
+        compute = Compute(device, plan, {"evaluate": _eval_format(opts, model, bundle.test.image_shape, device, plan,
+                                                                  reporter)})
     with timer.stage("evaluate"):
         reporter.stage(f"evaluating on {sets.clean.num_images} clean"
                        + (f" + {sets.num_poisoned} triggered images" if sets.has_trigger else " images")
                        + (" (streamed from disk)" if sets.streamed else ""))
-        result, _ = measured(cache, cache_key(cache, subject, bundle, trigger, opts, device),
-                             lambda: evaluate_model(model, sets, mean, std, device, opts.batch_size, reporter))
+        result, _ = measured(cache, cache_key(cache, subject, bundle, trigger, opts, device, plan.evaluate),
+                             lambda: evaluate_model(model, sets, mean, std, device, opts.batch_size, reporter,
+                                                    plan.evaluate, compute.formats["evaluate"].format))
     retune = None
     if opts.retune_check:
         with timer.stage("retune_check"):
@@ -148,8 +163,9 @@ def evaluate_checkpoint(opts: EvaluateOptions, reporter: Reporter | None = None,
                         max_asr=opts.max_asr, min_acc=opts.min_acc)
     return EvaluateReport(subject=subject.describe(), data=_describe_data(bundle, sets, image_size),
                           trigger=_describe_trigger(trigger),
-                          result=result, gates=gates, timings=dict(timer.stages), environment=environment(device),
-                          options=to_yaml_dict(opts), retune=retune.to_dict() if retune is not None else None)
+                          result=result, gates=gates, timings=dict(timer.stages),
+                          environment=environment(device, compute), options=to_yaml_dict(opts),
+                          retune=retune.to_dict() if retune is not None else None)
 
 
 def retune_clean_set(opts: EvaluateOptions, bundle: DatasetBundle, subject: Subject) -> ImageSet:
@@ -168,12 +184,13 @@ def probed_adapter(model, clean: ImageSet, mean, std, device, reporter) -> LossA
     return _output_kind("auto", model, clean, mean, std, device, reporter).adapter
 
 
-def cache_key(cache, subject: Subject, bundle: DatasetBundle, trigger, opts, device):
-    """The EvalKey of this evaluation, or None without a cache (hashing the test images costs a little)."""
+def cache_key(cache, subject: Subject, bundle: DatasetBundle, trigger, opts, device, precision: str):
+    """The EvalKey of this evaluation, or None without a cache (hashing the test images costs a little).
+    The precision is part of it: bf16 and fp32 evaluations may differ in a few predictions."""
     if cache is None:
         return None
     return eval_key(subject.checkpoint.sha256, subject, data_fingerprint(bundle.test), trigger, opts.eval_limit,
-                    opts.seed, device)
+                    opts.seed, device, precision)
 
 
 def _describe_data(bundle: DatasetBundle, sets: EvalSets, image_size=None) -> dict:
@@ -255,6 +272,7 @@ def purify_checkpoint(opts: PurifyOptions, reporter: Reporter | None = None, cac
     if not opts.out:
         raise ConfigError("--out is required", hint="a directory for purified.safetensors and the report")
     device = resolve_device(opts.device)
+    resolve_precision(opts.precision, device)  # a bad --precision: exit 2 before any work
     out = Path(opts.out)
     params, fraction = _defense_params(opts, None)  # range errors before any work; dataset defaults below
     parse_output_kind(opts.output_kind)  # a bad --output-kind: exit 2 before any work
@@ -268,6 +286,7 @@ def purify_checkpoint(opts: PurifyOptions, reporter: Reporter | None = None, cac
 
 def _purify_into(opts: PurifyOptions, defense, device, outputs: OutputSet, reporter: Reporter,
                  cache=None) -> PurifyReport:
+    plan = resolve_precision(opts.precision, device)
     seed_everything(opts.seed)
     timer = Stopwatch(device)
     with timer.stage("load"):
@@ -285,21 +304,35 @@ def _purify_into(opts: PurifyOptions, defense, device, outputs: OutputSet, repor
         sets = build_eval_sets(bundle.test, trigger, device, opts.eval_limit, opts.seed)
         output_kind = _output_kind(opts.output_kind, model, clean, mean, std, device, reporter)
         tune_set, monitor = _holdout(opts, clean, subject, model, mean, std, device, reporter)
+    with timer.stage("choose_format"):
+        shape = bundle.test.image_shape
+        formats = {"evaluate": _eval_format(opts, model, shape, device, plan, reporter)}
+        formats["tune"] = choose_memory_format(model, example_batch(shape, min(params.batch_size, tune_set.num_images),
+                                                                    device),
+                                               device, plan.tune, train=True, spec=opts.memory_format)
+        compute = Compute(device, plan, formats)
+        reporter.info(f"tuning: {plan.tune}, {formats['tune'].format} ({formats['tune'].reason})")
+    eval_format = formats["evaluate"].format
     with timer.stage("evaluate_before"):
         reporter.stage("evaluating the input model")
-        before, cached = measured(cache, cache_key(cache, subject, bundle, trigger, opts, device),
-                                  lambda: evaluate_model(model, sets, mean, std, device, opts.eval_batch_size, reporter))
+        model.to(memory_format=torch_format(eval_format))
+        before, cached = measured(cache, cache_key(cache, subject, bundle, trigger, opts, device, plan.evaluate),
+                                  lambda: evaluate_model(model, sets, mean, std, device, opts.eval_batch_size, reporter,
+                                                         plan.evaluate, eval_format))
         if cached:
             reporter.info("the input model's evaluation was read from the evaluation cache")
     with timer.stage("tune"):
+        model.to(memory_format=torch_format(formats["tune"].format))
         outcome = _run_defense(defense, model, subject, tune_set.to(device), mean, std, params, device,
-                               bundle.augment_flip, reporter, output_kind, monitor)
+                               bundle.augment_flip, reporter, output_kind, monitor, compute)
         selection = monitor.restore(model, params.epochs) if monitor is not None else None
         if selection:
             reporter.info(f"held-out selection: {selection}")
     with timer.stage("evaluate_after"):
         reporter.stage("evaluating the purified model")
-        after = evaluate_model(model, sets, mean, std, device, opts.eval_batch_size, reporter)
+        model.to(memory_format=torch_format(eval_format))
+        after = evaluate_model(model, sets, mean, std, device, opts.eval_batch_size, reporter, plan.evaluate,
+                               eval_format)
     retune = None
     if opts.retune_check:
         with timer.stage("retune_check"):
@@ -325,14 +358,16 @@ def _purify_into(opts: PurifyOptions, defense, device, outputs: OutputSet, repor
         before=before, after=after,
         der=(defense_effectiveness_rating(before.clean_acc.value, after.clean_acc.value, before.asr.value, after.asr.value)
              if before.asr and after.asr else None),
-        history=[h.to_dict() for h in outcome.history], gates=gates, timings={}, environment=environment(device),
+        history=[h.to_dict() for h in outcome.history], gates=gates, timings={},
+        environment=environment(device, compute),
         options=to_yaml_dict(opts), outputs={}, output_kind=output_kind.to_dict(),
         retune=retune.to_dict() if retune is not None else None,
     )
     with timer.stage("write"):
         import yaml
 
-        state, meta = _matching_state_dict(model, subject), _purified_metadata(subject, bundle, trigger, report)
+        state = _matching_state_dict(model, subject)
+        meta = _purified_metadata(subject, bundle, trigger, report, compute)
         blob = safetensors_bytes(state, meta)
         outputs.stage("purified.safetensors", blob)
         report.outputs["purified.safetensors"] = hashlib.sha256(blob).hexdigest()
@@ -367,7 +402,7 @@ def retune_checked(opts: EvaluateOptions, bundle: DatasetBundle, model, clean: I
     settings = retune_settings(opts)
     reporter.stage(f"retuning check: a copy tuned {settings.epochs} epochs with {settings.poisoned} poisoned images")
     result = check_retuning(model, clean, trigger, sets, mean, std, settings, device, asr, _eval_batch(opts),
-                            bundle.augment_flip, adapter)
+                            bundle.augment_flip, adapter, resolve_precision(opts.precision, device))
     judge(result, _reference_check(opts, bundle, clean, trigger, sets, settings, device, reporter))
     reporter.info(f"retuning check: {result.verdict}")
     return result
@@ -389,10 +424,11 @@ def _retune_one(subject: Subject, result, clean, bundle, trigger, sets, settings
     """The check on one checkpoint's model (its ASR measured here unless `result` has it)."""
     model = prepare_model(subject.model, device)
     mean, std = normalization_tensors(subject, device)
-    asr = (result or evaluate_model(model, sets, mean, std, device, _eval_batch(opts))).asr
+    plan = resolve_precision(opts.precision, device)
+    asr = (result or evaluate_model(model, sets, mean, std, device, _eval_batch(opts), precision=plan.evaluate)).asr
     adapter = probed_adapter(model, clean, mean, std, device, reporter)
     return check_retuning(model, clean, trigger, sets, mean, std, settings, device, asr, _eval_batch(opts),
-                          bundle.augment_flip, adapter)
+                          bundle.augment_flip, adapter, plan)
 
 
 def alpha_advice(uses_alpha: bool, alpha: float | None, acc_drop: float) -> str | None:
@@ -405,9 +441,11 @@ def alpha_advice(uses_alpha: bool, alpha: float | None, acc_drop: float) -> str 
 
 
 def _output_kind(flag: str, model, clean: ImageSet, mean, std, device, reporter: Reporter) -> OutputKind:
-    """What the model returns, from a few clean tuning images normalised as it expects (or --output-kind)."""
+    """What the model returns, from a few clean tuning images normalised as it expects (or --output-kind).
+    The probe runs in fp32 whatever --precision says: bf16 rounds a softmax's rows to sums off by
+    ~0.002, and the probe would then call probabilities logits (and pick the wrong loss)."""
     batch = normalize(clean.x[:PROBE_IMAGES].to(device), mean, std)
-    with autocast(device):
+    with autocast(device, "fp32"):
         probe = probe_outputs(model, batch)
     found = resolve_output_kind(parse_output_kind(flag), probe)
     reporter.info(f"model output: {found.kind} ({found.decided_by}); tuning loss: {found.adapter.describe()}")
@@ -430,7 +468,8 @@ def _holdout(opts: PurifyOptions, clean: ImageSet, subject: Subject, model, mean
 
 
 def _run_defense(defense, model, subject: Subject, clean: ImageSet, mean, std, params: DefenseParams, device,
-                 flip: bool, reporter: Reporter, output_kind: OutputKind, monitor: HoldoutMonitor | None = None):
+                 flip: bool, reporter: Reporter, output_kind: OutputKind, monitor: HoldoutMonitor | None = None,
+                 compute: Compute | None = None):
     total = params.epochs * steps_per_epoch(clean.num_images, params.batch_size)
     reporter.start_steps(f"{defense.name} tuning", total)
     on_step = step_callback(reporter, "tuning", total)
@@ -442,7 +481,9 @@ def _run_defense(defense, model, subject: Subject, clean: ImageSet, mean, std, p
 
     try:
         return defense.run(model, subject.head, clean, mean, std, params, device, flip=flip,
-                           on_step=on_step, on_epoch=on_epoch, loss_adapter=output_kind.adapter)
+                           on_step=on_step, on_epoch=on_epoch, loss_adapter=output_kind.adapter,
+                           **({"precision": compute.plan.tune, "memory_format": compute.formats["tune"].format}
+                              if compute is not None else {}))
     finally:
         reporter.finish_steps()
 
@@ -456,7 +497,8 @@ def _matching_state_dict(model: torch.nn.Module, subject: Subject) -> dict[str, 
     return state
 
 
-def _purified_metadata(subject: Subject, bundle: DatasetBundle, trigger, report: PurifyReport) -> dict:
+def _purified_metadata(subject: Subject, bundle: DatasetBundle, trigger, report: PurifyReport,
+                       compute: Compute | None = None) -> dict:
     from . import __version__
 
     meta = _base_metadata(subject.arch, subject.num_classes, subject.in_channels, subject.head,
@@ -471,6 +513,7 @@ def _purified_metadata(subject: Subject, bundle: DatasetBundle, trigger, report:
             "input_sha256": subject.checkpoint.sha256, "clean_indices_sha256": report.clean["indices_sha256"],
             "clean_images": report.clean["images"],
             "before": _replayable(report.before), "after": _replayable(report.after), "der": report.der,
+            **({"compute": compute.replayable()} if compute is not None else {}),
         },
         "origin": {k: v for k, v in subject.checkpoint.metadata.items() if k in ("poison_rate", "seed", "trained_by")},
     })
@@ -498,6 +541,7 @@ def compare_checkpoints(opts: CompareOptions, reporter: Reporter | None = None) 
     if len(opts.checkpoints) < 2:
         raise ConfigError("compare needs at least two checkpoints")
     device = resolve_device(opts.device)
+    plan = resolve_precision(opts.precision, device)
     seed_everything(opts.seed)
     reporter.stage(f"loading data {opts.data}")
     bundle, image_size = _load_data(opts, opts.checkpoints, need_train=opts.retune_check)
@@ -507,11 +551,15 @@ def compare_checkpoints(opts: CompareOptions, reporter: Reporter | None = None) 
     trigger = resolve_trigger(opts.trigger, opts.target, reference, bundle.test.image_shape, reference.num_classes)
     _check_gate_inputs(opts, trigger)
     sets = build_eval_sets(bundle.test, trigger, device, opts.eval_limit, opts.seed)
+    formats = {}
 
     def measure(path: str, subject: Subject):
         reporter.stage(f"evaluating {path}")
         mean, std = normalization_tensors(subject, device)
-        return evaluate_model(prepare_model(subject.model, device), sets, mean, std, device, opts.batch_size, reporter)
+        model = prepare_model(subject.model, device)
+        choice = _eval_format(opts, model, bundle.test.image_shape, device, plan, reporter)
+        formats[f"evaluate {path}"] = choice
+        return evaluate_model(model, sets, mean, std, device, opts.batch_size, reporter, plan.evaluate, choice.format)
 
     ref = measure(reference_path, reference)
     ref_state = reference.checkpoint.state_dict
@@ -533,7 +581,8 @@ def compare_checkpoints(opts: CompareOptions, reporter: Reporter | None = None) 
                                retune=retune(subject, res).to_dict() if retune is not None else None))
         del subject  # the next checkpoint's model replaces this one
     return CompareReport(rows=rows, reference=reference_path, data=_describe_data(bundle, sets, image_size),
-                         trigger=_describe_trigger(trigger), environment=environment(device), options=to_yaml_dict(opts))
+                         trigger=_describe_trigger(trigger), environment=environment(device, Compute(device, plan, formats)),
+                         options=to_yaml_dict(opts))
 
 
 

@@ -229,6 +229,7 @@ def purify_markdown(report: PurifyReport) -> str:
     lines += ["", "## Reproducibility", "",
               f"- seed {report.method['params']['seed']}; bdclean {env['bdclean']}, torch {env['torch']}, "
               f"python {env['python']}; device {env['device_name']}",
+              *([f"- {compute_line(env['compute'])}"] if env.get("compute") else []),
               "- timings: " + ", ".join(f"{k} {v:.2f}s" for k, v in report.timings.items()),
               "", "## Definitions", ""] + [f"- **{k}**: {v}" for k, v in DEFINITIONS.items()]
     return "\n".join(lines) + "\n"
@@ -257,6 +258,15 @@ def _rate_of(rate: dict):
 def _rate_dict_md(rate: dict) -> str:
     lo, hi = rate["ci95"]
     return f"{rate['value']:.2%} [{lo:.2%}, {hi:.2%}] ({rate['k']}/{rate['n']})"
+
+
+def compute_line(compute: dict) -> str:
+    """precision and memory format per stage, and the CPU kind they were chosen for (environment.compute)."""
+    cpu = f"CPU {compute['cpu']['kind']}; " if compute.get("cpu") else ""
+    prec = compute["precision"]
+    formats = ", ".join(f"{stage} {c['format']}" for stage, c in compute["memory_format"].items())
+    return (f"compute: {cpu}precision tune {prec['tune']}, evaluate {prec['evaluate']} ({prec['requested']}); "
+            f"memory format {formats}")
 
 
 def _held_cell(curve: dict, epoch: int) -> str:

@@ -102,7 +102,7 @@ def poisoned_tuning_set(clean: ImageSet, trigger, settings: RetuneSettings) -> t
 
 def retuned_copy(model: torch.nn.Module, tuning: ImageSet, poisoned_mask: torch.Tensor, mean, std,
                  settings: RetuneSettings, device, flip: bool = True,
-                 loss_adapter: LossAdapter = LOGITS) -> torch.nn.Module:
+                 loss_adapter: LossAdapter = LOGITS, precision: str | None = None) -> torch.nn.Module:
     """Fine-tune a copy of `model` (all layers) on the poisoned tuning set; `model` is untouched."""
     attacked = copy.deepcopy(model)
     for p in attacked.parameters():
@@ -111,22 +111,25 @@ def retuned_copy(model: torch.nn.Module, tuning: ImageSet, poisoned_mask: torch.
          TuneSettings(epochs=settings.epochs, lr=settings.lr, batch_size=settings.batch_size,
                       momentum=settings.momentum, augment=settings.augment, flip=flip, seed=settings.seed,
                       schedule="constant"),
-         device, loss_adapter=loss_adapter, no_augment=poisoned_mask)
+         device, loss_adapter=loss_adapter, no_augment=poisoned_mask, precision=precision)
     return attacked.eval()
 
 
 def check_retuning(model, clean: ImageSet, trigger, sets: EvalSets, mean, std, settings: RetuneSettings, device,
                    asr_before: Rate, batch_size: int = 1024, flip: bool = True,
-                   loss_adapter: LossAdapter = LOGITS) -> RetuneResult:
-    """Retune a copy and measure it on `sets`; the verdict is filled in by `judge`."""
+                   loss_adapter: LossAdapter = LOGITS, plan=None) -> RetuneResult:
+    """Retune a copy and measure it on `sets`; the verdict is filled in by `judge`. `plan` (a
+    precision.PrecisionPlan) gives the tuning and evaluation precision, as for the run's own figures."""
     import time
 
     if trigger is None or not sets.has_trigger:
         raise ConfigError("the retuning check needs a trigger", hint="pass --trigger (a built-in name or a spec file)")
     start = time.perf_counter()
     tuning, mask = poisoned_tuning_set(clean.to(device), trigger, settings)
-    attacked = retuned_copy(model, tuning, mask, mean, std, settings, device, flip, loss_adapter)
-    result = evaluate_model(attacked, sets, mean, std, device, batch_size)
+    attacked = retuned_copy(model, tuning, mask, mean, std, settings, device, flip, loss_adapter,
+                            plan.tune if plan is not None else None)
+    result = evaluate_model(attacked, sets, mean, std, device, batch_size,
+                            precision=plan.evaluate if plan is not None else None)
     del attacked
     return RetuneResult(asr_before=asr_before, asr_after=result.asr, clean_acc_after=result.clean_acc,
                         settings=settings, seconds=time.perf_counter() - start)

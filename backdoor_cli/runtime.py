@@ -47,17 +47,11 @@ def seed_everything(seed: int) -> None:
         pass
 
 
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA only: on the development CPU, bf16 autocast was ~30x slower than fp32."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def prepare_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """Move to the device in channels_last: the batches `data.normalize` builds are already NHWC in
     memory, and convolutions run faster that way on CUDA and (measured on a 2-core EPYC, simple_cnn on
-    32x32: 13% faster training steps, 40% faster evaluation) on CPU too."""
+    32x32: 13% faster training steps, 40% faster evaluation) on CPU too. Where a run can choose,
+    precision.choose_memory_format then times both formats (not always faster on CPU: issue 16)."""
     return model.to(device).to(memory_format=torch.channels_last)
 
 
@@ -67,8 +61,9 @@ def device_name(device: torch.device) -> str:
     return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
 
 
-def environment(device: torch.device) -> dict:
-    """Versions and device, recorded in every report so a result can be traced and replayed."""
+def environment(device: torch.device, compute=None) -> dict:
+    """Versions and device, recorded in every report so a result can be traced and replayed;
+    `compute` (precision.Compute): the CPU capability, precision and memory formats the run used."""
     from . import __version__
 
     try:
@@ -85,6 +80,7 @@ def environment(device: torch.device) -> dict:
         "platform": platform.platform(),
         "device": str(device),
         "device_name": device_name(device),
+        **({"compute": compute.to_dict()} if compute is not None else {}),
     }
 
 

@@ -18,6 +18,7 @@ from .evaluate import build_eval_sets, evaluate_model
 from .models import arch_file_source
 from .outputs import OutputSet
 from .pipeline import _base_metadata, _describe_trigger, _input_paths, _replayable, _require_data, resolve_trigger
+from .precision import Compute, choose_memory_format, eval_timing_batch, example_batch, resolve_precision, torch_format
 from .progress import Reporter, step_callback
 from .report import TrainReport
 from .runtime import Stopwatch, environment, prepare_model, resolve_device, seed_everything
@@ -43,6 +44,7 @@ def train_model(opts: TrainOptions, reporter: Reporter | None = None) -> TrainRe
     settings = TuneSettings(epochs=opts.epochs, lr=opts.lr, batch_size=opts.batch_size, momentum=opts.momentum,
                             weight_decay=opts.weight_decay, augment=opts.augment, seed=opts.seed)
     device = resolve_device(opts.device)
+    resolve_precision(opts.precision, device)  # a bad --precision: exit 2 before any work
     out = Path(opts.out)
     if out.is_dir():
         raise OutputError(f"--out {out} is a directory; give a file name such as model.safetensors")
@@ -91,17 +93,30 @@ def _train_into(opts: TrainOptions, settings: TuneSettings, device, out: Path, o
             x, y, poison_idx = poison_training_set(trigger, x, y, opts.poison_rate, opts.seed)
         start, arch, model, head, mean, std = _starting_model(opts, bundle, reporter)
         model = prepare_model(model, device)
+        plan = resolve_precision(opts.precision, device)
         h, w, c = bundle.test.image_shape
         shape = (1, c, 1, 1)
         mean_t = torch.tensor(mean, device=device).view(shape)
         std_t = torch.tensor(std, device=device).view(shape)
         data = ImageSet(x, y).to(device)
         sets = build_eval_sets(bundle.test, trigger, device, None, opts.seed)
+    with timer.stage("choose_format"):
+        shape = bundle.test.image_shape
+        formats = {"evaluate": choose_memory_format(model, example_batch(shape, eval_timing_batch(shape), device),
+                                                    device, plan.evaluate, train=False, spec=opts.memory_format),
+                   "tune": choose_memory_format(model, example_batch(shape, min(settings.batch_size, data.num_images),
+                                                                     device),
+                                                device, plan.tune, train=True, spec=opts.memory_format)}
+        compute = Compute(device, plan, formats)
+        reporter.info(compute.describe())
+    eval_format, train_format = formats["evaluate"].format, formats["tune"].format
     before = None
     if start is not None:  # what the starting model scores, so the report shows what training changed
         with timer.stage("evaluate_init"):
             reporter.stage("evaluating the initial model")
-            before = evaluate_model(model, sets, mean_t, std_t, device, opts.eval_batch_size, reporter)
+            model.to(memory_format=torch_format(eval_format))
+            before = evaluate_model(model, sets, mean_t, std_t, device, opts.eval_batch_size, reporter,
+                                    plan.evaluate, eval_format)
     reporter.info(f"training {arch} on {data.num_images} images" + (f" from {opts.init}" if start else "")
                   + (f" ({len(poison_idx)} poisoned, target {trigger.target})" if len(poison_idx) else ""))
     total = settings.epochs * steps_per_epoch(data.num_images, settings.batch_size)
@@ -110,14 +125,18 @@ def _train_into(opts: TrainOptions, settings: TuneSettings, device, out: Path, o
 
     try:
         with timer.stage("train"):
+            model.to(memory_format=torch_format(train_format))
             history = tune(model, data, mean_t, std_t, settings, device, on_step=on_step,
+                           precision=plan.tune, memory_format=train_format,
                            on_epoch=lambda log: reporter.epoch(
                                f"epoch {log.epoch}/{settings.epochs}: loss {log.loss:.4f}, train acc {log.train_acc:.2%}, "
                                f"{log.seconds:.1f}s"))
     finally:
         reporter.finish_steps()
     with timer.stage("evaluate"):
-        result = evaluate_model(model, sets, mean_t, std_t, device, opts.eval_batch_size, reporter)
+        model.to(memory_format=torch_format(eval_format))
+        result = evaluate_model(model, sets, mean_t, std_t, device, opts.eval_batch_size, reporter, plan.evaluate,
+                                eval_format)
     from . import __version__
 
     meta = _base_metadata(arch, bundle.num_classes, c, head, mean, std, bundle)
@@ -131,7 +150,7 @@ def _train_into(opts: TrainOptions, settings: TuneSettings, device, out: Path, o
         "init": ({"path": str(opts.init), "sha256": start.checkpoint.sha256,
                   "test_metrics_before": _replayable(before)} if start else None),
         "holdout_indices": holdout.tolist() if holdout is not None else None,
-        "training": {k: v for k, v in dataclasses.asdict(settings).items()},
+        "training": {**dataclasses.asdict(settings), "compute": compute.replayable()},
         "test_metrics": _replayable(result),
     })
     with timer.stage("write"):
@@ -140,7 +159,7 @@ def _train_into(opts: TrainOptions, settings: TuneSettings, device, out: Path, o
         sha = hashlib.sha256(blob).hexdigest()
     return TrainReport(out=str(out), sha256=sha, arch=arch, data=bundle.name, result=result,
                        history=[h.to_dict() for h in history], poisoned=int(len(poison_idx)),
-                       trigger=_describe_trigger(trigger), timings=dict(timer.stages), environment=environment(device),
+                       trigger=_describe_trigger(trigger), timings=dict(timer.stages), environment=environment(device, compute),
                        init=({"path": str(opts.init), "sha256": start.checkpoint.sha256, "metrics": before}
                              if start is not None else None))
 

@@ -17,7 +17,7 @@ import torch
 from .data import ImageSet, augment_batch, iterate_minibatches, normalize
 from .errors import ConfigError
 from .models.output_kind import LOGITS, LossAdapter, attach_loss
-from .runtime import autocast
+from .precision import as_format, autocast, default_precision
 
 
 @dataclass(frozen=True)
@@ -66,6 +66,8 @@ def tune(
     loss_adapter: LossAdapter = LOGITS,
     perturb: Callable[[Callable[[], None]], Callable[[], None]] | None = None,
     no_augment: torch.Tensor | None = None,
+    precision: str | None = None,
+    memory_format: str = "channels_last",
 ) -> list[EpochLog]:
     """Train `params` (default: all) of `model` on `data` (uint8 NHWC, already on `device`).
 
@@ -80,7 +82,10 @@ def tune(
     (SAM, PAM). `grads_here()` runs forward and backward on the step's batch at the current weights,
     for a perturbation that needs that gradient first (SAM).
     `no_augment` (bool per image of `data`) marks images that are used as they are, never augmented.
+    `precision` (fp32 | bf16; None: the device's default) is the forward pass's autocast; the
+    parameters and the loss stay fp32. `memory_format` is the one the model is in (precision.py).
     """
+    precision = precision or default_precision(device)
     if settings.epochs < 1 or settings.batch_size < 1 or settings.lr <= 0:
         raise ConfigError("epochs and batch size must be >= 1 and lr > 0")
     trainable = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
@@ -111,10 +116,10 @@ def tune(
                 xb, yb = data.x[idx], data.y[idx]
                 if settings.augment:
                     xb = _augment(xb, generator, settings.flip, None if no_augment is None else no_augment[idx])
-                inputs = normalize(xb, mean, std)
+                inputs = as_format(normalize(xb, mean, std), memory_format)
 
                 def forward_backward():
-                    with autocast(device):
+                    with autocast(device, precision):
                         output = model(inputs)
                     loss, logits = loss_fn(output, yb)
                     total = loss + penalty() if penalty is not None else loss

@@ -50,7 +50,8 @@ if str(REPO) not in sys.path:  # run as a plain script from any directory
     sys.path.insert(0, str(REPO))
 
 SCHEMA = "bdclean.bench_purify/1"
-STAGES = ("load", "evaluate_before", "tune", "evaluate_after", "write")
+# choose_format: bdclean's start-up timing of the memory formats (precision.py); the reference has none.
+STAGES = ("load", "choose_format", "evaluate_before", "tune", "evaluate_after", "write")
 SHARED_CIFAR10 = REPO.parent / "shared" / "data" / "cifar10"
 MNIST_SAMPLE = REPO / "backdoor_cli" / "assets" / "mnist_sample"
 DEFAULT_CACHE = REPO / "benchmarks" / ".cache"
@@ -98,8 +99,12 @@ def device_description(device: torch.device) -> dict:
                 model = line.split(":", 1)[1].strip()
                 break
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {"type": "cpu", "name": f"{model}, {cores} cores", "cpu_model": model, "cpu_cores": cores,
-            "torch_threads": torch.get_num_threads()}
+    from backdoor_cli.precision import cpu_capability
+
+    # The capability decides the arithmetic (bf16 where native), so it belongs beside the name.
+    capability = cpu_capability()
+    return {"type": "cpu", "name": f"{model}, {cores} cores, {capability.kind}", "cpu_model": model, "cpu_cores": cores,
+            "cpu_capability": capability.to_dict(), "torch_threads": torch.get_num_threads()}
 
 
 def slugify(text: str) -> str:
@@ -383,6 +388,7 @@ def run_reference(job: ReferenceJob, device: torch.device) -> dict:
         after = reference_evaluate(model, test_loader, poison_loader, trigger.target, device)
     with timer.stage("write"):
         torch.save(model.state_dict(), job.out_dir / "reference_purified.pt")
+    timer.stages.setdefault("choose_format", 0.0)  # fp32 NCHW, as research code runs: nothing to choose
     return {"stages": timer.stages, "before": before, "after": after, "history": history,
             "transforms": transforms_impl, "num_workers": job.num_workers,
             "eval_images": {"clean": int(len(test_y)), "poisoned": int(len(poison_y))},
@@ -400,13 +406,14 @@ def run_bdclean(args, checkpoint: Path, data_dir: Path, out_dir: Path) -> tuple[
     opts = PurifyOptions(checkpoint=str(checkpoint), data=str(data_dir), method="fst", out=str(out_dir),
                          force=True, device=args.device, seed=args.seed, clean_count=args.clean_count,
                          epochs=args.epochs, batch_size=args.batch_size, eval_limit=args.eval_limit,
-                         arch=args.arch if args.model else None, trigger=args.trigger)
+                         arch=args.arch if args.model else None, trigger=args.trigger, precision=args.precision,
+                         memory_format=args.memory_format)
     start = time.perf_counter()
     report = purify_checkpoint(opts)
     wall = time.perf_counter() - start
     stages = {name: report.timings.get(name, 0.0) for name in STAGES}
     return {
-        "stages": stages, "wall": wall,
+        "stages": stages, "wall": wall, "compute": report.environment.get("compute"),
         "before": _bd_metrics(report.before), "after": _bd_metrics(report.after),
         "history": report.history,
         "eval_images": {"clean": report.before.clean_acc.n, "poisoned": report.before.asr.n if report.before.asr else 0},
@@ -496,7 +503,7 @@ def throughput(run: dict) -> dict:
 
 
 def speedups(bd: dict, ref: dict) -> dict:
-    ratio = lambda r, b: round(r / b, 2) if b > 0 else None  # noqa: E731
+    ratio = lambda r, b: round(r / b, 2) if b > 0 and r > 0 else None  # noqa: E731
     out = {name: ratio(ref["stages"][name], bd["stages"][name]) for name in STAGES}
     ev_bd = bd["stages"]["evaluate_before"] + bd["stages"]["evaluate_after"]
     ev_ref = ref["stages"]["evaluate_before"] + ref["stages"]["evaluate_after"]
@@ -511,7 +518,11 @@ def print_summary(result: dict) -> None:
     print(f"  torch {result['environment']['torch']}, {s['dataset']} ({s['data']}), {s['arch']}, "
           f"{s['clean_count']} clean images x {s['epochs']} epochs, batch {s['batch_size']}, "
           f"eval {s['eval_images']['clean']} clean + {s['eval_images']['poisoned']} triggered images, seed {s['seed']}")
-    print(f"  reference: DataLoader num_workers={s['num_workers']}, transforms: {s['transforms']}")
+    print(f"  reference: DataLoader num_workers={s['num_workers']}, transforms: {s['transforms']}, fp32 NCHW")
+    if bd.get("compute"):
+        from backdoor_cli.report import compute_line
+
+        print(f"  bdclean {compute_line(bd['compute'])}")
     print(f"  load average before/after: {result['load_average']['start']} / {result['load_average']['end']}")
     print(f"\n  {'stage':<16}{'bdclean s':>11}{'reference s':>13}{'ratio':>9}")
     for name in STAGES + ("total",):
@@ -563,6 +574,9 @@ def parse_args(argv) -> argparse.Namespace:
     p.add_argument("--num-workers", type=int, help="reference DataLoader workers (CPU 0, CUDA 4)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, help="torch threads for both pipelines (default: torch's, one per core)")
+    p.add_argument("--precision", default="auto", help="bdclean's --precision (auto, fp32, bf16)")
+    p.add_argument("--memory-format", default="auto", help="bdclean's --memory-format")
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test in seconds")
     p.add_argument("--repeat", type=int, default=1,
                    help="run the bdclean/reference pair this many times and report the median total ratio too "
@@ -622,6 +636,8 @@ def main(argv=None) -> int:
     if args.repeat < 1:
         log("error: --repeat must be at least 1")
         return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     args.device = str(device)
     profile = resolve_defaults(args, device)
@@ -676,6 +692,7 @@ def main(argv=None) -> int:
             "batch_size": job.batch_size, "lr": job.lr, "alpha": job.alpha, "momentum": job.momentum,
             "eval_limit": args.eval_limit, "eval_images": bd["eval_images"], "seed": args.seed,
             "num_workers": args.num_workers, "transforms": ref["transforms"], "quick": args.quick,
+            "threads": torch.get_num_threads(), "precision": args.precision, "memory_format": args.memory_format,
         },
         "bdclean": bd,
         "reference": ref,

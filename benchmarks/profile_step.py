@@ -29,7 +29,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from backdoor_cli.models import build_model  # noqa: E402
+from backdoor_cli.precision import autocast, cpu_capability  # noqa: E402
 from backdoor_cli.runtime import device_name, resolve_device, synchronize  # noqa: E402
+
+PRECISION = "fp32"  # set by --precision: bf16 runs every forward pass under bf16 autocast, as bdclean tunes
 
 # Operator name fragments -> group. Checked in order; the first match wins.
 GROUPS = (
@@ -78,7 +81,9 @@ def time_steps(model, x, y, optimizer, steps: int, device) -> float:
     """Mean seconds per SGD step (forward, backward, update), after two warm-up steps."""
     def step():
         optimizer.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
+        with autocast(x.device, PRECISION):
+            out = model(x)
+        F.cross_entropy(out.float(), y).backward()
         optimizer.step()
 
     for _ in range(2):
@@ -93,7 +98,7 @@ def time_steps(model, x, y, optimizer, steps: int, device) -> float:
 
 def time_forward(model, x, repeats: int, device) -> float:
     model.eval()
-    with torch.inference_mode():
+    with torch.inference_mode(), autocast(x.device, PRECISION):
         model(x)
         synchronize(device)
         t0 = time.perf_counter()
@@ -112,7 +117,9 @@ def profile_groups(model, x, y, optimizer, steps: int) -> dict[str, float]:
     with profile(activities=activities) as prof:
         for _ in range(steps):
             optimizer.zero_grad(set_to_none=True)
-            F.cross_entropy(model(x), y).backward()
+            with autocast(x.device, PRECISION):
+                out = model(x)
+            F.cross_entropy(out.float(), y).backward()
             optimizer.step()
     totals: dict[str, float] = defaultdict(float)
     for event in prof.key_averages():
@@ -132,13 +139,17 @@ def main(argv=None) -> int:
     parser.add_argument("--channels", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--json", default=None, help="also write the figures here")
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"), help="bf16: under bf16 autocast")
     args = parser.parse_args(argv)
+    global PRECISION
+    PRECISION = args.precision
 
     torch.manual_seed(0)
     device = resolve_device(args.device)
     x = torch.randn(args.batch_size, args.channels, args.size, args.size, device=device)
     y = torch.randint(0, 10, (args.batch_size,), device=device)
     result: dict = {"device": device_name(device), "arch": args.arch, "batch_size": args.batch_size,
+                    "precision": args.precision, "cpu_capability": cpu_capability().kind,
                     "torch": torch.__version__, "threads": torch.get_num_threads()}
     for fmt in ("contiguous", "channels_last"):
         memory_format = torch.channels_last if fmt == "channels_last" else torch.contiguous_format
@@ -160,7 +171,8 @@ def main(argv=None) -> int:
         if fmt == "channels_last":
             result["profile_channels_last"] = profile_groups(model, xf, y, optimizer, max(2, args.steps // 2))
 
-    print(f"{result['device']}, torch {result['torch']}, {result['threads']} threads; {args.arch}, batch {args.batch_size}, "
+    print(f"{result['device']} ({result['cpu_capability']}), torch {result['torch']}, {result['threads']} threads; "
+          f"{args.arch}, batch {args.batch_size}, {args.precision}, "
           f"{result['macs_per_image'] / 1e6:.1f} M multiply-accumulates per image")
     for fmt in ("contiguous", "channels_last"):
         r = result[fmt]

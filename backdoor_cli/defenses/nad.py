@@ -102,7 +102,7 @@ def run_nad(model, head_name, clean, mean, std, params, device, flip=True, **opt
 
     teacher = copy.deepcopy(model)
     teacher_params = type(params)(**{**params.to_dict(), "epochs": params.teacher_epochs or params.epochs})
-    quiet = {k: v for k, v in options.items() if k == "loss_adapter"}
+    quiet = {k: v for k, v in options.items() if k in ("loss_adapter", "precision", "memory_format")}
     run_tuning(FT, teacher, head_name, clean, mean, std, teacher_params, device, flip, **quiet)
     teacher.eval()
     for p in teacher.parameters():

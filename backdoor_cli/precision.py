@@ -1,0 +1,312 @@
+"""Which arithmetic a run uses: the CPU's capability, the precision (fp32 or bf16 autocast) of tuning
+and of evaluation, and the memory format of the model, chosen by timing both.
+
+Why per capability: on a CPU with native bf16 (AVX512-BF16 or AMX), oneDNN runs bf16 convolutions
+1.5-3x faster than fp32; on an AVX2-only CPU bf16 is emulated and was ~30x slower. So `auto` turns
+bf16 on only where the CPU has it. Tuning keeps fp32 master weights (autocast casts per op; the
+optimiser steps the fp32 parameters) and the loss in fp32, as on CUDA.
+
+Evaluation decides the reported figures, so `auto` uses bf16 there only where the precision study
+(benchmarks/precision_study.py, table in benchmarks/README.md) found it moves no reported figure by
+more than a small fraction of its interval; see EVAL_BF16_ON_CPU.
+
+Memory format: channels_last was faster for simple_cnn on every CPU measured, but slower for
+ResNet-18 training in bf16 on an AMX CPU (issue 16), so no fixed rule holds. `auto` times a few
+steps in each format at start-up and records the choice and the timings.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from .config import CHOICES
+from .errors import ConfigError
+
+PRECISIONS: tuple[str, ...] = CHOICES["precision"]
+MEMORY_FORMATS: tuple[str, ...] = CHOICES["memory_format"]
+# auto evaluation on a native-bf16 CPU, set from the precision study (benchmarks/README.md): on the
+# CIFAR-10 test set (four models: ResNet-20/56 clean, a Blended ResNet-20, make bench's simple_cnn),
+# bf16 changed at most 0.52% of the predictions and moved no C-Acc or ASR by more than 0.14 of its
+# 95% interval's half-width (the rule: at most 0.25). --precision fp32 keeps fp32.
+EVAL_BF16_ON_CPU = True
+# Keep channels_last (the format data.normalize's batches already have) unless contiguous is faster
+# by more than this: a close call would otherwise flip with machine load from run to run, and with
+# it the last bits of the results.
+FORMAT_MARGIN = 0.10
+# A model with fewer multiply-accumulates per image than this is too small for its format to matter
+# (test_tiny: ~30k; simple_cnn on 32x32: tens of millions). Not timing it keeps its start-up free and
+# its results independent of timing noise. Counted, not timed, so the decision is the same every run.
+FORMAT_MIN_MACS = 5_000_000
+# Timed rounds (one step per format each) after one untimed step per format; each format keeps its
+# best. Two rounds for training too: a single timed step put simple_cnn's bf16 training in the slower
+# format once on the loaded shared machine. Each training step on the copy is work the run does not keep.
+FORMAT_TIMED_STEPS = {"eval": 2, "train": 2}
+# Evaluation is timed on a batch of this many 32x32 images, fewer for larger ones (the same pixels):
+# the real batches are larger, but a forward pass of 1024 images costs a second or more on 2 cores.
+FORMAT_EVAL_BATCH = 128
+
+
+@dataclass(frozen=True)
+class CpuCapability:
+    """What the CPU offers for bf16, from torch's dispatch level and the kernel's CPU flags."""
+
+    torch_capability: str  # torch.backends.cpu.get_cpu_capability(): DEFAULT, AVX2, AVX512, ...
+    avx512_bf16: bool
+    amx_bf16: bool
+
+    @property
+    def native_bf16(self) -> bool:
+        return self.avx512_bf16 or self.amx_bf16
+
+    @property
+    def kind(self) -> str:
+        """The label benchmarks and reports print: AMX, AVX512-BF16, AVX512, AVX2, ..."""
+        if self.amx_bf16:
+            return "AMX"
+        if self.avx512_bf16:
+            return "AVX512-BF16"
+        return self.torch_capability
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "torch_capability": self.torch_capability, "avx512_bf16": self.avx512_bf16,
+                "amx_bf16": self.amx_bf16, "native_bf16": self.native_bf16}
+
+
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
+    """The first processor's flags (Linux); empty elsewhere, which reads as no native bf16."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
+
+
+@lru_cache(maxsize=1)
+def cpu_capability() -> CpuCapability:
+    # torch reports AVX512 for both AVX512 kinds (and for AMX machines), so the bf16 units come
+    # from the flags: avx512_bf16 (Cooper Lake, Zen 4 and later), amx_bf16 (Sapphire Rapids and later).
+    flags = cpu_flags()
+    return CpuCapability(torch.backends.cpu.get_cpu_capability(), "avx512_bf16" in flags, "amx_bf16" in flags)
+
+
+def parse_choice(value: str | None, allowed: tuple[str, ...], option: str) -> str:
+    text = (value or "auto").strip().lower().replace("_", "-")
+    canonical = {a.replace("_", "-"): a for a in allowed}
+    if text not in canonical:
+        raise ConfigError(f"unknown {option} {value!r}", hint=f"use one of: {', '.join(allowed)}")
+    return canonical[text]
+
+
+@dataclass(frozen=True)
+class PrecisionPlan:
+    """The precision of each stage that runs the model, and why."""
+
+    requested: str  # auto | fp32 | bf16
+    tune: str  # fp32 | bf16
+    evaluate: str
+    reason: str
+
+    def to_dict(self) -> dict:
+        return {"requested": self.requested, "tune": self.tune, "evaluate": self.evaluate, "reason": self.reason}
+
+
+def resolve_precision(spec: str | None, device: torch.device, capability: CpuCapability | None = None) -> PrecisionPlan:
+    """--precision -> the precision of tuning and of evaluation on this device."""
+    requested = parse_choice(spec, PRECISIONS, "--precision")
+    if requested != "auto":
+        reason = "requested"
+        if requested == "bf16" and device.type == "cpu" and not (capability or cpu_capability()).native_bf16:
+            reason = "requested; this CPU has no native bf16 (emulated: much slower than fp32)"
+        return PrecisionPlan(requested, requested, requested, reason)
+    if device.type == "cuda":
+        return PrecisionPlan("auto", "bf16", "bf16", "CUDA: bf16 autocast")
+    cap = capability or cpu_capability()
+    if not cap.native_bf16:
+        return PrecisionPlan("auto", "fp32", "fp32", f"CPU {cap.kind}: no native bf16")
+    evaluate = "bf16" if EVAL_BF16_ON_CPU else "fp32"
+    why = ("bf16 (it moved no figure of the precision study by more than 0.14 of its interval)" if EVAL_BF16_ON_CPU
+           else "fp32 (bf16 moved reported figures by too much of their interval)")
+    return PrecisionPlan("auto", "bf16", evaluate, f"CPU {cap.kind}: native bf16 for tuning; evaluation in {why}")
+
+
+def default_precision(device: torch.device) -> str:
+    """What library calls without a precision get: bf16 on CUDA and fp32 on CPU, bdclean's behaviour
+    before --precision existed (the CLI resolves --precision itself)."""
+    return "bf16" if device.type == "cuda" else "fp32"
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16 autocast (fp32 master weights, per-op casts) or nothing."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def torch_format(name: str) -> torch.memory_format:
+    return torch.channels_last if name == "channels_last" else torch.contiguous_format
+
+
+def as_format(x: torch.Tensor, name: str) -> torch.Tensor:
+    """Batches from data.normalize are NHWC in memory (channels_last strides); a contiguous model
+    gets a contiguous copy, else the convolution would run in channels_last after all."""
+    return x.contiguous(memory_format=torch_format(name)) if x.dim() == 4 else x
+
+
+@dataclass(frozen=True)
+class FormatChoice:
+    """The memory format a stage runs in, and the measurement behind it (seconds per step)."""
+
+    format: str  # channels_last | contiguous
+    reason: str
+    seconds: dict[str, float] | None = None
+
+    def to_dict(self) -> dict:
+        return {"format": self.format, "reason": self.reason,
+                "seconds_per_step": {k: round(v, 5) for k, v in self.seconds.items()} if self.seconds else None}
+
+
+def choose_memory_format(model: torch.nn.Module, example: torch.Tensor, device: torch.device, precision: str,
+                         train: bool, spec: str | None = "auto",
+                         loss: Callable[[torch.Tensor], torch.Tensor] | None = None) -> FormatChoice:
+    """Time `model` on `example` (a normalised float batch) in each format, FORMAT_TIMED_STEPS
+    alternating rounds, and keep the faster; a training step (forward + backward) when `train`, else a forward
+    pass. Training is timed on a copy, so the model's weights, grads and BatchNorm statistics are
+    untouched. Leaves `model` in the chosen format."""
+    requested = parse_choice(spec, MEMORY_FORMATS, "--memory-format")
+    if requested != "auto":
+        return _apply(model, FormatChoice(requested, "requested"))
+    if device.type != "cpu" or example.dim() != 4:
+        # CUDA: channels_last is what tensor cores want; non-image inputs have no format to choose.
+        return _apply(model, FormatChoice("channels_last", "default (not timed on this device)"))
+    try:
+        if conv_macs(model, example[:1]) < FORMAT_MIN_MACS:
+            return _apply(model, FormatChoice("channels_last", "default (too little convolution work to matter)"))
+    except Exception as exc:  # a model that cannot run a plain forward pass here: keep the default, say why
+        return _apply(model, FormatChoice("channels_last", f"default (not timed: {type(exc).__name__})"))
+    subject = copy.deepcopy(model) if train else model
+    was_training = subject.training
+    subject.train(train)
+    inputs = {name: as_format(example, name) for name in ("channels_last", "contiguous")}
+    seconds = {name: float("inf") for name in inputs}
+    try:
+        # One untimed step per format (oneDNN builds its primitives on the first call of each shape and
+        # format), then timed rounds that alternate the formats, keeping each one's best: on a shared
+        # machine a burst of load then hits both formats alike instead of the one being timed.
+        for name, x in inputs.items():
+            _time_format(subject, x, device, precision, train, name, loss)
+        for _ in range(FORMAT_TIMED_STEPS["train" if train else "eval"]):
+            for name, x in inputs.items():
+                seconds[name] = min(seconds[name], _time_format(subject, x, device, precision, train, name, loss))
+    except Exception as exc:  # a model that cannot run a plain step here: keep the default, say why
+        return _apply(model, FormatChoice("channels_last", f"default (not timed: {type(exc).__name__})"))
+    finally:
+        subject.train(was_training)
+    if seconds["contiguous"] < seconds["channels_last"] * (1 - FORMAT_MARGIN):
+        choice = FormatChoice("contiguous", f"measured: faster by more than {FORMAT_MARGIN:.0%}", seconds)
+    else:
+        choice = FormatChoice("channels_last", f"measured: contiguous not faster by more than {FORMAT_MARGIN:.0%}",
+                              seconds)
+    return _apply(model, choice)
+
+
+def conv_macs(model: torch.nn.Module, x: torch.Tensor) -> int:
+    """Multiply-accumulates of the convolutions in one forward pass of `x` (one image): the work
+    whose speed the memory format changes. Runs in eval mode without grads; the modes are restored."""
+    total = 0
+
+    def hook(module, _inputs, output):
+        nonlocal total
+        kernel = module.kernel_size[0] * module.kernel_size[1] * module.in_channels // module.groups
+        total += output[0].numel() * kernel
+
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    if not convs:
+        return 0
+    handles = [m.register_forward_hook(hook) for m in convs]
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        with torch.inference_mode():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+        for m, mode in modes.items():
+            m.training = mode
+    return total
+
+
+def _apply(model: torch.nn.Module, choice: FormatChoice) -> FormatChoice:
+    model.to(memory_format=torch_format(choice.format))
+    return choice
+
+
+def _scores(output) -> torch.Tensor:
+    # Models from hubs may return an object or a tuple; the first tensor is the scores.
+    if isinstance(output, torch.Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    return logits if isinstance(logits, torch.Tensor) else output[0]
+
+
+def _time_format(model, x, device, precision: str, train: bool, name: str, loss) -> float:
+    """Seconds of one step in format `name`: forward + backward when `train`, else a forward pass."""
+    model.to(memory_format=torch_format(name))
+    start = time.perf_counter()
+    if train:
+        with autocast(device, precision):
+            out = model(x)
+        value = loss(out) if loss is not None else _scores(out).float().logsumexp(1).mean()
+        value.backward()
+        model.zero_grad(set_to_none=True)
+    else:
+        with torch.inference_mode(), autocast(device, precision):
+            model(x)
+    return time.perf_counter() - start
+
+
+def eval_timing_batch(image_shape: tuple[int, int, int]) -> int:
+    h, w, _ = image_shape
+    return max(2, FORMAT_EVAL_BATCH * 32 * 32 // (h * w))
+
+
+def example_batch(image_shape: tuple[int, int, int], batch_size: int, device: torch.device) -> torch.Tensor:
+    """A normalised-looking float batch (N, C, H, W) of the model's input size, from its own seeded
+    generator: the timing does not depend on pixel values, and the run's RNG streams stay untouched."""
+    h, w, c = image_shape
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn(batch_size, c, h, w, generator=generator).to(device)
+
+
+@dataclass
+class Compute:
+    """How a run computes: the CPU, the precision plan and each stage's memory format."""
+
+    device: torch.device
+    plan: PrecisionPlan
+    formats: dict[str, FormatChoice]
+
+    def to_dict(self) -> dict:
+        return {"cpu": cpu_capability().to_dict() if self.device.type == "cpu" else None,
+                "precision": self.plan.to_dict(),
+                "memory_format": {stage: choice.to_dict() for stage, choice in self.formats.items()}}
+
+    def replayable(self) -> dict:
+        """For checkpoint metadata: what was chosen, no timings (a replay must give the same bytes)."""
+        return {"precision": {"tune": self.plan.tune, "evaluate": self.plan.evaluate},
+                "memory_format": {stage: choice.format for stage, choice in self.formats.items()}}
+
+    def describe(self) -> str:
+        formats = ", ".join(f"{stage} {choice.format}" for stage, choice in self.formats.items())
+        return f"precision: tune {self.plan.tune}, evaluate {self.plan.evaluate} ({self.plan.reason}); memory format: {formats}"
