@@ -29,6 +29,7 @@ import torch
 
 from .config import CHOICES
 from .errors import ConfigError
+from .models.probing import probe_forward
 
 PRECISIONS: tuple[str, ...] = CHOICES["precision"]
 MEMORY_FORMATS: tuple[str, ...] = CHOICES["memory_format"]
@@ -233,17 +234,7 @@ def conv_macs(model: torch.nn.Module, x: torch.Tensor) -> int:
     convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
     if not convs:
         return 0
-    handles = [m.register_forward_hook(hook) for m in convs]
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        with torch.inference_mode():
-            model(x)
-    finally:
-        for h in handles:
-            h.remove()
-        for m, mode in modes.items():
-            m.training = mode
+    probe_forward(model, x, [(m, hook) for m in convs])
     return total
 
 

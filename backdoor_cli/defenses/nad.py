@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
+from ..models.probing import probe_forward
 from .base import Defense, DefenseOutcome, register
 from .finetune import FT, run_tuning
 
@@ -41,18 +42,10 @@ def attention_loss(student: torch.Tensor, teacher: torch.Tensor, p: float) -> to
 def stage_ends(model: torch.nn.Module, batch: torch.Tensor, count: int = 3) -> list[str]:
     """The last `count` stage ends of `model` on `batch` (see the module docstring)."""
     finished: list[tuple[str, tuple[int, int]]] = []
-    handles = [m.register_forward_hook(lambda _m, _i, out, n=n: finished.append((n, tuple(out.shape[2:])))
-                                       if isinstance(out, torch.Tensor) and out.ndim == 4 else None)
-               for n, m in model.named_modules() if n]
-    modes = {m: m.training for m in model.modules()}
-    try:
-        model.eval()
-        model(batch)
-    finally:
-        for handle in handles:
-            handle.remove()
-        for module, training in modes.items():
-            module.training = training
+    hooks = [(m, lambda _m, _i, out, n=n: finished.append((n, tuple(out.shape[2:])))
+              if isinstance(out, torch.Tensor) and out.ndim == 4 else None)
+             for n, m in model.named_modules() if n]
+    probe_forward(model, batch, hooks)
     ends: list[str] = []
     for i, (name, size) in enumerate(finished):
         last_of_run = i + 1 == len(finished) or finished[i + 1][1] != size

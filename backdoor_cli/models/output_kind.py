@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError, InputError
+from .probing import probe_forward
 
 OUTPUT_KINDS = ("logits", "probs", "log-probs")
 CHOICES = OUTPUT_KINDS + ("auto",)
@@ -131,17 +132,9 @@ def probe_outputs(model: nn.Module, batch: torch.Tensor) -> OutputProbe:
     model's output is trailing (identity, not equality: a softmax in the middle is not the end).
     """
     calls: list[tuple[str, nn.Module, torch.Tensor]] = []
-    handles = [m.register_forward_hook(lambda mod, _i, out, n=n: calls.append((n, mod, out)))
-               for n, m in model.named_modules() if isinstance(m, tuple(NORMALISERS.values()))]
-    modes = {m: m.training for m in model.modules()}
-    try:
-        model.eval()
-        output = model(batch)
-    finally:
-        for handle in handles:
-            handle.remove()
-        for module, training in modes.items():
-            module.training = training
+    hooks = [(m, lambda mod, _i, out, n=n: calls.append((n, mod, out)))
+             for n, m in model.named_modules() if isinstance(m, tuple(NORMALISERS.values()))]
+    output = probe_forward(model, batch, hooks)
     if not isinstance(output, torch.Tensor):
         raise InputError(f"the model returned a {type(output).__name__}, not a tensor of class scores")
     probe = classify_rows(output)
