@@ -54,7 +54,9 @@ class ModelOptions:
 
 
 @dataclass(frozen=True)
-class EvaluateOptions:
+class SubjectOptions:
+    """What every command that opens a checkpoint on a dataset takes (evaluate, purify, compare, scan)."""
+
     checkpoint: str = ""
     config: str | None = None  # the --config file it came from (an input: never overwritten)
     data: str | None = None
@@ -62,17 +64,21 @@ class EvaluateOptions:
     num_classes: int | None = None
     head: str | None = None
     data_dir: str | None = None
-    trigger: str | None = None
-    target: int | None = None
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
     device: str = "auto"
     seed: int = 0
+    image_size: tuple[int, int] | None = None  # (height, width); image folders are resized + centre-cropped
+
+
+@dataclass(frozen=True)
+class EvaluateOptions(SubjectOptions):
+    trigger: str | None = None
+    target: int | None = None
     batch_size: int = 1024
     eval_limit: int | None = None
     max_asr: float | None = None
     min_acc: float | None = None
-    image_size: tuple[int, int] | None = None  # (height, width); image folders are resized + centre-cropped
     retune_check: bool = False  # retune a copy with a few poisoned images and report its ASR (retune.py)
     clean_reference: str | None = None  # a clean model given the same retuning, for the verdict
     retune_poisoned: int = 5
@@ -137,19 +143,7 @@ class AuditOptions(EvaluateOptions):
 
 
 @dataclass(frozen=True)
-class ScanOptions:
-    checkpoint: str = ""
-    config: str | None = None  # the --config file it came from (an input: never overwritten)
-    data: str | None = None
-    arch: str | None = None
-    num_classes: int | None = None
-    head: str | None = None
-    data_dir: str | None = None
-    mean: tuple[float, ...] | None = None
-    std: tuple[float, ...] | None = None
-    device: str = "auto"
-    seed: int = 0
-    image_size: tuple[int, int] | None = None
+class ScanOptions(SubjectOptions):
     out: str | None = None  # directory for the reconstructed triggers (PNG + spec YAML per flagged class)
     force: bool = False
     clean_count: int | None = None  # scan images drawn from the training split (default scan.DEFAULT_IMAGES)

@@ -54,13 +54,14 @@ class PathPoint:
 
 def walk_path(model: torch.nn.Module, start: dict[str, torch.Tensor], end: dict[str, torch.Tensor], count: int,
               sets, mean, std, device, batch_size: int, on_point=None) -> list[PathPoint]:
-    """Evaluate `model` loaded with each interpolated state (t = 0 is `start`, t = 1 is `end`)."""
+    """Evaluate `model` loaded with each interpolated state (t = 0 is `start`, t = 1 is `end`);
+    `on_point(done)` after each, with the number of points done so far."""
     points = []
     for t in path_points(count):
         model.load_state_dict(interpolate_states(start, end, t))
         points.append(PathPoint(t, evaluate_model(model.eval(), sets, mean, std, device, batch_size)))
         if on_point is not None:
-            on_point(points[-1])
+            on_point(len(points))
     return points
 
 

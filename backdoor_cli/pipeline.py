@@ -622,11 +622,10 @@ def trace_linear_path(opts: CompareOptions, reporter: Reporter | None = None) ->
     mean, std = normalization_tensors(start, device)
     model = prepare_model(start.model, device)
     states = [{k: v.detach().clone() for k, v in s.model.state_dict().items()} for s in (start, end)]
-    points_done: list[int] = []
     reporter.start_steps("linear path", opts.path)
     try:
         points = walk_path(model, states[0], states[1], opts.path, sets, mean, std, device, opts.batch_size,
-                           on_point=lambda _p: reporter.advance(len(points_done) + 1) or points_done.append(1))
+                           on_point=reporter.advance)
     finally:
         reporter.finish_steps()
     outputs = {}

@@ -15,6 +15,7 @@ batch 128, 5 epochs.
 from __future__ import annotations
 
 import copy
+import time
 from dataclasses import asdict, dataclass
 
 import torch
@@ -120,8 +121,6 @@ def check_retuning(model, clean: ImageSet, trigger, sets: EvalSets, mean, std, s
                    loss_adapter: LossAdapter = LOGITS, plan=None) -> RetuneResult:
     """Retune a copy and measure it on `sets`; the verdict is filled in by `judge`. `plan` (a
     precision.PrecisionPlan) gives the tuning and evaluation precision, as for the run's own figures."""
-    import time
-
     if trigger is None or not sets.has_trigger:
         raise ConfigError("the retuning check needs a trigger", hint="pass --trigger (a built-in name or a spec file)")
     start = time.perf_counter()
