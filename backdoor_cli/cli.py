@@ -276,11 +276,15 @@ def merge(
 @app.command()
 def purify(
     checkpoint: Annotated[str, typer.Argument(help="Suspect checkpoint to purify (never modified).")],
-    method: Annotated[Optional[str], typer.Option(help="Defense: fst (default, the paper's), fst-kd (FST + distillation of the input "
+    method: Annotated[Optional[str], typer.Option(help="Defense. Default: bdclean's recommended recipe (fst-kd, 20% of "
+                                                 "the clean images held out, then the point on the line back to "
+                                                 "the input that they keep within the accuracy budget; see "
+                                                 "docs/purification.md). A name runs that method as published: "
+                                                 "fst (the paper's), fst-kd (FST + distillation of the input "
                                                  "model's clean outputs: lower accuracy cost), ft, lp, fe-tuning, ft-init, "
                                                  "pam (path-aware minimisation, clean-data variant: without the paper's "
                                                  "inverted-trigger images), ft-sam (adaptive SAM), nad (attention "
-                                                 "distillation).")] = None,
+                                                 "distillation), clp (channel Lipschitz pruning: no training).")] = None,
     data: Data = None, out: Out = None, arch: Arch = None, num_classes: NumClasses = None, head: Head = None,
     data_dir: DataDir = None, trigger: Trigger = None, target: Target = None, mean: Mean = None, std: Std = None,
     lr: Annotated[Optional[float], typer.Option(help="Learning rate (default: the paper's for the dataset).")] = None,
@@ -298,6 +302,8 @@ def purify(
     nad_p: Annotated[Optional[float], typer.Option(help="nad: power p of the attention map (default 2).")] = None,
     nad_layers: Annotated[Optional[str], typer.Option(help="nad: module paths to distil, comma-separated (default: "
                                                       "the end of each of the last three stages).")] = None,
+    clp_u: Annotated[Optional[float], typer.Option(help="clp: prune channels whose Lipschitz bound is more than U "
+                                                   "standard deviations above their layer's mean (default 3).")] = None,
     teacher_epochs: Annotated[Optional[int], typer.Option(help="nad: epochs of the teacher's fine-tuning (default: "
                                                           "--epochs).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Tuning batch size (default 128).")] = None,
@@ -309,9 +315,16 @@ def purify(
     clean_count: Annotated[Optional[int], typer.Option(help="Number of clean training images (class-balanced).")] = None,
     clean_data: Annotated[Optional[str], typer.Option(help="Your own clean images (image folders or npz).")] = None,
     holdout_fraction: Annotated[Optional[float], typer.Option(help="Hold this fraction of the clean images out of "
-                                                              "tuning and report their accuracy after every epoch; "
-                                                              "with --max-acc-drop, keep the latest epoch within "
-                                                              "that budget (trigger-free). Default 0: off.")] = None,
+                                                              "tuning and report their accuracy after every epoch "
+                                                              "(default 0.2 for the recommended recipe, 0 with "
+                                                              "--method).")] = None,
+    select: Annotated[Optional[str], typer.Option(help="What is kept, decided by the held-out images only (never the "
+                                                  "test set or the trigger): last (the last epoch), epoch (the latest "
+                                                  "epoch within --max-acc-drop), path (the point nearest the purified "
+                                                  "model on the line back to the input within --max-acc-drop, "
+                                                  "default 3%). Default: path for the recommended recipe; with "
+                                                  "--method, epoch when --max-acc-drop and --holdout-fraction are "
+                                                  "given, else last.")] = None,
     output_kind: Annotated[Optional[str], typer.Option(help="What the model returns: logits, probs, log-probs, or auto "
                                                        "(default: detected from a probe batch).")] = None,
     device: Device = None, seed: Seed = None, eval_limit: EvalLimit = None,

@@ -32,7 +32,7 @@ RANGES: dict[str, tuple] = {
     "momentum": (0, 1, False, True), "weight_decay": (0, None, False, False), "clean_fraction": (0, 1, True, False),
     "poison_rate": (0, 1, False, False), "holdout_fraction": (0, 1, False, True),
     "rho": (0, 100, False, False), "label_smoothing": (0, 1, False, True), "nad_p": (0, 16, True, False),
-    "teacher_epochs": (1, 10_000, False, False), "retune_poisoned": (1, 100_000, False, False),
+    "teacher_epochs": (1, 10_000, False, False), "clp_u": (0, 100, False, False), "retune_poisoned": (1, 100_000, False, False),
     "retune_epochs": (1, 1000, False, False), "retune_lr": (0, 10, True, False),
     "retune_clean_count": (1, None, False, False),
     "steps": (1, 100_000, False, False), "anomaly_threshold": (0, None, True, False),
@@ -42,6 +42,7 @@ RANGES: dict[str, tuple] = {
 CHOICES: dict[str, tuple[str, ...]] = {
     "precision": ("auto", "fp32", "bf16"),  # precision.resolve_precision
     "memory_format": ("auto", "channels_last", "contiguous"),  # precision.choose_memory_format
+    "select": ("last", "epoch", "path"),  # recipe.SELECTIONS
 }
 
 
@@ -91,7 +92,7 @@ class EvaluateOptions(SubjectOptions):
 
 @dataclass(frozen=True)
 class PurifyOptions(EvaluateOptions):
-    method: str = "fst"
+    method: str | None = None  # None: the recommended recipe (recipe.py); a name runs that method as published
     out: str | None = None
     force: bool = False
     lr: float | None = None
@@ -107,7 +108,8 @@ class PurifyOptions(EvaluateOptions):
     clean_data: str | None = None
     max_acc_drop: float | None = None
     output_kind: str = "auto"  # logits | probs | log-probs | auto (models.output_kind)
-    holdout_fraction: float = 0.0  # keep this part of the clean data out of tuning (0: off, the paper's setup)
+    holdout_fraction: float | None = None  # clean data kept out of tuning (None: 0.2 for the recipe, 0 for a --method)
+    select: str | None = None  # last | epoch | path (None: the recipe's; recipe.resolve_recipe)
     distill: float | None = None  # fst-kd: weight of the distillation term (default in DefenseParams)
     distill_temperature: float | None = None  # fst-kd: its softmax temperature
     rho: float | None = None  # pam / ft-sam: perturbation radius (default: the method's)
@@ -116,6 +118,7 @@ class PurifyOptions(EvaluateOptions):
     nad_p: float | None = None  # nad: attention-map power (default 2)
     nad_layers: tuple[str, ...] | None = None  # nad: layers to distil (default: the end of each stage)
     teacher_epochs: int | None = None  # nad: teacher fine-tuning epochs (default: --epochs)
+    clp_u: float | None = None  # clp: the outlier threshold u (default 3)
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ class HoldoutMonitor:
 
     def observe(self, model: torch.nn.Module, epoch: int, mean: torch.Tensor, std: torch.Tensor) -> float:
         acc = holdout_accuracy(model, self.images, mean, std)
-        within = self.budget is not None and self.base_acc - acc <= self.budget
+        within = self.budget is not None and self.base_acc - acc <= self.budget + 1e-9  # ratios of counts
         self.curve.append({"epoch": epoch, "holdout_acc": round(acc, 6), "within_budget": within})
         if within:  # only the latest acceptable epoch is kept: one copy of the weights, not one per epoch
             self.selected_epoch = epoch

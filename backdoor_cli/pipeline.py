@@ -24,6 +24,8 @@ from .eval_cache import data_fingerprint, eval_key, measured
 from .evaluate import EvalSets, build_eval_sets, evaluate_model
 from .gates import check_gates
 from .holdout import HoldoutMonitor, holdout_accuracy, split_holdout
+from .path_select import memorised_warning, select_on_path
+from .recipe import Recipe, fit_to_clean_data, resolve_recipe
 from .imagefolder import TRANSFORM
 from .models import hub
 from .metrics import Rate, defense_effectiveness_rating
@@ -216,7 +218,7 @@ def _defense_params(opts: PurifyOptions, dataset: str | None) -> tuple[DefensePa
         **{k: v for k, v in (("distill", opts.distill), ("distill_temperature", opts.distill_temperature),
                              ("rho", opts.rho), ("label_smoothing", opts.label_smoothing),
                              ("nad_beta", opts.nad_beta), ("nad_p", opts.nad_p), ("nad_layers", opts.nad_layers),
-                             ("teacher_epochs", opts.teacher_epochs))
+                             ("teacher_epochs", opts.teacher_epochs), ("clp_u", opts.clp_u))
            if v is not None},
     ).validate()
     fraction = opts.clean_fraction
@@ -268,7 +270,8 @@ def purify_checkpoint(opts: PurifyOptions, reporter: Reporter | None = None, cac
     leaves --out as it was.
     """
     reporter = reporter or Reporter()
-    defense = get_defense(opts.method)
+    recipe = resolve_recipe(opts.method, opts.holdout_fraction, opts.select, opts.max_acc_drop)
+    defense = get_defense(recipe.method)
     if not opts.out:
         raise ConfigError("--out is required", hint="a directory for purified.safetensors and the report")
     device = resolve_device(opts.device)
@@ -278,13 +281,13 @@ def purify_checkpoint(opts: PurifyOptions, reporter: Reporter | None = None, cac
     parse_output_kind(opts.output_kind)  # a bad --output-kind: exit 2 before any work
     names = PURIFY_OUTPUTS + ("report.png",) + hub.OUTPUTS  # the hub layout is written for hub models only
     with OutputSet(out, names, _input_paths(opts, opts.checkpoint), opts.force) as outputs:
-        report = _purify_into(opts, defense, device, outputs, reporter, cache)
+        report = _purify_into(opts, recipe, defense, device, outputs, reporter, cache)
         reporter.stage(f"writing outputs to {out}")
         outputs.commit()
     return report
 
 
-def _purify_into(opts: PurifyOptions, defense, device, outputs: OutputSet, reporter: Reporter,
+def _purify_into(opts: PurifyOptions, recipe: Recipe, defense, device, outputs: OutputSet, reporter: Reporter,
                  cache=None) -> PurifyReport:
     plan = resolve_precision(opts.precision, device)
     seed_everything(opts.seed)
@@ -297,13 +300,17 @@ def _purify_into(opts: PurifyOptions, defense, device, outputs: OutputSet, repor
         _check_gate_inputs(opts, trigger)
         params, fraction = _defense_params(opts, bundle.name)
         clean, clean_indices = _clean_set(opts, bundle, fraction, subject)
-        reporter.info(f"{defense.name}: {clean.num_images} clean images, lr {params.lr}, {params.epochs} epochs"
+        recipe, warning = fit_to_clean_data(recipe, clean.num_images, subject.num_classes)
+        if warning:
+            reporter.warn(warning)
+        reporter.info(f"{recipe.describe()}: {clean.num_images} clean images"
+                      + (f", lr {params.lr}, {params.epochs} epochs" if defense.trains != "none" else ", no training")
                       + (f", alpha {params.alpha}" if defense.uses_alpha else ""))
         model = prepare_model(subject.model, device)
         mean, std = normalization_tensors(subject, device)
         sets = build_eval_sets(bundle.test, trigger, device, opts.eval_limit, opts.seed)
         output_kind = _output_kind(opts.output_kind, model, clean, mean, std, device, reporter)
-        tune_set, monitor = _holdout(opts, clean, subject, model, mean, std, device, reporter)
+        tune_set, monitor = _holdout(recipe, clean, subject, model, mean, std, device, reporter, opts.seed)
     with timer.stage("choose_format"):
         shape = bundle.test.image_shape
         formats = {"evaluate": _eval_format(opts, model, shape, device, plan, reporter)}
@@ -323,11 +330,18 @@ def _purify_into(opts: PurifyOptions, defense, device, outputs: OutputSet, repor
             reporter.info("the input model's evaluation was read from the evaluation cache")
     with timer.stage("tune"):
         model.to(memory_format=torch_format(formats["tune"].format))
+        # the input's weights, for the line back to them (one copy, only when the path selection runs)
+        start = {k: v.detach().clone() for k, v in model.state_dict().items()} if recipe.select == "path" else None
         outcome = _run_defense(defense, model, subject, tune_set.to(device), mean, std, params, device,
                                bundle.augment_flip, reporter, output_kind, monitor, compute)
-        selection = monitor.restore(model, params.epochs) if monitor is not None else None
+        selection = monitor.restore(model, params.epochs) if recipe.select == "epoch" else None
         if selection:
             reporter.info(f"held-out selection: {selection}")
+        path_choice = None
+        if recipe.select == "path":
+            path_choice = select_on_path(model, start, monitor.images, monitor.base_acc, recipe.budget, mean, std)
+            del start
+            reporter.info(f"path selection: {path_choice.reason}")
     with timer.stage("evaluate_after"):
         reporter.stage("evaluating the purified model")
         model.to(memory_format=torch_format(eval_format))
@@ -347,12 +361,15 @@ def _purify_into(opts: PurifyOptions, defense, device, outputs: OutputSet, repor
     report = PurifyReport(
         subject=subject.describe(), data=_describe_data(bundle, sets, image_size),
         trigger=_describe_trigger(trigger),
-        method={"name": defense.name, "summary": defense.summary, "reinit_head": defense.reinit_head,
+        method={"name": defense.name, "recipe": recipe.to_dict(), "summary": defense.summary,
+                "reinit_head": defense.reinit_head,
                 "trains": defense.trains, "params": params.to_dict(), "head_norm": outcome.head_norm,
                 "notes": list(outcome.notes)},
         clean={"source": opts.clean_data or "training split", "images": clean.num_images,
                "tuned_on": tune_set.num_images,
-               "holdout": ({**monitor.to_dict(), "selection": selection} if monitor is not None else None),
+               "holdout": ({**monitor.to_dict(), "selection": selection,
+                            "path": path_choice.to_dict() if path_choice is not None else None}
+                           if monitor is not None else None),
                "fraction": fraction, "indices_sha256": indices_sha256(clean_indices) if clean_indices is not None else None,
                "class_counts": torch.bincount(clean.y.cpu(), minlength=subject.num_classes).tolist()},
         before=before, after=after,
@@ -454,23 +471,29 @@ def _output_kind(flag: str, model, clean: ImageSet, mean, std, device, reporter:
     return found
 
 
-def _holdout(opts: PurifyOptions, clean: ImageSet, subject: Subject, model, mean, std, device, reporter: Reporter):
-    """(images to tune on, HoldoutMonitor or None): --holdout-fraction keeps part of the clean data out."""
-    if not opts.holdout_fraction:
+def _holdout(recipe: Recipe, clean: ImageSet, subject: Subject, model, mean, std, device, reporter: Reporter,
+             seed: int):
+    """(images to tune on, HoldoutMonitor or None): the recipe's held-out part is kept out of tuning.
+    The monitor picks epochs only for the epoch selection; otherwise it records the curve."""
+    if not recipe.holdout_fraction:
         return clean, None
-    tune_set, held = split_holdout(clean, opts.holdout_fraction, opts.seed, subject.num_classes)
+    tune_set, held = split_holdout(clean, recipe.holdout_fraction, seed, subject.num_classes)
     held = held.to(device)
-    monitor = HoldoutMonitor(held, holdout_accuracy(model, held, mean, std), budget=opts.max_acc_drop)
+    monitor = HoldoutMonitor(held, holdout_accuracy(model, held, mean, std),
+                             budget=recipe.budget if recipe.select == "epoch" else None)
     reporter.info(f"held out {held.num_images} of the {clean.num_images} clean images (input model: "
-                  f"{monitor.base_acc:.1%} on them)" + (f"; budget {opts.max_acc_drop:.1%}" if opts.max_acc_drop
+                  f"{monitor.base_acc:.1%} on them)" + (f"; budget {recipe.budget:.1%}" if recipe.budget
                                                         is not None else ""))
+    warning = memorised_warning(monitor.base_acc)
+    if warning:
+        reporter.warn(warning)
     return tune_set, monitor
 
 
 def _run_defense(defense, model, subject: Subject, clean: ImageSet, mean, std, params: DefenseParams, device,
                  flip: bool, reporter: Reporter, output_kind: OutputKind, monitor: HoldoutMonitor | None = None,
                  compute: Compute | None = None):
-    total = params.epochs * steps_per_epoch(clean.num_images, params.batch_size)
+    total = params.epochs * steps_per_epoch(clean.num_images, params.batch_size) if defense.trains != "none" else 0
     reporter.start_steps(f"{defense.name} tuning", total)
     on_step = step_callback(reporter, "tuning", total)
 
@@ -509,7 +532,8 @@ def _purified_metadata(subject: Subject, bundle: DatasetBundle, trigger, report:
         "tool_version": __version__,
         "trigger": trigger.to_dict() if trigger is not None else subject.checkpoint.metadata.get("trigger"),
         "purification": {
-            "method": report.method["name"], "params": report.method["params"],
+            "method": report.method["name"], "params": report.method["params"], "recipe": report.method["recipe"],
+            "path_t": ((report.clean.get("holdout") or {}).get("path") or {}).get("chosen_t"),
             "input_sha256": subject.checkpoint.sha256, "clean_indices_sha256": report.clean["indices_sha256"],
             "clean_images": report.clean["images"],
             "before": _replayable(report.before), "after": _replayable(report.after), "der": report.der,

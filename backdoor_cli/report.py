@@ -203,12 +203,14 @@ def purify_markdown(report: PurifyReport) -> str:
         f"- Data: {d['data']['name']} ({d['data']['source']}), {d['data']['test_images']} test images",
         f"- Trigger: {_trigger_line(report.trigger)}",
         f"- Method: `{method['name']}` - {method['summary']}",
+        *([f"- Recipe: {recipe_line(method['recipe'])}"] if method.get("recipe") else []),
         f"- Hyper-parameters: " + ", ".join(f"{k}={v}" for k, v in method["params"].items()),
         f"- Model output: {output_kind_line(report.output_kind)}",
         *([f"- **Warning:** {report.output_kind['warning']}"] if (report.output_kind or {}).get("warning") else []),
         f"- Clean data: {report.clean['images']} images from {report.clean['source']}"
         + (f" (indices sha256 `{report.clean['indices_sha256'][:16]}...`)" if report.clean.get("indices_sha256") else ""),
-        *([f"- Held out: {held['images']} of them (input model {held['input_acc']:.2%} on them); kept: {held['selection']}"]
+        *([f"- Held out: {held['images']} of them (input model {held['input_acc']:.2%} on them)"
+           + (f"; kept: {held['selection']}" if held.get("selection") else "")]
           if (held := report.clean.get("holdout")) else []),
         "", "## Results", "",
         "| metric | before | after | change |", "|---|---|---|---|",
@@ -218,6 +220,7 @@ def purify_markdown(report: PurifyReport) -> str:
         change = signed_points(a.value - b.value) if a is not None and b is not None else "-"
         lines.append(f"| {name} | {_rate_md(b)} | {_rate_md(a)} | {change} |")
     lines += ["", f"DER: {report.der:.4f}" if report.der is not None else "DER: - (no trigger)", ""]
+    lines += path_markdown((report.clean.get("holdout") or {}).get("path"))
     lines += retune_markdown(report.retune)
     if report.gates:
         lines += ["## Gates", ""] + [f"- {g.describe()}" for g in report.gates] + [""]
@@ -233,6 +236,31 @@ def purify_markdown(report: PurifyReport) -> str:
               "- timings: " + ", ".join(f"{k} {v:.2f}s" for k, v in report.timings.items()),
               "", "## Definitions", ""] + [f"- **{k}**: {v}" for k, v in DEFINITIONS.items()]
     return "\n".join(lines) + "\n"
+
+
+def recipe_line(recipe: dict) -> str:
+    text = "bdclean's recommended recipe" if recipe.get("recommended") else f"--method {recipe['method']} as published"
+    if recipe.get("holdout_fraction"):
+        text += f"; {recipe['holdout_fraction']:.0%} of the clean images held out"
+    text += f"; selection: {recipe['select']}"
+    if recipe.get("budget") is not None:
+        text += f" within {recipe['budget']:.1%} of held-out accuracy"
+    return text
+
+
+def path_markdown(path: dict | None) -> list[str]:
+    """The path selection: held-out accuracy at each t of the line from the input (0) to the tuned model (1)."""
+    if not path:
+        return []
+    lines = ["## Path selection (held-out images only)", "", f"{path['reason']}.", ""]
+    if path.get("warning"):
+        lines += [f"**Warning:** {path['warning']}.", ""]
+    lines += ["| t | held-out acc | cost vs input | within budget |", "|---|---|---|---|"]
+    for row in path["curve"]:
+        mark = " (kept)" if row["t"] == path["chosen_t"] else ""
+        lines.append(f"| {row['t']:.2f}{mark} | {row['holdout_acc']:.2%} | "
+                     f"{signed_points(row['holdout_acc'] - path['input_acc'])} | {'yes' if row['within_budget'] else 'no'} |")
+    return lines + [""]
 
 
 def retune_markdown(retune: dict | None) -> list[str]:
@@ -385,8 +413,10 @@ def render_evaluate(report: EvaluateReport, console) -> None:
 
 def render_purify(report: PurifyReport, console) -> None:
     s = report.subject
-    console.print(f"[bold]{s['path']}[/bold] -> purified with [bold]{report.method['name']}[/bold] "
-                  f"on {report.clean['images']} clean images")
+    recipe = report.method.get("recipe") or {}
+    console.print(f"[bold]{s['path']}[/bold] -> purified with [bold]{report.method['name']}[/bold]"
+                  + (" (recommended recipe)" if recipe.get("recommended") else "")
+                  + f" on {report.clean['images']} clean images")
     console.print(f"trigger: {_trigger_line(report.trigger)}")
     console.print(f"model output: {output_kind_line(report.output_kind)}", highlight=False, markup=False)
     if report.output_kind and report.output_kind.get("warning"):
@@ -402,6 +432,11 @@ def render_purify(report: PurifyReport, console) -> None:
     if report.der is not None:
         console.print(f"DER {report.der:.3f}   ΔC-Acc {signed_points(report.acc_delta)}   "
                       f"ΔASR {signed_points(report.asr_delta)}")
+    path = (report.clean.get("holdout") or {}).get("path")
+    if path:
+        console.print(f"path selection: {path['reason']}", highlight=False, markup=False)
+        if path.get("warning"):
+            console.print(f"warning: {path['warning']}", style="bold yellow", highlight=False, markup=False)
     if report.retune:
         render_retune(report.retune, console)
     if report.outputs:

@@ -243,7 +243,7 @@ def test_purify_with_own_clean_data(toy, tmp_path):
 
 def test_compare_table_json_markdown(toy, tmp_path):
     invoke("purify", toy["model"], "--data", toy["data"], "--out", tmp_path / "fst", "--clean-count", "30",
-           "--epochs", "1", "--quiet")
+           "--epochs", "1", "--method", "fst", "--quiet")
     purified = tmp_path / "fst" / "purified.safetensors"
     result = invoke("compare", toy["model"], purified, "--data", toy["data"], "--json", "--quiet")
     assert result.exit_code == 0, result.output

@@ -29,7 +29,7 @@ def test_demo_runs_end_to_end_with_tiny_settings(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     assert "What happened" in result.stdout and "FST" in result.stdout
     for name in ("backdoored.safetensors", "compare.md", "compare.json", "ft/purified.safetensors",
-                 "fst/purified.safetensors", "fst/report.json", "fst-kd/purified.safetensors"):
+                 "fst/purified.safetensors", "fst/report.json", "recommended/purified.safetensors", "recommended/report.md"):
         assert (tmp_path / "d" / name).is_file(), name
 
 
@@ -44,12 +44,12 @@ def test_story_follows_the_measured_figures():
     assert "left an ASR of 20.0%" in lines[1] and "removed the backdoor" in lines[2] and "11.0 points" in lines[2]
     lines = demo.story(0.98, 0.9, _report(0.98, 0.95, 0.02), _report(0.98, 0.87, 0.40))
     assert "brought the ASR down to 2.0%" in lines[1] and "did not remove" in lines[2]
-    assert len(lines) == 3  # no fst-kd run, no fst-kd line
+    assert len(lines) == 3  # no recommended run, no line for it
 
 
-def test_story_tells_fst_kd_from_its_own_figures():
+def test_story_tells_the_recommended_recipe_from_its_own_figures():
     lines = demo.story(0.98, 0.9, _report(0.98, 0.95, 0.20), _report(0.98, 0.87, 0.01), _report(0.98, 0.95, 0.02))
-    assert "fst-kd" in lines[3] and "removed the backdoor (ASR 2.0%)" in lines[3]
+    assert "recommended recipe" in lines[3] and "removed the backdoor (ASR 2.0%)" in lines[3]
     assert "cost of 3.0 points" in lines[3] and "against FST's 11.0" in lines[3]
     lines = demo.story(0.98, 0.9, _report(0.98, 0.95, 0.20), _report(0.98, 0.87, 0.01), _report(0.98, 0.97, 0.50))
     assert "did not remove the backdoor (ASR 50.0%)" in lines[3]

@@ -11,5 +11,6 @@ from . import distill as _distill  # noqa: F401  (registers fst-kd)
 from . import pam as _pam  # noqa: F401  (registers pam)
 from . import ft_sam as _ft_sam  # noqa: F401  (registers ft-sam)
 from . import nad as _nad  # noqa: F401  (registers nad)
+from . import clp as _clp  # noqa: F401  (registers clp)
 
 __all__ = ["DEFENSES", "Defense", "DefenseParams", "DefenseOutcome", "default_params", "get_defense"]

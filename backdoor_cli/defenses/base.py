@@ -40,6 +40,7 @@ class DefenseParams:
     nad_p: float = 2.0  # nad: power of the attention map, mean over channels of |a|^p
     nad_layers: tuple[str, ...] | None = None  # nad: module paths (None: the last block of each stage)
     teacher_epochs: int | None = None  # nad: epochs of the teacher's fine-tuning (None: --epochs)
+    clp_u: float | None = None  # clp: prune channels more than u std above their layer's mean bound (None: 3)
 
     def method_value(self, method: str, name: str):
         """A per-method hyper-parameter: the given value, else the method's default."""
@@ -73,6 +74,8 @@ class DefenseParams:
             raise ConfigError(f"--nad-p must be in (0, 16], got {self.nad_p}")
         if self.teacher_epochs is not None and not (1 <= self.teacher_epochs <= 10_000):
             raise ConfigError(f"--teacher-epochs must be in [1, 10000], got {self.teacher_epochs}")
+        if self.clp_u is not None and not (0 <= self.clp_u <= 100):
+            raise ConfigError(f"--clp-u must be in [0, 100], got {self.clp_u}")
         return self
 
     def to_dict(self) -> dict:
@@ -85,6 +88,7 @@ METHOD_DEFAULTS: dict[str, dict] = {
     "pam": {"rho": 0.5, "label_smoothing": 0.0},
     "ft-sam": {"rho": 2.0, "label_smoothing": 0.1},
     "nad": {"nad_beta": (500.0, 1000.0, 1000.0)},
+    "clp": {"clp_u": 3.0},
 }
 
 

@@ -1,0 +1,86 @@
+"""What `bdclean purify` runs: the method, how much clean data is held out, and how the result is chosen.
+
+With no --method, purify runs the recommended recipe, measured on strong CIFAR-10 subjects in
+docs/purification.md: fst-kd (FST with distillation of the input model's clean outputs), 20% of the
+clean images held out, then the point on the line back to the input that the held-out images say is within the accuracy
+budget (path_select.py). With --method NAME the method runs as published (the paper's FST: no
+held-out part, the last epoch), unless the user asks for a held-out part or a selection.
+
+Selections:
+- last:  the last epoch (the papers' protocol);
+- epoch: the latest epoch whose held-out accuracy is within the budget (holdout.HoldoutMonitor);
+- path:  the last epoch, then the point nearest it on the line back to the input within the budget.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from .errors import ConfigError
+from .path_select import DEFAULT_BUDGET
+
+RECOMMENDED_METHOD = "fst-kd"
+RECOMMENDED_HOLDOUT = 0.2
+SELECTIONS = ("last", "epoch", "path")
+MIN_HELD_PER_CLASS = 2  # fewer held-out images than this per class cannot tell a cost of a few points
+
+
+@dataclass(frozen=True)
+class Recipe:
+    method: str
+    holdout_fraction: float
+    select: str
+    budget: float | None  # held-out accuracy the selection may give up (None: no budget)
+    recommended: bool  # True when the user named no method
+    holdout_default: bool = False  # the held-out fraction is the recipe's, not the user's
+    note: str | None = None  # why the recipe was changed to fit the data (fit_to_clean_data)
+
+    def describe(self) -> str:
+        text = self.method + (" (bdclean's recommended recipe)" if self.recommended else "")
+        if self.holdout_fraction:
+            text += f", {self.holdout_fraction:.0%} of the clean images held out"
+        if self.select == "path":
+            text += f", path selection within {self.budget:.1%}"
+        elif self.select == "epoch" and self.budget is not None:
+            text += f", latest epoch within {self.budget:.1%}"
+        return text
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, "recommended": self.recommended, "holdout_fraction": self.holdout_fraction,
+                "select": self.select, "budget": self.budget, "note": self.note}
+
+
+def resolve_recipe(method: str | None, holdout_fraction: float | None, select: str | None,
+                   max_acc_drop: float | None) -> Recipe:
+    """Fill in what the user left out; refuse a selection that has no held-out images to decide with."""
+    recommended = method is None
+    name = RECOMMENDED_METHOD if recommended else method
+    holdout = holdout_fraction if holdout_fraction is not None else (RECOMMENDED_HOLDOUT if recommended else 0.0)
+    if select is None:
+        if not holdout:
+            select = "last"
+        elif recommended:
+            select = "path"
+        else:
+            select = "epoch" if max_acc_drop is not None else "last"
+    if select not in SELECTIONS:
+        raise ConfigError(f"--select must be one of {', '.join(SELECTIONS)}, got {select!r}")
+    if select != "last" and not holdout:
+        raise ConfigError(f"--select {select} decides with held-out clean images, and none are held out",
+                          hint="pass --holdout-fraction 0.2 (or leave --holdout-fraction at its default)")
+    budget = max_acc_drop if max_acc_drop is not None else (DEFAULT_BUDGET if select == "path" else None)
+    return Recipe(name, holdout, select, budget, recommended, holdout_default=holdout_fraction is None and recommended)
+
+
+def fit_to_clean_data(recipe: Recipe, images: int, num_classes: int) -> tuple[Recipe, str | None]:
+    """(recipe, warning): with too few clean images to hold the recipe's default part out, tune on
+    all of them and keep the last epoch, and say so. A fraction the user asked for is never dropped
+    (split_holdout refuses it with a hint instead)."""
+    held = int(recipe.holdout_fraction * images)
+    if not recipe.holdout_default or held >= MIN_HELD_PER_CLASS * num_classes:
+        return recipe, None
+    warning = (f"only {images} clean images: too few to hold {recipe.holdout_fraction:.0%} out for the path "
+               f"selection (it needs {MIN_HELD_PER_CLASS * num_classes} held-out images for {num_classes} classes); "
+               "tuning on all of them and keeping the last epoch, so the accuracy cost is not controlled - "
+               "pass more clean images (--clean-count, --clean-data) to get it")
+    return replace(recipe, holdout_fraction=0.0, select="last", budget=None, note=warning), warning

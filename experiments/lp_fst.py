@@ -1,0 +1,95 @@
+"""LP-then-FST (issue 12): fit the re-initialised head on frozen features first (with FST's penalty and
+norm constraint), then run the joint FST phase from that head, with or without distillation.
+Kumar et al. (ICLR 2022) found that tuning all layers under a random head distorts the features; the
+question is whether FST's cost falls and its removal stays. Scored like the grid: the defender's
+fresh images (800 tune / 200 held out), 3,000 evaluation images, the trigger for the table only.
+
+    .venv/bin/python experiments/lp_fst.py SUBJECT runs/split/defender.npz runs/split/eval --kd 1 --out OUT.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from backdoor_cli.data import images_from_arrays, load_dataset  # noqa: E402
+from backdoor_cli.defenses import DefenseParams  # noqa: E402
+from backdoor_cli.defenses.base import Defense, get_head  # noqa: E402
+from backdoor_cli.defenses.distill import distillation_term, frozen_copy  # noqa: E402
+from backdoor_cli.defenses.finetune import reinitialise_head, run_tuning  # noqa: E402
+from backdoor_cli.defenses.fst import feature_shift_penalty, project_to_norm  # noqa: E402
+from backdoor_cli.evaluate import build_eval_sets, evaluate_model  # noqa: E402
+from backdoor_cli.holdout import holdout_accuracy, split_holdout  # noqa: E402
+from backdoor_cli.pipeline import resolve_trigger  # noqa: E402
+from backdoor_cli.runtime import seed_everything  # noqa: E402
+from backdoor_cli.subject import load_subject, normalization_tensors  # noqa: E402
+
+HEAD_ONLY = Defense("lp-phase", "", reinit_head=False, trains="head", uses_alpha=True, run=None)
+JOINT = Defense("joint-phase", "", reinit_head=False, trains="all", uses_alpha=True, run=None)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("subject")
+    ap.add_argument("pool")
+    ap.add_argument("data")
+    ap.add_argument("--kd", type=float, default=0.0)
+    ap.add_argument("--lp-epochs", type=int, default=10)
+    ap.add_argument("--lp-lr", type=float, default=0.05)
+    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--alpha", type=float, default=0.2)
+    ap.add_argument("--limit", type=int, default=3000)
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    seed_everything(0)
+    device = torch.device("cpu")
+    bundle = load_dataset(args.data, need_train=False)
+    subject = load_subject(args.subject, bundle)
+    mean, std = normalization_tensors(subject, device)
+    with np.load(args.pool, allow_pickle=False) as f:
+        pool = images_from_arrays(f["x"], f["y"], args.pool)
+    tune_set, held = split_holdout(pool, 0.2, 0, bundle.num_classes)
+    trigger = resolve_trigger(None, None, subject, bundle.test.image_shape, bundle.num_classes)
+    sets = build_eval_sets(bundle.test, trigger, device, limit=args.limit)
+    model = copy.deepcopy(subject.model)
+    teacher = frozen_copy(subject.model)
+    head = get_head(model, subject.head)
+    original = head.weight.detach().clone()
+    norm = original.norm()
+    reinitialise_head(head, 0)
+    fst = dict(penalty=lambda: feature_shift_penalty(head.weight, original, args.alpha),
+               after_step=lambda: project_to_norm(head.weight, norm))
+    base_held = holdout_accuracy(subject.model, held, mean, std)
+    rows = []
+
+    def record(phase):
+        res = evaluate_model(model, sets, mean, std, device, 1024)
+        row = {"subject": Path(args.subject).stem, "kd": args.kd, "lp_epochs": args.lp_epochs, "lp_lr": args.lp_lr,
+               "phase": phase, "held_input": base_held, "held": holdout_accuracy(model, held, mean, std),
+               "c_acc": res.clean_acc.value, "asr": res.asr.value}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+    if args.lp_epochs:
+        lp = DefenseParams(lr=args.lp_lr, epochs=args.lp_epochs, alpha=args.alpha, seed=0).validate()
+        run_tuning(HEAD_ONLY, model, subject.head, tune_set, mean, std, lp, device, True, **fst)
+        record("after head fit")
+    params = DefenseParams(lr=0.01, epochs=args.epochs, alpha=args.alpha, seed=0).validate()
+    extra = {"batch_penalty": distillation_term(teacher, args.kd, 2.0)} if args.kd else {}
+    run_tuning(JOINT, model, subject.head, tune_set, mean, std, params, device, True, **fst, **extra)
+    record("after joint phase")
+    with open(args.out, "a") as out:
+        for row in rows:
+            out.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""Does clean accuracy on fresh held-out images pick a good point on the line from a subject to its
+purified copy? (issue 12: trigger-free control of the accuracy cost)
+
+For each purified copy, every point t of the straight line (t = 0: the subject, t = 1: the copy) is
+scored three ways:
+- held-out clean accuracy on the defender's fresh images (all of them, and the first `--holdout`
+  of them, the size a real held-out part would have): what a trigger-free rule may look at;
+- C-Acc and ASR on the evaluation split (disjoint from the defender's images), with the subject's
+  recorded trigger: for the table only, never for the choice.
+
+    .venv/bin/python experiments/path_selection.py --subject runs/subjects/r20-blended-0.01.safetensors \
+        --purified runs/robust/pam-h/purified.safetensors --pool runs/split/defender.npz \
+        --data runs/split/eval --out runs/path-selection.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from backdoor_cli.data import ImageSet, images_from_arrays, load_dataset, normalize, select_clean_subset  # noqa: E402
+from backdoor_cli.evaluate import build_eval_sets, evaluate_model  # noqa: E402
+from backdoor_cli.holdout import holdout_accuracy  # noqa: E402
+from backdoor_cli.linear_path import interpolate_states, path_points  # noqa: E402
+from backdoor_cli.pipeline import resolve_trigger  # noqa: E402
+from backdoor_cli.subject import load_subject, normalization_tensors  # noqa: E402
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: torch.nn.Module, images: ImageSet, mean: torch.Tensor, std: torch.Tensor,
+                          batch_size: int = 256) -> int:
+    """Re-estimate every BatchNorm's running mean and variance on `images` (labels unused), as an
+    exact average over them (momentum None), with the weights as they are. An interpolated model's
+    statistics are interpolated too, and need not match what its weights produce. Returns how many
+    BatchNorm layers were reset; the model's train/eval modes are restored."""
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+             and m.track_running_stats]
+    if not norms:
+        return 0
+    modes = {m: m.training for m in model.modules()}
+    saved = {m: m.momentum for m in norms}
+    try:
+        model.eval()
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None
+            m.train()
+        for i in range(0, images.num_images, batch_size):
+            model(normalize(images.x[i:i + batch_size], mean, std))
+    finally:
+        for m in norms:
+            m.momentum = saved[m]
+        for module, training in modes.items():
+            module.training = training
+    return len(norms)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--subject", required=True)
+    ap.add_argument("--purified", nargs="+", required=True)
+    ap.add_argument("--pool", required=True, help="npz of the defender's fresh clean images")
+    ap.add_argument("--data", required=True, help="dataset dir whose test.npz is the evaluation split")
+    ap.add_argument("--holdout", type=int, default=200)
+    ap.add_argument("--points", type=int, default=21)
+    ap.add_argument("--limit", type=int, default=None)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--recalibrate", action="store_true", help="re-estimate BatchNorm statistics on the pool at each t")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    device = torch.device("cpu")
+    bundle = load_dataset(args.data, need_train=False)
+    subject = load_subject(args.subject, bundle)
+    mean, std = normalization_tensors(subject, device)
+    with np.load(args.pool, allow_pickle=False) as f:
+        pool = images_from_arrays(f["x"], f["y"], args.pool)
+    small = pool.subset(select_clean_subset(pool.y, None, args.holdout, 1, bundle.num_classes))
+    trigger = resolve_trigger(None, None, subject, bundle.test.image_shape, bundle.num_classes)
+    sets = build_eval_sets(bundle.test, trigger, device, limit=args.limit)
+    start = {k: v.clone() for k, v in subject.model.state_dict().items()}
+    with open(args.out, "a") as out:
+        for path in args.purified:
+            end = load_subject(path, bundle).model.state_dict()
+            for t in path_points(args.points):
+                subject.model.load_state_dict(interpolate_states(start, end, t))
+                if args.recalibrate:
+                    recalibrate_batchnorm(subject.model, pool, mean, std)
+                res = evaluate_model(subject.model, sets, mean, std, device, 1024)
+                row = {"subject": args.subject, "purified": path, "t": round(t, 4), "recalibrated": args.recalibrate,
+                       "holdout_all": holdout_accuracy(subject.model, pool, mean, std),
+                       "holdout_small": holdout_accuracy(subject.model, small, mean, std),
+                       "c_acc": res.clean_acc.value, "asr": res.asr.value if res.asr else None}
+                out.write(json.dumps(row) + "\n")
+                out.flush()
+                print(f"{Path(path).parent.name} t={t:.2f} held {row['holdout_all']:.3f}/{row['holdout_small']:.3f} "
+                      f"acc {row['c_acc']:.4f} asr {row['asr']:.4f}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
