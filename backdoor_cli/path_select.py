@@ -7,7 +7,8 @@ keep most of the removal at a fraction of the cost. Which point is decided by he
 only — never the test set, never the trigger: the largest t (the point nearest the purified model)
 whose held-out accuracy is within the budget of the input model's. t never goes below FLOOR: the
 held-out images cannot see the backdoor, and the half of the line next to the input is where it
-returns.
+returned on every line measured. When no point reaches the budget, the floor itself (the most
+accurate point allowed) is kept and the reason says the budget was not met.
 """
 
 from __future__ import annotations
@@ -72,10 +73,11 @@ def select_on_path(model: torch.nn.Module, start: dict[str, torch.Tensor], held:
         within = base_acc - acc <= budget + TOLERANCE
         choice.curve.append({"t": t, "holdout_acc": round(acc, 6), "within_budget": within})
     picked = next((row for row in choice.curve if row["within_budget"]), None)
-    if picked is None:
-        choice.chosen_t = 1.0
+    if picked is None:  # the budget cannot be met: go as far back as the floor allows, and say so
+        choice.chosen_t = choice.curve[-1]["t"]
         choice.reason = (f"no point with t >= {floor} stayed within {budget:.1%} of the input's held-out accuracy "
-                         f"({base_acc:.1%}); the purified model (t = 1) is kept")
+                         f"({base_acc:.1%}); t = {choice.chosen_t:.2f}, the nearest the selection goes to the input, "
+                         f"is kept at {choice.curve[-1]['holdout_acc']:.1%}: the budget is not met")
     else:
         choice.chosen_t = picked["t"]
         if picked["t"] == 1.0:

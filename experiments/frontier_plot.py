@@ -29,11 +29,13 @@ def main() -> None:
     for file in args.path:
         lines = defaultdict(list)
         for row in map(json.loads, Path(file).read_text().splitlines()):
-            lines[row["purified"]].append(row)
+            if not row.get("recalibrated"):  # the BatchNorm-recalibration rows are a separate (negative) result
+                lines[row["purified"]].append(row)
         for purified, rows in lines.items():
             rows.sort(key=lambda r: r["t"])
             base = rows[0]["c_acc"]  # t = 0: the subject itself
-            label = f"line to {Path(purified).parent.name} ({Path(rows[0]['subject']).stem})"
+            source = "training-split" if "robust" in purified else "fresh"  # runs/robust: the earlier protocol
+            label = f"line to {Path(purified).parent.name} (tuned on {source} images)"
             ax.plot([(base - r["c_acc"]) * 100 for r in rows], [r["asr"] * 100 for r in rows], marker=".", label=label)
             for r in rows:
                 if r["t"] in (0.5, 0.8, 1.0):

@@ -70,6 +70,7 @@ def main() -> None:
     ap.add_argument("--data", required=True, help="dataset dir whose test.npz is the evaluation split")
     ap.add_argument("--holdout", type=int, default=200)
     ap.add_argument("--points", type=int, default=21)
+    ap.add_argument("--ts", default=None, help="comma-separated t values instead of --points")
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--out", required=True)
     ap.add_argument("--recalibrate", action="store_true", help="re-estimate BatchNorm statistics on the pool at each t")
@@ -88,7 +89,7 @@ def main() -> None:
     with open(args.out, "a") as out:
         for path in args.purified:
             end = load_subject(path, bundle).model.state_dict()
-            for t in path_points(args.points):
+            for t in (list(map(float, args.ts.split(","))) if args.ts else path_points(args.points)):
                 subject.model.load_state_dict(interpolate_states(start, end, t))
                 if args.recalibrate:
                     recalibrate_batchnorm(subject.model, pool, mean, std)

@@ -35,6 +35,24 @@ def test_without_distillation_it_is_exactly_fst():
     assert all(torch.equal(a, b) for a, b in zip(fst.state_dict().values(), kd.state_dict().values()))
 
 
+def test_ft_kd_without_distillation_is_exactly_ft():
+    ft, _ = _tune("ft")
+    kd, _ = _tune("ft-kd", distill=0.0)
+    assert all(torch.equal(a, b) for a, b in zip(ft.state_dict().values(), kd.state_dict().values()))
+    with_kd, _ = _tune("ft-kd", distill=1.0)
+    assert not all(torch.equal(a, b) for a, b in zip(ft.state_dict().values(), with_kd.state_dict().values()))
+
+
+@pytest.mark.parametrize("name", ["fst", "fst-kd", "ft"])
+def test_label_smoothing_reaches_every_tuning_method(name):
+    """--label-smoothing was once read only by pam and ft-sam, and silently ignored elsewhere."""
+    plain, _ = _tune(name)
+    smoothed, _ = _tune(name, label_smoothing=0.2)
+    assert not all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), smoothed.state_dict().values()))
+    zero, _ = _tune(name, label_smoothing=0.0)
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), zero.state_dict().values()))
+
+
 def test_distillation_keeps_the_clean_predictions_closer_to_the_input_model():
     x = (_data().x.permute(0, 3, 1, 2).float() / 255 - MEAN) / STD
 

@@ -76,12 +76,13 @@ def test_a_tuned_model_within_the_budget_is_kept_as_it_is():
     assert float(model.right.detach()) == pytest.approx(0.9)
 
 
-def test_no_point_above_the_floor_within_the_budget_keeps_the_tuned_model():
+def test_no_point_above_the_floor_within_the_budget_keeps_the_floor_and_says_so():
     images = _images()
     model, start = _tuned_to(0.0)
     choice = select_on_path(model, start, images, 1.0, 0.1, MEAN, STD)  # 100% is reached only below t = 0.25
-    assert choice.chosen_t == 1.0 and choice.reason.startswith("no point with t >= 0.5")
-    assert float(model.right.detach()) == 0.0 and min(r["t"] for r in choice.curve) == 0.5
+    assert choice.chosen_t == FLOOR and choice.reason.startswith("no point with t >= 0.5")
+    assert "the budget is not met" in choice.reason
+    assert float(model.right.detach()) == pytest.approx(0.5) and min(r["t"] for r in choice.curve) == 0.5
 
 
 def test_memorised_held_out_images_are_named():
@@ -140,7 +141,7 @@ def test_default_purify_runs_the_recommended_recipe(toy, tmp_path):
     path = held["path"]
     assert [row["t"] for row in path["curve"]] == grid() and path["budget"] == 0.1
     within = [row["t"] for row in path["curve"] if path["input_acc"] - row["holdout_acc"] <= 0.1]
-    assert path["chosen_t"] == (within[0] if within else 1.0)  # the largest t within the budget
+    assert path["chosen_t"] == (within[0] if within else FLOOR)  # the largest t within the budget
     assert ckpt.metadata["purification"]["path_t"] == path["chosen_t"]
     md = (tmp_path / "a" / "report.md").read_text()
     assert "## Path selection (held-out images only)" in md and "recommended recipe" in md

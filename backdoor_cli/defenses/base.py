@@ -35,7 +35,7 @@ class DefenseParams:
     distill: float = 1.0  # fst-kd only: weight of the distillation term (measured: docs/purification.md)
     distill_temperature: float = 2.0  # fst-kd only: softmax temperature of the distillation
     rho: float | None = None  # pam / ft-sam: perturbation radius (None: the method's default, METHOD_DEFAULTS)
-    label_smoothing: float | None = None  # ft-sam (None: its default 0.1); the other methods use none
+    label_smoothing: float | None = None  # every tuning method (None: the method's default: ft-sam 0.1, others 0)
     nad_beta: tuple[float, ...] | None = None  # nad: attention-loss weight per layer (None: 500, 1000, 1000)
     nad_p: float = 2.0  # nad: power of the attention map, mean over channels of |a|^p
     nad_layers: tuple[str, ...] | None = None  # nad: module paths (None: the last block of each stage)

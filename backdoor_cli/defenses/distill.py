@@ -69,3 +69,22 @@ FST_KD = register(Defense(
     uses_alpha=True,
     run=run_fst_kd,
 ))
+
+
+def run_ft_kd(model, head_name, clean, mean, std, params, device, flip=True, **options) -> DefenseOutcome:
+    """Fine-tuning of all layers with the same distillation term (no head re-initialisation, no penalty)."""
+    from .finetune import FT, run_tuning
+
+    term = distillation_term(frozen_copy(model), params.distill, params.distill_temperature,
+                             options.get("loss_adapter", LOGITS))
+    return run_tuning(FT, model, head_name, clean, mean, std, params, device, flip, batch_penalty=term, **options)
+
+
+FT_KD = register(Defense(
+    name="ft-kd",
+    summary="fine-tuning plus distillation of the input model's clean-data outputs (bdclean's variant)",
+    reinit_head=False,
+    trains="all",
+    uses_alpha=False,
+    run=run_ft_kd,
+))

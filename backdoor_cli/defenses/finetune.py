@@ -49,7 +49,7 @@ def select_trainable(model: torch.nn.Module, head: torch.nn.Linear, trains: str)
 def run_tuning(defense: Defense, model, head_name: str, clean: ImageSet, mean, std, params: DefenseParams,
                device, flip: bool, penalty=None, after_step=None, on_step=None, on_epoch=None,
                loss_adapter: LossAdapter = LOGITS, batch_penalty=None, perturb_with=None,
-               label_smoothing: float = 0.0, precision: str | None = None,
+               label_smoothing: float | None = None, precision: str | None = None,
                memory_format: str = "channels_last") -> DefenseOutcome:
     """Tune per the defense's recipe; `loss_adapter` says how the loss is formed from the model's output;
     `precision` and `memory_format` as for tuning.tune.
@@ -57,6 +57,8 @@ def run_tuning(defense: Defense, model, head_name: str, clean: ImageSet, mean, s
     `perturb_with(trainable)` makes the step's weight perturbation (defenses.perturbations) once the
     trainable parameters are known."""
     head = get_head(model, head_name)
+    if label_smoothing is None:  # the user's --label-smoothing applies to every tuning method, not only ft-sam's
+        label_smoothing = params.method_value(defense.name, "label_smoothing") or 0.0
     if defense.reinit_head:
         reinitialise_head(head, params.seed)
     trainable, frozen = select_trainable(model, head, defense.trains)
