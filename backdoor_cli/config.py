@@ -32,7 +32,7 @@ RANGES: dict[str, tuple] = {
     "momentum": (0, 1, False, True), "weight_decay": (0, None, False, False), "clean_fraction": (0, 1, True, False),
     "poison_rate": (0, 1, False, False), "holdout_fraction": (0, 1, False, True),
     "rho": (0, 100, False, False), "label_smoothing": (0, 1, False, True), "nad_p": (0, 16, True, False),
-    "teacher_epochs": (1, 10_000, False, False), "clp_u": (0, 100, False, False), "retune_poisoned": (1, 100_000, False, False),
+    "teacher_epochs": (1, 10_000, False, False), "clp_u": (0, 100, False, False), "path_floor": (0, 1, False, False), "retune_poisoned": (1, 100_000, False, False),
     "retune_epochs": (1, 1000, False, False), "retune_lr": (0, 10, True, False),
     "retune_clean_count": (1, None, False, False),
     "steps": (1, 100_000, False, False), "anomaly_threshold": (0, None, True, False),
@@ -110,6 +110,7 @@ class PurifyOptions(EvaluateOptions):
     output_kind: str = "auto"  # logits | probs | log-probs | auto (models.output_kind)
     holdout_fraction: float | None = None  # clean data kept out of tuning (None: 0.2 for the recipe, 0 for a --method)
     select: str | None = None  # last | epoch | path (None: the recipe's; recipe.resolve_recipe)
+    path_floor: float | None = None  # the path selection's smallest t (None: path_select.FLOOR)
     distill: float | None = None  # fst-kd: weight of the distillation term (default in DefenseParams)
     distill_temperature: float | None = None  # fst-kd: its softmax temperature
     rho: float | None = None  # pam / ft-sam: perturbation radius (default: the method's)

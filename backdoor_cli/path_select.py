@@ -47,8 +47,11 @@ class PathSelection:
 
 def grid(floor: float = FLOOR, step: float = STEP) -> list[float]:
     """t = 1, 1 - step, ..., floor (rounded, so the report shows 0.85 rather than 0.8500000001)."""
-    count = int(round((1 - floor) / step))
-    return [round(1 - i * step, 6) for i in range(count + 1)]
+    points, i = [], 0
+    while 1 - i * step > floor + 1e-9:
+        points.append(round(1 - i * step, 6))
+        i += 1
+    return points + [round(floor, 6)]
 
 
 def memorised_warning(base_acc: float) -> str | None:

@@ -270,7 +270,7 @@ def purify_checkpoint(opts: PurifyOptions, reporter: Reporter | None = None, cac
     leaves --out as it was.
     """
     reporter = reporter or Reporter()
-    recipe = resolve_recipe(opts.method, opts.holdout_fraction, opts.select, opts.max_acc_drop)
+    recipe = resolve_recipe(opts.method, opts.holdout_fraction, opts.select, opts.max_acc_drop, opts.path_floor)
     defense = get_defense(recipe.method)
     if not opts.out:
         raise ConfigError("--out is required", hint="a directory for purified.safetensors and the report")
@@ -339,7 +339,8 @@ def _purify_into(opts: PurifyOptions, recipe: Recipe, defense, device, outputs: 
             reporter.info(f"held-out selection: {selection}")
         path_choice = None
         if recipe.select == "path":
-            path_choice = select_on_path(model, start, monitor.images, monitor.base_acc, recipe.budget, mean, std)
+            path_choice = select_on_path(model, start, monitor.images, monitor.base_acc, recipe.budget, mean, std,
+                                         floor=recipe.floor)
             del start
             reporter.info(f"path selection: {path_choice.reason}")
     with timer.stage("evaluate_after"):

@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from .errors import ConfigError
-from .path_select import DEFAULT_BUDGET
+from .path_select import DEFAULT_BUDGET, FLOOR
 
 RECOMMENDED_METHOD = "fst-kd"
 RECOMMENDED_HOLDOUT = 0.2
@@ -32,6 +32,7 @@ class Recipe:
     select: str
     budget: float | None  # held-out accuracy the selection may give up (None: no budget)
     recommended: bool  # True when the user named no method
+    floor: float = FLOOR  # the path selection's smallest t
     holdout_default: bool = False  # the held-out fraction is the recipe's, not the user's
     note: str | None = None  # why the recipe was changed to fit the data (fit_to_clean_data)
 
@@ -40,18 +41,19 @@ class Recipe:
         if self.holdout_fraction:
             text += f", {self.holdout_fraction:.0%} of the clean images held out"
         if self.select == "path":
-            text += f", path selection within {self.budget:.1%}"
+            text += f", path selection within {self.budget:.1%} (t >= {self.floor:g})"
         elif self.select == "epoch" and self.budget is not None:
             text += f", latest epoch within {self.budget:.1%}"
         return text
 
     def to_dict(self) -> dict:
         return {"method": self.method, "recommended": self.recommended, "holdout_fraction": self.holdout_fraction,
-                "select": self.select, "budget": self.budget, "note": self.note}
+                "select": self.select, "budget": self.budget,
+                "floor": self.floor if self.select == "path" else None, "note": self.note}
 
 
 def resolve_recipe(method: str | None, holdout_fraction: float | None, select: str | None,
-                   max_acc_drop: float | None) -> Recipe:
+                   max_acc_drop: float | None, floor: float | None = None) -> Recipe:
     """Fill in what the user left out; refuse a selection that has no held-out images to decide with."""
     recommended = method is None
     name = RECOMMENDED_METHOD if recommended else method
@@ -68,8 +70,11 @@ def resolve_recipe(method: str | None, holdout_fraction: float | None, select: s
     if select != "last" and not holdout:
         raise ConfigError(f"--select {select} decides with held-out clean images, and none are held out",
                           hint="pass --holdout-fraction 0.2 (or leave --holdout-fraction at its default)")
+    if floor is not None and select != "path":
+        raise ConfigError("--path-floor applies to the path selection only", hint="add --select path")
     budget = max_acc_drop if max_acc_drop is not None else (DEFAULT_BUDGET if select == "path" else None)
-    return Recipe(name, holdout, select, budget, recommended, holdout_default=holdout_fraction is None and recommended)
+    return Recipe(name, holdout, select, budget, recommended, floor=FLOOR if floor is None else floor,
+                  holdout_default=holdout_fraction is None and recommended)
 
 
 def fit_to_clean_data(recipe: Recipe, images: int, num_classes: int) -> tuple[Recipe, str | None]:

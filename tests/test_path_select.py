@@ -52,6 +52,7 @@ def _tuned_to(right: float) -> tuple[Fading, dict]:
 def test_grid_runs_from_the_tuned_model_down_to_the_floor():
     assert grid() == [1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5]
     assert grid(0.8, 0.1) == [1.0, 0.9, 0.8] and FLOOR == 0.5
+    assert grid(0.72) == [1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.72] and grid(1.0) == [1.0]
 
 
 def test_the_point_nearest_the_tuned_model_within_the_budget_is_loaded():
@@ -135,7 +136,7 @@ def test_default_purify_runs_the_recommended_recipe(toy, tmp_path):
     report, ckpt = _purify(toy, tmp_path / "a", "--max-acc-drop", "10%")
     assert report["method"]["name"] == RECOMMENDED_METHOD
     assert report["method"]["recipe"] == {"method": RECOMMENDED_METHOD, "recommended": True, "holdout_fraction": 0.2,
-                                          "select": "path", "budget": 0.1, "note": None}
+                                          "select": "path", "budget": 0.1, "floor": FLOOR, "note": None}
     held = report["clean_data"]["holdout"]
     assert held["images"] == 20 and report["clean_data"]["tuned_on"] == 80
     path = held["path"]
@@ -167,7 +168,16 @@ def test_named_method_runs_as_published(toy, tmp_path):
     assert ckpt.metadata["purification"]["path_t"] is None
 
 
+def test_path_floor_is_the_smallest_t_tried(toy, tmp_path):
+    report, ckpt = _purify(toy, tmp_path / "f", "--path-floor", "0.8", "--max-acc-drop", "0")
+    path = report["clean_data"]["holdout"]["path"]
+    assert [row["t"] for row in path["curve"]] == [1.0, 0.95, 0.9, 0.85, 0.8]
+    assert path["floor"] == 0.8 and report["method"]["recipe"]["floor"] == 0.8 and path["chosen_t"] >= 0.8
+
+
 @pytest.mark.parametrize("extra, message", [
+    (["--method", "fst", "--path-floor", "0.7"], "--path-floor applies to the path selection only"),
+    (["--path-floor", "1.5"], "--path-floor must be in"),
     (["--method", "fst", "--select", "path"], "none are held out"),
     (["--holdout-fraction", "0", "--select", "epoch"], "none are held out"),
     (["--select", "best"], "--select must be one of"),
