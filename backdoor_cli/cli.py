@@ -327,7 +327,7 @@ def purify(
                                                   "given, else last.")] = None,
     path_floor: Annotated[Optional[float], typer.Option(help="--select path: the smallest t considered (1 = the tuned "
                                                       "model, 0 = the input). Lower keeps more accuracy and risks "
-                                                      "more of the backdoor (default 0.5; docs/purification.md).")] = None,
+                                                      "more of the backdoor (default 0.8; docs/purification.md).")] = None,
     output_kind: Annotated[Optional[str], typer.Option(help="What the model returns: logits, probs, log-probs, or auto "
                                                        "(default: detected from a probe batch).")] = None,
     device: Device = None, seed: Seed = None, eval_limit: EvalLimit = None,

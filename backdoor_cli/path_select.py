@@ -6,9 +6,9 @@ CIFAR-10 subjects (docs/purification.md), the backdoor returns late, so a point 
 keep most of the removal at a fraction of the cost. Which point is decided by held-out clean images
 only — never the test set, never the trigger: the largest t (the point nearest the purified model)
 whose held-out accuracy is within the budget of the input model's. t never goes below FLOOR: the
-held-out images cannot see the backdoor, and the half of the line next to the input is where it
-returned on every line measured. When no point reaches the budget, the floor itself (the most
-accurate point allowed) is kept and the reason says the budget was not met.
+held-out images cannot see the backdoor, and on the lines measured it came back below t = 0.5
+(Blended) and below t = 0.75 (SIG), so the default floor is 0.8. When no point reaches the budget,
+the floor itself (the most accurate point allowed) is kept and the reason says the budget was not met.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from .data import ImageSet
 from .holdout import holdout_accuracy
 from .linear_path import interpolate_states
 
-FLOOR = 0.5  # the smallest t ever chosen (see the module docstring)
+FLOOR = 0.8  # the smallest t chosen by default (see the module docstring and docs/purification.md)
 STEP = 0.05  # the grid from 1 down to FLOOR: 11 evaluations of the held-out images
 DEFAULT_BUDGET = 0.03  # held-out accuracy the selection may give up when --max-acc-drop is not given
 MEMORISED = 0.99  # input accuracy on held-out images at or above which they were probably trained on

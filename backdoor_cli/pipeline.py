@@ -207,15 +207,17 @@ def _describe_trigger(trigger) -> dict | None:
     return trigger.to_dict() if trigger is not None else None
 
 
-def _defense_params(opts: PurifyOptions, dataset: str | None) -> tuple[DefenseParams, float | None]:
+def _defense_params(opts: PurifyOptions, dataset: str | None, recipe: Recipe) -> tuple[DefenseParams, float | None]:
     defaults = default_params(dataset)
+    chosen = {**recipe.params(), **{k: v for k, v in (("distill", opts.distill),) if v is not None}}
     params = DefenseParams(
         lr=opts.lr if opts.lr is not None else defaults["lr"],
         epochs=opts.epochs if opts.epochs is not None else defaults["epochs"],
         alpha=opts.alpha if opts.alpha is not None else defaults["alpha"],
         batch_size=opts.batch_size, momentum=opts.momentum, weight_decay=opts.weight_decay,
         augment=opts.augment, seed=opts.seed,
-        **{k: v for k, v in (("distill", opts.distill), ("distill_temperature", opts.distill_temperature),
+        **chosen,
+        **{k: v for k, v in (("distill_temperature", opts.distill_temperature),
                              ("rho", opts.rho), ("label_smoothing", opts.label_smoothing),
                              ("nad_beta", opts.nad_beta), ("nad_p", opts.nad_p), ("nad_layers", opts.nad_layers),
                              ("teacher_epochs", opts.teacher_epochs), ("clp_u", opts.clp_u))
@@ -277,7 +279,7 @@ def purify_checkpoint(opts: PurifyOptions, reporter: Reporter | None = None, cac
     device = resolve_device(opts.device)
     resolve_precision(opts.precision, device)  # a bad --precision: exit 2 before any work
     out = Path(opts.out)
-    params, fraction = _defense_params(opts, None)  # range errors before any work; dataset defaults below
+    params, fraction = _defense_params(opts, None, recipe)  # range errors before any work; dataset defaults below
     parse_output_kind(opts.output_kind)  # a bad --output-kind: exit 2 before any work
     names = PURIFY_OUTPUTS + ("report.png",) + hub.OUTPUTS  # the hub layout is written for hub models only
     with OutputSet(out, names, _input_paths(opts, opts.checkpoint), opts.force) as outputs:
@@ -298,7 +300,7 @@ def _purify_into(opts: PurifyOptions, recipe: Recipe, defense, device, outputs: 
         subject = _open_subject(opts, opts.checkpoint, bundle, reporter)
         trigger = resolve_trigger(opts.trigger, opts.target, subject, bundle.test.image_shape, subject.num_classes)
         _check_gate_inputs(opts, trigger)
-        params, fraction = _defense_params(opts, bundle.name)
+        params, fraction = _defense_params(opts, bundle.name, recipe)
         clean, clean_indices = _clean_set(opts, bundle, fraction, subject)
         recipe, warning = fit_to_clean_data(recipe, clean.num_images, subject.num_classes)
         if warning:

@@ -20,6 +20,9 @@ from .errors import ConfigError
 from .path_select import DEFAULT_BUDGET, FLOOR
 
 RECOMMENDED_METHOD = "fst-kd"
+# The recipe's own hyper-parameters, used where the user gave none: a distillation weight of 2 kept
+# more of the model along the line than fst-kd's 1, at the same removal (docs/purification.md).
+RECOMMENDED_PARAMS = {"distill": 2.0}
 RECOMMENDED_HOLDOUT = 0.2
 SELECTIONS = ("last", "epoch", "path")
 MIN_HELD_PER_CLASS = 2  # fewer held-out images than this per class cannot tell a cost of a few points
@@ -35,6 +38,10 @@ class Recipe:
     floor: float = FLOOR  # the path selection's smallest t
     holdout_default: bool = False  # the held-out fraction is the recipe's, not the user's
     note: str | None = None  # why the recipe was changed to fit the data (fit_to_clean_data)
+
+    def params(self) -> dict:
+        """Hyper-parameters the recipe sets where the user set none (empty for a named method)."""
+        return dict(RECOMMENDED_PARAMS) if self.recommended else {}
 
     def describe(self) -> str:
         text = self.method + (" (bdclean's recommended recipe)" if self.recommended else "")

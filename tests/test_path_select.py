@@ -16,7 +16,8 @@ from backdoor_cli.cli import app
 from backdoor_cli.data import ImageSet
 from backdoor_cli.errors import ConfigError
 from backdoor_cli.path_select import DEFAULT_BUDGET, FLOOR, grid, memorised_warning, select_on_path
-from backdoor_cli.recipe import RECOMMENDED_HOLDOUT, RECOMMENDED_METHOD, fit_to_clean_data, resolve_recipe
+from backdoor_cli.recipe import (RECOMMENDED_HOLDOUT, RECOMMENDED_METHOD, RECOMMENDED_PARAMS, fit_to_clean_data,
+                                 resolve_recipe)
 
 from helpers import train_toy_model
 
@@ -50,8 +51,8 @@ def _tuned_to(right: float) -> tuple[Fading, dict]:
 
 
 def test_grid_runs_from_the_tuned_model_down_to_the_floor():
-    assert grid() == [1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5]
-    assert grid(0.8, 0.1) == [1.0, 0.9, 0.8] and FLOOR == 0.5
+    assert grid(0.5) == [1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5]
+    assert grid() == grid(FLOOR) and FLOOR == 0.8 and grid(0.8, 0.1) == [1.0, 0.9, 0.8]
     assert grid(0.72) == [1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.72] and grid(1.0) == [1.0]
 
 
@@ -60,7 +61,7 @@ def test_the_point_nearest_the_tuned_model_within_the_budget_is_loaded():
     # 25% for t >= 0.75, 50% for t in [0.5, 0.75), 75% for t in [0.25, 0.5), 100% below.
     images = _images()
     model, start = _tuned_to(0.0)
-    choice = select_on_path(model, start, images, base_acc=1.0, budget=0.5, mean=MEAN, std=STD)
+    choice = select_on_path(model, start, images, base_acc=1.0, budget=0.5, mean=MEAN, std=STD, floor=0.5)
     accs = {row["t"]: row["holdout_acc"] for row in choice.curve}
     assert accs[1.0] == 0.25 and accs[0.7] == 0.5 and accs[0.5] == 0.5
     assert choice.chosen_t == 0.7  # the largest t whose accuracy (50%) is within 50 points of 100%
@@ -80,8 +81,8 @@ def test_a_tuned_model_within_the_budget_is_kept_as_it_is():
 def test_no_point_above_the_floor_within_the_budget_keeps_the_floor_and_says_so():
     images = _images()
     model, start = _tuned_to(0.0)
-    choice = select_on_path(model, start, images, 1.0, 0.1, MEAN, STD)  # 100% is reached only below t = 0.25
-    assert choice.chosen_t == FLOOR and choice.reason.startswith("no point with t >= 0.5")
+    choice = select_on_path(model, start, images, 1.0, 0.1, MEAN, STD, floor=0.5)  # 100% only below t = 0.25
+    assert choice.chosen_t == 0.5 and choice.reason.startswith("no point with t >= 0.5")
     assert "the budget is not met" in choice.reason
     assert float(model.right.detach()) == pytest.approx(0.5) and min(r["t"] for r in choice.curve) == 0.5
 
@@ -137,6 +138,7 @@ def test_default_purify_runs_the_recommended_recipe(toy, tmp_path):
     assert report["method"]["name"] == RECOMMENDED_METHOD
     assert report["method"]["recipe"] == {"method": RECOMMENDED_METHOD, "recommended": True, "holdout_fraction": 0.2,
                                           "select": "path", "budget": 0.1, "floor": FLOOR, "note": None}
+    assert all(report["method"]["params"][k] == v for k, v in RECOMMENDED_PARAMS.items())
     held = report["clean_data"]["holdout"]
     assert held["images"] == 20 and report["clean_data"]["tuned_on"] == 80
     path = held["path"]
@@ -159,6 +161,13 @@ def test_path_selection_never_reads_the_test_set_or_the_trigger(toy, tmp_path):
     assert first["clean_data"]["holdout"]["path"] == second["clean_data"]["holdout"]["path"]
     assert all(torch.equal(a.state_dict[k], b.state_dict[k]) for k in a.state_dict)
     assert (first["trigger"]["target"], second["trigger"]["target"]) == (0, 1)
+
+
+def test_the_users_value_beats_the_recipes_and_a_named_method_keeps_its_own(toy, tmp_path):
+    mine, _ = _purify(toy, tmp_path / "mine", "--distill", "0.5")
+    assert mine["method"]["params"]["distill"] == 0.5
+    named, _ = _purify(toy, tmp_path / "named", "--method", "fst-kd")
+    assert named["method"]["params"]["distill"] == 1.0 and named["method"]["recipe"]["recommended"] is False
 
 
 def test_named_method_runs_as_published(toy, tmp_path):
