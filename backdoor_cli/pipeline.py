@@ -25,7 +25,7 @@ from .evaluate import EvalSets, build_eval_sets, evaluate_model
 from .gates import check_gates
 from .holdout import HoldoutMonitor, holdout_accuracy, split_holdout
 from .path_select import memorised_warning, select_on_path
-from .recipe import Recipe, fit_to_clean_data, resolve_recipe
+from .recipe import CAVEAT, Recipe, fit_to_clean_data, resolve_recipe
 from .imagefolder import TRANSFORM
 from .models import hub
 from .metrics import Rate, defense_effectiveness_rating
@@ -274,6 +274,8 @@ def purify_checkpoint(opts: PurifyOptions, reporter: Reporter | None = None, cac
     reporter = reporter or Reporter()
     recipe = resolve_recipe(opts.method, opts.holdout_fraction, opts.select, opts.max_acc_drop, opts.path_floor)
     defense = get_defense(recipe.method)
+    if recipe.recommended:
+        reporter.info(f"note: {CAVEAT}")
     if not opts.out:
         raise ConfigError("--out is required", hint="a directory for purified.safetensors and the report")
     device = resolve_device(opts.device)

@@ -23,6 +23,11 @@ RECOMMENDED_METHOD = "fst-kd"
 # The recipe's own hyper-parameters, used where the user gave none: a distillation weight of 2 kept
 # more of the model along the line than fst-kd's 1, at the same removal (docs/purification.md).
 RECOMMENDED_PARAMS = {"distill": 2.0}
+# Said with every run of the recipe, because it is true of the measurements: one planted subject of
+# five kept much of its backdoor, and a second came back under the retuning check.
+CAVEAT = ("the recommended recipe trades removal depth for accuracy: on 1 of 5 measured subjects (a Blended "
+          "ResNet-56) it left 41% ASR, where --method fst left 0.05% at 14 points; check the result with "
+          "--trigger if you know or suspect it, or with --retune-check (docs/purification.md)")
 RECOMMENDED_HOLDOUT = 0.2
 SELECTIONS = ("last", "epoch", "path")
 MIN_HELD_PER_CLASS = 2  # fewer held-out images than this per class cannot tell a cost of a few points
@@ -56,7 +61,8 @@ class Recipe:
     def to_dict(self) -> dict:
         return {"method": self.method, "recommended": self.recommended, "holdout_fraction": self.holdout_fraction,
                 "select": self.select, "budget": self.budget,
-                "floor": self.floor if self.select == "path" else None, "note": self.note}
+                "floor": self.floor if self.select == "path" else None, "note": self.note,
+                "caveat": CAVEAT if self.recommended else None}
 
 
 def resolve_recipe(method: str | None, holdout_fraction: float | None, select: str | None,

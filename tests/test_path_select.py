@@ -16,7 +16,7 @@ from backdoor_cli.cli import app
 from backdoor_cli.data import ImageSet
 from backdoor_cli.errors import ConfigError
 from backdoor_cli.path_select import DEFAULT_BUDGET, FLOOR, grid, memorised_warning, select_on_path
-from backdoor_cli.recipe import (RECOMMENDED_HOLDOUT, RECOMMENDED_METHOD, RECOMMENDED_PARAMS, fit_to_clean_data,
+from backdoor_cli.recipe import (CAVEAT, RECOMMENDED_HOLDOUT, RECOMMENDED_METHOD, RECOMMENDED_PARAMS, fit_to_clean_data,
                                  resolve_recipe)
 
 from helpers import train_toy_model
@@ -137,7 +137,8 @@ def test_default_purify_runs_the_recommended_recipe(toy, tmp_path):
     report, ckpt = _purify(toy, tmp_path / "a", "--max-acc-drop", "10%")
     assert report["method"]["name"] == RECOMMENDED_METHOD
     assert report["method"]["recipe"] == {"method": RECOMMENDED_METHOD, "recommended": True, "holdout_fraction": 0.2,
-                                          "select": "path", "budget": 0.1, "floor": FLOOR, "note": None}
+                                          "select": "path", "budget": 0.1, "floor": FLOOR, "note": None,
+                                          "caveat": CAVEAT}
     assert all(report["method"]["params"][k] == v for k, v in RECOMMENDED_PARAMS.items())
     held = report["clean_data"]["holdout"]
     assert held["images"] == 20 and report["clean_data"]["tuned_on"] == 80
@@ -148,6 +149,7 @@ def test_default_purify_runs_the_recommended_recipe(toy, tmp_path):
     assert ckpt.metadata["purification"]["path_t"] == path["chosen_t"]
     md = (tmp_path / "a" / "report.md").read_text()
     assert "## Path selection (held-out images only)" in md and "recommended recipe" in md
+    assert "**Note:** the recommended recipe trades removal depth" in md
 
 
 def test_path_selection_never_reads_the_test_set_or_the_trigger(toy, tmp_path):
@@ -173,6 +175,7 @@ def test_the_users_value_beats_the_recipes_and_a_named_method_keeps_its_own(toy,
 def test_named_method_runs_as_published(toy, tmp_path):
     report, ckpt = _purify(toy, tmp_path / "fst", "--method", "fst")
     assert report["method"]["recipe"]["recommended"] is False and report["method"]["recipe"]["select"] == "last"
+    assert report["method"]["recipe"]["caveat"] is None
     assert report["clean_data"]["holdout"] is None and report["clean_data"]["tuned_on"] == 100
     assert ckpt.metadata["purification"]["path_t"] is None
 
