@@ -25,7 +25,7 @@ RECOMMENDED_METHOD = "fst-kd"
 RECOMMENDED_PARAMS = {"distill": 2.0}
 # Said with every run of the recipe, because it is true of the measurements: one planted subject of
 # five kept much of its backdoor, and a second came back under the retuning check.
-CAVEAT = ("the recommended recipe trades removal depth for accuracy: on 1 of 5 measured subjects (a Blended "
+CAVEAT = ("the recommended recipe trades removal depth for accuracy: on one measured subject (a Blended "
           "ResNet-56) it left 41% ASR, where --method fst left 0.05% at 14 points; check the result with "
           "--trigger if you know or suspect it, or with --retune-check (docs/purification.md)")
 RECOMMENDED_HOLDOUT = 0.2
