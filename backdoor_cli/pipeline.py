@@ -209,19 +209,18 @@ def _describe_trigger(trigger) -> dict | None:
 
 def _defense_params(opts: PurifyOptions, dataset: str | None, recipe: Recipe) -> tuple[DefenseParams, float | None]:
     defaults = default_params(dataset)
-    chosen = {**recipe.params(), **{k: v for k, v in (("distill", opts.distill),) if v is not None}}
+    given = {k: v for k, v in (("distill", opts.distill), ("distill_temperature", opts.distill_temperature),
+                               ("rho", opts.rho), ("label_smoothing", opts.label_smoothing),
+                               ("nad_beta", opts.nad_beta), ("nad_p", opts.nad_p), ("nad_layers", opts.nad_layers),
+                               ("teacher_epochs", opts.teacher_epochs), ("clp_u", opts.clp_u))
+             if v is not None}
     params = DefenseParams(
         lr=opts.lr if opts.lr is not None else defaults["lr"],
         epochs=opts.epochs if opts.epochs is not None else defaults["epochs"],
         alpha=opts.alpha if opts.alpha is not None else defaults["alpha"],
         batch_size=opts.batch_size, momentum=opts.momentum, weight_decay=opts.weight_decay,
         augment=opts.augment, seed=opts.seed,
-        **chosen,
-        **{k: v for k, v in (("distill_temperature", opts.distill_temperature),
-                             ("rho", opts.rho), ("label_smoothing", opts.label_smoothing),
-                             ("nad_beta", opts.nad_beta), ("nad_p", opts.nad_p), ("nad_layers", opts.nad_layers),
-                             ("teacher_epochs", opts.teacher_epochs), ("clp_u", opts.clp_u))
-           if v is not None},
+        **{**recipe.params(), **given},  # the user's values over the recipe's over the method's defaults
     ).validate()
     fraction = opts.clean_fraction
     if fraction is None and opts.clean_count is None and opts.clean_data is None:

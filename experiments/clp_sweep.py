@@ -11,17 +11,15 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from backdoor_cli.data import images_from_arrays, load_dataset, normalize, select_clean_subset  # noqa: E402
+from backdoor_cli.data import normalize, select_clean_subset  # noqa: E402
 from backdoor_cli.defenses.clp import lipschitz_bounds, prune  # noqa: E402
-from backdoor_cli.evaluate import build_eval_sets, evaluate_model  # noqa: E402
+from backdoor_cli.evaluate import evaluate_model  # noqa: E402
 from backdoor_cli.holdout import holdout_accuracy  # noqa: E402
-from backdoor_cli.pipeline import resolve_trigger  # noqa: E402
-from backdoor_cli.subject import load_subject, normalization_tensors  # noqa: E402
+from split_setup import load_split_setup  # noqa: E402
 
 
 def main() -> None:
@@ -32,15 +30,10 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=3000)
     ap.add_argument("--u", default="inf,8,6,5,4.5,4,3.5,3,2.5,2,1.5")
     args = ap.parse_args()
-    device = torch.device("cpu")
-    bundle = load_dataset(args.data, need_train=False)
-    subject = load_subject(args.subject, bundle)
-    mean, std = normalization_tensors(subject, device)
-    with np.load(args.pool, allow_pickle=False) as f:
-        pool = images_from_arrays(f["x"], f["y"], args.pool)
+    setup = load_split_setup(args.subject, args.pool, args.data, args.limit)
+    device, bundle, subject, mean, std, pool, sets = (setup.device, setup.bundle, setup.subject, setup.mean,
+                                                     setup.std, setup.pool, setup.sets)
     held = pool.subset(select_clean_subset(pool.y, 0.2, None, 1, bundle.num_classes))
-    trigger = resolve_trigger(None, None, subject, bundle.test.image_shape, bundle.num_classes)
-    sets = build_eval_sets(bundle.test, trigger, device, limit=args.limit)
     bounds = lipschitz_bounds(subject.model, normalize(pool.x[:2], mean, std))
     for u in map(float, args.u.split(",")):
         model = copy.deepcopy(subject.model)

@@ -15,22 +15,19 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from backdoor_cli.data import images_from_arrays, load_dataset  # noqa: E402
 from backdoor_cli.defenses import DefenseParams  # noqa: E402
 from backdoor_cli.defenses.base import Defense, get_head  # noqa: E402
 from backdoor_cli.defenses.distill import distillation_term, frozen_copy  # noqa: E402
 from backdoor_cli.defenses.finetune import reinitialise_head, run_tuning  # noqa: E402
 from backdoor_cli.defenses.fst import feature_shift_penalty, project_to_norm  # noqa: E402
-from backdoor_cli.evaluate import build_eval_sets, evaluate_model  # noqa: E402
+from backdoor_cli.evaluate import evaluate_model  # noqa: E402
 from backdoor_cli.holdout import holdout_accuracy, split_holdout  # noqa: E402
-from backdoor_cli.pipeline import resolve_trigger  # noqa: E402
+from split_setup import load_split_setup  # noqa: E402
 from backdoor_cli.runtime import seed_everything  # noqa: E402
-from backdoor_cli.subject import load_subject, normalization_tensors  # noqa: E402
 
 HEAD_ONLY = Defense("lp-phase", "", reinit_head=False, trains="head", uses_alpha=True, run=None)
 JOINT = Defense("joint-phase", "", reinit_head=False, trains="all", uses_alpha=True, run=None)
@@ -50,15 +47,10 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     seed_everything(0)
-    device = torch.device("cpu")
-    bundle = load_dataset(args.data, need_train=False)
-    subject = load_subject(args.subject, bundle)
-    mean, std = normalization_tensors(subject, device)
-    with np.load(args.pool, allow_pickle=False) as f:
-        pool = images_from_arrays(f["x"], f["y"], args.pool)
+    setup = load_split_setup(args.subject, args.pool, args.data, args.limit)
+    device, bundle, subject, mean, std, pool, sets = (setup.device, setup.bundle, setup.subject, setup.mean,
+                                                     setup.std, setup.pool, setup.sets)
     tune_set, held = split_holdout(pool, 0.2, 0, bundle.num_classes)
-    trigger = resolve_trigger(None, None, subject, bundle.test.image_shape, bundle.num_classes)
-    sets = build_eval_sets(bundle.test, trigger, device, limit=args.limit)
     model = copy.deepcopy(subject.model)
     teacher = frozen_copy(subject.model)
     head = get_head(model, subject.head)

@@ -20,17 +20,17 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from backdoor_cli.data import ImageSet, images_from_arrays, load_dataset, normalize, select_clean_subset  # noqa: E402
-from backdoor_cli.evaluate import build_eval_sets, evaluate_model  # noqa: E402
+from backdoor_cli.data import ImageSet, normalize, select_clean_subset  # noqa: E402
+from backdoor_cli.evaluate import evaluate_model  # noqa: E402
 from backdoor_cli.holdout import holdout_accuracy  # noqa: E402
 from backdoor_cli.linear_path import interpolate_states, path_points  # noqa: E402
-from backdoor_cli.pipeline import resolve_trigger  # noqa: E402
-from backdoor_cli.subject import load_subject, normalization_tensors  # noqa: E402
+from split_setup import load_split_setup  # noqa: E402
+from backdoor_cli.subject import load_subject  # noqa: E402
 
 
 @torch.no_grad()
@@ -76,15 +76,10 @@ def main() -> None:
     ap.add_argument("--recalibrate", action="store_true", help="re-estimate BatchNorm statistics on the pool at each t")
     args = ap.parse_args()
     torch.manual_seed(0)
-    device = torch.device("cpu")
-    bundle = load_dataset(args.data, need_train=False)
-    subject = load_subject(args.subject, bundle)
-    mean, std = normalization_tensors(subject, device)
-    with np.load(args.pool, allow_pickle=False) as f:
-        pool = images_from_arrays(f["x"], f["y"], args.pool)
+    setup = load_split_setup(args.subject, args.pool, args.data, args.limit)
+    device, bundle, subject, mean, std, pool, sets = (setup.device, setup.bundle, setup.subject, setup.mean,
+                                                     setup.std, setup.pool, setup.sets)
     small = pool.subset(select_clean_subset(pool.y, None, args.holdout, 1, bundle.num_classes))
-    trigger = resolve_trigger(None, None, subject, bundle.test.image_shape, bundle.num_classes)
-    sets = build_eval_sets(bundle.test, trigger, device, limit=args.limit)
     start = {k: v.clone() for k, v in subject.model.state_dict().items()}
     with open(args.out, "a") as out:
         for path in args.purified:
