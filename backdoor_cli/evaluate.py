@@ -19,7 +19,7 @@ import torch
 
 from .data import ImageSet, normalize, stratified_limit
 from .metrics import Rate
-from .precision import as_format, autocast, default_precision
+from .precision import as_format, evaluation_arithmetic
 from .runtime import synchronize
 from .streaming import FolderStream
 
@@ -101,15 +101,15 @@ def predict(model: torch.nn.Module, x: torch.Tensor, mean: torch.Tensor, std: to
             memory_format: str = "channels_last") -> torch.Tensor:
     """Class predictions for uint8 NHWC images, in large batches, staying on the device.
     `on_batch(n_images)` is called after each batch is queued (no sync: it only counts).
-    `precision`: fp32 or bf16 autocast (None: the device's default); `memory_format`: the model's."""
-    precision = precision or default_precision(device)
+    `precision`: bf16 autocast, or exact fp32 (None: fp32, TF32 off on CUDA); `memory_format`: the model's."""
+    precision = precision or "fp32"  # evaluation is exact unless bf16 is asked for (precision.py)
     was_training = model.training
     model.eval()
     preds = []
     for start in range(0, len(x), batch_size):
         batch = as_format(normalize(x[start : start + batch_size].to(device, non_blocking=True), mean, std),
                           memory_format)
-        with autocast(device, precision):
+        with evaluation_arithmetic(device, precision):
             preds.append(model(batch).argmax(dim=1))
         if on_batch is not None:
             on_batch(len(batch))

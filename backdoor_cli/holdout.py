@@ -16,6 +16,7 @@ import torch
 
 from .data import ImageSet, normalize, select_clean_subset
 from .errors import ConfigError
+from .precision import exact_fp32
 
 
 @dataclass
@@ -78,7 +79,8 @@ def holdout_accuracy(model: torch.nn.Module, images: ImageSet, mean: torch.Tenso
     try:
         for i in range(0, images.num_images, batch_size):
             x, y = images.x[i:i + batch_size], images.y[i:i + batch_size]
-            correct += int((model(normalize(x, mean, std)).argmax(1) == y).sum())
+            with exact_fp32(x.device):  # the model's own fp32 predictions (no TF32 on CUDA)
+                correct += int((model(normalize(x, mean, std)).argmax(1) == y).sum())
     finally:
         for module, training in modes.items():
             module.training = training

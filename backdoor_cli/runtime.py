@@ -23,12 +23,18 @@ def resolve_device(spec: str | None) -> torch.device:
     if spec == "cpu":
         return torch.device("cpu")
     if spec == "cuda" or spec.startswith("cuda:"):
+        # The index is parsed here, before asking for a GPU, so a malformed one ("cuda:x") is the same
+        # usage error (exit 2) on every machine: torch.device("cuda:x") raises a RuntimeError that
+        # would surface as an internal error on a CUDA machine.
+        index_text = spec.partition(":")[2]
+        if spec != "cuda" and not index_text.isdigit():
+            raise ConfigError(f"unknown --device {spec!r}", hint="use auto, cpu, cuda or cuda:N (N a GPU index)")
         if not torch.cuda.is_available():
             raise ConfigError(
                 f"--device {spec} requested but no CUDA device is available on this machine",
                 hint="use --device cpu (or auto)",
             )
-        device = torch.device(spec)
+        device = torch.device("cuda", int(index_text)) if index_text else torch.device("cuda")
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise ConfigError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s) present")
         return device

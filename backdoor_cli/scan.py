@@ -26,6 +26,7 @@ from typing import Callable
 import torch
 
 from .errors import ConfigError, InputError
+from .precision import exact_fp32
 
 # MAD -> standard deviation for normally distributed data (1 / Phi^-1(3/4)).
 MAD_CONSISTENCY = 1.4826
@@ -172,7 +173,8 @@ def attack_success(model: torch.nn.Module, x01: torch.Tensor, target: int, mask:
     hits = 0
     for start in range(0, x01.shape[0], batch_size):
         batch = compose(x01[start : start + batch_size], mask, pattern)
-        hits += int((model((batch - mean) / std).argmax(1) == target).sum())
+        with exact_fp32(batch.device):  # a verdict's figure: the model's own fp32 predictions
+            hits += int((model((batch - mean) / std).argmax(1) == target).sum())
     return hits / max(1, x01.shape[0])
 
 

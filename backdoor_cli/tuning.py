@@ -8,6 +8,7 @@ stall a GPU on every batch).
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ import torch
 
 from .data import ImageSet, augment_batch, iterate_minibatches, normalize
 from .errors import ConfigError
+from .graphed_step import GraphedStep
 from .models.output_kind import LOGITS, LossAdapter, attach_loss
 from .precision import as_format, autocast, default_precision
 
@@ -34,6 +36,9 @@ class TuneSettings:
     seed: int = 0
     schedule: str = "cosine"  # 'cosine' | 'constant' (the retuning check's protocol has no schedule)
     label_smoothing: float = 0.0
+    # CUDA only: replay each full batch's step as a captured graph (graphed_step.py); the environment
+    # variable BDCLEAN_CUDA_GRAPHS=0 turns it off for a run. The report's history says what ran.
+    cuda_graphs: bool = True
 
 
 @dataclass
@@ -43,10 +48,14 @@ class EpochLog:
     train_acc: float  # accuracy on the (augmented) tuning batches
     lr: float
     seconds: float
+    execution: str = ""  # CUDA: how the steps ran (CUDA graph replays or eager, and why); empty on CPU
 
     def to_dict(self) -> dict:
-        return {"epoch": self.epoch, "loss": round(self.loss, 6), "train_acc": round(self.train_acc, 6),
-                "lr": self.lr, "seconds": round(self.seconds, 3)}
+        out = {"epoch": self.epoch, "loss": round(self.loss, 6), "train_acc": round(self.train_acc, 6),
+               "lr": self.lr, "seconds": round(self.seconds, 3)}
+        if self.execution:
+            out["execution"] = self.execution
+        return out
 
 
 def tune(
@@ -91,14 +100,38 @@ def tune(
     trainable = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
     if not trainable:
         raise ConfigError("nothing to train: every parameter is frozen")
-    optimizer = torch.optim.SGD(trainable, lr=settings.lr, momentum=settings.momentum,
-                                weight_decay=settings.weight_decay, foreach=True)
+    optimizer = make_optimizer(trainable, settings, device)
     scheduler = make_scheduler(optimizer, settings)
     generator = torch.Generator(device=device).manual_seed(settings.seed)
     frozen_modules = list(frozen_modules)
     n = data.num_images
     history: list[EpochLog] = []
     step = 0
+    # The autocast cache cannot outlive a graph capture; it saves nothing here (each weight is cast once a step).
+    cast_cache = device.type != "cuda"
+
+    def forward_backward(inputs: torch.Tensor, yb: torch.Tensor):
+        with autocast(device, precision, cache=cast_cache):
+            output = model(inputs)
+        loss, logits = loss_fn(output, yb)
+        total = loss + penalty() if penalty is not None else loss
+        if batch_penalty is not None:
+            total = total + batch_penalty(inputs, logits)
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        return loss, logits
+
+    def train_step(inputs: torch.Tensor, yb: torch.Tensor):
+        """Forward, backward, optimiser step and after_step: the unit a CUDA graph captures."""
+        loss, logits = forward_backward(inputs, yb)
+        optimizer.step()
+        if after_step is not None:
+            after_step()
+        return loss.detach(), logits.detach()
+
+    graphed = (GraphedStep(train_step, settings.batch_size)
+               if use_cuda_graphs(device, settings, perturb) else None)
+    run_step = graphed or train_step
     # The adapter's hook (a trailing softmax's input) lives exactly as long as the run.
     with attach_loss(model, loss_adapter, settings.label_smoothing) as loss_fn:
         for epoch in range(settings.epochs):
@@ -109,7 +142,7 @@ def tune(
             loss_sum = torch.zeros((), device=device)
             correct = torch.zeros((), device=device, dtype=torch.long)
             seen = 0
-            lr = optimizer.param_groups[0]["lr"]
+            lr = float(optimizer.param_groups[0]["lr"])  # a device tensor on CUDA: one read per epoch
             for idx in iterate_minibatches(n, settings.batch_size, generator, shuffle=True):
                 if len(idx) < 2 and n >= 2:  # BatchNorm cannot train on a batch of one
                     continue
@@ -117,27 +150,18 @@ def tune(
                 if settings.augment:
                     xb = _augment(xb, generator, settings.flip, None if no_augment is None else no_augment[idx])
                 inputs = as_format(normalize(xb, mean, std), memory_format)
-
-                def forward_backward():
-                    with autocast(device, precision):
-                        output = model(inputs)
-                    loss, logits = loss_fn(output, yb)
-                    total = loss + penalty() if penalty is not None else loss
-                    if batch_penalty is not None:
-                        total = total + batch_penalty(inputs, logits)
-                    optimizer.zero_grad(set_to_none=True)
-                    total.backward()
-                    return loss, logits
-
-                restore = perturb(forward_backward) if perturb is not None else None
-                loss, logits = forward_backward()
-                if restore is not None:
+                if perturb is not None:  # SAM / PAM: the gradient at the moved point, applied at the original
+                    restore = perturb(lambda: forward_backward(inputs, yb))
+                    loss, logits = forward_backward(inputs, yb)
                     restore()
-                optimizer.step()
-                if after_step is not None:
-                    after_step()
-                loss_sum += loss.detach() * len(idx)
-                correct += (logits.detach().argmax(1) == yb).sum()
+                    optimizer.step()
+                    if after_step is not None:
+                        after_step()
+                    loss, logits = loss.detach(), logits.detach()
+                else:
+                    loss, logits = run_step(inputs, yb)
+                loss_sum += loss * len(idx)
+                correct += (logits.argmax(1) == yb).sum()
                 seen += len(idx)
                 step += 1
                 if on_step is not None:
@@ -145,13 +169,41 @@ def tune(
             scheduler.step()
             if seen == 0:
                 raise ConfigError("the tuning set is too small for one training batch")
-            log = EpochLog(epoch + 1, loss_sum.item() / seen, correct.item() / seen, lr, time.perf_counter() - start)
+            log = EpochLog(epoch + 1, loss_sum.item() / seen, correct.item() / seen, lr, time.perf_counter() - start,
+                           execution=execution_status(device, graphed, perturb))
             if log.loss != log.loss or log.loss == float("inf"):
                 raise ConfigError(f"training diverged at epoch {epoch + 1} (loss is {log.loss})", hint="lower --lr")
             history.append(log)
             if on_epoch is not None:
                 on_epoch(log)
     return history
+
+
+def make_optimizer(params: list[torch.nn.Parameter], settings: TuneSettings, device: torch.device):
+    """SGD. On CUDA the fused kernel with the learning rate as a device tensor (the scheduler fills it in
+    place), so a captured step reads each epoch's rate; on CPU the multi-tensor kernel with a float,
+    as before (fused SGD differs from it in the last bit, ~3e-8, and CPU runs are bit-for-bit repeatable)."""
+    common = {"momentum": settings.momentum, "weight_decay": settings.weight_decay}
+    if device.type == "cuda":
+        lr = torch.tensor(settings.lr, dtype=torch.float32, device=device)
+        return torch.optim.SGD(params, lr=lr, fused=True, **common)
+    return torch.optim.SGD(params, lr=settings.lr, foreach=True, **common)
+
+
+def use_cuda_graphs(device: torch.device, settings: TuneSettings, perturb) -> bool:
+    """Graphs on CUDA unless turned off (settings or BDCLEAN_CUDA_GRAPHS=0), and not for SAM/PAM, whose
+    step runs two passes with a weight move between them."""
+    if device.type != "cuda" or not settings.cuda_graphs or perturb is not None:
+        return False
+    return os.environ.get("BDCLEAN_CUDA_GRAPHS", "1").strip() not in ("0", "false", "no", "off")
+
+
+def execution_status(device: torch.device, graphed: GraphedStep | None, perturb) -> str:
+    if device.type != "cuda":
+        return ""
+    if graphed is not None:
+        return graphed.status
+    return "eager (weight-perturbing method)" if perturb is not None else "eager (CUDA graphs turned off)"
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, settings: TuneSettings):

@@ -54,13 +54,14 @@ def test_auto_is_fp32_without_native_bf16(cap):
 def test_auto_tunes_in_bf16_with_native_bf16(cap, monkeypatch):
     plan = P.resolve_precision(None, CPU, cap)
     assert plan.requested == "auto" and plan.tune == "bf16"
-    assert plan.evaluate == ("bf16" if P.EVAL_BF16_ON_CPU else "fp32")  # the precision study's verdict
+    assert plan.evaluate == "fp32" and "exact" in plan.reason  # figures are the model's own fp32 forward
     monkeypatch.setattr(P, "EVAL_BF16_ON_CPU", True)
     assert P.resolve_precision("auto", CPU, cap).evaluate == "bf16"
 
 
 def test_auto_on_cuda_and_explicit_choices():
-    assert P.resolve_precision("auto", torch.device("cuda"), AVX2).tune == "bf16"
+    plan = P.resolve_precision("auto", torch.device("cuda"), AVX2)
+    assert (plan.tune, plan.evaluate) == ("bf16", "fp32") and "TF32 off" in plan.reason
     assert P.resolve_precision("fp32", torch.device("cuda"), AMX).evaluate == "fp32"
     plan = P.resolve_precision("bf16", CPU, AVX2)
     assert (plan.tune, plan.evaluate) == ("bf16", "bf16") and "emulated" in plan.reason
@@ -225,3 +226,37 @@ def test_as_format_makes_the_batch_match_the_model():
     assert P.as_format(nhwc, "channels_last").is_contiguous(memory_format=torch.channels_last)
     flat = torch.randn(2, 5)
     assert P.as_format(flat, "contiguous") is flat
+
+
+def test_exact_fp32_turns_tf32_off_on_cuda_and_restores_it():
+    """The flags are process settings that can be set without a GPU, so this runs anywhere."""
+    saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    try:
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+        with P.exact_fp32(torch.device("cuda")):
+            assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+        assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+        with pytest.raises(RuntimeError), P.exact_fp32(torch.device("cuda")):
+            raise RuntimeError("restored on the way out too")
+        assert torch.backends.cudnn.allow_tf32
+        with P.exact_fp32(CPU):
+            assert torch.backends.cudnn.allow_tf32  # nothing to change on a CPU
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def test_predict_without_a_precision_is_the_models_own_fp32_forward():
+    """A library call that names no precision gets exact fp32 on every device, not the tuning default."""
+    from backdoor_cli.evaluate import predict
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 5))
+    x = torch.randint(0, 256, (64, 8, 8, 3), dtype=torch.uint8)
+    mean, std = torch.full((1, 3, 1, 1), 0.5), torch.full((1, 3, 1, 1), 0.25)
+    seen = []
+    model.register_forward_hook(lambda _m, inputs, out: seen.append((inputs[0].dtype, out.dtype)))
+    preds = predict(model, x, mean, std, CPU, batch_size=16)
+    with torch.no_grad():
+        own = model((x.permute(0, 3, 1, 2).float() / 255 - mean) / std).argmax(1)
+    assert torch.equal(preds, own)
+    assert seen and all(dtypes == (torch.float32, torch.float32) for dtypes in seen)

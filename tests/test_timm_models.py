@@ -9,6 +9,7 @@ skipped: `make test-timm` runs it in an environment where it does."""
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 
@@ -58,8 +59,22 @@ def _save(arch: str, kwargs: dict, directory: Path, safetensors: bool = True) ->
     model = _spread(timm.create_model(arch, pretrained=False, num_classes=CLASSES, **kwargs))
     # data_config: the exported pretrained_cfg then names the size the model is fed, as a user exporting
     # a model fine-tuned at 32 px would record it (without it timm keeps the 160 px of the source config).
-    save_for_hf(model, directory, safe_serialization=safetensors, data_config={"input_size": (3, SIZE, SIZE)})
+    _save_sized(model, directory, safetensors)
     return directory
+
+
+def _save_sized(model, directory: Path, safetensors: bool) -> None:
+    """save_for_hf with the 32 px input size in the exported pretrained_cfg. timm releases before
+    `data_config` existed (e.g. 1.0.x, as on the GPU machine) get the same field written into the
+    config.json that timm itself produced, so every supported timm yields the same file."""
+    if "data_config" in inspect.signature(save_for_hf).parameters:
+        save_for_hf(model, directory, safe_serialization=safetensors, data_config={"input_size": (3, SIZE, SIZE)})
+        return
+    save_for_hf(model, directory, safe_serialization=safetensors)
+    config_path = directory / "config.json"
+    config = json.loads(config_path.read_text())
+    config.setdefault("pretrained_cfg", {})["input_size"] = [3, SIZE, SIZE]
+    config_path.write_text(json.dumps(config, indent=2))
 
 
 @pytest.fixture(scope="module")

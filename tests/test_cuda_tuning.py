@@ -1,0 +1,112 @@
+"""The CUDA-only parts of tuning and evaluation: graph-replayed steps and exact fp32 evaluation.
+
+The decisions (when graphs are used, what the report says) are tested everywhere; the GPU tests
+(`-m gpu`, skipped without CUDA) check that a replayed step computes what the eager step computes."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from backdoor_cli.data import ImageSet
+from backdoor_cli.defenses.fst import project_to_norm
+from backdoor_cli.evaluate import predict
+from backdoor_cli.models import build_model
+from backdoor_cli.tuning import EpochLog, TuneSettings, execution_status, make_optimizer, tune, use_cuda_graphs
+
+CUDA = torch.device("cuda")
+CPU = torch.device("cpu")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def test_graphs_are_used_on_cuda_only_and_can_be_turned_off(monkeypatch):
+    settings = TuneSettings(epochs=1, lr=0.01)
+    monkeypatch.delenv("BDCLEAN_CUDA_GRAPHS", raising=False)
+    assert use_cuda_graphs(CUDA, settings, None)
+    assert not use_cuda_graphs(CPU, settings, None)
+    assert not use_cuda_graphs(CUDA, settings, perturb=lambda grads_here: (lambda: None))  # SAM / PAM
+    assert not use_cuda_graphs(CUDA, TuneSettings(epochs=1, lr=0.01, cuda_graphs=False), None)
+    monkeypatch.setenv("BDCLEAN_CUDA_GRAPHS", "0")
+    assert not use_cuda_graphs(CUDA, settings, None)
+
+
+def test_the_report_says_how_the_steps_ran():
+    assert execution_status(CPU, None, None) == ""
+    assert execution_status(CUDA, None, None) == "eager (CUDA graphs turned off)"
+    assert "weight-perturbing" in execution_status(CUDA, None, perturb=object())
+    cpu_log = EpochLog(1, 0.5, 0.9, 0.01, 1.0)
+    assert "execution" not in cpu_log.to_dict()
+    assert EpochLog(1, 0.5, 0.9, 0.01, 1.0, execution="CUDA graph (7 replayed steps, 3 eager)").to_dict()[
+        "execution"].startswith("CUDA graph")
+
+
+def test_cpu_keeps_the_multi_tensor_sgd_with_a_float_learning_rate():
+    """CPU runs stay bit-for-bit what they were: the same optimiser, a float lr."""
+    optimizer = make_optimizer([torch.nn.Parameter(torch.zeros(3))], TuneSettings(epochs=1, lr=0.05), CPU)
+    group = optimizer.param_groups[0]
+    assert group["lr"] == 0.05 and group["foreach"] and not group["fused"]
+
+
+# ------------------------------------------------------------------------------------------- on a GPU
+
+def _data(n: int, device: torch.device) -> ImageSet:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (n, 32, 32, 3), dtype=torch.uint8, generator=g)
+    y = torch.randint(0, 10, (n,), generator=g)
+    return ImageSet(x.to(device), y.to(device))
+
+
+def _tune(model, data, graphs: bool, monkeypatch, **kwargs):
+    monkeypatch.setenv("BDCLEAN_CUDA_GRAPHS", "1" if graphs else "0")
+    mean = torch.tensor([0.5, 0.5, 0.5], device=CUDA).view(1, 3, 1, 1)
+    std = torch.tensor([0.25, 0.25, 0.25], device=CUDA).view(1, 3, 1, 1)
+    settings = TuneSettings(epochs=3, lr=0.05, batch_size=64, seed=1)
+    return tune(model, data, mean, std, settings, CUDA, precision="fp32", memory_format="contiguous", **kwargs)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_a_replayed_step_computes_what_the_eager_step_computes(monkeypatch):
+    """Same initial weights, same batches (and a smaller last batch, which runs eagerly): the graphed
+    run's losses and weights match the eager run's to float rounding, the lr schedule included."""
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    torch.manual_seed(0)
+    base = build_model("resnet20", 10).to(CUDA)
+    data = _data(64 * 5 + 40, CUDA)
+    eager, graphed = copy.deepcopy(base), copy.deepcopy(base)
+    head = graphed.linear
+    norm = head.weight.detach().norm()
+    logs_eager = _tune(eager, data, False, monkeypatch,
+                       after_step=lambda: project_to_norm(eager.linear.weight, norm))
+    logs_graph = _tune(graphed, data, True, monkeypatch, after_step=lambda: project_to_norm(head.weight, norm))
+    assert logs_graph[-1].execution.startswith("CUDA graph"), logs_graph[-1].execution
+    assert logs_eager[-1].execution == "eager (CUDA graphs turned off)"
+    assert [round(log.lr, 8) for log in logs_graph] == [round(log.lr, 8) for log in logs_eager]
+    for a, b in zip(logs_eager, logs_graph):
+        assert b.loss == pytest.approx(a.loss, rel=1e-4)
+    for (name, a), b in zip(eager.state_dict().items(), graphed.state_dict().values()):
+        assert torch.allclose(a.float(), b.float(), rtol=1e-3, atol=1e-4), name
+    assert head.weight.norm().item() == pytest.approx(norm.item(), rel=1e-5)  # the projection ran in the graph
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_evaluation_on_cuda_is_the_models_own_fp32_forward():
+    """Default evaluation on the GPU gives the CPU's fp32 predictions (TF32 off), except where the CPU's
+    own top-2 margin is below fp32 rounding."""
+    torch.manual_seed(0)
+    model = build_model("resnet20", 10).eval()
+    data = _data(2048, CPU)
+    mean = torch.tensor([0.5, 0.5, 0.5]).view(1, 3, 1, 1)
+    std = torch.tensor([0.25, 0.25, 0.25]).view(1, 3, 1, 1)
+    on_cpu = predict(model, data.x, mean, std, CPU, batch_size=512)
+    with torch.no_grad():
+        logits = model(((data.x.permute(0, 3, 1, 2).float() / 255) - mean) / std)
+    top2 = logits.topk(2, dim=1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 1e-4
+    gpu_model = copy.deepcopy(model).to(CUDA)
+    on_gpu = predict(gpu_model, data.x.to(CUDA), mean.to(CUDA), std.to(CUDA), CUDA, batch_size=512).cpu()
+    assert torch.equal(on_gpu[clear], on_cpu[clear])
+    assert clear.float().mean() > 0.9
