@@ -88,3 +88,24 @@ def test_summary_decides_on_intervals(tmp_path):
     write("original", 0.3, 0.28, 0.32)  # the training run did not plant the backdoor: no verdict
     row = repro.render_summary(tmp_path, ("blended",), (0.01,), ("ft", "lp", "fst")).splitlines()[2]
     assert [c.strip() for c in row.split("|")[1:-1]][6].startswith("n/a: not planted")
+
+
+def test_default_row_and_render_only_from_results_brought_back(tmp_path):
+    """`default` is `purify` with no --method (the recipe); --render-only redraws the table from results
+    alone (the GPU machine's models stay there), names the device given, and trains nothing."""
+    repro = _load()
+    data = make_npz_dataset(tmp_path / "toy")
+    common = ["--small", "--data", str(data), "--arch", "test_tiny", "--train-epochs", "1", "--attacks", "badnets",
+              "--rates", "0.1", "--methods", "fst,default", "--clean-fraction", "0.25", "--eval-limit", "60",
+              "--runs", str(tmp_path / "runs"), "--device", "cpu", "--quiet"]
+    assert repro.main([*common, "--doc", str(tmp_path / "first.md")]) == 0
+    default = json.loads((tmp_path / "runs" / "results" / "badnets-0.1-default.json").read_text())
+    assert default["method"]["recipe"]["recommended"] is True
+    for model in (tmp_path / "runs" / "models").iterdir():
+        model.unlink()
+    doc = tmp_path / "again.md"
+    assert repro.main([*common, "--doc", str(doc), "--render-only", "--device-name", "NVIDIA H200"]) == 0
+    assert not any((tmp_path / "runs" / "models").iterdir())  # nothing was trained again
+    text = doc.read_text()
+    assert "on NVIDIA H200:" in text and "--render-only" not in text
+    assert "| badnets | 10.0% | default |" in text and "| badnets | 10.0% | fst |" in text

@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# The GPU measurements of issue 24, as run on a lent NVIDIA machine (docs/gpu.md says what came back).
+# The machine has torch, pytest and the other packages but no bdclean install and no ../shared, so the
+# data travels in three carried parts (.gpu/a, .gpu/b, .gpu/c: a tar of cifar10/{train,test}.npz cut
+# in pieces that fit one transfer), assembled under /tmp and checked against its md5 before use.
+#
+#   bash experiments/gpu_run.sh tests     # call 1 (carry .gpu/a): the test suite on CUDA, + startup bench
+#   bash experiments/gpu_run.sh stash     # call 2 (carry .gpu/b): keep the part, run the bench on a clean model
+#   bash experiments/gpu_run.sh main      # call 3 (carry .gpu/c): plant, bench, the paper's table, CLI timing
+#
+# Everything lands in $OUT (at most 8 files come back): logs and a tar of the JSON results.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/gpu-out}; mkdir -p "$OUT"
+STORE=/tmp/bdclean-gpu; mkdir -p "$STORE"
+PY=python3
+BD="$PY -m backdoor_cli.cli"
+
+stash() {  # keep every carried part outside the repo: later calls replace .gpu/
+    for d in .gpu/a .gpu/b .gpu/c; do [ -d "$d" ] && cp -n "$d"/* "$STORE"/ 2>/dev/null; done
+    ls -l "$STORE"
+}
+
+assemble() {
+    [ -f "$STORE/cifar10/train.npz" ] && return 0
+    cat "$STORE"/cifarpart.0* > "$STORE/cifar.tar" || return 1
+    (cd "$STORE" && md5sum -c cifar.md5 | sed 's/^/md5: /') || { echo "CIFAR-10 parts are incomplete"; return 1; }
+    tar xf "$STORE/cifar.tar" -C "$STORE" && rm "$STORE/cifar.tar"
+}
+
+machine() {
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv | tee "$OUT/machine.txt"
+    $PY -c "import torch, sys; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'python', sys.version.split()[0])" \
+        | tee -a "$OUT/machine.txt"
+    nproc | sed 's/^/cpu cores: /' | tee -a "$OUT/machine.txt"
+}
+
+case "${1:-}" in
+tests)
+    stash; machine
+    # -m "not slow": the GPU tests too. -n: pytest-xdist is on that image.
+    timeout 240 $PY -m pytest -q -n 16 -m "not slow" -p no:cacheprovider -o addopts="" 2>&1 | tail -40 | tee "$OUT/tests-cuda.log"
+    if [ -f benchmarks/bench_startup.py ]; then
+        timeout 90 $PY benchmarks/bench_startup.py --device cuda --checkpoint "$STORE/resnet20-12fca82f.th" \
+            --json-out "$OUT/startup-cuda.json" 2>&1 | tail -30 | tee "$OUT/startup.log"
+    fi
+    ;;
+stash)
+    stash
+    ;;
+main)
+    stash; assemble || exit 1; machine
+    D="$STORE/cifar10"; R="$STORE/runs"; mkdir -p "$R"
+    # 1. A planted ResNet-20 (the shared clean model + a Blended backdoor), the bench's second subject.
+    SUBJ20="$R/r20-blended.safetensors"
+    [ -f "$SUBJ20" ] || timeout 120 $BD train --init "$STORE/resnet20-12fca82f.th" --arch resnet20 --data "$D" \
+        --mean 0.485,0.456,0.406 --std 0.229,0.224,0.225 --trigger blended --poison-rate 0.01 --epochs 3 \
+        --lr 0.01 --weight-decay 5e-4 --out "$SUBJ20" --force 2>&1 | tail -5 | tee "$OUT/plant.log"
+    timeout 150 $PY benchmarks/bench_purify.py --device cuda --data "$D" --model "$SUBJ20" \
+        --json-out "$R/bench-h200-resnet20.json" 2>&1 | tail -25 | tee "$OUT/bench.log"
+    # 2. The paper's table on its own model (resumes from $R/repro if a call is repeated).
+    timeout 420 $PY experiments/reproduce_fst.py --data "$D" --attacks badnets,blended --rates 0.05,0.01 \
+        --train-epochs "${TRAIN_EPOCHS:-15}" --runs "$R/repro" --doc "$R/reproduction.md" --quiet \
+        2>&1 | tail -30 | tee "$OUT/repro.log"
+    # 3. The bench on a ResNet-18 subject of the table, and the CLI's wall time for purify --method fst.
+    SUBJ18="$R/repro/models/badnets-0.01.safetensors"
+    if [ -f "$SUBJ18" ]; then
+        timeout 100 $PY benchmarks/bench_purify.py --device cuda --data "$D" --model "$SUBJ18" \
+            --json-out "$R/bench-h200-resnet18.json" 2>&1 | tail -25 | tee -a "$OUT/bench.log"
+        for i in 1 2; do
+            /usr/bin/time -f "purify --method fst wall %e s" $BD purify "$SUBJ18" --data "$D" --method fst \
+                --out "$R/cli-fst-$i" --force --quiet 2>&1 | tail -3 | tee -a "$OUT/cli-wall.log"
+        done
+    fi
+    tar czf "$OUT/results.tgz" -C "$R" --exclude='*.safetensors' --exclude='purified*' --exclude='models' . 2>/dev/null
+    ls -l "$OUT"
+    ;;
+*)
+    echo "usage: $0 tests|stash|main"; exit 2 ;;
+esac
