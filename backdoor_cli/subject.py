@@ -78,9 +78,13 @@ def load_subject(path: str, bundle: DatasetBundle, arch: str | None = None, num_
             hint=f"pass --arch: one of {', '.join(ARCHITECTURES)}, torchvision:NAME, or path/to/file.py:factory",
         )
     # Sizes come from the architecture's own head and stem key names, never from the file's order.
+    # The model is built once, at the sizes it must have to pass the checks below (the data's channels,
+    # the flag's/metadata's/data's classes), and that same instance is loaded: no second build, and no
+    # meta-device build (its initialisers import torch._dynamo: seconds of start-up).
+    placeholder_classes = num_classes or meta.get("num_classes") or bundle.num_classes
+    model = build_model(arch, placeholder_classes, image_c)
     facts = read_shape_facts(arch, ckpt.state_dict, (image_c, image_h, image_w),
-                             placeholder_classes=num_classes or meta.get("num_classes") or bundle.num_classes,
-                             head=head or meta.get("head"))
+                             placeholder_classes=placeholder_classes, head=head or meta.get("head"), model=model)
     n_classes = _pick(sources, "num_classes", ("flag", num_classes), ("metadata", meta.get("num_classes")),
                       ("weights", facts.num_classes), ("data", bundle.num_classes))
     in_channels = _pick(sources, "in_channels", ("metadata", meta.get("in_channels")),
@@ -97,9 +101,12 @@ def load_subject(path: str, bundle: DatasetBundle, arch: str | None = None, num_
             + _origin(sources["num_classes"], facts.head),
             hint="check --data, or --num-classes if the checkpoint's class count was misread",
         )
-    model = build_model(arch, n_classes, in_channels)
+    if (n_classes, in_channels) != (placeholder_classes, image_c):  # not reached after the checks above
+        model = build_model(arch, n_classes, in_channels)
     load_strict(model, ckpt.state_dict)
-    head_name = find_head(model, head or meta.get("head"), input_shape=(image_c, image_h, image_w))
+    # facts.head is the last nn.Linear of the forward pass read_shape_facts already ran: find_head
+    # then only checks it (no second pass).
+    head_name = find_head(model, head or meta.get("head") or facts.head, input_shape=(image_c, image_h, image_w))
     sources["head"] = "flag" if head else ("metadata" if meta.get("head") else "forward order")
     norm_meta = meta.get("normalization") or {}
     mean = _pick(sources, "mean", ("flag", mean), ("metadata", norm_meta.get("mean")), ("dataset", bundle.mean))

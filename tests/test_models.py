@@ -241,6 +241,24 @@ def test_find_head_of_each_architecture(arch):
     assert model.training  # the dummy pass ran in eval mode and the mode was put back
 
 
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+def test_builtin_definition_order_gives_the_forward_order_head_and_stem(arch):
+    """read_shape_facts reads a built-in's head and stem in definition order, without a forward pass
+    (on a GPU run that pass would be CPU work done only for this): that order must name the same
+    head (last nn.Linear) and stem (first convolution) as a forward pass does."""
+    from backdoor_cli.models.head import modules_in_forward_order
+    from backdoor_cli.models.shapes import read_shape_facts
+
+    model = build_model(arch, 10, 3)
+    modules = dict(model.named_modules())
+    called = modules_in_forward_order(model, (3, 32, 32))
+    head = [n for n in called if isinstance(modules[n], nn.Linear)][-1]
+    stem = next(n for n in called if isinstance(modules[n], nn.modules.conv._ConvNd))
+    facts = read_shape_facts(arch, model.state_dict(), (3, 32, 32), 10, model=model)
+    assert (facts.head, facts.stem) == (head, stem) == (HEADS[arch], facts.stem)
+    assert (facts.num_classes, facts.in_channels) == (10, 3)
+
+
 class HeadFirst(nn.Module):
     """Defines its head before an inner projection: definition order would pick the wrong Linear."""
 

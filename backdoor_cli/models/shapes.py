@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .architectures import ARCHITECTURES
 from .building import build_model
 from .head import modules_in_forward_order
 
@@ -31,13 +32,21 @@ class ShapeFacts:
 
 
 def read_shape_facts(arch: str, state_dict: dict[str, torch.Tensor], input_shape: tuple[int, int, int],
-                     placeholder_classes: int, head: str | None = None) -> ShapeFacts:
+                     placeholder_classes: int, head: str | None = None, model: nn.Module | None = None) -> ShapeFacts:
     """Build `arch` once with placeholder sizes (the key names do not depend on them), find its head
     and stem, and read the checkpoint's sizes under those names. `input_shape` is (C, H, W) of the data.
-    Missing keys give None: strict loading then reports the real mismatch."""
-    reference = _reference_model(arch, placeholder_classes, input_shape[0])
+    Missing keys give None: strict loading then reports the real mismatch.
+
+    `model`: `arch` already built at these placeholder sizes (subject.py builds the model it will load
+    first and passes it here), so it is not built a second time."""
+    reference = model if model is not None else _reference_model(arch, placeholder_classes, input_shape[0])
     modules = dict(reference.named_modules())
-    order = modules_in_forward_order(reference, input_shape) or list(modules)  # definition order as fallback
+    if arch in ARCHITECTURES:
+        # The built-ins define their modules in forward order (tests/test_models.py checks it), so no
+        # forward pass is needed: on a GPU run it would be a CPU forward pass, done only for this.
+        order = list(modules)
+    else:
+        order = modules_in_forward_order(reference, input_shape) or list(modules)  # definition order as fallback
     head = head or next((n for n in reversed(order) if isinstance(modules.get(n), nn.Linear)), None)
     stem = next((n for n in order if isinstance(modules.get(n), nn.modules.conv._ConvNd)), None)
     return ShapeFacts(_classes_under(state_dict, head), _channels_under(state_dict, stem, modules.get(stem)),
@@ -47,6 +56,9 @@ def read_shape_facts(arch: str, state_dict: dict[str, torch.Tensor], input_shape
 def _reference_model(arch: str, num_classes: int, in_channels: int) -> nn.Module:
     # The meta device builds shapes only (no memory, no initialisation); a factory that cannot run
     # there (data-dependent code) is built normally, once more, at these small placeholder sizes.
+    # Note: initialising parameters on the meta device goes through torch's Python reference kernels,
+    # whose first call imports torch._dynamo (and sympy): seconds of start-up. load_subject avoids
+    # this path by passing the model it builds anyway.
     try:
         with torch.device("meta"):
             return build_model(arch, num_classes, in_channels)
