@@ -3,8 +3,9 @@ stderr (stdout is reserved for results), tests and library users get the silent 
 
 from __future__ import annotations
 
-import sys
 import time
+
+REFRESH_SECONDS = 0.25  # the progress bar is redrawn at most this often
 
 
 class Reporter:
@@ -49,6 +50,7 @@ class StderrReporter(Reporter):
         self.quiet = quiet
         self._progress = None
         self._task = None
+        self._drawn = 0.0
         self._started = time.perf_counter()
 
     def _elapsed(self) -> str:
@@ -68,21 +70,29 @@ class StderrReporter(Reporter):
         self.console.print(f"[yellow]warning:[/yellow] {escape(message)}", highlight=False)
 
     def start_steps(self, description: str, total: int) -> None:
-        if self.quiet:
+        # No bar when stderr is a file or a pipe: a transient bar leaves nothing there anyway.
+        if self.quiet or not self.console.is_terminal:
             return
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+        # auto_refresh=False: no refresh thread. It woke 10 times a second to take the GIL from the loop
+        # it reports on (a launch-bound GPU loop feels that), and stop() had to wait for it. The bar
+        # is redrawn from advance() instead, at most every REFRESH_SECONDS.
         self._progress = Progress(
             TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TimeElapsedColumn(), TimeRemainingColumn(), console=self.console, transient=True,
-            disable=not self.console.is_terminal and not sys.stderr.isatty() and False,
+            TimeElapsedColumn(), TimeRemainingColumn(), console=self.console, transient=True, auto_refresh=False,
         )
         self._progress.start()
         self._task = self._progress.add_task(description, total=total)
+        self._drawn = time.perf_counter()
 
     def advance(self, step: int) -> None:
         if self._progress is not None:
             self._progress.update(self._task, completed=step)
+            now = time.perf_counter()
+            if now - self._drawn >= REFRESH_SECONDS:
+                self._progress.refresh()
+                self._drawn = now
 
     def epoch(self, message: str) -> None:
         if self._progress is not None:
