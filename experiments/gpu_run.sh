@@ -49,6 +49,9 @@ tests)
 stash)
     stash
     ;;
+check)  # no GPU needed: stash and assemble the carried parts, as a dry run of the data's journey
+    stash; assemble && ls -l "$STORE/cifar10"
+    ;;
 main)
     stash; assemble || exit 1; machine
     D="$STORE/cifar10"; R="$STORE/runs"; mkdir -p "$R"
@@ -77,5 +80,5 @@ main)
     ls -l "$OUT"
     ;;
 *)
-    echo "usage: $0 tests|stash|main"; exit 2 ;;
+    echo "usage: $0 tests|stash|check|main"; exit 2 ;;
 esac
