@@ -32,7 +32,9 @@ Step = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 class GraphedStep:
     """Runs `step(inputs, labels) -> (loss, logits)`: eagerly for the first steps and for batches of
-    another shape, then as a replayed CUDA graph. `status` says which, and why not where it fell back."""
+    another shape, then as a replayed CUDA graph. `status` says which, and why not where it fell back.
+    A replay returns the graph's own output tensors, which the next replay overwrites: read them (or
+    queue work on them, as tune's running sums do) before the next call."""
 
     def __init__(self, step: Step, batch_size: int):
         self.step = step

@@ -110,3 +110,87 @@ def test_evaluation_on_cuda_is_the_models_own_fp32_forward():
     on_gpu = predict(gpu_model, data.x.to(CUDA), mean.to(CUDA), std.to(CUDA), CUDA, batch_size=512).cpu()
     assert torch.equal(on_gpu[clear], on_cpu[clear])
     assert clear.float().mean() > 0.9
+
+
+# ------------------------------------------------- the replay bookkeeping, with a stand-in for CUDA
+
+class _FakeGraph:
+    """Stands in for torch.cuda.CUDAGraph: `capture` records the step (a real capture runs no kernel),
+    `replay` runs it on the static buffers, writing into the captured outputs as a replay would."""
+
+    capturing = None
+
+    def __init__(self):
+        self.step = None
+        self.outputs = None
+
+    def replay(self):
+        loss, logits = self.step()
+        self.outputs[0].copy_(loss)
+        self.outputs[1].copy_(logits)
+
+
+class _FakeCapture:
+    def __init__(self, graph):
+        self.graph = graph
+
+    def __enter__(self):
+        _FakeGraph.capturing = self.graph
+
+    def __exit__(self, *exc):
+        _FakeGraph.capturing = None
+        return False
+
+
+def _fake_cuda(monkeypatch):
+    import contextlib
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", _FakeGraph)
+    monkeypatch.setattr(torch.cuda, "graph", _FakeCapture)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda: type("S", (), {"wait_stream": lambda self, other: None})())
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: type("S", (), {"wait_stream": lambda self, o: None})())
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+
+
+def _counting_step(calls: list, fail_capture: bool = False):
+    def step(inputs, labels):
+        graph = _FakeGraph.capturing
+        if graph is not None:  # being captured: record what a replay will run, run nothing now
+            if fail_capture:
+                raise RuntimeError("operation not permitted when stream is capturing")
+            graph.step = lambda: (inputs.sum(), inputs * 2.0)
+            graph.outputs = (torch.zeros(()), torch.zeros_like(inputs))
+            return graph.outputs
+        calls.append(int(inputs.shape[0]))
+        return inputs.sum(), inputs * 2.0
+    return step
+
+
+def test_replays_after_the_warm_up_and_runs_odd_batches_eagerly(monkeypatch):
+    from backdoor_cli.graphed_step import WARMUP_STEPS, GraphedStep
+
+    _fake_cuda(monkeypatch)
+    calls: list = []
+    graphed = GraphedStep(_counting_step(calls), batch_size=4)
+    batches = [torch.full((4,), float(i)) for i in range(6)] + [torch.full((3,), 9.0)]
+    for x in batches:  # every step, replayed or not, sees its own batch (read before the next replay)
+        loss, logits = graphed(x, torch.zeros(len(x), dtype=torch.long))
+        assert loss.item() == x.sum().item() and torch.equal(logits, x * 2.0)
+    assert calls == [4] * WARMUP_STEPS + [3]  # warm-up steps and the short last batch ran eagerly
+    assert graphed.replays == 6 - WARMUP_STEPS
+    assert graphed.status == f"CUDA graph ({graphed.replays} replayed steps, {WARMUP_STEPS + 1} eager)"
+
+
+def test_a_refused_capture_falls_back_to_eager_and_says_why(monkeypatch):
+    from backdoor_cli.graphed_step import WARMUP_STEPS, GraphedStep
+
+    _fake_cuda(monkeypatch)
+    calls: list = []
+    graphed = GraphedStep(_counting_step(calls, fail_capture=True), batch_size=2)
+    batches = [torch.full((2,), float(i)) for i in range(5)]
+    results = [graphed(x, torch.zeros(2, dtype=torch.long)) for x in batches]
+    assert [loss.item() for loss, _ in results] == [x.sum().item() for x in batches]
+    assert len(calls) == 5 and graphed.replays == 0  # no step was lost to the failed capture
+    assert graphed.status.startswith("eager (CUDA graph capture failed: RuntimeError: operation not permitted")
+    assert WARMUP_STEPS == 2
