@@ -36,8 +36,8 @@ from .progress import Reporter, step_callback
 from .report import (CompareReport, CompareRow, EvaluateReport, PurifyReport, stage_purify_report,
                      weight_drift)
 from .linear_path import PathReport, path_plot_png, path_points, walk_path
-from .precision import (Compute, autocast, choose_memory_format, eval_timing_batch, example_batch, resolve_precision,
-                        torch_format)
+from .precision import (FORMAT_TIMED_STEPS, MEMORY_FORMATS, Compute, FormatChoice, autocast, choose_memory_format,
+                        eval_timing_batch, example_batch, parse_choice, resolve_precision, torch_format)
 from .retune import RetuneResult, RetuneSettings, check_retuning, judge
 from .runtime import Stopwatch, environment, prepare_model, resolve_device, seed_everything
 from .streaming import materialize
@@ -51,6 +51,12 @@ SCHEMA_CHECKPOINT = "bdclean.checkpoint/1"
 # Measured (docs/reproduction.md): on small, weakly trained CIFAR-10 models FST at the paper's alpha
 # 0.2 cost 25-41 points, and alpha 0.05 cost 12-15 while ASR stayed at 0-10.5%.
 ALPHA_ADVICE_DROP = 0.10
+# On CPU, --memory-format auto times both formats at start-up (precision.choose_memory_format). That
+# timing is work the run does not keep, and the faster format repays only a fraction of the run's own
+# work, so the formats are timed only when the work they decide is at least this many times the timing's
+# cost: a full test-set evaluation or a paper-length tuning is timed, a --eval-limit 500 check or a
+# one-epoch tuning of 200 images keeps channels_last untimed (that timing cost more than the run's work).
+FORMAT_PAYBACK = 8
 
 
 def _require_data(data: str | None) -> str:
@@ -113,12 +119,33 @@ def _load_data(opts, checkpoints, need_train: bool) -> tuple[DatasetBundle, tupl
                               f"npz data is used as stored, so save it at {w}x{h}") from None
 
 
-def _eval_format(opts, model, image_shape, device, plan, reporter: Reporter):
-    """The evaluation memory format: --memory-format, or the faster of the two on a forward pass."""
-    choice = choose_memory_format(model, example_batch(image_shape, eval_timing_batch(image_shape), device), device,
-                                  plan.evaluate, train=False, spec=opts.memory_format)
+def _untimed_format(opts, model, device, work: int, cost: int, unit: str) -> FormatChoice | None:
+    """The default format, untimed, when timing both (CPU, --memory-format auto) would cost more than it
+    can repay: the timing runs `cost` images/steps that the run does not keep, and the faster format
+    saves a fraction (10-40%, issue 16) of the run's own `work`. None: time them."""
+    if device.type != "cpu" or parse_choice(opts.memory_format, MEMORY_FORMATS, "--memory-format") != "auto":
+        return None
+    if work >= FORMAT_PAYBACK * cost:
+        return None
+    model.to(memory_format=torch_format("channels_last"))
+    return FormatChoice("channels_last", f"default (not timed: {work} {unit} to run would not repay the "
+                                         f"{cost} of timing both formats)")
+
+
+def _eval_format(opts, model, image_shape, device, plan, reporter: Reporter, images: int):
+    """The evaluation memory format: --memory-format, or the faster of the two on a forward pass
+    (`images`: how many images the run will evaluate in it, to tell whether timing is worth it)."""
+    batch = eval_timing_batch(image_shape)
+    choice = _untimed_format(opts, model, device, images, 2 * (1 + FORMAT_TIMED_STEPS["eval"]) * batch, "images")
+    if choice is None:
+        choice = choose_memory_format(model, example_batch(image_shape, batch, device), device,
+                                      plan.evaluate, train=False, spec=opts.memory_format)
     reporter.info(f"evaluation: {plan.evaluate}, {choice.format} ({choice.reason})")
     return choice
+
+
+def _eval_images(sets: EvalSets) -> int:
+    return sets.clean.num_images + sets.num_poisoned
 
 
 def _check_gate_inputs(opts, trigger) -> None:
@@ -147,7 +174,7 @@ def evaluate_checkpoint(opts: EvaluateOptions, reporter: Reporter | None = None,
         sets = build_eval_sets(bundle.test, trigger, device, opts.eval_limit, opts.seed)
     with timer.stage("choose_format"):
         compute = Compute(device, plan, {"evaluate": _eval_format(opts, model, bundle.test.image_shape, device, plan,
-                                                                  reporter)})
+                                                                  reporter, _eval_images(sets))})
     with timer.stage("evaluate"):
         reporter.stage(f"evaluating on {sets.clean.num_images} clean"
                        + (f" + {sets.num_poisoned} triggered images" if sets.has_trigger else " images")
@@ -316,10 +343,12 @@ def _purify_into(opts: PurifyOptions, recipe: Recipe, defense, device, outputs: 
         tune_set, monitor = _holdout(recipe, clean, subject, model, mean, std, device, reporter, opts.seed)
     with timer.stage("choose_format"):
         shape = bundle.test.image_shape
-        formats = {"evaluate": _eval_format(opts, model, shape, device, plan, reporter)}
-        formats["tune"] = choose_memory_format(model, example_batch(shape, min(params.batch_size, tune_set.num_images),
-                                                                    device),
-                                               device, plan.tune, train=True, spec=opts.memory_format)
+        formats = {"evaluate": _eval_format(opts, model, shape, device, plan, reporter, 2 * _eval_images(sets))}
+        steps = params.epochs * steps_per_epoch(tune_set.num_images, params.batch_size) if defense.trains != "none" else 0
+        formats["tune"] = (_untimed_format(opts, model, device, steps, 2 * (1 + FORMAT_TIMED_STEPS["train"]), "steps")
+                           or choose_memory_format(model, example_batch(shape, min(params.batch_size,
+                                                                                   tune_set.num_images), device),
+                                                   device, plan.tune, train=True, spec=opts.memory_format))
         compute = Compute(device, plan, formats)
         reporter.info(f"tuning: {plan.tune}, {formats['tune'].format} ({formats['tune'].reason})")
     eval_format = formats["evaluate"].format
@@ -585,7 +614,7 @@ def compare_checkpoints(opts: CompareOptions, reporter: Reporter | None = None) 
         reporter.stage(f"evaluating {path}")
         mean, std = normalization_tensors(subject, device)
         model = prepare_model(subject.model, device)
-        choice = _eval_format(opts, model, bundle.test.image_shape, device, plan, reporter)
+        choice = _eval_format(opts, model, bundle.test.image_shape, device, plan, reporter, _eval_images(sets))
         formats[f"evaluate {path}"] = choice
         return evaluate_model(model, sets, mean, std, device, opts.batch_size, reporter, plan.evaluate, choice.format)
 
