@@ -338,50 +338,29 @@ def compare_markdown(report: CompareReport) -> str:
 # ---------------------------------------------------------------- files
 
 def stage_purify_report(outputs, report: PurifyReport) -> str | None:
-    """Stage report.md, report.png and report.json in an OutputSet; return a note when the plot was skipped."""
+    """Stage report.md, report.png and report.json in an OutputSet. Returns None: every run draws its chart
+    (kept as a return value so callers that warn about a skipped plot need no change)."""
     report.outputs.setdefault("report.json", "report.json")
     report.outputs.setdefault("report.md", "report.md")
-    note = None
-    try:
-        outputs.stage("report.png", purify_plot_png(report))
-        report.outputs["report.png"] = "report.png"
-    except ImportError:
-        note = "matplotlib is not installed, so report.png was not drawn (pip install 'bdclean[plot]')"
+    outputs.stage("report.png", purify_plot_png(report))
+    report.outputs["report.png"] = "report.png"
     outputs.stage("report.md", purify_markdown(report).encode())
     outputs.stage("report.json", to_json(report).encode())
-    return note
+    return None
 
 
 def purify_plot_png(report: PurifyReport) -> bytes:
-    """Before/after bars per metric with 95% interval whiskers."""
-    import io
+    """Before/after bars per metric with 95% interval whiskers (bar_chart.py: Pillow, no matplotlib)."""
+    from .bar_chart import Bar, Series, bar_chart_png
 
-    import matplotlib
+    keys = [(n, k) for n, k in (("C-Acc", "clean_acc"), ("ASR", "asr"), ("RA", "ra")) if getattr(report.before, k)]
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    def bars(result) -> list[Bar]:
+        rates = [getattr(result, key) for _, key in keys]
+        return [Bar(r.value * 100, r.low * 100, r.high * 100) for r in rates]
 
-    names = [n for n, k in (("C-Acc", "clean_acc"), ("ASR", "asr"), ("RA", "ra")) if getattr(report.before, k)]
-    keys = {"C-Acc": "clean_acc", "ASR": "asr", "RA": "ra"}
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
-    width = 0.38
-    for offset, (label, result, color) in enumerate((("before", report.before, "#c0504d"),
-                                                     ("after", report.after, "#4f81bd"))):
-        rates = [getattr(result, keys[n]) for n in names]
-        xs = [i + (offset - 0.5) * width for i in range(len(names))]
-        values = [r.value * 100 for r in rates]
-        errors = [[(r.value - r.low) * 100 for r in rates], [(r.high - r.value) * 100 for r in rates]]
-        ax.bar(xs, values, width, yerr=errors, capsize=4, label=label, color=color)
-    ax.set_xticks(range(len(names)), names)
-    ax.set_ylim(0, 105)
-    ax.set_ylabel("%")
-    ax.set_title(f"bdclean {report.method['name']}: before vs after (95% CI)")
-    ax.legend()
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return bar_chart_png(f"bdclean {report.method['name']}: before vs after (95% CI)", [n for n, _ in keys],
+                         [Series("before", "#c0504d", bars(report.before)), Series("after", "#4f81bd", bars(report.after))])
 
 
 # ---------------------------------------------------------------- terminal (rich)
