@@ -40,7 +40,8 @@ case "${1:-}" in
 tests)
     stash; machine
     # -m "not slow": the GPU tests too. -n: pytest-xdist is on that image.
-    timeout 240 $PY -m pytest -q -n 16 -m "not slow" -p no:cacheprovider -o addopts="" 2>&1 | tail -40 | tee "$OUT/tests-cuda.log"
+    timeout 240 $PY -m pytest -q -n 16 -m "not slow" -p no:cacheprovider -o addopts="" --tb=short -rfE 2>&1 \
+        | tee "$OUT/tests-cuda.log" | tail -40
     if [ -f benchmarks/bench_startup.py ]; then
         timeout 90 $PY benchmarks/bench_startup.py --device cuda --checkpoint "$STORE/resnet20-12fca82f.th" \
             --json-out "$OUT/startup-cuda.json" 2>&1 | tail -30 | tee "$OUT/startup.log"
@@ -55,28 +56,49 @@ check)  # no GPU needed: stash and assemble the carried parts, as a dry run of t
 main)
     stash; assemble || exit 1; machine
     D="$STORE/cifar10"; R="$STORE/runs"; mkdir -p "$R"
+    save() {  # after every step: what has been measured so far comes back even if a later step runs out of time
+        tar czf "$OUT/results.tgz" -C "$R" --exclude='*.safetensors' --exclude='purified*' --exclude='models' \
+            --exclude='cli-*' . 2>/dev/null
+    }
     # 1. A planted ResNet-20 (the shared clean model + a Blended backdoor), the bench's second subject.
     SUBJ20="$R/r20-blended.safetensors"
-    [ -f "$SUBJ20" ] || timeout 120 $BD train --init "$STORE/resnet20-12fca82f.th" --arch resnet20 --data "$D" \
+    [ -f "$SUBJ20" ] || timeout 60 $BD train --init "$STORE/resnet20-12fca82f.th" --arch resnet20 --data "$D" \
         --mean 0.485,0.456,0.406 --std 0.229,0.224,0.225 --trigger blended --poison-rate 0.01 --epochs 3 \
-        --lr 0.01 --weight-decay 5e-4 --out "$SUBJ20" --force 2>&1 | tail -5 | tee "$OUT/plant.log"
-    timeout 150 $PY benchmarks/bench_purify.py --device cuda --data "$D" --model "$SUBJ20" \
-        --json-out "$R/bench-h200-resnet20.json" 2>&1 | tail -25 | tee "$OUT/bench.log"
+        --lr 0.01 --weight-decay 5e-4 --out "$SUBJ20" --force 2>&1 | tail -4 | tee "$OUT/plant.log"
+    timeout 90 $PY benchmarks/bench_purify.py --device cuda --data "$D" --model "$SUBJ20" \
+        --json-out "$R/bench-nvidia-h200-resnet20.json" 2>&1 | tail -22 | tee "$OUT/bench.log"
+    save
     # 2. The paper's table on its own model (resumes from $R/repro if a call is repeated).
-    timeout 420 $PY experiments/reproduce_fst.py --data "$D" --attacks badnets,blended --rates 0.05,0.01 \
+    timeout 300 $PY experiments/reproduce_fst.py --data "$D" --attacks badnets,blended --rates 0.05,0.01 \
         --train-epochs "${TRAIN_EPOCHS:-15}" --runs "$R/repro" --doc "$R/reproduction.md" --quiet \
-        2>&1 | tail -30 | tee "$OUT/repro.log"
-    # 3. The bench on a ResNet-18 subject of the table, and the CLI's wall time for purify --method fst.
+        2>&1 | tail -40 | tee "$OUT/repro.log"
+    save
+    # 3. The bench on a ResNet-18 subject of the table; the CLI's wall times; exactness's cost (bf16 bench).
     SUBJ18="$R/repro/models/badnets-0.01.safetensors"
-    if [ -f "$SUBJ18" ]; then
-        timeout 100 $PY benchmarks/bench_purify.py --device cuda --data "$D" --model "$SUBJ18" \
-            --json-out "$R/bench-h200-resnet18.json" 2>&1 | tail -25 | tee -a "$OUT/bench.log"
-        for i in 1 2; do
-            /usr/bin/time -f "purify --method fst wall %e s" $BD purify "$SUBJ18" --data "$D" --method fst \
-                --out "$R/cli-fst-$i" --force --quiet 2>&1 | tail -3 | tee -a "$OUT/cli-wall.log"
+    [ -f "$SUBJ18" ] || SUBJ18=$(ls "$R"/repro/models/*.safetensors 2>/dev/null | head -1)
+    if [ -n "$SUBJ18" ] && [ -f "$SUBJ18" ]; then
+        timeout 60 $PY benchmarks/bench_purify.py --device cuda --data "$D" --model "$SUBJ18" \
+            --json-out "$R/bench-nvidia-h200-resnet18.json" 2>&1 | tail -22 | tee -a "$OUT/bench.log"
+        save
+        wall() {  # label, then the command: its wall time, measured around the whole process
+            local label=$1; shift
+            local t0=$(date +%s.%N); timeout 40 "$@" > "$R/cli-last.log" 2>&1; local rc=$?
+            echo "$label: rc $rc, wall $(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN{printf "%.2f", b - a}') s" \
+                | tee -a "$R/cli-wall.txt"
+        }
+        wall "bdclean --help" $BD --help
+        wall "evaluate (full test set)" $BD evaluate "$SUBJ18" --data "$D" --quiet
+        for i in 1 2 3; do
+            wall "purify --method fst run $i" $BD purify "$SUBJ18" --data "$D" --method fst --out "$R/cli-fst" --force --quiet
         done
+        wall "purify (default recipe)" $BD purify "$SUBJ18" --data "$D" --out "$R/cli-default" --force --quiet
+        cp "$R/cli-fst/report.json" "$R/cli-fst-report.json" 2>/dev/null
+        save
+        timeout 50 $PY benchmarks/bench_purify.py --device cuda --data "$D" --model "$SUBJ18" --precision bf16 \
+            --json-out "$R/bench-nvidia-h200-resnet18-bf16-eval.json" 2>&1 | tail -22 | tee -a "$OUT/bench.log"
+        save
     fi
-    tar czf "$OUT/results.tgz" -C "$R" --exclude='*.safetensors' --exclude='purified*' --exclude='models' . 2>/dev/null
+    cp "$R/cli-wall.txt" "$OUT/" 2>/dev/null
     ls -l "$OUT"
     ;;
 *)
