@@ -157,6 +157,18 @@ def device_description(device: str) -> dict:
             "cpu_cores": cores, "cpu_capability": capability.to_dict(), "torch_threads": torch.get_num_threads()}
 
 
+def code_version() -> str | None:
+    """The commit the measured bdclean is at (+ "-dirty" with uncommitted changes), when REPO is a git checkout."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO,
+                                timeout=30).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "backdoor_cli"], capture_output=True, text=True,
+                               cwd=REPO, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (commit + ("-dirty" if dirty else "")) or None
+
+
 def slugify(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "device"
 
@@ -317,7 +329,7 @@ def main(argv=None) -> int:
         described = device_description(args.device)
         print(f"device: {described['name']}; {args.repeat} run(s) of each command, medians", file=sys.stderr)
         results = measure(args)
-    results = {"device": described, "quick": args.quick, "repeat": args.repeat,
+    results = {"device": described, "code": code_version(), "quick": args.quick, "repeat": args.repeat,
                "checkpoint": None if args.quick else args.checkpoint, "data": None if args.quick else args.data,
                "eval_limit": args.eval_limit, "clean_count": args.clean_count,
                "load_average": [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None,
