@@ -20,6 +20,7 @@ from .errors import ConfigError
 from .graphed_step import GraphedStep
 from .models.output_kind import LOGITS, LossAdapter, attach_loss
 from .precision import as_format, autocast, default_precision
+from .sgd import Schedule, Sgd
 
 
 @dataclass(frozen=True)
@@ -100,8 +101,8 @@ def tune(
     trainable = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
     if not trainable:
         raise ConfigError("nothing to train: every parameter is frozen")
-    optimizer = make_optimizer(trainable, settings, device)
-    scheduler = make_scheduler(optimizer, settings)
+    optimizer = Sgd(trainable, settings.lr, settings.momentum, settings.weight_decay, device)
+    scheduler = Schedule(optimizer, settings.schedule, settings.epochs)
     generator = torch.Generator(device=device).manual_seed(settings.seed)
     frozen_modules = list(frozen_modules)
     n = data.num_images
@@ -117,7 +118,7 @@ def tune(
         total = loss + penalty() if penalty is not None else loss
         if batch_penalty is not None:
             total = total + batch_penalty(inputs, logits)
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad()
         total.backward()
         return loss, logits
 
@@ -142,7 +143,7 @@ def tune(
             loss_sum = torch.zeros((), device=device)
             correct = torch.zeros((), device=device, dtype=torch.long)
             seen = 0
-            lr = float(optimizer.param_groups[0]["lr"])  # a device tensor on CUDA: one read per epoch
+            lr = optimizer.lr_value  # a device tensor on CUDA: one read per epoch
             for idx in iterate_minibatches(n, settings.batch_size, generator, shuffle=True):
                 if len(idx) < 2 and n >= 2:  # BatchNorm cannot train on a batch of one
                     continue
@@ -179,17 +180,6 @@ def tune(
     return history
 
 
-def make_optimizer(params: list[torch.nn.Parameter], settings: TuneSettings, device: torch.device):
-    """SGD. On CUDA the fused kernel with the learning rate as a device tensor (the scheduler fills it in
-    place), so a captured step reads each epoch's rate; on CPU the multi-tensor kernel with a float,
-    as before (fused SGD differs from it in the last bit, ~3e-8, and CPU runs are bit-for-bit repeatable)."""
-    common = {"momentum": settings.momentum, "weight_decay": settings.weight_decay}
-    if device.type == "cuda":
-        lr = torch.tensor(settings.lr, dtype=torch.float32, device=device)
-        return torch.optim.SGD(params, lr=lr, fused=True, **common)
-    return torch.optim.SGD(params, lr=settings.lr, foreach=True, **common)
-
-
 def use_cuda_graphs(device: torch.device, settings: TuneSettings, perturb) -> bool:
     """Graphs on CUDA unless turned off (settings or BDCLEAN_CUDA_GRAPHS=0), and not for SAM/PAM, whose
     step runs two passes with a weight move between them."""
@@ -204,14 +194,6 @@ def execution_status(device: torch.device, graphed: GraphedStep | None, perturb)
     if graphed is not None:
         return graphed.status
     return "eager (weight-perturbing method)" if perturb is not None else "eager (CUDA graphs turned off)"
-
-
-def make_scheduler(optimizer: torch.optim.Optimizer, settings: TuneSettings):
-    if settings.schedule == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=settings.epochs)
-    if settings.schedule == "constant":
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _epoch: 1.0)
-    raise ConfigError(f"unknown learning-rate schedule {settings.schedule!r}", hint="choose cosine or constant")
 
 
 def _augment(xb: torch.Tensor, generator: torch.Generator, flip: bool, keep: torch.Tensor | None) -> torch.Tensor:

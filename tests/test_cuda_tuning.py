@@ -14,7 +14,8 @@ from backdoor_cli.data import ImageSet
 from backdoor_cli.defenses.fst import project_to_norm
 from backdoor_cli.evaluate import predict
 from backdoor_cli.models import build_model
-from backdoor_cli.tuning import EpochLog, TuneSettings, execution_status, make_optimizer, tune, use_cuda_graphs
+from backdoor_cli.sgd import Sgd
+from backdoor_cli.tuning import EpochLog, TuneSettings, execution_status, tune, use_cuda_graphs
 
 CUDA = torch.device("cuda")
 CPU = torch.device("cpu")
@@ -43,10 +44,9 @@ def test_the_report_says_how_the_steps_ran():
 
 
 def test_cpu_keeps_the_multi_tensor_sgd_with_a_float_learning_rate():
-    """CPU runs stay bit-for-bit what they were: the same optimiser, a float lr."""
-    optimizer = make_optimizer([torch.nn.Parameter(torch.zeros(3))], TuneSettings(epochs=1, lr=0.05), CPU)
-    group = optimizer.param_groups[0]
-    assert group["lr"] == 0.05 and group["foreach"] and not group["fused"]
+    """CPU runs stay bit-for-bit what they were (tests/test_sgd.py): the foreach update, a float lr."""
+    optimizer = Sgd([torch.nn.Parameter(torch.zeros(3))], 0.05, 0.9, 0.0, CPU)
+    assert optimizer.lr == 0.05 and not optimizer.fused
 
 
 # ------------------------------------------------------------------------------------------- on a GPU
