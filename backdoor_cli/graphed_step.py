@@ -36,9 +36,11 @@ class GraphedStep:
     A replay returns the graph's own output tensors, which the next replay overwrites: read them (or
     queue work on them, as tune's running sums do) before the next call."""
 
-    def __init__(self, step: Step, batch_size: int):
+    def __init__(self, step: Step, batch_size: int, refusal: Callable[[], str | None] = lambda: None):
+        """`refusal()`, asked just before the capture, names a reason not to capture (None: capture)."""
         self.step = step
         self.batch_size = batch_size
+        self.refusal = refusal
         self.graph: torch.cuda.CUDAGraph | None = None
         self.static: tuple[torch.Tensor, torch.Tensor] | None = None
         self.outputs: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -50,7 +52,7 @@ class GraphedStep:
     @property
     def status(self) -> str:
         if self.failed:
-            return f"eager (CUDA graph capture failed: {self.failed})"
+            return f"eager (no CUDA graph: {self.failed})"
         if self.graph is None:
             return "eager (no full batch reached the capture)"
         return f"CUDA graph ({self.replays} replayed steps, {self.eager_steps} eager)"
@@ -84,6 +86,10 @@ class GraphedStep:
         return out
 
     def _capture(self, inputs: torch.Tensor, labels: torch.Tensor) -> bool:
+        reason = self.refusal()
+        if reason:
+            self.failed = reason
+            return False
         # The buffers keep the batch's layout (channels_last or not), so the captured kernels are the
         # ones the eager steps ran.
         static_inputs = torch.empty_like(inputs).copy_(inputs)

@@ -35,6 +35,7 @@ class Sgd:
         self.lr: float | torch.Tensor = (torch.tensor(lr, dtype=torch.float32, device=device) if self.fused
                                          else float(lr))
         self.buffers: list[torch.Tensor | None] = [None] * len(self.params)
+        self.fallback: str | None = None  # why the fused kernel was given up for the foreach update, if it was
 
     @property
     def lr_value(self) -> float:
@@ -62,16 +63,33 @@ class Sgd:
         else:
             self._foreach_step(live, params, grads)
 
+    @property
+    def capturable(self) -> bool:
+        """Whether a captured step stays right across epochs: only when the rate is a device tensor."""
+        return self.fused and isinstance(self.lr, torch.Tensor)
+
     def _fused_step(self, live: list[int], params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
+        try:
+            self._fused_kernel(live, params, grads)
+        except (RuntimeError, TypeError) as exc:
+            # A torch without the tensor-lr fused kernel for these tensors: the foreach update with a float
+            # rate computes the same step (to float rounding); graph capture is then off (`capturable`).
+            self.fallback = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
+            self.fused, self.lr = False, float(self.lr)
+            self._foreach_step(live, params, grads)
+
+    def _fused_kernel(self, live: list[int], params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
         first = all(self.buffers[i] is None for i in live) and self.momentum != 0
-        for i, g in zip(live, grads):
-            if self.buffers[i] is None and self.momentum != 0:
-                # first step: the kernel copies the gradient in; a later first use starts from zero,
-                # which gives the same buffer (momentum * 0 + grad)
-                self.buffers[i] = torch.empty_like(g) if first else torch.zeros_like(g)
-        buffers = [] if self.momentum == 0 else [self.buffers[i] for i in live]
+        # New buffers are kept only once the kernel has run: a failed call must leave no uninitialised buffer.
+        # On the first step the kernel copies the gradient in; a parameter first seen later starts from zero,
+        # which gives the same buffer (momentum * 0 + grad).
+        fresh = {i: (torch.empty_like(g) if first else torch.zeros_like(g))
+                 for i, g in zip(live, grads) if self.buffers[i] is None and self.momentum != 0}
+        buffers = [] if self.momentum == 0 else [self.buffers[i] if i not in fresh else fresh[i] for i in live]
         torch._fused_sgd_(params, grads, buffers, weight_decay=self.weight_decay, momentum=self.momentum,
                           lr=self.lr, dampening=0.0, nesterov=False, maximize=False, is_first_step=first)
+        for i, buffer in fresh.items():
+            self.buffers[i] = buffer
 
     def _foreach_step(self, live: list[int], params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
         # The operations and their order are torch's foreach SGD (torch/optim/sgd.py, dampening 0).

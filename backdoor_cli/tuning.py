@@ -130,7 +130,12 @@ def tune(
             after_step()
         return loss.detach(), logits.detach()
 
-    graphed = (GraphedStep(train_step, settings.batch_size)
+    def refusal() -> str | None:
+        if optimizer.capturable:
+            return None
+        return f"the fused SGD kernel was unavailable ({optimizer.fallback}), so the rate is not a device tensor"
+
+    graphed = (GraphedStep(train_step, settings.batch_size, refusal)
                if use_cuda_graphs(device, settings, perturb) else None)
     run_step = graphed or train_step
     # The adapter's hook (a trailing softmax's input) lives exactly as long as the run.

@@ -192,5 +192,40 @@ def test_a_refused_capture_falls_back_to_eager_and_says_why(monkeypatch):
     results = [graphed(x, torch.zeros(2, dtype=torch.long)) for x in batches]
     assert [loss.item() for loss, _ in results] == [x.sum().item() for x in batches]
     assert len(calls) == 5 and graphed.replays == 0  # no step was lost to the failed capture
-    assert graphed.status.startswith("eager (CUDA graph capture failed: RuntimeError: operation not permitted")
+    assert graphed.status.startswith("eager (no CUDA graph: RuntimeError: operation not permitted")
     assert WARMUP_STEPS == 2
+
+
+def test_a_refusal_keeps_every_step_eager(monkeypatch):
+    from backdoor_cli.graphed_step import GraphedStep
+
+    _fake_cuda(monkeypatch)
+    calls: list = []
+    graphed = GraphedStep(_counting_step(calls), batch_size=2, refusal=lambda: "the rate is a float")
+    for i in range(4):
+        graphed(torch.full((2,), float(i)), torch.zeros(2, dtype=torch.long))
+    assert len(calls) == 4 and graphed.replays == 0 and graphed.status == "eager (no CUDA graph: the rate is a float)"
+
+
+def test_sgd_falls_back_to_the_foreach_update_when_the_fused_kernel_is_refused(monkeypatch):
+    """A torch without the tensor-lr fused kernel: the same step by the foreach update, no graph capture,
+    and no uninitialised momentum buffer left behind by the failed call."""
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(4, 2), torch.nn.Linear(4, 2)
+    b.load_state_dict(a.state_dict())
+    fused = Sgd(list(a.parameters()), 0.1, 0.9, 1e-4, CPU, fused=True)
+    plain = Sgd(list(b.parameters()), 0.1, 0.9, 1e-4, CPU)
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("no tensor-lr overload here")
+
+    monkeypatch.setattr(torch, "_fused_sgd_", refuse)
+    for _ in range(3):
+        x = torch.randn(8, 4)
+        for model, opt in ((a, fused), (b, plain)):
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            opt.step()
+    assert not fused.capturable and fused.fallback.startswith("RuntimeError: no tensor-lr overload")
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.allclose(p, q, rtol=0, atol=1e-7)
