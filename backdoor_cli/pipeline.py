@@ -19,6 +19,7 @@ from .config import CompareOptions, EvaluateOptions, PurifyOptions, to_yaml_dict
 from .data import (DatasetBundle, ImageSizeError, ImageSet, indices_sha256, load_clean_folder, load_dataset, normalize,
                    select_clean_subset)
 from .defenses import DefenseParams, default_params, get_defense
+from .defenses.base import METHOD_PARAMS, inapplicable
 from .errors import ConfigError, InputError
 from .eval_cache import data_fingerprint, eval_key, measured
 from .evaluate import EvalSets, build_eval_sets, evaluate_model
@@ -279,6 +280,18 @@ def _clean_set(opts: PurifyOptions, bundle: DatasetBundle, fraction: float | Non
     return materialize(bundle.train.subset(indices)), indices
 
 
+def refuse_inapplicable(opts: PurifyOptions, defense) -> None:
+    """A method-specific flag (or config key) the chosen method would ignore is an error that names it:
+    a run must never record a value it did not use. lr/epochs/label-smoothing mean nothing to a method
+    that does not tune (clp)."""
+    names = METHOD_PARAMS + (("lr", "epochs", "label_smoothing") if defense.trains == "none" else ())
+    problems = inapplicable(defense, {name: getattr(opts, name) for name in names})
+    if problems:
+        hint = ("drop it, or choose a method that reads it" if len(problems) == 1
+                else "drop them, or choose a method that reads them")
+        raise ConfigError("; ".join(problems), hint=hint)
+
+
 def _input_paths(opts, *extra) -> list[Path]:
     """Every file or directory a run reads: outputs may never replace or land inside one of them."""
     candidates = [getattr(opts, "config", None), getattr(opts, "trigger", None), getattr(opts, "data", None),
@@ -300,6 +313,7 @@ def purify_checkpoint(opts: PurifyOptions, reporter: Reporter | None = None, cac
     reporter = reporter or Reporter()
     recipe = resolve_recipe(opts.method, opts.holdout_fraction, opts.select, opts.max_acc_drop, opts.path_floor)
     defense = get_defense(recipe.method)
+    refuse_inapplicable(opts, defense)
     if recipe.recommended:
         reporter.info(f"note: {CAVEAT}")
     if not opts.out:
@@ -396,7 +410,7 @@ def _purify_into(opts: PurifyOptions, recipe: Recipe, defense, device, outputs: 
         trigger=_describe_trigger(trigger),
         method={"name": defense.name, "recipe": recipe.to_dict(), "summary": defense.summary,
                 "reinit_head": defense.reinit_head,
-                "trains": defense.trains, "params": params.to_dict(), "head_norm": outcome.head_norm,
+                "trains": defense.trains, "params": {k: v for k, v in params.to_dict().items() if k in defense.used_params}, "head_norm": outcome.head_norm,
                 "notes": list(outcome.notes)},
         clean={"source": opts.clean_data or "training split", "images": clean.num_images,
                "tuned_on": tune_set.num_images,

@@ -104,6 +104,15 @@ class DefenseOutcome:
     head_norm: float | None = None  # FST: the Frobenius norm the head was held to
 
 
+# Hyper-parameters only some methods read (each Defense names its own in `own_params`), and the ones
+# every tuning method reads. A flag of the first kind given to a method that does not read it is
+# refused by name (`inapplicable`), and reports record only the parameters the method used.
+METHOD_PARAMS: tuple[str, ...] = ("alpha", "distill", "distill_temperature", "rho", "nad_beta", "nad_p", "nad_layers",
+                                  "teacher_epochs", "clp_u")
+TUNING_PARAMS: tuple[str, ...] = ("lr", "epochs", "batch_size", "momentum", "weight_decay", "augment", "seed",
+                                  "label_smoothing")
+
+
 @dataclass(frozen=True)
 class Defense:
     """A tuning defense: how the head starts, which parameters train, and the run function."""
@@ -111,9 +120,33 @@ class Defense:
     name: str
     summary: str
     reinit_head: bool
-    trains: str  # 'all' | 'head' | 'body'
+    trains: str  # 'all' | 'head' | 'body' | 'none' (clp prunes, it does not tune)
     uses_alpha: bool
     run: Callable[..., DefenseOutcome]
+    own_params: tuple[str, ...] = ()  # the METHOD_PARAMS this method reads
+
+    @property
+    def used_params(self) -> tuple[str, ...]:
+        """Every DefenseParams field this method reads: what its report records."""
+        common = TUNING_PARAMS if self.trains != "none" else ("seed",)
+        return common + self.own_params
+
+
+def methods_using(param: str) -> list[str]:
+    return [d.name for d in DEFENSES.values() if param in d.used_params]
+
+
+def inapplicable(defense: Defense, given: dict[str, object]) -> list[str]:
+    """The given (not None) hyper-parameters that `defense` would ignore, as messages naming the flag."""
+    messages = []
+    for name, value in given.items():
+        if value is None or name in defense.used_params:
+            continue
+        users = methods_using(name)
+        flag = "--" + name.replace("_", "-")
+        messages.append(f"{flag} does not apply to --method {defense.name}"
+                        + (f" (it is read by {', '.join(users)})" if users else ""))
+    return messages
 
 
 DEFENSES: dict[str, Defense] = {}

@@ -119,4 +119,5 @@ CLP = register(Defense(
     trains="none",
     uses_alpha=False,
     run=run_clp,
+    own_params=("clp_u",),
 ))

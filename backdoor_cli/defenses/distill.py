@@ -68,6 +68,7 @@ FST_KD = register(Defense(
     trains="all",
     uses_alpha=True,
     run=run_fst_kd,
+    own_params=("alpha", "distill", "distill_temperature"),
 ))
 
 
@@ -87,4 +88,5 @@ FT_KD = register(Defense(
     trains="all",
     uses_alpha=False,
     run=run_ft_kd,
+    own_params=("distill", "distill_temperature"),
 ))

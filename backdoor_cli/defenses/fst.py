@@ -54,4 +54,5 @@ FST = register(Defense(
     trains="all",
     uses_alpha=True,
     run=run_fst,
+    own_params=("alpha",),
 ))

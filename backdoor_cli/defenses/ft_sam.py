@@ -33,4 +33,5 @@ FT_SAM = register(Defense(
     trains="all",
     uses_alpha=False,
     run=run_ft_sam,
+    own_params=("rho",),
 ))

@@ -125,4 +125,5 @@ NAD = register(Defense(
     trains="all",
     uses_alpha=False,
     run=run_nad,
+    own_params=("nad_beta", "nad_p", "nad_layers", "teacher_epochs"),
 ))

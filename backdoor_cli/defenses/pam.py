@@ -36,4 +36,5 @@ PAM = register(Defense(
     trains="all",
     uses_alpha=False,
     run=run_pam,
+    own_params=("rho",),
 ))
