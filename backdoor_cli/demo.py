@@ -12,9 +12,11 @@ from importlib import resources
 from pathlib import Path
 
 from .config import CompareOptions, PurifyOptions, TrainOptions
+from .defenses import get_defense
 from .pipeline import compare_checkpoints, purify_checkpoint
 from .training import train_model
 from .progress import Reporter
+from .recipe import RECOMMENDED_METHOD
 from .report import compare_markdown, render_compare, to_json
 from .outputs import atomic_write_text, prepare_out_dir
 
@@ -25,10 +27,15 @@ DEMO_TRIGGER = "badnets"
 DEMO_POISON_RATE = 0.01
 DEMO_TRAIN = dict(arch="simple_cnn", epochs=5, lr=0.05, batch_size=128, augment=False)
 DEMO_CLEAN_COUNT = 600  # 10% of the sample's training split
-DEMO_TUNE = dict(lr=0.01, epochs=10, alpha=0.2)  # the FST paper's CIFAR-10 settings
+DEMO_TUNE = dict(lr=0.01, epochs=10)  # the FST paper's CIFAR-10 settings
+DEMO_ALPHA = 0.2  # and its alpha, given only to the methods that read it (the others refuse it)
 LOW_ASR = 0.10  # what the story calls "removed"
 # (output folder, --method): None is the recommended recipe (recipe.py)
 DEMO_RUNS = (("ft", "ft"), ("fst", "fst"), ("recommended", None))
+
+
+def reads_alpha(method: str | None) -> bool:
+    return "alpha" in get_defense(method or RECOMMENDED_METHOD).own_params
 
 
 def sample_dir() -> Path:
@@ -57,7 +64,8 @@ def run_demo(out: Path, force: bool, device: str, console, reporter: Reporter | 
         console.print(f"\n[bold]2. Purify with {title}[/bold] on {DEMO_CLEAN_COUNT} clean images...")
         report = purify_checkpoint(PurifyOptions(checkpoint=str(out / "backdoored.safetensors"), data=data,
                                                  method=method, out=str(out / name), force=force,
-                                                 clean_count=DEMO_CLEAN_COUNT, device=device, **DEMO_TUNE), reporter)
+                                                 clean_count=DEMO_CLEAN_COUNT, device=device, **DEMO_TUNE,
+                                                 alpha=DEMO_ALPHA if reads_alpha(method) else None), reporter)
         purified[name] = report
         console.print(f"   ASR {report.before.asr.value:.1%} -> {report.after.asr.value:.1%}, "
                       f"clean accuracy {report.before.clean_acc.value:.1%} -> {report.after.clean_acc.value:.1%}")

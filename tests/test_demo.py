@@ -24,7 +24,7 @@ def test_demo_runs_end_to_end_with_tiny_settings(tmp_path, monkeypatch):
     """The whole pipeline of the demo (train, purify ft+fst, compare, story), shrunk to seconds."""
     monkeypatch.setattr(demo, "DEMO_TRAIN", dict(arch="test_tiny", epochs=1, lr=0.05, batch_size=256, augment=False))
     monkeypatch.setattr(demo, "DEMO_CLEAN_COUNT", 60)
-    monkeypatch.setattr(demo, "DEMO_TUNE", dict(lr=0.01, epochs=1, alpha=0.2))
+    monkeypatch.setattr(demo, "DEMO_TUNE", dict(lr=0.01, epochs=1))
     result = runner.invoke(app, ["demo", "--out", str(tmp_path / "d"), "--device", "cpu", "--quiet"])
     assert result.exit_code == 0, result.output
     assert "What happened" in result.stdout and "FST" in result.stdout
