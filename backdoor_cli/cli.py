@@ -320,11 +320,13 @@ def purify(
                                                               "--method).")] = None,
     select: Annotated[Optional[str], typer.Option(help="What is kept, decided by the held-out images only (never the "
                                                   "test set or the trigger): last (the last epoch), epoch (the latest "
-                                                  "epoch within --max-acc-drop), path (the point nearest the purified "
-                                                  "model on the line back to the input within --max-acc-drop, "
-                                                  "default 3%). Default: path for the recommended recipe; with "
-                                                  "--method, epoch when --max-acc-drop and --holdout-fraction are "
-                                                  "given, else last.")] = None,
+                                                  "epoch within --select-budget), path (the point nearest the purified "
+                                                  "model on the line back to the input within --select-budget). "
+                                                  "Default: path for the recommended recipe; with --method, epoch "
+                                                  "when --select-budget and --holdout-fraction are given, else last.")] = None,
+    select_budget: Annotated[Optional[str], typer.Option(help="Held-out accuracy the selection may give up, as a "
+                                                         "fraction or a percentage (default 3%). Not the test-set "
+                                                         "gate: that is --max-acc-drop.")] = None,
     path_floor: Annotated[Optional[float], typer.Option(help="--select path: the smallest t considered (1 = the tuned "
                                                       "model, 0 = the input). Lower keeps more accuracy and risks "
                                                       "more of the backdoor (default 0.8; docs/purification.md).")] = None,

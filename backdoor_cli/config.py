@@ -18,8 +18,9 @@ from .errors import ConfigError
 from .imagefolder import MAX_IMAGE_SIDE
 
 MAX_CONFIG_BYTES = 1024 * 1024
-# Gate thresholds accept a fraction (0.05) or a percentage string ("5%") from flags and YAML alike.
-GATE_OPTIONS = ("max_asr", "min_acc", "max_acc_drop")
+# Gate thresholds (and the selection's budget) accept a fraction (0.05) or a percentage string ("5%")
+# from flags and YAML alike.
+GATE_OPTIONS = ("max_asr", "min_acc", "max_acc_drop", "select_budget")
 IMAGE_SIZE_OPTION = "image_size"  # one side (224: a square) or height,width; each in [2, MAX_IMAGE_SIDE]
 # Allowed ranges, checked where values enter (flag or YAML), so a bad value fails in a second, naming
 # its option, instead of deep inside torch after minutes of work: name -> (low, high, low_open, high_open).
@@ -111,6 +112,7 @@ class PurifyOptions(EvaluateOptions):
     holdout_fraction: float | None = None  # clean data kept out of tuning (None: 0.2 for the recipe, 0 for a --method)
     select: str | None = None  # last | epoch | path (None: the recipe's; recipe.resolve_recipe)
     path_floor: float | None = None  # the path selection's smallest t (None: path_select.FLOOR)
+    select_budget: float | None = None  # held-out accuracy the selection may give up (None: recipe.DEFAULT_BUDGET)
     distill: float | None = None  # fst-kd: weight of the distillation term (default in DefenseParams)
     distill_temperature: float | None = None  # fst-kd: its softmax temperature
     rho: float | None = None  # pam / ft-sam: perturbation radius (default: the method's)

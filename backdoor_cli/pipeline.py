@@ -311,7 +311,7 @@ def purify_checkpoint(opts: PurifyOptions, reporter: Reporter | None = None, cac
     leaves --out as it was.
     """
     reporter = reporter or Reporter()
-    recipe = resolve_recipe(opts.method, opts.holdout_fraction, opts.select, opts.max_acc_drop, opts.path_floor)
+    recipe = resolve_recipe(opts.method, opts.holdout_fraction, opts.select, opts.select_budget, opts.path_floor)
     defense = get_defense(recipe.method)
     refuse_inapplicable(opts, defense)
     if recipe.recommended:

@@ -66,8 +66,10 @@ class Recipe:
 
 
 def resolve_recipe(method: str | None, holdout_fraction: float | None, select: str | None,
-                   max_acc_drop: float | None, floor: float | None = None) -> Recipe:
-    """Fill in what the user left out; refuse a selection that has no held-out images to decide with."""
+                   select_budget: float | None, floor: float | None = None) -> Recipe:
+    """Fill in what the user left out; refuse a selection that has no held-out images to decide with.
+    `select_budget` is the held-out accuracy the selection may give up (--select-budget); the test-set
+    gate --max-acc-drop is a different thing and plays no part here."""
     recommended = method is None
     name = RECOMMENDED_METHOD if recommended else method
     holdout = holdout_fraction if holdout_fraction is not None else (RECOMMENDED_HOLDOUT if recommended else 0.0)
@@ -77,7 +79,7 @@ def resolve_recipe(method: str | None, holdout_fraction: float | None, select: s
         elif recommended:
             select = "path"
         else:
-            select = "epoch" if max_acc_drop is not None else "last"
+            select = "epoch" if select_budget is not None else "last"
     if select not in SELECTIONS:
         raise ConfigError(f"--select must be one of {', '.join(SELECTIONS)}, got {select!r}")
     if select != "last" and not holdout:
@@ -85,7 +87,10 @@ def resolve_recipe(method: str | None, holdout_fraction: float | None, select: s
                           hint="pass --holdout-fraction 0.2 (or leave --holdout-fraction at its default)")
     if floor is not None and select != "path":
         raise ConfigError("--path-floor applies to the path selection only", hint="add --select path")
-    budget = max_acc_drop if max_acc_drop is not None else (DEFAULT_BUDGET if select == "path" else None)
+    if select_budget is not None and select == "last":
+        raise ConfigError("--select-budget applies to a selection by held-out images",
+                          hint="add --select epoch or --select path (and --holdout-fraction with --method)")
+    budget = select_budget if select_budget is not None else (DEFAULT_BUDGET if select != "last" else None)
     return Recipe(name, holdout, select, budget, recommended, floor=FLOOR if floor is None else floor,
                   holdout_default=holdout_fraction is None and recommended)
 

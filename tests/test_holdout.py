@@ -92,7 +92,7 @@ def toy(tmp_path_factory):
 
 
 def test_cli_reports_the_curve_and_respects_the_budget(toy, tmp_path):
-    report, _ = _purify(toy, tmp_path / "a", "--max-acc-drop", "5%")
+    report, _ = _purify(toy, tmp_path / "a", "--select-budget", "5%")
     held = report["clean_data"]["holdout"]
     assert held["images"] == 30 and report["clean_data"]["tuned_on"] == 90 and len(held["curve"]) == 4
     within = [c["epoch"] for c in held["curve"] if held["input_acc"] - c["holdout_acc"] <= 0.05]
@@ -102,13 +102,13 @@ def test_cli_reports_the_curve_and_respects_the_budget(toy, tmp_path):
 
 def test_selection_never_reads_the_test_set_or_the_trigger(toy, tmp_path):
     """Same clean data, different test images and no trigger: the same epoch and the same weights."""
-    first, weights = _purify(toy, tmp_path / "a", "--max-acc-drop", "5%")
+    first, weights = _purify(toy, tmp_path / "a", "--select-budget", "5%")
     other = tmp_path / "data"
     shutil.copytree(toy["data"], other)
     with np.load(other / "test.npz") as f:
         x, y = f["x"], f["y"]
     np.savez(other / "test.npz", x=255 - x, y=(y + 1) % 3)  # different test images and labels
-    second, weights2 = _purify(toy, tmp_path / "b", "--max-acc-drop", "5%", "--target", "1", data=other)
+    second, weights2 = _purify(toy, tmp_path / "b", "--select-budget", "5%", "--target", "1", data=other)
     assert first["clean_data"]["holdout"]["curve"] == second["clean_data"]["holdout"]["curve"]
     assert first["clean_data"]["holdout"]["selected_epoch"] == second["clean_data"]["holdout"]["selected_epoch"]
     assert all(torch.equal(weights[k], weights2[k]) for k in weights)

@@ -100,11 +100,25 @@ def test_recipe_defaults_and_refusals():
     paper = resolve_recipe("fst", None, None, None)
     assert (paper.method, paper.holdout_fraction, paper.select, paper.budget, paper.recommended) == (
         "fst", 0.0, "last", None, False)
-    assert resolve_recipe("fst", 0.2, None, 0.03).select == "epoch"  # the behaviour before the recipe existed
+    assert resolve_recipe("fst", 0.2, None, 0.03).select == "epoch"  # a selection budget asks for a selection
+    assert resolve_recipe("fst", 0.2, None, None).select == "last"
     assert resolve_recipe("fst", 0.2, "path", None).budget == DEFAULT_BUDGET
+    assert resolve_recipe("fst", 0.2, "epoch", None).budget == DEFAULT_BUDGET
     assert resolve_recipe(None, 0.0, None, None).select == "last"  # the recipe without a held-out part
     with pytest.raises(ConfigError, match="none are held out"):
         resolve_recipe("fst", None, "path", None)
+    with pytest.raises(ConfigError, match="--select-budget applies to a selection"):
+        resolve_recipe("fst", None, None, 0.05)  # no held-out part: nothing to select by
+
+
+def test_the_test_set_gate_is_not_the_selection_budget(toy, tmp_path):
+    """--max-acc-drop gates the test-set figures only: it neither sets the selection's budget nor
+    switches a --method run to a selection (it did both once, under one flag)."""
+    report, _ = _purify(toy, tmp_path / "g", "--max-acc-drop", "50%")
+    assert report["method"]["recipe"]["budget"] == DEFAULT_BUDGET
+    assert any(g["gate"] == "max-acc-drop" for g in report["gates"])
+    plain, _ = _purify(toy, tmp_path / "h", "--method", "fst", "--holdout-fraction", "0.2", "--max-acc-drop", "50%")
+    assert plain["method"]["recipe"]["select"] == "last"
 
 
 def test_too_few_clean_images_turn_the_default_held_out_part_off_and_say_so():
@@ -134,7 +148,7 @@ def _purify(toy, out, *extra, data=None):
 
 
 def test_default_purify_runs_the_recommended_recipe(toy, tmp_path):
-    report, ckpt = _purify(toy, tmp_path / "a", "--max-acc-drop", "10%")
+    report, ckpt = _purify(toy, tmp_path / "a", "--select-budget", "10%")
     assert report["method"]["name"] == RECOMMENDED_METHOD
     assert report["method"]["recipe"] == {"method": RECOMMENDED_METHOD, "recommended": True, "holdout_fraction": 0.2,
                                           "select": "path", "budget": 0.1, "floor": FLOOR, "note": None,
@@ -181,7 +195,7 @@ def test_named_method_runs_as_published(toy, tmp_path):
 
 
 def test_path_floor_is_the_smallest_t_tried(toy, tmp_path):
-    report, ckpt = _purify(toy, tmp_path / "f", "--path-floor", "0.8", "--max-acc-drop", "0")
+    report, ckpt = _purify(toy, tmp_path / "f", "--path-floor", "0.8", "--select-budget", "0")
     path = report["clean_data"]["holdout"]["path"]
     assert [row["t"] for row in path["curve"]] == [1.0, 0.95, 0.9, 0.85, 0.8]
     assert path["floor"] == 0.8 and report["method"]["recipe"]["floor"] == 0.8 and path["chosen_t"] >= 0.8
