@@ -1,0 +1,85 @@
+"""--precision fp32 reaches every forward pass of a purify: the output-kind probe, both evaluations, the
+tuning steps, the held-out selection along the path and the retuning check. The model itself checks:
+its forward refuses to run under autocast or on a non-fp32 input while the test asks it to."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+from backdoor_cli.cli import app
+from helpers import make_npz_dataset
+
+runner = CliRunner()
+
+ARCH = '''
+import os
+import torch
+from torch import nn
+
+FORWARDS = {"n": 0}
+
+
+class Checked(nn.Module):
+    """A small CNN whose forward counts itself and refuses anything but fp32 arithmetic when
+    BDCLEAN_TEST_REQUIRE_FP32 is set."""
+
+    def __init__(self, num_classes):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.linear = nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        FORWARDS["n"] += 1
+        if os.environ.get("BDCLEAN_TEST_REQUIRE_FP32"):
+            if torch.is_autocast_enabled(x.device.type) or x.dtype != torch.float32:
+                raise RuntimeError(f"non-fp32 forward: autocast {torch.is_autocast_enabled(x.device.type)}, {x.dtype}")
+        h = torch.relu(self.bn(self.conv(x)))
+        return self.linear(h.mean(dim=(2, 3)))
+
+
+def build(num_classes=3, in_channels=3):
+    return Checked(num_classes)
+'''
+
+
+@pytest.fixture(scope="module")
+def subject(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fp32")
+    data = make_npz_dataset(root / "data", n_train=200, n_test=60)
+    arch = root / "checked.py"
+    arch.write_text(ARCH)
+    namespace: dict = {}
+    exec(ARCH, namespace)  # the same definition, to write a checkpoint whose keys match
+    torch.manual_seed(0)
+    save_file(namespace["build"](3).state_dict(), str(root / "model.safetensors"))
+    return {"data": str(data), "arch": f"{arch}:build", "model": str(root / "model.safetensors")}
+
+
+def _purify(subject, out, precision, monkeypatch):
+    monkeypatch.setenv("BDCLEAN_TEST_REQUIRE_FP32", "1")
+    return runner.invoke(app, ["purify", subject["model"], "--arch", subject["arch"], "--data", subject["data"],
+                               "--trigger", "badnets", "--target", "0", "--clean-count", "90", "--epochs", "2",
+                               "--batch-size", "16", "--retune-check", "--retune-poisoned", "4", "--retune-epochs", "1",
+                               "--precision", precision, "--out", str(out), "--device", "cpu", "--json", "--quiet"])
+
+
+def test_fp32_reaches_every_forward_of_a_purify(subject, tmp_path, monkeypatch):
+    result = _purify(subject, tmp_path / "fp32", "fp32", monkeypatch)
+    assert result.exit_code in (0, 1), result.output  # 1: a gate; anything else would be the model refusing
+    report = json.loads(result.stdout)
+    assert report["environment"]["compute"]["precision"]["tune"] == "fp32"
+    assert report["clean_data"]["holdout"]["path"]["curve"]  # the path selection ran its forwards too
+    assert report["retune_check"] is not None
+
+
+def test_the_model_does_refuse_a_bf16_forward(subject, tmp_path, monkeypatch):
+    """The check has teeth: with bf16 tuning the same model stops the run."""
+    result = _purify(subject, tmp_path / "bf16", "bf16", monkeypatch)
+    assert result.exit_code != 0
+    assert "non-fp32 forward" in result.output or "non-fp32 forward" in repr(result.exception)
