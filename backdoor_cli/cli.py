@@ -172,7 +172,7 @@ def evaluate(
     data: Data = None, arch: Arch = None, num_classes: NumClasses = None, head: Head = None,
     data_dir: DataDir = None, trigger: Trigger = None, target: Target = None, mean: Mean = None, std: Std = None,
     device: Device = None, seed: Seed = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Evaluation batch size (default 1024).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Evaluation batch size (default: 128 on CPU, 1024 on CUDA).")] = None,
     eval_limit: EvalLimit = None, max_asr: MaxAsr = None, min_acc: MinAcc = None, image_size: ImageSize = None,
     from_list: FromList = None,
     jsonl: Annotated[Optional[str], typer.Option(help="Many: append one JSON line per checkpoint as it finishes; "
@@ -307,7 +307,7 @@ def purify(
     teacher_epochs: Annotated[Optional[int], typer.Option(help="nad: epochs of the teacher's fine-tuning (default: "
                                                           "--epochs).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Tuning batch size (default 128).")] = None,
-    eval_batch_size: Annotated[Optional[int], typer.Option(help="Evaluation batch size (default 1024).")] = None,
+    eval_batch_size: Annotated[Optional[int], typer.Option(help="Evaluation batch size (default: 128 on CPU, 1024 on CUDA).")] = None,
     momentum: Annotated[Optional[float], typer.Option(help="SGD momentum (default 0.9).")] = None,
     weight_decay: Annotated[Optional[float], typer.Option(help="Weight decay (default 0).")] = None,
     augment: Annotated[Optional[bool], typer.Option("--augment/--no-augment", help="Random crop + flip while tuning.")] = None,
@@ -367,7 +367,7 @@ def compare(
     reference: Annotated[Optional[str], typer.Option(help="Checkpoint that DER and weight drift are measured "
                                                      "against (default: the first).")] = None,
     device: Device = None, seed: Seed = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Evaluation batch size (default 1024).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Evaluation batch size (default: 128 on CPU, 1024 on CUDA).")] = None,
     eval_limit: EvalLimit = None, max_asr: MaxAsr = None, min_acc: MinAcc = None, max_acc_drop: MaxAccDrop = None,
     image_size: ImageSize = None, precision: Precision = None, memory_format: MemoryFormat = None,
     markdown: Annotated[bool, typer.Option("--markdown", help="Print a Markdown table.")] = False,

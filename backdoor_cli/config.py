@@ -77,7 +77,7 @@ class SubjectOptions:
 class EvaluateOptions(SubjectOptions):
     trigger: str | None = None
     target: int | None = None
-    batch_size: int = 1024
+    batch_size: int | None = None  # evaluation batch (None: 128 on CPU, 1024 on CUDA; evaluate.EVAL_BATCH)
     eval_limit: int | None = None
     max_asr: float | None = None
     min_acc: float | None = None
@@ -100,7 +100,7 @@ class PurifyOptions(EvaluateOptions):
     epochs: int | None = None
     alpha: float | None = None
     batch_size: int = 128
-    eval_batch_size: int = 1024
+    eval_batch_size: int | None = None  # None: 128 on CPU, 1024 on CUDA (evaluate.EVAL_BATCH)
     momentum: float = 0.9
     weight_decay: float = 0.0
     augment: bool = True
@@ -189,7 +189,7 @@ class TrainOptions:
     std: tuple[float, ...] | None = None
     device: str = "auto"
     seed: int = 0
-    eval_batch_size: int = 1024
+    eval_batch_size: int | None = None  # None: 128 on CPU, 1024 on CUDA (evaluate.EVAL_BATCH)
     image_size: tuple[int, int] | None = None
     precision: str = "auto"
     memory_format: str = "auto"

@@ -95,14 +95,26 @@ def build_eval_sets(test: ImageSet | FolderStream, trigger, device: torch.device
     return EvalSets(clean, ImageSet(poisoned_x, source_y), trigger.target, name, limited)
 
 
+# Evaluation batch when none is given. On CPU smaller batches keep the activations in cache: measured on
+# the 2-core EPYC (fp32, channels_last, CIFAR-10), 128 images per batch ran 1.4x (simple_cnn) and 1.7x
+# (ResNet-20) faster than 1024. On CUDA large batches fill the GPU.
+EVAL_BATCH = {"cpu": 128, "cuda": 1024}
+
+
+def eval_batch_size(given: int | None, device: torch.device) -> int:
+    """The user's evaluation batch, else the device's default (EVAL_BATCH)."""
+    return given if given is not None else EVAL_BATCH.get(device.type, EVAL_BATCH["cuda"])
+
+
 @torch.inference_mode()
 def predict(model: torch.nn.Module, x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
-            device: torch.device, batch_size: int = 1024, on_batch=None, precision: str | None = None,
+            device: torch.device, batch_size: int | None = None, on_batch=None, precision: str | None = None,
             memory_format: str = "channels_last") -> torch.Tensor:
     """Class predictions for uint8 NHWC images, in large batches, staying on the device.
     `on_batch(n_images)` is called after each batch is queued (no sync: it only counts).
     `precision`: bf16 autocast, or exact fp32 (None: fp32, TF32 off on CUDA); `memory_format`: the model's."""
     precision = precision or "fp32"  # evaluation is exact unless bf16 is asked for (precision.py)
+    batch_size = eval_batch_size(batch_size, device)
     was_training = model.training
     model.eval()
     preds = []
@@ -118,11 +130,12 @@ def predict(model: torch.nn.Module, x: torch.Tensor, mean: torch.Tensor, std: to
 
 
 def evaluate_model(model: torch.nn.Module, sets: EvalSets, mean: torch.Tensor, std: torch.Tensor,
-                   device: torch.device, batch_size: int = 1024, reporter=None, precision: str | None = None,
+                   device: torch.device, batch_size: int | None = None, reporter=None, precision: str | None = None,
                    memory_format: str = "channels_last") -> EvalResult:
     """C-Acc on the clean set; ASR and RA on the triggered set when a trigger was given.
     With a `reporter`, a progress bar counts the images (useful on CPU, where this takes a while).
-    `precision` and `memory_format` as for `predict`."""
+    `batch_size` None: the device's default (EVAL_BATCH); `precision` and `memory_format` as for `predict`."""
+    batch_size = eval_batch_size(batch_size, device)
     synchronize(device)
     start = time.perf_counter()
     n_clean, n_poison = sets.clean.num_images, sets.num_poisoned

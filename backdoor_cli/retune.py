@@ -117,7 +117,7 @@ def retuned_copy(model: torch.nn.Module, tuning: ImageSet, poisoned_mask: torch.
 
 
 def check_retuning(model, clean: ImageSet, trigger, sets: EvalSets, mean, std, settings: RetuneSettings, device,
-                   asr_before: Rate, batch_size: int = 1024, flip: bool = True,
+                   asr_before: Rate, batch_size: int | None = None, flip: bool = True,
                    loss_adapter: LossAdapter = LOGITS, plan=None) -> RetuneResult:
     """Retune a copy and measure it on `sets`; the verdict is filled in by `judge`. `plan` (a
     precision.PrecisionPlan) gives the tuning and evaluation precision, as for the run's own figures."""

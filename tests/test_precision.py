@@ -260,3 +260,11 @@ def test_predict_without_a_precision_is_the_models_own_fp32_forward():
         own = model((x.permute(0, 3, 1, 2).float() / 255 - mean) / std).argmax(1)
     assert torch.equal(preds, own)
     assert seen and all(dtypes == (torch.float32, torch.float32) for dtypes in seen)
+
+
+def test_evaluation_batch_defaults_by_device_and_honours_the_users():
+    from backdoor_cli.evaluate import EVAL_BATCH, eval_batch_size
+
+    assert eval_batch_size(None, CPU) == EVAL_BATCH["cpu"] == 128  # cache-sized on CPU (measured, evaluate.py)
+    assert eval_batch_size(None, torch.device("cuda")) == EVAL_BATCH["cuda"] == 1024
+    assert eval_batch_size(7, CPU) == 7 and eval_batch_size(4096, torch.device("cuda")) == 4096
