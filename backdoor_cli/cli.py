@@ -24,59 +24,60 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
-    rich_markup_mode=None,
+    rich_markup_mode="rich",
 )
 
 EXIT_GATE, EXIT_INTERNAL, EXIT_INTERRUPTED = 1, 4, 130
 
 # Shared options: one definition each, so names and help stay identical across commands.
-Arch = Annotated[Optional[str], typer.Option(help="Architecture: a built-in name (resnet18, resnet20/32/44/56, preactresnet18, vgg16_bn, "
+Arch = Annotated[Optional[str], typer.Option(rich_help_panel="Model and data", help="Architecture: a built-in name (resnet18, resnet20/32/44/56, preactresnet18, vgg16_bn, "
                                              "simple_cnn, simple_cnn_half, test_tiny), torchvision:NAME, or path/to/file.py:factory. "
                                              "Default: from bdclean metadata, else guessed from the weights.")]
-NumClasses = Annotated[Optional[int], typer.Option(help="Number of classes (default: from the checkpoint).")]
-Head = Annotated[Optional[str], typer.Option(help="Module path of the linear head (default: auto-detected).")]
-Data = Annotated[Optional[str], typer.Option(help="Dataset: a name (cifar10, mnist, ...) under --data-dir, or a "
+NumClasses = Annotated[Optional[int], typer.Option(rich_help_panel="Model and data", help="Number of classes (default: from the checkpoint).")]
+Head = Annotated[Optional[str], typer.Option(rich_help_panel="Model and data", help="Module path of the linear head (default: auto-detected).")]
+Data = Annotated[Optional[str], typer.Option(rich_help_panel="Model and data", help="Dataset: a name (cifar10, mnist, ...) under --data-dir, or a "
                                              "directory with train.npz/test.npz or train/ and test/ image folders.")]
-DataDir = Annotated[Optional[str], typer.Option(help="Where named datasets live.")]
-Trigger = Annotated[Optional[str], typer.Option(help="Trigger: a built-in (badnets, blended, sig, wanet) or a YAML "
+DataDir = Annotated[Optional[str], typer.Option(rich_help_panel="Model and data", help="Where named datasets live.")]
+Trigger = Annotated[Optional[str], typer.Option(rich_help_panel="Model and data", help="Trigger: a built-in (badnets, blended, sig, wanet) or a YAML "
                                                 "spec file. Default: the one recorded in the checkpoint, if any.")]
-Target = Annotated[Optional[int], typer.Option(help="Attack target class (overrides the trigger spec).")]
-Device = Annotated[Optional[str], typer.Option(help="auto, cpu, cuda or cuda:N.")]
-Seed = Annotated[Optional[int], typer.Option(help="Random seed (default 0).")]
-EvalLimit = Annotated[Optional[int], typer.Option(help="Evaluate a seeded, stratified subset of N test images.")]
-Mean = Annotated[Optional[str], typer.Option(help="Normalisation mean, comma-separated (default: metadata or dataset).")]
-Std = Annotated[Optional[str], typer.Option(help="Normalisation std, comma-separated (default: metadata or dataset).")]
-Config = Annotated[Optional[Path], typer.Option(help="YAML file of options; flags override it.")]
-Json = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
-Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output on stderr.")]
-Force = Annotated[Optional[bool], typer.Option("--force", help="Replace existing outputs.")]
-MaxAsr = Annotated[Optional[str], typer.Option(help="Gate: fail (exit 1) if ASR is above this (0.05 or 5%).")]
-MinAcc = Annotated[Optional[str], typer.Option(help="Gate: fail (exit 1) if clean accuracy is below this.")]
-MaxAccDrop = Annotated[Optional[str], typer.Option(help="Gate: fail (exit 1) if clean accuracy drops by more than this.")]
-ImageSize = Annotated[Optional[str], typer.Option(help="Model input size N (square) or H,W: image folders are "
+Target = Annotated[Optional[int], typer.Option(rich_help_panel="Model and data", help="Attack target class (overrides the trigger spec).")]
+Device = Annotated[Optional[str], typer.Option(rich_help_panel="Compute", help="auto, cpu, cuda or cuda:N.")]
+Seed = Annotated[Optional[int], typer.Option(rich_help_panel="Compute", help="Random seed (default 0).")]
+EvalLimit = Annotated[Optional[int], typer.Option(rich_help_panel="Model and data", help="Evaluate a seeded, stratified subset of N test images.")]
+Mean = Annotated[Optional[str], typer.Option(rich_help_panel="Model and data", help="Normalisation mean, comma-separated (default: metadata or dataset).")]
+Std = Annotated[Optional[str], typer.Option(rich_help_panel="Model and data", help="Normalisation std, comma-separated (default: metadata or dataset).")]
+Config = Annotated[Optional[Path], typer.Option(rich_help_panel="Output", help="YAML file of options; flags override it.")]
+Json = Annotated[bool, typer.Option("--json", rich_help_panel="Output", help="Print the result as JSON on stdout.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", rich_help_panel="Output", help="No progress output on stderr.")]
+Force = Annotated[Optional[bool], typer.Option("--force", rich_help_panel="Output", help="Replace existing outputs.")]
+MaxAsr = Annotated[Optional[str], typer.Option(rich_help_panel="Gates (exit 1 when one fails)", help="Gate: fail (exit 1) if ASR is above this (0.05 or 5%).")]
+MinAcc = Annotated[Optional[str], typer.Option(rich_help_panel="Gates (exit 1 when one fails)", help="Gate: fail (exit 1) if clean accuracy is below this.")]
+MaxAccDrop = Annotated[Optional[str], typer.Option(rich_help_panel="Gates (exit 1 when one fails)", help="Gate: fail (exit 1) if clean accuracy drops by more than this.")]
+ImageSize = Annotated[Optional[str], typer.Option(rich_help_panel="Model and data", help="Model input size N (square) or H,W: image folders are "
                                                   "resized (shorter side to round(N / 0.875), e.g. 256 for 224) and "
                                                   "centre-cropped to it, the ImageNet evaluation transform. Needed when "
                                                   "a folder's images differ in size.")]
-RetuneCheck = Annotated[Optional[bool], typer.Option("--retune-check", help="Retune a copy with a few poisoned images (the trigger's) "
+RetuneCheck = Annotated[Optional[bool], typer.Option("--retune-check", rich_help_panel="Retuning check", help="Retune a copy with a few poisoned images (the trigger's) "
                                            "and report the ASR after retuning: a low ASR that comes back is a "
                                            "dormant backdoor. The copy is never saved. Needs a trigger.")]
-CleanReference = Annotated[Optional[str], typer.Option(help="--retune-check: a clean model given the same retuning, "
+CleanReference = Annotated[Optional[str], typer.Option(rich_help_panel="Retuning check", help="--retune-check: a clean model given the same retuning, "
                                                        "for the verdict.")]
-RetunePoisoned = Annotated[Optional[int], typer.Option(help="--retune-check: poisoned images (default 5).")]
-RetuneEpochs = Annotated[Optional[int], typer.Option(help="--retune-check: epochs (default 5).")]
-RetuneCleanCount = Annotated[Optional[int], typer.Option(help="--retune-check: clean training images to retune on "
+RetunePoisoned = Annotated[Optional[int], typer.Option(rich_help_panel="Retuning check", help="--retune-check: poisoned images (default 5).")]
+RetuneEpochs = Annotated[Optional[int], typer.Option(rich_help_panel="Retuning check", help="--retune-check: epochs (default 5).")]
+RetuneCleanCount = Annotated[Optional[int], typer.Option(rich_help_panel="Retuning check", help="--retune-check: clean training images to retune on "
                                                       "(default: those purify would tune on, the paper's fraction).")]
-RetuneLr = Annotated[Optional[float], typer.Option(help="--retune-check: SGD learning rate, constant (default 0.01).")]
-Precision = Annotated[Optional[str], typer.Option(help="Arithmetic: fp32, bf16 (autocast; fp32 weights and loss), or "
-                                                  "auto (default): bf16 on CUDA and on a CPU with native bf16 (AMX, "
-                                                  "AVX512-BF16; evaluation too, as measured in benchmarks/README.md), "
-                                                  "fp32 elsewhere. Recorded in the report.")]
-MemoryFormat = Annotated[Optional[str], typer.Option(help="Model memory format: channels_last, contiguous, or auto "
+RetuneLr = Annotated[Optional[float], typer.Option(rich_help_panel="Retuning check", help="--retune-check: SGD learning rate, constant (default 0.01).")]
+Precision = Annotated[Optional[str], typer.Option(rich_help_panel="Compute", help="Arithmetic: fp32, bf16 (autocast; fp32 weights and loss), or "
+                                                  "auto (default): tuning in bf16 on CUDA and on a CPU with native "
+                                                  "bf16 (AMX, AVX512-BF16), fp32 elsewhere; evaluation in exact fp32 "
+                                                  "(TF32 off on CUDA) unless bf16 is asked for. Recorded in the "
+                                                  "report.")]
+MemoryFormat = Annotated[Optional[str], typer.Option(rich_help_panel="Compute", help="Model memory format: channels_last, contiguous, or auto "
                                                      "(default: on CPU, time a few steps in each at start-up and keep "
                                                      "the faster). Recorded in the report.")]
-Out = Annotated[Optional[str], typer.Option(help="Output directory (purify) or file (train).")]
+Out = Annotated[Optional[str], typer.Option(rich_help_panel="Output", help="Output directory (purify) or file (train).")]
 FromList = Annotated[Optional[str], typer.Option(help="A file of checkpoint paths, one a line (# comments allowed).")]
-CacheDir = Annotated[Optional[str], typer.Option(help="Evaluation cache folder (default $BDCLEAN_CACHE_DIR; off when "
+CacheDir = Annotated[Optional[str], typer.Option(rich_help_panel="Output", help="Evaluation cache folder (default $BDCLEAN_CACHE_DIR; off when "
                                                  "neither is set): an evaluation of the same bytes, data, trigger "
                                                  "and settings is read back, not run again (evaluate, then purify).")]
 
@@ -276,7 +277,7 @@ def merge(
 @app.command()
 def purify(
     checkpoint: Annotated[str, typer.Argument(help="Suspect checkpoint to purify (never modified).")],
-    method: Annotated[Optional[str], typer.Option(help="Defense. Default: bdclean's recommended recipe (fst-kd, 20% of "
+    method: Annotated[Optional[str], typer.Option(rich_help_panel="Method", help="Defense. Default: bdclean's recommended recipe (fst-kd, 20% of "
                                                  "the clean images held out, then the point on the line back to "
                                                  "the input that they keep within the accuracy budget; see "
                                                  "docs/purification.md). A name runs that method as published: "
@@ -287,50 +288,50 @@ def purify(
                                                  "distillation), clp (channel Lipschitz pruning: no training).")] = None,
     data: Data = None, out: Out = None, arch: Arch = None, num_classes: NumClasses = None, head: Head = None,
     data_dir: DataDir = None, trigger: Trigger = None, target: Target = None, mean: Mean = None, std: Std = None,
-    lr: Annotated[Optional[float], typer.Option(help="Learning rate (default: the paper's for the dataset).")] = None,
-    epochs: Annotated[Optional[int], typer.Option(help="Tuning epochs (default: the paper's for the dataset).")] = None,
-    alpha: Annotated[Optional[float], typer.Option(help="FST penalty weight (default: the paper's for the dataset).")] = None,
-    distill: Annotated[Optional[float], typer.Option(help="fst-kd: weight of the distillation of the input model's "
+    lr: Annotated[Optional[float], typer.Option(rich_help_panel="Tuning (SGD)", help="Learning rate (default: the paper's for the dataset).")] = None,
+    epochs: Annotated[Optional[int], typer.Option(rich_help_panel="Tuning (SGD)", help="Tuning epochs (default: the paper's for the dataset).")] = None,
+    alpha: Annotated[Optional[float], typer.Option(rich_help_panel="Method", help="FST penalty weight (default: the paper's for the dataset).")] = None,
+    distill: Annotated[Optional[float], typer.Option(rich_help_panel="Method", help="fst-kd: weight of the distillation of the input model's "
                                                      "clean-data outputs (default 1).")] = None,
-    distill_temperature: Annotated[Optional[float], typer.Option(help="fst-kd: distillation temperature (default 2).")] = None,
-    rho: Annotated[Optional[float], typer.Option(help="pam: distance of the gradient point toward the suspect weights "
+    distill_temperature: Annotated[Optional[float], typer.Option(rich_help_panel="Method", help="fst-kd: distillation temperature (default 2).")] = None,
+    rho: Annotated[Optional[float], typer.Option(rich_help_panel="Method", help="pam: distance of the gradient point toward the suspect weights "
                                                  "(default 0.5); ft-sam: SAM radius (default 2.0, adaptive).")] = None,
-    label_smoothing: Annotated[Optional[float], typer.Option(help="Label smoothing of the tuning loss (ft-sam default "
+    label_smoothing: Annotated[Optional[float], typer.Option(rich_help_panel="Method", help="Label smoothing of the tuning loss (ft-sam default "
                                                              "0.1, others 0).")] = None,
-    nad_beta: Annotated[Optional[str], typer.Option(help="nad: attention-loss weight, one or one per layer, comma-"
+    nad_beta: Annotated[Optional[str], typer.Option(rich_help_panel="Method", help="nad: attention-loss weight, one or one per layer, comma-"
                                                     "separated (default 500,1000,1000).")] = None,
-    nad_p: Annotated[Optional[float], typer.Option(help="nad: power p of the attention map (default 2).")] = None,
-    nad_layers: Annotated[Optional[str], typer.Option(help="nad: module paths to distil, comma-separated (default: "
+    nad_p: Annotated[Optional[float], typer.Option(rich_help_panel="Method", help="nad: power p of the attention map (default 2).")] = None,
+    nad_layers: Annotated[Optional[str], typer.Option(rich_help_panel="Method", help="nad: module paths to distil, comma-separated (default: "
                                                       "the end of each of the last three stages).")] = None,
-    clp_u: Annotated[Optional[float], typer.Option(help="clp: prune channels whose Lipschitz bound is more than U "
+    clp_u: Annotated[Optional[float], typer.Option(rich_help_panel="Method", help="clp: prune channels whose Lipschitz bound is more than U "
                                                    "standard deviations above their layer's mean (default 3).")] = None,
-    teacher_epochs: Annotated[Optional[int], typer.Option(help="nad: epochs of the teacher's fine-tuning (default: "
+    teacher_epochs: Annotated[Optional[int], typer.Option(rich_help_panel="Method", help="nad: epochs of the teacher's fine-tuning (default: "
                                                           "--epochs).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Tuning batch size (default 128).")] = None,
-    eval_batch_size: Annotated[Optional[int], typer.Option(help="Evaluation batch size (default: 128 on CPU, 1024 on CUDA).")] = None,
-    momentum: Annotated[Optional[float], typer.Option(help="SGD momentum (default 0.9).")] = None,
-    weight_decay: Annotated[Optional[float], typer.Option(help="Weight decay (default 0).")] = None,
-    augment: Annotated[Optional[bool], typer.Option("--augment/--no-augment", help="Random crop + flip while tuning.")] = None,
-    clean_fraction: Annotated[Optional[float], typer.Option(help="Fraction of the training split used as clean data.")] = None,
-    clean_count: Annotated[Optional[int], typer.Option(help="Number of clean training images (class-balanced).")] = None,
-    clean_data: Annotated[Optional[str], typer.Option(help="Your own clean images (image folders or npz).")] = None,
-    holdout_fraction: Annotated[Optional[float], typer.Option(help="Hold this fraction of the clean images out of "
+    eval_batch_size: Annotated[Optional[int], typer.Option(rich_help_panel="Compute", help="Evaluation batch size (default: 128 on CPU, 1024 on CUDA).")] = None,
+    momentum: Annotated[Optional[float], typer.Option(rich_help_panel="Tuning (SGD)", help="SGD momentum (default 0.9).")] = None,
+    weight_decay: Annotated[Optional[float], typer.Option(rich_help_panel="Tuning (SGD)", help="Weight decay (default 0).")] = None,
+    augment: Annotated[Optional[bool], typer.Option("--augment/--no-augment", rich_help_panel="Tuning (SGD)", help="Random crop + flip while tuning.")] = None,
+    clean_fraction: Annotated[Optional[float], typer.Option(rich_help_panel="Model and data", help="Fraction of the training split used as clean data.")] = None,
+    clean_count: Annotated[Optional[int], typer.Option(rich_help_panel="Model and data", help="Number of clean training images (class-balanced).")] = None,
+    clean_data: Annotated[Optional[str], typer.Option(rich_help_panel="Model and data", help="Your own clean images (image folders or npz).")] = None,
+    holdout_fraction: Annotated[Optional[float], typer.Option(rich_help_panel="Selection by held-out images", help="Hold this fraction of the clean images out of "
                                                               "tuning and report their accuracy after every epoch "
                                                               "(default 0.2 for the recommended recipe, 0 with "
                                                               "--method).")] = None,
-    select: Annotated[Optional[str], typer.Option(help="What is kept, decided by the held-out images only (never the "
+    select: Annotated[Optional[str], typer.Option(rich_help_panel="Selection by held-out images", help="What is kept, decided by the held-out images only (never the "
                                                   "test set or the trigger): last (the last epoch), epoch (the latest "
                                                   "epoch within --select-budget), path (the point nearest the purified "
                                                   "model on the line back to the input within --select-budget). "
                                                   "Default: path for the recommended recipe; with --method, epoch "
                                                   "when --select-budget and --holdout-fraction are given, else last.")] = None,
-    select_budget: Annotated[Optional[str], typer.Option(help="Held-out accuracy the selection may give up, as a "
+    select_budget: Annotated[Optional[str], typer.Option(rich_help_panel="Selection by held-out images", help="Held-out accuracy the selection may give up, as a "
                                                          "fraction or a percentage (default 3%). Not the test-set "
                                                          "gate: that is --max-acc-drop.")] = None,
-    path_floor: Annotated[Optional[float], typer.Option(help="--select path: the smallest t considered (1 = the tuned "
+    path_floor: Annotated[Optional[float], typer.Option(rich_help_panel="Selection by held-out images", help="--select path: the smallest t considered (1 = the tuned "
                                                       "model, 0 = the input). Lower keeps more accuracy and risks "
                                                       "more of the backdoor (default 0.8; docs/purification.md).")] = None,
-    output_kind: Annotated[Optional[str], typer.Option(help="What the model returns: logits, probs, log-probs, or auto "
+    output_kind: Annotated[Optional[str], typer.Option(rich_help_panel="Model and data", help="What the model returns: logits, probs, log-probs, or auto "
                                                        "(default: detected from a probe batch).")] = None,
     device: Device = None, seed: Seed = None, eval_limit: EvalLimit = None,
     max_asr: MaxAsr = None, min_acc: MinAcc = None, max_acc_drop: MaxAccDrop = None, image_size: ImageSize = None,
@@ -429,16 +430,16 @@ def scan(
                                                                   "mask PNGs, a --trigger spec YAML) and scan.json.")] = None,
     arch: Arch = None, num_classes: NumClasses = None, head: Head = None, data_dir: DataDir = None,
     mean: Mean = None, std: Std = None, device: Device = None, seed: Seed = None, image_size: ImageSize = None,
-    clean_count: Annotated[Optional[int], typer.Option(help="Number of clean training images the scan uses "
+    clean_count: Annotated[Optional[int], typer.Option(rich_help_panel="Model and data", help="Number of clean training images the scan uses "
                                                        "(class-balanced; default 200).")] = None,
-    clean_data: Annotated[Optional[str], typer.Option(help="Your own clean images (image folders or npz) instead "
+    clean_data: Annotated[Optional[str], typer.Option(rich_help_panel="Model and data", help="Your own clean images (image folders or npz) instead "
                                                       "of the training split.")] = None,
     steps: Annotated[Optional[int], typer.Option(help="Optimisation steps per class at most (default 120; stops "
                                                  "earlier once the mask stops shrinking).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Clean images per optimisation step (default 32).")] = None,
     anomaly_threshold: Annotated[Optional[float], typer.Option(help="Flag a class whose anomaly index exceeds "
                                                                "this (default 2, Neural Cleanse's).")] = None,
-    output_kind: Annotated[Optional[str], typer.Option(help="What the model returns: logits, probs, log-probs, or "
+    output_kind: Annotated[Optional[str], typer.Option(rich_help_panel="Model and data", help="What the model returns: logits, probs, log-probs, or "
                                                        "auto (default).")] = None,
     fail_on_detect: Annotated[Optional[bool], typer.Option("--fail-on-detect", help="Gate: exit 1 if any class "
                                                            "is flagged.")] = None,
@@ -473,14 +474,14 @@ def train(
                                                 "poison a published clean model) instead of a fresh model.")] = None,
     data_dir: DataDir = None, trigger: Trigger = None, target: Target = None,
     poison_rate: Annotated[Optional[float], typer.Option(help="Fraction of training images poisoned (dirty label).")] = None,
-    epochs: Annotated[Optional[int], typer.Option(help="Epochs (default 6).")] = None,
-    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate, cosine schedule (default 0.05).")] = None,
+    epochs: Annotated[Optional[int], typer.Option(rich_help_panel="Tuning (SGD)", help="Epochs (default 6).")] = None,
+    lr: Annotated[Optional[float], typer.Option(rich_help_panel="Tuning (SGD)", help="Peak learning rate, cosine schedule (default 0.05).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Batch size (default 128).")] = None,
-    momentum: Annotated[Optional[float], typer.Option(help="SGD momentum (default 0.9).")] = None,
-    weight_decay: Annotated[Optional[float], typer.Option(help="Weight decay (default 5e-4).")] = None,
-    augment: Annotated[Optional[bool], typer.Option("--augment/--no-augment", help="Random crop + flip while "
+    momentum: Annotated[Optional[float], typer.Option(rich_help_panel="Tuning (SGD)", help="SGD momentum (default 0.9).")] = None,
+    weight_decay: Annotated[Optional[float], typer.Option(rich_help_panel="Tuning (SGD)", help="Weight decay (default 5e-4).")] = None,
+    augment: Annotated[Optional[bool], typer.Option("--augment/--no-augment", rich_help_panel="Tuning (SGD)", help="Random crop + flip while "
                                                     "training (default off: short runs then miss the backdoor).")] = None,
-    holdout_fraction: Annotated[Optional[float], typer.Option(help="Keep this fraction of the training split out of "
+    holdout_fraction: Annotated[Optional[float], typer.Option(rich_help_panel="Selection by held-out images", help="Keep this fraction of the training split out of "
                                                               "training (indices saved in the metadata).")] = None,
     train_limit: Annotated[Optional[int], typer.Option(help="Train on a stratified subset of N images.")] = None,
     mean: Mean = None, std: Std = None, device: Device = None, seed: Seed = None, image_size: ImageSize = None,
