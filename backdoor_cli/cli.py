@@ -432,6 +432,8 @@ def scan(
     mean: Mean = None, std: Std = None, device: Device = None, seed: Seed = None, image_size: ImageSize = None,
     clean_count: Annotated[Optional[int], typer.Option(rich_help_panel="Model and data", help="Number of clean training images the scan uses "
                                                        "(class-balanced; default 200).")] = None,
+    clean_fraction: Annotated[Optional[float], typer.Option(rich_help_panel="Model and data", help="Fraction of the "
+                                                            "training split the scan uses, instead of --clean-count.")] = None,
     clean_data: Annotated[Optional[str], typer.Option(rich_help_panel="Model and data", help="Your own clean images (image folders or npz) instead "
                                                       "of the training split.")] = None,
     steps: Annotated[Optional[int], typer.Option(help="Optimisation steps per class at most (default 120; stops "
@@ -477,6 +479,8 @@ def train(
     epochs: Annotated[Optional[int], typer.Option(rich_help_panel="Tuning (SGD)", help="Epochs (default 6).")] = None,
     lr: Annotated[Optional[float], typer.Option(rich_help_panel="Tuning (SGD)", help="Peak learning rate, cosine schedule (default 0.05).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Batch size (default 128).")] = None,
+    eval_batch_size: Annotated[Optional[int], typer.Option(rich_help_panel="Compute", help="Evaluation batch size "
+                                                           "(default: 128 on CPU, 1024 on CUDA).")] = None,
     momentum: Annotated[Optional[float], typer.Option(rich_help_panel="Tuning (SGD)", help="SGD momentum (default 0.9).")] = None,
     weight_decay: Annotated[Optional[float], typer.Option(rich_help_panel="Tuning (SGD)", help="Weight decay (default 5e-4).")] = None,
     augment: Annotated[Optional[bool], typer.Option("--augment/--no-augment", rich_help_panel="Tuning (SGD)", help="Random crop + flip while "

@@ -154,7 +154,7 @@ class ScanOptions(SubjectOptions):
     force: bool = False
     clean_count: int | None = None  # scan images drawn from the training split (default scan.DEFAULT_IMAGES)
     clean_data: str | None = None  # or the user's own clean images
-    clean_fraction: float | None = None  # never set by the scan; present so pipeline._clean_set accepts it
+    clean_fraction: float | None = None  # or a fraction of the training split (--clean-fraction)
     steps: int = 120  # optimisation steps per class at most (scan.InversionParams)
     batch_size: int = 32
     anomaly_threshold: float = 2.0

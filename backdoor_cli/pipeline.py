@@ -314,6 +314,9 @@ def purify_checkpoint(opts: PurifyOptions, reporter: Reporter | None = None, cac
     recipe = resolve_recipe(opts.method, opts.holdout_fraction, opts.select, opts.select_budget, opts.path_floor)
     defense = get_defense(recipe.method)
     refuse_inapplicable(opts, defense)
+    if opts.retune_clean_count is not None:  # an evaluate/compare setting; a config key must not pass unused
+        raise ConfigError("retune-clean-count does not apply to purify: its retuning check retunes on the clean "
+                          "images purify tuned on", hint="drop it, or use --clean-count / --clean-fraction")
     if recipe.recommended:
         reporter.info(f"note: {CAVEAT}")
     if not opts.out:
@@ -609,6 +612,9 @@ def _base_metadata(arch, num_classes, in_channels, head, mean, std, bundle: Data
 def compare_checkpoints(opts: CompareOptions, reporter: Reporter | None = None) -> CompareReport:
     """Evaluate N checkpoints on the same images and trigger; drift and DER against the reference."""
     reporter = reporter or Reporter()
+    if opts.checkpoint:  # inherited from the shared options; compare reads `checkpoints`
+        raise ConfigError("compare takes `checkpoints` (a list), not `checkpoint`",
+                          hint="name the checkpoints as arguments, or as a `checkpoints:` list in the config")
     if len(opts.checkpoints) < 2:
         raise ConfigError("compare needs at least two checkpoints")
     device = resolve_device(opts.device)
