@@ -334,6 +334,10 @@ def purify(
     output_kind: Annotated[Optional[str], typer.Option(rich_help_panel="Model and data", help="What the model returns: logits, probs, log-probs, or auto "
                                                        "(default: detected from a probe batch).")] = None,
     device: Device = None, seed: Seed = None, eval_limit: EvalLimit = None,
+    require_verified: Annotated[Optional[bool], typer.Option("--require-verified", rich_help_panel="Gates (exit 1 when one fails)",
+                                                             help="Exit 1 unless the removal verdict is verified: the "
+                                                             "trigger worked on the input and no longer works (the "
+                                                             "verdict and its evidence are in every report).")] = None,
     max_asr: MaxAsr = None, min_acc: MinAcc = None, max_acc_drop: MaxAccDrop = None, image_size: ImageSize = None,
     retune_check: RetuneCheck = None, clean_reference: CleanReference = None, retune_poisoned: RetunePoisoned = None,
     retune_epochs: RetuneEpochs = None, retune_lr: RetuneLr = None,

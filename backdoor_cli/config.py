@@ -113,6 +113,7 @@ class PurifyOptions(EvaluateOptions):
     select: str | None = None  # last | epoch | path (None: the recipe's; recipe.resolve_recipe)
     path_floor: float | None = None  # the path selection's smallest t (None: path_select.FLOOR)
     select_budget: float | None = None  # held-out accuracy the selection may give up (None: recipe.DEFAULT_BUDGET)
+    require_verified: bool = False  # gate: exit 1 unless the removal verdict is `verified` (removal.py)
     distill: float | None = None  # fst-kd: weight of the distillation term (default in DefenseParams)
     distill_temperature: float | None = None  # fst-kd: its softmax temperature
     rho: float | None = None  # pam / ft-sam: perturbation radius (default: the method's)

@@ -13,6 +13,9 @@ class GateResult:
     passed: bool
 
     def describe(self) -> str:
+        if self.name == "require-verified":
+            return f"gate require-verified {'passed' if self.passed else 'FAILED'}: the removal verdict " + (
+                "is verified" if self.passed else "is not verified")
         op = "<=" if self.name.startswith("max") else ">="
         verdict = "passed" if self.passed else "FAILED"
         return f"gate {self.name} {verdict}: {self.value:.2%} (must be {op} {self.threshold:.2%})"

@@ -23,7 +23,8 @@ from .defenses.base import METHOD_PARAMS, inapplicable
 from .errors import ConfigError, InputError
 from .eval_cache import data_fingerprint, eval_key, measured
 from .evaluate import EvalSets, build_eval_sets, evaluate_model
-from .gates import check_gates
+from .gates import GateResult, check_gates
+from .removal import judge_removal
 from .holdout import HoldoutMonitor, holdout_accuracy, split_holdout
 from .path_select import memorised_warning, select_on_path
 from .recipe import CAVEAT, Recipe, fit_to_clean_data, resolve_recipe
@@ -408,6 +409,10 @@ def _purify_into(opts: PurifyOptions, recipe: Recipe, defense, device, outputs: 
         reporter.warn(advice)
     gates = check_gates(after.asr.value if after.asr else None, after.clean_acc.value, acc_drop,
                         opts.max_asr, opts.min_acc, opts.max_acc_drop)
+    removal = judge_removal(_describe_trigger(trigger), before.asr, after.asr)
+    if opts.require_verified:
+        verified = removal.verdict == "verified"
+        gates.append(GateResult("require-verified", 1.0, float(verified), verified))
     report = PurifyReport(
         subject=subject.describe(), data=_describe_data(bundle, sets, image_size),
         trigger=_describe_trigger(trigger),
@@ -428,7 +433,7 @@ def _purify_into(opts: PurifyOptions, recipe: Recipe, defense, device, outputs: 
         history=[h.to_dict() for h in outcome.history], gates=gates, timings={},
         environment=environment(device, compute),
         options=to_yaml_dict(opts), outputs={}, output_kind=output_kind.to_dict(),
-        retune=retune.to_dict() if retune is not None else None,
+        retune=retune.to_dict() if retune is not None else None, removal=removal.to_dict(),
     )
     with timer.stage("write"):
         import yaml

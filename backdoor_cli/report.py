@@ -79,6 +79,7 @@ class PurifyReport:
     outputs: dict = field(default_factory=dict)
     output_kind: dict | None = None  # models.output_kind.OutputKind.to_dict(): what the model returns, the loss
     retune: dict | None = None  # retune.RetuneResult.to_dict() of the purified model, with --retune-check
+    removal: dict | None = None  # removal.RemovalVerdict.to_dict(): is there evidence the backdoor is gone?
 
     @property
     def acc_delta(self) -> float:
@@ -94,6 +95,7 @@ class PurifyReport:
                 "clean_data": self.clean,
                 "before": self.before.to_dict(), "after": self.after.to_dict(),
                 "delta": {"clean_acc": self.acc_delta, "asr": self.asr_delta}, "der": self.der,
+                "removal": self.removal,
                 "retune_check": self.retune, "history": self.history, "gates": [g.to_dict() for g in self.gates],
                 "passed": all(g.passed for g in self.gates), "outputs": self.outputs,
                 "timings": _round(self.timings), "environment": self.environment, "options": self.options,
@@ -221,6 +223,9 @@ def purify_markdown(report: PurifyReport) -> str:
         change = signed_points(a.value - b.value) if a is not None and b is not None else "-"
         lines.append(f"| {name} | {_rate_md(b)} | {_rate_md(a)} | {change} |")
     lines += ["", f"DER: {report.der:.4f}" if report.der is not None else "DER: - (no trigger)", ""]
+    if report.removal:
+        lines += ["## Removal verdict", "", f"**{report.removal['verdict'].replace('_', ' ')}**: "
+                  f"{report.removal['reason']}", ""]
     lines += path_markdown((report.clean.get("holdout") or {}).get("path"))
     lines += retune_markdown(report.retune)
     if report.gates:
@@ -419,6 +424,10 @@ def render_purify(report: PurifyReport, console) -> None:
             console.print(f"warning: {path['warning']}", style="bold yellow", highlight=False, markup=False)
     if report.retune:
         render_retune(report.retune, console)
+    if report.removal:
+        style = {"verified": "green", "failed": "bold red"}.get(report.removal["verdict"], "bold yellow")
+        console.print(f"removal: {report.removal['verdict'].replace('_', ' ').upper()}: {report.removal['reason']}",
+                      style=style, highlight=False, markup=False)
     if report.outputs:
         console.print("outputs: " + ", ".join(sorted(report.outputs)))
     _render_gates(report.gates, console)
