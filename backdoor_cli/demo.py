@@ -17,6 +17,7 @@ from .pipeline import compare_checkpoints, purify_checkpoint
 from .training import train_model
 from .progress import Reporter
 from .recipe import RECOMMENDED_METHOD
+from .removal import FAILED_ASR, VERIFIED_ASR
 from .report import compare_markdown, render_compare, to_json
 from .outputs import atomic_write_text, prepare_out_dir
 
@@ -29,9 +30,18 @@ DEMO_TRAIN = dict(arch="simple_cnn", epochs=5, lr=0.05, batch_size=128, augment=
 DEMO_CLEAN_COUNT = 600  # 10% of the sample's training split
 DEMO_TUNE = dict(lr=0.01, epochs=10)  # the FST paper's CIFAR-10 settings
 DEMO_ALPHA = 0.2  # and its alpha, given only to the methods that read it (the others refuse it)
-LOW_ASR = 0.10  # what the story calls "removed"
+LOW_ASR = VERIFIED_ASR  # what the story calls "removed": the removal verdict's bound (removal.py)
 # (output folder, --method): None is the recommended recipe (recipe.py)
 DEMO_RUNS = (("ft", "ft"), ("fst", "fst"), ("recommended", None))
+
+
+def _removal_words(asr: float) -> str:
+    """The story's words for an ASR after purification, in step with the removal verdict's bounds."""
+    if asr <= LOW_ASR:
+        return "removed the backdoor"
+    if asr > FAILED_ASR:
+        return "did not remove the backdoor"
+    return f"lowered the ASR, but not to the removal verdict's {LOW_ASR:.0%} bound"
 
 
 def reads_alpha(method: str | None) -> bool:
@@ -68,7 +78,8 @@ def run_demo(out: Path, force: bool, device: str, console, reporter: Reporter | 
                                                  alpha=DEMO_ALPHA if reads_alpha(method) else None), reporter)
         purified[name] = report
         console.print(f"   ASR {report.before.asr.value:.1%} -> {report.after.asr.value:.1%}, "
-                      f"clean accuracy {report.before.clean_acc.value:.1%} -> {report.after.clean_acc.value:.1%}")
+                      f"clean accuracy {report.before.clean_acc.value:.1%} -> {report.after.clean_acc.value:.1%}; "
+                      f"removal {report.removal['verdict'].replace('_', ' ')}", highlight=False, markup=False)
 
     console.print("\n[bold]3. Side by side[/bold] (same test images, same trigger):")
     comparison = compare_checkpoints(CompareOptions(
@@ -96,7 +107,7 @@ def story(clean_acc: float, asr: float, ft, fst, recommended=None) -> list[str]:
                      "backdoor features survive plain tuning, as the FST paper found.")
     else:
         lines.append(f"Fine-tuning (FT) brought the ASR down to {ft_asr:.1%} on this run.")
-    verdict = "removed the backdoor" if fst_asr <= LOW_ASR else "did not remove the backdoor"
+    verdict = _removal_words(fst_asr)
     lines.append(f"FST re-initialised the head and kept it away from the original one, shifting the features: it "
                  f"{verdict} (ASR {fst_asr:.1%}) at a clean-accuracy cost of "
                  f"{(fst.before.clean_acc.value - fst.after.clean_acc.value) * 100:.1f} points "
@@ -105,7 +116,7 @@ def story(clean_acc: float, asr: float, ft, fst, recommended=None) -> list[str]:
         rec_asr = recommended.after.asr.value
         rec_cost = (recommended.before.clean_acc.value - recommended.after.clean_acc.value) * 100
         fst_cost = (fst.before.clean_acc.value - fst.after.clean_acc.value) * 100
-        verdict = "removed the backdoor" if rec_asr <= LOW_ASR else "did not remove the backdoor"
+        verdict = _removal_words(rec_asr)
         lines.append(f"bdclean's recommended recipe (fst-kd, then the point on the line back to the input model that "
                      f"held-out clean images keep within the accuracy budget; the trigger is never used) {verdict} "
                      f"(ASR {rec_asr:.1%}) at a cost of {rec_cost:.1f} points "

@@ -28,6 +28,7 @@ def test_demo_runs_end_to_end_with_tiny_settings(tmp_path, monkeypatch):
     result = runner.invoke(app, ["demo", "--out", str(tmp_path / "d"), "--device", "cpu", "--quiet"])
     assert result.exit_code == 0, result.output
     assert "What happened" in result.stdout and "FST" in result.stdout
+    assert result.stdout.count("; removal ") == 3  # each purify line carries its removal verdict
     for name in ("backdoored.safetensors", "compare.md", "compare.json", "ft/purified.safetensors",
                  "fst/purified.safetensors", "fst/report.json", "recommended/purified.safetensors", "recommended/report.md"):
         assert (tmp_path / "d" / name).is_file(), name
@@ -53,6 +54,8 @@ def test_story_tells_the_recommended_recipe_from_its_own_figures():
     assert "cost of 3.0 points" in lines[3] and "against FST's 11.0" in lines[3]
     lines = demo.story(0.98, 0.9, _report(0.98, 0.95, 0.20), _report(0.98, 0.87, 0.01), _report(0.98, 0.97, 0.50))
     assert "did not remove the backdoor (ASR 50.0%)" in lines[3]
+    lines = demo.story(0.98, 0.9, _report(0.98, 0.95, 0.20), _report(0.98, 0.87, 0.01), _report(0.98, 0.97, 0.08))
+    assert "but not to the removal verdict's 5% bound (ASR 8.0%)" in lines[3]  # between the verdict's bounds
 
 
 @pytest.mark.slow
