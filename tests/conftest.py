@@ -16,3 +16,13 @@ def shared_dir() -> Path:
     if not (SHARED_DATA / "cifar10" / "test.npz").exists():
         pytest.skip(f"real data not found at {SHARED_DATA} (the ../shared folder beside the repo)")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="module")
+def toy_model(tmp_path_factory) -> dict:
+    """A BadNets-backdoored test_tiny model on a toy dataset (paths as str: data, model, root), trained once
+    per test module through the CLI."""
+    from helpers import train_toy_model
+
+    made = train_toy_model(tmp_path_factory.mktemp("toy"), epochs=2)
+    return {k: str(v) for k, v in made.items()}

@@ -11,19 +11,13 @@ from typer.testing import CliRunner
 from backdoor_cli.cli import app
 from backdoor_cli.defenses import DEFENSES
 from backdoor_cli.defenses.base import METHOD_PARAMS, TUNING_PARAMS, inapplicable
-from helpers import train_toy_model
+
 
 runner = CliRunner()
 
 
-@pytest.fixture(scope="module")
-def toy(tmp_path_factory):
-    made = train_toy_model(tmp_path_factory.mktemp("flags"), epochs=1)
-    return {k: str(v) for k, v in made.items()}
-
-
-def _purify(toy, out, *args):
-    return runner.invoke(app, ["purify", toy["model"], "--data", toy["data"], "--out", str(out), "--epochs", "1",
+def _purify(toy_model, out, *args):
+    return runner.invoke(app, ["purify", toy_model["model"], "--data", toy_model["data"], "--out", str(out), "--epochs", "1",
                                "--device", "cpu", "--quiet", "--json", *args])
 
 
@@ -34,30 +28,30 @@ def _purify(toy, out, *args):
     (["--method", "fst", "--teacher-epochs", "2"], "--teacher-epochs", "nad"),
     (["--method", "ft", "--clp-u", "2"], "--clp-u", "clp"),
 ])
-def test_a_flag_the_method_does_not_read_is_refused_by_name(toy, tmp_path, args, flag, readers):
-    result = _purify(toy, tmp_path / "out", *args)
+def test_a_flag_the_method_does_not_read_is_refused_by_name(toy_model, tmp_path, args, flag, readers):
+    result = _purify(toy_model, tmp_path / "out", *args)
     assert result.exit_code == 2, result.output
     assert f"{flag} does not apply to --method {args[1]}" in result.output
     assert f"read by {readers}" in result.output
     assert not (tmp_path / "out").exists()  # refused before any work
 
 
-def test_a_method_that_does_not_tune_refuses_tuning_flags(toy, tmp_path):
-    result = _purify(toy, tmp_path / "out", "--method", "clp", "--lr", "0.1", "--alpha", "0.2")
+def test_a_method_that_does_not_tune_refuses_tuning_flags(toy_model, tmp_path):
+    result = _purify(toy_model, tmp_path / "out", "--method", "clp", "--lr", "0.1", "--alpha", "0.2")
     assert result.exit_code == 2
     assert "--lr does not apply to --method clp" in result.output and "--alpha does not apply" in result.output
 
 
-def test_the_default_recipe_reads_alpha_and_distill(toy, tmp_path):
+def test_the_default_recipe_reads_alpha_and_distill(toy_model, tmp_path):
     """No --method: the recipe (fst-kd) reads --alpha and --distill, so both are accepted and recorded."""
-    result = _purify(toy, tmp_path / "out", "--alpha", "0.1", "--distill", "1.5")
+    result = _purify(toy_model, tmp_path / "out", "--alpha", "0.1", "--distill", "1.5")
     assert result.exit_code == 0, result.output
     params = json.loads((tmp_path / "out" / "report.json").read_text())["method"]["params"]
     assert params["alpha"] == 0.1 and params["distill"] == 1.5
 
 
-def test_reports_record_only_the_parameters_the_method_read(toy, tmp_path):
-    assert _purify(toy, tmp_path / "out", "--method", "ft").exit_code == 0
+def test_reports_record_only_the_parameters_the_method_read(toy_model, tmp_path):
+    assert _purify(toy_model, tmp_path / "out", "--method", "ft").exit_code == 0
     params = json.loads((tmp_path / "out" / "report.json").read_text())["method"]["params"]
     assert set(params) == set(TUNING_PARAMS)
     assert not set(params) & set(METHOD_PARAMS)

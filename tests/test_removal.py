@@ -48,25 +48,19 @@ def test_a_small_sample_is_not_enough_to_verify():
     assert judge_removal(TRIGGER, Rate(19, 20), Rate(0, 20)).verdict == "not_verified"
 
 
-@pytest.fixture(scope="module")
-def toy(tmp_path_factory):
-    made = train_toy_model(tmp_path_factory.mktemp("removal"), epochs=2)
-    return {k: str(v) for k, v in made.items()}
-
-
-def _purify(toy, out, *args):
-    return runner.invoke(app, ["purify", toy["model"], "--data", toy["data"], "--out", str(out), "--method", "ft",
+def _purify(toy_model, out, *args):
+    return runner.invoke(app, ["purify", toy_model["model"], "--data", toy_model["data"], "--out", str(out), "--method", "ft",
                                "--epochs", "1", "--device", "cpu", "--quiet", "--json", *args])
 
 
-def test_every_purify_report_carries_the_verdict_and_require_verified_gates_it(toy, tmp_path):
-    result = _purify(toy, tmp_path / "a")
+def test_every_purify_report_carries_the_verdict_and_require_verified_gates_it(toy_model, tmp_path):
+    result = _purify(toy_model, tmp_path / "a")
     assert result.exit_code in (0, 1), result.output
     report = json.loads(result.stdout)
     verdict = report["removal"]["verdict"]
     assert verdict in ("verified", "not_verified", "failed") and report["removal"]["evidence"]["asr_after"]
     assert "## Removal verdict" in (tmp_path / "a" / "report.md").read_text()
-    gated = _purify(toy, tmp_path / "b", "--require-verified")
+    gated = _purify(toy_model, tmp_path / "b", "--require-verified")
     gate = [g for g in json.loads(gated.stdout)["gates"] if g["gate"] == "require-verified"][0]
     assert gate["passed"] == (verdict == "verified")
     assert gated.exit_code == (0 if verdict == "verified" else 1)
@@ -77,11 +71,11 @@ def test_require_verified_without_a_trigger_exits_1(tmp_path):
     from backdoor_cli.checkpoint import read_checkpoint
     from safetensors.torch import save_file
 
-    toy = train_toy_model(tmp_path / "t", epochs=1)
+    toy_model = train_toy_model(tmp_path / "t", epochs=1)
     plain = tmp_path / "plain.safetensors"
-    state = read_checkpoint(toy["model"]).state_dict
+    state = read_checkpoint(toy_model["model"]).state_dict
     save_file({k: v.contiguous() for k, v in state.items()}, str(plain))  # no metadata: no trigger recorded
-    result = runner.invoke(app, ["purify", str(plain), "--arch", "test_tiny", "--data", str(toy["data"]),
+    result = runner.invoke(app, ["purify", str(plain), "--arch", "test_tiny", "--data", str(toy_model["data"]),
                                  "--out", str(tmp_path / "o"), "--method", "ft", "--epochs", "1", "--device", "cpu",
                                  "--require-verified", "--json", "--quiet"])
     assert result.exit_code == 1, result.output
