@@ -197,7 +197,18 @@ def evaluate(
     Exit code of an audit: the largest of its rows' codes (0 all passed, 1 a gate failed, 2 a file
     unreadable, 3 a pickle refused as unsafe, 4 an internal error).
     """
-    flags = dict(locals())
+    # Every option by name (tests/test_flags_fields.py: each maps to one field); --json, --quiet,
+    # --cache-dir and --markdown steer the command line itself and stay out.
+    flags = {
+        "checkpoints": checkpoints, "data": data, "arch": arch, "num_classes": num_classes, "head": head,
+        "data_dir": data_dir, "trigger": trigger, "target": target, "mean": mean, "std": std, "device": device,
+        "seed": seed, "batch_size": batch_size, "eval_limit": eval_limit, "max_asr": max_asr,
+        "min_acc": min_acc, "image_size": image_size, "from_list": from_list, "jsonl": jsonl, "shard": shard,
+        "purify": purify, "out": out, "force": force, "retune_check": retune_check,
+        "clean_reference": clean_reference, "retune_poisoned": retune_poisoned, "retune_epochs": retune_epochs,
+        "retune_lr": retune_lr, "retune_clean_count": retune_clean_count, "precision": precision,
+        "memory_format": memory_format, "config": config
+    }
     flags.pop("checkpoints")
     config_path = flags.pop("config") and str(config)
     targets = list(checkpoints or [])
@@ -346,7 +357,25 @@ def purify(
     quiet: Quiet = False,
 ):
     """Remove a backdoor by tuning on clean data; write purified weights and a report to --out."""
-    flags = dict(locals())
+    # Every option by name (tests/test_flags_fields.py: each maps to one field); --json, --quiet,
+    # --cache-dir and --markdown steer the command line itself and stay out.
+    flags = {
+        "checkpoint": checkpoint, "method": method, "data": data, "out": out, "arch": arch,
+        "num_classes": num_classes, "head": head, "data_dir": data_dir, "trigger": trigger, "target": target,
+        "mean": mean, "std": std, "lr": lr, "epochs": epochs, "alpha": alpha, "distill": distill,
+        "distill_temperature": distill_temperature, "rho": rho, "label_smoothing": label_smoothing,
+        "nad_beta": nad_beta, "nad_p": nad_p, "nad_layers": nad_layers, "clp_u": clp_u,
+        "teacher_epochs": teacher_epochs, "batch_size": batch_size, "eval_batch_size": eval_batch_size,
+        "momentum": momentum, "weight_decay": weight_decay, "augment": augment,
+        "clean_fraction": clean_fraction, "clean_count": clean_count, "clean_data": clean_data,
+        "holdout_fraction": holdout_fraction, "select": select, "select_budget": select_budget,
+        "path_floor": path_floor, "output_kind": output_kind, "device": device, "seed": seed,
+        "eval_limit": eval_limit, "require_verified": require_verified, "max_asr": max_asr, "min_acc": min_acc,
+        "max_acc_drop": max_acc_drop, "image_size": image_size, "retune_check": retune_check,
+        "clean_reference": clean_reference, "retune_poisoned": retune_poisoned, "retune_epochs": retune_epochs,
+        "retune_lr": retune_lr, "precision": precision, "memory_format": memory_format, "force": force,
+        "config": config
+    }
 
     def body():
         from .config import PurifyOptions, resolve_options
@@ -386,13 +415,24 @@ def compare(
     force: Force = None, config: Config = None, json_output: Json = False, quiet: Quiet = False,
 ):
     """Put several checkpoints side by side on the same data and trigger."""
-    flags = dict(locals())
+    # Every option by name (tests/test_flags_fields.py: each maps to one field); --json, --quiet,
+    # --cache-dir and --markdown steer the command line itself and stay out.
+    flags = {
+        "checkpoints": checkpoints, "data": data, "arch": arch, "num_classes": num_classes, "head": head,
+        "data_dir": data_dir, "trigger": trigger, "target": target, "mean": mean, "std": std,
+        "reference": reference, "device": device, "seed": seed, "batch_size": batch_size,
+        "eval_limit": eval_limit, "max_asr": max_asr, "min_acc": min_acc, "max_acc_drop": max_acc_drop,
+        "image_size": image_size, "precision": precision, "memory_format": memory_format,
+        "from_list": from_list, "path": path, "path_plot": path_plot, "retune_check": retune_check,
+        "clean_reference": clean_reference, "retune_poisoned": retune_poisoned, "retune_epochs": retune_epochs,
+        "retune_lr": retune_lr, "retune_clean_count": retune_clean_count, "force": force, "config": config
+    }
 
     def body():
         from .audit_targets import expand_in_order
         from .config import CompareOptions, resolve_options
 
-        flags["checkpoints"] = tuple(expand_in_order(list(checkpoints or []), from_list))
+        flags["checkpoints"] = tuple(expand_in_order(list(checkpoints or []), flags.pop("from_list")))
         from .pipeline import compare_checkpoints
         from .report import compare_markdown, render_compare
 
@@ -452,7 +492,16 @@ def scan(
     force: Force = None, config: Config = None, json_output: Json = False, quiet: Quiet = False,
 ):
     """Look for a backdoor without knowing its trigger: invert a trigger per class, flag outliers."""
-    flags = dict(locals())
+    # Every option by name (tests/test_flags_fields.py: each maps to one field); --json, --quiet,
+    # --cache-dir and --markdown steer the command line itself and stay out.
+    flags = {
+        "checkpoint": checkpoint, "data": data, "out": out, "arch": arch, "num_classes": num_classes,
+        "head": head, "data_dir": data_dir, "mean": mean, "std": std, "device": device, "seed": seed,
+        "image_size": image_size, "clean_count": clean_count, "clean_fraction": clean_fraction,
+        "clean_data": clean_data, "steps": steps, "batch_size": batch_size,
+        "anomaly_threshold": anomaly_threshold, "output_kind": output_kind, "fail_on_detect": fail_on_detect,
+        "force": force, "config": config
+    }
 
     def body():
         from .config import ScanOptions, resolve_options
@@ -497,7 +546,16 @@ def train(
     force: Force = None, config: Config = None, json_output: Json = False, quiet: Quiet = False,
 ):
     """Train a model, optionally backdoored, and save it as safetensors with metadata."""
-    flags = dict(locals())
+    # Every option by name (tests/test_flags_fields.py: each maps to one field); --json, --quiet,
+    # --cache-dir and --markdown steer the command line itself and stay out.
+    flags = {
+        "data": data, "out": out, "arch": arch, "init": init, "data_dir": data_dir, "trigger": trigger,
+        "target": target, "poison_rate": poison_rate, "epochs": epochs, "lr": lr, "batch_size": batch_size,
+        "eval_batch_size": eval_batch_size, "momentum": momentum, "weight_decay": weight_decay,
+        "augment": augment, "holdout_fraction": holdout_fraction, "train_limit": train_limit, "mean": mean,
+        "std": std, "device": device, "seed": seed, "image_size": image_size, "precision": precision,
+        "memory_format": memory_format, "force": force, "config": config
+    }
 
     def body():
         from .config import TrainOptions, resolve_options

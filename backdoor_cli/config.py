@@ -241,8 +241,12 @@ def resolve_options(cls, flags: dict, config_path: str | None = None):
                 raise ConfigError(f"unknown key {key!r} in {config_path}", hint=f"known keys: {known}")
             merged[name] = coerce(name, value, names[name].type, source=f"{config_path}: {key}")
     for name, value in flags.items():
-        if value is not None and name in names:
-            merged[name] = coerce(name, value, names[name].type, source=f"--{name.replace('_', '-')}")
+        if value is None:
+            continue  # not given
+        flag = f"--{name.replace('_', '-')}"
+        if name not in names:  # a flag this run has no field for would be dropped without a word: refuse it
+            raise ConfigError(f"{flag} does not apply to this run", hint="drop it (see --help for what applies)")
+        merged[name] = coerce(name, value, names[name].type, source=flag)
     if config_path and "config" in names:
         merged["config"] = str(config_path)
     try:

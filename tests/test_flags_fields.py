@@ -69,3 +69,16 @@ def _yaml(tmp_path, body: dict):
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(body))
     return path
+
+
+def test_a_flag_without_a_field_is_refused_not_dropped():
+    with pytest.raises(C.ConfigError, match="--shard does not apply"):
+        C.resolve_options(C.EvaluateOptions, {"checkpoint": "x", "shard": "0/2"})
+    assert C.resolve_options(C.EvaluateOptions, {"checkpoint": "x", "shard": None}).checkpoint == "x"  # not given
+
+
+def test_evaluate_of_one_checkpoint_refuses_the_audit_only_out(toy_model, tmp_path):
+    """--out is where an audit's --purify writes: a single evaluate refuses it by name."""
+    result = CliRunner().invoke(app, ["evaluate", toy_model["model"], "--data", toy_model["data"], "--device", "cpu",
+                                      "--out", str(tmp_path / "o"), "--quiet"])
+    assert result.exit_code == 2 and "--out" in result.output and "--purify" in result.output
