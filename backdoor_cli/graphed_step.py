@@ -90,10 +90,9 @@ class GraphedStep:
         if reason:
             self.failed = reason
             return False
-        # The buffers keep the batch's layout (channels_last or not), so the captured kernels are the
-        # ones the eager steps ran.
-        static_inputs = torch.empty_like(inputs).copy_(inputs)
-        static_labels = labels.clone()
+        # clone keeps the batch's layout (channels_last or not), so the captured kernels are the ones the
+        # eager steps ran.
+        static_inputs, static_labels = inputs.clone(), labels.clone()
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph):

@@ -31,6 +31,7 @@ class Sgd:
         self.momentum = momentum
         self.weight_decay = weight_decay
         self.fused = device.type == "cuda" if fused is None else fused
+        self.base_lr = float(lr)  # as given: the schedule computes from it (a float32 tensor would round it)
         # A device tensor on CUDA (read by the fused kernel, filled in place by set_lr); a float on CPU.
         self.lr: float | torch.Tensor = (torch.tensor(lr, dtype=torch.float32, device=device) if self.fused
                                          else float(lr))
@@ -120,7 +121,7 @@ class Schedule:
         if kind not in ("cosine", "constant"):
             raise ConfigError(f"unknown learning-rate schedule {kind!r}", hint="choose cosine or constant")
         self.optimizer, self.kind, self.epochs = optimizer, kind, epochs
-        self.base = self.lr = optimizer.lr_value
+        self.base = self.lr = optimizer.base_lr
         self.epoch = 0
 
     def step(self) -> None:

@@ -122,13 +122,16 @@ def tune(
         total.backward()
         return loss, logits
 
-    def train_step(inputs: torch.Tensor, yb: torch.Tensor):
-        """Forward, backward, optimiser step and after_step: the unit a CUDA graph captures."""
-        loss, logits = forward_backward(inputs, yb)
+    def apply_step(loss: torch.Tensor, logits: torch.Tensor):
+        """The optimiser step on the gradients forward_backward left, then after_step."""
         optimizer.step()
         if after_step is not None:
             after_step()
         return loss.detach(), logits.detach()
+
+    def train_step(inputs: torch.Tensor, yb: torch.Tensor):
+        """Forward, backward, optimiser step and after_step: the unit a CUDA graph captures."""
+        return apply_step(*forward_backward(inputs, yb))
 
     def refusal() -> str | None:
         if optimizer.capturable:
@@ -148,7 +151,7 @@ def tune(
             loss_sum = torch.zeros((), device=device)
             correct = torch.zeros((), device=device, dtype=torch.long)
             seen = 0
-            lr = optimizer.lr_value  # a device tensor on CUDA: one read per epoch
+            lr = scheduler.lr  # the schedule's float: no device read, the same figure on every machine
             for idx in iterate_minibatches(n, settings.batch_size, generator, shuffle=True):
                 if len(idx) < 2 and n >= 2:  # BatchNorm cannot train on a batch of one
                     continue
@@ -160,10 +163,7 @@ def tune(
                     restore = perturb(lambda: forward_backward(inputs, yb))
                     loss, logits = forward_backward(inputs, yb)
                     restore()
-                    optimizer.step()
-                    if after_step is not None:
-                        after_step()
-                    loss, logits = loss.detach(), logits.detach()
+                    loss, logits = apply_step(loss, logits)
                 else:
                     loss, logits = run_step(inputs, yb)
                 loss_sum += loss * len(idx)
