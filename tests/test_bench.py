@@ -27,12 +27,17 @@ def _load_bench():
     return module
 
 
-def test_quick_benchmark_writes_both_pipelines_and_ratio(tmp_path, capsys):
-    bench = _load_bench()
+def _run_quick(bench, tmp_path, *extra: str) -> tuple[int, dict]:
+    """bench --quick on the bundled MNIST sample: (exit code, the JSON it wrote)."""
     out = tmp_path / "bench.json"
     code = bench.main(["--quick", "--device", "cpu", "--data", str(REPO / "backdoor_cli" / "assets" / "mnist_sample"),
-                       "--cache-dir", str(tmp_path / "cache"), "--json-out", str(out), "--repeat", "2"])
-    result = json.loads(out.read_text())
+                       "--cache-dir", str(tmp_path / "cache"), "--json-out", str(out), *extra])
+    return code, json.loads(out.read_text())
+
+
+def test_quick_benchmark_writes_both_pipelines_and_ratio(tmp_path, capsys):
+    bench = _load_bench()
+    code, result = _run_quick(bench, tmp_path, "--repeat", "2")
     repeats = result["repeats"]
     assert repeats["count"] == 2 and len(repeats["totals"]) == 2 and len(repeats["total_ratios"]) == 2
     assert min(repeats["total_ratios"]) <= repeats["median_total_ratio"] <= max(repeats["total_ratios"])
@@ -211,10 +216,7 @@ def test_comparability_compares_the_seeds_medians_not_one_unlucky_seed():
 
 def test_quick_benchmark_over_seeds_reports_each_seed_and_the_spread(tmp_path, capsys):
     bench = _load_bench()
-    out = tmp_path / "bench.json"
-    code = bench.main(["--quick", "--device", "cpu", "--data", str(REPO / "backdoor_cli" / "assets" / "mnist_sample"),
-                       "--cache-dir", str(tmp_path / "cache"), "--json-out", str(out), "--seeds", "3,5"])
-    result = json.loads(out.read_text())
+    code, result = _run_quick(bench, tmp_path, "--seeds", "3,5")
     assert code == (0 if result["check"]["passed"] else 1)
     assert [s["seed"] for s in result["seeds"]] == [3, 5] and result["settings"]["seeds"] == [3, 5]
     assert all(s["same_eval_images"] for s in result["seeds"]) and result["check"]["same_eval_images"] is True
