@@ -455,9 +455,7 @@ def _purify_into(opts: PurifyOptions, recipe: Recipe, defense, device, outputs: 
         if clean_indices is not None:
             report.outputs["clean_indices.txt"] = "clean_indices.txt"
         report.timings = dict(timer.stages)
-        plot_note = stage_purify_report(outputs, report)
-        if plot_note:
-            reporter.warn(plot_note)
+        stage_purify_report(outputs, report)
     report.timings = dict(timer.stages)
     return report
 

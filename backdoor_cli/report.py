@@ -342,16 +342,14 @@ def compare_markdown(report: CompareReport) -> str:
 
 # ---------------------------------------------------------------- files
 
-def stage_purify_report(outputs, report: PurifyReport) -> str | None:
-    """Stage report.md, report.png and report.json in an OutputSet. Returns None: every run draws its chart
-    (kept as a return value so callers that warn about a skipped plot need no change)."""
+def stage_purify_report(outputs, report: PurifyReport) -> None:
+    """Stage report.md, report.png and report.json in an OutputSet."""
     report.outputs.setdefault("report.json", "report.json")
     report.outputs.setdefault("report.md", "report.md")
     outputs.stage("report.png", purify_plot_png(report))
     report.outputs["report.png"] = "report.png"
     outputs.stage("report.md", purify_markdown(report).encode())
     outputs.stage("report.json", to_json(report).encode())
-    return None
 
 
 def purify_plot_png(report: PurifyReport) -> bytes:
