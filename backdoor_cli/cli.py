@@ -322,7 +322,9 @@ def purify(
     eval_batch_size: Annotated[Optional[int], typer.Option(rich_help_panel="Compute", help="Evaluation batch size (default: 128 on CPU, 1024 on CUDA).")] = None,
     momentum: Annotated[Optional[float], typer.Option(rich_help_panel="Tuning (SGD)", help="SGD momentum (default 0.9).")] = None,
     weight_decay: Annotated[Optional[float], typer.Option(rich_help_panel="Tuning (SGD)", help="Weight decay (default 0).")] = None,
-    augment: Annotated[Optional[bool], typer.Option("--augment/--no-augment", rich_help_panel="Tuning (SGD)", help="Random crop + flip while tuning.")] = None,
+    augment: Annotated[Optional[bool], typer.Option("--augment/--no-augment", rich_help_panel="Tuning (SGD)", help="Random crop + flip "
+                                                   "while tuning (flip only where it keeps the label). Default: from the data: none for "
+                                                   "single-channel images (digits), both for colour images.")] = None,
     clean_fraction: Annotated[Optional[float], typer.Option(rich_help_panel="Model and data", help="Fraction of the training split used as clean data.")] = None,
     clean_count: Annotated[Optional[int], typer.Option(rich_help_panel="Model and data", help="Number of clean training images (class-balanced).")] = None,
     clean_data: Annotated[Optional[str], typer.Option(rich_help_panel="Model and data", help="Your own clean images (image folders or npz).")] = None,

@@ -103,7 +103,7 @@ class PurifyOptions(EvaluateOptions):
     eval_batch_size: int | None = None  # None: 128 on CPU, 1024 on CUDA (evaluate.EVAL_BATCH)
     momentum: float = 0.9
     weight_decay: float = 0.0
-    augment: bool = True
+    augment: bool | None = None  # None: decided from the data (augmentation.py)
     clean_fraction: float | None = None
     clean_count: int | None = None
     clean_data: str | None = None

@@ -25,6 +25,7 @@ from .eval_cache import data_fingerprint, eval_key, measured
 from .evaluate import EvalSets, build_eval_sets, evaluate_model
 from .gates import GateResult, check_gates
 from .removal import judge_removal
+from .augmentation import decide_augmentation
 from .holdout import HoldoutMonitor, holdout_accuracy, split_holdout
 from .path_select import memorised_warning, select_on_path
 from .recipe import CAVEAT, Recipe, fit_to_clean_data, resolve_recipe
@@ -248,7 +249,7 @@ def _defense_params(opts: PurifyOptions, dataset: str | None, recipe: Recipe) ->
         epochs=opts.epochs if opts.epochs is not None else defaults["epochs"],
         alpha=opts.alpha if opts.alpha is not None else defaults["alpha"],
         batch_size=opts.batch_size, momentum=opts.momentum, weight_decay=opts.weight_decay,
-        augment=opts.augment, seed=opts.seed,
+        augment=opts.augment is not False, seed=opts.seed,  # the data's rule refines it (_purify_into)
         **{**recipe.params(), **given},  # the user's values over the recipe's over the method's defaults
     ).validate()
     fraction = opts.clean_fraction
@@ -347,6 +348,8 @@ def _purify_into(opts: PurifyOptions, recipe: Recipe, defense, device, outputs: 
         trigger = resolve_trigger(opts.trigger, opts.target, subject, bundle.test.image_shape, subject.num_classes)
         _check_gate_inputs(opts, trigger)
         params, fraction = _defense_params(opts, bundle.name, recipe)
+        augmentation = decide_augmentation(opts.augment, bundle)
+        params = dataclasses.replace(params, augment=augmentation.enabled)
         clean, clean_indices = _clean_set(opts, bundle, fraction, subject)
         recipe, warning = fit_to_clean_data(recipe, clean.num_images, subject.num_classes)
         if warning:
@@ -354,6 +357,8 @@ def _purify_into(opts: PurifyOptions, recipe: Recipe, defense, device, outputs: 
         reporter.info(f"{recipe.describe()}: {clean.num_images} clean images"
                       + (f", lr {params.lr}, {params.epochs} epochs" if defense.trains != "none" else ", no training")
                       + (f", alpha {params.alpha}" if defense.uses_alpha else ""))
+        if defense.trains != "none":
+            reporter.info(f"augmentation: {augmentation.describe()}")
         model = prepare_model(subject.model, device)
         mean, std = normalization_tensors(subject, device)
         sets = build_eval_sets(bundle.test, trigger, device, opts.eval_limit, opts.seed)
@@ -383,7 +388,7 @@ def _purify_into(opts: PurifyOptions, recipe: Recipe, defense, device, outputs: 
         # the input's weights, for the line back to them (one copy, only when the path selection runs)
         start = {k: v.detach().clone() for k, v in model.state_dict().items()} if recipe.select == "path" else None
         outcome = _run_defense(defense, model, subject, tune_set.to(device), mean, std, params, device,
-                               bundle.augment_flip, reporter, output_kind, monitor, compute)
+                               augmentation.flip, reporter, output_kind, monitor, compute)
         selection = monitor.restore(model, params.epochs) if recipe.select == "epoch" else None
         if selection:
             reporter.info(f"held-out selection: {selection}")
@@ -420,6 +425,7 @@ def _purify_into(opts: PurifyOptions, recipe: Recipe, defense, device, outputs: 
                 "reinit_head": defense.reinit_head,
                 "trains": defense.trains, "head_norm": outcome.head_norm,
                 "params": {k: v for k, v in params.to_dict().items() if k in defense.used_params},
+                "augmentation": augmentation.to_dict() if defense.trains != "none" else None,
                 "notes": list(outcome.notes)},
         clean={"source": opts.clean_data or "training split", "images": clean.num_images,
                "tuned_on": tune_set.num_images,
