@@ -17,6 +17,7 @@ import typer
 
 
 from .errors import BdcleanError, ConfigError
+from .method_catalog import method_help
 
 app = typer.Typer(
     name="bdclean",
@@ -285,18 +286,13 @@ def merge(
         raise typer.Exit(code)
 
 
+METHOD_HELP = method_help()
+
+
 @app.command()
 def purify(
     checkpoint: Annotated[str, typer.Argument(help="Suspect checkpoint to purify (never modified).")],
-    method: Annotated[Optional[str], typer.Option(rich_help_panel="Method", help="Defense. Default: bdclean's recommended recipe (fst-kd, 20% of "
-                                                 "the clean images held out, then the point on the line back to "
-                                                 "the input that they keep within the accuracy budget; see "
-                                                 "docs/purification.md). A name runs that method as published: "
-                                                 "fst (the paper's), fst-kd (FST + distillation of the input "
-                                                 "model's clean outputs: lower accuracy cost), ft, lp, fe-tuning, ft-init, "
-                                                 "pam (path-aware minimisation, clean-data variant: without the paper's "
-                                                 "inverted-trigger images), ft-sam (adaptive SAM), nad (attention "
-                                                 "distillation), clp (channel Lipschitz pruning: no training).")] = None,
+    method: Annotated[Optional[str], typer.Option(rich_help_panel="Method", help=METHOD_HELP)] = None,
     data: Data = None, out: Out = None, arch: Arch = None, num_classes: NumClasses = None, head: Head = None,
     data_dir: DataDir = None, trigger: Trigger = None, target: Target = None, mean: Mean = None, std: Std = None,
     lr: Annotated[Optional[float], typer.Option(rich_help_panel="Tuning (SGD)", help="Learning rate (default: the paper's for the dataset).")] = None,
@@ -318,6 +314,10 @@ def purify(
                                                    "standard deviations above their layer's mean (default 3).")] = None,
     teacher_epochs: Annotated[Optional[int], typer.Option(rich_help_panel="Method", help="nad: epochs of the teacher's fine-tuning (default: "
                                                           "--epochs).")] = None,
+    unlearn_fraction: Annotated[Optional[float], typer.Option(rich_help_panel="Method", help="unlearn: share of each tuning batch stamped "
+                                                              "with the scan's reconstructed trigger, labels kept (default 0.2).")] = None,
+    scan_steps: Annotated[Optional[int], typer.Option(rich_help_panel="Method", help="unlearn: the trigger inversion's optimisation steps "
+                                                      "per class at most (default 120; fewer is faster and finds less).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Tuning batch size (default 128).")] = None,
     eval_batch_size: Annotated[Optional[int], typer.Option(rich_help_panel="Compute", help="Evaluation batch size (default: 128 on CPU, 1024 on CUDA).")] = None,
     momentum: Annotated[Optional[float], typer.Option(rich_help_panel="Tuning (SGD)", help="SGD momentum (default 0.9).")] = None,
@@ -330,13 +330,13 @@ def purify(
     clean_data: Annotated[Optional[str], typer.Option(rich_help_panel="Model and data", help="Your own clean images (image folders or npz).")] = None,
     holdout_fraction: Annotated[Optional[float], typer.Option(rich_help_panel="Selection by held-out images", help="Hold this fraction of the clean images out of "
                                                               "tuning and report their accuracy after every epoch "
-                                                              "(default 0.2 for the recommended recipe, 0 with "
-                                                              "--method).")] = None,
+                                                              "(default 0.2 for the default method, which measures its "
+                                                              "removal on them; 0 with --method).")] = None,
     select: Annotated[Optional[str], typer.Option(rich_help_panel="Selection by held-out images", help="What is kept, decided by the held-out images only (never the "
                                                   "test set or the trigger): last (the last epoch), epoch (the latest "
                                                   "epoch within --select-budget), path (the point nearest the purified "
                                                   "model on the line back to the input within --select-budget). "
-                                                  "Default: path for the recommended recipe; with --method, epoch "
+                                                  "Default: last for the default method; with --method, epoch "
                                                   "when --select-budget and --holdout-fraction are given, else last.")] = None,
     select_budget: Annotated[Optional[str], typer.Option(rich_help_panel="Selection by held-out images", help="Held-out accuracy the selection may give up, as a "
                                                          "fraction or a percentage (default 3%). Not the test-set "
@@ -366,7 +366,7 @@ def purify(
         "num_classes": num_classes, "head": head, "data_dir": data_dir, "trigger": trigger, "target": target,
         "mean": mean, "std": std, "lr": lr, "epochs": epochs, "alpha": alpha, "distill": distill,
         "distill_temperature": distill_temperature, "rho": rho, "label_smoothing": label_smoothing,
-        "nad_beta": nad_beta, "nad_p": nad_p, "nad_layers": nad_layers, "clp_u": clp_u,
+        "nad_beta": nad_beta, "nad_p": nad_p, "nad_layers": nad_layers, "clp_u": clp_u, "unlearn_fraction": unlearn_fraction, "scan_steps": scan_steps,
         "teacher_epochs": teacher_epochs, "batch_size": batch_size, "eval_batch_size": eval_batch_size,
         "momentum": momentum, "weight_decay": weight_decay, "augment": augment,
         "clean_fraction": clean_fraction, "clean_count": clean_count, "clean_data": clean_data,
@@ -577,7 +577,7 @@ def demo(
     force: Annotated[bool, typer.Option("--force", help="Replace an earlier demo's outputs.")] = True,
     device: Device = None, quiet: Quiet = False,
 ):
-    """Offline demo on a bundled MNIST sample: backdoor a model, purify it with FT and FST, compare."""
+    """Offline demo on a bundled MNIST sample: backdoor a model, purify it with FT, FST and the default, compare."""
 
     def body():
         from .demo import run_demo

@@ -33,10 +33,11 @@ RANGES: dict[str, tuple] = {
     "momentum": (0, 1, False, True), "weight_decay": (0, None, False, False), "clean_fraction": (0, 1, True, False),
     "poison_rate": (0, 1, False, False), "holdout_fraction": (0, 1, False, True),
     "rho": (0, 100, False, False), "label_smoothing": (0, 1, False, True), "nad_p": (0, 16, True, False),
-    "teacher_epochs": (1, 10_000, False, False), "clp_u": (0, 100, False, False), "path_floor": (0, 1, False, False), "retune_poisoned": (1, 100_000, False, False),
+    "teacher_epochs": (1, 10_000, False, False), "clp_u": (0, 100, False, False),
+    "unlearn_fraction": (0, 1, True, True), "path_floor": (0, 1, False, False), "retune_poisoned": (1, 100_000, False, False),
     "retune_epochs": (1, 1000, False, False), "retune_lr": (0, 10, True, False),
     "retune_clean_count": (1, None, False, False),
-    "steps": (1, 100_000, False, False), "anomaly_threshold": (0, None, True, False),
+    "steps": (1, 100_000, False, False), "scan_steps": (1, 100_000, False, False), "anomaly_threshold": (0, None, True, False),
 }
 
 # Options that take one of a few words; checked where values enter, like the ranges.
@@ -93,7 +94,7 @@ class EvaluateOptions(SubjectOptions):
 
 @dataclass(frozen=True)
 class PurifyOptions(EvaluateOptions):
-    method: str | None = None  # None: the recommended recipe (recipe.py); a name runs that method as published
+    method: str | None = None  # None: the default, scan -> unlearn -> verify (recipe.py); a name runs that method as published
     out: str | None = None
     force: bool = False
     lr: float | None = None
@@ -123,6 +124,8 @@ class PurifyOptions(EvaluateOptions):
     nad_layers: tuple[str, ...] | None = None  # nad: layers to distil (default: the end of each stage)
     teacher_epochs: int | None = None  # nad: teacher fine-tuning epochs (default: --epochs)
     clp_u: float | None = None  # clp: the outlier threshold u (default 3)
+    unlearn_fraction: float | None = None  # unlearn: share of each batch stamped with the reconstructed trigger (0.2)
+    scan_steps: int | None = None  # unlearn: the trigger inversion's steps per class at most (scan.InversionParams: 120)
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 1. train a small CNN on the sample with a BadNets trigger at a low poisoning rate (the backdoor);
 2. purify it with plain fine-tuning (FT), Feature Shift Tuning (FST, the paper's) and bdclean's
-   recommended recipe (what `bdclean purify` runs with no --method) on a little clean data;
+   default (what `bdclean purify` runs with no --method: scan, unlearn, verify) on a little clean data;
 3. compare the four on the same test images and tell what happened.
 """
 
@@ -31,7 +31,7 @@ DEMO_CLEAN_COUNT = 600  # 10% of the sample's training split
 DEMO_TUNE = dict(lr=0.01, epochs=10)  # the FST paper's CIFAR-10 settings
 DEMO_ALPHA = 0.2  # and its alpha, given only to the methods that read it (the others refuse it)
 LOW_ASR = VERIFIED_ASR  # what the story calls "removed": the removal verdict's bound (removal.py)
-# (output folder, --method): None is the recommended recipe (recipe.py)
+# (output folder, --method): None is the default, scan -> unlearn -> verify (recipe.py)
 DEMO_RUNS = (("ft", "ft"), ("fst", "fst"), ("recommended", None))
 
 
@@ -70,7 +70,7 @@ def run_demo(out: Path, force: bool, device: str, console, reporter: Reporter | 
 
     purified = {}
     for name, method in DEMO_RUNS:
-        title = method.upper() if method else "bdclean's recommended recipe (no --method)"
+        title = method.upper() if method else "bdclean's default (no --method: scan, unlearn, verify)"
         console.print(f"\n[bold]2. Purify with {title}[/bold] on {DEMO_CLEAN_COUNT} clean images...")
         report = purify_checkpoint(PurifyOptions(checkpoint=str(out / "backdoored.safetensors"), data=data,
                                                  method=method, out=str(out / name), force=force,
@@ -117,8 +117,19 @@ def story(clean_acc: float, asr: float, ft, fst, recommended=None) -> list[str]:
         rec_cost = (recommended.before.clean_acc.value - recommended.after.clean_acc.value) * 100
         fst_cost = (fst.before.clean_acc.value - fst.after.clean_acc.value) * 100
         verdict = _removal_words(rec_asr)
-        lines.append(f"bdclean's recommended recipe (fst-kd, then the point on the line back to the input model that "
-                     f"held-out clean images keep within the accuracy budget; the trigger is never used) {verdict} "
+        lines.append(f"bdclean's default ({scan_words(recommended.scan)}; the real trigger is never used) {verdict} "
                      f"(ASR {rec_asr:.1%}) at a cost of {rec_cost:.1f} points "
-                     f"({recommended.after.clean_acc.value:.1%}), against FST's {fst_cost:.1f}.")
+                     f"({recommended.after.clean_acc.value:.1%}), against FST's {fst_cost:.1f}. Without knowing the "
+                     f"trigger, its removal verdict was: {recommended.removal['verdict'].replace('_', ' ')}.")
     return lines
+
+
+def scan_words(scan: dict | None) -> str:
+    """What the default's scan found and unlearnt, in the story's words."""
+    if not scan:
+        return "no scan ran"
+    unlearnt = ", ".join(str(c) for c in scan["unlearnt"])
+    if scan["flagged"]:
+        return (f"a trigger-inversion scan of the clean images flagged class {', '.join(map(str, scan['flagged']))}, "
+                f"and its reconstructed trigger was unlearnt")
+    return f"a trigger-inversion scan flagged no class; the smallest reconstructed trigger (class {unlearnt}) was unlearnt"

@@ -24,7 +24,7 @@ from .errors import ConfigError, InputError
 from .eval_cache import data_fingerprint, eval_key, measured
 from .evaluate import EvalSets, build_eval_sets, evaluate_model
 from .gates import GateResult, check_gates
-from .removal import judge_removal
+from .removal import combine_verdicts, judge_removal, judge_removal_by_scan
 from .augmentation import decide_augmentation
 from .holdout import HoldoutMonitor, holdout_accuracy, split_holdout
 from .path_select import memorised_warning, select_on_path
@@ -42,6 +42,8 @@ from .linear_path import PathReport, path_plot_png, path_points, walk_path
 from .precision import (FORMAT_TIMED_STEPS, MEMORY_FORMATS, Compute, FormatChoice, autocast, choose_memory_format,
                         eval_timing_batch, example_batch, parse_choice, resolve_precision, torch_format)
 from .retune import RetuneResult, RetuneSettings, check_retuning, judge
+from .scan import InversionParams
+from .scan_guided import ScanEvidence, choose_triggers, proxy_rates, rescan, run_scan
 from .runtime import Stopwatch, environment, prepare_model, resolve_device, seed_everything
 from .streaming import materialize
 from .subject import Subject, load_subject, normalization_tensors
@@ -242,7 +244,8 @@ def _defense_params(opts: PurifyOptions, dataset: str | None, recipe: Recipe) ->
     given = {k: v for k, v in (("distill", opts.distill), ("distill_temperature", opts.distill_temperature),
                                ("rho", opts.rho), ("label_smoothing", opts.label_smoothing),
                                ("nad_beta", opts.nad_beta), ("nad_p", opts.nad_p), ("nad_layers", opts.nad_layers),
-                               ("teacher_epochs", opts.teacher_epochs), ("clp_u", opts.clp_u))
+                               ("teacher_epochs", opts.teacher_epochs), ("clp_u", opts.clp_u),
+                               ("unlearn_fraction", opts.unlearn_fraction))
              if v is not None}
     params = DefenseParams(
         lr=opts.lr if opts.lr is not None else defaults["lr"],
@@ -287,7 +290,10 @@ def refuse_inapplicable(opts: PurifyOptions, defense) -> None:
     a run must never record a value it did not use. lr/epochs/label-smoothing mean nothing to a method
     that does not tune (clp)."""
     names = METHOD_PARAMS + (("lr", "epochs", "label_smoothing") if defense.trains == "none" else ())
-    problems = inapplicable(defense, {name: getattr(opts, name) for name in names})
+    problems = inapplicable(defense, {name: getattr(opts, name) for name in names},
+                            chosen_by=None if opts.method else "the default method")
+    if opts.scan_steps is not None and not defense.needs_triggers:  # the scan runs for scan-guided methods only
+        problems.append(f"--scan-steps does not apply to --method {defense.name} (it runs no scan; unlearn does)")
     if problems:
         hint = ("drop it, or choose a method that reads it" if len(problems) == 1
                 else "drop them, or choose a method that reads them")
@@ -364,6 +370,11 @@ def _purify_into(opts: PurifyOptions, recipe: Recipe, defense, device, outputs: 
         sets = build_eval_sets(bundle.test, trigger, device, opts.eval_limit, opts.seed)
         output_kind = _output_kind(opts.output_kind, model, clean, mean, std, device, reporter)
         tune_set, monitor = _holdout(recipe, clean, subject, model, mean, std, device, reporter, opts.seed)
+    evidence = None
+    if defense.needs_triggers:
+        with timer.stage("scan"):
+            evidence = _scan_for_triggers(model, tune_set.to(device), monitor, subject, mean, std, output_kind,
+                                          opts.seed, reporter, opts.scan_steps, plan.tune)
     with timer.stage("choose_format"):
         shape = bundle.test.image_shape
         formats = {"evaluate": _eval_format(opts, model, shape, device, plan, reporter, 2 * _eval_images(sets))}
@@ -388,7 +399,8 @@ def _purify_into(opts: PurifyOptions, recipe: Recipe, defense, device, outputs: 
         # the input's weights, for the line back to them (one copy, only when the path selection runs)
         start = {k: v.detach().clone() for k, v in model.state_dict().items()} if recipe.select == "path" else None
         outcome = _run_defense(defense, model, subject, tune_set.to(device), mean, std, params, device,
-                               augmentation.flip, reporter, output_kind, monitor, compute)
+                               augmentation.flip, reporter, output_kind, monitor, compute,
+                               triggers=evidence.chosen if evidence is not None else None)
         selection = monitor.restore(model, params.epochs) if recipe.select == "epoch" else None
         if selection:
             reporter.info(f"held-out selection: {selection}")
@@ -398,6 +410,11 @@ def _purify_into(opts: PurifyOptions, recipe: Recipe, defense, device, outputs: 
                                          floor=recipe.floor)
             del start
             reporter.info(f"path selection: {path_choice.reason}")
+    if evidence is not None:
+        with timer.stage("verify"):
+            model.to(memory_format=torch.contiguous_format)
+            _verify_with_scan(evidence, model, tune_set.to(device), monitor, mean, std, output_kind, opts.seed,
+                              reporter, plan.tune)
     with timer.stage("evaluate_after"):
         reporter.stage("evaluating the purified model")
         model.to(memory_format=torch_format(eval_format))
@@ -414,7 +431,7 @@ def _purify_into(opts: PurifyOptions, recipe: Recipe, defense, device, outputs: 
         reporter.warn(advice)
     gates = check_gates(after.asr.value if after.asr else None, after.clean_acc.value, acc_drop,
                         opts.max_asr, opts.min_acc, opts.max_acc_drop)
-    removal = judge_removal(_describe_trigger(trigger), before.asr, after.asr)
+    removal = removal_verdict(trigger, before, after, evidence)
     if opts.require_verified:
         verified = removal.verdict == "verified"
         gates.append(GateResult("require-verified", 1.0, float(verified), verified))
@@ -441,6 +458,7 @@ def _purify_into(opts: PurifyOptions, recipe: Recipe, defense, device, outputs: 
         environment=environment(device, compute),
         options=to_yaml_dict(opts), outputs={}, output_kind=output_kind.to_dict(),
         retune=retune.to_dict() if retune is not None else None, removal=removal.to_dict(),
+        scan=evidence.to_dict() if evidence is not None else None,
     )
     with timer.stage("write"):
         import yaml
@@ -464,6 +482,56 @@ def _purify_into(opts: PurifyOptions, recipe: Recipe, defense, device, outputs: 
         stage_purify_report(outputs, report)
     report.timings = dict(timer.stages)
     return report
+
+
+def _scan_for_triggers(model, tune_set: ImageSet, monitor: HoldoutMonitor | None, subject: Subject, mean, std,
+                       output_kind: OutputKind, seed: int, reporter: Reporter, steps: int | None,
+                       precision: str) -> ScanEvidence:
+    """Invert a trigger per class on the tuning images, choose what to unlearn, and measure its proxy ASR on
+    the held-out images (on the tuning images when none are held out, which the report says)."""
+    reporter.stage("scanning for a backdoor (trigger inversion per class)")
+    params = InversionParams(**({"steps": steps} if steps is not None else {})).validate()
+    result = run_scan(model, tune_set, subject.num_classes, mean, std, output_kind.adapter, params, seed, reporter,
+                      precision)
+    chosen, choice = choose_triggers(result)
+    proxy_set, where = ((monitor.images, "held-out clean images") if monitor is not None
+                        else (tune_set, "the tuning images (none held out): the images the trigger was reconstructed from"))
+    evidence = ScanEvidence(result=result, params=params, chosen=chosen, choice=choice, proxy_images=where,
+                            proxy_before=proxy_rates(model, proxy_set, chosen, mean, std))
+    flagged = ", ".join(f"class {c} (anomaly index {result.anomaly[c]:.2f})" for c in result.flagged) or "no class"
+    reporter.info(f"scan: {flagged} flagged; {choice}")
+    for target, rate in evidence.proxy_before.items():
+        reporter.info(f"class {target}: the reconstructed trigger sends {rate.value:.1%} of the {where.split(':')[0]} "
+                      "of other classes there")
+    return evidence
+
+
+def _verify_with_scan(evidence: ScanEvidence, model, tune_set: ImageSet, monitor: HoldoutMonitor | None, mean, std,
+                      output_kind: OutputKind, seed: int, reporter: Reporter, precision: str) -> None:
+    """The chosen triggers' proxy ASR on the purified model, and a re-scan of every flagged class."""
+    reporter.stage("verifying the removal with the scan's triggers")
+    proxy_set = monitor.images if monitor is not None else tune_set
+    evidence.proxy_after = proxy_rates(model, proxy_set, evidence.chosen, mean, std)
+    if evidence.flagged:
+        evidence.rescan = rescan(model, tune_set, evidence.flagged, evidence.result, mean, std, output_kind.adapter,
+                                 evidence.params, seed, precision)
+    for target, rate in evidence.proxy_after.items():
+        again = evidence.rescan.get(target)
+        reporter.info(f"class {target}: proxy ASR {evidence.proxy_before[target].value:.1%} -> {rate.value:.1%}"
+                      + (f"; re-scan mask L1 {again['input_mask_l1']:g} -> {again['mask_l1']:g} (anomaly index "
+                         f"{again['anomaly_index']:.2f}{', still flagged' if again['flagged'] else ''})"
+                         if again else ""))
+
+
+def removal_verdict(trigger, before, after, evidence: ScanEvidence | None):
+    """The given trigger's verdict, the scan's, or both combined (removal.py)."""
+    by_scan = None
+    if evidence is not None:
+        by_scan = judge_removal_by_scan(evidence.flagged, [t.target for t in evidence.chosen], evidence.proxy_before,
+                                        evidence.proxy_after, evidence.rescan)
+    if trigger is None and by_scan is not None:
+        return by_scan
+    return combine_verdicts(judge_removal(_describe_trigger(trigger), before.asr, after.asr), by_scan)
 
 
 def retune_settings(opts: EvaluateOptions) -> RetuneSettings:
@@ -552,7 +620,7 @@ def _holdout(recipe: Recipe, clean: ImageSet, subject: Subject, model, mean, std
 
 def _run_defense(defense, model, subject: Subject, clean: ImageSet, mean, std, params: DefenseParams, device,
                  flip: bool, reporter: Reporter, output_kind: OutputKind, monitor: HoldoutMonitor | None = None,
-                 compute: Compute | None = None):
+                 compute: Compute | None = None, triggers=None):
     total = params.epochs * steps_per_epoch(clean.num_images, params.batch_size) if defense.trains != "none" else 0
     reporter.start_steps(f"{defense.name} tuning", total)
     on_step = step_callback(reporter, "tuning", total)
@@ -566,7 +634,8 @@ def _run_defense(defense, model, subject: Subject, clean: ImageSet, mean, std, p
         return defense.run(model, subject.head, clean, mean, std, params, device, flip=flip,
                            on_step=on_step, on_epoch=on_epoch, loss_adapter=output_kind.adapter,
                            **({"precision": compute.plan.tune, "memory_format": compute.formats["tune"].format}
-                              if compute is not None else {}))
+                              if compute is not None else {}),
+                           **({"triggers": triggers} if defense.needs_triggers else {}))
     finally:
         reporter.finish_steps()
 

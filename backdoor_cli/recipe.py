@@ -1,10 +1,12 @@
 """What `bdclean purify` runs: the method, how much clean data is held out, and how the result is chosen.
 
-With no --method, purify runs the recommended recipe, measured on strong CIFAR-10 subjects in
-docs/purification.md: fst-kd (FST with distillation of the input model's clean outputs), 20% of the
-clean images held out, then the point on the line back to the input that the held-out images say is within the accuracy
-budget (path_select.py). With --method NAME the method runs as published (the paper's FST: no
-held-out part, the last epoch), unless the user asks for a held-out part or a selection.
+With no --method, purify runs bdclean's default, scan -> unlearn -> verify (docs/purification.md): a
+trigger inversion on the clean images finds the suspect class, `unlearn` tunes with its reconstructed
+trigger stamped on part of each batch (labels kept), and 20% of the clean images, held out, measure
+whether the reconstruction still works afterwards (scan_guided.py, removal.py). The last epoch is kept:
+on clean data drawn from the training split the held-out accuracy is that of memorised images and
+cannot choose an epoch. With --method NAME the method runs as published (the paper's FST: no held-out
+part, the last epoch), unless the user asks for a held-out part or a selection.
 
 Selections:
 - last:  the last epoch (the papers' protocol);
@@ -19,15 +21,14 @@ from dataclasses import dataclass, replace
 from .errors import ConfigError
 from .path_select import DEFAULT_BUDGET, FLOOR
 
-RECOMMENDED_METHOD = "fst-kd"
-# The recipe's own hyper-parameters, used where the user gave none: a distillation weight of 2 kept
-# more of the model along the line than fst-kd's 1, at the same removal (docs/purification.md).
-RECOMMENDED_PARAMS = {"distill": 2.0}
-# Said with every run of the recipe, because it is true of the measurements: one planted subject of
-# five kept much of its backdoor, and a second came back under the retuning check.
-CAVEAT = ("the recommended recipe trades removal depth for accuracy: on one measured subject (a Blended "
-          "ResNet-56) it left 41% ASR, where --method fst left 0.05% at 14 points; check the result with "
-          "--trigger if you know or suspect it, or with --retune-check (docs/purification.md)")
+RECOMMENDED_METHOD = "unlearn"
+# The recipe's own hyper-parameters, used where the user gave none (none: unlearn's defaults are its own).
+RECOMMENDED_PARAMS: dict = {}
+# Said with every run of the default, because it is true of the method: it removes what the trigger
+# inversion finds, and some triggers hide from inversion.
+CAVEAT = ("the default removes the trigger a scan reconstructs; blend, warp and sample-specific triggers can "
+          "hide from that scan, and the removal verdict below says when nothing could be verified: pass "
+          "--trigger if you know or suspect one, or add --retune-check (docs/purification.md)")
 RECOMMENDED_HOLDOUT = 0.2
 SELECTIONS = ("last", "epoch", "path")
 MIN_HELD_PER_CLASS = 2  # fewer held-out images than this per class cannot tell a cost of a few points
@@ -49,9 +50,11 @@ class Recipe:
         return dict(RECOMMENDED_PARAMS) if self.recommended else {}
 
     def describe(self) -> str:
-        text = self.method + (" (bdclean's recommended recipe)" if self.recommended else "")
+        text = self.method + (" (bdclean's default: scan, unlearn, verify)" if self.recommended else "")
         if self.holdout_fraction:
             text += f", {self.holdout_fraction:.0%} of the clean images held out"
+            if self.select == "last" and self.recommended:
+                text += " to verify the removal"
         if self.select == "path":
             text += f", path selection within {self.budget:.1%} (t >= {self.floor:g})"
         elif self.select == "epoch" and self.budget is not None:
@@ -74,12 +77,8 @@ def resolve_recipe(method: str | None, holdout_fraction: float | None, select: s
     name = RECOMMENDED_METHOD if recommended else method
     holdout = holdout_fraction if holdout_fraction is not None else (RECOMMENDED_HOLDOUT if recommended else 0.0)
     if select is None:
-        if not holdout:
-            select = "last"
-        elif recommended:
-            select = "path"
-        else:
-            select = "epoch" if select_budget is not None else "last"
+        # a selection only when asked for with a budget: the default's held-out images verify, they do not select
+        select = "epoch" if holdout and select_budget is not None else "last"
     if select not in SELECTIONS:
         raise ConfigError(f"--select must be one of {', '.join(SELECTIONS)}, got {select!r}")
     if select != "last" and not holdout:
@@ -102,8 +101,8 @@ def fit_to_clean_data(recipe: Recipe, images: int, num_classes: int) -> tuple[Re
     held = int(recipe.holdout_fraction * images)
     if not recipe.holdout_default or held >= MIN_HELD_PER_CLASS * num_classes:
         return recipe, None
-    warning = (f"only {images} clean images: too few to hold {recipe.holdout_fraction:.0%} out for the path "
-               f"selection (it needs {MIN_HELD_PER_CLASS * num_classes} held-out images for {num_classes} classes); "
-               "tuning on all of them and keeping the last epoch, so the accuracy cost is not controlled - "
-               "pass more clean images (--clean-count, --clean-data) to get it")
+    warning = (f"only {images} clean images: too few to hold {recipe.holdout_fraction:.0%} out to verify the removal "
+               f"(it needs {MIN_HELD_PER_CLASS * num_classes} held-out images for {num_classes} classes); tuning on all "
+               "of them, so the reconstructed trigger's ASR is measured on the images it was made from - pass more "
+               "clean images (--clean-count, --clean-data) for an independent check")
     return replace(recipe, holdout_fraction=0.0, select="last", budget=None, note=warning), warning

@@ -62,3 +62,53 @@ def judge_removal(trigger: dict | None, asr_before: Rate | None, asr_after: Rate
     return RemovalVerdict("not_verified", f"ASR {asr_after.value:.1%} after purification (upper bound "
                           f"{asr_after.high:.1%}) is neither clearly gone (<= {VERIFIED_ASR:.0%}, bound <= "
                           f"{VERIFIED_HIGH:.0%}) nor clearly there (> {FAILED_ASR:.0%})", evidence)
+
+
+def judge_removal_by_scan(flagged: list[int], unlearnt: list[int], proxy_before: dict[int, Rate],
+                          proxy_after: dict[int, Rate], rescan: dict[int, dict]) -> RemovalVerdict:
+    """The verdict without a known trigger, from the scan that guided the purify.
+
+    `verified` needs every flagged class's reconstructed trigger to have stopped working (proxy ASR after
+    at most VERIFIED_ASR, upper bound at most VERIFIED_HIGH) and a re-scan of the purified model that no
+    longer flags the class; `failed` when the reconstruction still works (above FAILED_ASR) or the
+    re-scan still flags the class; with no class flagged there is nothing to check against."""
+    thresholds = {"verified_asr": VERIFIED_ASR, "verified_high": VERIFIED_HIGH, "failed_asr": FAILED_ASR}
+    evidence = {"source": "scan", "flagged": list(flagged), "unlearnt": list(unlearnt),
+                "proxy_asr_before": {str(c): _rate(r) for c, r in proxy_before.items()},
+                "proxy_asr_after": {str(c): _rate(r) for c, r in proxy_after.items()},
+                "rescan": {str(c): v for c, v in rescan.items()}, "thresholds": thresholds}
+    if not flagged:
+        moved = "; ".join(f"class {c}: its reconstructed trigger sent {proxy_before[c].value:.1%} of held-out images "
+                          f"there before and {proxy_after[c].value:.1%} after" for c in unlearnt
+                          if c in proxy_before and c in proxy_after)
+        return RemovalVerdict("not_verified", "the scan flagged no class, so there was nothing to verify the removal "
+                              "against (blend, warp and sample-specific triggers can hide from trigger inversion; "
+                              f"pass --trigger if you suspect one){': ' + moved if moved else ''}", evidence)
+    still = [c for c in flagged if proxy_after[c].value > FAILED_ASR or rescan.get(c, {}).get("flagged")]
+    if still:
+        parts = [f"class {c}: proxy ASR {proxy_after[c].value:.1%}"
+                 + (", the re-scan still flags it" if rescan.get(c, {}).get("flagged") else "") for c in still]
+        return RemovalVerdict("failed", "the backdoor the scan found is still there (" + "; ".join(parts) + ")",
+                              evidence)
+    gone = [c for c in flagged if proxy_after[c].value <= VERIFIED_ASR and proxy_after[c].high <= VERIFIED_HIGH
+            and c in rescan and not rescan[c]["flagged"]]
+    if len(gone) == len(flagged):
+        parts = [f"class {c}: proxy ASR {proxy_before[c].value:.1%} -> {proxy_after[c].value:.1%} (upper bound "
+                 f"{proxy_after[c].high:.1%}), re-scanned mask L1 {rescan[c]['input_mask_l1']:g} -> "
+                 f"{rescan[c]['mask_l1']:g}, no longer an outlier" for c in flagged]
+        return RemovalVerdict("verified", "the backdoor the scan found is gone (" + "; ".join(parts) + "); triggers "
+                              "that hide from inversion were not tested", evidence)
+    return RemovalVerdict("not_verified", "the scan's reconstructed trigger works less than before but not clearly "
+                          "not at all: " + "; ".join(f"class {c}: proxy ASR {proxy_after[c].value:.1%} (upper bound "
+                                                     f"{proxy_after[c].high:.1%})" for c in flagged), evidence)
+
+
+def combine_verdicts(by_trigger: RemovalVerdict, by_scan: RemovalVerdict | None) -> RemovalVerdict:
+    """With --trigger the given trigger decides; the scan's evidence is kept beside it. Only a scan that
+    says `failed` overrides a `verified`: a second backdoor is still a backdoor."""
+    if by_scan is None:
+        return by_trigger
+    evidence = {**by_trigger.evidence, "scan": by_scan.evidence}
+    if by_trigger.verdict == "verified" and by_scan.verdict == "failed":
+        return RemovalVerdict("failed", f"{by_trigger.reason}; but {by_scan.reason}", evidence)
+    return RemovalVerdict(by_trigger.verdict, by_trigger.reason, evidence)

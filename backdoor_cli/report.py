@@ -80,6 +80,7 @@ class PurifyReport:
     output_kind: dict | None = None  # models.output_kind.OutputKind.to_dict(): what the model returns, the loss
     retune: dict | None = None  # retune.RetuneResult.to_dict() of the purified model, with --retune-check
     removal: dict | None = None  # removal.RemovalVerdict.to_dict(): is there evidence the backdoor is gone?
+    scan: dict | None = None  # scan_guided.ScanEvidence.to_dict(): the scan a scan-guided method removed and checked with
 
     @property
     def acc_delta(self) -> float:
@@ -95,7 +96,7 @@ class PurifyReport:
                 "clean_data": self.clean,
                 "before": self.before.to_dict(), "after": self.after.to_dict(),
                 "delta": {"clean_acc": self.acc_delta, "asr": self.asr_delta}, "der": self.der,
-                "removal": self.removal,
+                "removal": self.removal, "scan": self.scan,
                 "retune_check": self.retune, "history": self.history, "gates": [g.to_dict() for g in self.gates],
                 "passed": all(g.passed for g in self.gates), "outputs": self.outputs,
                 "timings": _round(self.timings), "environment": self.environment, "options": self.options,
@@ -226,6 +227,7 @@ def purify_markdown(report: PurifyReport) -> str:
     if report.removal:
         lines += ["## Removal verdict", "", f"**{report.removal['verdict'].replace('_', ' ')}**: "
                   f"{report.removal['reason']}", ""]
+    lines += scan_markdown(report.scan)
     lines += path_markdown((report.clean.get("holdout") or {}).get("path"))
     lines += retune_markdown(report.retune)
     if report.gates:
@@ -245,7 +247,7 @@ def purify_markdown(report: PurifyReport) -> str:
 
 
 def recipe_line(recipe: dict) -> str:
-    text = "bdclean's recommended recipe" if recipe.get("recommended") else f"--method {recipe['method']} as published"
+    text = "bdclean's default (scan, unlearn, verify)" if recipe.get("recommended") else f"--method {recipe['method']} as published"
     if recipe.get("holdout_fraction"):
         text += f"; {recipe['holdout_fraction']:.0%} of the clean images held out"
     text += f"; selection: {recipe['select']}"
@@ -266,6 +268,28 @@ def path_markdown(path: dict | None) -> list[str]:
         mark = " (kept)" if row["t"] == path["chosen_t"] else ""
         lines.append(f"| {row['t']:.2f}{mark} | {row['holdout_acc']:.2%} | "
                      f"{signed_points(row['holdout_acc'] - path['input_acc'])} | {'yes' if row['within_budget'] else 'no'} |")
+    return lines + [""]
+
+
+def scan_markdown(scan: dict | None) -> list[str]:
+    """The scan a scan-guided purify removed and checked with: per class its mask and anomaly index, the
+    unlearnt classes' proxy ASR before and after, and the re-scan of each flagged class."""
+    if not scan:
+        return []
+    lines = ["## Scan (trigger inversion on the clean tuning images)", "",
+             f"Flagged: {', '.join(map(str, scan['flagged'])) or 'none'}. {scan['choice'][0].upper()}{scan['choice'][1:]}.",
+             f"Rule: {scan['rule']}.", "", "| class | mask L1 | anomaly index | success |", "|---|---|---|---|"]
+    lines += [f"| {c['class']}{' (flagged)' if c['class'] in scan['flagged'] else ''} | {c['mask_l1']:g} | "
+              f"{c['anomaly_index']:.2f} | {c['success']:.0%} |" for c in scan["classes"]]
+    lines += ["", f"Proxy ASR: the share of {scan['proxy_images']} of other classes that the input's reconstructed "
+              "trigger sends to its class.", "", "| class | proxy ASR before | after | re-scan mask L1 (input -> purified) "
+              "| re-scan anomaly index |", "|---|---|---|---|---|"]
+    for cls, proxy in scan["proxy_asr"].items():
+        again = scan["rescan"].get(cls)
+        after = _rate_dict_md(proxy["after"]) if proxy.get("after") else "-"
+        lines.append(f"| {cls} | {_rate_dict_md(proxy['before'])} | {after} | "
+                     + (f"{again['input_mask_l1']:g} -> {again['mask_l1']:g} | {again['anomaly_index']:.2f}"
+                        f"{' (still flagged)' if again['flagged'] else ''} |" if again else "- (not flagged) | - |"))
     return lines + [""]
 
 
@@ -398,7 +422,7 @@ def render_purify(report: PurifyReport, console) -> None:
     s = report.subject
     recipe = report.method.get("recipe") or {}
     console.print(f"[bold]{s['path']}[/bold] -> purified with [bold]{report.method['name']}[/bold]"
-                  + (" (recommended recipe)" if recipe.get("recommended") else "")
+                  + (" (the default: scan, unlearn, verify)" if recipe.get("recommended") else "")
                   + f" on {report.clean['images']} clean images")
     console.print(f"trigger: {_trigger_line(report.trigger)}")
     console.print(f"model output: {output_kind_line(report.output_kind)}", highlight=False, markup=False)

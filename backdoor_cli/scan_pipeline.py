@@ -20,13 +20,13 @@ import torch
 
 from .config import ScanOptions, to_yaml_dict
 from .data import indices_sha256
-from .models.output_kind import attach_loss
 from .outputs import OutputSet
 from .pipeline import _clean_set, _input_paths, _load_data, _open_subject, _output_kind
-from .progress import Reporter, step_callback
+from .progress import Reporter
 from .report import to_json
 from .runtime import Stopwatch, environment, prepare_model, resolve_device, seed_everything
-from .scan import InversionParams, scan_model
+from .scan import InversionParams
+from .scan_guided import run_scan
 from .scan_report import ScanReport, png_bytes, preview_png, trigger_pixels, trigger_spec_yaml
 from .subject import normalization_tensors
 
@@ -75,23 +75,12 @@ def _scan(opts: ScanOptions, params: InversionParams, bundle, image_size, subjec
         model = prepare_model(subject.model, device)
         mean, std = normalization_tensors(subject, device)
         output_kind = _output_kind(opts.output_kind, model, clean, mean, std, device, reporter)
-    total = subject.num_classes * params.steps
-    reporter.info(f"{METHOD}: {clean.num_images} clean images, {params.steps} steps x {subject.num_classes} classes, "
-                  f"batch {params.batch_size}")
+    reporter.info(f"{METHOD}: {clean.num_images} clean images, {params.steps} steps x {subject.num_classes} classes "
+                  f"({params.group} at a time), batch {params.batch_size} per class")
     with timer.stage("scan"):
-        reporter.start_steps("trigger inversion", total)
-        on_step = step_callback(reporter, "scan", total)
-
-        def on_class(trigger) -> None:
-            reporter.epoch(f"class {trigger.target}: mask L1 {trigger.l1:.1f}, success {trigger.success:.0%}"
-                           + ("" if trigger.reached else " (success target not reached)"))
-
-        try:
-            with attach_loss(model, output_kind.adapter) as loss_fn:
-                result = scan_model(model, clean.x, clean.y, subject.num_classes, mean, std, loss_fn, params,
-                                    opts.seed, on_class=on_class, on_step=on_step)
-        finally:
-            reporter.finish_steps()
+        # fp32 search: the scan's own figures (mask sizes, anomaly indices) are the same on every machine
+        result = run_scan(model, clean, subject.num_classes, mean, std, output_kind.adapter, params, opts.seed,
+                          reporter, precision="fp32")
     report = ScanReport(
         subject=subject.describe(),
         data={"name": bundle.name, "source": bundle.source, "num_classes": bundle.num_classes,

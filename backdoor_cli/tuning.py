@@ -76,6 +76,7 @@ def tune(
     loss_adapter: LossAdapter = LOGITS,
     perturb: Callable[[Callable[[], None]], Callable[[], None]] | None = None,
     no_augment: torch.Tensor | None = None,
+    stamp: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
     precision: str | None = None,
     memory_format: str = "channels_last",
 ) -> list[EpochLog]:
@@ -92,6 +93,8 @@ def tune(
     (SAM, PAM). `grads_here()` runs forward and backward on the step's batch at the current weights,
     for a perturbation that needs that gradient first (SAM).
     `no_augment` (bool per image of `data`) marks images that are used as they are, never augmented.
+    `stamp(inputs, generator)` edits each normalised batch after augmentation and before the step (the
+    unlearning defense stamps reconstructed triggers on part of it); it runs outside a captured graph.
     `precision` (fp32 | bf16; None: the device's default) is the forward pass's autocast; the
     parameters and the loss stay fp32. `memory_format` is the one the model is in (precision.py).
     """
@@ -158,7 +161,10 @@ def tune(
                 xb, yb = data.x[idx], data.y[idx]
                 if settings.augment:
                     xb = _augment(xb, generator, settings.flip, None if no_augment is None else no_augment[idx])
-                inputs = as_format(normalize(xb, mean, std), memory_format)
+                inputs = normalize(xb, mean, std)
+                if stamp is not None:
+                    inputs = stamp(inputs, generator)
+                inputs = as_format(inputs, memory_format)
                 if perturb is not None:  # SAM / PAM: the gradient at the moved point, applied at the original
                     restore = perturb(lambda: forward_backward(inputs, yb))
                     loss, logits = forward_backward(inputs, yb)

@@ -74,3 +74,36 @@ def check_compare_of_purified_dir(model_dir: Path, out: Path, data: Path, arch: 
     assert rows[1]["method"] is not None and rows[1]["method"] == rows[2]["method"]  # the purified copy, both ways
     assert rows[1]["metrics"]["clean_acc"] == rows[2]["metrics"]["clean_acc"]
     assert rows[1]["drift"]["total_l2"] > 0
+
+
+CLASSES, SIZE = 8, 16  # the template dataset's
+
+
+def make_template_dataset(root: Path, n_train: int = 1600, n_test: int = 320, seed: int = 0) -> Path:
+    """8 equally distinct classes, so a clean model has no natural shortcut class: each class's template
+    is a row of the 8x8 Hadamard matrix (every two rows differ in exactly 4 of 8 signs), repeated over
+    48 cells of 4x4 pixels (16 x 16 x 3) under a shared shuffle, as brightness 128 +- 50, plus noise."""
+    rng = np.random.default_rng(seed)
+    hadamard = np.array([[1]])
+    while hadamard.shape[0] < CLASSES:
+        hadamard = np.block([[hadamard, hadamard], [hadamard, -hadamard]])
+    cells = np.tile(hadamard, (1, 6))[:, rng.permutation(48)]  # pairwise distances stay exactly 24 of 48
+    templates = (128 + 50 * cells).reshape(CLASSES, 4, 4, 3).repeat(SIZE // 4, 1).repeat(SIZE // 4, 2)
+    root.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", n_train), ("test", n_test)):
+        y = np.arange(n) % CLASSES
+        x = np.clip(templates[y] + rng.normal(0, 30, (n, SIZE, SIZE, 3)), 0, 255).astype(np.uint8)
+        np.savez(root / f"{split}.npz", x=x, y=y.astype(np.uint8))
+    return root
+
+
+def train_small_cnn(data: Path, out: Path, *trigger: str) -> Path:
+    """`bdclean train` a simple_cnn_half on `data` (4 epochs); `trigger`: extra flags, e.g. a backdoor."""
+    from typer.testing import CliRunner
+
+    from backdoor_cli.cli import app
+
+    result = CliRunner().invoke(app, ["train", "--arch", "simple_cnn_half", "--data", str(data), "--out", str(out),
+                                      "--epochs", "4", "--lr", "0.05", "--device", "cpu", "--quiet", *trigger])
+    assert result.exit_code == 0, result.output
+    return out

@@ -34,10 +34,12 @@ def test_demo_runs_end_to_end_with_tiny_settings(tmp_path, monkeypatch):
         assert (tmp_path / "d" / name).is_file(), name
 
 
-def _report(acc_before, acc_after, asr_after):
+def _report(acc_before, acc_after, asr_after, flagged=(0,), verdict="verified"):
     return SimpleNamespace(before=SimpleNamespace(clean_acc=Rate(int(acc_before * 100), 100)),
                            after=SimpleNamespace(clean_acc=Rate(int(acc_after * 100), 100),
-                                                 asr=Rate(int(asr_after * 100), 100)))
+                                                 asr=Rate(int(asr_after * 100), 100)),
+                           scan={"flagged": list(flagged), "unlearnt": list(flagged) or [3]},
+                           removal={"verdict": verdict})
 
 
 def test_story_follows_the_measured_figures():
@@ -48,10 +50,14 @@ def test_story_follows_the_measured_figures():
     assert len(lines) == 3  # no recommended run, no line for it
 
 
-def test_story_tells_the_recommended_recipe_from_its_own_figures():
+def test_story_tells_the_default_from_its_own_figures():
     lines = demo.story(0.98, 0.9, _report(0.98, 0.95, 0.20), _report(0.98, 0.87, 0.01), _report(0.98, 0.95, 0.02))
-    assert "recommended recipe" in lines[3] and "removed the backdoor (ASR 2.0%)" in lines[3]
+    assert "bdclean's default" in lines[3] and "removed the backdoor (ASR 2.0%)" in lines[3]
     assert "cost of 3.0 points" in lines[3] and "against FST's 11.0" in lines[3]
+    assert "flagged class 0" in lines[3] and "removal verdict was: verified" in lines[3]
+    lines = demo.story(0.98, 0.9, _report(0.98, 0.95, 0.20), _report(0.98, 0.87, 0.01),
+                       _report(0.98, 0.95, 0.02, flagged=(), verdict="not_verified"))
+    assert "flagged no class" in lines[3] and "(class 3) was unlearnt" in lines[3] and "not verified" in lines[3]
     lines = demo.story(0.98, 0.9, _report(0.98, 0.95, 0.20), _report(0.98, 0.87, 0.01), _report(0.98, 0.97, 0.50))
     assert "did not remove the backdoor (ASR 50.0%)" in lines[3]
     lines = demo.story(0.98, 0.9, _report(0.98, 0.95, 0.20), _report(0.98, 0.87, 0.01), _report(0.98, 0.97, 0.08))

@@ -42,12 +42,16 @@ def test_a_method_that_does_not_tune_refuses_tuning_flags(toy_model, tmp_path):
     assert "--lr does not apply to --method clp" in result.output and "--alpha does not apply" in result.output
 
 
-def test_the_default_recipe_reads_alpha_and_distill(toy_model, tmp_path):
-    """No --method: the recipe (fst-kd) reads --alpha and --distill, so both are accepted and recorded."""
-    result = _purify(toy_model, tmp_path / "out", "--alpha", "0.1", "--distill", "1.5")
+def test_the_default_reads_unlearn_fraction_and_refuses_alpha(toy_model, tmp_path):
+    """No --method: the default (unlearn) reads --unlearn-fraction and records it; FST's --alpha is refused,
+    and the message says the default was chosen, not a --method the user never typed."""
+    result = _purify(toy_model, tmp_path / "out", "--unlearn-fraction", "0.3")
     assert result.exit_code == 0, result.output
     params = json.loads((tmp_path / "out" / "report.json").read_text())["method"]["params"]
-    assert params["alpha"] == 0.1 and params["distill"] == 1.5
+    assert params["unlearn_fraction"] == 0.3 and "alpha" not in params
+    refused = _purify(toy_model, tmp_path / "out2", "--alpha", "0.1")
+    assert refused.exit_code == 2
+    assert "--alpha does not apply to the default method (unlearn)" in refused.output
 
 
 def test_reports_record_only_the_parameters_the_method_read(toy_model, tmp_path):

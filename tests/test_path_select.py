@@ -95,8 +95,9 @@ def test_memorised_held_out_images_are_named():
 def test_recipe_defaults_and_refusals():
     rec = resolve_recipe(None, None, None, None)
     assert (rec.method, rec.holdout_fraction, rec.select, rec.budget, rec.recommended) == (
-        RECOMMENDED_METHOD, RECOMMENDED_HOLDOUT, "path", DEFAULT_BUDGET, True)
+        RECOMMENDED_METHOD, RECOMMENDED_HOLDOUT, "last", None, True)  # the held-out images verify, not select
     assert resolve_recipe(None, None, None, 0.01).budget == 0.01
+    assert resolve_recipe(None, None, None, 0.01).select == "epoch"
     paper = resolve_recipe("fst", None, None, None)
     assert (paper.method, paper.holdout_fraction, paper.select, paper.budget, paper.recommended) == (
         "fst", 0.0, "last", None, False)
@@ -114,7 +115,7 @@ def test_recipe_defaults_and_refusals():
 def test_the_test_set_gate_is_not_the_selection_budget(toy, tmp_path):
     """--max-acc-drop gates the test-set figures only: it neither sets the selection's budget nor
     switches a --method run to a selection (it did both once, under one flag)."""
-    report, _ = _purify(toy, tmp_path / "g", "--max-acc-drop", "50%")
+    report, _ = _purify(toy, tmp_path / "g", *PATH, "--max-acc-drop", "50%")
     assert report["method"]["recipe"]["budget"] == DEFAULT_BUDGET
     assert any(g["gate"] == "max-acc-drop" for g in report["gates"])
     plain, _ = _purify(toy, tmp_path / "h", "--method", "fst", "--holdout-fraction", "0.2", "--max-acc-drop", "50%")
@@ -139,6 +140,9 @@ def toy(tmp_path_factory):
     return train_toy_model(tmp_path_factory.mktemp("path-select"), epochs=2)
 
 
+PATH = ("--method", "fst-kd", "--holdout-fraction", "0.2", "--select", "path")  # the path selection, asked for
+
+
 def _purify(toy, out, *extra, data=None):
     result = CliRunner().invoke(app, ["purify", str(toy["model"]), "--data", str(data or toy["data"]), "--out", str(out),
                                       "--epochs", "3", "--clean-count", "100", "--device", "cpu", "--quiet", "--json",
@@ -147,40 +151,47 @@ def _purify(toy, out, *extra, data=None):
     return json.loads(result.stdout), read_checkpoint(out / "purified.safetensors")
 
 
-def test_default_purify_runs_the_recommended_recipe(toy, tmp_path):
-    report, ckpt = _purify(toy, tmp_path / "a", "--select-budget", "10%")
-    assert report["method"]["name"] == RECOMMENDED_METHOD
+def test_default_purify_scans_unlearns_and_verifies_on_held_out_images(toy, tmp_path):
+    report, ckpt = _purify(toy, tmp_path / "a")
+    assert report["method"]["name"] == RECOMMENDED_METHOD == "unlearn" and RECOMMENDED_PARAMS == {}
     assert report["method"]["recipe"] == {"method": RECOMMENDED_METHOD, "recommended": True, "holdout_fraction": 0.2,
-                                          "select": "path", "budget": 0.1, "floor": FLOOR, "note": None,
+                                          "select": "last", "budget": None, "floor": None, "note": None,
                                           "caveat": CAVEAT}
-    assert all(report["method"]["params"][k] == v for k, v in RECOMMENDED_PARAMS.items())
     held = report["clean_data"]["holdout"]
-    assert held["images"] == 20 and report["clean_data"]["tuned_on"] == 80
-    path = held["path"]
+    assert held["images"] == 20 and report["clean_data"]["tuned_on"] == 80 and held["path"] is None
+    assert report["scan"]["proxy_images"] == "held-out clean images"
+    assert ckpt.metadata["purification"]["path_t"] is None
+    md = (tmp_path / "a" / "report.md").read_text()
+    assert "bdclean's default" in md and "**Note:** the default removes the trigger a scan reconstructs" in md
+
+
+def test_path_selection_on_request(toy, tmp_path):
+    report, ckpt = _purify(toy, tmp_path / "a", *PATH, "--select-budget", "10%")
+    path = report["clean_data"]["holdout"]["path"]
     assert [row["t"] for row in path["curve"]] == grid() and path["budget"] == 0.1
     within = [row["t"] for row in path["curve"] if path["input_acc"] - row["holdout_acc"] <= 0.1]
     assert path["chosen_t"] == (within[0] if within else FLOOR)  # the largest t within the budget
     assert ckpt.metadata["purification"]["path_t"] == path["chosen_t"]
-    md = (tmp_path / "a" / "report.md").read_text()
-    assert "## Path selection (held-out images only)" in md and "recommended recipe" in md
-    assert "**Note:** the recommended recipe trades removal depth" in md
+    assert "## Path selection (held-out images only)" in (tmp_path / "a" / "report.md").read_text()
 
 
-def test_path_selection_never_reads_the_test_set_or_the_trigger(toy, tmp_path):
-    first, a = _purify(toy, tmp_path / "a")
+@pytest.mark.parametrize("extra", [(), PATH], ids=["default", "path"])
+def test_selection_never_reads_the_test_set_or_the_trigger(toy, tmp_path, extra):
+    first, a = _purify(toy, tmp_path / "a", *extra)
     other = tmp_path / "data"
     shutil.copytree(toy["data"], other)
     with np.load(other / "test.npz") as f:
         x, y = f["x"], f["y"]
     np.savez(other / "test.npz", x=255 - x, y=(y + 1) % 3)
-    second, b = _purify(toy, tmp_path / "b", "--target", "1", data=other)
+    second, b = _purify(toy, tmp_path / "b", *extra, "--target", "1", data=other)
     assert first["clean_data"]["holdout"]["path"] == second["clean_data"]["holdout"]["path"]
+    assert first.get("scan") == second.get("scan")
     assert all(torch.equal(a.state_dict[k], b.state_dict[k]) for k in a.state_dict)
     assert (first["trigger"]["target"], second["trigger"]["target"]) == (0, 1)
 
 
 def test_the_users_value_beats_the_recipes_and_a_named_method_keeps_its_own(toy, tmp_path):
-    mine, _ = _purify(toy, tmp_path / "mine", "--distill", "0.5")
+    mine, _ = _purify(toy, tmp_path / "mine", *PATH, "--distill", "0.5")
     assert mine["method"]["params"]["distill"] == 0.5
     named, _ = _purify(toy, tmp_path / "named", "--method", "fst-kd")
     assert named["method"]["params"]["distill"] == 1.0 and named["method"]["recipe"]["recommended"] is False
@@ -195,7 +206,7 @@ def test_named_method_runs_as_published(toy, tmp_path):
 
 
 def test_path_floor_is_the_smallest_t_tried(toy, tmp_path):
-    report, ckpt = _purify(toy, tmp_path / "f", "--path-floor", "0.8", "--select-budget", "0")
+    report, ckpt = _purify(toy, tmp_path / "f", *PATH, "--path-floor", "0.8", "--select-budget", "0")
     path = report["clean_data"]["holdout"]["path"]
     assert [row["t"] for row in path["curve"]] == [1.0, 0.95, 0.9, 0.85, 0.8]
     assert path["floor"] == 0.8 and report["method"]["recipe"]["floor"] == 0.8 and path["chosen_t"] >= 0.8

@@ -61,12 +61,12 @@ def subject(tmp_path_factory):
     return {"data": str(data), "arch": f"{arch}:build", "model": str(root / "model.safetensors")}
 
 
-def _purify(subject, out, precision, monkeypatch):
+def _purify(subject, out, precision, monkeypatch, *extra):
     monkeypatch.setenv("BDCLEAN_TEST_REQUIRE_FP32", "1")
     return runner.invoke(app, ["purify", subject["model"], "--arch", subject["arch"], "--data", subject["data"],
                                "--trigger", "badnets", "--target", "0", "--clean-count", "90", "--epochs", "2",
                                "--batch-size", "16", "--retune-check", "--retune-poisoned", "4", "--retune-epochs", "1",
-                               "--precision", precision, "--out", str(out), "--device", "cpu", "--json", "--quiet"])
+                               "--precision", precision, "--out", str(out), "--device", "cpu", "--json", "--quiet", *extra])
 
 
 def test_fp32_reaches_every_forward_of_a_purify(subject, tmp_path, monkeypatch):
@@ -74,8 +74,12 @@ def test_fp32_reaches_every_forward_of_a_purify(subject, tmp_path, monkeypatch):
     assert result.exit_code in (0, 1), result.output  # 1: a gate; anything else would be the model refusing
     report = json.loads(result.stdout)
     assert report["environment"]["compute"]["precision"]["tune"] == "fp32"
-    assert report["clean_data"]["holdout"]["path"]["curve"]  # the path selection ran its forwards too
+    assert report["scan"]["classes"] and report["scan"]["proxy_asr"]  # the default's scan and checks ran theirs
     assert report["retune_check"] is not None
+    path = _purify(subject, tmp_path / "path", "fp32", monkeypatch, "--method", "fst-kd", "--holdout-fraction", "0.2",
+                   "--select", "path")
+    assert path.exit_code in (0, 1), path.output
+    assert json.loads(path.stdout)["clean_data"]["holdout"]["path"]["curve"]  # the path selection ran its forwards
 
 
 def test_the_model_does_refuse_a_bf16_forward(subject, tmp_path, monkeypatch):

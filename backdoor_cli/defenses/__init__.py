@@ -12,5 +12,6 @@ from . import pam as _pam  # noqa: F401  (registers pam)
 from . import ft_sam as _ft_sam  # noqa: F401  (registers ft-sam)
 from . import nad as _nad  # noqa: F401  (registers nad)
 from . import clp as _clp  # noqa: F401  (registers clp)
+from . import unlearn as _unlearn  # noqa: F401  (registers unlearn)
 
 __all__ = ["DEFENSES", "Defense", "DefenseParams", "DefenseOutcome", "default_params", "get_defense"]

@@ -41,6 +41,7 @@ class DefenseParams:
     nad_layers: tuple[str, ...] | None = None  # nad: module paths (None: the last block of each stage)
     teacher_epochs: int | None = None  # nad: epochs of the teacher's fine-tuning (None: --epochs)
     clp_u: float | None = None  # clp: prune channels more than u std above their layer's mean bound (None: 3)
+    unlearn_fraction: float = 0.2  # unlearn: share of each tuning batch stamped with a reconstructed trigger
 
     def method_value(self, method: str, name: str):
         """A per-method hyper-parameter: the given value, else the method's default."""
@@ -76,6 +77,8 @@ class DefenseParams:
             raise ConfigError(f"--teacher-epochs must be in [1, 10000], got {self.teacher_epochs}")
         if self.clp_u is not None and not (0 <= self.clp_u <= 100):
             raise ConfigError(f"--clp-u must be in [0, 100], got {self.clp_u}")
+        if not (0 < self.unlearn_fraction < 1):
+            raise ConfigError(f"--unlearn-fraction must be in (0, 1), got {self.unlearn_fraction}")
         return self
 
     def to_dict(self) -> dict:
@@ -108,7 +111,7 @@ class DefenseOutcome:
 # every tuning method reads. A flag of the first kind given to a method that does not read it is
 # refused by name (`inapplicable`), and reports record only the parameters the method used.
 METHOD_PARAMS: tuple[str, ...] = ("alpha", "distill", "distill_temperature", "rho", "nad_beta", "nad_p", "nad_layers",
-                                  "teacher_epochs", "clp_u")
+                                  "teacher_epochs", "clp_u", "unlearn_fraction")
 TUNING_PARAMS: tuple[str, ...] = ("lr", "epochs", "batch_size", "momentum", "weight_decay", "augment", "seed",
                                   "label_smoothing")
 
@@ -124,6 +127,9 @@ class Defense:
     uses_alpha: bool
     run: Callable[..., DefenseOutcome]
     own_params: tuple[str, ...] = ()  # the METHOD_PARAMS this method reads
+    # True for a method that removes what a trigger inversion found (unlearn): purify scans first and
+    # passes the reconstructed triggers to `run` as `triggers=`.
+    needs_triggers: bool = False
 
     @property
     def used_params(self) -> tuple[str, ...]:
@@ -136,15 +142,17 @@ def methods_using(param: str) -> list[str]:
     return [d.name for d in DEFENSES.values() if param in d.used_params]
 
 
-def inapplicable(defense: Defense, given: dict[str, object]) -> list[str]:
-    """The given (not None) hyper-parameters that `defense` would ignore, as messages naming the flag."""
+def inapplicable(defense: Defense, given: dict[str, object], chosen_by: str | None = None) -> list[str]:
+    """The given (not None) hyper-parameters that `defense` would ignore, as messages naming the flag.
+    `chosen_by` names how the method was chosen when the user did not name it (e.g. "the default method")."""
     messages = []
     for name, value in given.items():
         if value is None or name in defense.used_params:
             continue
         users = methods_using(name)
         flag = "--" + name.replace("_", "-")
-        messages.append(f"{flag} does not apply to --method {defense.name}"
+        where = f"{chosen_by} ({defense.name})" if chosen_by else f"--method {defense.name}"
+        messages.append(f"{flag} does not apply to {where}"
                         + (f" (it is read by {', '.join(users)})" if users else ""))
     return messages
 

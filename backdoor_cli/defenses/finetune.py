@@ -50,9 +50,9 @@ def run_tuning(defense: Defense, model, head_name: str, clean: ImageSet, mean, s
                device, flip: bool, penalty=None, after_step=None, on_step=None, on_epoch=None,
                loss_adapter: LossAdapter = LOGITS, batch_penalty=None, perturb_with=None,
                label_smoothing: float | None = None, precision: str | None = None,
-               memory_format: str = "channels_last") -> DefenseOutcome:
+               memory_format: str = "channels_last", stamp=None) -> DefenseOutcome:
     """Tune per the defense's recipe; `loss_adapter` says how the loss is formed from the model's output;
-    `precision` and `memory_format` as for tuning.tune.
+    `precision`, `memory_format` and `stamp` as for tuning.tune.
 
     `perturb_with(trainable)` makes the step's weight perturbation (defenses.perturbations) once the
     trainable parameters are known."""
@@ -69,8 +69,8 @@ def run_tuning(defense: Defense, model, head_name: str, clean: ImageSet, mean, s
     try:
         history = tune(model, clean, mean, std, settings, device, params=trainable, frozen_modules=frozen,
                        penalty=penalty, batch_penalty=batch_penalty, after_step=after_step, on_step=on_step,
-                       on_epoch=on_epoch, loss_adapter=loss_adapter, perturb=perturb, precision=precision,
-                       memory_format=memory_format)
+                       on_epoch=on_epoch, loss_adapter=loss_adapter, perturb=perturb, stamp=stamp,
+                       precision=precision, memory_format=memory_format)
     finally:
         for p in model.parameters():
             p.requires_grad_(True)

@@ -1,0 +1,43 @@
+"""Tabulate experiments/default_grid.sh's runs as Markdown: per subject and method, clean accuracy and
+ASR before and after, the scan's flagged classes and proxy ASR, the removal verdict and the time.
+    python experiments/default_table.py runs/grid"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+
+def row(path: Path, walls: dict) -> str:
+    report = json.loads(path.read_text())
+    before, after = report["before"], report["after"]
+    asr = (f"{before['asr']['value']:.2%} → {after['asr']['value']:.2%}" if before.get("asr") else "-")
+    scan = report.get("scan")
+    flagged = (", ".join(map(str, scan["flagged"])) or f"none (unlearnt {scan['unlearnt'][0]})") if scan else "-"
+    proxy = "-"
+    if scan:
+        proxy = "; ".join(f"{c}: {p['before']['value']:.1%} → {p['after']['value']:.1%}" for c, p in scan["proxy_asr"].items())
+    cost = (before["clean_acc"]["value"] - after["clean_acc"]["value"]) * 100
+    return (f"| {path.stem} | {before['clean_acc']['value']:.2%} → {after['clean_acc']['value']:.2%} | {cost:.2f} | "
+            f"{asr} | {flagged} | {proxy} | {report['removal']['verdict']} | {walls.get(path.stem, '-')} |")
+
+
+def main(folder: str) -> None:
+    root = Path(folder)
+    walls = {}
+    summary = root / "summary.txt"
+    if summary.exists():
+        for line in summary.read_text().splitlines():
+            m = re.match(r"(\S+) (\S+) rc=\d+ wall=([\d.]+)s", line)
+            if m:
+                walls[f"{m[1]}-{m[2]}"] = f"{float(m[3]):.0f} s"
+    print("| run | C-Acc | cost (points) | ASR | flagged | proxy ASR | verdict | wall |")
+    print("|---|---|---|---|---|---|---|---|")
+    for path in sorted(root.glob("*.json")):
+        print(row(path, walls))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
