@@ -33,7 +33,9 @@ RANGES: dict[str, tuple] = {
     "momentum": (0, 1, False, True), "weight_decay": (0, None, False, False), "clean_fraction": (0, 1, True, False),
     "poison_rate": (0, 1, False, False), "holdout_fraction": (0, 1, False, True),
     "rho": (0, 100, False, False), "label_smoothing": (0, 1, False, True), "nad_p": (0, 16, True, False),
-    "teacher_epochs": (1, 10_000, False, False), "clp_u": (0, 100, False, False), "path_floor": (0, 1, False, False), "retune_poisoned": (1, 100_000, False, False),
+    "teacher_epochs": (1, 10_000, False, False), "clp_u": (0, 100, False, False),
+    "d3_lambda": (0, 1e6, True, False), "d3_eps": (0, 100, False, False), "sau_eps": (0, 1, True, False),
+    "sau_steps": (1, 100, False, False), "path_floor": (0, 1, False, False), "retune_poisoned": (1, 100_000, False, False),
     "retune_epochs": (1, 1000, False, False), "retune_lr": (0, 10, True, False),
     "retune_clean_count": (1, None, False, False),
     "steps": (1, 100_000, False, False), "anomaly_threshold": (0, None, True, False),
@@ -123,6 +125,11 @@ class PurifyOptions(EvaluateOptions):
     nad_layers: tuple[str, ...] | None = None  # nad: layers to distil (default: the end of each stage)
     teacher_epochs: int | None = None  # nad: teacher fine-tuning epochs (default: --epochs)
     clp_u: float | None = None  # clp: the outlier threshold u (default 3)
+    d3_lambda: float | None = None  # d3: weight of the clean-loss hinge (default 10)
+    d3_eps: float | None = None  # d3: the hinge's clean-loss budget (default 0.1)
+    sau_eps: float | None = None  # sau: L-inf radius of the adversarial examples, pixel units (default 0.2)
+    sau_steps: int | None = None  # sau: PGD steps per batch (default 5)
+    sau_lambda: tuple[float, ...] | None = None  # sau: clean CE, adversarial CE, shared unlearning weights (default 1,0,1)
 
 
 @dataclass(frozen=True)
