@@ -34,11 +34,13 @@ are used.
 
 Departures from the reference:
 - bdclean's SGD and schedule (--lr, --epochs) instead of Adam at 1e-4 for 100 epochs.
-- The model tunes in train mode (the loop's default; the attack itself runs in eval mode), so the
-  perturbed batch's forward also updates BatchNorm statistics, as in the reference's `train_mode`
-  variant. The reference's default holds the whole model in eval mode; with SGD at lr 0.01 that
-  diverged on a planted toy subject (logits grew without bound: nothing renormalises the activations
-  while the unlearning term fights the clean loss), while train mode kept its accuracy.
+- The model tunes in train mode (the loop's default; the attack itself runs in eval mode). The
+  perturbed batch's forward normalises by its own batch statistics but does not update the running
+  ones (`statistics_kept`). The reference's default holds the whole model in eval mode; with SGD at
+  lr 0.01 that diverged on a planted toy subject (logits grew without bound: nothing renormalises
+  the activations while the unlearning term fights the clean loss). Letting the perturbed batches
+  update the running statistics too collapsed a CIFAR-10 ResNet-20's accuracy to 25% while its
+  training loss stayed low (docs/purification.md).
 - Every step is eager on CUDA (the attack's early stop reads a flag back each step).
 
 Cost per batch: up to `steps` forward+backward passes of both models on the batch, then one forward of
@@ -47,6 +49,8 @@ Cost per batch: up to `steps` forward+backward passes of both models on the batc
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.nn.functional as F
@@ -81,6 +85,39 @@ def log_one_minus_prob(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tens
     return torch.logsumexp(others, 1) - torch.logsumexp(logits, 1)
 
 
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module):
+    """The model in eval mode for the block (BatchNorm reads its running statistics and updates none); every
+    module's own mode is put back after."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, training in modes:
+            module.train(training)
+
+
+@contextlib.contextmanager
+def statistics_kept(model: torch.nn.Module):
+    """BatchNorm layers in train mode still normalise by the batch's statistics but leave their running
+    statistics (and batch count) as they were: the perturbed batches must not become the statistics the
+    purified model is evaluated with."""
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+             and m.training and m.track_running_stats]
+    saved = [(m, m.momentum, m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None)
+             for m in norms]
+    for m in norms:
+        m.momentum = 0.0
+    try:
+        yield model
+    finally:
+        for m, momentum, count in saved:
+            m.momentum = momentum
+            if count is not None:
+                m.num_batches_tracked.copy_(count)
+
+
 def shared_adversarial(model: torch.nn.Module, reference: torch.nn.Module, inputs: torch.Tensor,
                        labels: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, eps: float, steps: int,
                        kind: str = "logits", precision: str = "fp32") -> torch.Tensor:
@@ -92,9 +129,7 @@ def shared_adversarial(model: torch.nn.Module, reference: torch.nn.Module, input
     low, high = (0 - mean) / std, (1 - mean) / std
     inputs = inputs.detach()
     delta = torch.full_like(inputs, eps)
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
+    with eval_mode(model):
         for _ in range(steps):
             delta.requires_grad_(True)
             perturbed = torch.maximum(torch.minimum(inputs + delta / std, high), low)
@@ -110,9 +145,6 @@ def shared_adversarial(model: torch.nn.Module, reference: torch.nn.Module, input
             share = masked_mean(js_divergence(ours, theirs), ~shared)
             (grad,) = torch.autograd.grad(ADV_WEIGHT * adv + SHARE_WEIGHT * share, delta)
             delta = (delta.detach() - eps * grad.sign()).clamp(-eps, eps)
-    finally:
-        for module, training in modes:
-            module.train(training)
     return torch.maximum(torch.minimum(inputs + delta.detach() / std, high), low)
 
 
@@ -125,7 +157,7 @@ def unlearning_objective(model, reference, mean, std, eps: float, steps: int, we
         perturbed = shared_adversarial(model, reference, inputs, labels, mean, std, eps, steps, kind, precision)
         with torch.no_grad(), autocast(inputs.device, precision):
             their_label = as_logits(reference(perturbed), kind).argmax(1)
-        with autocast(inputs.device, precision):
+        with statistics_kept(model), autocast(inputs.device, precision):
             ours = as_logits(model(perturbed), kind).float()
         term = w_clean * loss
         if w_adv:
