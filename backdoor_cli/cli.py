@@ -318,6 +318,16 @@ def purify(
                                                               "with the scan's reconstructed trigger, labels kept (default 0.2).")] = None,
     scan_steps: Annotated[Optional[int], typer.Option(rich_help_panel="Method", help="unlearn: the trigger inversion's optimisation steps "
                                                       "per class at most (default 120; fewer is faster and finds less).")] = None,
+    d3_lambda: Annotated[Optional[float], typer.Option(rich_help_panel="Method", help="d3: weight of the clean-loss hinge against the "
+                                                       "distance from the original head (default 10).")] = None,
+    d3_eps: Annotated[Optional[float], typer.Option(rich_help_panel="Method", help="d3: per-image clean-loss budget of the hinge "
+                                                    "(default 0.1).")] = None,
+    sau_eps: Annotated[Optional[float], typer.Option(rich_help_panel="Method", help="sau: L-inf radius of the shared adversarial "
+                                                     "examples, in [0, 1] pixel units (default 0.2).")] = None,
+    sau_steps: Annotated[Optional[int], typer.Option(rich_help_panel="Method", help="sau: PGD steps per batch (default 5).")] = None,
+    sau_lambda: Annotated[Optional[str], typer.Option(rich_help_panel="Method", help="sau: weights of the clean loss, the adversarial "
+                                                      "loss and the shared unlearning term, comma-separated "
+                                                      "(default 1,0,1).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Tuning batch size (default 128).")] = None,
     eval_batch_size: Annotated[Optional[int], typer.Option(rich_help_panel="Compute", help="Evaluation batch size (default: 128 on CPU, 1024 on CUDA).")] = None,
     momentum: Annotated[Optional[float], typer.Option(rich_help_panel="Tuning (SGD)", help="SGD momentum (default 0.9).")] = None,
@@ -367,7 +377,8 @@ def purify(
         "mean": mean, "std": std, "lr": lr, "epochs": epochs, "alpha": alpha, "distill": distill,
         "distill_temperature": distill_temperature, "rho": rho, "label_smoothing": label_smoothing,
         "nad_beta": nad_beta, "nad_p": nad_p, "nad_layers": nad_layers, "clp_u": clp_u, "unlearn_fraction": unlearn_fraction, "scan_steps": scan_steps,
-        "teacher_epochs": teacher_epochs, "batch_size": batch_size, "eval_batch_size": eval_batch_size,
+        "teacher_epochs": teacher_epochs, "d3_lambda": d3_lambda, "d3_eps": d3_eps, "sau_eps": sau_eps,
+        "sau_steps": sau_steps, "sau_lambda": sau_lambda, "batch_size": batch_size, "eval_batch_size": eval_batch_size,
         "momentum": momentum, "weight_decay": weight_decay, "augment": augment,
         "clean_fraction": clean_fraction, "clean_count": clean_count, "clean_data": clean_data,
         "holdout_fraction": holdout_fraction, "select": select, "select_budget": select_budget,

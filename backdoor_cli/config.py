@@ -34,7 +34,8 @@ RANGES: dict[str, tuple] = {
     "poison_rate": (0, 1, False, False), "holdout_fraction": (0, 1, False, True),
     "rho": (0, 100, False, False), "label_smoothing": (0, 1, False, True), "nad_p": (0, 16, True, False),
     "teacher_epochs": (1, 10_000, False, False), "clp_u": (0, 100, False, False),
-    "unlearn_fraction": (0, 1, True, True), "path_floor": (0, 1, False, False), "retune_poisoned": (1, 100_000, False, False),
+    "unlearn_fraction": (0, 1, True, True), "d3_lambda": (0, 1e6, True, False), "d3_eps": (0, 100, False, False), "sau_eps": (0, 1, True, False),
+    "sau_steps": (1, 100, False, False), "path_floor": (0, 1, False, False), "retune_poisoned": (1, 100_000, False, False),
     "retune_epochs": (1, 1000, False, False), "retune_lr": (0, 10, True, False),
     "retune_clean_count": (1, None, False, False),
     "steps": (1, 100_000, False, False), "scan_steps": (1, 100_000, False, False), "anomaly_threshold": (0, None, True, False),
@@ -126,6 +127,11 @@ class PurifyOptions(EvaluateOptions):
     clp_u: float | None = None  # clp: the outlier threshold u (default 3)
     unlearn_fraction: float | None = None  # unlearn: share of each batch stamped with the reconstructed trigger (0.2)
     scan_steps: int | None = None  # unlearn: the trigger inversion's steps per class at most (scan.InversionParams: 120)
+    d3_lambda: float | None = None  # d3: weight of the clean-loss hinge (default 10)
+    d3_eps: float | None = None  # d3: the hinge's clean-loss budget (default 0.1)
+    sau_eps: float | None = None  # sau: L-inf radius of the adversarial examples, pixel units (default 0.2)
+    sau_steps: int | None = None  # sau: PGD steps per batch (default 5)
+    sau_lambda: tuple[float, ...] | None = None  # sau: clean CE, adversarial CE, shared unlearning weights (default 1,0,1)
 
 
 @dataclass(frozen=True)

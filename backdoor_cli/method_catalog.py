@@ -18,6 +18,8 @@ METHODS: dict[str, str] = {
     "ft-sam": "fine-tuning with adaptive sharpness-aware minimisation (two passes per step)",
     "nad": "neural attention distillation from a fine-tuned teacher at the end of each stage",
     "clp": "channel Lipschitzness pruning: zero the channels whose Lipschitz bound is an outlier (no training)",
+    "d3": "distance-driven detoxification: push the head away from the original while a hinge keeps the clean loss within epsilon",
+    "sau": "shared adversarial unlearning: unlearn perturbations that fool the model and the input model alike",
     "unlearn": "scan for a trigger, then fine-tune with the reconstructed trigger stamped on clean images, labels kept",
 }
 DEFAULT = "unlearn"  # recipe.RECOMMENDED_METHOD (tested equal)

@@ -245,7 +245,9 @@ def _defense_params(opts: PurifyOptions, dataset: str | None, recipe: Recipe) ->
                                ("rho", opts.rho), ("label_smoothing", opts.label_smoothing),
                                ("nad_beta", opts.nad_beta), ("nad_p", opts.nad_p), ("nad_layers", opts.nad_layers),
                                ("teacher_epochs", opts.teacher_epochs), ("clp_u", opts.clp_u),
-                               ("unlearn_fraction", opts.unlearn_fraction))
+                               ("unlearn_fraction", opts.unlearn_fraction),
+                               ("d3_lambda", opts.d3_lambda), ("d3_eps", opts.d3_eps), ("sau_eps", opts.sau_eps),
+                               ("sau_steps", opts.sau_steps), ("sau_lambda", opts.sau_lambda))
              if v is not None}
     params = DefenseParams(
         lr=opts.lr if opts.lr is not None else defaults["lr"],

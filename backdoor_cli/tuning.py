@@ -75,6 +75,7 @@ def tune(
     on_epoch: Callable[[EpochLog], None] | None = None,
     loss_adapter: LossAdapter = LOGITS,
     perturb: Callable[[Callable[[], None]], Callable[[], None]] | None = None,
+    objective: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     no_augment: torch.Tensor | None = None,
     stamp: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
     precision: str | None = None,
@@ -92,6 +93,10 @@ def tune(
     that moves them back: the gradient is taken at the moved point and applied at the original one
     (SAM, PAM). `grads_here()` runs forward and backward on the step's batch at the current weights,
     for a perturbation that needs that gradient first (SAM).
+    `objective(loss, inputs, labels, scores)` returns the term that is minimised in place of the
+    batch's mean tuning loss `loss` (penalties are still added to it), for a method whose data term is
+    not the plain loss (D3's hinge, SAU's adversarial terms); the history still logs `loss`. It must
+    not leave gradients on the parameters (use torch.autograd.grad for an inner optimisation).
     `no_augment` (bool per image of `data`) marks images that are used as they are, never augmented.
     `stamp(inputs, generator)` edits each normalised batch after augmentation and before the step (the
     unlearning defense stamps reconstructed triggers on part of it); it runs outside a captured graph.
@@ -118,7 +123,8 @@ def tune(
         with autocast(device, precision, cache=cast_cache):
             output = model(inputs)
         loss, logits = loss_fn(output, yb)
-        total = loss + penalty() if penalty is not None else loss
+        term = objective(loss, inputs, yb, logits) if objective is not None else loss
+        total = term + penalty() if penalty is not None else term
         if batch_penalty is not None:
             total = total + batch_penalty(inputs, logits)
         optimizer.zero_grad()

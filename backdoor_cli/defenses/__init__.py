@@ -1,7 +1,7 @@
 """Tuning defenses behind one registry: `--method NAME` -> a Defense.
 
-Importing this package registers the built-in methods (ft, lp, fe-tuning, ft-init, fst, fst-kd, pam,
-ft-sam, nad).
+Importing this package registers the built-in methods (ft, lp, fe-tuning, ft-init, fst, fst-kd, ft-kd,
+pam, ft-sam, nad, clp, d3, sau).
 """
 
 from .base import DEFENSES, Defense, DefenseParams, DefenseOutcome, default_params, get_defense
@@ -13,5 +13,7 @@ from . import ft_sam as _ft_sam  # noqa: F401  (registers ft-sam)
 from . import nad as _nad  # noqa: F401  (registers nad)
 from . import clp as _clp  # noqa: F401  (registers clp)
 from . import unlearn as _unlearn  # noqa: F401  (registers unlearn)
+from . import d3 as _d3  # noqa: F401  (registers d3)
+from . import sau as _sau  # noqa: F401  (registers sau)
 
 __all__ = ["DEFENSES", "Defense", "DefenseParams", "DefenseOutcome", "default_params", "get_defense"]

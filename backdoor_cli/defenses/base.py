@@ -42,6 +42,11 @@ class DefenseParams:
     teacher_epochs: int | None = None  # nad: epochs of the teacher's fine-tuning (None: --epochs)
     clp_u: float | None = None  # clp: prune channels more than u std above their layer's mean bound (None: 3)
     unlearn_fraction: float = 0.2  # unlearn: share of each tuning batch stamped with a reconstructed trigger
+    d3_lambda: float | None = None  # d3: weight of the clean-loss hinge against the distance term (None: 10)
+    d3_eps: float | None = None  # d3: clean-loss budget of the hinge, per image (None: 0.1)
+    sau_eps: float | None = None  # sau: L-inf radius of the shared adversarial examples, in [0, 1] pixel units (None: 0.2)
+    sau_steps: int | None = None  # sau: PGD steps per batch (None: 5)
+    sau_lambda: tuple[float, ...] | None = None  # sau: weights of clean CE, adversarial CE, shared unlearning (None: 1, 0, 1)
 
     def method_value(self, method: str, name: str):
         """A per-method hyper-parameter: the given value, else the method's default."""
@@ -79,6 +84,18 @@ class DefenseParams:
             raise ConfigError(f"--clp-u must be in [0, 100], got {self.clp_u}")
         if not (0 < self.unlearn_fraction < 1):
             raise ConfigError(f"--unlearn-fraction must be in (0, 1), got {self.unlearn_fraction}")
+        if self.d3_lambda is not None and not (0 < self.d3_lambda <= 1e6):
+            raise ConfigError(f"--d3-lambda must be in (0, 1e6], got {self.d3_lambda}")
+        if self.d3_eps is not None and not (0 <= self.d3_eps <= 100):
+            raise ConfigError(f"--d3-eps must be in [0, 100], got {self.d3_eps}")
+        if self.sau_eps is not None and not (0 < self.sau_eps <= 1):
+            raise ConfigError(f"--sau-eps must be in (0, 1] (pixel units), got {self.sau_eps}")
+        if self.sau_steps is not None and not (1 <= self.sau_steps <= 100):
+            raise ConfigError(f"--sau-steps must be in [1, 100], got {self.sau_steps}")
+        if self.sau_lambda is not None and (len(self.sau_lambda) != 3
+                                            or any(not (0 <= w <= 1e6) for w in self.sau_lambda)):
+            raise ConfigError("--sau-lambda must be three weights in [0, 1e6] (clean CE, adversarial CE, shared "
+                              f"unlearning), got {self.sau_lambda}")
         return self
 
     def to_dict(self) -> dict:
@@ -92,6 +109,10 @@ METHOD_DEFAULTS: dict[str, dict] = {
     "ft-sam": {"rho": 2.0, "label_smoothing": 0.1},
     "nad": {"nad_beta": (500.0, 1000.0, 1000.0)},
     "clp": {"clp_u": 3.0},
+    # D3: the paper's lambda 10 and epsilon 0.1 (the authors' repo config has lambda 0.5; see d3.py).
+    "d3": {"d3_lambda": 10.0, "d3_eps": 0.1, "label_smoothing": 0.0},
+    # SAU: BackdoorBench's CIFAR-10 config: L-inf 0.2 in [0, 1] pixels, 5 PGD steps, weights 1, 0, 1.
+    "sau": {"sau_eps": 0.2, "sau_steps": 5, "sau_lambda": (1.0, 0.0, 1.0), "label_smoothing": 0.0},
 }
 
 
@@ -111,7 +132,8 @@ class DefenseOutcome:
 # every tuning method reads. A flag of the first kind given to a method that does not read it is
 # refused by name (`inapplicable`), and reports record only the parameters the method used.
 METHOD_PARAMS: tuple[str, ...] = ("alpha", "distill", "distill_temperature", "rho", "nad_beta", "nad_p", "nad_layers",
-                                  "teacher_epochs", "clp_u", "unlearn_fraction")
+                                  "teacher_epochs", "clp_u", "unlearn_fraction", "d3_lambda", "d3_eps", "sau_eps",
+                                  "sau_steps", "sau_lambda")
 TUNING_PARAMS: tuple[str, ...] = ("lr", "epochs", "batch_size", "momentum", "weight_decay", "augment", "seed",
                                   "label_smoothing")
 

@@ -50,27 +50,31 @@ def run_tuning(defense: Defense, model, head_name: str, clean: ImageSet, mean, s
                device, flip: bool, penalty=None, after_step=None, on_step=None, on_epoch=None,
                loss_adapter: LossAdapter = LOGITS, batch_penalty=None, perturb_with=None,
                label_smoothing: float | None = None, precision: str | None = None,
-               memory_format: str = "channels_last", stamp=None) -> DefenseOutcome:
+               memory_format: str = "channels_last", stamp=None, objective=None, init_head=None,
+               cuda_graphs: bool = True) -> DefenseOutcome:
     """Tune per the defense's recipe; `loss_adapter` says how the loss is formed from the model's output;
     `precision`, `memory_format` and `stamp` as for tuning.tune.
 
     `perturb_with(trainable)` makes the step's weight perturbation (defenses.perturbations) once the
-    trainable parameters are known."""
+    trainable parameters are known. `objective` is tuning.tune's (a data term in place of the loss).
+    `init_head(head, seed)` re-initialises the head in place of PyTorch's default init when the defense
+    re-initialises it; `cuda_graphs` False keeps every step eager on CUDA."""
     head = get_head(model, head_name)
     if label_smoothing is None:  # the user's --label-smoothing applies to every tuning method, not only ft-sam's
         label_smoothing = params.method_value(defense.name, "label_smoothing") or 0.0
     if defense.reinit_head:
-        reinitialise_head(head, params.seed)
+        (init_head or reinitialise_head)(head, params.seed)
     trainable, frozen = select_trainable(model, head, defense.trains)
     perturb = perturb_with(trainable) if perturb_with is not None else None
     settings = TuneSettings(epochs=params.epochs, lr=params.lr, batch_size=params.batch_size,
                             momentum=params.momentum, weight_decay=params.weight_decay,
-                            augment=params.augment, flip=flip, seed=params.seed, label_smoothing=label_smoothing)
+                            augment=params.augment, flip=flip, seed=params.seed, label_smoothing=label_smoothing,
+                            cuda_graphs=cuda_graphs)
     try:
         history = tune(model, clean, mean, std, settings, device, params=trainable, frozen_modules=frozen,
                        penalty=penalty, batch_penalty=batch_penalty, after_step=after_step, on_step=on_step,
                        on_epoch=on_epoch, loss_adapter=loss_adapter, perturb=perturb, stamp=stamp,
-                       precision=precision, memory_format=memory_format)
+                       precision=precision, memory_format=memory_format, objective=objective)
     finally:
         for p in model.parameters():
             p.requires_grad_(True)

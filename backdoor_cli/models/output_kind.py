@@ -214,3 +214,18 @@ def smoothed_nll(log_probs: torch.Tensor, targets: torch.Tensor, smoothing: floa
     if smoothing == 0:
         return nll
     return (1 - smoothing) * nll - smoothing * log_probs.mean(1).mean()
+
+
+def sample_losses(scores: torch.Tensor, targets: torch.Tensor, adapter: LossAdapter,
+                  label_smoothing: float = 0.0) -> torch.Tensor:
+    """Per-image tuning loss: the loss attach_loss forms (its mean), without the mean.
+
+    `scores` are what attach_loss hands back: the logits for a logits model or a trailing normaliser's
+    input, else the model's output (log-probabilities, or probabilities taken to their clamped log)."""
+    if adapter.kind == "logits" or adapter.source == "normaliser-input":
+        return F.cross_entropy(scores.float(), targets, label_smoothing=label_smoothing, reduction="none")
+    log_probs = scores.float()
+    if adapter.kind == "probs":
+        log_probs = log_probs.clamp_min(torch.finfo(torch.float32).tiny).log()
+    nll = -log_probs.gather(1, targets[:, None]).squeeze(1)
+    return nll if label_smoothing == 0 else (1 - label_smoothing) * nll - label_smoothing * log_probs.mean(1)
