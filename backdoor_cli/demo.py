@@ -119,9 +119,16 @@ def story(clean_acc: float, asr: float, ft, fst, recommended=None) -> list[str]:
         verdict = _removal_words(rec_asr)
         lines.append(f"bdclean's default ({scan_words(recommended.scan)}; the real trigger is never used) {verdict} "
                      f"(ASR {rec_asr:.1%}) at a cost of {rec_cost:.1f} points "
-                     f"({recommended.after.clean_acc.value:.1%}), against FST's {fst_cost:.1f}. Without knowing the "
-                     f"trigger, its removal verdict was: {recommended.removal['verdict'].replace('_', ' ')}.")
+                     f"({recommended.after.clean_acc.value:.1%}), against FST's {fst_cost:.1f}. Its removal verdict: "
+                     f"{recommended.removal['verdict'].replace('_', ' ')} ({verdict_source(recommended.removal)}).")
     return lines
+
+
+def verdict_source(removal: dict) -> str:
+    """What the verdict rests on: the scan alone, or the trigger recorded in the checkpoint (scan beside it)."""
+    if removal.get("evidence", {}).get("source") == "scan":
+        return "from the scan's evidence alone"
+    return "from the trigger recorded in the checkpoint, the scan's evidence beside it"
 
 
 def scan_words(scan: dict | None) -> str:

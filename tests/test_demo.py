@@ -39,7 +39,7 @@ def _report(acc_before, acc_after, asr_after, flagged=(0,), verdict="verified"):
                            after=SimpleNamespace(clean_acc=Rate(int(acc_after * 100), 100),
                                                  asr=Rate(int(asr_after * 100), 100)),
                            scan={"flagged": list(flagged), "unlearnt": list(flagged) or [3]},
-                           removal={"verdict": verdict})
+                           removal={"verdict": verdict, "evidence": {"source": "scan"} if not flagged else {}})
 
 
 def test_story_follows_the_measured_figures():
@@ -54,10 +54,11 @@ def test_story_tells_the_default_from_its_own_figures():
     lines = demo.story(0.98, 0.9, _report(0.98, 0.95, 0.20), _report(0.98, 0.87, 0.01), _report(0.98, 0.95, 0.02))
     assert "bdclean's default" in lines[3] and "removed the backdoor (ASR 2.0%)" in lines[3]
     assert "cost of 3.0 points" in lines[3] and "against FST's 11.0" in lines[3]
-    assert "flagged class 0" in lines[3] and "removal verdict was: verified" in lines[3]
+    assert "flagged class 0" in lines[3] and "removal verdict: verified (from the trigger recorded" in lines[3]
     lines = demo.story(0.98, 0.9, _report(0.98, 0.95, 0.20), _report(0.98, 0.87, 0.01),
                        _report(0.98, 0.95, 0.02, flagged=(), verdict="not_verified"))
-    assert "flagged no class" in lines[3] and "(class 3) was unlearnt" in lines[3] and "not verified" in lines[3]
+    assert "flagged no class" in lines[3] and "(class 3) was unlearnt" in lines[3]
+    assert "not verified (from the scan's evidence alone)" in lines[3]
     lines = demo.story(0.98, 0.9, _report(0.98, 0.95, 0.20), _report(0.98, 0.87, 0.01), _report(0.98, 0.97, 0.50))
     assert "did not remove the backdoor (ASR 50.0%)" in lines[3]
     lines = demo.story(0.98, 0.9, _report(0.98, 0.95, 0.20), _report(0.98, 0.87, 0.01), _report(0.98, 0.97, 0.08))
