@@ -30,6 +30,20 @@ app = typer.Typer(
 
 EXIT_GATE, EXIT_INTERNAL, EXIT_INTERRUPTED = 1, 4, 130
 
+
+def _print_version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        typer.echo(f"bdclean {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                               help="Print bdclean's version and exit.")] = False) -> None:
+    """Audit and purify image classifiers that may carry a backdoor (Feature Shift Tuning and baselines)."""
+
 # Shared options: one definition each, so names and help stay identical across commands.
 Arch = Annotated[Optional[str], typer.Option(rich_help_panel="Model and data", help="Architecture: a built-in name (resnet18, resnet20/32/44/56, preactresnet18, vgg16_bn, "
                                              "simple_cnn, simple_cnn_half, test_tiny), torchvision:NAME, or path/to/file.py:factory. "

@@ -311,3 +311,10 @@ def test_purify_warns_about_alpha_when_fst_costs_accuracy(toy, tmp_path, monkeyp
                     "--clean-count", "30", "--epochs", "1", "--quiet")
     assert result.exit_code == 0, result.output
     assert ("smaller --alpha" in " ".join(result.output.split())) is advised
+
+
+def test_version_prints_the_package_version_and_exits_0():
+    from backdoor_cli import __version__
+
+    result = CliRunner().invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output.strip() == f"bdclean {__version__}"
