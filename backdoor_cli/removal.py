@@ -84,12 +84,16 @@ def judge_removal_by_scan(flagged: list[int], unlearnt: list[int], proxy_before:
         return RemovalVerdict("not_verified", "the scan flagged no class, so there was nothing to verify the removal "
                               "against (blend, warp and sample-specific triggers can hide from trigger inversion; "
                               f"pass --trigger if you suspect one){': ' + moved if moved else ''}", evidence)
+    # An all-to-one backdoor has one target: with several classes flagged, some are likely shortcuts of the
+    # data itself (measured: a clean softmax MNIST CNN had 3 classes flagged), which the reason must say.
+    several = (f"; {len(flagged)} classes were flagged, and an all-to-one backdoor has one target, so some may be "
+               "shortcuts of the data rather than a backdoor" if len(flagged) > 1 else "")
     still = [c for c in flagged if proxy_after[c].value > FAILED_ASR or rescan.get(c, {}).get("flagged")]
     if still:
         parts = [f"class {c}: proxy ASR {proxy_after[c].value:.1%}"
                  + (", the re-scan still flags it" if rescan.get(c, {}).get("flagged") else "") for c in still]
-        return RemovalVerdict("failed", "the backdoor the scan found is still there (" + "; ".join(parts) + ")",
-                              evidence)
+        return RemovalVerdict("failed", "the backdoor the scan found is still there (" + "; ".join(parts) + ")"
+                              + several, evidence)
     gone = [c for c in flagged if proxy_after[c].value <= VERIFIED_ASR and proxy_after[c].high <= VERIFIED_HIGH
             and c in rescan and not rescan[c]["flagged"]]
     if len(gone) == len(flagged):
@@ -97,7 +101,7 @@ def judge_removal_by_scan(flagged: list[int], unlearnt: list[int], proxy_before:
                  f"{proxy_after[c].high:.1%}), re-scanned mask L1 {rescan[c]['input_mask_l1']:g} -> "
                  f"{rescan[c]['mask_l1']:g}, no longer an outlier" for c in flagged]
         return RemovalVerdict("verified", "the backdoor the scan found is gone (" + "; ".join(parts) + "); triggers "
-                              "that hide from inversion were not tested", evidence)
+                              "that hide from inversion were not tested" + several, evidence)
     return RemovalVerdict("not_verified", "the scan's reconstructed trigger works less than before but not clearly "
                           "not at all: " + "; ".join(f"class {c}: proxy ASR {proxy_after[c].value:.1%} (upper bound "
                                                      f"{proxy_after[c].high:.1%})" for c in flagged), evidence)

@@ -201,3 +201,13 @@ def test_unlearn_needs_its_scan_and_takes_its_own_flag_only(subjects, tmp_path):
     assert bad.exit_code == 2 and "unlearn-fraction" in bad.output
     no_scan = _default(subjects["backdoored"], subjects["data"], tmp_path / "o3", "--method", "ft", "--scan-steps", "5")
     assert no_scan.exit_code == 2 and "--scan-steps does not apply to --method ft" in no_scan.output
+
+
+def test_several_flagged_classes_are_called_possible_shortcuts_of_the_data():
+    """A clean softmax MNIST CNN had 3 classes flagged: the verdict must not read as one backdoor found."""
+    rescan = {c: {"mask_l1": 30.0, "input_mask_l1": 4.0, "flagged": False, "anomaly_index": 0.5} for c in (2, 3)}
+    rates = {c: Rate(0, 200) for c in (2, 3)}
+    verdict = judge_removal_by_scan([2, 3], [2, 3], {2: Rate(150, 200), 3: Rate(160, 200)}, rates, rescan)
+    assert verdict.verdict == "verified" and "2 classes were flagged" in verdict.reason
+    assert "shortcuts of the data" in verdict.reason
+    assert "classes were flagged" not in _by_scan(Rate(0, 200), False).reason
