@@ -207,15 +207,24 @@ def invert_classes(model: torch.nn.Module, images: torch.Tensor, labels: torch.T
 
 
 @torch.no_grad()
+def count_hits(model: torch.nn.Module, images: torch.Tensor, target: int, mask: torch.Tensor, pattern: torch.Tensor,
+               mean: torch.Tensor, std: torch.Tensor, batch_size: int, channels_last: bool = False) -> int:
+    """How many images the composed trigger sends to `target`: NCHW floats in [0, 1], or uint8 NHWC with
+    `channels_last` (converted a batch at a time)."""
+    hits = 0
+    for start in range(0, images.shape[0], batch_size):
+        chunk = images[start : start + batch_size]
+        x01 = chunk.permute(0, 3, 1, 2).float().div_(255.0) if channels_last else chunk
+        batch = compose(x01, mask, pattern)
+        with exact_fp32(batch.device):  # a verdict's figure: the model's own fp32 predictions
+            hits += int((model((batch - mean) / std).argmax(1) == target).sum())
+    return hits
+
+
 def attack_success(model: torch.nn.Module, x01: torch.Tensor, target: int, mask: torch.Tensor, pattern: torch.Tensor,
                    mean: torch.Tensor, std: torch.Tensor, batch_size: int) -> float:
     """Fraction of images (NCHW in [0, 1]) that the composed trigger sends to `target`."""
-    hits = 0
-    for start in range(0, x01.shape[0], batch_size):
-        batch = compose(x01[start : start + batch_size], mask, pattern)
-        with exact_fp32(batch.device):  # a verdict's figure: the model's own fp32 predictions
-            hits += int((model((batch - mean) / std).argmax(1) == target).sum())
-    return hits / max(1, x01.shape[0])
+    return count_hits(model, x01, target, mask, pattern, mean, std, batch_size) / max(1, x01.shape[0])
 
 
 def anomaly_indices(norms: list[float]) -> tuple[list[float], float, float]:

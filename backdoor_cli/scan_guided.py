@@ -23,8 +23,7 @@ from .data import ImageSet
 from .metrics import Rate
 from .models.output_kind import LossAdapter, attach_loss
 from .progress import Reporter, step_callback
-from .scan import MAD_CONSISTENCY, MIN_L1, ClassTrigger, InversionParams, ScanResult, compose, invert_classes, scan_model
-from .precision import exact_fp32
+from .scan import MAD_CONSISTENCY, MIN_L1, ClassTrigger, InversionParams, ScanResult, count_hits, invert_classes, scan_model
 
 
 @dataclass
@@ -93,27 +92,20 @@ def choose_triggers(result: ScanResult) -> tuple[list[ClassTrigger], str]:
                                     f"{result.anomaly[top]:.2f} <= {result.threshold:g}) and was unlearnt as a precaution")
 
 
-@torch.no_grad()
 def proxy_asr(model: torch.nn.Module, images: ImageSet, trigger: ClassTrigger, mean: torch.Tensor,
               std: torch.Tensor, batch_size: int = 256) -> Rate:
     """Share of `images` not of the trigger's class that the reconstructed trigger sends to it (fp32)."""
-    others = images.y != trigger.target
-    x = images.x[others]
-    device = x.device
+    others = images.x[images.y != trigger.target]
+    device = others.device
     mask = trigger.mask.to(device)[None, None]
     pattern = trigger.pattern.to(device).permute(2, 0, 1)[None]
-    hits = 0
     was_training = model.training
     model.eval()
     try:
-        for start in range(0, x.shape[0], batch_size):
-            x01 = x[start : start + batch_size].permute(0, 3, 1, 2).float().div_(255.0)
-            with exact_fp32(device):  # a verdict's figure: the model's own fp32 predictions
-                predicted = model((compose(x01, mask, pattern) - mean) / std).argmax(1)
-            hits += int((predicted == trigger.target).sum())
+        hits = count_hits(model, others, trigger.target, mask, pattern, mean, std, batch_size, channels_last=True)
     finally:
         model.train(was_training)
-    return Rate(hits, int(x.shape[0]))
+    return Rate(hits, int(others.shape[0]))
 
 
 def proxy_rates(model, images: ImageSet, triggers: list[ClassTrigger], mean, std) -> dict[int, Rate]:

@@ -107,3 +107,59 @@ def train_small_cnn(data: Path, out: Path, *trigger: str) -> Path:
                                       "--epochs", "4", "--lr", "0.05", "--device", "cpu", "--quiet", *trigger])
     assert result.exit_code == 0, result.output
     return out
+
+
+# --- a tiny model and data for the defenses' mechanics tests (one definition for every test file) ---
+
+
+def _tiny_model_class():
+    import torch
+    from torch import nn
+
+    class Tiny(nn.Module):
+        def __init__(self, classes: int = 3):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.bn = nn.BatchNorm2d(4)
+            self.pool = nn.AdaptiveAvgPool2d(1)
+            self.fc = nn.Linear(4, classes)
+
+        def forward(self, x):
+            return self.fc(self.pool(torch.relu(self.bn(self.conv(x)))).flatten(1))
+
+    return Tiny
+
+
+Tiny = _tiny_model_class()
+
+
+def tiny_data(n=48, classes=3):
+    """n random 8x8 RGB images, labels cycling over `classes`."""
+    import torch
+
+    from backdoor_cli.data import ImageSet
+
+    g = torch.Generator().manual_seed(0)
+    return ImageSet(torch.randint(0, 256, (n, 8, 8, 3), generator=g, dtype=torch.uint8), torch.arange(n) % classes)
+
+
+def _normalisation():
+    import torch
+
+    return torch.full((1, 3, 1, 1), 0.5), torch.full((1, 3, 1, 1), 0.25)
+
+
+MEAN, STD = _normalisation()
+
+
+def run_tiny(name: str, model=None, **overrides):
+    """(model, outcome): defense `name` run on a Tiny (seeded) over tiny_data, lr 0.05, 2 epochs, batch 16."""
+    import torch
+
+    from backdoor_cli.defenses import DefenseParams, get_defense
+
+    torch.manual_seed(0)
+    model = model or Tiny()
+    params = DefenseParams(**{"lr": 0.05, "epochs": 2, "batch_size": 16, **overrides})
+    outcome = get_defense(name).run(model, "fc", tiny_data(), MEAN, STD, params, torch.device("cpu"), flip=True)
+    return model, outcome

@@ -19,18 +19,12 @@ from backdoor_cli.defenses.distill import frozen_copy
 from backdoor_cli.defenses.sau import js_divergence, log_one_minus_prob, shared_adversarial, statistics_kept
 from backdoor_cli.models.output_kind import LOGITS, LossAdapter, attach_loss, sample_losses
 
-from test_defenses import MEAN, STD, Tiny, _data
-from test_scan import make_template_dataset, train
+from helpers import MEAN, STD, Tiny, run_tiny as _run, tiny_data as _data
+from helpers import make_template_dataset, train_small_cnn as train
 
 CPU = torch.device("cpu")
 
 
-def _run(name: str, model=None, **overrides):
-    torch.manual_seed(0)
-    model = model or Tiny()
-    params = DefenseParams(**{"lr": 0.05, "epochs": 2, "batch_size": 16, **overrides})
-    outcome = get_defense(name).run(model, "fc", _data(), MEAN, STD, params, CPU, flip=True)
-    return model, outcome
 
 
 # ---------------------------------------------------------------- d3

@@ -12,28 +12,7 @@ from backdoor_cli.data import ImageSet
 from backdoor_cli.defenses import DEFENSES, DefenseParams, default_params, get_defense
 from backdoor_cli.defenses.fst import feature_shift_penalty
 from backdoor_cli.errors import ConfigError
-
-
-class Tiny(nn.Module):
-    def __init__(self, classes: int = 3):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3, padding=1)
-        self.bn = nn.BatchNorm2d(4)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(4, classes)
-
-    def forward(self, x):
-        return self.fc(self.pool(torch.relu(self.bn(self.conv(x)))).flatten(1))
-
-
-def _data(n=48, classes=3):
-    g = torch.Generator().manual_seed(0)
-    return ImageSet(torch.randint(0, 256, (n, 8, 8, 3), generator=g, dtype=torch.uint8),
-                    torch.arange(n) % classes)
-
-
-MEAN = torch.full((1, 3, 1, 1), 0.5)
-STD = torch.full((1, 3, 1, 1), 0.25)
+from helpers import MEAN, STD, Tiny, tiny_data as _data
 
 
 def _run(name, model=None, **overrides):

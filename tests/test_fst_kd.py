@@ -14,7 +14,7 @@ from backdoor_cli.defenses.distill import as_logits, distillation_term
 from backdoor_cli.errors import ConfigError
 from backdoor_cli.models.output_kind import LossAdapter
 
-from test_defenses import MEAN, STD, Tiny, _data
+from helpers import MEAN, STD, Tiny, tiny_data as _data
 from test_output_kind import run_ok, toy  # noqa: F401  (toy is a fixture)
 
 

@@ -18,18 +18,12 @@ from backdoor_cli.models import build_model
 from backdoor_cli.models.output_kind import smoothed_nll
 from backdoor_cli.tuning import TuneSettings, _augment, tune
 
-from test_defenses import MEAN, STD, Tiny, _data
+from helpers import MEAN, STD, Tiny, run_tiny as _run, tiny_data as _data
 from test_output_kind import run_ok, purify, toy  # noqa: F401  (toy is a fixture)
 
 CPU = torch.device("cpu")
 
 
-def _run(name: str, model=None, **overrides):
-    torch.manual_seed(0)
-    model = model or Tiny()
-    params = DefenseParams(**{"lr": 0.05, "epochs": 2, "batch_size": 16, **overrides})
-    outcome = get_defense(name).run(model, "fc", _data(), MEAN, STD, params, CPU, flip=True)
-    return model, outcome
 
 
 def _same(a: torch.nn.Module, b: torch.nn.Module) -> bool:
