@@ -112,7 +112,9 @@ def combine_verdicts(by_trigger: RemovalVerdict, by_scan: RemovalVerdict | None)
     says `failed` overrides a `verified`: a second backdoor is still a backdoor."""
     if by_scan is None:
         return by_trigger
-    evidence = {**by_trigger.evidence, "scan": by_scan.evidence}
+    # the scan's own verdict stays in the report: what the trigger-free default concluded by itself
+    evidence = {**by_trigger.evidence,
+                "scan": {"verdict": by_scan.verdict, "reason": by_scan.reason, **by_scan.evidence}}
     if by_trigger.verdict == "verified" and by_scan.verdict == "failed":
         return RemovalVerdict("failed", f"{by_trigger.reason}; but {by_scan.reason}", evidence)
     return RemovalVerdict(by_trigger.verdict, by_trigger.reason, evidence)

@@ -279,8 +279,12 @@ def scan_markdown(scan: dict | None) -> list[str]:
     lines = ["## Scan (trigger inversion on the clean tuning images)", "",
              f"Flagged: {', '.join(map(str, scan['flagged'])) or 'none'}. {scan['choice'][0].upper()}{scan['choice'][1:]}.",
              f"Rule: {scan['rule']}.", "", "| class | mask L1 | anomaly index | success |", "|---|---|---|---|"]
+    full = [c for c in scan["classes"] if c.get("searched", "full") == "full"]
     lines += [f"| {c['class']}{' (flagged)' if c['class'] in scan['flagged'] else ''} | {c['mask_l1']:g} | "
-              f"{c['anomaly_index']:.2f} | {c['success']:.0%} |" for c in scan["classes"]]
+              f"{c['anomaly_index']:.2f} | {c['success']:.0%} |" for c in full]
+    if len(full) < len(scan["classes"]):
+        lines += ["", f"{len(scan['classes']) - len(full)} more classes were screened out by a short search "
+                  "(report.json lists them): only the candidates and a random reference sample were searched in full."]
     lines += ["", f"Proxy ASR: the share of {scan['proxy_images']} of other classes that the input's reconstructed "
               "trigger sends to its class.", "", "| class | proxy ASR before | after | re-scan mask L1 (input -> purified) "
               "| re-scan anomaly index |", "|---|---|---|---|---|"]

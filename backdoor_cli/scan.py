@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -55,13 +55,24 @@ class InversionParams:
     # of one and a CPU faster per image. Adam is elementwise and the loss a sum of per-class terms, so
     # grouping changes the random draws, not the search.
     group: int = 16
+    # Many classes (a 100- or 1,000-class hub model): a short search of every class ranks them, and only
+    # the `screen_keep` smallest masks (the candidates) and `screen_reference` other classes drawn at
+    # random are searched in full. The median and MAD come from the random sample, an unbiased draw of
+    # the classes, and only a fully searched candidate can be flagged. Cost for C classes (in group-steps):
+    # ceil(C / group) x screen_steps + ceil((keep + reference) / group) x steps instead of ceil(C / group) x steps.
+    screen_above: int = 32  # more classes than this are pre-screened; up to it every class is searched in full
+    screen_steps: int = 30
+    screen_keep: int = 8
+    screen_reference: int = 24
 
     def validate(self) -> "InversionParams":
         checks = (("steps", self.steps >= 1), ("batch_size", self.batch_size >= 1), ("lr", self.lr > 0),
                   ("success", 0 < self.success <= 1), ("init_cost", self.init_cost > 0),
                   ("cost_step", self.cost_step > 1), ("patience", self.patience >= 1),
                   ("early_stop", self.early_stop >= 1), ("group", self.group >= 1),
-                  ("threshold", self.threshold > 0))
+                  ("threshold", self.threshold > 0), ("screen_above", self.screen_above >= 2),
+                  ("screen_steps", self.screen_steps >= 1), ("screen_keep", self.screen_keep >= 1),
+                  ("screen_reference", self.screen_reference >= 3))
         for name, ok in checks:
             if not ok:
                 raise ConfigError(f"scan parameter {name} is out of range: {getattr(self, name)!r}")
@@ -69,6 +80,17 @@ class InversionParams:
 
     def to_dict(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+    def screens(self, num_classes: int) -> bool:
+        return num_classes > self.screen_above
+
+    def planned_steps(self, num_classes: int) -> int:
+        """Group-steps of a scan of `num_classes` classes at most (its progress bar's length)."""
+        groups = lambda count: -(-count // self.group)  # noqa: E731 - ceil division, said once
+        if not self.screens(num_classes):
+            return groups(num_classes) * self.steps
+        full = min(num_classes, self.screen_keep + self.screen_reference)
+        return groups(num_classes) * self.screen_steps + groups(full) * self.steps
 
 
 @dataclass
@@ -99,12 +121,29 @@ class ScanResult:
     threshold: float
     flagged: list[int] = field(default_factory=list)
     anomaly_raw: list[float] = field(default_factory=list)  # Neural Cleanse's index on the raw L1, for reference
+    # With a pre-screen (InversionParams.screen_above): the classes searched in full as candidates and as
+    # the random reference sample; every other class had the short search only. Empty: all in full.
+    candidates: list[int] = field(default_factory=list)
+    reference: list[int] = field(default_factory=list)
+
+    @property
+    def screened(self) -> bool:
+        return bool(self.reference)
+
+    def searched_in_full(self, target: int) -> bool:
+        return not self.screened or target in self.candidates or target in self.reference
 
     @property
     def rule(self) -> str:
-        return (f"a class is flagged when the log of its mask L1 norm lies more than {self.threshold:g} robust "
-                f"standard deviations below the median over all classes (anomaly index = (median - log L1) / "
+        population = ("a random sample of " + str(len(self.reference)) + " classes searched in full"
+                      if self.screened else "all classes")
+        text = (f"a class is flagged when the log of its mask L1 norm lies more than {self.threshold:g} robust "
+                f"standard deviations below the median over {population} (anomaly index = (median - log L1) / "
                 f"({MAD_CONSISTENCY} x MAD of log L1) > {self.threshold:g}); larger-than-typical masks never flag")
+        if self.screened:
+            text += (f"; a short search of every class picked the {len(self.candidates)} smallest masks as "
+                     "candidates, and only a candidate searched in full can be flagged")
+        return text
 
 
 def compose(x: torch.Tensor, mask: torch.Tensor, pattern: torch.Tensor) -> torch.Tensor:
@@ -244,30 +283,65 @@ def scan_model(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tenso
                mean: torch.Tensor, std: torch.Tensor, loss_fn: LossFn, params: InversionParams, seed: int,
                on_class: Callable[[ClassTrigger], None] | None = None,
                on_step: Callable[[int], None] | None = None, precision: str = "fp32") -> ScanResult:
-    """Invert a trigger for every class (params.group classes per batch) and flag the outliers. The
+    """Invert a trigger for every class (params.group classes per batch) and flag the outliers; with more
+    than params.screen_above classes, a short search of all of them picks what is searched in full. The
     model's weights are frozen meanwhile. `precision`: the search's forward arithmetic (fp32 | bf16)."""
     generator = torch.Generator().manual_seed(seed)
     frozen = [p for p in model.parameters() if p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)  # gradients for the trigger only: no weight gradients to compute or keep
     model.eval()
-    triggers = []
-    try:
+    done = [0]
+
+    def search(targets: list[int], search_params: InversionParams, announce: bool) -> list[ClassTrigger]:
+        found: list[ClassTrigger] = []
         # a class's own images say nothing about a shortcut into it: each target draws from the others
-        for start in range(0, num_classes, params.group):
-            targets = list(range(start, min(num_classes, start + params.group)))
-            done = (start // params.group) * params.steps
-            found = invert_classes(model, images, labels, targets, mean, std, loss_fn, params, generator,
-                                   (lambda s, d=done: on_step(d + s)) if on_step else None, precision)
-            triggers.extend(found)
-            if on_class is not None:
-                for trigger in found:
+        for start in range(0, len(targets), search_params.group):
+            offset = done[0]
+            group = invert_classes(model, images, labels, targets[start : start + search_params.group], mean, std,
+                                   loss_fn, search_params, generator,
+                                   (lambda s, d=offset: on_step(d + s)) if on_step else None, precision)
+            done[0] += search_params.steps
+            found.extend(group)
+            if announce and on_class is not None:
+                for trigger in group:
                     on_class(trigger)
+        return found
+
+    candidates: list[int] = []
+    reference: list[int] = []
+    try:
+        if not params.screens(num_classes):
+            triggers = search(list(range(num_classes)), params, announce=True)
+        else:
+            triggers = search(list(range(num_classes)), replace(params, steps=params.screen_steps), announce=False)
+            order = sorted(range(num_classes), key=lambda c: (triggers[c].l1, c))
+            candidates = sorted(order[: params.screen_keep])
+            rest = order[params.screen_keep :]
+            draw = torch.randperm(len(rest), generator=generator)[: params.screen_reference].tolist()
+            reference = sorted(rest[i] for i in draw)
+            for trigger in search(candidates + reference, params, announce=True):
+                triggers[trigger.target] = trigger
     finally:
         for p in frozen:
             p.requires_grad_(True)
-    anomaly, log_median, log_mad = anomaly_indices([math.log(max(t.l1, MIN_L1)) for t in triggers])
-    raw, _, _ = anomaly_indices([t.l1 for t in triggers])
-    flagged = [t.target for t, a in zip(triggers, anomaly) if a > params.threshold and math.isfinite(a)]
+    logs = [math.log(max(t.l1, MIN_L1)) for t in triggers]
+    population = reference or list(range(num_classes))
+    _, log_median, log_mad = anomaly_indices([logs[c] for c in population])
+    anomaly = indices_against(logs, log_median, log_mad)
+    raw_values = [t.l1 for t in triggers]
+    _, raw_median, raw_mad = anomaly_indices([raw_values[c] for c in population])
+    raw = indices_against(raw_values, raw_median, raw_mad)
+    eligible = set(candidates) if reference else set(range(num_classes))
+    flagged = [t.target for t, a in zip(triggers, anomaly)
+               if t.target in eligible and a > params.threshold and math.isfinite(a)]
     return ScanResult(triggers=triggers, anomaly=anomaly, median_l1=math.exp(log_median), mad=log_mad,
-                      threshold=params.threshold, flagged=flagged, anomaly_raw=raw)
+                      threshold=params.threshold, flagged=flagged, anomaly_raw=raw, candidates=candidates,
+                      reference=reference)
+
+
+def indices_against(values: list[float], median: float, mad: float) -> list[float]:
+    """Each value's anomaly index against a given median and MAD (0 for all where the MAD is zero)."""
+    if mad <= 1e-12:
+        return [0.0] * len(values)
+    return [(median - v) / (MAD_CONSISTENCY * mad) for v in values]

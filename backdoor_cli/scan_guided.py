@@ -46,8 +46,10 @@ class ScanEvidence:
     def to_dict(self) -> dict:
         return {
             "method": "neural-cleanse", "params": self.params.to_dict(), "rule": self.result.rule,
-            "classes": [{**t.to_dict(), "anomaly_index": round(a, 3)}
+            "classes": [{**t.to_dict(), "anomaly_index": round(a, 3),
+                         "searched": "full" if self.result.searched_in_full(t.target) else "screen"}
                         for t, a in zip(self.result.triggers, self.result.anomaly)],
+            "screen": screen_summary(self.result),
             "flagged": self.flagged, "unlearnt": [t.target for t in self.chosen], "choice": self.choice,
             "proxy_images": self.proxy_images,
             "proxy_asr": {str(c): {"before": self.proxy_before[c].to_dict(),
@@ -57,12 +59,19 @@ class ScanEvidence:
         }
 
 
+def screen_summary(result: ScanResult) -> dict | None:
+    """Which classes the pre-screen sent to the full search (None when every class was searched in full)."""
+    if not result.screened:
+        return None
+    return {"candidates": list(result.candidates), "reference": list(result.reference)}
+
+
 def run_scan(model: torch.nn.Module, images: ImageSet, num_classes: int, mean: torch.Tensor, std: torch.Tensor,
              adapter: LossAdapter, params: InversionParams, seed: int, reporter: Reporter,
              precision: str = "fp32") -> ScanResult:
     """Invert a trigger per class on `images` (on the model's device) with a progress bar; `precision` is
     the search's forward arithmetic (the tuning plan's: the search is an optimisation like tuning)."""
-    total = -(-num_classes // params.group) * params.steps
+    total = params.planned_steps(num_classes)
     reporter.start_steps("trigger inversion", total)
     on_step = step_callback(reporter, "scan", total)
 
@@ -87,7 +96,7 @@ def choose_triggers(result: ScanResult) -> tuple[list[ClassTrigger], str]:
     if result.flagged:
         chosen = [result.triggers[c] for c in result.flagged]
         return chosen, f"flagged by the scan: class {', '.join(str(c) for c in result.flagged)}"
-    top = max(range(len(result.triggers)), key=lambda c: result.anomaly[c])
+    top = max((c for c in range(len(result.triggers)) if result.searched_in_full(c)), key=lambda c: result.anomaly[c])
     return [result.triggers[top]], (f"no class flagged; class {top} has the smallest mask (anomaly index "
                                     f"{result.anomaly[top]:.2f} <= {result.threshold:g}) and was unlearnt as a precaution")
 

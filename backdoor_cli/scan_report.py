@@ -39,7 +39,7 @@ class ScanReport:
             names = ", ".join(str(c) for c in r.flagged)
             return (f"BACKDOOR SUSPECTED: class {names} needs a far smaller trigger than the other classes "
                     f"(anomaly index {', '.join(f'{r.anomaly[c]:.2f}' for c in r.flagged)} > {r.threshold:g})")
-        top = max(range(len(r.anomaly)), key=lambda i: r.anomaly[i])
+        top = max((i for i in range(len(r.anomaly)) if r.searched_in_full(i)), key=lambda i: r.anomaly[i])
         return (f"no class flagged: the smallest trigger (class {top}, anomaly index {r.anomaly[top]:.2f}) is within "
                 f"{r.threshold:g} robust standard deviations of the median. This finds patch-like all-to-one "
                 f"backdoors; it does not rule out warping, sample-specific or full-image blended triggers")
@@ -47,12 +47,14 @@ class ScanReport:
     def to_dict(self) -> dict:
         r = self.result
         classes = [{**t.to_dict(), "anomaly_index": round(a, 4), "anomaly_index_raw_l1": round(raw, 4),
-                    "flagged": t.target in r.flagged, "verdict": v}
+                    "flagged": t.target in r.flagged, "verdict": v,
+                    "searched": "full" if r.searched_in_full(t.target) else "screen"}
                    for t, a, raw, v in zip(r.triggers, r.anomaly, r.anomaly_raw, self.class_verdicts())]
         return {"schema": SCHEMA_VERSION, "kind": "scan", "checkpoint": self.subject, "data": self.data,
                 "method": self.method, "output_kind": self.output_kind, "classes": classes,
                 "median_mask_l1": round(r.median_l1, 3), "mad_log_mask_l1": round(r.mad, 4),
                 "flagged_classes": self.flagged, "backdoor_suspected": bool(r.flagged),
+                "screen": ({"candidates": list(r.candidates), "reference": list(r.reference)} if r.screened else None),
                 "verdict": self.verdict(), "decision_rule": r.rule, "outputs": self.outputs,
                 "timings": {k: round(v, 3) for k, v in self.timings.items()}, "environment": self.environment,
                 "options": self.options}
@@ -65,6 +67,9 @@ def class_verdict(result: ScanResult, index: int) -> str:
     if t.target in result.flagged:
         return (f"class {t.target} is a likely backdoor target: a {t.l1:.0f}-pixel pattern sends {t.success:.0%} of "
                 f"clean images there; the other classes need >= {min(others):.0f}")
+    if not result.searched_in_full(t.target):
+        return (f"class {t.target}: screened out (a short search needed {t.l1:.0f} pixels, more than the "
+                f"{len(result.candidates)} candidates searched in full)")
     tail = "" if t.reached else "; the search never reached its success target, so this size is an upper bound"
     return (f"class {t.target}: a {t.l1:.0f}-pixel pattern sends {t.success:.0%} of clean images there "
             f"(anomaly index {result.anomaly[index]:.2f}, not an outlier){tail}")
@@ -117,11 +122,17 @@ def render_scan(report: ScanReport, console) -> None:
     m = report.method
     console.print(f"scan: {m['name']} on {report.data['scan_images']} clean images ({report.data['scan_source']}), "
                   f"{m['params']['steps']} steps per class", highlight=False, markup=False)
+    r = report.result
+    if r.screened:
+        console.print(f"pre-screen: {len(r.triggers)} classes searched for {m['params']['screen_steps']} steps; the "
+                      f"{len(r.candidates)} smallest masks and {len(r.reference)} random classes searched in full",
+                      highlight=False, markup=False)
     table = Table(title="trigger inversion per class", title_justify="left")
     for col in ("class", "mask L1 (pixels)", "success", "anomaly index", "flagged"):
         table.add_column(col, justify="right")
-    r = report.result
     for t, a in zip(r.triggers, r.anomaly):
+        if not r.searched_in_full(t.target):
+            continue  # screened out: listed in the JSON, not in the table (a 1,000-row table helps nobody)
         flagged = t.target in r.flagged
         table.add_row(str(t.target), f"{t.l1:.1f}" + ("" if t.reached else "*"), f"{t.success:.0%}", f"{a:.2f}",
                       "[bold red]yes[/bold red]" if flagged else "no")

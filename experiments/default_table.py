@@ -20,8 +20,17 @@ def row(path: Path, walls: dict) -> str:
     if scan:
         proxy = "; ".join(f"{c}: {p['before']['value']:.1%} → {p['after']['value']:.1%}" for c, p in scan["proxy_asr"].items())
     cost = (before["clean_acc"]["value"] - after["clean_acc"]["value"]) * 100
+    removal = report["removal"]
+    # the scan's own verdict (what the default concluded without the trigger), where a trigger was known too
+    # (runs before it was recorded show "-"; without a trigger the verdict is the scan's alone)
+    alone = removal["evidence"].get("scan", {}).get("verdict", "-") if report.get("trigger") else removal["verdict"]
+    retune = report.get("retune_check")
+    again = "-"
+    if retune:
+        ref = retune.get("reference_asr_after_retuning")
+        again = f"{retune['asr_after_retuning']['value']:.1%}" + (f" (clean {ref['value']:.1%})" if ref else "")
     return (f"| {path.stem} | {before['clean_acc']['value']:.2%} → {after['clean_acc']['value']:.2%} | {cost:.2f} | "
-            f"{asr} | {flagged} | {proxy} | {report['removal']['verdict']} | {walls.get(path.stem, '-')} |")
+            f"{asr} | {flagged} | {proxy} | {removal['verdict']} | {alone} | {again} | {walls.get(path.stem, '-')} |")
 
 
 def main(folder: str) -> None:
@@ -33,8 +42,8 @@ def main(folder: str) -> None:
             m = re.match(r"(\S+) (\S+) rc=\d+ wall=([\d.]+)s", line)
             if m:
                 walls[f"{m[1]}-{m[2]}"] = f"{float(m[3]):.0f} s"
-    print("| run | C-Acc | cost (points) | ASR | flagged | proxy ASR | verdict | wall |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| run | C-Acc | cost (points) | ASR | flagged | proxy ASR | verdict | scan's verdict | ASR after retuning | wall |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for path in sorted(root.glob("*.json")):
         print(row(path, walls))
 

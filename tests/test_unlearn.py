@@ -117,6 +117,8 @@ def test_a_failed_scan_overrides_a_verified_trigger_and_nothing_else():
     assert combine_verdicts(by_trigger, _by_scan(Rate(150, 200), False)).verdict == "failed"
     combined = combine_verdicts(by_trigger, _by_scan(Rate(0, 200), False))
     assert combined.verdict == "verified" and combined.evidence["scan"]["source"] == "scan"
+    # the scan's own verdict is kept beside the trigger's: what the trigger-free default concluded alone
+    assert combined.evidence["scan"]["verdict"] == "verified" and combined.evidence["scan"]["reason"]
     worked_not = judge_removal(trigger, Rate(10, 900), Rate(3, 900))
     assert combine_verdicts(worked_not, _by_scan(Rate(0, 200), False)).verdict == "not_verified"
 

@@ -1,0 +1,75 @@
+"""The scan's pre-screen for many classes: a short search of every class picks the candidates, and only
+they and a random reference sample are searched in full (scan.InversionParams.screen_*). Exercised on the
+8-class planted model with the screen forced on (it starts above 32 classes by default)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from backdoor_cli.data import load_dataset
+from backdoor_cli.models.output_kind import LossAdapter, attach_loss
+from backdoor_cli.scan import InversionParams, scan_model
+from backdoor_cli.scan_guided import screen_summary
+from backdoor_cli.scan_report import class_verdict
+from backdoor_cli.subject import load_subject, normalization_tensors
+from helpers import CLASSES, make_template_dataset, train_small_cnn
+
+FORCED = InversionParams(steps=100, batch_size=32, screen_above=4, screen_steps=20, screen_keep=2, screen_reference=4)
+
+
+@pytest.fixture(scope="module")
+def screened(tmp_path_factory):
+    root = tmp_path_factory.mktemp("screen")
+    data = make_template_dataset(root / "data")
+    path = train_small_cnn(data, root / "bd.safetensors", "--trigger", "badnets", "--poison-rate", "0.1")
+    bundle = load_dataset(str(data))
+    subject = load_subject(str(path), bundle)
+    mean, std = normalization_tensors(subject, torch.device("cpu"))
+    images = bundle.train.subset(torch.arange(160))
+    steps = []
+    with attach_loss(subject.model, LossAdapter()) as loss_fn:
+        result = scan_model(subject.model, images.x, images.y, CLASSES, mean, std, loss_fn, FORCED, seed=0,
+                            on_step=steps.append)
+    return result, steps
+
+
+def test_the_planted_target_survives_the_screen_and_is_flagged(screened):
+    result, _ = screened
+    assert result.screened and 0 in result.candidates and result.flagged == [0]
+
+
+def test_only_candidates_can_be_flagged_and_the_reference_is_a_random_sample_of_the_rest(screened):
+    result, _ = screened
+    assert len(result.candidates) == 2 and len(result.reference) == 4
+    assert not set(result.candidates) & set(result.reference)
+    assert set(result.flagged) <= set(result.candidates)
+    out = [c for c in range(CLASSES) if not result.searched_in_full(c)]
+    assert len(out) == CLASSES - 6
+    for c in out:  # said in words, never flagged
+        assert "screened out" in class_verdict(result, c)
+    assert screen_summary(result) == {"candidates": result.candidates, "reference": result.reference}
+    assert "random sample of 4 classes" in result.rule and "candidates" in result.rule
+
+
+def test_the_progress_bar_length_is_the_work_planned(screened):
+    _, steps = screened
+    assert max(steps) <= FORCED.planned_steps(CLASSES)
+    # 8 classes, groups of 16: one screening group of 20 steps, one full group of 100 for 2 + 4 classes
+    assert FORCED.planned_steps(CLASSES) == 20 + 100
+
+
+def test_the_screen_is_off_up_to_its_class_count_and_cuts_the_work_above_it():
+    params = InversionParams()
+    assert not params.screens(10) and params.planned_steps(10) == params.steps
+    # 1,000 classes: 63 groups of the short search, then 2 groups (8 candidates + 24 references) in full
+    assert params.planned_steps(1000) == 63 * params.screen_steps + 2 * params.steps
+    assert params.planned_steps(1000) * 3 < -(-1000 // params.group) * params.steps
+
+
+@pytest.mark.parametrize("field,value", [("screen_keep", 0), ("screen_reference", 2), ("screen_steps", 0)])
+def test_screen_parameters_out_of_range_are_refused(field, value):
+    from backdoor_cli.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=field):
+        InversionParams(**{field: value}).validate()
