@@ -33,9 +33,9 @@ from .defenses import get_defense
 from .errors import BdcleanError, ConfigError, InputError
 from .eval_cache import EvalCache, data_fingerprint, eval_key, file_sha256, measured, trigger_fingerprint
 from .evaluate import EvalSets, build_eval_sets, evaluate_model
-from .precision import resolve_precision
 from .gates import check_gates
 from .pipeline import _check_gate_inputs, _describe_data, _load_data, purify_checkpoint, resolve_trigger
+from .precision import resolve_precision
 from .progress import Reporter
 from .runtime import environment, prepare_model, resolve_device, seed_everything
 from .subject import load_subject, normalization_tensors

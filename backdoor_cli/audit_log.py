@@ -68,7 +68,7 @@ class AuditRow:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "AuditRow":
+    def from_dict(cls, data: dict) -> AuditRow:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
 

@@ -69,7 +69,7 @@ def render_audit(rows: list[AuditRow], console) -> None:
     from rich.table import Table
 
     table = Table(title="audit (worst first)", title_justify="left")
-    for i, column in enumerate(COLUMNS):
+    for column in COLUMNS:
         table.add_column(column, justify="right" if column in ("C-Acc", "ASR", "RA", "exit") else "left",
                          overflow="fold")
     for cells in table_cells(rows):

@@ -15,7 +15,6 @@ from typing import Annotated, List, Optional
 
 import typer
 
-
 from .errors import BdcleanError, ConfigError
 from .method_catalog import method_help
 
@@ -123,10 +122,10 @@ def _guard(action):
         _stderr().print(f"[bold red]error:[/bold red] {exc.message}", highlight=False, markup=True)
         if exc.hint:
             _stderr().print(f"  hint: {exc.hint}", highlight=False, markup=False)
-        raise typer.Exit(exc.exit_code)
+        raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
         _stderr().print("interrupted; no partial outputs were left behind", highlight=False)
-        raise typer.Exit(EXIT_INTERRUPTED)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
     except typer.Exit:
         raise
     except Exception as exc:  # a bug: say so plainly, keep the traceback for BDCLEAN_DEBUG=1
@@ -134,7 +133,7 @@ def _guard(action):
             raise
         _stderr().print(f"internal error: {exc.__class__.__name__}: {str(exc)[:300]}", highlight=False, markup=False)
         _stderr().print("  this is a bug in bdclean; rerun with BDCLEAN_DEBUG=1 for the traceback", markup=False)
-        raise typer.Exit(EXIT_INTERNAL)
+        raise typer.Exit(EXIT_INTERNAL) from None
 
 
 def _emit(report, json_output: bool, render) -> None:
@@ -586,8 +585,8 @@ def train(
 
     def body():
         from .config import TrainOptions, resolve_options
-        from .training import train_model
         from .report import render_train
+        from .training import train_model
 
         opts = resolve_options(TrainOptions, flags, flags.pop("config") and str(config))
         report = train_model(opts, _reporter(quiet, json_output))

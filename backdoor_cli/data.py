@@ -77,10 +77,10 @@ class ImageSet:
     def image_shape(self) -> tuple[int, int, int]:
         return tuple(int(s) for s in self.x.shape[1:])  # type: ignore[return-value]
 
-    def to(self, device: torch.device | str) -> "ImageSet":
+    def to(self, device: torch.device | str) -> ImageSet:
         return ImageSet(self.x.to(device, non_blocking=True), self.y.to(device, non_blocking=True))
 
-    def subset(self, indices: torch.Tensor) -> "ImageSet":
+    def subset(self, indices: torch.Tensor) -> ImageSet:
         idx = torch.as_tensor(indices, dtype=torch.long)
         return ImageSet(self.x[idx.to(self.x.device)], self.y[idx.to(self.y.device)])
 
@@ -90,8 +90,8 @@ class DatasetBundle:
     """A dataset as the pipeline sees it: splits, class count, normalisation defaults, provenance."""
 
     name: str
-    train: "ImageSet | FolderStream | None"  # a FolderStream only for large image folders (STREAM_MIN_BYTES)
-    test: "ImageSet | FolderStream"
+    train: ImageSet | FolderStream | None  # a FolderStream only for large image folders (STREAM_MIN_BYTES)
+    test: ImageSet | FolderStream
     num_classes: int
     mean: tuple[float, ...]
     std: tuple[float, ...]

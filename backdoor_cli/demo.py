@@ -13,13 +13,13 @@ from pathlib import Path
 
 from .config import CompareOptions, PurifyOptions, TrainOptions
 from .defenses import get_defense
+from .outputs import atomic_write_text, prepare_out_dir
 from .pipeline import compare_checkpoints, purify_checkpoint
-from .training import train_model
 from .progress import Reporter
 from .recipe import RECOMMENDED_METHOD
 from .removal import FAILED_ASR, VERIFIED_ASR
 from .report import compare_markdown, render_compare, to_json
-from .outputs import atomic_write_text, prepare_out_dir
+from .training import train_model
 
 # Chosen by trying them on the sample (2-core CPU, see docs/demo.md): 1% poisoning is low enough for
 # fine-tuning to leave part of the backdoor, and 5 epochs without augmentation (the usual MNIST

@@ -118,7 +118,7 @@ class OutputSet:
         self._created: list[Path] = []
         self.committed = False
 
-    def __enter__(self) -> "OutputSet":
+    def __enter__(self) -> OutputSet:
         out = self.directory
         if os.path.lexists(out) and not out.is_dir():
             raise OutputError(f"--out {out} is a file; it must be a directory",

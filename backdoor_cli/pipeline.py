@@ -14,37 +14,61 @@ from pathlib import Path
 
 import torch
 
+from .augmentation import decide_augmentation
 from .checkpoint import safetensors_bytes
 from .config import CompareOptions, EvaluateOptions, PurifyOptions, to_yaml_dict
-from .data import (DatasetBundle, ImageSizeError, ImageSet, indices_sha256, load_clean_folder, load_dataset, normalize,
-                   select_clean_subset)
+from .data import (
+    DatasetBundle,
+    ImageSet,
+    ImageSizeError,
+    indices_sha256,
+    load_clean_folder,
+    load_dataset,
+    normalize,
+    select_clean_subset,
+)
 from .defenses import DefenseParams, default_params, get_defense
 from .defenses.base import METHOD_PARAMS, inapplicable
 from .errors import ConfigError, InputError
 from .eval_cache import data_fingerprint, eval_key, measured
 from .evaluate import EvalSets, build_eval_sets, evaluate_model
 from .gates import GateResult, check_gates
-from .removal import combine_verdicts, judge_removal, judge_removal_by_scan
-from .augmentation import decide_augmentation
 from .holdout import HoldoutMonitor, holdout_accuracy, split_holdout
-from .path_select import memorised_warning, select_on_path
-from .recipe import CAVEAT, Recipe, fit_to_clean_data, resolve_recipe
 from .imagefolder import TRANSFORM
-from .models import hub
-from .metrics import Rate, defense_effectiveness_rating
-from .models.output_kind import (PROBE_IMAGES, LossAdapter, OutputKind, parse_output_kind, probe_outputs,
-                                 resolve_output_kind)
-from .outputs import OutputSet
-from .progress import Reporter, step_callback
-from .report import (CompareReport, CompareRow, EvaluateReport, PurifyReport, stage_purify_report,
-                     weight_drift)
 from .linear_path import PathReport, path_plot_png, path_points, walk_path
-from .precision import (FORMAT_TIMED_STEPS, MEMORY_FORMATS, Compute, FormatChoice, autocast, choose_memory_format,
-                        eval_timing_batch, example_batch, parse_choice, resolve_precision, torch_format)
+from .metrics import Rate, defense_effectiveness_rating
+from .models import hub
+from .models.output_kind import (
+    PROBE_IMAGES,
+    LossAdapter,
+    OutputKind,
+    parse_output_kind,
+    probe_outputs,
+    resolve_output_kind,
+)
+from .outputs import OutputSet
+from .path_select import memorised_warning, select_on_path
+from .precision import (
+    FORMAT_TIMED_STEPS,
+    MEMORY_FORMATS,
+    Compute,
+    FormatChoice,
+    autocast,
+    choose_memory_format,
+    eval_timing_batch,
+    example_batch,
+    parse_choice,
+    resolve_precision,
+    torch_format,
+)
+from .progress import Reporter, step_callback
+from .recipe import CAVEAT, Recipe, fit_to_clean_data, resolve_recipe
+from .removal import combine_verdicts, judge_removal, judge_removal_by_scan
+from .report import CompareReport, CompareRow, EvaluateReport, PurifyReport, stage_purify_report, weight_drift
 from .retune import RetuneResult, RetuneSettings, check_retuning, judge
+from .runtime import Stopwatch, environment, prepare_model, resolve_device, seed_everything
 from .scan import InversionParams
 from .scan_guided import ScanEvidence, choose_triggers, proxy_rates, rescan, run_scan
-from .runtime import Stopwatch, environment, prepare_model, resolve_device, seed_everything
 from .streaming import materialize
 from .subject import Subject, load_subject, normalization_tensors
 from .triggers import build_trigger, load_trigger_spec, parse_trigger_spec

@@ -208,7 +208,7 @@ def purify_markdown(report: PurifyReport) -> str:
         f"- Method: `{method['name']}` - {method['summary']}",
         *([f"- Recipe: {recipe_line(method['recipe'])}"] if method.get("recipe") else []),
         *([f"- **Note:** {method['recipe']['caveat']}"] if (method.get("recipe") or {}).get("caveat") else []),
-        f"- Hyper-parameters: " + ", ".join(f"{k}={v}" for k, v in method["params"].items()),
+        "- Hyper-parameters: " + ", ".join(f"{k}={v}" for k, v in method["params"].items()),
         f"- Model output: {output_kind_line(report.output_kind)}",
         *([f"- **Warning:** {report.output_kind['warning']}"] if (report.output_kind or {}).get("warning") else []),
         f"- Clean data: {report.clean['images']} images from {report.clean['source']}"

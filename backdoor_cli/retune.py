@@ -48,7 +48,7 @@ class RetuneSettings:
     augment: bool = True  # the clean images only; the poisoned ones never are
     seed: int = 0
 
-    def validate(self) -> "RetuneSettings":
+    def validate(self) -> RetuneSettings:
         if not (1 <= self.poisoned <= 100_000):
             raise ConfigError(f"--retune-poisoned must be in [1, 100000], got {self.poisoned}")
         if not (1 <= self.epochs <= 1000):

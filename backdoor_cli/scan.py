@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
@@ -56,7 +56,7 @@ class InversionParams:
     # grouping changes the random draws, not the search.
     group: int = 16
 
-    def validate(self) -> "InversionParams":
+    def validate(self) -> InversionParams:
         checks = (("steps", self.steps >= 1), ("batch_size", self.batch_size >= 1), ("lr", self.lr > 0),
                   ("success", 0 < self.success <= 1), ("init_cost", self.init_cost > 0),
                   ("cost_step", self.cost_step > 1), ("patience", self.patience >= 1),

@@ -23,7 +23,16 @@ from .data import ImageSet
 from .metrics import Rate
 from .models.output_kind import LossAdapter, attach_loss
 from .progress import Reporter, step_callback
-from .scan import MAD_CONSISTENCY, MIN_L1, ClassTrigger, InversionParams, ScanResult, count_hits, invert_classes, scan_model
+from .scan import (
+    MAD_CONSISTENCY,
+    MIN_L1,
+    ClassTrigger,
+    InversionParams,
+    ScanResult,
+    count_hits,
+    invert_classes,
+    scan_model,
+)
 
 
 @dataclass

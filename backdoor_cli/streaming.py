@@ -9,10 +9,10 @@ batches queued ahead of the one the consumer holds, so at most STREAM_AHEAD + 1 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -35,7 +35,7 @@ class FolderStream:
     source: str
 
     @classmethod
-    def from_index(cls, index: FolderIndex, image_size: ImageSize | None) -> "FolderStream":
+    def from_index(cls, index: FolderIndex, image_size: ImageSize | None) -> FolderStream:
         return cls(index.files, torch.from_numpy(index.labels), index.mode, output_shape(index, image_size),
                    image_size, str(index.path))
 
@@ -47,7 +47,7 @@ class FolderStream:
     def image_shape(self) -> tuple[int, int, int]:
         return self.shape
 
-    def subset(self, indices: torch.Tensor) -> "FolderStream":
+    def subset(self, indices: torch.Tensor) -> FolderStream:
         idx = torch.as_tensor(indices, dtype=torch.long).cpu()
         return FolderStream(tuple(self.files[i] for i in idx.tolist()), self.y[idx], self.mode, self.shape,
                             self.image_size, self.source)

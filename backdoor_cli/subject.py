@@ -16,9 +16,18 @@ import torch
 from .checkpoint import Checkpoint, read_checkpoint
 from .data import DatasetBundle
 from .errors import InputError
-from .models import (ARCHITECTURES, arch_file_source, build_model, find_head, guess_architecture, is_file_arch,
-                     load_strict, read_shape_facts)
-from .models.hub import METADATA_KEY as HUB_METADATA_KEY, HubModel, load_hub_subject
+from .models import (
+    ARCHITECTURES,
+    arch_file_source,
+    build_model,
+    find_head,
+    guess_architecture,
+    is_file_arch,
+    load_strict,
+    read_shape_facts,
+)
+from .models.hub import METADATA_KEY as HUB_METADATA_KEY
+from .models.hub import HubModel, load_hub_subject
 
 
 @dataclass

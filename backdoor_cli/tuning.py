@@ -8,6 +8,7 @@ stall a GPU on every batch).
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from collections.abc import Callable, Iterable
@@ -172,7 +173,7 @@ def tune(
                     inputs = stamp(inputs, generator)
                 inputs = as_format(inputs, memory_format)
                 if perturb is not None:  # SAM / PAM: the gradient at the moved point, applied at the original
-                    restore = perturb(lambda: forward_backward(inputs, yb))
+                    restore = perturb(functools.partial(forward_backward, inputs, yb))
                     loss, logits = forward_backward(inputs, yb)
                     restore()
                     loss, logits = apply_step(loss, logits)

@@ -104,8 +104,8 @@ def _decode_only(mode: str, folder: str, image_size: int, batch_size: int) -> di
     """Decode the whole split once, without a model: the thread pool, or DataLoader worker processes."""
     import torch
 
-    from backdoor_cli.data import load_dataset
     from backdoor_cli import data
+    from backdoor_cli.data import load_dataset
     from backdoor_cli.imagefolder import DECODE_WORKERS, decode_image
 
     data.STREAM_MIN_BYTES = 0
@@ -149,6 +149,7 @@ def _run_child(mode: str, args, folder: Path, checkpoint: Path) -> dict:
 
 def machine() -> dict:
     import torch
+
     from bench_purify import device_description
 
     return {**device_description(torch.device("cpu")), "cpu_capability": torch.backends.cpu.get_cpu_capability(),

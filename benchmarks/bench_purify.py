@@ -469,8 +469,8 @@ def _bd_metrics(result) -> dict:
 def default_model(args, data_dir: Path, profile: str) -> Path:
     """A BadNets-backdoored model trained by bdclean's own `train` pipeline, cached across runs."""
     from backdoor_cli.config import TrainOptions
-    from backdoor_cli.training import train_model
     from backdoor_cli.progress import StderrReporter
+    from backdoor_cli.training import train_model
 
     settings = TRAIN_SETTINGS[profile]
     name = (f"{slugify(data_dir.name)}-{args.arch}-{TRAIN_TRIGGER}-p{TRAIN_POISON_RATE:g}-e{settings['epochs']}"

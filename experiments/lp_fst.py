@@ -15,7 +15,6 @@ import json
 import sys
 from pathlib import Path
 
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -26,8 +25,8 @@ from backdoor_cli.defenses.finetune import reinitialise_head, run_tuning  # noqa
 from backdoor_cli.defenses.fst import feature_shift_penalty, project_to_norm  # noqa: E402
 from backdoor_cli.evaluate import evaluate_model  # noqa: E402
 from backdoor_cli.holdout import holdout_accuracy, split_holdout  # noqa: E402
-from split_setup import load_split_setup  # noqa: E402
 from backdoor_cli.runtime import seed_everything  # noqa: E402
+from split_setup import load_split_setup  # noqa: E402
 
 HEAD_ONLY = Defense("lp-phase", "", reinit_head=False, trains="head", uses_alpha=True, run=None)
 JOINT = Defense("joint-phase", "", reinit_head=False, trains="all", uses_alpha=True, run=None)

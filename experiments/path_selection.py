@@ -29,8 +29,8 @@ from backdoor_cli.data import ImageSet, normalize, select_clean_subset  # noqa: 
 from backdoor_cli.evaluate import evaluate_model  # noqa: E402
 from backdoor_cli.holdout import holdout_accuracy  # noqa: E402
 from backdoor_cli.linear_path import interpolate_states, path_points  # noqa: E402
-from split_setup import load_split_setup  # noqa: E402
 from backdoor_cli.subject import load_subject  # noqa: E402
+from split_setup import load_split_setup  # noqa: E402
 
 
 @torch.no_grad()

@@ -13,7 +13,6 @@ from backdoor_cli.cli import app
 from backdoor_cli.defenses.clp import channel_bounds, conv_bn_pairs, lipschitz_bounds, prune
 from backdoor_cli.errors import ConfigError
 from backdoor_cli.models import build_model
-
 from helpers import train_toy_model
 
 

@@ -13,14 +13,14 @@ from typer.testing import CliRunner
 
 from backdoor_cli.cli import app
 from backdoor_cli.data import normalize
-from backdoor_cli.defenses import DefenseParams, get_defense
 from backdoor_cli.defenses.d3 import distance_term, hinge_term, loss_scale, warm_start
 from backdoor_cli.defenses.distill import frozen_copy
 from backdoor_cli.defenses.sau import js_divergence, log_one_minus_prob, shared_adversarial, statistics_kept
 from backdoor_cli.models.output_kind import LOGITS, LossAdapter, attach_loss, sample_losses
-
-from helpers import MEAN, STD, Tiny, run_tiny as _run, tiny_data as _data
-from helpers import make_template_dataset, train_small_cnn as train
+from helpers import MEAN, STD, Tiny, make_template_dataset
+from helpers import run_tiny as _run
+from helpers import tiny_data as _data
+from helpers import train_small_cnn as train
 
 CPU = torch.device("cpu")
 

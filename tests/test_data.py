@@ -8,8 +8,17 @@ import numpy as np
 import pytest
 import torch
 
-from backdoor_cli.data import (ImageSet, augment_batch, indices_sha256, iterate_minibatches, load_clean_folder,
-                               load_dataset, normalize, select_clean_subset, stratified_limit)
+from backdoor_cli.data import (
+    ImageSet,
+    augment_batch,
+    indices_sha256,
+    iterate_minibatches,
+    load_clean_folder,
+    load_dataset,
+    normalize,
+    select_clean_subset,
+    stratified_limit,
+)
 from backdoor_cli.errors import ConfigError, InputError
 from helpers import make_npz_dataset
 

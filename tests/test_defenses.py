@@ -6,13 +6,12 @@ import copy
 
 import pytest
 import torch
-from torch import nn
 
-from backdoor_cli.data import ImageSet
 from backdoor_cli.defenses import DEFENSES, DefenseParams, default_params, get_defense
 from backdoor_cli.defenses.fst import feature_shift_penalty
 from backdoor_cli.errors import ConfigError
-from helpers import MEAN, STD, Tiny, tiny_data as _data
+from helpers import MEAN, STD, Tiny
+from helpers import tiny_data as _data
 
 
 def _run(name, model=None, **overrides):

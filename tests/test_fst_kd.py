@@ -13,8 +13,8 @@ from backdoor_cli.defenses import DefenseParams, get_defense
 from backdoor_cli.defenses.distill import as_logits, distillation_term
 from backdoor_cli.errors import ConfigError
 from backdoor_cli.models.output_kind import LossAdapter
-
-from helpers import MEAN, STD, Tiny, tiny_data as _data
+from helpers import MEAN, STD, Tiny
+from helpers import tiny_data as _data
 from test_output_kind import run_ok, toy  # noqa: F401  (toy is a fixture)
 
 

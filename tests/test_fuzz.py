@@ -20,6 +20,7 @@ import shutil
 import struct
 import zipfile
 from collections import Counter
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -28,7 +29,7 @@ import yaml
 
 from backdoor_cli.checkpoint import read_checkpoint
 from backdoor_cli.config import PurifyOptions, load_config_file, resolve_options
-from backdoor_cli.errors import BdcleanError, UnsafeInputError
+from backdoor_cli.errors import BdcleanError
 from backdoor_cli.triggers import build_trigger, load_trigger_spec, parse_trigger_spec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -219,7 +220,7 @@ def test_fuzz_safetensors_reader(tmp_path, record_property):
         else:
             what, blob = mutate_bytes(rng, valid)
         path = _write(tmp_path / f"case{i}.safetensors", blob)
-        tally.run(f"safetensors case {i} ({what})", lambda: read_checkpoint(path))
+        tally.run(f"safetensors case {i} ({what})", partial(read_checkpoint, path))
     tally.finish(record_property)
     assert tally.outcomes["InputError"] > 100  # most mutations must actually be caught, not ignored
 
@@ -287,10 +288,10 @@ def test_fuzz_torch_zip_reader(tmp_path, record_property):
             what, blob = mutate_bytes(rng, base)
         else:
             edits = []
-            blob = rebuild_zip(base, lambda pkl: edits.append(pickle_edit(rng, pkl)) or edits[-1][1])
+            blob = rebuild_zip(base, lambda pkl, edits=edits: edits.append(pickle_edit(rng, pkl)) or edits[-1][1])
             what = edits[0][0]
         path = _write(tmp_path / f"case{i}.pt", blob)
-        outcome = tally.run(f"torch-zip case {i} ({name}, {what})", lambda: read_checkpoint(path))
+        outcome = tally.run(f"torch-zip case {i} ({name}, {what})", partial(read_checkpoint, path))
         if name == "hostile" and not isinstance(outcome, BdcleanError):
             # The payload survived the mutation yet the file loaded: only acceptable if the payload is gone.
             assert "x" not in getattr(outcome, "extra_keys", []), f"case {i}: hostile pickle loaded"
@@ -406,8 +407,8 @@ def test_fuzz_config_reader(tmp_path, record_property):
     for i in range(250):
         what, blob = mutate_yaml(rng, VALID_CONFIG, keys)
         path = _write(tmp_path / f"case{i}.yaml", blob)
-        tally.run(f"config case {i} ({what})", lambda: (load_config_file(path),
-                                                       resolve_options(PurifyOptions, {}, str(path))))
+        tally.run(f"config case {i} ({what})", lambda path=path: (load_config_file(path),
+                                                                  resolve_options(PurifyOptions, {}, str(path))))
     tally.finish(record_property)
     assert not (tmp_path / "PWNED").exists() and not Path("PWNED").exists()
 
@@ -447,7 +448,7 @@ def test_fuzz_trigger_spec_reader(tmp_path, record_property):
         what, blob = mutate_yaml(rng, text, list(yaml.safe_load(text)))
         path = _write(tmp_path / f"case{i}.yaml", blob)
         shape = rng.choice(IMAGE_SHAPES)
-        tally.run(f"trigger case {i} ({name}, {what}, shape {shape})", lambda: _load_and_build(path, shape))
+        tally.run(f"trigger case {i} ({name}, {what}, shape {shape})", partial(_load_and_build, path, shape))
     tally.finish(record_property)
     assert not (tmp_path / "PWNED").exists() and not Path("PWNED").exists()
 
@@ -470,7 +471,7 @@ def test_fuzz_trigger_spec_fields(tmp_path, record_property):
             obj[key] = rng.choice(values)
         shape = rng.choice(IMAGE_SHAPES)
 
-        def case():
+        def case(obj=obj, shape=shape):
             spec = parse_trigger_spec(obj, tmp_path, source="fuzz")
             return build_trigger(spec, shape).apply(torch.zeros(1, *shape, dtype=torch.uint8))
 
@@ -493,7 +494,7 @@ def test_fuzz_trigger_images(tmp_path, record_property):
             {"trigger.png": other, "mask.png": f"m{i}.png"}
         spec = _write(tmp_path / f"img{i}.yaml",
                       f"type: image\nimage: {fields['trigger.png']}\nmask: {fields['mask.png']}\n".encode())
-        tally.run(f"image case {i} ({name}, {what})", lambda: _load_and_build(spec, (32, 32, 3)))
+        tally.run(f"image case {i} ({name}, {what})", partial(_load_and_build, spec, (32, 32, 3)))
     tally.finish(record_property)
 
 

@@ -7,19 +7,17 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from typer.testing import CliRunner
 
-from backdoor_cli.cli import app
 from backdoor_cli.data import augment_batch, normalize
-from backdoor_cli.defenses import DefenseParams, get_defense
 from backdoor_cli.defenses.nad import attention_loss, stage_ends
 from backdoor_cli.defenses.perturbations import sharpness_ascent, toward_origin
 from backdoor_cli.models import build_model
 from backdoor_cli.models.output_kind import smoothed_nll
 from backdoor_cli.tuning import TuneSettings, _augment, tune
-
-from helpers import MEAN, STD, Tiny, run_tiny as _run, tiny_data as _data
-from test_output_kind import run_ok, purify, toy  # noqa: F401  (toy is a fixture)
+from helpers import MEAN, STD, Tiny
+from helpers import run_tiny as _run
+from helpers import tiny_data as _data
+from test_output_kind import purify, run_ok, toy  # noqa: F401  (toy is a fixture)
 
 CPU = torch.device("cpu")
 

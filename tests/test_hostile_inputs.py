@@ -20,7 +20,6 @@ import shutil
 import struct
 import subprocess
 import sys
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -264,7 +263,7 @@ def _cases_checkpoint():
             toy["state"], **{f"{h(toy)}.weight": torch.zeros(4, toy["state"][f"{h(toy)}.weight"].shape[1]),
                              f"{h(toy)}.bias": torch.zeros(4)}), None), [], 2, ["classes"], "load", ()),
         ("missing-key", lambda t, toy: save_st(t / "k.safetensors", _with(toy["state"], **{f"{h(toy)}.bias": None}),
-                                               toy["meta"]), [], 2, ["missing", f"bias"], "load", ()),
+                                               toy["meta"]), [], 2, ["missing", "bias"], "load", ()),
         ("unexpected-key", lambda t, toy: save_st(t / "k.safetensors", _with(toy["state"], **{
             "extra.weight": torch.zeros(2, 2)}), toy["meta"]), [], 2, ["unexpected", "extra.weight"], "load", ()),
         ("reshaped-key", lambda t, toy: save_st(t / "k.safetensors", _with(toy["state"], **{
@@ -770,7 +769,7 @@ def test_purify_never_overwrites_its_config(toy, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     cfg = out / "config.yaml"
-    cfg.write_text(f"# my settings\nclean-count: 30\nepochs: 1\nbatch-size: 16\n")
+    cfg.write_text("# my settings\nclean-count: 30\nepochs: 1\nbatch-size: 16\n")
     result, changed = invoke("purify", toy["model"], "--data", toy["data"], "--out", out, "--config", cfg,
                              "--device", "cpu", "--force", "--quiet", root=tmp_path)
     check_refused(result, 2, "input")

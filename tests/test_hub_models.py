@@ -301,8 +301,9 @@ def test_missing_transformers_names_the_extra(models, monkeypatch):
 
 
 def test_tampered_hub_metadata_in_a_purified_file_is_refused(tmp_path, models):
-    from backdoor_cli.checkpoint import write_safetensors
     from safetensors.torch import load_file
+
+    from backdoor_cli.checkpoint import write_safetensors
 
     config = _resnet_config(models, auto_map={"AutoModel": "evil.Model"})
     path = tmp_path / "p.safetensors"

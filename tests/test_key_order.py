@@ -19,7 +19,6 @@ from backdoor_cli.cli import app
 from backdoor_cli.data import load_dataset
 from backdoor_cli.models import ARCHITECTURES, build_model, guess_architecture
 from backdoor_cli.subject import load_subject
-
 from helpers import make_npz_dataset
 
 REPO = Path(__file__).resolve().parents[1]

@@ -12,7 +12,6 @@ from backdoor_cli.cli import app
 from backdoor_cli.defenses import DEFENSES
 from backdoor_cli.defenses.base import METHOD_PARAMS, TUNING_PARAMS, inapplicable
 
-
 runner = CliRunner()
 
 

@@ -14,8 +14,16 @@ from typer.testing import CliRunner
 from backdoor_cli.checkpoint import read_checkpoint
 from backdoor_cli.cli import app
 from backdoor_cli.errors import ConfigError, InputError
-from backdoor_cli.models.output_kind import (LOGITS, LossAdapter, attach_loss, classify_rows, mismatch_warning,
-                                             parse_output_kind, probe_outputs, resolve_output_kind)
+from backdoor_cli.models.output_kind import (
+    LOGITS,
+    LossAdapter,
+    attach_loss,
+    classify_rows,
+    mismatch_warning,
+    parse_output_kind,
+    probe_outputs,
+    resolve_output_kind,
+)
 from helpers import train_toy_model
 
 runner = CliRunner()

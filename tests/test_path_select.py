@@ -16,9 +16,14 @@ from backdoor_cli.cli import app
 from backdoor_cli.data import ImageSet
 from backdoor_cli.errors import ConfigError
 from backdoor_cli.path_select import DEFAULT_BUDGET, FLOOR, grid, memorised_warning, select_on_path
-from backdoor_cli.recipe import (CAVEAT, RECOMMENDED_HOLDOUT, RECOMMENDED_METHOD, RECOMMENDED_PARAMS, fit_to_clean_data,
-                                 resolve_recipe)
-
+from backdoor_cli.recipe import (
+    CAVEAT,
+    RECOMMENDED_HOLDOUT,
+    RECOMMENDED_METHOD,
+    RECOMMENDED_PARAMS,
+    fit_to_clean_data,
+    resolve_recipe,
+)
 from helpers import train_toy_model
 
 MEAN, STD = torch.zeros(1, 1, 1, 1), torch.ones(1, 1, 1, 1)

@@ -12,10 +12,10 @@ from typer.testing import CliRunner
 from backdoor_cli import precision as P
 from backdoor_cli.cli import app
 from backdoor_cli.config import PurifyOptions, resolve_options
+from backdoor_cli.data import ImageSet
 from backdoor_cli.errors import ConfigError
 from backdoor_cli.models import build_model
 from backdoor_cli.tuning import TuneSettings, tune
-from backdoor_cli.data import ImageSet
 from helpers import train_toy_model
 
 runner = CliRunner()

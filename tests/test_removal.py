@@ -68,8 +68,9 @@ def test_every_purify_report_carries_the_verdict_and_require_verified_gates_it(t
 
 def test_require_verified_without_a_trigger_exits_1(tmp_path):
     """A model with no recorded trigger, purified without --trigger: not verified, so the gate fails."""
-    from backdoor_cli.checkpoint import read_checkpoint
     from safetensors.torch import save_file
+
+    from backdoor_cli.checkpoint import read_checkpoint
 
     toy_model = train_toy_model(tmp_path / "t", epochs=1)
     plain = tmp_path / "plain.safetensors"

@@ -13,7 +13,6 @@ from backdoor_cli.data import ImageSet
 from backdoor_cli.metrics import Rate
 from backdoor_cli.retune import RetuneResult, RetuneSettings, judge, poisoned_tuning_set
 from backdoor_cli.triggers import build_trigger, load_trigger_spec
-
 from helpers import make_npz_dataset, train_badnets_model
 
 runner = CliRunner()

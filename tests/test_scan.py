@@ -14,7 +14,8 @@ from backdoor_cli.cli import app
 from backdoor_cli.scan import anomaly_indices
 from backdoor_cli.scan_pipeline import class_output_names
 from backdoor_cli.triggers import build_trigger, load_trigger_spec
-from helpers import CLASSES, SIZE, make_template_dataset, train_small_cnn as train
+from helpers import CLASSES, SIZE, make_template_dataset
+from helpers import train_small_cnn as train
 
 SCAN_FLAGS = ["--steps", "100", "--batch-size", "32", "--clean-count", "160", "--device", "cpu", "--quiet"]
 QUICK_FLAGS = ["--steps", "10", "--batch-size", "16", "--clean-count", "40", "--device", "cpu", "--quiet"]

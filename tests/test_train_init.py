@@ -8,7 +8,6 @@ from typer.testing import CliRunner
 
 from backdoor_cli.checkpoint import read_checkpoint
 from backdoor_cli.cli import app
-
 from helpers import train_toy_model
 
 

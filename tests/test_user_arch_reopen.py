@@ -14,7 +14,6 @@ from typer.testing import CliRunner
 
 from backdoor_cli.checkpoint import read_checkpoint
 from backdoor_cli.cli import app
-
 from helpers import make_npz_dataset
 
 MODEL_FILE = textwrap.dedent('''

@@ -53,7 +53,7 @@ class DefenseParams:
         value = getattr(self, name)
         return value if value is not None else METHOD_DEFAULTS.get(method, {}).get(name)
 
-    def validate(self) -> "DefenseParams":
+    def validate(self) -> DefenseParams:
         if not (self.lr > 0 and self.lr <= 10):
             raise ConfigError(f"lr must be in (0, 10], got {self.lr}")
         if not (1 <= self.epochs <= 10_000):

@@ -11,11 +11,12 @@ those checkpoints load strictly without any renaming:
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
 
 class BasicBlock(nn.Module):
     """Two 3x3 convolutions with BN; a 1x1 conv + BN shortcut when the shape changes."""

@@ -7,13 +7,14 @@ import importlib.util
 import inspect
 import operator
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from torch import nn
 
 from ..errors import InputError
 from .architectures import ARCHITECTURES
+
 
 def build_model(arch: str, num_classes: int, in_channels: int = 3) -> nn.Module:
     """A fresh model: a registry name, `torchvision:NAME`, or `path/to/file.py:factory`."""

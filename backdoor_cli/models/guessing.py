@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn
 
 from .architectures import ARCHITECTURES
 from .loading import _is_counter
+
 
 @dataclass
 class ArchGuess:

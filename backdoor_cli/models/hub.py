@@ -20,8 +20,17 @@ from torch import nn
 from ..checkpoint import Checkpoint, read_checkpoint, safetensors_bytes
 from ..errors import ConfigError, InputError
 from .head import find_head
-from .hub_config import (CONFIG, METADATA_KEY, PREPROCESSOR, HubModel, check_input_shape, hub_from_metadata,
-                         hub_guess, input_spec, read_model_dir)
+from .hub_config import (
+    CONFIG,
+    METADATA_KEY,
+    PREPROCESSOR,
+    HubModel,
+    check_input_shape,
+    hub_from_metadata,
+    hub_guess,
+    input_spec,
+    read_model_dir,
+)
 from .loading import load_strict
 
 __all__ = ["METADATA_KEY", "OUTPUTS", "OUTPUT_DIR", "HubModel", "build_hub_model", "hub_from_metadata", "hub_guess",

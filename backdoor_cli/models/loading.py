@@ -9,6 +9,7 @@ from ..errors import InputError
 from .building import _first_line
 from .head import _preview
 
+
 def _is_counter(key: str) -> bool:
     # BatchNorm's num_batches_tracked only matters for momentum=None running averages, never for
     # inference or for our fine-tuning (momentum is set); checkpoints from PyTorch < 0.4.1 (and code
