@@ -1,6 +1,6 @@
 """Images in, uint8 tensors out: dataset layouts, clean-subset selection, and the batched fast path.
 
-Everything downstream works on `ImageSet`: uint8 NHWC images and int64 labels that can live on
+Everything downstream works on `ImageSet` (image_set.py): uint8 NHWC images and int64 labels that can live on
 the device. Normalisation and augmentation are whole-batch tensor ops (`normalize`,
 `augment_batch`), so a training step never touches PIL or Python per image.
 
@@ -24,16 +24,14 @@ import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from .errors import ConfigError, InputError
+from .image_set import ImageSet, images_from_arrays  # defined there (streaming.py needs them too), used from here
 from .imagefolder import ImageSize, clip, folder_classes, index_folder
-
-if TYPE_CHECKING:
-    from .streaming import FolderStream
+from .streaming import FolderStream
 
 
 @dataclass(frozen=True)
@@ -60,29 +58,6 @@ DATA_DIR_ENV = "BDCLEAN_DATA_DIR"
 # An image-folder split larger than this once decoded (N x H x W x C bytes) is streamed, not resident:
 # 5,000 images at 224 px are 750 MB, CIFAR-sized or Tiny-ImageNet folders (30 / 123 MB) stay resident.
 STREAM_MIN_BYTES = 256 * 1024 * 1024
-
-
-@dataclass(frozen=True)
-class ImageSet:
-    """uint8 images (N, H, W, C) and int64 labels (N,), on one device."""
-
-    x: torch.Tensor
-    y: torch.Tensor
-
-    @property
-    def num_images(self) -> int:
-        return int(self.x.shape[0])
-
-    @property
-    def image_shape(self) -> tuple[int, int, int]:
-        return tuple(int(s) for s in self.x.shape[1:])  # type: ignore[return-value]
-
-    def to(self, device: torch.device | str) -> ImageSet:
-        return ImageSet(self.x.to(device, non_blocking=True), self.y.to(device, non_blocking=True))
-
-    def subset(self, indices: torch.Tensor) -> ImageSet:
-        idx = torch.as_tensor(indices, dtype=torch.long)
-        return ImageSet(self.x[idx.to(self.x.device)], self.y[idx.to(self.y.device)])
 
 
 @dataclass(frozen=True)
@@ -255,33 +230,9 @@ def read_npz_split(path: Path) -> ImageSet:
     return images_from_arrays(x, y, str(path))
 
 
-def images_from_arrays(x: np.ndarray, y: np.ndarray, what: str) -> ImageSet:
-    """Validate raw arrays and wrap them: uint8 NHW(C) images, integer labels >= 0, equal lengths."""
-    if x.dtype != np.uint8:
-        raise InputError(f"{what}: images must be uint8 (0..255), got {x.dtype}",
-                         hint="convert with (x * 255).round().astype(np.uint8) if they are floats in [0, 1]")
-    if x.ndim == 3:
-        x = x[..., None]
-    if x.ndim != 4 or x.shape[3] not in (1, 3):
-        raise InputError(f"{what}: images must be (N, H, W) or (N, H, W, C) with C 1 or 3, got shape {x.shape}")
-    if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
-        raise InputError(f"{what}: labels 'y' must be a 1-D integer array, got {y.dtype} {y.shape}")
-    if len(x) != len(y):
-        raise InputError(f"{what}: x has {len(x)} images but y has {len(y)} labels (lengths differ)")
-    if len(x) == 0:
-        raise InputError(f"{what}: the split holds no images")
-    if int(y.min()) < 0:
-        raise InputError(f"{what}: negative label {int(y.min())}")
-    if x.shape[1] < 2 or x.shape[2] < 2:
-        raise InputError(f"{what}: images of {x.shape[1]}x{x.shape[2]} pixels are too small")
-    return ImageSet(torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y.astype(np.int64)))
-
-
 def read_folder_split(path: Path, classes: list[str], image_size: ImageSize | None = None):
     """One image-folder split: resident (ImageSet) when its decoded images fit in STREAM_MIN_BYTES,
     else a FolderStream decoded batch by batch. Every header is checked first either way."""
-    from .streaming import FolderStream
-
     stream = FolderStream.from_index(index_folder(path, classes), image_size)
     h, w, c = stream.image_shape
     if stream.num_images * h * w * c > STREAM_MIN_BYTES:
@@ -293,8 +244,6 @@ def read_image_folder(path: Path, classes: list[str], image_size: ImageSize | No
     """Images under path/<class>/ -> one resident ImageSet. Without image_size all images must share
     one size; grayscale images in a colour dataset are replicated to RGB (common in real folders,
     e.g. Tiny-ImageNet)."""
-    from .streaming import FolderStream
-
     return FolderStream.from_index(index_folder(path, classes), image_size).materialize()
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import ImageSet, images_from_arrays
+from .image_set import ImageSet, images_from_arrays
 from .imagefolder import DECODE_WORKERS, FolderIndex, ImageSize, decode_all, decode_into, output_shape
 
 STREAM_AHEAD = 2  # batches decoding while the consumer works on the current one

@@ -15,7 +15,7 @@ import torch
 
 from .checkpoint import Checkpoint, read_checkpoint
 from .data import DatasetBundle
-from .errors import InputError
+from .errors import ConfigError, InputError
 from .models import (
     ARCHITECTURES,
     arch_file_source,
@@ -27,7 +27,8 @@ from .models import (
     read_shape_facts,
 )
 from .models.hub import METADATA_KEY as HUB_METADATA_KEY
-from .models.hub import HubModel, load_hub_subject
+from .models.hub import build_hub_model, num_classes_of
+from .models.hub_config import HubModel, check_input_shape, hub_from_metadata, input_spec, read_model_dir
 
 
 @dataclass
@@ -123,6 +124,34 @@ def load_subject(path: str, bundle: DatasetBundle, arch: str | None = None, num_
     mean, std = validate_normalization(mean, std, image_c)
     return Subject(ckpt, model, arch, int(n_classes), int(in_channels), head_name, mean, std, sources,
                    arch_source=arch_file_source(arch), notes=notes)
+
+
+def load_hub_subject(path: str, bundle, checkpoint: Checkpoint | None = None, arch: str | None = None,
+                     num_classes: int | None = None, head: str | None = None, mean=None, std=None):
+    """load_subject for a model directory (checkpoint None) or a checkpoint whose metadata carries its config."""
+    hub = read_model_dir(path) if checkpoint is None else hub_from_metadata(checkpoint)
+    if arch is not None:
+        raise ConfigError(f"--arch does not apply to {path}: its architecture is read from its {hub.source}")
+    ckpt = checkpoint or read_checkpoint(hub.weights)
+    spec = input_spec(hub)
+    image_h, image_w, image_c = bundle.test.image_shape
+    check_input_shape(spec, bundle.test.image_shape)
+    model = build_hub_model(hub, max_parameters=ckpt.num_parameters)
+    n_classes = num_classes_of(model, hub)
+    if num_classes is not None and num_classes != n_classes:
+        raise InputError(f"--num-classes {num_classes} contradicts {hub.source}, which has {n_classes} classes")
+    if n_classes != bundle.num_classes:
+        raise InputError(f"the model has {n_classes} classes but the data has {bundle.num_classes}",
+                         hint="check --data: the model and the dataset do not belong together")
+    load_strict(model, ckpt.state_dict)
+    head_name = find_head(model, head, input_shape=(image_c, image_h, image_w))
+    sources = {"arch": hub.source, "num_classes": hub.source, "in_channels": hub.source,
+               "head": "flag" if head else "forward order"}
+    mean = _pick(sources, "mean", ("flag", mean), (spec.norm_source, spec.mean), ("dataset", bundle.mean))
+    std = _pick(sources, "std", ("flag", std), (spec.norm_source, spec.std), ("dataset", bundle.std))
+    mean, std = validate_normalization(mean, std, image_c)
+    return Subject(ckpt, model, f"{hub.library}:{hub.arch}", n_classes, image_c, head_name, mean, std, sources,
+                   hub=hub)
 
 
 def _origin(source: str, module: str | None) -> str:

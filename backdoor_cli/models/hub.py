@@ -1,5 +1,5 @@
-"""Hugging Face (transformers) and timm models: build one from its directory, load it as a Subject,
-and write the purified model back in the library's own layout.
+"""Hugging Face (transformers) and timm models: build one from its directory (subject.load_hub_subject
+loads it as a Subject), and write the purified model back in the library's own layout.
 
 The directory's JSON is read and checked by hub_config; the weights go through
 checkpoint.read_checkpoint like every other checkpoint; nothing is downloaded. The model keeps the
@@ -17,24 +17,20 @@ import os
 import torch
 from torch import nn
 
-from ..checkpoint import Checkpoint, read_checkpoint, safetensors_bytes
-from ..errors import ConfigError, InputError
-from .head import find_head
+from ..checkpoint import safetensors_bytes
+from ..errors import InputError
 from .hub_config import (
     CONFIG,
     METADATA_KEY,
     PREPROCESSOR,
     HubModel,
-    check_input_shape,
     hub_from_metadata,
     hub_guess,
-    input_spec,
     read_model_dir,
 )
-from .loading import load_strict
 
 __all__ = ["METADATA_KEY", "OUTPUTS", "OUTPUT_DIR", "HubModel", "build_hub_model", "hub_from_metadata", "hub_guess",
-           "hub_layout", "load_hub_subject", "read_model_dir"]
+           "hub_layout", "read_model_dir"]
 
 OUTPUT_DIR = "purified-hf"  # beside purified.safetensors in purify's --out
 OUTPUTS = tuple(f"{OUTPUT_DIR}/{name}" for name in (CONFIG, "model.safetensors", PREPROCESSOR))
@@ -196,38 +192,7 @@ def keep_file_keys(model: nn.Module, to_file: dict[str, str]) -> None:
         model.register_load_state_dict_pre_hook(RenameKeys({v: k for k, v in to_file.items()}))
 
 
-# ---- the subject and the written layout ----------------------------------------------------------
-
-def load_hub_subject(path: str, bundle, checkpoint: Checkpoint | None = None, arch: str | None = None,
-                     num_classes: int | None = None, head: str | None = None, mean=None, std=None):
-    """load_subject for a model directory (checkpoint None) or a checkpoint whose metadata carries its config."""
-    # Imported here, not above: subject.py imports this module, and this function needs its Subject.
-    from ..subject import Subject, _pick, validate_normalization
-
-    hub = read_model_dir(path) if checkpoint is None else hub_from_metadata(checkpoint)
-    if arch is not None:
-        raise ConfigError(f"--arch does not apply to {path}: its architecture is read from its {hub.source}")
-    ckpt = checkpoint or read_checkpoint(hub.weights)
-    spec = input_spec(hub)
-    image_h, image_w, image_c = bundle.test.image_shape
-    check_input_shape(spec, bundle.test.image_shape)
-    model = build_hub_model(hub, max_parameters=ckpt.num_parameters)
-    n_classes = num_classes_of(model, hub)
-    if num_classes is not None and num_classes != n_classes:
-        raise InputError(f"--num-classes {num_classes} contradicts {hub.source}, which has {n_classes} classes")
-    if n_classes != bundle.num_classes:
-        raise InputError(f"the model has {n_classes} classes but the data has {bundle.num_classes}",
-                         hint="check --data: the model and the dataset do not belong together")
-    load_strict(model, ckpt.state_dict)
-    head_name = find_head(model, head, input_shape=(image_c, image_h, image_w))
-    sources = {"arch": hub.source, "num_classes": hub.source, "in_channels": hub.source,
-               "head": "flag" if head else "forward order"}
-    mean = _pick(sources, "mean", ("flag", mean), (spec.norm_source, spec.mean), ("dataset", bundle.mean))
-    std = _pick(sources, "std", ("flag", std), (spec.norm_source, spec.std), ("dataset", bundle.std))
-    mean, std = validate_normalization(mean, std, image_c)
-    return Subject(ckpt, model, f"{hub.library}:{hub.arch}", n_classes, image_c, head_name, mean, std, sources,
-                   hub=hub)
-
+# ---- the written layout ----------------------------------------------------------------------
 
 def hub_layout(hub: HubModel, state: dict[str, torch.Tensor], metadata: dict) -> dict[str, bytes]:
     """The purified model as the library's own directory layout: {file name: bytes}."""
