@@ -34,7 +34,7 @@ from .errors import BdcleanError, ConfigError, InputError
 from .eval_cache import EvalCache, data_fingerprint, eval_key, file_sha256, measured, trigger_fingerprint
 from .evaluate import EvalSets, build_eval_sets, evaluate_model
 from .gates import check_gates
-from .pipeline import _check_gate_inputs, _describe_data, _load_data, purify_checkpoint, resolve_trigger
+from .pipeline import check_gate_inputs, describe_data, load_run_data, purify_checkpoint, resolve_trigger
 from .precision import resolve_precision
 from .progress import Reporter
 from .runtime import environment, prepare_model, resolve_device, seed_everything
@@ -101,7 +101,7 @@ def audit_checkpoints(opts: AuditOptions, reporter: Reporter | None = None, cach
     seed_everything(opts.seed)
     reporter.stage(f"auditing {len(paths)} checkpoint(s)" + (f" (shard {shard} of {len(everything)})" if shard else ""))
     reporter.stage(f"loading data {opts.data}")
-    bundle, image_size = _load_data(opts, paths, need_train=False)
+    bundle, image_size = load_run_data(opts, paths, need_train=False)
     fingerprint = data_fingerprint(bundle.test)
     run = _Run(opts, bundle, fingerprint, audit_settings(opts, fingerprint, device), device, cache or EvalCache(),
                reporter, output_names(everything), {})
@@ -119,7 +119,7 @@ def audit_checkpoints(opts: AuditOptions, reporter: Reporter | None = None, cach
         if on_row is not None:
             on_row(row)
     sets = next(iter(run.sets.values()), None)
-    data = _describe_data(bundle, sets, image_size) if sets is not None else {"name": bundle.name, "source": bundle.source}
+    data = describe_data(bundle, sets, image_size) if sets is not None else {"name": bundle.name, "source": bundle.source}
     return AuditReport(sort_rows(rows), run.settings, shard, data, environment(device), to_yaml_dict(opts))
 
 
@@ -161,7 +161,7 @@ def _measure(run: _Run, path: str, sha: str) -> AuditRow:
     for note in subject.notes:
         run.reporter.warn(note)
     trigger = resolve_trigger(opts.trigger, opts.target, subject, run.bundle.test.image_shape, subject.num_classes)
-    _check_gate_inputs(opts, trigger)
+    check_gate_inputs(opts, trigger)
     sets = _sets_for(run, trigger)
     model = prepare_model(subject.model, run.device)
     mean, std = normalization_tensors(subject, run.device)
@@ -246,12 +246,12 @@ def audit_settings(opts: AuditOptions, data_fingerprint: str, device: torch.devi
 def output_names(paths: list[str]) -> dict[str, str]:
     """A folder name per checkpoint for --purify, from its path relative to the audited folders' common
     parent (the same in every shard, which all expand the same list): a/b.pt -> a__b."""
-    from .report import _display_names
+    from .report import display_names
 
     def slug(text: str) -> str:
         return re.sub(r"[^A-Za-z0-9._-]+", "_", text.replace(os.sep, "__")).strip("._") or "checkpoint"
 
-    relative = dict(zip(paths, _display_names(paths) if paths else []))
+    relative = dict(zip(paths, display_names(paths) if paths else []))
     stems = {p: slug(r[: -len(Path(r).suffix)] if Path(r).suffix else r) for p, r in relative.items()}
     taken = [stem for stem in stems.values()]
     # a.pt beside a.safetensors: both keep their suffix (a.pt, a.safetensors) rather than share a folder

@@ -11,7 +11,7 @@ import json
 import sys
 
 from .audit_log import AuditRow, audit_exit_code, sort_rows
-from .report import _display_names  # the names compare shows: paths relative to their common folder
+from .report import display_names  # the names compare shows: paths relative to their common folder
 
 COLUMNS = ["checkpoint", "arch", "C-Acc", "ASR", "RA", "gates", "exit", "note"]
 ERROR_WIDTH = 90
@@ -52,7 +52,7 @@ def _short(text: str) -> str:
 def table_cells(rows: list[AuditRow]) -> list[list[str]]:
     """One list of cells per row, worst first: the content of every rendering."""
     rows = sort_rows(rows)
-    names = _display_names([r.path for r in rows])
+    names = display_names([r.path for r in rows])
     return [[name, row.architecture or "-", _rate(row.metrics, "clean_acc", True), _rate(row.metrics, "asr", True),
              _rate(row.metrics, "ra", True), _gates(row), str(row.exit_code), _note(row, name)]
             for name, row in zip(names, rows)]

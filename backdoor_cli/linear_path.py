@@ -123,9 +123,9 @@ class PathReport:
 
 
 def render_path(report: PathReport, console) -> None:
-    from .report import _metric_table, interval, pct
+    from .report import interval, metric_table, pct
 
-    table = _metric_table(f"linear path: {report.start['path']} (t=0) -> {report.end['path']} (t=1)",
+    table = metric_table(f"linear path: {report.start['path']} (t=0) -> {report.end['path']} (t=1)",
                           ["t", "C-Acc", "95% CI", "ASR", "95% CI"])
     for p in report.points:
         r = p.result

@@ -88,7 +88,7 @@ ALPHA_ADVICE_DROP = 0.10
 FORMAT_PAYBACK = 8
 
 
-def _require_data(data: str | None) -> str:
+def require_data(data: str | None) -> str:
     if not data:
         raise ConfigError("--data is required", hint="a dataset name (cifar10, mnist, ...) with --data-dir, or a directory")
     return data
@@ -114,7 +114,7 @@ def resolve_trigger(spec_text: str | None, target: int | None, subject: Subject 
     return build_trigger(spec, tuple(image_shape))
 
 
-def _open_subject(opts: EvaluateOptions, checkpoint: str, bundle: DatasetBundle, reporter: Reporter) -> Subject:
+def open_subject(opts: EvaluateOptions, checkpoint: str, bundle: DatasetBundle, reporter: Reporter) -> Subject:
     reporter.stage(f"loading checkpoint {checkpoint}")
     subject = load_subject(checkpoint, bundle, arch=opts.arch, num_classes=opts.num_classes, head=opts.head,
                            mean=opts.mean, std=opts.std)
@@ -133,11 +133,11 @@ def _image_size(opts, checkpoints) -> tuple[int, int] | None:
     return next((size for size in map(configured_image_size, checkpoints) if size is not None), None)
 
 
-def _load_data(opts, checkpoints, need_train: bool) -> tuple[DatasetBundle, tuple[int, int] | None]:
+def load_run_data(opts, checkpoints, need_train: bool) -> tuple[DatasetBundle, tuple[int, int] | None]:
     """(the dataset, the image size it was resized to or None): the size is worked out once here."""
     size = _image_size(opts, checkpoints)
     try:
-        return load_dataset(_require_data(opts.data), opts.data_dir, need_train=need_train, image_size=size), size
+        return load_dataset(require_data(opts.data), opts.data_dir, need_train=need_train, image_size=size), size
     except ImageSizeError as exc:
         if opts.image_size is not None:
             raise
@@ -177,7 +177,7 @@ def _eval_images(sets: EvalSets) -> int:
     return sets.clean.num_images + sets.num_poisoned
 
 
-def _check_gate_inputs(opts, trigger) -> None:
+def check_gate_inputs(opts, trigger) -> None:
     if opts.max_asr is not None and trigger is None:
         raise ConfigError("--max-asr needs a trigger to measure ASR", hint="pass --trigger")
     if getattr(opts, "retune_check", False) and trigger is None:
@@ -194,10 +194,10 @@ def evaluate_checkpoint(opts: EvaluateOptions, reporter: Reporter | None = None,
     timer = Stopwatch(device)
     with timer.stage("load"):
         reporter.stage(f"loading data {opts.data}")
-        bundle, image_size = _load_data(opts, [opts.checkpoint], need_train=opts.retune_check)
-        subject = _open_subject(opts, opts.checkpoint, bundle, reporter)
+        bundle, image_size = load_run_data(opts, [opts.checkpoint], need_train=opts.retune_check)
+        subject = open_subject(opts, opts.checkpoint, bundle, reporter)
         trigger = resolve_trigger(opts.trigger, opts.target, subject, bundle.test.image_shape, subject.num_classes)
-        _check_gate_inputs(opts, trigger)
+        check_gate_inputs(opts, trigger)
         model = prepare_model(subject.model, device)
         mean, std = normalization_tensors(subject, device)
         sets = build_eval_sets(bundle.test, trigger, device, opts.eval_limit, opts.seed)
@@ -219,8 +219,8 @@ def evaluate_checkpoint(opts: EvaluateOptions, reporter: Reporter | None = None,
                                     probed_adapter(model, clean, mean, std, device, reporter), reporter)
     gates = check_gates(result.asr.value if result.asr else None, result.clean_acc.value,
                         max_asr=opts.max_asr, min_acc=opts.min_acc)
-    return EvaluateReport(subject=subject.describe(), data=_describe_data(bundle, sets, image_size),
-                          trigger=_describe_trigger(trigger),
+    return EvaluateReport(subject=subject.describe(), data=describe_data(bundle, sets, image_size),
+                          trigger=describe_trigger(trigger),
                           result=result, gates=gates, timings=dict(timer.stages),
                           environment=environment(device, compute), options=to_yaml_dict(opts),
                           retune=retune.to_dict() if retune is not None else None)
@@ -239,7 +239,7 @@ def retune_clean_set(opts: EvaluateOptions, bundle: DatasetBundle, subject: Subj
 
 def probed_adapter(model, clean: ImageSet, mean, std, device, reporter) -> LossAdapter:
     """The loss the retuning uses, from what the model returns (decided as purify decides it)."""
-    return _output_kind("auto", model, clean, mean, std, device, reporter).adapter
+    return decide_output_kind("auto", model, clean, mean, std, device, reporter).adapter
 
 
 def cache_key(cache, subject: Subject, bundle: DatasetBundle, trigger, opts, device, precision: str):
@@ -251,7 +251,7 @@ def cache_key(cache, subject: Subject, bundle: DatasetBundle, trigger, opts, dev
                     opts.seed, device, precision)
 
 
-def _describe_data(bundle: DatasetBundle, sets: EvalSets, image_size=None) -> dict:
+def describe_data(bundle: DatasetBundle, sets: EvalSets, image_size=None) -> dict:
     return {"name": bundle.name, "source": bundle.source, "num_classes": bundle.num_classes,
             "image_shape": list(bundle.test.image_shape), "test_images": sets.clean.num_images,
             "eval_limited": sets.limited, "image_size": list(image_size) if image_size else None,
@@ -259,7 +259,7 @@ def _describe_data(bundle: DatasetBundle, sets: EvalSets, image_size=None) -> di
             "asr_set": "test images whose true class is not the target, with the trigger applied"}
 
 
-def _describe_trigger(trigger) -> dict | None:
+def describe_trigger(trigger) -> dict | None:
     return trigger.to_dict() if trigger is not None else None
 
 
@@ -287,7 +287,7 @@ def _defense_params(opts: PurifyOptions, dataset: str | None, recipe: Recipe) ->
     return params, fraction
 
 
-def _clean_set(opts: PurifyOptions, bundle: DatasetBundle, fraction: float | None, subject: Subject):
+def select_clean_set(opts: PurifyOptions, bundle: DatasetBundle, fraction: float | None, subject: Subject):
     """The defender's clean data: the user's own images, or a seeded class-balanced training subset."""
     num_classes = subject.num_classes
     if opts.clean_data:
@@ -326,7 +326,7 @@ def refuse_inapplicable(opts: PurifyOptions, defense) -> None:
         raise ConfigError("; ".join(problems), hint=hint)
 
 
-def _input_paths(opts, *extra) -> list[Path]:
+def input_paths(opts, *extra) -> list[Path]:
     """Every file or directory a run reads: outputs may never replace or land inside one of them."""
     candidates = [getattr(opts, "config", None), getattr(opts, "trigger", None), getattr(opts, "data", None),
                   getattr(opts, "clean_data", None), getattr(opts, "clean_reference", None), *extra]
@@ -361,7 +361,7 @@ def purify_checkpoint(opts: PurifyOptions, reporter: Reporter | None = None, cac
     params, fraction = _defense_params(opts, None, recipe)  # range errors before any work; dataset defaults below
     parse_output_kind(opts.output_kind)  # a bad --output-kind: exit 2 before any work
     names = PURIFY_OUTPUTS + ("report.png",) + hub.OUTPUTS  # the hub layout is written for hub models only
-    with OutputSet(out, names, _input_paths(opts, opts.checkpoint), opts.force) as outputs:
+    with OutputSet(out, names, input_paths(opts, opts.checkpoint), opts.force) as outputs:
         report = _purify_into(opts, recipe, defense, device, outputs, reporter, cache)
         reporter.stage(f"writing outputs to {out}")
         outputs.commit()
@@ -375,14 +375,14 @@ def _purify_into(opts: PurifyOptions, recipe: Recipe, defense, device, outputs: 
     timer = Stopwatch(device)
     with timer.stage("load"):
         reporter.stage(f"loading data {opts.data}")
-        bundle, image_size = _load_data(opts, [opts.checkpoint], need_train=opts.clean_data is None)
-        subject = _open_subject(opts, opts.checkpoint, bundle, reporter)
+        bundle, image_size = load_run_data(opts, [opts.checkpoint], need_train=opts.clean_data is None)
+        subject = open_subject(opts, opts.checkpoint, bundle, reporter)
         trigger = resolve_trigger(opts.trigger, opts.target, subject, bundle.test.image_shape, subject.num_classes)
-        _check_gate_inputs(opts, trigger)
+        check_gate_inputs(opts, trigger)
         params, fraction = _defense_params(opts, bundle.name, recipe)
         augmentation = decide_augmentation(opts.augment, bundle)
         params = dataclasses.replace(params, augment=augmentation.enabled)
-        clean, clean_indices = _clean_set(opts, bundle, fraction, subject)
+        clean, clean_indices = select_clean_set(opts, bundle, fraction, subject)
         recipe, warning = fit_to_clean_data(recipe, clean.num_images, subject.num_classes)
         if warning:
             reporter.warn(warning)
@@ -394,7 +394,7 @@ def _purify_into(opts: PurifyOptions, recipe: Recipe, defense, device, outputs: 
         model = prepare_model(subject.model, device)
         mean, std = normalization_tensors(subject, device)
         sets = build_eval_sets(bundle.test, trigger, device, opts.eval_limit, opts.seed)
-        output_kind = _output_kind(opts.output_kind, model, clean, mean, std, device, reporter)
+        output_kind = decide_output_kind(opts.output_kind, model, clean, mean, std, device, reporter)
         tune_set, monitor = _holdout(recipe, clean, subject, model, mean, std, device, reporter, opts.seed)
     evidence = None
     if defense.needs_triggers:
@@ -462,8 +462,8 @@ def _purify_into(opts: PurifyOptions, recipe: Recipe, defense, device, outputs: 
         verified = removal.verdict == "verified"
         gates.append(GateResult("require-verified", 1.0, float(verified), verified))
     report = PurifyReport(
-        subject=subject.describe(), data=_describe_data(bundle, sets, image_size),
-        trigger=_describe_trigger(trigger),
+        subject=subject.describe(), data=describe_data(bundle, sets, image_size),
+        trigger=describe_trigger(trigger),
         method={"name": defense.name, "recipe": recipe.to_dict(), "summary": defense.summary,
                 "reinit_head": defense.reinit_head,
                 "trains": defense.trains, "head_norm": outcome.head_norm,
@@ -558,7 +558,7 @@ def removal_verdict(trigger, before, after, evidence: ScanEvidence | None):
                                         evidence.proxy_after, evidence.rescan)
     if trigger is None and by_scan is not None:
         return by_scan
-    return combine_verdicts(judge_removal(_describe_trigger(trigger), before.asr, after.asr), by_scan)
+    return combine_verdicts(judge_removal(describe_trigger(trigger), before.asr, after.asr), by_scan)
 
 
 def retune_settings(opts: EvaluateOptions) -> RetuneSettings:
@@ -588,7 +588,7 @@ def _reference_check(opts, bundle, clean, trigger, sets, settings, device, repor
     if not opts.clean_reference:
         return None
     reporter.stage(f"retuning check on the clean reference {opts.clean_reference}")
-    subject = _open_subject(opts, opts.clean_reference, bundle, reporter)
+    subject = open_subject(opts, opts.clean_reference, bundle, reporter)
     return _retune_one(subject, None, clean, bundle, trigger, sets, settings, device, opts, reporter)
 
 
@@ -612,7 +612,7 @@ def alpha_advice(uses_alpha: bool, alpha: float | None, acc_drop: float) -> str 
             f"--epochs usually costs less accuracy (docs/reproduction.md). Check the ASR it leaves.")
 
 
-def _output_kind(flag: str, model, clean: ImageSet, mean, std, device, reporter: Reporter) -> OutputKind:
+def decide_output_kind(flag: str, model, clean: ImageSet, mean, std, device, reporter: Reporter) -> OutputKind:
     """What the model returns, from a few clean tuning images normalised as it expects (or --output-kind).
     The probe runs in fp32 whatever --precision says: bf16 rounds a softmax's rows to sums off by
     ~0.002, and the probe would then call probabilities logits (and pick the wrong loss)."""
@@ -680,7 +680,7 @@ def _purified_metadata(subject: Subject, bundle: DatasetBundle, trigger, report:
                        compute: Compute | None = None) -> dict:
     from . import __version__
 
-    meta = _base_metadata(subject.arch, subject.num_classes, subject.in_channels, subject.head,
+    meta = base_metadata(subject.arch, subject.num_classes, subject.in_channels, subject.head,
                           subject.mean, subject.std, bundle)
     if subject.arch_source:
         meta["arch_source"] = subject.arch_source  # which file and factory built it (see subject._arch_notes)
@@ -692,7 +692,7 @@ def _purified_metadata(subject: Subject, bundle: DatasetBundle, trigger, report:
             "path_t": ((report.clean.get("holdout") or {}).get("path") or {}).get("chosen_t"),
             "input_sha256": subject.checkpoint.sha256, "clean_indices_sha256": report.clean["indices_sha256"],
             "clean_images": report.clean["images"],
-            "before": _replayable(report.before), "after": _replayable(report.after), "der": report.der,
+            "before": replayable_metrics(report.before), "after": replayable_metrics(report.after), "der": report.der,
             **({"compute": compute.replayable()} if compute is not None else {}),
         },
         "origin": {k: v for k, v in subject.checkpoint.metadata.items() if k in ("poison_rate", "seed", "trained_by")},
@@ -702,13 +702,13 @@ def _purified_metadata(subject: Subject, bundle: DatasetBundle, trigger, report:
     return meta
 
 
-def _replayable(result) -> dict:
+def replayable_metrics(result) -> dict:
     """Metrics for embedding in weights: no wall-clock times, so a replay with the same seed gives a
     byte-identical file that can be checked by its sha256."""
     return {k: v for k, v in result.to_dict().items() if k != "seconds"}
 
 
-def _base_metadata(arch, num_classes, in_channels, head, mean, std, bundle: DatasetBundle) -> dict:
+def base_metadata(arch, num_classes, in_channels, head, mean, std, bundle: DatasetBundle) -> dict:
     h, w, _ = bundle.test.image_shape
     return {"schema": SCHEMA_CHECKPOINT, "arch": arch, "num_classes": num_classes, "in_channels": in_channels,
             "input_size": [h, w], "head": head, "normalization": {"mean": list(mean), "std": list(std)},
@@ -727,12 +727,12 @@ def compare_checkpoints(opts: CompareOptions, reporter: Reporter | None = None) 
     plan = resolve_precision(opts.precision, device)
     seed_everything(opts.seed)
     reporter.stage(f"loading data {opts.data}")
-    bundle, image_size = _load_data(opts, opts.checkpoints, need_train=opts.retune_check)
+    bundle, image_size = load_run_data(opts, opts.checkpoints, need_train=opts.retune_check)
     reference_path = opts.reference or opts.checkpoints[0]
     # One model in memory besides the reference: a folder of checkpoints compares in flat memory.
-    reference = _open_subject(opts, reference_path, bundle, reporter)
+    reference = open_subject(opts, reference_path, bundle, reporter)
     trigger = resolve_trigger(opts.trigger, opts.target, reference, bundle.test.image_shape, reference.num_classes)
-    _check_gate_inputs(opts, trigger)
+    check_gate_inputs(opts, trigger)
     sets = build_eval_sets(bundle.test, trigger, device, opts.eval_limit, opts.seed)
     formats = {}
 
@@ -749,7 +749,7 @@ def compare_checkpoints(opts: CompareOptions, reporter: Reporter | None = None) 
     retune = _retune_checker(opts, bundle, reference, trigger, sets, device, reporter)
     rows = []
     for path in opts.checkpoints:
-        subject = reference if path == reference_path else _open_subject(opts, path, bundle, reporter)
+        subject = reference if path == reference_path else open_subject(opts, path, bundle, reporter)
         res = ref if path == reference_path else measure(path, subject)
         drop = ref.clean_acc.value - res.clean_acc.value
         der = (defense_effectiveness_rating(ref.clean_acc.value, res.clean_acc.value, ref.asr.value, res.asr.value)
@@ -763,8 +763,8 @@ def compare_checkpoints(opts: CompareOptions, reporter: Reporter | None = None) 
                                is_reference=path == reference_path,
                                retune=retune(subject, res).to_dict() if retune is not None else None))
         del subject  # the next checkpoint's model replaces this one
-    return CompareReport(rows=rows, reference=reference_path, data=_describe_data(bundle, sets, image_size),
-                         trigger=_describe_trigger(trigger), environment=environment(device, Compute(device, plan, formats)),
+    return CompareReport(rows=rows, reference=reference_path, data=describe_data(bundle, sets, image_size),
+                         trigger=describe_trigger(trigger), environment=environment(device, Compute(device, plan, formats)),
                          options=to_yaml_dict(opts))
 
 
@@ -795,8 +795,8 @@ def trace_linear_path(opts: CompareOptions, reporter: Reporter | None = None) ->
     device = resolve_device(opts.device)
     seed_everything(opts.seed)
     reporter.stage(f"loading data {opts.data}")
-    bundle, image_size = _load_data(opts, opts.checkpoints, need_train=False)
-    start, end = (_open_subject(opts, p, bundle, reporter) for p in opts.checkpoints)
+    bundle, image_size = load_run_data(opts, opts.checkpoints, need_train=False)
+    start, end = (open_subject(opts, p, bundle, reporter) for p in opts.checkpoints)
     if (start.mean, start.std) != (end.mean, end.std):
         raise InputError("the two checkpoints normalise their inputs differently, so the models between them have no "
                          "one input normalisation", hint="pass --mean and --std to use one for both")
@@ -815,10 +815,10 @@ def trace_linear_path(opts: CompareOptions, reporter: Reporter | None = None) ->
     if opts.path_plot:
         plot = Path(opts.path_plot)
         png = path_plot_png(points, Path(opts.checkpoints[0]).name, Path(opts.checkpoints[1]).name)
-        with OutputSet(plot.parent, [plot.name], _input_paths(opts, *opts.checkpoints), opts.force) as staged:
+        with OutputSet(plot.parent, [plot.name], input_paths(opts, *opts.checkpoints), opts.force) as staged:
             staged.stage(plot.name, png)
             staged.commit()
         outputs["plot"] = str(plot)
     return PathReport(start=start.describe(), end=end.describe(), points=points,
-                      data=_describe_data(bundle, sets, image_size), trigger=_describe_trigger(trigger),
+                      data=describe_data(bundle, sets, image_size), trigger=describe_trigger(trigger),
                       environment=environment(device), options=to_yaml_dict(opts), outputs=outputs)

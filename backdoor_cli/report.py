@@ -392,7 +392,7 @@ def purify_plot_png(report: PurifyReport) -> bytes:
 
 # ---------------------------------------------------------------- terminal (rich)
 
-def _metric_table(title: str, columns: list[str]):
+def metric_table(title: str, columns: list[str]):
     from rich.table import Table
 
     table = Table(title=title, title_justify="left")
@@ -405,7 +405,7 @@ def render_evaluate(report: EvaluateReport, console) -> None:
     s = report.subject
     console.print(f"[bold]{s['path']}[/bold]  {s['arch']}, {s['num_classes']} classes, sha256 {s['sha256'][:12]}")
     console.print(f"trigger: {_trigger_line(report.trigger)}")
-    table = _metric_table("evaluation", ["metric", "value", "95% CI", "k/n"])
+    table = metric_table("evaluation", ["metric", "value", "95% CI", "k/n"])
     for name, rate in (("C-Acc", report.result.clean_acc), ("ASR", report.result.asr), ("RA", report.result.ra)):
         if rate is not None:
             table.add_row(name, pct(rate), interval(rate), counts(rate))
@@ -428,7 +428,7 @@ def render_purify(report: PurifyReport, console) -> None:
     console.print(f"model output: {output_kind_line(report.output_kind)}", highlight=False, markup=False)
     if report.output_kind and report.output_kind.get("warning"):
         console.print(f"warning: {report.output_kind['warning']}", style="bold yellow", highlight=False, markup=False)
-    table = _metric_table("before / after", ["metric", "before", "95% CI", "after", "95% CI", "change"])
+    table = metric_table("before / after", ["metric", "before", "95% CI", "after", "95% CI", "change"])
     for name, key in (("C-Acc", "clean_acc"), ("ASR", "asr"), ("RA", "ra")):
         b, a = getattr(report.before, key), getattr(report.after, key)
         if b is None:
@@ -461,7 +461,7 @@ def render_retune(retune: dict, console) -> None:
                   f"{retune['verdict']}", highlight=False, markup=False)
 
 
-def _display_names(paths: list[str]) -> list[str]:
+def display_names(paths: list[str]) -> list[str]:
     """Shortest distinguishing names: paths relative to their common folder (ft/purified.safetensors)."""
     import os
 
@@ -478,8 +478,8 @@ def render_compare(report: CompareReport, console) -> None:
     retuned = any(row.retune for row in report.rows)
     columns = (["checkpoint", "method", "C-Acc", "ASR", "RA"] + (["ASR retuned"] if retuned else [])
                + ["DER", "drift L2"] + (["most changed"] if wide else []))
-    table = _metric_table("compare", columns)
-    names = _display_names([row.path for row in report.rows])
+    table = metric_table("compare", columns)
+    names = display_names([row.path for row in report.rows])
     for name, row in zip(names, report.rows):
         r = row.result
         cells = [name + (" (ref)" if row.is_reference else ""), row.method or "-"]
@@ -501,7 +501,7 @@ def render_train(report: TrainReport, console) -> None:
     console.print(f"saved [bold]{report.out}[/bold] ({report.arch}, sha256 {report.sha256[:12]})")
     start = report.init["metrics"] if report.init else None
     columns = ["metric"] + (["initial model"] if start else []) + ["value", "95% CI", "k/n"]
-    table = _metric_table("trained model" + (f" (from {report.init['path']})" if start else ""), columns)
+    table = metric_table("trained model" + (f" (from {report.init['path']})" if start else ""), columns)
     for name, rate, first in (("C-Acc", r.clean_acc, start and start.clean_acc), ("ASR", r.asr, start and start.asr),
                               ("RA", r.ra, start and start.ra)):
         if rate is not None:

@@ -21,7 +21,7 @@ import torch
 from .config import ScanOptions, to_yaml_dict
 from .data import indices_sha256
 from .outputs import OutputSet
-from .pipeline import _clean_set, _input_paths, _load_data, _open_subject, _output_kind
+from .pipeline import decide_output_kind, input_paths, load_run_data, open_subject, select_clean_set
 from .progress import Reporter
 from .report import to_json
 from .runtime import Stopwatch, environment, prepare_model, resolve_device, seed_everything
@@ -51,13 +51,13 @@ def scan_checkpoint(opts: ScanOptions, reporter: Reporter | None = None) -> Scan
     timer = Stopwatch(device)
     with timer.stage("load"):
         reporter.stage(f"loading data {opts.data}")
-        bundle, image_size = _load_data(opts, [opts.checkpoint], need_train=opts.clean_data is None)
-        subject = _open_subject(opts, opts.checkpoint, bundle, reporter)
+        bundle, image_size = load_run_data(opts, [opts.checkpoint], need_train=opts.clean_data is None)
+        subject = open_subject(opts, opts.checkpoint, bundle, reporter)
     if opts.out is None:
         return _scan(opts, params, bundle, image_size, subject, device, timer, None, reporter)
     # Every class's file names are declared up front so a bad --out fails now, not after the scan.
     names = [REPORT_NAME] + [n for c in range(subject.num_classes) for n in class_output_names(c).values()]
-    with OutputSet(Path(opts.out), names, _input_paths(opts, opts.checkpoint), opts.force) as outputs:
+    with OutputSet(Path(opts.out), names, input_paths(opts, opts.checkpoint), opts.force) as outputs:
         report = _scan(opts, params, bundle, image_size, subject, device, timer, outputs, reporter)
         reporter.stage(f"writing outputs to {opts.out}")
         outputs.commit()
@@ -70,11 +70,11 @@ def _scan(opts: ScanOptions, params: InversionParams, bundle, image_size, subjec
         clean_opts = opts
         if not opts.clean_data and opts.clean_count is None and opts.clean_fraction is None:
             clean_opts = dataclasses.replace(opts, clean_count=DEFAULT_IMAGES)
-        clean, indices = _clean_set(clean_opts, bundle, clean_opts.clean_fraction, subject)
+        clean, indices = select_clean_set(clean_opts, bundle, clean_opts.clean_fraction, subject)
         clean = clean.to(device)
         model = prepare_model(subject.model, device)
         mean, std = normalization_tensors(subject, device)
-        output_kind = _output_kind(opts.output_kind, model, clean, mean, std, device, reporter)
+        output_kind = decide_output_kind(opts.output_kind, model, clean, mean, std, device, reporter)
     reporter.info(f"{METHOD}: {clean.num_images} clean images, {params.steps} steps x {subject.num_classes} classes "
                   f"({params.group} at a time), batch {params.batch_size} per class")
     with timer.stage("scan"):

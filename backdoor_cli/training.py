@@ -17,7 +17,7 @@ from .errors import ConfigError, InputError, OutputError
 from .evaluate import build_eval_sets, evaluate_model
 from .models import arch_file_source
 from .outputs import OutputSet
-from .pipeline import _base_metadata, _describe_trigger, _input_paths, _replayable, _require_data, resolve_trigger
+from .pipeline import base_metadata, describe_trigger, input_paths, replayable_metrics, require_data, resolve_trigger
 from .precision import Compute, choose_memory_format, eval_timing_batch, example_batch, resolve_precision, torch_format
 from .progress import Reporter, step_callback
 from .report import TrainReport
@@ -48,7 +48,7 @@ def train_model(opts: TrainOptions, reporter: Reporter | None = None) -> TrainRe
     out = Path(opts.out)
     if out.is_dir():
         raise OutputError(f"--out {out} is a directory; give a file name such as model.safetensors")
-    with OutputSet(out.parent, [out.name], _input_paths(opts, opts.init), opts.force) as outputs:
+    with OutputSet(out.parent, [out.name], input_paths(opts, opts.init), opts.force) as outputs:
         report = _train_into(opts, settings, device, out, outputs, reporter)
         outputs.commit()
     return report
@@ -71,7 +71,7 @@ def _train_into(opts: TrainOptions, settings: TuneSettings, device, out: Path, o
     timer = Stopwatch(device)
     with timer.stage("load"):
         reporter.stage(f"loading data {opts.data}")
-        bundle = load_dataset(_require_data(opts.data), opts.data_dir, need_train=True, image_size=opts.image_size)
+        bundle = load_dataset(require_data(opts.data), opts.data_dir, need_train=True, image_size=opts.image_size)
         if bundle.train is None:
             raise InputError(f"{bundle.source} has no training split")
         train = bundle.train
@@ -139,7 +139,7 @@ def _train_into(opts: TrainOptions, settings: TuneSettings, device, out: Path, o
                                 eval_format)
     from . import __version__
 
-    meta = _base_metadata(arch, bundle.num_classes, c, head, mean, std, bundle)
+    meta = base_metadata(arch, bundle.num_classes, c, head, mean, std, bundle)
     if arch_file_source(arch):
         meta["arch_source"] = arch_file_source(arch)
     meta.update({
@@ -148,10 +148,10 @@ def _train_into(opts: TrainOptions, settings: TuneSettings, device, out: Path, o
         "poison_rate": opts.poison_rate if trigger is not None else 0.0, "seed": opts.seed,
         "poisoned_count": int(len(poison_idx)),
         "init": ({"path": str(opts.init), "sha256": start.checkpoint.sha256,
-                  "test_metrics_before": _replayable(before)} if start else None),
+                  "test_metrics_before": replayable_metrics(before)} if start else None),
         "holdout_indices": holdout.tolist() if holdout is not None else None,
         "training": {**dataclasses.asdict(settings), "compute": compute.replayable()},
-        "test_metrics": _replayable(result),
+        "test_metrics": replayable_metrics(result),
     })
     with timer.stage("write"):
         blob = safetensors_bytes(dict(model.state_dict()), meta)
@@ -159,7 +159,7 @@ def _train_into(opts: TrainOptions, settings: TuneSettings, device, out: Path, o
         sha = hashlib.sha256(blob).hexdigest()
     return TrainReport(out=str(out), sha256=sha, arch=arch, data=bundle.name, result=result,
                        history=[h.to_dict() for h in history], poisoned=int(len(poison_idx)),
-                       trigger=_describe_trigger(trigger), timings=dict(timer.stages), environment=environment(device, compute),
+                       trigger=describe_trigger(trigger), timings=dict(timer.stages), environment=environment(device, compute),
                        init=({"path": str(opts.init), "sha256": start.checkpoint.sha256, "metrics": before}
                              if start is not None else None))
 

@@ -58,7 +58,7 @@ def _build_torchvision(name: str, num_classes: int, in_channels: int) -> nn.Modu
     try:  # torchvision wheels built for another torch fail at import with RuntimeError/OSError, not ImportError
         import torchvision
     except Exception as exc:  # noqa: BLE001 - any import failure means the same thing to the user
-        raise InputError(f"torchvision is not usable here: {_first_line(exc)}",
+        raise InputError(f"torchvision is not usable here: {first_line(exc)}",
                          hint="install a torchvision that matches your torch (pip install bdclean[vision]), "
                               "or use a built-in architecture") from None
     try:
@@ -68,7 +68,7 @@ def _build_torchvision(name: str, num_classes: int, in_channels: int) -> nn.Modu
             known = ", ".join(sorted(torchvision.models.list_models())[:12]) + ", ..."
         except Exception:  # noqa: BLE001 - older torchvision has no list_models
             known = "resnet18, vgg16_bn, ..."
-        raise InputError(f"torchvision cannot build {name!r}: {_first_line(exc)}",
+        raise InputError(f"torchvision cannot build {name!r}: {first_line(exc)}",
                          hint=f"torchvision model names include {known}") from None
 
 
@@ -92,7 +92,7 @@ def _build_from_file(path: Path, factory: str, num_classes: int, in_channels: in
         sys.modules.pop(module_name, None)
         if isinstance(exc, KeyboardInterrupt):
             raise
-        raise InputError(f"importing architecture file {path} failed: {type(exc).__name__}: {_first_line(exc)}",
+        raise InputError(f"importing architecture file {path} failed: {type(exc).__name__}: {first_line(exc)}",
                          hint="fix the file so it imports on its own (python -c 'import runpy; "
                               f"runpy.run_path(\"{path}\")')") from None
     fn = getattr(module, factory, None)
@@ -112,7 +112,7 @@ def _build_from_file(path: Path, factory: str, num_classes: int, in_channels: in
         if isinstance(exc, KeyboardInterrupt):
             raise
         raise InputError(f"{factory}(num_classes={num_classes}) in architecture file {path} failed: "
-                         f"{type(exc).__name__}: {_first_line(exc)}",
+                         f"{type(exc).__name__}: {first_line(exc)}",
                          hint="the factory must accept num_classes= (and optionally in_channels=)") from None
     if not isinstance(model, nn.Module):
         raise InputError(f"{factory}() in architecture file {path} returned {type(model).__name__}, "
@@ -128,7 +128,7 @@ def _accepts(fn: Callable, name: str) -> bool:
     return any(p.name == name or p.kind is p.VAR_KEYWORD for p in params)
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .architectures import ARCHITECTURES
-from .loading import _is_counter
+from .loading import is_counter
 
 
 @dataclass
@@ -32,7 +32,7 @@ def guess_architecture(state_dict: dict[str, torch.Tensor]) -> ArchGuess:
     input channels and head that the weights show. Builds nothing real: candidates are made on the
     meta device (shapes only, no memory, no initialisation)."""
     shapes = {k: tuple(v.shape) for k, v in state_dict.items()
-              if isinstance(k, str) and isinstance(v, torch.Tensor) and not _is_counter(k)}
+              if isinstance(k, str) and isinstance(v, torch.Tensor) and not is_counter(k)}
     head, num_classes = _guess_head(shapes)
     in_channels = _guess_in_channels(shapes)
     for name, builder in ARCHITECTURES.items():
@@ -84,7 +84,7 @@ def _match(builder: Callable[..., nn.Module], shapes: dict[str, tuple]) -> tuple
             reference = builder(2, 3)
     except Exception:  # noqa: BLE001 - a builder that cannot go on meta just cannot be guessed
         return None
-    ref = {k: tuple(v.shape) for k, v in reference.state_dict().items() if not _is_counter(k)}
+    ref = {k: tuple(v.shape) for k, v in reference.state_dict().items() if not is_counter(k)}
     if set(ref) != set(shapes):
         return None
     head = next((n for n, m in reversed(list(reference.named_modules())) if isinstance(m, nn.Linear)), None)
@@ -96,5 +96,5 @@ def _match(builder: Callable[..., nn.Module], shapes: dict[str, tuple]) -> tuple
         return None
     with torch.device("meta"):
         candidate = builder(num_classes, in_channels)
-    got = {k: tuple(v.shape) for k, v in candidate.state_dict().items() if not _is_counter(k)}
+    got = {k: tuple(v.shape) for k, v in candidate.state_dict().items() if not is_counter(k)}
     return (num_classes, in_channels, head) if got == shapes else None

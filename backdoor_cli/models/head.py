@@ -16,10 +16,10 @@ def find_head(model: nn.Module, name: str | None = None, input_shape: tuple[int,
         module = dict(model.named_modules()).get(name)
         if module is None:
             raise InputError(f"head {name!r} (--head) is not a module of this model",
-                             hint=f"Linear layers in the model: {_preview(linears) or 'none'}")
+                             hint=f"Linear layers in the model: {preview_names(linears) or 'none'}")
         if not isinstance(module, nn.Linear):
             raise InputError(f"head {name!r} (--head) is a {type(module).__name__}, not an nn.Linear",
-                             hint=f"Linear layers in the model: {_preview(linears) or 'none'}")
+                             hint=f"Linear layers in the model: {preview_names(linears) or 'none'}")
         return name
     if not linears:
         raise InputError("the model has no nn.Linear layer to use as the classifier head",
@@ -59,6 +59,6 @@ def modules_in_forward_order(model: nn.Module, input_shape: tuple[int, ...]) -> 
     return called
 
 
-def _preview(items: list[str], limit: int = 5) -> str:
+def preview_names(items: list[str], limit: int = 5) -> str:
     shown = ", ".join(items[:limit])
     return shown + (f" (+{len(items) - limit} more)" if len(items) > limit else "")
