@@ -163,3 +163,74 @@ def run_tiny(name: str, model=None, **overrides):
     params = DefenseParams(**{"lr": 0.05, "epochs": 2, "batch_size": 16, **overrides})
     outcome = get_defense(name).run(model, "fc", tiny_data(), MEAN, STD, params, torch.device("cpu"), flip=True)
     return model, outcome
+
+
+# The same TinyNet weights behind four endings (a user's architecture file): the checkpoint's keys fit each.
+ENDED_ARCH_FILE = '''
+import torch.nn.functional as F
+from torch import nn
+from backdoor_cli.models.architectures import TinyNet
+
+
+class Ended(TinyNet):
+    def __init__(self, num_classes, in_channels, ending):
+        super().__init__(num_classes, in_channels)
+        self.ending = ending
+
+    def forward(self, x):
+        return self.ending(super().forward(x))
+
+
+def plain(num_classes, in_channels=3):
+    return TinyNet(num_classes, in_channels)
+
+
+def softmax(num_classes, in_channels=3):
+    return Ended(num_classes, in_channels, nn.Softmax(dim=1))
+
+
+def log_softmax(num_classes, in_channels=3):
+    return Ended(num_classes, in_channels, nn.LogSoftmax(dim=1))
+
+
+class Functional(TinyNet):
+    def forward(self, x):
+        return F.softmax(super().forward(x), dim=1)
+
+
+def functional(num_classes, in_channels=3):
+    return Functional(num_classes, in_channels)
+'''
+
+
+def train_ended_toy(root: Path) -> dict:
+    """train_toy_model's model and data under root, plus root/arch.py (ENDED_ARCH_FILE) under "arch"."""
+    made = train_toy_model(root, epochs=2)
+    (root / "arch.py").write_text(ENDED_ARCH_FILE)
+    made["arch"] = root / "arch.py"
+    return made
+
+
+def purify_with_arch_file(toy: dict, out: Path, factory: str, *args):
+    """`bdclean purify --json` of train_ended_toy's model built by arch.py's `factory`; the CliRunner result."""
+    from typer.testing import CliRunner
+
+    from backdoor_cli.cli import app
+
+    # fp32: these tests compare twins bit for bit (or to 1e-4); bf16 autocast, which --precision auto
+    # picks on CPUs with native bf16, rounds the twins' different last layers differently.
+    return CliRunner().invoke(app, ["purify", str(toy["model"]), "--arch", f"{toy['arch']}:{factory}", "--data",
+                                    str(toy["data"]), "--out", str(out), "--clean-count", "60", "--epochs", "2",
+                                    "--batch-size", "16", "--device", "cpu", "--precision", "fp32", "--json",
+                                    *map(str, args)])
+
+
+def run_purify_ok(toy: dict, out: Path, factory: str, *args) -> tuple[dict, dict]:
+    """purify_with_arch_file that must succeed: (its JSON report, the purified state_dict)."""
+    import json
+
+    from backdoor_cli.checkpoint import read_checkpoint
+
+    result = purify_with_arch_file(toy, out, factory, "--quiet", *args)
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout), read_checkpoint(out / "purified.safetensors").state_dict

@@ -13,9 +13,15 @@ from backdoor_cli.defenses import DefenseParams, get_defense
 from backdoor_cli.defenses.distill import as_logits, distillation_term
 from backdoor_cli.errors import ConfigError
 from backdoor_cli.models.output_kind import LossAdapter
-from helpers import MEAN, STD, Tiny
+from helpers import MEAN, STD, Tiny, train_ended_toy
+from helpers import run_purify_ok as run_ok
 from helpers import tiny_data as _data
-from test_output_kind import run_ok, toy  # noqa: F401  (toy is a fixture)
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    """train_ended_toy's model, data and arch.py (one per module)."""
+    return train_ended_toy(tmp_path_factory.mktemp("outkind"))
 
 
 def _tune(name: str, **overrides):
@@ -92,7 +98,7 @@ def test_bad_values_are_refused(field, value):
         DefenseParams(**{field: value}).validate()
 
 
-def test_cli_runs_fst_kd_records_its_params_and_refuses_bad_values(toy, tmp_path):  # noqa: F811
+def test_cli_runs_fst_kd_records_its_params_and_refuses_bad_values(toy, tmp_path):
     report, _ = run_ok(toy, tmp_path / "kd", "plain", "--method", "fst-kd", "--distill", "2",
                        "--distill-temperature", "3")
     assert report["method"]["name"] == "fst-kd"
@@ -103,7 +109,7 @@ def test_cli_runs_fst_kd_records_its_params_and_refuses_bad_values(toy, tmp_path
     assert not (tmp_path / "bad").exists()
 
 
-def test_a_softmax_ended_model_distils_like_its_logits_twin(toy, tmp_path):  # noqa: F811
+def test_a_softmax_ended_model_distils_like_its_logits_twin(toy, tmp_path):
     _, plain = run_ok(toy, tmp_path / "plain", "plain", "--method", "fst-kd")
     _, soft = run_ok(toy, tmp_path / "soft", "softmax", "--method", "fst-kd")
     assert plain.keys() == soft.keys()

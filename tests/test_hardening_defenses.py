@@ -14,14 +14,19 @@ from backdoor_cli.defenses.perturbations import sharpness_ascent, toward_origin
 from backdoor_cli.models import build_model
 from backdoor_cli.models.output_kind import smoothed_nll
 from backdoor_cli.tuning import TuneSettings, _augment, tune
-from helpers import MEAN, STD, Tiny
+from helpers import MEAN, STD, Tiny, train_ended_toy
+from helpers import purify_with_arch_file as purify
+from helpers import run_purify_ok as run_ok
 from helpers import run_tiny as _run
 from helpers import tiny_data as _data
-from test_output_kind import purify, run_ok, toy  # noqa: F401  (toy is a fixture)
 
 CPU = torch.device("cpu")
 
 
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    """train_ended_toy's model, data and arch.py (one per module)."""
+    return train_ended_toy(tmp_path_factory.mktemp("outkind"))
 
 
 def _same(a: torch.nn.Module, b: torch.nn.Module) -> bool:
@@ -151,7 +156,7 @@ def test_constant_schedule_keeps_the_learning_rate():
     ("ft-sam", ["--rho", "1.5", "--label-smoothing", "0.05"], "label smoothing 0.05"),
     ("nad", ["--teacher-epochs", "1", "--nad-beta", "100"], "teacher fine-tuned 1 epochs"),
 ])
-def test_cli_runs_each_method_and_records_what_it_did(toy, tmp_path, method, args, note):  # noqa: F811
+def test_cli_runs_each_method_and_records_what_it_did(toy, tmp_path, method, args, note):
     report, _ = run_ok(toy, tmp_path / method, "plain", "--method", method, *args)
     assert report["method"]["name"] == method
     assert any(note in n for n in report["method"]["notes"])
@@ -168,7 +173,7 @@ def test_cli_runs_each_method_and_records_what_it_did(toy, tmp_path, method, arg
     (["--method", "nad", "--nad-layers", "nope"], "no module 'nope'"),
     (["--method", "nad", "--nad-beta", "1,2,3,4", "--nad-layers", "conv"], "1 layers"),
 ])
-def test_cli_refuses_bad_values_with_exit_2(toy, tmp_path, args, message):  # noqa: F811
+def test_cli_refuses_bad_values_with_exit_2(toy, tmp_path, args, message):
     result = purify(toy, tmp_path / "bad", "plain", *args)
     assert result.exit_code == 2, result.output
     assert message in result.output

@@ -24,71 +24,17 @@ from backdoor_cli.models.output_kind import (
     probe_outputs,
     resolve_output_kind,
 )
-from helpers import train_toy_model
+from helpers import purify_with_arch_file as purify
+from helpers import run_purify_ok as run_ok
+from helpers import train_ended_toy
 
 runner = CliRunner()
-
-# The same TinyNet weights behind four endings: the checkpoint's keys fit each of them.
-ARCH_FILE = '''
-import torch.nn.functional as F
-from torch import nn
-from backdoor_cli.models.architectures import TinyNet
-
-
-class Ended(TinyNet):
-    def __init__(self, num_classes, in_channels, ending):
-        super().__init__(num_classes, in_channels)
-        self.ending = ending
-
-    def forward(self, x):
-        return self.ending(super().forward(x))
-
-
-def plain(num_classes, in_channels=3):
-    return TinyNet(num_classes, in_channels)
-
-
-def softmax(num_classes, in_channels=3):
-    return Ended(num_classes, in_channels, nn.Softmax(dim=1))
-
-
-def log_softmax(num_classes, in_channels=3):
-    return Ended(num_classes, in_channels, nn.LogSoftmax(dim=1))
-
-
-class Functional(TinyNet):
-    def forward(self, x):
-        return F.softmax(super().forward(x), dim=1)
-
-
-def functional(num_classes, in_channels=3):
-    return Functional(num_classes, in_channels)
-'''
 
 
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
-    root = tmp_path_factory.mktemp("outkind")
-    made = train_toy_model(root, epochs=2)
-    (root / "arch.py").write_text(ARCH_FILE)
-    made["arch"] = root / "arch.py"
-    return made
-
-
-def purify(toy, out, factory, *args):
-    # fp32: these tests compare twins bit for bit (or to 1e-4); bf16 autocast, which --precision auto
-    # picks on CPUs with native bf16, rounds the twins' different last layers differently.
-    result = runner.invoke(app, ["purify", str(toy["model"]), "--arch", f"{toy['arch']}:{factory}", "--data",
-                                 str(toy["data"]), "--out", str(out), "--clean-count", "60", "--epochs", "2",
-                                 "--batch-size", "16", "--device", "cpu", "--precision", "fp32", "--json",
-                                 *map(str, args)])
-    return result
-
-
-def run_ok(toy, out, factory, *args) -> tuple[dict, dict]:
-    result = purify(toy, out, factory, "--quiet", *args)
-    assert result.exit_code == 0, result.output
-    return json.loads(result.stdout), read_checkpoint(out / "purified.safetensors").state_dict
+    """train_ended_toy's model, data and arch.py (the same TinyNet weights behind four endings)."""
+    return train_ended_toy(tmp_path_factory.mktemp("outkind"))
 
 
 def same_weights(a: dict, b: dict) -> bool:
