@@ -627,10 +627,13 @@ def print_summary(result: dict) -> None:
     seeds = result.get("seeds") or []
     if len(seeds) > 1:
         print(f"\n  after FST, per seed (C-Acc / ASR){'':<4}{'bdclean':>18}{'reference':>20}")
+
+        def cell(m: dict) -> str:
+            return f"{m['clean_acc']['value']:.2%} / {m['asr']['value']:.2%}" if m.get("asr") else (
+                f"{m['clean_acc']['value']:.2%}")
+
         for run in seeds:
             b, r = run["bdclean"]["after"], run["reference"]["after"]
-            cell = lambda m: f"{m['clean_acc']['value']:.2%} / {m['asr']['value']:.2%}" if m.get("asr") else (  # noqa: E731
-                f"{m['clean_acc']['value']:.2%}")
             print(f"  {'seed ' + str(run['seed']):<38}{cell(b):>18}{cell(r):>20}")
         check = result["check"]
         for metric in ("clean_acc", "asr"):
