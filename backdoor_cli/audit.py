@@ -33,16 +33,30 @@ from .defenses import get_defense
 from .errors import BdcleanError, ConfigError, InputError
 from .eval_cache import EvalCache, data_fingerprint, eval_key, file_sha256, measured, trigger_fingerprint
 from .evaluate import EvalSets, build_eval_sets, evaluate_model
-from .precision import resolve_precision
 from .gates import check_gates
-from .pipeline import _check_gate_inputs, _describe_data, _load_data, purify_checkpoint, resolve_trigger
+from .pipeline import check_gate_inputs, describe_data, load_run_data, purify_checkpoint, resolve_trigger
+from .precision import resolve_precision
 from .progress import Reporter
 from .runtime import environment, prepare_model, resolve_device, seed_everything
 from .subject import load_subject, normalization_tensors
 
 # Evaluation settings that change a row's outcome; a rerun reuses a row only when all of them match.
-SETTING_FIELDS = ("arch", "num_classes", "head", "trigger", "target", "mean", "std", "seed", "eval_limit",
-                  "max_asr", "min_acc", "image_size", "purify", "precision")
+SETTING_FIELDS = (
+    "arch",
+    "num_classes",
+    "head",
+    "trigger",
+    "target",
+    "mean",
+    "std",
+    "seed",
+    "eval_limit",
+    "max_asr",
+    "min_acc",
+    "image_size",
+    "purify",
+    "precision",
+)
 
 
 @dataclass
@@ -64,8 +78,13 @@ class AuditReport:
 
     def context(self) -> dict:
         """What the JSON summary carries beside the rows (audit_report.audit_json)."""
-        return {"settings": self.settings, "shard": str(self.shard) if self.shard else None, "data": self.data,
-                "environment": self.environment, "options": self.options}
+        return {
+            "settings": self.settings,
+            "shard": str(self.shard) if self.shard else None,
+            "data": self.data,
+            "environment": self.environment,
+            "options": self.options,
+        }
 
 
 @dataclass
@@ -83,28 +102,42 @@ class _Run:
     sets: dict  # trigger fingerprint -> EvalSets: each distinct trigger's images are built once
 
 
-def audit_checkpoints(opts: AuditOptions, reporter: Reporter | None = None, cache: EvalCache | None = None,
-                      on_row=None) -> AuditReport:
+def audit_checkpoints(
+    opts: AuditOptions, reporter: Reporter | None = None, cache: EvalCache | None = None, on_row=None
+) -> AuditReport:
     """Evaluate every checkpoint of this shard on the same images; `on_row(row)` after each one."""
     reporter = reporter or Reporter()
     everything = expand_targets(list(opts.checkpoints), opts.from_list)
     shard = parse_shard(opts.shard)
     paths = select_shard(everything, shard)
     if opts.retune_check:
-        raise ConfigError("--retune-check is not part of an audit of many checkpoints (it tunes a copy of each)",
-                          hint="run `bdclean compare DIR --retune-check` to check a folder's checkpoints side by side")
+        raise ConfigError(
+            "--retune-check is not part of an audit of many checkpoints (it tunes a copy of each)",
+            hint="run `bdclean compare DIR --retune-check` to check a folder's checkpoints side by side",
+        )
     if opts.purify:
         get_defense(opts.purify)  # an unknown method: exit 2 before any work
         if not opts.out:
-            raise ConfigError("--purify needs --out", hint="a folder; each purified checkpoint gets its own folder in it")
+            raise ConfigError(
+                "--purify needs --out", hint="a folder; each purified checkpoint gets its own folder in it"
+            )
     device = resolve_device(shard_device(opts.device))
     seed_everything(opts.seed)
     reporter.stage(f"auditing {len(paths)} checkpoint(s)" + (f" (shard {shard} of {len(everything)})" if shard else ""))
     reporter.stage(f"loading data {opts.data}")
-    bundle, image_size = _load_data(opts, paths, need_train=False)
+    bundle, image_size = load_run_data(opts, paths, need_train=False)
     fingerprint = data_fingerprint(bundle.test)
-    run = _Run(opts, bundle, fingerprint, audit_settings(opts, fingerprint, device), device, cache or EvalCache(),
-               reporter, output_names(everything), {})
+    run = _Run(
+        opts,
+        bundle,
+        fingerprint,
+        audit_settings(opts, fingerprint, device),
+        device,
+        cache or EvalCache(),
+        reporter,
+        output_names(everything),
+        {},
+    )
     log = AuditLog(opts.jsonl) if opts.jsonl else None
     done = completed(read_rows(opts.jsonl)) if opts.jsonl and Path(opts.jsonl).is_file() else {}
     rows = []
@@ -119,7 +152,9 @@ def audit_checkpoints(opts: AuditOptions, reporter: Reporter | None = None, cach
         if on_row is not None:
             on_row(row)
     sets = next(iter(run.sets.values()), None)
-    data = _describe_data(bundle, sets, image_size) if sets is not None else {"name": bundle.name, "source": bundle.source}
+    data = (
+        describe_data(bundle, sets, image_size) if sets is not None else {"name": bundle.name, "source": bundle.source}
+    )
     return AuditReport(sort_rows(rows), run.settings, shard, data, environment(device), to_yaml_dict(opts))
 
 
@@ -143,8 +178,9 @@ def _row_for(run: _Run, path: str, done: dict) -> tuple[AuditRow, bool]:
     except BdcleanError as exc:
         row = AuditRow(path, sha, run.settings, exc.exit_code, error=exc.message)
     except Exception as exc:  # noqa: BLE001 - a bug on one checkpoint must not cost the audit the others
-        row = AuditRow(path, sha, run.settings, EXIT_INTERNAL,
-                       error=f"internal error: {exc.__class__.__name__}: {str(exc)[:300]}")
+        row = AuditRow(
+            path, sha, run.settings, EXIT_INTERNAL, error=f"internal error: {exc.__class__.__name__}: {str(exc)[:300]}"
+        )
     release_memory(run.device)  # the model is unreachable now; give its memory back before the next one
     row.seconds, row.rss_mb, row.bdclean = round(time.perf_counter() - started, 3), current_rss_mb(), __version__
     if run.opts.purify and row.exit_code == EXIT_GATE:
@@ -156,36 +192,60 @@ def _row_for(run: _Run, path: str, done: dict) -> tuple[AuditRow, bool]:
 def _measure(run: _Run, path: str, sha: str) -> AuditRow:
     """Load, evaluate and gate one checkpoint. Its model lives only in this frame, so returning frees it."""
     opts = run.opts
-    subject = load_subject(path, run.bundle, arch=opts.arch, num_classes=opts.num_classes, head=opts.head,
-                           mean=opts.mean, std=opts.std)
+    subject = load_subject(
+        path, run.bundle, arch=opts.arch, num_classes=opts.num_classes, head=opts.head, mean=opts.mean, std=opts.std
+    )
     for note in subject.notes:
         run.reporter.warn(note)
     trigger = resolve_trigger(opts.trigger, opts.target, subject, run.bundle.test.image_shape, subject.num_classes)
-    _check_gate_inputs(opts, trigger)
+    check_gate_inputs(opts, trigger)
     sets = _sets_for(run, trigger)
     model = prepare_model(subject.model, run.device)
     mean, std = normalization_tensors(subject, run.device)
     precision = resolve_precision(opts.precision, run.device).evaluate
-    key = eval_key(subject.checkpoint.sha256, subject, run.data_fingerprint, trigger, opts.eval_limit, opts.seed,
-                   run.device, precision)
-    result, cached = measured(run.cache, key, lambda: evaluate_model(model, sets, mean, std, run.device,
-                                                                      opts.batch_size, run.reporter, precision))
-    gates = check_gates(result.asr.value if result.asr else None, result.clean_acc.value,
-                        max_asr=opts.max_asr, min_acc=opts.min_acc)
+    key = eval_key(
+        subject.checkpoint.sha256,
+        subject,
+        run.data_fingerprint,
+        trigger,
+        opts.eval_limit,
+        opts.seed,
+        run.device,
+        precision,
+    )
+    result, cached = measured(
+        run.cache,
+        key,
+        lambda: evaluate_model(model, sets, mean, std, run.device, opts.batch_size, run.reporter, precision),
+    )
+    gates = check_gates(
+        result.asr.value if result.asr else None, result.clean_acc.value, max_asr=opts.max_asr, min_acc=opts.min_acc
+    )
     passed = all(g.passed for g in gates)
     described = subject.describe()
-    return AuditRow(path, sha, run.settings, EXIT_OK if passed else EXIT_GATE, architecture=subject.arch,
-                    format=described["format"], num_classes=subject.num_classes,
-                    trigger=trigger.to_dict() if trigger is not None else None, metrics=result.to_dict(),
-                    gates=[g.to_dict() for g in gates], passed=passed, cached=cached)
+    return AuditRow(
+        path,
+        sha,
+        run.settings,
+        EXIT_OK if passed else EXIT_GATE,
+        architecture=subject.arch,
+        format=described["format"],
+        num_classes=subject.num_classes,
+        trigger=trigger.to_dict() if trigger is not None else None,
+        metrics=result.to_dict(),
+        gates=[g.to_dict() for g in gates],
+        passed=passed,
+        cached=cached,
+    )
 
 
 def _sets_for(run: _Run, trigger) -> EvalSets:
     fingerprint = trigger_fingerprint(trigger)
     if fingerprint not in run.sets:
         run.reporter.stage("building the evaluation sets" + (f" for trigger {trigger.spec.type}" if trigger else ""))
-        run.sets[fingerprint] = build_eval_sets(run.bundle.test, trigger, run.device, run.opts.eval_limit,
-                                                run.opts.seed)
+        run.sets[fingerprint] = build_eval_sets(
+            run.bundle.test, trigger, run.device, run.opts.eval_limit, run.opts.seed
+        )
     return run.sets[fingerprint]
 
 
@@ -195,20 +255,36 @@ def _purify(run: _Run, path: str) -> dict:
     opts = run.opts
     out = Path(opts.out) / run.out_names[path]
     shared = {f.name: getattr(opts, f.name) for f in fields(EvaluateOptions) if f.name not in ("batch_size", "config")}
-    purify_opts = PurifyOptions(**{**shared, "checkpoint": path}, method=opts.purify, out=str(out), force=opts.force,
-                                eval_batch_size=opts.batch_size)
+    purify_opts = PurifyOptions(
+        **{**shared, "checkpoint": path},
+        method=opts.purify,
+        out=str(out),
+        force=opts.force,
+        eval_batch_size=opts.batch_size,
+    )
     run.reporter.stage(f"purifying {path} with {opts.purify} into {out}")
     try:
         report = purify_checkpoint(purify_opts, run.reporter, run.cache)
     except BdcleanError as exc:
         return {"method": opts.purify, "out": str(out), "exit_code": exc.exit_code, "error": exc.message}
     except Exception as exc:  # noqa: BLE001
-        return {"method": opts.purify, "out": str(out), "exit_code": EXIT_INTERNAL,
-                "error": f"internal error: {exc.__class__.__name__}: {str(exc)[:300]}"}
+        return {
+            "method": opts.purify,
+            "out": str(out),
+            "exit_code": EXIT_INTERNAL,
+            "error": f"internal error: {exc.__class__.__name__}: {str(exc)[:300]}",
+        }
     passed = all(g.passed for g in report.gates)
-    return {"method": opts.purify, "out": str(out), "exit_code": EXIT_OK if passed else EXIT_GATE, "error": None,
-            "after": report.after.to_dict(), "der": report.der, "gates": [g.to_dict() for g in report.gates],
-            "passed": passed}
+    return {
+        "method": opts.purify,
+        "out": str(out),
+        "exit_code": EXIT_OK if passed else EXIT_GATE,
+        "error": None,
+        "after": report.after.to_dict(),
+        "der": report.der,
+        "gates": [g.to_dict() for g in report.gates],
+        "passed": passed,
+    }
 
 
 def checkpoint_sha256(path: str) -> str:
@@ -246,12 +322,12 @@ def audit_settings(opts: AuditOptions, data_fingerprint: str, device: torch.devi
 def output_names(paths: list[str]) -> dict[str, str]:
     """A folder name per checkpoint for --purify, from its path relative to the audited folders' common
     parent (the same in every shard, which all expand the same list): a/b.pt -> a__b."""
-    from .report import _display_names
+    from .report import display_names
 
     def slug(text: str) -> str:
         return re.sub(r"[^A-Za-z0-9._-]+", "_", text.replace(os.sep, "__")).strip("._") or "checkpoint"
 
-    relative = dict(zip(paths, _display_names(paths) if paths else []))
+    relative = dict(zip(paths, display_names(paths) if paths else []))
     stems = {p: slug(r[: -len(Path(r).suffix)] if Path(r).suffix else r) for p, r in relative.items()}
     taken = [stem for stem in stems.values()]
     # a.pt beside a.safetensors: both keep their suffix (a.pt, a.safetensors) rather than share a folder

@@ -68,7 +68,7 @@ class AuditRow:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "AuditRow":
+    def from_dict(cls, data: dict) -> AuditRow:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
 
@@ -121,8 +121,10 @@ def read_rows(path: str | Path, strict: bool = False) -> list[AuditRow]:
             rows.append(AuditRow.from_dict(data))
         except (ValueError, TypeError, AttributeError):
             if strict and number != len(lines):
-                raise InputError(f"{path}:{number} is not a bdclean audit row",
-                                 hint="merge reads the --jsonl files written by `bdclean evaluate DIR`") from None
+                raise InputError(
+                    f"{path}:{number} is not a bdclean audit row",
+                    hint="merge reads the --jsonl files written by `bdclean evaluate DIR`",
+                ) from None
     return rows
 
 

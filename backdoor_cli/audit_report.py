@@ -11,7 +11,7 @@ import json
 import sys
 
 from .audit_log import AuditRow, audit_exit_code, sort_rows
-from .report import _display_names  # the names compare shows: paths relative to their common folder
+from .report import display_names  # the names compare shows: paths relative to their common folder
 
 COLUMNS = ["checkpoint", "arch", "C-Acc", "ASR", "RA", "gates", "exit", "note"]
 ERROR_WIDTH = 90
@@ -29,8 +29,11 @@ def _rate(metrics: dict | None, key: str, with_interval: bool) -> str:
 def _gates(row: AuditRow) -> str:
     if not row.gates:
         return "-"
-    return "passed" if all(g["passed"] for g in row.gates) else "FAILED " + ",".join(g["gate"] for g in row.gates
-                                                                                     if not g["passed"])
+    return (
+        "passed"
+        if all(g["passed"] for g in row.gates)
+        else "FAILED " + ",".join(g["gate"] for g in row.gates if not g["passed"])
+    )
 
 
 def _note(row: AuditRow, name: str) -> str:
@@ -52,26 +55,39 @@ def _short(text: str) -> str:
 def table_cells(rows: list[AuditRow]) -> list[list[str]]:
     """One list of cells per row, worst first: the content of every rendering."""
     rows = sort_rows(rows)
-    names = _display_names([r.path for r in rows])
-    return [[name, row.architecture or "-", _rate(row.metrics, "clean_acc", True), _rate(row.metrics, "asr", True),
-             _rate(row.metrics, "ra", True), _gates(row), str(row.exit_code), _note(row, name)]
-            for name, row in zip(names, rows)]
+    names = display_names([r.path for r in rows])
+    return [
+        [
+            name,
+            row.architecture or "-",
+            _rate(row.metrics, "clean_acc", True),
+            _rate(row.metrics, "asr", True),
+            _rate(row.metrics, "ra", True),
+            _gates(row),
+            str(row.exit_code),
+            _note(row, name),
+        ]
+        for name, row in zip(names, rows)
+    ]
 
 
 def _summary(rows: list[AuditRow]) -> str:
     measured = sum(r.metrics is not None for r in rows)
     failed = sum(r.exit_code == 1 for r in rows)
-    return (f"{len(rows)} checkpoint(s): {measured} measured, {failed} failed a gate, {len(rows) - measured} "
-            f"not measured; exit code {audit_exit_code(rows)}")
+    return (
+        f"{len(rows)} checkpoint(s): {measured} measured, {failed} failed a gate, {len(rows) - measured} "
+        f"not measured; exit code {audit_exit_code(rows)}"
+    )
 
 
 def render_audit(rows: list[AuditRow], console) -> None:
     from rich.table import Table
 
     table = Table(title="audit (worst first)", title_justify="left")
-    for i, column in enumerate(COLUMNS):
-        table.add_column(column, justify="right" if column in ("C-Acc", "ASR", "RA", "exit") else "left",
-                         overflow="fold")
+    for column in COLUMNS:
+        table.add_column(
+            column, justify="right" if column in ("C-Acc", "ASR", "RA", "exit") else "left", overflow="fold"
+        )
     for cells in table_cells(rows):
         table.add_row(*cells)
     console.print(table)
@@ -90,8 +106,13 @@ def audit_markdown(rows: list[AuditRow]) -> str:
 def audit_json(rows: list[AuditRow], extra: dict | None = None) -> str:
     from .report import SCHEMA_VERSION
 
-    body = {"schema": SCHEMA_VERSION, "kind": "audit", "rows": [r.to_dict() for r in sort_rows(rows)],
-            "exit_code": audit_exit_code(rows), **(extra or {})}
+    body = {
+        "schema": SCHEMA_VERSION,
+        "kind": "audit",
+        "rows": [r.to_dict() for r in sort_rows(rows)],
+        "exit_code": audit_exit_code(rows),
+        **(extra or {}),
+    }
     return json.dumps(body, indent=2, default=str)
 
 

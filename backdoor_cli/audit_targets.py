@@ -53,10 +53,12 @@ def expand_targets(arguments: list[str], from_list: str | None = None) -> list[s
     unique = sorted(set(expand_in_order(arguments, from_list)))
     if not unique:
         named = ", ".join(map(str, list(arguments) + ([from_list] if from_list else [])))
-        raise InputError(f"no checkpoints found in {named} (a directory without {MODEL_DIR_MARKER} is searched for "
-                         "checkpoint files and model directories)",
-                         hint=f"checkpoint files end in {', '.join(CHECKPOINT_SUFFIXES)}; a Hugging Face/timm model "
-                              f"directory has a {MODEL_DIR_MARKER}")
+        raise InputError(
+            f"no checkpoints found in {named} (a directory without {MODEL_DIR_MARKER} is searched for "
+            "checkpoint files and model directories)",
+            hint=f"checkpoint files end in {', '.join(CHECKPOINT_SUFFIXES)}; a Hugging Face/timm model "
+            f"directory has a {MODEL_DIR_MARKER}",
+        )
     return unique
 
 
@@ -114,7 +116,9 @@ def parse_shard(text: str | None, environ=None) -> Shard | None:
         return None
     parts = str(text).strip().split("/")
     if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
-        raise ConfigError(f"{source} {text!r} is not I/N", hint="e.g. --shard 0/4 for the first of four shards (0-based)")
+        raise ConfigError(
+            f"{source} {text!r} is not I/N", hint="e.g. --shard 0/4 for the first of four shards (0-based)"
+        )
     index, count = int(parts[0]), int(parts[1])
     if count < 1 or not 0 <= index < count:
         raise ConfigError(f"{source} {text!r}: the shard index must be in [0, {max(count, 1) - 1}]")

@@ -49,8 +49,12 @@ def decide_augmentation(flag: bool | None, bundle: DatasetBundle) -> Augmentatio
         why = "--augment" + ("" if flip else f"; no flip for {bundle.name} ({_no_flip_reason(bundle)})")
         return Augmentation(True, flip, "flag", why)
     if bundle.test.image_shape[2] == 1:
-        return Augmentation(False, False, "data", "single-channel images (digits, characters): crops and flips "
-                                                  "change them; --augment turns the crop on")
+        return Augmentation(
+            False,
+            False,
+            "data",
+            "single-channel images (digits, characters): crops and flips change them; --augment turns the crop on",
+        )
     if not flip:
         return Augmentation(True, False, "data", f"{bundle.name}: {_no_flip_reason(bundle)}")
     return Augmentation(True, True, "data", "colour images: the default")

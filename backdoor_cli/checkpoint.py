@@ -132,7 +132,9 @@ def _load_safetensors(data: bytes, path: Path) -> tuple[dict[str, torch.Tensor],
 
     (header_len,) = struct.unpack("<Q", data[:8])
     if header_len > min(MAX_SAFETENSORS_HEADER, len(data) - 8):
-        raise InputError(f"{path}: safetensors header length {header_len} exceeds the file; the file is truncated or corrupt")
+        raise InputError(
+            f"{path}: safetensors header length {header_len} exceeds the file; the file is truncated or corrupt"
+        )
     try:
         header = json.loads(data[8 : 8 + header_len].decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -234,9 +236,11 @@ def _load_torch(data: bytes, path: Path, fmt: str):
         refused = _weights_only_refusal(exc)
         if refused is not None:
             # The opcode scan missed it (obfuscated pickle) but torch's safe unpickler did not: still a refusal.
-            raise UnsafeInputError(f"refused {path}: its pickle needs {refused}, which safe loading does not allow "
-                                   "(loading it could run arbitrary code)",
-                                   hint="convert it to .safetensors where it was made") from None
+            raise UnsafeInputError(
+                f"refused {path}: its pickle needs {refused}, which safe loading does not allow "
+                "(loading it could run arbitrary code)",
+                hint="convert it to .safetensors where it was made",
+            ) from None
         raise InputError(f"{path}: cannot read torch checkpoint ({_first_line(exc)})") from None
 
 

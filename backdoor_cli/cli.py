@@ -15,7 +15,6 @@ from typing import Annotated, List, Optional
 
 import typer
 
-
 from .errors import BdcleanError, ConfigError
 from .method_catalog import method_help
 
@@ -40,61 +39,174 @@ def _print_version(value: bool) -> None:
 
 
 @app.callback()
-def root(version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
-                                               help="Print bdclean's version and exit.")] = False) -> None:
+def root(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_print_version, is_eager=True, help="Print bdclean's version and exit."),
+    ] = False,
+) -> None:
     """Audit and purify image classifiers that may carry a backdoor (Feature Shift Tuning and baselines)."""
 
+
 # Shared options: one definition each, so names and help stay identical across commands.
-Arch = Annotated[Optional[str], typer.Option(rich_help_panel="Model and data", help="Architecture: a built-in name (resnet18, resnet20/32/44/56, preactresnet18, vgg16_bn, "
-                                             "simple_cnn, simple_cnn_half, test_tiny), torchvision:NAME, or path/to/file.py:factory. "
-                                             "Default: from bdclean metadata, else guessed from the weights.")]
-NumClasses = Annotated[Optional[int], typer.Option(rich_help_panel="Model and data", help="Number of classes (default: from the checkpoint).")]
-Head = Annotated[Optional[str], typer.Option(rich_help_panel="Model and data", help="Module path of the linear head (default: auto-detected).")]
-Data = Annotated[Optional[str], typer.Option(rich_help_panel="Model and data", help="Dataset: a name (cifar10, mnist, ...) under --data-dir, or a "
-                                             "directory with train.npz/test.npz or train/ and test/ image folders.")]
+Arch = Annotated[
+    Optional[str],
+    typer.Option(
+        rich_help_panel="Model and data",
+        help="Architecture: a built-in name (resnet18, resnet20/32/44/56, preactresnet18, vgg16_bn, "
+        "simple_cnn, simple_cnn_half, test_tiny), torchvision:NAME, or path/to/file.py:factory. "
+        "Default: from bdclean metadata, else guessed from the weights.",
+    ),
+]
+NumClasses = Annotated[
+    Optional[int],
+    typer.Option(rich_help_panel="Model and data", help="Number of classes (default: from the checkpoint)."),
+]
+Head = Annotated[
+    Optional[str],
+    typer.Option(rich_help_panel="Model and data", help="Module path of the linear head (default: auto-detected)."),
+]
+Data = Annotated[
+    Optional[str],
+    typer.Option(
+        rich_help_panel="Model and data",
+        help="Dataset: a name (cifar10, mnist, ...) under --data-dir, or a "
+        "directory with train.npz/test.npz or train/ and test/ image folders.",
+    ),
+]
 DataDir = Annotated[Optional[str], typer.Option(rich_help_panel="Model and data", help="Where named datasets live.")]
-Trigger = Annotated[Optional[str], typer.Option(rich_help_panel="Model and data", help="Trigger: a built-in (badnets, blended, sig, wanet) or a YAML "
-                                                "spec file. Default: the one recorded in the checkpoint, if any.")]
-Target = Annotated[Optional[int], typer.Option(rich_help_panel="Model and data", help="Attack target class (overrides the trigger spec).")]
+Trigger = Annotated[
+    Optional[str],
+    typer.Option(
+        rich_help_panel="Model and data",
+        help="Trigger: a built-in (badnets, blended, sig, wanet) or a YAML "
+        "spec file. Default: the one recorded in the checkpoint, if any.",
+    ),
+]
+Target = Annotated[
+    Optional[int],
+    typer.Option(rich_help_panel="Model and data", help="Attack target class (overrides the trigger spec)."),
+]
 Device = Annotated[Optional[str], typer.Option(rich_help_panel="Compute", help="auto, cpu, cuda or cuda:N.")]
 Seed = Annotated[Optional[int], typer.Option(rich_help_panel="Compute", help="Random seed (default 0).")]
-EvalLimit = Annotated[Optional[int], typer.Option(rich_help_panel="Model and data", help="Evaluate a seeded, stratified subset of N test images.")]
-Mean = Annotated[Optional[str], typer.Option(rich_help_panel="Model and data", help="Normalisation mean, comma-separated (default: metadata or dataset).")]
-Std = Annotated[Optional[str], typer.Option(rich_help_panel="Model and data", help="Normalisation std, comma-separated (default: metadata or dataset).")]
-Config = Annotated[Optional[Path], typer.Option(rich_help_panel="Output", help="YAML file of options; flags override it.")]
+EvalLimit = Annotated[
+    Optional[int],
+    typer.Option(rich_help_panel="Model and data", help="Evaluate a seeded, stratified subset of N test images."),
+]
+Mean = Annotated[
+    Optional[str],
+    typer.Option(
+        rich_help_panel="Model and data", help="Normalisation mean, comma-separated (default: metadata or dataset)."
+    ),
+]
+Std = Annotated[
+    Optional[str],
+    typer.Option(
+        rich_help_panel="Model and data", help="Normalisation std, comma-separated (default: metadata or dataset)."
+    ),
+]
+Config = Annotated[
+    Optional[Path], typer.Option(rich_help_panel="Output", help="YAML file of options; flags override it.")
+]
 Json = Annotated[bool, typer.Option("--json", rich_help_panel="Output", help="Print the result as JSON on stdout.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", rich_help_panel="Output", help="No progress output on stderr.")]
 Force = Annotated[Optional[bool], typer.Option("--force", rich_help_panel="Output", help="Replace existing outputs.")]
-MaxAsr = Annotated[Optional[str], typer.Option(rich_help_panel="Gates (exit 1 when one fails)", help="Gate: fail (exit 1) if ASR is above this (0.05 or 5%).")]
-MinAcc = Annotated[Optional[str], typer.Option(rich_help_panel="Gates (exit 1 when one fails)", help="Gate: fail (exit 1) if clean accuracy is below this.")]
-MaxAccDrop = Annotated[Optional[str], typer.Option(rich_help_panel="Gates (exit 1 when one fails)", help="Gate: fail (exit 1) if clean accuracy drops by more than this.")]
-ImageSize = Annotated[Optional[str], typer.Option(rich_help_panel="Model and data", help="Model input size N (square) or H,W: image folders are "
-                                                  "resized (shorter side to round(N / 0.875), e.g. 256 for 224) and "
-                                                  "centre-cropped to it, the ImageNet evaluation transform. Needed when "
-                                                  "a folder's images differ in size.")]
-RetuneCheck = Annotated[Optional[bool], typer.Option("--retune-check", rich_help_panel="Retuning check", help="Retune a copy with a few poisoned images (the trigger's) "
-                                           "and report the ASR after retuning: a low ASR that comes back is a "
-                                           "dormant backdoor. The copy is never saved. Needs a trigger.")]
-CleanReference = Annotated[Optional[str], typer.Option(rich_help_panel="Retuning check", help="--retune-check: a clean model given the same retuning, "
-                                                       "for the verdict.")]
-RetunePoisoned = Annotated[Optional[int], typer.Option(rich_help_panel="Retuning check", help="--retune-check: poisoned images (default 5).")]
-RetuneEpochs = Annotated[Optional[int], typer.Option(rich_help_panel="Retuning check", help="--retune-check: epochs (default 5).")]
-RetuneCleanCount = Annotated[Optional[int], typer.Option(rich_help_panel="Retuning check", help="--retune-check: clean training images to retune on "
-                                                      "(default: those purify would tune on, the paper's fraction).")]
-RetuneLr = Annotated[Optional[float], typer.Option(rich_help_panel="Retuning check", help="--retune-check: SGD learning rate, constant (default 0.01).")]
-Precision = Annotated[Optional[str], typer.Option(rich_help_panel="Compute", help="Arithmetic: fp32, bf16 (autocast; fp32 weights and loss), or "
-                                                  "auto (default): tuning in bf16 on CUDA and on a CPU with native "
-                                                  "bf16 (AMX, AVX512-BF16), fp32 elsewhere; evaluation in exact fp32 "
-                                                  "(TF32 off on CUDA) unless bf16 is asked for. Recorded in the "
-                                                  "report.")]
-MemoryFormat = Annotated[Optional[str], typer.Option(rich_help_panel="Compute", help="Model memory format: channels_last, contiguous, or auto "
-                                                     "(default: on CPU, time a few steps in each at start-up and keep "
-                                                     "the faster). Recorded in the report.")]
-Out = Annotated[Optional[str], typer.Option(rich_help_panel="Output", help="Output directory (purify) or file (train).")]
+MaxAsr = Annotated[
+    Optional[str],
+    typer.Option(
+        rich_help_panel="Gates (exit 1 when one fails)", help="Gate: fail (exit 1) if ASR is above this (0.05 or 5%)."
+    ),
+]
+MinAcc = Annotated[
+    Optional[str],
+    typer.Option(
+        rich_help_panel="Gates (exit 1 when one fails)", help="Gate: fail (exit 1) if clean accuracy is below this."
+    ),
+]
+MaxAccDrop = Annotated[
+    Optional[str],
+    typer.Option(
+        rich_help_panel="Gates (exit 1 when one fails)",
+        help="Gate: fail (exit 1) if clean accuracy drops by more than this.",
+    ),
+]
+ImageSize = Annotated[
+    Optional[str],
+    typer.Option(
+        rich_help_panel="Model and data",
+        help="Model input size N (square) or H,W: image folders are "
+        "resized (shorter side to round(N / 0.875), e.g. 256 for 224) and "
+        "centre-cropped to it, the ImageNet evaluation transform. Needed when "
+        "a folder's images differ in size.",
+    ),
+]
+RetuneCheck = Annotated[
+    Optional[bool],
+    typer.Option(
+        "--retune-check",
+        rich_help_panel="Retuning check",
+        help="Retune a copy with a few poisoned images (the trigger's) "
+        "and report the ASR after retuning: a low ASR that comes back is a "
+        "dormant backdoor. The copy is never saved. Needs a trigger.",
+    ),
+]
+CleanReference = Annotated[
+    Optional[str],
+    typer.Option(
+        rich_help_panel="Retuning check", help="--retune-check: a clean model given the same retuning, for the verdict."
+    ),
+]
+RetunePoisoned = Annotated[
+    Optional[int], typer.Option(rich_help_panel="Retuning check", help="--retune-check: poisoned images (default 5).")
+]
+RetuneEpochs = Annotated[
+    Optional[int], typer.Option(rich_help_panel="Retuning check", help="--retune-check: epochs (default 5).")
+]
+RetuneCleanCount = Annotated[
+    Optional[int],
+    typer.Option(
+        rich_help_panel="Retuning check",
+        help="--retune-check: clean training images to retune on "
+        "(default: those purify would tune on, the paper's fraction).",
+    ),
+]
+RetuneLr = Annotated[
+    Optional[float],
+    typer.Option(rich_help_panel="Retuning check", help="--retune-check: SGD learning rate, constant (default 0.01)."),
+]
+Precision = Annotated[
+    Optional[str],
+    typer.Option(
+        rich_help_panel="Compute",
+        help="Arithmetic: fp32, bf16 (autocast; fp32 weights and loss), or "
+        "auto (default): tuning in bf16 on CUDA and on a CPU with native "
+        "bf16 (AMX, AVX512-BF16), fp32 elsewhere; evaluation in exact fp32 "
+        "(TF32 off on CUDA) unless bf16 is asked for. Recorded in the "
+        "report.",
+    ),
+]
+MemoryFormat = Annotated[
+    Optional[str],
+    typer.Option(
+        rich_help_panel="Compute",
+        help="Model memory format: channels_last, contiguous, or auto "
+        "(default: on CPU, time a few steps in each at start-up and keep "
+        "the faster). Recorded in the report.",
+    ),
+]
+Out = Annotated[
+    Optional[str], typer.Option(rich_help_panel="Output", help="Output directory (purify) or file (train).")
+]
 FromList = Annotated[Optional[str], typer.Option(help="A file of checkpoint paths, one a line (# comments allowed).")]
-CacheDir = Annotated[Optional[str], typer.Option(rich_help_panel="Output", help="Evaluation cache folder (default $BDCLEAN_CACHE_DIR; off when "
-                                                 "neither is set): an evaluation of the same bytes, data, trigger "
-                                                 "and settings is read back, not run again (evaluate, then purify).")]
+CacheDir = Annotated[
+    Optional[str],
+    typer.Option(
+        rich_help_panel="Output",
+        help="Evaluation cache folder (default $BDCLEAN_CACHE_DIR; off when "
+        "neither is set): an evaluation of the same bytes, data, trigger "
+        "and settings is read back, not run again (evaluate, then purify).",
+    ),
+]
 
 
 def _stdout():
@@ -123,10 +235,10 @@ def _guard(action):
         _stderr().print(f"[bold red]error:[/bold red] {exc.message}", highlight=False, markup=True)
         if exc.hint:
             _stderr().print(f"  hint: {exc.hint}", highlight=False, markup=False)
-        raise typer.Exit(exc.exit_code)
+        raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
         _stderr().print("interrupted; no partial outputs were left behind", highlight=False)
-        raise typer.Exit(EXIT_INTERRUPTED)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
     except typer.Exit:
         raise
     except Exception as exc:  # a bug: say so plainly, keep the traceback for BDCLEAN_DEBUG=1
@@ -134,7 +246,7 @@ def _guard(action):
             raise
         _stderr().print(f"internal error: {exc.__class__.__name__}: {str(exc)[:300]}", highlight=False, markup=False)
         _stderr().print("  this is a bug in bdclean; rerun with BDCLEAN_DEBUG=1 for the traceback", markup=False)
-        raise typer.Exit(EXIT_INTERNAL)
+        raise typer.Exit(EXIT_INTERNAL) from None
 
 
 def _emit(report, json_output: bool, render) -> None:
@@ -182,28 +294,67 @@ def inspect(
 
 @app.command()
 def evaluate(
-    checkpoints: Annotated[Optional[List[str]], typer.Argument(
-        help="Checkpoint to evaluate; or several: files, folders of checkpoints, globs ('zoo/**/*.pt').",
-        show_default=False)] = None,
-    data: Data = None, arch: Arch = None, num_classes: NumClasses = None, head: Head = None,
-    data_dir: DataDir = None, trigger: Trigger = None, target: Target = None, mean: Mean = None, std: Std = None,
-    device: Device = None, seed: Seed = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Evaluation batch size (default: 128 on CPU, 1024 on CUDA).")] = None,
-    eval_limit: EvalLimit = None, max_asr: MaxAsr = None, min_acc: MinAcc = None, image_size: ImageSize = None,
+    checkpoints: Annotated[
+        Optional[List[str]],
+        typer.Argument(
+            help="Checkpoint to evaluate; or several: files, folders of checkpoints, globs ('zoo/**/*.pt').",
+            show_default=False,
+        ),
+    ] = None,
+    data: Data = None,
+    arch: Arch = None,
+    num_classes: NumClasses = None,
+    head: Head = None,
+    data_dir: DataDir = None,
+    trigger: Trigger = None,
+    target: Target = None,
+    mean: Mean = None,
+    std: Std = None,
+    device: Device = None,
+    seed: Seed = None,
+    batch_size: Annotated[
+        Optional[int], typer.Option(help="Evaluation batch size (default: 128 on CPU, 1024 on CUDA).")
+    ] = None,
+    eval_limit: EvalLimit = None,
+    max_asr: MaxAsr = None,
+    min_acc: MinAcc = None,
+    image_size: ImageSize = None,
     from_list: FromList = None,
-    jsonl: Annotated[Optional[str], typer.Option(help="Many: append one JSON line per checkpoint as it finishes; "
-                                                 "a rerun with the same file skips what it already holds.")] = None,
+    jsonl: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Many: append one JSON line per checkpoint as it finishes; "
+            "a rerun with the same file skips what it already holds."
+        ),
+    ] = None,
     markdown: Annotated[bool, typer.Option("--markdown", help="Many: print the summary as a Markdown table.")] = False,
-    shard: Annotated[Optional[str], typer.Option(help="Many: evaluate share I of N (0-based, e.g. 0/4); default "
-                                                 "RANK/WORLD_SIZE when a launcher set them.")] = None,
-    purify: Annotated[Optional[str], typer.Option(help="Many: purify each checkpoint that fails a gate with this "
-                                                  "method (fst, ...), into one folder per checkpoint under --out.")] = None,
+    shard: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Many: evaluate share I of N (0-based, e.g. 0/4); default RANK/WORLD_SIZE when a launcher set them."
+        ),
+    ] = None,
+    purify: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Many: purify each checkpoint that fails a gate with this "
+            "method (fst, ...), into one folder per checkpoint under --out."
+        ),
+    ] = None,
     out: Annotated[Optional[str], typer.Option(help="--purify: where the per-checkpoint folders go.")] = None,
-    force: Force = None, cache_dir: CacheDir = None,
-    retune_check: RetuneCheck = None, clean_reference: CleanReference = None, retune_poisoned: RetunePoisoned = None,
-    retune_epochs: RetuneEpochs = None, retune_lr: RetuneLr = None, retune_clean_count: RetuneCleanCount = None,
-    precision: Precision = None, memory_format: MemoryFormat = None,
-    config: Config = None, json_output: Json = False, quiet: Quiet = False,
+    force: Force = None,
+    cache_dir: CacheDir = None,
+    retune_check: RetuneCheck = None,
+    clean_reference: CleanReference = None,
+    retune_poisoned: RetunePoisoned = None,
+    retune_epochs: RetuneEpochs = None,
+    retune_lr: RetuneLr = None,
+    retune_clean_count: RetuneCleanCount = None,
+    precision: Precision = None,
+    memory_format: MemoryFormat = None,
+    config: Config = None,
+    json_output: Json = False,
+    quiet: Quiet = False,
 ):
     """Measure clean accuracy and the attack success rate of a trigger, with 95% intervals.
 
@@ -215,14 +366,38 @@ def evaluate(
     # Every option by name (tests/test_flags_fields.py: each maps to one field); --json, --quiet,
     # --cache-dir and --markdown steer the command line itself and stay out.
     flags = {
-        "checkpoints": checkpoints, "data": data, "arch": arch, "num_classes": num_classes, "head": head,
-        "data_dir": data_dir, "trigger": trigger, "target": target, "mean": mean, "std": std, "device": device,
-        "seed": seed, "batch_size": batch_size, "eval_limit": eval_limit, "max_asr": max_asr,
-        "min_acc": min_acc, "image_size": image_size, "from_list": from_list, "jsonl": jsonl, "shard": shard,
-        "purify": purify, "out": out, "force": force, "retune_check": retune_check,
-        "clean_reference": clean_reference, "retune_poisoned": retune_poisoned, "retune_epochs": retune_epochs,
-        "retune_lr": retune_lr, "retune_clean_count": retune_clean_count, "precision": precision,
-        "memory_format": memory_format, "config": config
+        "checkpoints": checkpoints,
+        "data": data,
+        "arch": arch,
+        "num_classes": num_classes,
+        "head": head,
+        "data_dir": data_dir,
+        "trigger": trigger,
+        "target": target,
+        "mean": mean,
+        "std": std,
+        "device": device,
+        "seed": seed,
+        "batch_size": batch_size,
+        "eval_limit": eval_limit,
+        "max_asr": max_asr,
+        "min_acc": min_acc,
+        "image_size": image_size,
+        "from_list": from_list,
+        "jsonl": jsonl,
+        "shard": shard,
+        "purify": purify,
+        "out": out,
+        "force": force,
+        "retune_check": retune_check,
+        "clean_reference": clean_reference,
+        "retune_poisoned": retune_poisoned,
+        "retune_epochs": retune_epochs,
+        "retune_lr": retune_lr,
+        "retune_clean_count": retune_clean_count,
+        "precision": precision,
+        "memory_format": memory_format,
+        "config": config,
     }
     flags.pop("checkpoints")
     config_path = flags.pop("config") and str(config)
@@ -252,7 +427,9 @@ def evaluate(
         from .eval_cache import open_cache
 
         if not targets and not from_list:
-            raise ConfigError("evaluate needs a checkpoint", hint="a file, a folder of checkpoints, a glob, or --from-list FILE")
+            raise ConfigError(
+                "evaluate needs a checkpoint", hint="a file, a folder of checkpoints, a glob, or --from-list FILE"
+            )
         opts = resolve_options(AuditOptions, {**flags, "checkpoints": tuple(targets)}, config_path)
         report = audit_checkpoints(opts, _reporter(quiet, json_output), open_cache(cache_dir))
         emit_audit(report.rows, json_output, markdown, _stdout, report.context())
@@ -282,8 +459,12 @@ def merge(
 
         rows = merge_rows([read_rows(path, strict=True) for path in files])
         if len({row.settings for row in rows}) > 1:
-            _stderr().print("warning: these rows were measured with different settings (data, trigger, gates or "
-                            "version); the table mixes them", highlight=False, markup=False)
+            _stderr().print(
+                "warning: these rows were measured with different settings (data, trigger, gates or "
+                "version); the table mixes them",
+                highlight=False,
+                markup=False,
+            )
         if jsonl:
             if Path(jsonl).exists():
                 raise ConfigError(f"--jsonl {jsonl} exists; merge writes a new file")
@@ -307,101 +488,302 @@ METHOD_HELP = method_help()
 def purify(
     checkpoint: Annotated[str, typer.Argument(help="Suspect checkpoint to purify (never modified).")],
     method: Annotated[Optional[str], typer.Option(rich_help_panel="Method", help=METHOD_HELP)] = None,
-    data: Data = None, out: Out = None, arch: Arch = None, num_classes: NumClasses = None, head: Head = None,
-    data_dir: DataDir = None, trigger: Trigger = None, target: Target = None, mean: Mean = None, std: Std = None,
-    lr: Annotated[Optional[float], typer.Option(rich_help_panel="Tuning (SGD)", help="Learning rate (default: the paper's for the dataset).")] = None,
-    epochs: Annotated[Optional[int], typer.Option(rich_help_panel="Tuning (SGD)", help="Tuning epochs (default: the paper's for the dataset).")] = None,
-    alpha: Annotated[Optional[float], typer.Option(rich_help_panel="Method", help="FST penalty weight (default: the paper's for the dataset).")] = None,
-    distill: Annotated[Optional[float], typer.Option(rich_help_panel="Method", help="fst-kd: weight of the distillation of the input model's "
-                                                     "clean-data outputs (default 1).")] = None,
-    distill_temperature: Annotated[Optional[float], typer.Option(rich_help_panel="Method", help="fst-kd: distillation temperature (default 2).")] = None,
-    rho: Annotated[Optional[float], typer.Option(rich_help_panel="Method", help="pam: distance of the gradient point toward the suspect weights "
-                                                 "(default 0.5); ft-sam: SAM radius (default 2.0, adaptive).")] = None,
-    label_smoothing: Annotated[Optional[float], typer.Option(rich_help_panel="Method", help="Label smoothing of the tuning loss (ft-sam default "
-                                                             "0.1, others 0).")] = None,
-    nad_beta: Annotated[Optional[str], typer.Option(rich_help_panel="Method", help="nad: attention-loss weight, one or one per layer, comma-"
-                                                    "separated (default 500,1000,1000).")] = None,
-    nad_p: Annotated[Optional[float], typer.Option(rich_help_panel="Method", help="nad: power p of the attention map (default 2).")] = None,
-    nad_layers: Annotated[Optional[str], typer.Option(rich_help_panel="Method", help="nad: module paths to distil, comma-separated (default: "
-                                                      "the end of each of the last three stages).")] = None,
-    clp_u: Annotated[Optional[float], typer.Option(rich_help_panel="Method", help="clp: prune channels whose Lipschitz bound is more than U "
-                                                   "standard deviations above their layer's mean (default 3).")] = None,
-    teacher_epochs: Annotated[Optional[int], typer.Option(rich_help_panel="Method", help="nad: epochs of the teacher's fine-tuning (default: "
-                                                          "--epochs).")] = None,
-    unlearn_fraction: Annotated[Optional[float], typer.Option(rich_help_panel="Method", help="unlearn: share of each tuning batch stamped "
-                                                              "with the scan's reconstructed trigger, labels kept (default 0.2).")] = None,
-    scan_steps: Annotated[Optional[int], typer.Option(rich_help_panel="Method", help="unlearn: the trigger inversion's optimisation steps "
-                                                      "per class at most (default 120; fewer is faster and finds less).")] = None,
-    d3_lambda: Annotated[Optional[float], typer.Option(rich_help_panel="Method", help="d3: weight of the clean-loss hinge against the "
-                                                       "distance from the original head (default 10).")] = None,
-    d3_eps: Annotated[Optional[float], typer.Option(rich_help_panel="Method", help="d3: per-image clean-loss budget of the hinge "
-                                                    "(default 0.1).")] = None,
-    sau_eps: Annotated[Optional[float], typer.Option(rich_help_panel="Method", help="sau: L-inf radius of the shared adversarial "
-                                                     "examples, in [0, 1] pixel units (default 0.2).")] = None,
-    sau_steps: Annotated[Optional[int], typer.Option(rich_help_panel="Method", help="sau: PGD steps per batch (default 5).")] = None,
-    sau_lambda: Annotated[Optional[str], typer.Option(rich_help_panel="Method", help="sau: weights of the clean loss, the adversarial "
-                                                      "loss and the shared unlearning term, comma-separated "
-                                                      "(default 1,0,1).")] = None,
+    data: Data = None,
+    out: Out = None,
+    arch: Arch = None,
+    num_classes: NumClasses = None,
+    head: Head = None,
+    data_dir: DataDir = None,
+    trigger: Trigger = None,
+    target: Target = None,
+    mean: Mean = None,
+    std: Std = None,
+    lr: Annotated[
+        Optional[float],
+        typer.Option(rich_help_panel="Tuning (SGD)", help="Learning rate (default: the paper's for the dataset)."),
+    ] = None,
+    epochs: Annotated[
+        Optional[int],
+        typer.Option(rich_help_panel="Tuning (SGD)", help="Tuning epochs (default: the paper's for the dataset)."),
+    ] = None,
+    alpha: Annotated[
+        Optional[float],
+        typer.Option(rich_help_panel="Method", help="FST penalty weight (default: the paper's for the dataset)."),
+    ] = None,
+    distill: Annotated[
+        Optional[float],
+        typer.Option(
+            rich_help_panel="Method",
+            help="fst-kd: weight of the distillation of the input model's clean-data outputs (default 1).",
+        ),
+    ] = None,
+    distill_temperature: Annotated[
+        Optional[float], typer.Option(rich_help_panel="Method", help="fst-kd: distillation temperature (default 2).")
+    ] = None,
+    rho: Annotated[
+        Optional[float],
+        typer.Option(
+            rich_help_panel="Method",
+            help="pam: distance of the gradient point toward the suspect weights "
+            "(default 0.5); ft-sam: SAM radius (default 2.0, adaptive).",
+        ),
+    ] = None,
+    label_smoothing: Annotated[
+        Optional[float],
+        typer.Option(
+            rich_help_panel="Method", help="Label smoothing of the tuning loss (ft-sam default 0.1, others 0)."
+        ),
+    ] = None,
+    nad_beta: Annotated[
+        Optional[str],
+        typer.Option(
+            rich_help_panel="Method",
+            help="nad: attention-loss weight, one or one per layer, comma-separated (default 500,1000,1000).",
+        ),
+    ] = None,
+    nad_p: Annotated[
+        Optional[float], typer.Option(rich_help_panel="Method", help="nad: power p of the attention map (default 2).")
+    ] = None,
+    nad_layers: Annotated[
+        Optional[str],
+        typer.Option(
+            rich_help_panel="Method",
+            help="nad: module paths to distil, comma-separated (default: the end of each of the last three stages).",
+        ),
+    ] = None,
+    clp_u: Annotated[
+        Optional[float],
+        typer.Option(
+            rich_help_panel="Method",
+            help="clp: prune channels whose Lipschitz bound is more than U "
+            "standard deviations above their layer's mean (default 3).",
+        ),
+    ] = None,
+    teacher_epochs: Annotated[
+        Optional[int],
+        typer.Option(rich_help_panel="Method", help="nad: epochs of the teacher's fine-tuning (default: --epochs)."),
+    ] = None,
+    unlearn_fraction: Annotated[
+        Optional[float],
+        typer.Option(
+            rich_help_panel="Method",
+            help="unlearn: share of each tuning batch stamped "
+            "with the scan's reconstructed trigger, labels kept (default 0.2).",
+        ),
+    ] = None,
+    scan_steps: Annotated[
+        Optional[int],
+        typer.Option(
+            rich_help_panel="Method",
+            help="unlearn: the trigger inversion's optimisation steps "
+            "per class at most (default 120; fewer is faster and finds less).",
+        ),
+    ] = None,
+    d3_lambda: Annotated[
+        Optional[float],
+        typer.Option(
+            rich_help_panel="Method",
+            help="d3: weight of the clean-loss hinge against the distance from the original head (default 10).",
+        ),
+    ] = None,
+    d3_eps: Annotated[
+        Optional[float],
+        typer.Option(rich_help_panel="Method", help="d3: per-image clean-loss budget of the hinge (default 0.1)."),
+    ] = None,
+    sau_eps: Annotated[
+        Optional[float],
+        typer.Option(
+            rich_help_panel="Method",
+            help="sau: L-inf radius of the shared adversarial examples, in [0, 1] pixel units (default 0.2).",
+        ),
+    ] = None,
+    sau_steps: Annotated[
+        Optional[int], typer.Option(rich_help_panel="Method", help="sau: PGD steps per batch (default 5).")
+    ] = None,
+    sau_lambda: Annotated[
+        Optional[str],
+        typer.Option(
+            rich_help_panel="Method",
+            help="sau: weights of the clean loss, the adversarial "
+            "loss and the shared unlearning term, comma-separated "
+            "(default 1,0,1).",
+        ),
+    ] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Tuning batch size (default 128).")] = None,
-    eval_batch_size: Annotated[Optional[int], typer.Option(rich_help_panel="Compute", help="Evaluation batch size (default: 128 on CPU, 1024 on CUDA).")] = None,
-    momentum: Annotated[Optional[float], typer.Option(rich_help_panel="Tuning (SGD)", help="SGD momentum (default 0.9).")] = None,
-    weight_decay: Annotated[Optional[float], typer.Option(rich_help_panel="Tuning (SGD)", help="Weight decay (default 0).")] = None,
-    augment: Annotated[Optional[bool], typer.Option("--augment/--no-augment", rich_help_panel="Tuning (SGD)", help="Random crop + flip "
-                                                   "while tuning (flip only where it keeps the label). Default: from the data: none for "
-                                                   "single-channel images (digits), both for colour images.")] = None,
-    clean_fraction: Annotated[Optional[float], typer.Option(rich_help_panel="Model and data", help="Fraction of the training split used as clean data.")] = None,
-    clean_count: Annotated[Optional[int], typer.Option(rich_help_panel="Model and data", help="Number of clean training images (class-balanced).")] = None,
-    clean_data: Annotated[Optional[str], typer.Option(rich_help_panel="Model and data", help="Your own clean images (image folders or npz).")] = None,
-    holdout_fraction: Annotated[Optional[float], typer.Option(rich_help_panel="Selection by held-out images", help="Hold this fraction of the clean images out of "
-                                                              "tuning and report their accuracy after every epoch "
-                                                              "(default 0.2 for the default method, which measures its "
-                                                              "removal on them; 0 with --method).")] = None,
-    select: Annotated[Optional[str], typer.Option(rich_help_panel="Selection by held-out images", help="What is kept, decided by the held-out images only (never the "
-                                                  "test set or the trigger): last (the last epoch), epoch (the latest "
-                                                  "epoch within --select-budget), path (the point nearest the purified "
-                                                  "model on the line back to the input within --select-budget). "
-                                                  "Default: last for the default method; with --method, epoch "
-                                                  "when --select-budget and --holdout-fraction are given, else last.")] = None,
-    select_budget: Annotated[Optional[str], typer.Option(rich_help_panel="Selection by held-out images", help="Held-out accuracy the selection may give up, as a "
-                                                         "fraction or a percentage (default 3%). Not the test-set "
-                                                         "gate: that is --max-acc-drop.")] = None,
-    path_floor: Annotated[Optional[float], typer.Option(rich_help_panel="Selection by held-out images", help="--select path: the smallest t considered (1 = the tuned "
-                                                      "model, 0 = the input). Lower keeps more accuracy and risks "
-                                                      "more of the backdoor (default 0.8; docs/purification.md).")] = None,
-    output_kind: Annotated[Optional[str], typer.Option(rich_help_panel="Model and data", help="What the model returns: logits, probs, log-probs, or auto "
-                                                       "(default: detected from a probe batch).")] = None,
-    device: Device = None, seed: Seed = None, eval_limit: EvalLimit = None,
-    require_verified: Annotated[Optional[bool], typer.Option("--require-verified", rich_help_panel="Gates (exit 1 when one fails)",
-                                                             help="Exit 1 unless the removal verdict is verified: the "
-                                                             "trigger worked on the input and no longer works (the "
-                                                             "verdict and its evidence are in every report).")] = None,
-    max_asr: MaxAsr = None, min_acc: MinAcc = None, max_acc_drop: MaxAccDrop = None, image_size: ImageSize = None,
-    retune_check: RetuneCheck = None, clean_reference: CleanReference = None, retune_poisoned: RetunePoisoned = None,
-    retune_epochs: RetuneEpochs = None, retune_lr: RetuneLr = None,
-    precision: Precision = None, memory_format: MemoryFormat = None,
-    force: Force = None, cache_dir: CacheDir = None, config: Config = None, json_output: Json = False,
+    eval_batch_size: Annotated[
+        Optional[int],
+        typer.Option(rich_help_panel="Compute", help="Evaluation batch size (default: 128 on CPU, 1024 on CUDA)."),
+    ] = None,
+    momentum: Annotated[
+        Optional[float], typer.Option(rich_help_panel="Tuning (SGD)", help="SGD momentum (default 0.9).")
+    ] = None,
+    weight_decay: Annotated[
+        Optional[float], typer.Option(rich_help_panel="Tuning (SGD)", help="Weight decay (default 0).")
+    ] = None,
+    augment: Annotated[
+        Optional[bool],
+        typer.Option(
+            "--augment/--no-augment",
+            rich_help_panel="Tuning (SGD)",
+            help="Random crop + flip "
+            "while tuning (flip only where it keeps the label). Default: from the data: none for "
+            "single-channel images (digits), both for colour images.",
+        ),
+    ] = None,
+    clean_fraction: Annotated[
+        Optional[float],
+        typer.Option(rich_help_panel="Model and data", help="Fraction of the training split used as clean data."),
+    ] = None,
+    clean_count: Annotated[
+        Optional[int],
+        typer.Option(rich_help_panel="Model and data", help="Number of clean training images (class-balanced)."),
+    ] = None,
+    clean_data: Annotated[
+        Optional[str],
+        typer.Option(rich_help_panel="Model and data", help="Your own clean images (image folders or npz)."),
+    ] = None,
+    holdout_fraction: Annotated[
+        Optional[float],
+        typer.Option(
+            rich_help_panel="Selection by held-out images",
+            help="Hold this fraction of the clean images out of "
+            "tuning and report their accuracy after every epoch "
+            "(default 0.2 for the default method, which measures its "
+            "removal on them; 0 with --method).",
+        ),
+    ] = None,
+    select: Annotated[
+        Optional[str],
+        typer.Option(
+            rich_help_panel="Selection by held-out images",
+            help="What is kept, decided by the held-out images only (never the "
+            "test set or the trigger): last (the last epoch), epoch (the latest "
+            "epoch within --select-budget), path (the point nearest the purified "
+            "model on the line back to the input within --select-budget). "
+            "Default: last for the default method; with --method, epoch "
+            "when --select-budget and --holdout-fraction are given, else last.",
+        ),
+    ] = None,
+    select_budget: Annotated[
+        Optional[str],
+        typer.Option(
+            rich_help_panel="Selection by held-out images",
+            help="Held-out accuracy the selection may give up, as a "
+            "fraction or a percentage (default 3%). Not the test-set "
+            "gate: that is --max-acc-drop.",
+        ),
+    ] = None,
+    path_floor: Annotated[
+        Optional[float],
+        typer.Option(
+            rich_help_panel="Selection by held-out images",
+            help="--select path: the smallest t considered (1 = the tuned "
+            "model, 0 = the input). Lower keeps more accuracy and risks "
+            "more of the backdoor (default 0.8; docs/purification.md).",
+        ),
+    ] = None,
+    output_kind: Annotated[
+        Optional[str],
+        typer.Option(
+            rich_help_panel="Model and data",
+            help="What the model returns: logits, probs, log-probs, or auto (default: detected from a probe batch).",
+        ),
+    ] = None,
+    device: Device = None,
+    seed: Seed = None,
+    eval_limit: EvalLimit = None,
+    require_verified: Annotated[
+        Optional[bool],
+        typer.Option(
+            "--require-verified",
+            rich_help_panel="Gates (exit 1 when one fails)",
+            help="Exit 1 unless the removal verdict is verified: the "
+            "trigger worked on the input and no longer works (the "
+            "verdict and its evidence are in every report).",
+        ),
+    ] = None,
+    max_asr: MaxAsr = None,
+    min_acc: MinAcc = None,
+    max_acc_drop: MaxAccDrop = None,
+    image_size: ImageSize = None,
+    retune_check: RetuneCheck = None,
+    clean_reference: CleanReference = None,
+    retune_poisoned: RetunePoisoned = None,
+    retune_epochs: RetuneEpochs = None,
+    retune_lr: RetuneLr = None,
+    precision: Precision = None,
+    memory_format: MemoryFormat = None,
+    force: Force = None,
+    cache_dir: CacheDir = None,
+    config: Config = None,
+    json_output: Json = False,
     quiet: Quiet = False,
 ):
     """Remove a backdoor by tuning on clean data; write purified weights and a report to --out."""
     # Every option by name (tests/test_flags_fields.py: each maps to one field); --json, --quiet,
     # --cache-dir and --markdown steer the command line itself and stay out.
     flags = {
-        "checkpoint": checkpoint, "method": method, "data": data, "out": out, "arch": arch,
-        "num_classes": num_classes, "head": head, "data_dir": data_dir, "trigger": trigger, "target": target,
-        "mean": mean, "std": std, "lr": lr, "epochs": epochs, "alpha": alpha, "distill": distill,
-        "distill_temperature": distill_temperature, "rho": rho, "label_smoothing": label_smoothing,
-        "nad_beta": nad_beta, "nad_p": nad_p, "nad_layers": nad_layers, "clp_u": clp_u, "unlearn_fraction": unlearn_fraction, "scan_steps": scan_steps,
-        "teacher_epochs": teacher_epochs, "d3_lambda": d3_lambda, "d3_eps": d3_eps, "sau_eps": sau_eps,
-        "sau_steps": sau_steps, "sau_lambda": sau_lambda, "batch_size": batch_size, "eval_batch_size": eval_batch_size,
-        "momentum": momentum, "weight_decay": weight_decay, "augment": augment,
-        "clean_fraction": clean_fraction, "clean_count": clean_count, "clean_data": clean_data,
-        "holdout_fraction": holdout_fraction, "select": select, "select_budget": select_budget,
-        "path_floor": path_floor, "output_kind": output_kind, "device": device, "seed": seed,
-        "eval_limit": eval_limit, "require_verified": require_verified, "max_asr": max_asr, "min_acc": min_acc,
-        "max_acc_drop": max_acc_drop, "image_size": image_size, "retune_check": retune_check,
-        "clean_reference": clean_reference, "retune_poisoned": retune_poisoned, "retune_epochs": retune_epochs,
-        "retune_lr": retune_lr, "precision": precision, "memory_format": memory_format, "force": force,
-        "config": config
+        "checkpoint": checkpoint,
+        "method": method,
+        "data": data,
+        "out": out,
+        "arch": arch,
+        "num_classes": num_classes,
+        "head": head,
+        "data_dir": data_dir,
+        "trigger": trigger,
+        "target": target,
+        "mean": mean,
+        "std": std,
+        "lr": lr,
+        "epochs": epochs,
+        "alpha": alpha,
+        "distill": distill,
+        "distill_temperature": distill_temperature,
+        "rho": rho,
+        "label_smoothing": label_smoothing,
+        "nad_beta": nad_beta,
+        "nad_p": nad_p,
+        "nad_layers": nad_layers,
+        "clp_u": clp_u,
+        "unlearn_fraction": unlearn_fraction,
+        "scan_steps": scan_steps,
+        "teacher_epochs": teacher_epochs,
+        "d3_lambda": d3_lambda,
+        "d3_eps": d3_eps,
+        "sau_eps": sau_eps,
+        "sau_steps": sau_steps,
+        "sau_lambda": sau_lambda,
+        "batch_size": batch_size,
+        "eval_batch_size": eval_batch_size,
+        "momentum": momentum,
+        "weight_decay": weight_decay,
+        "augment": augment,
+        "clean_fraction": clean_fraction,
+        "clean_count": clean_count,
+        "clean_data": clean_data,
+        "holdout_fraction": holdout_fraction,
+        "select": select,
+        "select_budget": select_budget,
+        "path_floor": path_floor,
+        "output_kind": output_kind,
+        "device": device,
+        "seed": seed,
+        "eval_limit": eval_limit,
+        "require_verified": require_verified,
+        "max_asr": max_asr,
+        "min_acc": min_acc,
+        "max_acc_drop": max_acc_drop,
+        "image_size": image_size,
+        "retune_check": retune_check,
+        "clean_reference": clean_reference,
+        "retune_poisoned": retune_poisoned,
+        "retune_epochs": retune_epochs,
+        "retune_lr": retune_lr,
+        "precision": precision,
+        "memory_format": memory_format,
+        "force": force,
+        "config": config,
     }
 
     def body():
@@ -421,38 +803,93 @@ def purify(
 
 @app.command()
 def compare(
-    checkpoints: Annotated[Optional[List[str]], typer.Argument(help="Two or more checkpoints (files, folders of "
-                                                               "checkpoints, globs).", show_default=False)] = None,
-    data: Data = None, arch: Arch = None, num_classes: NumClasses = None, head: Head = None,
-    data_dir: DataDir = None, trigger: Trigger = None, target: Target = None, mean: Mean = None, std: Std = None,
-    reference: Annotated[Optional[str], typer.Option(help="Checkpoint that DER and weight drift are measured "
-                                                     "against (default: the first).")] = None,
-    device: Device = None, seed: Seed = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Evaluation batch size (default: 128 on CPU, 1024 on CUDA).")] = None,
-    eval_limit: EvalLimit = None, max_asr: MaxAsr = None, min_acc: MinAcc = None, max_acc_drop: MaxAccDrop = None,
-    image_size: ImageSize = None, precision: Precision = None, memory_format: MemoryFormat = None,
+    checkpoints: Annotated[
+        Optional[List[str]],
+        typer.Argument(help="Two or more checkpoints (files, folders of checkpoints, globs).", show_default=False),
+    ] = None,
+    data: Data = None,
+    arch: Arch = None,
+    num_classes: NumClasses = None,
+    head: Head = None,
+    data_dir: DataDir = None,
+    trigger: Trigger = None,
+    target: Target = None,
+    mean: Mean = None,
+    std: Std = None,
+    reference: Annotated[
+        Optional[str],
+        typer.Option(help="Checkpoint that DER and weight drift are measured against (default: the first)."),
+    ] = None,
+    device: Device = None,
+    seed: Seed = None,
+    batch_size: Annotated[
+        Optional[int], typer.Option(help="Evaluation batch size (default: 128 on CPU, 1024 on CUDA).")
+    ] = None,
+    eval_limit: EvalLimit = None,
+    max_asr: MaxAsr = None,
+    min_acc: MinAcc = None,
+    max_acc_drop: MaxAccDrop = None,
+    image_size: ImageSize = None,
+    precision: Precision = None,
+    memory_format: MemoryFormat = None,
     markdown: Annotated[bool, typer.Option("--markdown", help="Print a Markdown table.")] = False,
     from_list: FromList = None,
-    path: Annotated[Optional[int], typer.Option(help="Linear-path diagnostic: C-Acc and ASR of the models at N evenly "
-                                                "spaced points on the straight line from the first checkpoint to the "
-                                                "second (same architecture).")] = None,
+    path: Annotated[
+        Optional[int],
+        typer.Option(
+            help="Linear-path diagnostic: C-Acc and ASR of the models at N evenly "
+            "spaced points on the straight line from the first checkpoint to the "
+            "second (same architecture)."
+        ),
+    ] = None,
     path_plot: Annotated[Optional[str], typer.Option(help="--path: also draw it to this PNG file.")] = None,
-    retune_check: RetuneCheck = None, clean_reference: CleanReference = None, retune_poisoned: RetunePoisoned = None,
-    retune_epochs: RetuneEpochs = None, retune_lr: RetuneLr = None, retune_clean_count: RetuneCleanCount = None,
-    force: Force = None, config: Config = None, json_output: Json = False, quiet: Quiet = False,
+    retune_check: RetuneCheck = None,
+    clean_reference: CleanReference = None,
+    retune_poisoned: RetunePoisoned = None,
+    retune_epochs: RetuneEpochs = None,
+    retune_lr: RetuneLr = None,
+    retune_clean_count: RetuneCleanCount = None,
+    force: Force = None,
+    config: Config = None,
+    json_output: Json = False,
+    quiet: Quiet = False,
 ):
     """Put several checkpoints side by side on the same data and trigger."""
     # Every option by name (tests/test_flags_fields.py: each maps to one field); --json, --quiet,
     # --cache-dir and --markdown steer the command line itself and stay out.
     flags = {
-        "checkpoints": checkpoints, "data": data, "arch": arch, "num_classes": num_classes, "head": head,
-        "data_dir": data_dir, "trigger": trigger, "target": target, "mean": mean, "std": std,
-        "reference": reference, "device": device, "seed": seed, "batch_size": batch_size,
-        "eval_limit": eval_limit, "max_asr": max_asr, "min_acc": min_acc, "max_acc_drop": max_acc_drop,
-        "image_size": image_size, "precision": precision, "memory_format": memory_format,
-        "from_list": from_list, "path": path, "path_plot": path_plot, "retune_check": retune_check,
-        "clean_reference": clean_reference, "retune_poisoned": retune_poisoned, "retune_epochs": retune_epochs,
-        "retune_lr": retune_lr, "retune_clean_count": retune_clean_count, "force": force, "config": config
+        "checkpoints": checkpoints,
+        "data": data,
+        "arch": arch,
+        "num_classes": num_classes,
+        "head": head,
+        "data_dir": data_dir,
+        "trigger": trigger,
+        "target": target,
+        "mean": mean,
+        "std": std,
+        "reference": reference,
+        "device": device,
+        "seed": seed,
+        "batch_size": batch_size,
+        "eval_limit": eval_limit,
+        "max_asr": max_asr,
+        "min_acc": min_acc,
+        "max_acc_drop": max_acc_drop,
+        "image_size": image_size,
+        "precision": precision,
+        "memory_format": memory_format,
+        "from_list": from_list,
+        "path": path,
+        "path_plot": path_plot,
+        "retune_check": retune_check,
+        "clean_reference": clean_reference,
+        "retune_poisoned": retune_poisoned,
+        "retune_epochs": retune_epochs,
+        "retune_lr": retune_lr,
+        "retune_clean_count": retune_clean_count,
+        "force": force,
+        "config": config,
     }
 
     def body():
@@ -496,38 +933,97 @@ def _trace_path(opts, markdown: bool, json_output: bool, quiet: bool):
 @app.command()
 def scan(
     checkpoint: Annotated[str, typer.Argument(help="Checkpoint to scan (never modified).")],
-    data: Data = None, out: Annotated[Optional[str], typer.Option(help="Directory for the reconstructed trigger of "
-                                                                  "each flagged class (preview PNG, pattern and "
-                                                                  "mask PNGs, a --trigger spec YAML) and scan.json.")] = None,
-    arch: Arch = None, num_classes: NumClasses = None, head: Head = None, data_dir: DataDir = None,
-    mean: Mean = None, std: Std = None, device: Device = None, seed: Seed = None, image_size: ImageSize = None,
-    clean_count: Annotated[Optional[int], typer.Option(rich_help_panel="Model and data", help="Number of clean training images the scan uses "
-                                                       "(class-balanced; default 200).")] = None,
-    clean_fraction: Annotated[Optional[float], typer.Option(rich_help_panel="Model and data", help="Fraction of the "
-                                                            "training split the scan uses, instead of --clean-count.")] = None,
-    clean_data: Annotated[Optional[str], typer.Option(rich_help_panel="Model and data", help="Your own clean images (image folders or npz) instead "
-                                                      "of the training split.")] = None,
-    steps: Annotated[Optional[int], typer.Option(help="Optimisation steps per class at most (default 120; stops "
-                                                 "earlier once the mask stops shrinking).")] = None,
+    data: Data = None,
+    out: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Directory for the reconstructed trigger of "
+            "each flagged class (preview PNG, pattern and "
+            "mask PNGs, a --trigger spec YAML) and scan.json."
+        ),
+    ] = None,
+    arch: Arch = None,
+    num_classes: NumClasses = None,
+    head: Head = None,
+    data_dir: DataDir = None,
+    mean: Mean = None,
+    std: Std = None,
+    device: Device = None,
+    seed: Seed = None,
+    image_size: ImageSize = None,
+    clean_count: Annotated[
+        Optional[int],
+        typer.Option(
+            rich_help_panel="Model and data",
+            help="Number of clean training images the scan uses (class-balanced; default 200).",
+        ),
+    ] = None,
+    clean_fraction: Annotated[
+        Optional[float],
+        typer.Option(
+            rich_help_panel="Model and data",
+            help="Fraction of the training split the scan uses, instead of --clean-count.",
+        ),
+    ] = None,
+    clean_data: Annotated[
+        Optional[str],
+        typer.Option(
+            rich_help_panel="Model and data",
+            help="Your own clean images (image folders or npz) instead of the training split.",
+        ),
+    ] = None,
+    steps: Annotated[
+        Optional[int],
+        typer.Option(
+            help="Optimisation steps per class at most (default 120; stops earlier once the mask stops shrinking)."
+        ),
+    ] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Clean images per optimisation step (default 32).")] = None,
-    anomaly_threshold: Annotated[Optional[float], typer.Option(help="Flag a class whose anomaly index exceeds "
-                                                               "this (default 2, Neural Cleanse's).")] = None,
-    output_kind: Annotated[Optional[str], typer.Option(rich_help_panel="Model and data", help="What the model returns: logits, probs, log-probs, or "
-                                                       "auto (default).")] = None,
-    fail_on_detect: Annotated[Optional[bool], typer.Option("--fail-on-detect", help="Gate: exit 1 if any class "
-                                                           "is flagged.")] = None,
-    force: Force = None, config: Config = None, json_output: Json = False, quiet: Quiet = False,
+    anomaly_threshold: Annotated[
+        Optional[float],
+        typer.Option(help="Flag a class whose anomaly index exceeds this (default 2, Neural Cleanse's)."),
+    ] = None,
+    output_kind: Annotated[
+        Optional[str],
+        typer.Option(
+            rich_help_panel="Model and data",
+            help="What the model returns: logits, probs, log-probs, or auto (default).",
+        ),
+    ] = None,
+    fail_on_detect: Annotated[
+        Optional[bool], typer.Option("--fail-on-detect", help="Gate: exit 1 if any class is flagged.")
+    ] = None,
+    force: Force = None,
+    config: Config = None,
+    json_output: Json = False,
+    quiet: Quiet = False,
 ):
     """Look for a backdoor without knowing its trigger: invert a trigger per class, flag outliers."""
     # Every option by name (tests/test_flags_fields.py: each maps to one field); --json, --quiet,
     # --cache-dir and --markdown steer the command line itself and stay out.
     flags = {
-        "checkpoint": checkpoint, "data": data, "out": out, "arch": arch, "num_classes": num_classes,
-        "head": head, "data_dir": data_dir, "mean": mean, "std": std, "device": device, "seed": seed,
-        "image_size": image_size, "clean_count": clean_count, "clean_fraction": clean_fraction,
-        "clean_data": clean_data, "steps": steps, "batch_size": batch_size,
-        "anomaly_threshold": anomaly_threshold, "output_kind": output_kind, "fail_on_detect": fail_on_detect,
-        "force": force, "config": config
+        "checkpoint": checkpoint,
+        "data": data,
+        "out": out,
+        "arch": arch,
+        "num_classes": num_classes,
+        "head": head,
+        "data_dir": data_dir,
+        "mean": mean,
+        "std": std,
+        "device": device,
+        "seed": seed,
+        "image_size": image_size,
+        "clean_count": clean_count,
+        "clean_fraction": clean_fraction,
+        "clean_data": clean_data,
+        "steps": steps,
+        "batch_size": batch_size,
+        "anomaly_threshold": anomaly_threshold,
+        "output_kind": output_kind,
+        "fail_on_detect": fail_on_detect,
+        "force": force,
+        "config": config,
     }
 
     def body():
@@ -542,52 +1038,114 @@ def scan(
 
     opts, report = _guard(body)
     if opts.fail_on_detect and report.flagged:
-        _stderr().print(f"[bold red]gate fail-on-detect FAILED: class(es) {', '.join(map(str, report.flagged))} "
-                        f"flagged[/bold red]", highlight=False)
+        _stderr().print(
+            f"[bold red]gate fail-on-detect FAILED: class(es) {', '.join(map(str, report.flagged))} flagged[/bold red]",
+            highlight=False,
+        )
         raise typer.Exit(EXIT_GATE)
 
 
 @app.command()
 def train(
-    data: Data = None, out: Out = None,
-    arch: Annotated[Optional[str], typer.Option(help="Architecture to train (default simple_cnn; with --init, the "
-                                                "starting checkpoint's).")] = None,
-    init: Annotated[Optional[str], typer.Option(help="Start from this checkpoint's weights (fine-tune it, e.g. to "
-                                                "poison a published clean model) instead of a fresh model.")] = None,
-    data_dir: DataDir = None, trigger: Trigger = None, target: Target = None,
-    poison_rate: Annotated[Optional[float], typer.Option(help="Fraction of training images poisoned (dirty label).")] = None,
+    data: Data = None,
+    out: Out = None,
+    arch: Annotated[
+        Optional[str],
+        typer.Option(help="Architecture to train (default simple_cnn; with --init, the starting checkpoint's)."),
+    ] = None,
+    init: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Start from this checkpoint's weights (fine-tune it, e.g. to "
+            "poison a published clean model) instead of a fresh model."
+        ),
+    ] = None,
+    data_dir: DataDir = None,
+    trigger: Trigger = None,
+    target: Target = None,
+    poison_rate: Annotated[
+        Optional[float], typer.Option(help="Fraction of training images poisoned (dirty label).")
+    ] = None,
     epochs: Annotated[Optional[int], typer.Option(rich_help_panel="Tuning (SGD)", help="Epochs (default 6).")] = None,
-    lr: Annotated[Optional[float], typer.Option(rich_help_panel="Tuning (SGD)", help="Peak learning rate, cosine schedule (default 0.05).")] = None,
+    lr: Annotated[
+        Optional[float],
+        typer.Option(rich_help_panel="Tuning (SGD)", help="Peak learning rate, cosine schedule (default 0.05)."),
+    ] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Batch size (default 128).")] = None,
-    eval_batch_size: Annotated[Optional[int], typer.Option(rich_help_panel="Compute", help="Evaluation batch size "
-                                                           "(default: 128 on CPU, 1024 on CUDA).")] = None,
-    momentum: Annotated[Optional[float], typer.Option(rich_help_panel="Tuning (SGD)", help="SGD momentum (default 0.9).")] = None,
-    weight_decay: Annotated[Optional[float], typer.Option(rich_help_panel="Tuning (SGD)", help="Weight decay (default 5e-4).")] = None,
-    augment: Annotated[Optional[bool], typer.Option("--augment/--no-augment", rich_help_panel="Tuning (SGD)", help="Random crop + flip while "
-                                                    "training (default off: short runs then miss the backdoor).")] = None,
-    holdout_fraction: Annotated[Optional[float], typer.Option(rich_help_panel="Selection by held-out images", help="Keep this fraction of the training split out of "
-                                                              "training (indices saved in the metadata).")] = None,
+    eval_batch_size: Annotated[
+        Optional[int],
+        typer.Option(rich_help_panel="Compute", help="Evaluation batch size (default: 128 on CPU, 1024 on CUDA)."),
+    ] = None,
+    momentum: Annotated[
+        Optional[float], typer.Option(rich_help_panel="Tuning (SGD)", help="SGD momentum (default 0.9).")
+    ] = None,
+    weight_decay: Annotated[
+        Optional[float], typer.Option(rich_help_panel="Tuning (SGD)", help="Weight decay (default 5e-4).")
+    ] = None,
+    augment: Annotated[
+        Optional[bool],
+        typer.Option(
+            "--augment/--no-augment",
+            rich_help_panel="Tuning (SGD)",
+            help="Random crop + flip while training (default off: short runs then miss the backdoor).",
+        ),
+    ] = None,
+    holdout_fraction: Annotated[
+        Optional[float],
+        typer.Option(
+            rich_help_panel="Selection by held-out images",
+            help="Keep this fraction of the training split out of training (indices saved in the metadata).",
+        ),
+    ] = None,
     train_limit: Annotated[Optional[int], typer.Option(help="Train on a stratified subset of N images.")] = None,
-    mean: Mean = None, std: Std = None, device: Device = None, seed: Seed = None, image_size: ImageSize = None,
-    precision: Precision = None, memory_format: MemoryFormat = None,
-    force: Force = None, config: Config = None, json_output: Json = False, quiet: Quiet = False,
+    mean: Mean = None,
+    std: Std = None,
+    device: Device = None,
+    seed: Seed = None,
+    image_size: ImageSize = None,
+    precision: Precision = None,
+    memory_format: MemoryFormat = None,
+    force: Force = None,
+    config: Config = None,
+    json_output: Json = False,
+    quiet: Quiet = False,
 ):
     """Train a model, optionally backdoored, and save it as safetensors with metadata."""
     # Every option by name (tests/test_flags_fields.py: each maps to one field); --json, --quiet,
     # --cache-dir and --markdown steer the command line itself and stay out.
     flags = {
-        "data": data, "out": out, "arch": arch, "init": init, "data_dir": data_dir, "trigger": trigger,
-        "target": target, "poison_rate": poison_rate, "epochs": epochs, "lr": lr, "batch_size": batch_size,
-        "eval_batch_size": eval_batch_size, "momentum": momentum, "weight_decay": weight_decay,
-        "augment": augment, "holdout_fraction": holdout_fraction, "train_limit": train_limit, "mean": mean,
-        "std": std, "device": device, "seed": seed, "image_size": image_size, "precision": precision,
-        "memory_format": memory_format, "force": force, "config": config
+        "data": data,
+        "out": out,
+        "arch": arch,
+        "init": init,
+        "data_dir": data_dir,
+        "trigger": trigger,
+        "target": target,
+        "poison_rate": poison_rate,
+        "epochs": epochs,
+        "lr": lr,
+        "batch_size": batch_size,
+        "eval_batch_size": eval_batch_size,
+        "momentum": momentum,
+        "weight_decay": weight_decay,
+        "augment": augment,
+        "holdout_fraction": holdout_fraction,
+        "train_limit": train_limit,
+        "mean": mean,
+        "std": std,
+        "device": device,
+        "seed": seed,
+        "image_size": image_size,
+        "precision": precision,
+        "memory_format": memory_format,
+        "force": force,
+        "config": config,
     }
 
     def body():
         from .config import TrainOptions, resolve_options
-        from .training import train_model
         from .report import render_train
+        from .training import train_model
 
         opts = resolve_options(TrainOptions, flags, flags.pop("config") and str(config))
         report = train_model(opts, _reporter(quiet, json_output))
@@ -600,7 +1158,8 @@ def train(
 def demo(
     out: Annotated[Path, typer.Option(help="Where the demo writes everything.")] = Path("bdclean-demo"),
     force: Annotated[bool, typer.Option("--force", help="Replace an earlier demo's outputs.")] = True,
-    device: Device = None, quiet: Quiet = False,
+    device: Device = None,
+    quiet: Quiet = False,
 ):
     """Offline demo on a bundled MNIST sample: backdoor a model, purify it with FT, FST and the default, compare."""
 

@@ -26,19 +26,40 @@ IMAGE_SIZE_OPTION = "image_size"  # one side (224: a square) or height,width; ea
 # its option, instead of deep inside torch after minutes of work: name -> (low, high, low_open, high_open).
 MAX_SEED = 2**63 - 1
 RANGES: dict[str, tuple] = {
-    "batch_size": (1, 65_536, False, False), "eval_batch_size": (1, 1 << 20, False, False),
-    "eval_limit": (1, None, False, False), "seed": (0, MAX_SEED, False, False), "epochs": (1, 10_000, False, False),
-    "clean_count": (1, None, False, False), "num_classes": (2, 100_000, False, False), "target": (0, None, False, False),
-    "train_limit": (1, None, False, False), "lr": (0, 10, True, False), "alpha": (0, None, False, False),
-    "momentum": (0, 1, False, True), "weight_decay": (0, None, False, False), "clean_fraction": (0, 1, True, False),
-    "poison_rate": (0, 1, False, False), "holdout_fraction": (0, 1, False, True),
-    "rho": (0, 100, False, False), "label_smoothing": (0, 1, False, True), "nad_p": (0, 16, True, False),
-    "teacher_epochs": (1, 10_000, False, False), "clp_u": (0, 100, False, False),
-    "unlearn_fraction": (0, 1, True, True), "d3_lambda": (0, 1e6, True, False), "d3_eps": (0, 100, False, False), "sau_eps": (0, 1, True, False),
-    "sau_steps": (1, 100, False, False), "path_floor": (0, 1, False, False), "retune_poisoned": (1, 100_000, False, False),
-    "retune_epochs": (1, 1000, False, False), "retune_lr": (0, 10, True, False),
+    "batch_size": (1, 65_536, False, False),
+    "eval_batch_size": (1, 1 << 20, False, False),
+    "eval_limit": (1, None, False, False),
+    "seed": (0, MAX_SEED, False, False),
+    "epochs": (1, 10_000, False, False),
+    "clean_count": (1, None, False, False),
+    "num_classes": (2, 100_000, False, False),
+    "target": (0, None, False, False),
+    "train_limit": (1, None, False, False),
+    "lr": (0, 10, True, False),
+    "alpha": (0, None, False, False),
+    "momentum": (0, 1, False, True),
+    "weight_decay": (0, None, False, False),
+    "clean_fraction": (0, 1, True, False),
+    "poison_rate": (0, 1, False, False),
+    "holdout_fraction": (0, 1, False, True),
+    "rho": (0, 100, False, False),
+    "label_smoothing": (0, 1, False, True),
+    "nad_p": (0, 16, True, False),
+    "teacher_epochs": (1, 10_000, False, False),
+    "clp_u": (0, 100, False, False),
+    "unlearn_fraction": (0, 1, True, True),
+    "d3_lambda": (0, 1e6, True, False),
+    "d3_eps": (0, 100, False, False),
+    "sau_eps": (0, 1, True, False),
+    "sau_steps": (1, 100, False, False),
+    "path_floor": (0, 1, False, False),
+    "retune_poisoned": (1, 100_000, False, False),
+    "retune_epochs": (1, 1000, False, False),
+    "retune_lr": (0, 10, True, False),
     "retune_clean_count": (1, None, False, False),
-    "steps": (1, 100_000, False, False), "scan_steps": (1, 100_000, False, False), "anomaly_threshold": (0, None, True, False),
+    "steps": (1, 100_000, False, False),
+    "scan_steps": (1, 100_000, False, False),
+    "anomaly_threshold": (0, None, True, False),
 }
 
 # Options that take one of a few words; checked where values enter, like the ranges.
@@ -95,7 +116,9 @@ class EvaluateOptions(SubjectOptions):
 
 @dataclass(frozen=True)
 class PurifyOptions(EvaluateOptions):
-    method: str | None = None  # None: the default, scan -> unlearn -> verify (recipe.py); a name runs that method as published
+    method: str | None = (
+        None  # None: the default, scan -> unlearn -> verify (recipe.py); a name runs that method as published
+    )
     out: str | None = None
     force: bool = False
     lr: float | None = None
@@ -126,12 +149,16 @@ class PurifyOptions(EvaluateOptions):
     teacher_epochs: int | None = None  # nad: teacher fine-tuning epochs (default: --epochs)
     clp_u: float | None = None  # clp: the outlier threshold u (default 3)
     unlearn_fraction: float | None = None  # unlearn: share of each batch stamped with the reconstructed trigger (0.2)
-    scan_steps: int | None = None  # unlearn: the trigger inversion's steps per class at most (scan.InversionParams: 120)
+    scan_steps: int | None = (
+        None  # unlearn: the trigger inversion's steps per class at most (scan.InversionParams: 120)
+    )
     d3_lambda: float | None = None  # d3: weight of the clean-loss hinge (default 10)
     d3_eps: float | None = None  # d3: the hinge's clean-loss budget (default 0.1)
     sau_eps: float | None = None  # sau: L-inf radius of the adversarial examples, pixel units (default 0.2)
     sau_steps: int | None = None  # sau: PGD steps per batch (default 5)
-    sau_lambda: tuple[float, ...] | None = None  # sau: clean CE, adversarial CE, shared unlearning weights (default 1,0,1)
+    sau_lambda: tuple[float, ...] | None = (
+        None  # sau: clean CE, adversarial CE, shared unlearning weights (default 1,0,1)
+    )
 
 
 @dataclass(frozen=True)
@@ -224,7 +251,9 @@ def load_config_file(path: str | Path) -> dict:
     except yaml.YAMLError as exc:
         where = getattr(exc, "problem_mark", None)
         line = f" (line {where.line + 1})" if where is not None else ""
-        raise ConfigError(f"config file {path} is not valid YAML{line}: {getattr(exc, 'problem', None) or exc}") from None
+        raise ConfigError(
+            f"config file {path} is not valid YAML{line}: {getattr(exc, 'problem', None) or exc}"
+        ) from None
     except RecursionError:
         raise ConfigError(f"config file {path} is nested too deeply") from None
     except (ValueError, KeyError, AttributeError, TypeError, OverflowError) as exc:
@@ -375,9 +404,13 @@ def parse_rate(text: str | float | None, option: str) -> float | None:
     try:
         value = float(raw[:-1]) / 100 if raw.endswith("%") else float(raw)
     except ValueError:
-        raise ConfigError(f"{option} {raw!r} is not a number", hint="write a fraction like 0.05 or a percentage like 5%") from None
+        raise ConfigError(
+            f"{option} {raw!r} is not a number", hint="write a fraction like 0.05 or a percentage like 5%"
+        ) from None
     if not (0.0 <= value <= 1.0):
-        raise ConfigError(f"{option} {raw} is out of range", hint="write a fraction in [0, 1] like 0.05, or a percentage like 5%")
+        raise ConfigError(
+            f"{option} {raw} is out of range", hint="write a fraction in [0, 1] like 0.05, or a percentage like 5%"
+        )
     return value
 
 

@@ -1,6 +1,6 @@
 """Images in, uint8 tensors out: dataset layouts, clean-subset selection, and the batched fast path.
 
-Everything downstream works on `ImageSet`: uint8 NHWC images and int64 labels that can live on
+Everything downstream works on `ImageSet` (image_set.py): uint8 NHWC images and int64 labels that can live on
 the device. Normalisation and augmentation are whole-batch tensor ops (`normalize`,
 `augment_batch`), so a training step never touches PIL or Python per image.
 
@@ -24,16 +24,14 @@ import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from .errors import ConfigError, InputError
+from .image_set import ImageSet, images_from_arrays  # defined there (streaming.py needs them too), used from here
 from .imagefolder import ImageSize, clip, folder_classes, index_folder
-
-if TYPE_CHECKING:
-    from .streaming import FolderStream
+from .streaming import FolderStream
 
 
 @dataclass(frozen=True)
@@ -63,35 +61,12 @@ STREAM_MIN_BYTES = 256 * 1024 * 1024
 
 
 @dataclass(frozen=True)
-class ImageSet:
-    """uint8 images (N, H, W, C) and int64 labels (N,), on one device."""
-
-    x: torch.Tensor
-    y: torch.Tensor
-
-    @property
-    def num_images(self) -> int:
-        return int(self.x.shape[0])
-
-    @property
-    def image_shape(self) -> tuple[int, int, int]:
-        return tuple(int(s) for s in self.x.shape[1:])  # type: ignore[return-value]
-
-    def to(self, device: torch.device | str) -> "ImageSet":
-        return ImageSet(self.x.to(device, non_blocking=True), self.y.to(device, non_blocking=True))
-
-    def subset(self, indices: torch.Tensor) -> "ImageSet":
-        idx = torch.as_tensor(indices, dtype=torch.long)
-        return ImageSet(self.x[idx.to(self.x.device)], self.y[idx.to(self.y.device)])
-
-
-@dataclass(frozen=True)
 class DatasetBundle:
     """A dataset as the pipeline sees it: splits, class count, normalisation defaults, provenance."""
 
     name: str
-    train: "ImageSet | FolderStream | None"  # a FolderStream only for large image folders (STREAM_MIN_BYTES)
-    test: "ImageSet | FolderStream"
+    train: ImageSet | FolderStream | None  # a FolderStream only for large image folders (STREAM_MIN_BYTES)
+    test: ImageSet | FolderStream
     num_classes: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
@@ -101,12 +76,17 @@ class DatasetBundle:
 
 # ---------------------------------------------------------------- loading
 
+
 def canonical_name(name: str) -> str:
     """'CIFAR-10', 'cifar_10', 'tiny_imagenet' -> the keys of DATASET_DEFAULTS."""
     key = name.lower().replace("_", "-")
-    aliases = {"cifar-10": "cifar10", "cifar-100": "cifar100", "tinyimagenet": "tiny-imagenet",
-               "tiny-imagenet-200": "tiny-imagenet",
-               "fashionmnist": "fashion-mnist"}
+    aliases = {
+        "cifar-10": "cifar10",
+        "cifar-100": "cifar100",
+        "tinyimagenet": "tiny-imagenet",
+        "tiny-imagenet-200": "tiny-imagenet",
+        "fashionmnist": "fashion-mnist",
+    }
     return aliases.get(key, key)
 
 
@@ -114,8 +94,9 @@ def default_data_dir() -> Path:
     return Path(os.environ.get(DATA_DIR_ENV) or "data")
 
 
-def load_dataset(spec: str, data_dir: str | None = None, need_train: bool = True,
-                 image_size: ImageSize | None = None) -> DatasetBundle:
+def load_dataset(
+    spec: str, data_dir: str | None = None, need_train: bool = True, image_size: ImageSize | None = None
+) -> DatasetBundle:
     """Load a dataset from a path or a name; `need_train=False` skips reading the training split.
 
     `image_size` (height, width) is the model's input size, from `--image-size` or a model loader's
@@ -135,14 +116,18 @@ def load_dataset(spec: str, data_dir: str | None = None, need_train: bool = True
                 found = read_standard_layout(name, root, need_train)
                 if found is not None:
                     return _check_size(_bundle_from_arrays(name, *found), image_size)
-                raise InputError(f"dataset '{spec}' not found under {root}",
-                                 hint=f"pass --data-dir DIR holding {name}/ (train.npz/test.npz or train/ and test/ "
-                                      f"class folders) or torchvision's download folder, set {DATA_DIR_ENV}, "
-                                      "or give --data a directory")
+                raise InputError(
+                    f"dataset '{spec}' not found under {root}",
+                    hint=f"pass --data-dir DIR holding {name}/ (train.npz/test.npz or train/ and test/ "
+                    f"class folders) or torchvision's download folder, set {DATA_DIR_ENV}, "
+                    "or give --data a directory",
+                )
         else:
-            raise InputError(f"data not found: {spec}",
-                             hint=f"a directory (train.npz/test.npz or ImageFolder), an .npz file, or one of "
-                                  f"{', '.join(DATASET_DEFAULTS)} with --data-dir")
+            raise InputError(
+                f"data not found: {spec}",
+                hint=f"a directory (train.npz/test.npz or ImageFolder), an .npz file, or one of "
+                f"{', '.join(DATASET_DEFAULTS)} with --data-dir",
+            )
     name = canonical_name(path.stem if path.is_file() else path.name)
     info = DATASET_DEFAULTS.get(name)
     if path.is_file():
@@ -153,17 +138,23 @@ def load_dataset(spec: str, data_dir: str | None = None, need_train: bool = True
         if not (path / "test.npz").exists():
             raise InputError(f"{path} has train.npz but no test.npz", hint="evaluation needs a test split")
         test = _sized(read_npz_split(path / "test.npz"), image_size)
-        train = (_sized(read_npz_split(path / "train.npz"), image_size)
-                 if need_train and (path / "train.npz").exists() else None)
+        train = (
+            _sized(read_npz_split(path / "train.npz"), image_size)
+            if need_train and (path / "train.npz").exists()
+            else None
+        )
         classes = None
     elif (path / "test").is_dir():
         classes = folder_classes(path / "train") if (path / "train").is_dir() else folder_classes(path / "test")
         test = read_folder_split(path / "test", classes, image_size)
-        train = (read_folder_split(path / "train", classes, image_size)
-                 if need_train and (path / "train").is_dir() else None)
+        train = (
+            read_folder_split(path / "train", classes, image_size) if need_train and (path / "train").is_dir() else None
+        )
     elif path.is_dir():
-        raise InputError(f"{path} holds no dataset",
-                         hint="expected train.npz/test.npz, or train/ and test/ folders with one subfolder per class")
+        raise InputError(
+            f"{path} holds no dataset",
+            hint="expected train.npz/test.npz, or train/ and test/ folders with one subfolder per class",
+        )
     else:
         raise InputError(f"{path} is not a regular file or directory")
     if train is not None and train.image_shape != test.image_shape:
@@ -176,15 +167,24 @@ def load_dataset(spec: str, data_dir: str | None = None, need_train: bool = True
         num_classes = 1 + max(int(s.y.max()) for s in (train, test) if s is not None)
     for split_name, split in (("train", train), ("test", test)):
         if split is not None and int(split.y.max()) >= num_classes:
-            raise InputError(f"{path}: {split_name} label {int(split.y.max())} is out of range for {name} "
-                             f"({num_classes} classes)")
+            raise InputError(
+                f"{path}: {split_name} label {int(split.y.max())} is out of range for {name} ({num_classes} classes)"
+            )
     channels = test.image_shape[2]
     if info is not None and len(info.mean) == channels:
         mean, std, flip = info.mean, info.std, info.flip
     else:
         mean, std, flip = UNKNOWN_MEAN * channels, UNKNOWN_STD * channels, True
-    return DatasetBundle(name=name, train=train, test=test, num_classes=num_classes, mean=tuple(mean),
-                         std=tuple(std), augment_flip=flip, source=str(path))
+    return DatasetBundle(
+        name=name,
+        train=train,
+        test=test,
+        num_classes=num_classes,
+        mean=tuple(mean),
+        std=tuple(std),
+        augment_flip=flip,
+        source=str(path),
+    )
 
 
 def _bundle_from_arrays(name: str, train, test, source: Path) -> DatasetBundle:
@@ -194,8 +194,16 @@ def _bundle_from_arrays(name: str, train, test, source: Path) -> DatasetBundle:
     for split_name, split in (("train", train_set), ("test", test_set)):
         if split is not None and int(split.y.max()) >= info.num_classes:
             raise InputError(f"{source}: {split_name} label {int(split.y.max())} is out of range for {name}")
-    return DatasetBundle(name=name, train=train_set, test=test_set, num_classes=info.num_classes, mean=info.mean,
-                         std=info.std, augment_flip=info.flip, source=str(source))
+    return DatasetBundle(
+        name=name,
+        train=train_set,
+        test=test_set,
+        num_classes=info.num_classes,
+        mean=info.mean,
+        std=info.std,
+        augment_flip=info.flip,
+        source=str(source),
+    )
 
 
 class ImageSizeError(InputError):
@@ -210,9 +218,11 @@ def _sized(split: ImageSet, image_size: ImageSize | None) -> ImageSet:
     """npz images are used as stored: with an image_size, they must already have it."""
     if image_size is not None and split.image_shape[:2] != tuple(image_size):
         h, w, _ = split.image_shape
-        raise ImageSizeError(f"the images are {w}x{h} pixels but --image-size asks for {image_size[1]}x{image_size[0]}",
-                             hint="--image-size resizes image folders only; resize array data before saving it",
-                             stored=(h, w))
+        raise ImageSizeError(
+            f"the images are {w}x{h} pixels but --image-size asks for {image_size[1]}x{image_size[0]}",
+            hint="--image-size resizes image folders only; resize array data before saving it",
+            stored=(h, w),
+        )
     return split
 
 
@@ -250,38 +260,16 @@ def read_npz_split(path: Path) -> ImageSet:
     except InputError:
         raise
     except (ValueError, OSError, zipfile.BadZipFile, EOFError, KeyError) as e:
-        raise InputError(f"{path}: not a readable .npz archive ({clip(str(e) or type(e).__name__)})",
-                         hint="numpy.savez(path, x=uint8 images, y=labels); pickled arrays are refused") from None
+        raise InputError(
+            f"{path}: not a readable .npz archive ({clip(str(e) or type(e).__name__)})",
+            hint="numpy.savez(path, x=uint8 images, y=labels); pickled arrays are refused",
+        ) from None
     return images_from_arrays(x, y, str(path))
-
-
-def images_from_arrays(x: np.ndarray, y: np.ndarray, what: str) -> ImageSet:
-    """Validate raw arrays and wrap them: uint8 NHW(C) images, integer labels >= 0, equal lengths."""
-    if x.dtype != np.uint8:
-        raise InputError(f"{what}: images must be uint8 (0..255), got {x.dtype}",
-                         hint="convert with (x * 255).round().astype(np.uint8) if they are floats in [0, 1]")
-    if x.ndim == 3:
-        x = x[..., None]
-    if x.ndim != 4 or x.shape[3] not in (1, 3):
-        raise InputError(f"{what}: images must be (N, H, W) or (N, H, W, C) with C 1 or 3, got shape {x.shape}")
-    if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
-        raise InputError(f"{what}: labels 'y' must be a 1-D integer array, got {y.dtype} {y.shape}")
-    if len(x) != len(y):
-        raise InputError(f"{what}: x has {len(x)} images but y has {len(y)} labels (lengths differ)")
-    if len(x) == 0:
-        raise InputError(f"{what}: the split holds no images")
-    if int(y.min()) < 0:
-        raise InputError(f"{what}: negative label {int(y.min())}")
-    if x.shape[1] < 2 or x.shape[2] < 2:
-        raise InputError(f"{what}: images of {x.shape[1]}x{x.shape[2]} pixels are too small")
-    return ImageSet(torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y.astype(np.int64)))
 
 
 def read_folder_split(path: Path, classes: list[str], image_size: ImageSize | None = None):
     """One image-folder split: resident (ImageSet) when its decoded images fit in STREAM_MIN_BYTES,
     else a FolderStream decoded batch by batch. Every header is checked first either way."""
-    from .streaming import FolderStream
-
     stream = FolderStream.from_index(index_folder(path, classes), image_size)
     h, w, c = stream.image_shape
     if stream.num_images * h * w * c > STREAM_MIN_BYTES:
@@ -293,15 +281,15 @@ def read_image_folder(path: Path, classes: list[str], image_size: ImageSize | No
     """Images under path/<class>/ -> one resident ImageSet. Without image_size all images must share
     one size; grayscale images in a colour dataset are replicated to RGB (common in real folders,
     e.g. Tiny-ImageNet)."""
-    from .streaming import FolderStream
-
     return FolderStream.from_index(index_folder(path, classes), image_size).materialize()
 
 
 # ---------------------------------------------------------------- subsets
 
-def select_clean_subset(y: torch.Tensor, fraction: float | None, count: int | None, seed: int,
-                        num_classes: int) -> torch.Tensor:
+
+def select_clean_subset(
+    y: torch.Tensor, fraction: float | None, count: int | None, seed: int, num_classes: int
+) -> torch.Tensor:
     """Seeded, class-balanced indices of the defender's clean data (sorted int64).
 
     Each class gets total // C images and the remainder goes to randomly drawn classes, so a 2%
@@ -323,8 +311,10 @@ def select_clean_subset(y: torch.Tensor, fraction: float | None, count: int | No
             raise ConfigError(f"--clean-count {count} is larger than the {n} training images")
         total = count
     if total == 0:
-        raise ConfigError(f"the clean subset would be empty ({fraction} of {n} images)",
-                          hint="raise --clean-fraction or use --clean-count")
+        raise ConfigError(
+            f"the clean subset would be empty ({fraction} of {n} images)",
+            hint="raise --clean-fraction or use --clean-count",
+        )
     generator = torch.Generator().manual_seed(seed)
     labels = y.cpu()
     counts = torch.bincount(labels, minlength=num_classes)
@@ -340,8 +330,11 @@ def select_clean_subset(y: torch.Tensor, fraction: float | None, count: int | No
         chosen.append(members[torch.randperm(len(members), generator=generator)[:take]])
     indices = torch.cat(chosen).sort().values
     if len(torch.unique(labels[indices])) < 2:
-        raise ConfigError(f"the clean subset ({len(indices)} image(s)) holds a single class; "
-                          "tuning needs clean images of at least 2 classes", hint="raise --clean-count")
+        raise ConfigError(
+            f"the clean subset ({len(indices)} image(s)) holds a single class; "
+            "tuning needs clean images of at least 2 classes",
+            hint="raise --clean-count",
+        )
     return indices
 
 
@@ -374,6 +367,7 @@ def indices_sha256(indices: torch.Tensor) -> str:
 
 
 # ---------------------------------------------------------------- batch ops (the fast path)
+
 
 def normalize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """uint8 NHWC -> float NCHW, (x/255 - mean) / std.
@@ -411,7 +405,10 @@ def augment_batch(x: torch.Tensor, generator: torch.Generator, flip: bool = True
 
 def iterate_minibatches(n: int, batch_size: int, generator: torch.Generator, shuffle: bool = True):
     """Index tensors (on the generator's device) covering 0..n-1 once, shuffled by `generator`."""
-    order = (torch.randperm(n, generator=generator, device=generator.device) if shuffle
-             else torch.arange(n, device=generator.device))
+    order = (
+        torch.randperm(n, generator=generator, device=generator.device)
+        if shuffle
+        else torch.arange(n, device=generator.device)
+    )
     for start in range(0, n, batch_size):
         yield order[start : start + batch_size]

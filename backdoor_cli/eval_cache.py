@@ -81,17 +81,32 @@ def open_cache(directory: str | Path | None) -> EvalCache | None:
     return EvalCache(directory) if directory else None
 
 
-def eval_key(checkpoint_sha256: str, subject, data_fingerprint: str, trigger, eval_limit, seed: int,
-             device: torch.device, precision: str = "fp32") -> EvalKey:
+def eval_key(
+    checkpoint_sha256: str,
+    subject,
+    data_fingerprint: str,
+    trigger,
+    eval_limit,
+    seed: int,
+    device: torch.device,
+    precision: str = "fp32",
+) -> EvalKey:
     """The key of evaluating `subject` (a loaded Subject) on the test split with `trigger`, in `precision`
     (bf16 and fp32 evaluations can differ in a few predictions, so they are different entries)."""
     from . import __version__
 
     fields = {
-        "checkpoint_sha256": checkpoint_sha256, "arch": subject.arch, "num_classes": subject.num_classes,
-        "normalization": [list(subject.mean), list(subject.std)], "data": data_fingerprint,
-        "trigger": trigger_fingerprint(trigger), "eval_limit": eval_limit, "seed": seed,
-        "device_type": device.type, "precision": precision, "bdclean": __version__,
+        "checkpoint_sha256": checkpoint_sha256,
+        "arch": subject.arch,
+        "num_classes": subject.num_classes,
+        "normalization": [list(subject.mean), list(subject.std)],
+        "data": data_fingerprint,
+        "trigger": trigger_fingerprint(trigger),
+        "eval_limit": eval_limit,
+        "seed": seed,
+        "device_type": device.type,
+        "precision": precision,
+        "bdclean": __version__,
     }
     return EvalKey(_digest(fields), fields)
 
@@ -152,8 +167,13 @@ def result_from_dict(metrics: dict) -> EvalResult:
     def rate(value):
         return None if value is None else Rate(value["k"], value["n"])
 
-    return EvalResult(rate(metrics["clean_acc"]), rate(metrics.get("asr")), rate(metrics.get("ra")),
-                      float(metrics.get("seconds", 0.0)), int(metrics["images"]))
+    return EvalResult(
+        rate(metrics["clean_acc"]),
+        rate(metrics.get("asr")),
+        rate(metrics.get("ra")),
+        float(metrics.get("seconds", 0.0)),
+        int(metrics["images"]),
+    )
 
 
 def _update_tensor(hasher, tensor: torch.Tensor) -> None:

@@ -70,8 +70,9 @@ class EvalResult:
         }
 
 
-def build_eval_sets(test: ImageSet | FolderStream, trigger, device: torch.device, limit: int | None = None,
-                    seed: int = 0) -> EvalSets:
+def build_eval_sets(
+    test: ImageSet | FolderStream, trigger, device: torch.device, limit: int | None = None, seed: int = 0
+) -> EvalSets:
     """Move the test split to the device and build the triggered set from its non-target images.
     A FolderStream stays on disk: evaluate_model triggers its non-target images batch by batch.
 
@@ -107,9 +108,17 @@ def eval_batch_size(given: int | None, device: torch.device) -> int:
 
 
 @torch.inference_mode()
-def predict(model: torch.nn.Module, x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
-            device: torch.device, batch_size: int | None = None, on_batch=None, precision: str | None = None,
-            memory_format: str = "channels_last") -> torch.Tensor:
+def predict(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    device: torch.device,
+    batch_size: int | None = None,
+    on_batch=None,
+    precision: str | None = None,
+    memory_format: str = "channels_last",
+) -> torch.Tensor:
     """Class predictions for uint8 NHWC images, in large batches, staying on the device.
     `on_batch(n_images)` is called after each batch is queued (no sync: it only counts).
     `precision`: bf16 autocast, or exact fp32 (None: fp32, TF32 off on CUDA); `memory_format`: the model's."""
@@ -119,8 +128,9 @@ def predict(model: torch.nn.Module, x: torch.Tensor, mean: torch.Tensor, std: to
     model.eval()
     preds = []
     for start in range(0, len(x), batch_size):
-        batch = as_format(normalize(x[start : start + batch_size].to(device, non_blocking=True), mean, std),
-                          memory_format)
+        batch = as_format(
+            normalize(x[start : start + batch_size].to(device, non_blocking=True), mean, std), memory_format
+        )
         with evaluation_arithmetic(device, precision):
             preds.append(model(batch).argmax(dim=1))
         if on_batch is not None:
@@ -129,9 +139,17 @@ def predict(model: torch.nn.Module, x: torch.Tensor, mean: torch.Tensor, std: to
     return torch.cat(preds) if preds else torch.empty(0, dtype=torch.long, device=device)
 
 
-def evaluate_model(model: torch.nn.Module, sets: EvalSets, mean: torch.Tensor, std: torch.Tensor,
-                   device: torch.device, batch_size: int | None = None, reporter=None, precision: str | None = None,
-                   memory_format: str = "channels_last") -> EvalResult:
+def evaluate_model(
+    model: torch.nn.Module,
+    sets: EvalSets,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    device: torch.device,
+    batch_size: int | None = None,
+    reporter=None,
+    precision: str | None = None,
+    memory_format: str = "channels_last",
+) -> EvalResult:
     """C-Acc on the clean set; ASR and RA on the triggered set when a trigger was given.
     With a `reporter`, a progress bar counts the images (useful on CPU, where this takes a while).
     `batch_size` None: the device's default (EVAL_BATCH); `precision` and `memory_format` as for `predict`."""
@@ -148,6 +166,7 @@ def evaluate_model(model: torch.nn.Module, sets: EvalSets, mean: torch.Tensor, s
         def on_batch(n: int) -> None:
             done["n"] += n
             reporter.advance(done["n"])
+
     try:
         count = _streamed_counts if sets.streamed else _resident_counts
         run = functools.partial(predict, precision=precision, memory_format=memory_format)
@@ -158,8 +177,9 @@ def evaluate_model(model: torch.nn.Module, sets: EvalSets, mean: torch.Tensor, s
     seconds = time.perf_counter() - start
     if not sets.has_trigger:
         return EvalResult(Rate(counts[0], n_clean), None, None, seconds, n_clean)
-    return EvalResult(Rate(counts[0], n_clean), Rate(counts[1], n_poison), Rate(counts[2], n_poison),
-                      seconds, n_clean + n_poison)
+    return EvalResult(
+        Rate(counts[0], n_clean), Rate(counts[1], n_poison), Rate(counts[2], n_poison), seconds, n_clean + n_poison
+    )
 
 
 def _resident_counts(model, sets: EvalSets, mean, std, device, batch_size: int, on_batch, predict) -> torch.Tensor:

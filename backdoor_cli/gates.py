@@ -15,7 +15,8 @@ class GateResult:
     def describe(self) -> str:
         if self.name == "require-verified":
             return f"gate require-verified {'passed' if self.passed else 'FAILED'}: the removal verdict " + (
-                "is verified" if self.passed else "is not verified")
+                "is verified" if self.passed else "is not verified"
+            )
         op = "<=" if self.name.startswith("max") else ">="
         verdict = "passed" if self.passed else "FAILED"
         return f"gate {self.name} {verdict}: {self.value:.2%} (must be {op} {self.threshold:.2%})"
@@ -24,8 +25,14 @@ class GateResult:
         return {"gate": self.name, "threshold": self.threshold, "value": self.value, "passed": self.passed}
 
 
-def check_gates(asr: float | None, acc: float, acc_drop: float | None = None, max_asr: float | None = None,
-                min_acc: float | None = None, max_acc_drop: float | None = None) -> list[GateResult]:
+def check_gates(
+    asr: float | None,
+    acc: float,
+    acc_drop: float | None = None,
+    max_asr: float | None = None,
+    min_acc: float | None = None,
+    max_acc_drop: float | None = None,
+) -> list[GateResult]:
     """Compare the measured rates (fractions) with the thresholds that were given."""
     gates = []
     if max_asr is not None and asr is not None:

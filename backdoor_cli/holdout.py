@@ -44,16 +44,25 @@ class HoldoutMonitor:
         if self.budget is None:
             return "no budget: the last epoch is kept"
         if self._snapshot is None:
-            return (f"no epoch stayed within {self.budget:.1%} of the input's held-out accuracy "
-                    f"({self.base_acc:.1%}); the last epoch is kept")
+            return (
+                f"no epoch stayed within {self.budget:.1%} of the input's held-out accuracy "
+                f"({self.base_acc:.1%}); the last epoch is kept"
+            )
         if self.selected_epoch != last_epoch:
             model.load_state_dict(self._snapshot)
-        return (f"epoch {self.selected_epoch}: the latest whose held-out accuracy stayed within "
-                f"{self.budget:.1%} of the input's ({self.base_acc:.1%})")
+        return (
+            f"epoch {self.selected_epoch}: the latest whose held-out accuracy stayed within "
+            f"{self.budget:.1%} of the input's ({self.base_acc:.1%})"
+        )
 
     def to_dict(self) -> dict:
-        return {"images": self.images.num_images, "input_acc": round(self.base_acc, 6), "budget": self.budget,
-                "curve": self.curve, "selected_epoch": self.selected_epoch}
+        return {
+            "images": self.images.num_images,
+            "input_acc": round(self.base_acc, 6),
+            "budget": self.budget,
+            "curve": self.curve,
+            "selected_epoch": self.selected_epoch,
+        }
 
 
 def split_holdout(clean: ImageSet, fraction: float, seed: int, num_classes: int) -> tuple[ImageSet, ImageSet]:
@@ -62,23 +71,26 @@ def split_holdout(clean: ImageSet, fraction: float, seed: int, num_classes: int)
         raise ConfigError(f"--holdout-fraction must be in (0, 1), got {fraction}")
     held = select_clean_subset(clean.y.cpu(), fraction, None, seed + 1, num_classes)
     if len(held) == 0 or len(held) >= clean.num_images - 1:
-        raise ConfigError(f"--holdout-fraction {fraction} of {clean.num_images} clean images leaves nothing to "
-                          "tune or to hold out", hint="use more clean images or a fraction like 0.1-0.2")
+        raise ConfigError(
+            f"--holdout-fraction {fraction} of {clean.num_images} clean images leaves nothing to tune or to hold out",
+            hint="use more clean images or a fraction like 0.1-0.2",
+        )
     keep = torch.ones(clean.num_images, dtype=torch.bool)
     keep[held] = False
     return clean.subset(torch.nonzero(keep).flatten()), clean.subset(held)
 
 
 @torch.no_grad()
-def holdout_accuracy(model: torch.nn.Module, images: ImageSet, mean: torch.Tensor, std: torch.Tensor,
-                     batch_size: int = 512) -> float:
+def holdout_accuracy(
+    model: torch.nn.Module, images: ImageSet, mean: torch.Tensor, std: torch.Tensor, batch_size: int = 512
+) -> float:
     """Top-1 accuracy in eval mode; the model's train/eval modes are restored afterwards."""
     modes = {m: m.training for m in model.modules()}
     model.eval()
     correct = 0
     try:
         for i in range(0, images.num_images, batch_size):
-            x, y = images.x[i:i + batch_size], images.y[i:i + batch_size]
+            x, y = images.x[i : i + batch_size], images.y[i : i + batch_size]
             with exact_fp32(x.device):  # the model's own fp32 predictions (no TF32 on CUDA)
                 correct += int((model(normalize(x, mean, std)).argmax(1) == y).sum())
     finally:

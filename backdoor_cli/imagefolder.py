@@ -83,9 +83,11 @@ def common_size(index: FolderIndex) -> tuple[int, int]:
     size = index.sizes[0]
     for f, s in zip(index.files, index.sizes):
         if s != size:
-            raise InputError(f"{f}: image is {s[0]}x{s[1]} but the others are {size[0]}x{size[1]}",
-                             hint="pass --image-size N (or H,W), e.g. 224, to resize and centre-crop every image "
-                                  "to the model's input size")
+            raise InputError(
+                f"{f}: image is {s[0]}x{s[1]} but the others are {size[0]}x{size[1]}",
+                hint="pass --image-size N (or H,W), e.g. 224, to resize and centre-crop every image "
+                "to the model's input size",
+            )
     return size
 
 
@@ -131,8 +133,13 @@ def decode_image(path: Path, mode: str, image_size: ImageSize | None) -> np.ndar
     return pixels.reshape(pixels.shape[0], pixels.shape[1], -1)
 
 
-def decode_into(out: np.ndarray, files: tuple[Path, ...] | list[Path], mode: str, image_size: ImageSize | None,
-                pool: ThreadPoolExecutor) -> list:
+def decode_into(
+    out: np.ndarray,
+    files: tuple[Path, ...] | list[Path],
+    mode: str,
+    image_size: ImageSize | None,
+    pool: ThreadPoolExecutor,
+) -> list:
     """Queue the decoding of files[i] into out[i] on the pool; returns the futures (result() raises)."""
     return [pool.submit(_decode_slot, out, i, f, mode, image_size) for i, f in enumerate(files)]
 
@@ -140,13 +147,16 @@ def decode_into(out: np.ndarray, files: tuple[Path, ...] | list[Path], mode: str
 def _decode_slot(out: np.ndarray, i: int, path: Path, mode: str, image_size: ImageSize | None) -> None:
     pixels = decode_image(path, mode, image_size)
     if pixels.shape != out.shape[1:]:
-        raise InputError(f"{path}: image is {pixels.shape[1]}x{pixels.shape[0]}, expected "
-                         f"{out.shape[2]}x{out.shape[1]} (did the file change while it was read?)")
+        raise InputError(
+            f"{path}: image is {pixels.shape[1]}x{pixels.shape[0]}, expected "
+            f"{out.shape[2]}x{out.shape[1]} (did the file change while it was read?)"
+        )
     out[i] = pixels
 
 
-def decode_all(files: tuple[Path, ...], mode: str, image_size: ImageSize | None,
-               shape: tuple[int, int, int]) -> np.ndarray:
+def decode_all(
+    files: tuple[Path, ...], mode: str, image_size: ImageSize | None, shape: tuple[int, int, int]
+) -> np.ndarray:
     """Decode every file into one uint8 (N, *shape) array, in DECODE_WORKERS threads."""
     x = np.empty((len(files), *shape), dtype=np.uint8)
     with ThreadPoolExecutor(DECODE_WORKERS) as pool:
@@ -174,8 +184,10 @@ def _check_size(path: Path, size: tuple[int, int]) -> None:
     if not (0 < size[0] <= MAX_IMAGE_SIDE and 0 < size[1] <= MAX_IMAGE_SIDE):
         raise InputError(f"{path}: image is {size[0]}x{size[1]} pixels (limit {MAX_IMAGE_SIDE} per side)")
     if Image.MAX_IMAGE_PIXELS is not None and size[0] * size[1] > Image.MAX_IMAGE_PIXELS:
-        raise InputError(f"{path}: image has {size[0] * size[1]} pixels, over PIL's decompression-bomb limit "
-                         f"({Image.MAX_IMAGE_PIXELS})")
+        raise InputError(
+            f"{path}: image has {size[0] * size[1]} pixels, over PIL's decompression-bomb limit "
+            f"({Image.MAX_IMAGE_PIXELS})"
+        )
 
 
 def clip(text: str, limit: int = 120) -> str:

@@ -38,12 +38,18 @@ def _describe_checkpoint(ckpt) -> dict:
         "tensors": len(ckpt.state_dict),
         "parameters": ckpt.num_parameters,
         "dtypes": dict(dtypes),
-        "guess": {"arch": meta.get("arch") or guess.arch, "arch_from": "metadata" if meta.get("arch") else
-                  ("weights" if guess.arch else None), "num_classes": meta.get("num_classes") or guess.num_classes,
-                  "in_channels": meta.get("in_channels") or guess.in_channels, "head": meta.get("head") or guess.head},
+        "guess": {
+            "arch": meta.get("arch") or guess.arch,
+            "arch_from": "metadata" if meta.get("arch") else ("weights" if guess.arch else None),
+            "num_classes": meta.get("num_classes") or guess.num_classes,
+            "in_channels": meta.get("in_channels") or guess.in_channels,
+            "head": meta.get("head") or guess.head,
+        },
         "bdclean_metadata": meta or None,
-        "keys": [{"name": k, "shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")}
-                 for k, t in ckpt.state_dict.items()],
+        "keys": [
+            {"name": k, "shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")}
+            for k, t in ckpt.state_dict.items()
+        ],
     }
 
 
@@ -60,7 +66,11 @@ def render_inspection(info: dict, console, show_keys: bool = False) -> None:
         ("sha256", info["sha256"]),
         ("tensors", f"{info['tensors']} ({', '.join(f'{v} {k}' for k, v in info['dtypes'].items())})"),
         ("parameters", f"{info['parameters']:,}"),
-        ("architecture", (guess["arch"] or "unknown (pass --arch)") + (f"  [from {guess['arch_from']}]" if guess["arch_from"] else "")),
+        (
+            "architecture",
+            (guess["arch"] or "unknown (pass --arch)")
+            + (f"  [from {guess['arch_from']}]" if guess["arch_from"] else ""),
+        ),
         ("classes", str(guess["num_classes"] or "unknown")),
         ("input channels", str(guess["in_channels"] or "unknown")),
         ("head", guess["head"] or "unknown"),

@@ -25,14 +25,18 @@ def interpolate_states(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], t
     """(1 - t)·a + t·b for floating tensors; other tensors from `a`."""
     if a.keys() != b.keys():
         missing = sorted(set(a) ^ set(b))[:3]
-        raise InputError("the two checkpoints do not have the same tensors, so there is no straight line between them",
-                         hint=f"they differ in e.g. {', '.join(missing)}; --path needs two models of one architecture")
+        raise InputError(
+            "the two checkpoints do not have the same tensors, so there is no straight line between them",
+            hint=f"they differ in e.g. {', '.join(missing)}; --path needs two models of one architecture",
+        )
     out = {}
     for name, left in a.items():
         right = b[name]
         if left.shape != right.shape:
-            raise InputError(f"tensor {name} is {tuple(left.shape)} in one checkpoint and {tuple(right.shape)} in "
-                             "the other", hint="--path needs two models of one architecture")
+            raise InputError(
+                f"tensor {name} is {tuple(left.shape)} in one checkpoint and {tuple(right.shape)} in the other",
+                hint="--path needs two models of one architecture",
+            )
         out[name] = torch.lerp(left.float(), right.float(), t).to(left.dtype) if left.is_floating_point() else left
     return out
 
@@ -52,8 +56,18 @@ class PathPoint:
         return {"t": round(self.t, 6), **self.result.to_dict()}
 
 
-def walk_path(model: torch.nn.Module, start: dict[str, torch.Tensor], end: dict[str, torch.Tensor], count: int,
-              sets, mean, std, device, batch_size: int, on_point=None) -> list[PathPoint]:
+def walk_path(
+    model: torch.nn.Module,
+    start: dict[str, torch.Tensor],
+    end: dict[str, torch.Tensor],
+    count: int,
+    sets,
+    mean,
+    std,
+    device,
+    batch_size: int,
+    on_point=None,
+) -> list[PathPoint]:
     """Evaluate `model` loaded with each interpolated state (t = 0 is `start`, t = 1 is `end`);
     `on_point(done)` after each, with the number of points done so far."""
     points = []
@@ -66,8 +80,7 @@ def walk_path(model: torch.nn.Module, start: dict[str, torch.Tensor], end: dict[
 
 
 def path_markdown(points: list[PathPoint], start: str, end: str) -> str:
-    lines = [f"Linear path from `{start}` (t = 0) to `{end}` (t = 1)", "",
-             "| t | C-Acc | ASR |", "|---|---|---|"]
+    lines = [f"Linear path from `{start}` (t = 0) to `{end}` (t = 1)", "", "| t | C-Acc | ASR |", "|---|---|---|"]
     for p in points:
         r = p.result
         lines.append(f"| {p.t:.2f} | {r.clean_acc.value:.2%} | {'-' if r.asr is None else f'{r.asr.value:.2%}'} |")
@@ -117,19 +130,32 @@ class PathReport:
     def to_dict(self) -> dict:
         from .report import SCHEMA_VERSION
 
-        return {"schema": SCHEMA_VERSION, "kind": "path", "start": self.start, "end": self.end,
-                "data": self.data, "trigger": self.trigger, "points": [p.to_dict() for p in self.points],
-                "outputs": self.outputs, "environment": self.environment, "options": self.options}
+        return {
+            "schema": SCHEMA_VERSION,
+            "kind": "path",
+            "start": self.start,
+            "end": self.end,
+            "data": self.data,
+            "trigger": self.trigger,
+            "points": [p.to_dict() for p in self.points],
+            "outputs": self.outputs,
+            "environment": self.environment,
+            "options": self.options,
+        }
 
 
 def render_path(report: PathReport, console) -> None:
-    from .report import _metric_table, interval, pct
+    from .report import interval, metric_table, pct
 
-    table = _metric_table(f"linear path: {report.start['path']} (t=0) -> {report.end['path']} (t=1)",
-                          ["t", "C-Acc", "95% CI", "ASR", "95% CI"])
+    table = metric_table(
+        f"linear path: {report.start['path']} (t=0) -> {report.end['path']} (t=1)",
+        ["t", "C-Acc", "95% CI", "ASR", "95% CI"],
+    )
     for p in report.points:
         r = p.result
-        table.add_row(f"{p.t:.2f}", pct(r.clean_acc), interval(r.clean_acc), pct(r.asr), interval(r.asr) if r.asr else "-")
+        table.add_row(
+            f"{p.t:.2f}", pct(r.clean_acc), interval(r.clean_acc), pct(r.asr), interval(r.asr) if r.asr else "-"
+        )
     console.print(table)
     if report.outputs.get("plot"):
         console.print(f"plot: {report.outputs['plot']}")

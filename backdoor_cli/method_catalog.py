@@ -28,6 +28,8 @@ DEFAULT = "unlearn"  # recipe.RECOMMENDED_METHOD (tested equal)
 def method_help() -> str:
     """`purify --method`'s help: the default, then every method with its summary."""
     listed = "; ".join(f"{name}: {summary}" for name, summary in METHODS.items())
-    return (f"Defense. Default: scan, unlearn, verify ({DEFAULT} with what a trigger inversion of the clean images "
-            "finds; 20% of them held out to check the removal; docs/methods.md). A name runs that method as "
-            f"published. Methods: {listed}.")
+    return (
+        f"Defense. Default: scan, unlearn, verify ({DEFAULT} with what a trigger inversion of the clean images "
+        "finds; 20% of them held out to check the removal; docs/methods.md). A name runs that method as "
+        f"published. Methods: {listed}."
+    )

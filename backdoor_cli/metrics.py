@@ -55,8 +55,12 @@ class Rate:
         return wilson_interval(self.k, self.n)[1]
 
     def to_dict(self) -> dict:
-        return {"k": self.k, "n": self.n, "value": round(self.value, 6),
-                "ci95": [round(self.low, 6), round(self.high, 6)]}
+        return {
+            "k": self.k,
+            "n": self.n,
+            "value": round(self.value, 6),
+            "ci95": [round(self.low, 6), round(self.high, 6)],
+        }
 
 
 def defense_effectiveness_rating(acc_before: float, acc_after: float, asr_before: float, asr_after: float) -> float:

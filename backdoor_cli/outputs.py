@@ -67,8 +67,9 @@ def _refuse_special(target: Path) -> None:
     except OSError as exc:
         raise OutputError(_describe_write_error(target, exc)) from None
     if not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
-        raise OutputError(f"{target} exists and is not a regular file; bdclean will not replace it",
-                          hint="choose another output path")
+        raise OutputError(
+            f"{target} exists and is not a regular file; bdclean will not replace it", hint="choose another output path"
+        )
 
 
 def _inside(target: Path, directory: Path) -> bool:
@@ -87,9 +88,12 @@ def check_targets(targets: Iterable[Path], inputs: Iterable[Path | str | None], 
         resolved = target.resolve()
         for source in resolved_inputs:
             if resolved == source or (source.is_dir() and _inside(resolved, source)):
-                raise OutputError(f"refusing to overwrite the input {source}" if resolved == source else
-                                  f"refusing to write {target} inside the input directory {source}",
-                                  hint="choose another output path")
+                raise OutputError(
+                    f"refusing to overwrite the input {source}"
+                    if resolved == source
+                    else f"refusing to write {target} inside the input directory {source}",
+                    hint="choose another output path",
+                )
         _refuse_special(target)
     existing = [t for t in targets if os.path.lexists(t)]
     if existing and not force:
@@ -118,11 +122,12 @@ class OutputSet:
         self._created: list[Path] = []
         self.committed = False
 
-    def __enter__(self) -> "OutputSet":
+    def __enter__(self) -> OutputSet:
         out = self.directory
         if os.path.lexists(out) and not out.is_dir():
-            raise OutputError(f"--out {out} is a file; it must be a directory",
-                              hint="choose a directory for the outputs")
+            raise OutputError(
+                f"--out {out} is a file; it must be a directory", hint="choose a directory for the outputs"
+            )
         check_targets([out / n for n in self.names], self.inputs, self.force)
         missing = _missing_dirs(out)
         try:

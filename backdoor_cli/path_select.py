@@ -41,8 +41,15 @@ class PathSelection:
     warning: str | None = None
 
     def to_dict(self) -> dict:
-        return {"budget": self.budget, "input_acc": round(self.base_acc, 6), "floor": self.floor,
-                "chosen_t": self.chosen_t, "reason": self.reason, "warning": self.warning, "curve": self.curve}
+        return {
+            "budget": self.budget,
+            "input_acc": round(self.base_acc, 6),
+            "floor": self.floor,
+            "chosen_t": self.chosen_t,
+            "reason": self.reason,
+            "warning": self.warning,
+            "curve": self.curve,
+        }
 
 
 def grid(floor: float = FLOOR, step: float = STEP) -> list[float]:
@@ -57,15 +64,25 @@ def grid(floor: float = FLOOR, step: float = STEP) -> list[float]:
 def memorised_warning(base_acc: float) -> str | None:
     if base_acc < MEMORISED:
         return None
-    return (f"the input model scores {base_acc:.1%} on the held-out images: they were probably part of its "
-            "training data, so the held-out cost is overstated and the selection stays nearer the input than "
-            "it needs to; pass clean images the model never saw (--clean-data)")
+    return (
+        f"the input model scores {base_acc:.1%} on the held-out images: they were probably part of its "
+        "training data, so the held-out cost is overstated and the selection stays nearer the input than "
+        "it needs to; pass clean images the model never saw (--clean-data)"
+    )
 
 
 @torch.no_grad()
-def select_on_path(model: torch.nn.Module, start: dict[str, torch.Tensor], held: ImageSet, base_acc: float,
-                   budget: float, mean: torch.Tensor, std: torch.Tensor, floor: float = FLOOR,
-                   step: float = STEP) -> PathSelection:
+def select_on_path(
+    model: torch.nn.Module,
+    start: dict[str, torch.Tensor],
+    held: ImageSet,
+    base_acc: float,
+    budget: float,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    floor: float = FLOOR,
+    step: float = STEP,
+) -> PathSelection:
     """Score the held-out images at each t of the grid (the model's current weights are t = 1), load
     the chosen point into `model`, and say what was chosen and why. `start` is the input's state dict."""
     end = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -78,16 +95,22 @@ def select_on_path(model: torch.nn.Module, start: dict[str, torch.Tensor], held:
     picked = next((row for row in choice.curve if row["within_budget"]), None)
     if picked is None:  # the budget cannot be met: go as far back as the floor allows, and say so
         choice.chosen_t = choice.curve[-1]["t"]
-        choice.reason = (f"no point with t >= {floor} stayed within {budget:.1%} of the input's held-out accuracy "
-                         f"({base_acc:.1%}); t = {choice.chosen_t:.2f}, the nearest the selection goes to the input, "
-                         f"is kept at {choice.curve[-1]['holdout_acc']:.1%}: the budget is not met")
+        choice.reason = (
+            f"no point with t >= {floor} stayed within {budget:.1%} of the input's held-out accuracy "
+            f"({base_acc:.1%}); t = {choice.chosen_t:.2f}, the nearest the selection goes to the input, "
+            f"is kept at {choice.curve[-1]['holdout_acc']:.1%}: the budget is not met"
+        )
     else:
         choice.chosen_t = picked["t"]
         if picked["t"] == 1.0:
-            choice.reason = (f"the purified model (t = 1) is within {budget:.1%} of the input's held-out accuracy "
-                             f"({picked['holdout_acc']:.1%} vs {base_acc:.1%}); kept as tuned")
+            choice.reason = (
+                f"the purified model (t = 1) is within {budget:.1%} of the input's held-out accuracy "
+                f"({picked['holdout_acc']:.1%} vs {base_acc:.1%}); kept as tuned"
+            )
         else:
-            choice.reason = (f"t = {picked['t']:.2f}: the point nearest the purified model whose held-out accuracy "
-                             f"({picked['holdout_acc']:.1%}) is within {budget:.1%} of the input's ({base_acc:.1%})")
+            choice.reason = (
+                f"t = {picked['t']:.2f}: the point nearest the purified model whose held-out accuracy "
+                f"({picked['holdout_acc']:.1%}) is within {budget:.1%} of the input's ({base_acc:.1%})"
+            )
     model.load_state_dict(interpolate_states(start, end, choice.chosen_t) if choice.chosen_t < 1 else end)
     return choice

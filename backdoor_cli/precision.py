@@ -80,8 +80,13 @@ class CpuCapability:
         return self.torch_capability
 
     def to_dict(self) -> dict:
-        return {"kind": self.kind, "torch_capability": self.torch_capability, "avx512_bf16": self.avx512_bf16,
-                "amx_bf16": self.amx_bf16, "native_bf16": self.native_bf16}
+        return {
+            "kind": self.kind,
+            "torch_capability": self.torch_capability,
+            "avx512_bf16": self.avx512_bf16,
+            "amx_bf16": self.amx_bf16,
+            "native_bf16": self.native_bf16,
+        }
 
 
 def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
@@ -134,14 +139,21 @@ def resolve_precision(spec: str | None, device: torch.device, capability: CpuCap
             reason = "requested; this CPU has no native bf16 (emulated: much slower than fp32)"
         return PrecisionPlan(requested, requested, requested, reason)
     if device.type == "cuda":
-        return PrecisionPlan("auto", "bf16", "fp32",
-                             "CUDA: bf16 autocast for tuning; evaluation in exact fp32 (TF32 off), the model's own")
+        return PrecisionPlan(
+            "auto",
+            "bf16",
+            "fp32",
+            "CUDA: bf16 autocast for tuning; evaluation in exact fp32 (TF32 off), the model's own",
+        )
     cap = capability or cpu_capability()
     if not cap.native_bf16:
         return PrecisionPlan("auto", "fp32", "fp32", f"CPU {cap.kind}: no native bf16")
     evaluate = "bf16" if EVAL_BF16_ON_CPU else "fp32"
-    why = ("bf16 (it moved no figure of the precision study by more than 0.14 of its interval)" if EVAL_BF16_ON_CPU
-           else "exact fp32, the model's own predictions (bf16 changed up to 0.52% of them)")
+    why = (
+        "bf16 (it moved no figure of the precision study by more than 0.14 of its interval)"
+        if EVAL_BF16_ON_CPU
+        else "exact fp32, the model's own predictions (bf16 changed up to 0.52% of them)"
+    )
     return PrecisionPlan("auto", "bf16", evaluate, f"CPU {cap.kind}: native bf16 for tuning; evaluation in {why}")
 
 
@@ -200,13 +212,22 @@ class FormatChoice:
     seconds: dict[str, float] | None = None
 
     def to_dict(self) -> dict:
-        return {"format": self.format, "reason": self.reason,
-                "seconds_per_step": {k: round(v, 5) for k, v in self.seconds.items()} if self.seconds else None}
+        return {
+            "format": self.format,
+            "reason": self.reason,
+            "seconds_per_step": {k: round(v, 5) for k, v in self.seconds.items()} if self.seconds else None,
+        }
 
 
-def choose_memory_format(model: torch.nn.Module, example: torch.Tensor, device: torch.device, precision: str,
-                         train: bool, spec: str | None = "auto",
-                         loss: Callable[[torch.Tensor], torch.Tensor] | None = None) -> FormatChoice:
+def choose_memory_format(
+    model: torch.nn.Module,
+    example: torch.Tensor,
+    device: torch.device,
+    precision: str,
+    train: bool,
+    spec: str | None = "auto",
+    loss: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> FormatChoice:
     """Time `model` on `example` (a normalised float batch) in each format, FORMAT_TIMED_STEPS
     alternating rounds, and keep the faster; a training step (forward + backward) when `train`, else a forward
     pass. Training is timed on a copy, so the model's weights, grads and BatchNorm statistics are
@@ -243,8 +264,9 @@ def choose_memory_format(model: torch.nn.Module, example: torch.Tensor, device: 
     if seconds["contiguous"] < seconds["channels_last"] * (1 - FORMAT_MARGIN):
         choice = FormatChoice("contiguous", f"measured: faster by more than {FORMAT_MARGIN:.0%}", seconds)
     else:
-        choice = FormatChoice("channels_last", f"measured: contiguous not faster by more than {FORMAT_MARGIN:.0%}",
-                              seconds)
+        choice = FormatChoice(
+            "channels_last", f"measured: contiguous not faster by more than {FORMAT_MARGIN:.0%}", seconds
+        )
     return _apply(model, choice)
 
 
@@ -316,14 +338,18 @@ class Compute:
     formats: dict[str, FormatChoice]
 
     def to_dict(self) -> dict:
-        return {"cpu": cpu_capability().to_dict() if self.device.type == "cpu" else None,
-                "precision": self.plan.to_dict(),
-                "memory_format": {stage: choice.to_dict() for stage, choice in self.formats.items()}}
+        return {
+            "cpu": cpu_capability().to_dict() if self.device.type == "cpu" else None,
+            "precision": self.plan.to_dict(),
+            "memory_format": {stage: choice.to_dict() for stage, choice in self.formats.items()},
+        }
 
     def replayable(self) -> dict:
         """For checkpoint metadata: what was chosen, no timings (a replay must give the same bytes)."""
-        return {"precision": {"tune": self.plan.tune, "evaluate": self.plan.evaluate},
-                "memory_format": {stage: choice.format for stage, choice in self.formats.items()}}
+        return {
+            "precision": {"tune": self.plan.tune, "evaluate": self.plan.evaluate},
+            "memory_format": {stage: choice.format for stage, choice in self.formats.items()},
+        }
 
     def describe(self) -> str:
         formats = ", ".join(f"{stage} {choice.format}" for stage, choice in self.formats.items())

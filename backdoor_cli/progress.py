@@ -73,14 +73,27 @@ class StderrReporter(Reporter):
         # No bar when stderr is a file or a pipe: a transient bar leaves nothing there anyway.
         if self.quiet or not self.console.is_terminal:
             return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
         # auto_refresh=False: no refresh thread. It woke 10 times a second to take the GIL from the loop
         # it reports on (a launch-bound GPU loop feels that), and stop() had to wait for it. The bar
         # is redrawn from advance() instead, at most every REFRESH_SECONDS.
         self._progress = Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TimeElapsedColumn(), TimeRemainingColumn(), console=self.console, transient=True, auto_refresh=False,
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=self.console,
+            transient=True,
+            auto_refresh=False,
         )
         self._progress.start()
         self._task = self._progress.add_task(description, total=total)

@@ -26,9 +26,11 @@ RECOMMENDED_METHOD = "unlearn"
 RECOMMENDED_PARAMS: dict = {}
 # Said with every run of the default, because it is true of the method: it removes what the trigger
 # inversion finds, and some triggers hide from inversion.
-CAVEAT = ("the default removes the trigger a scan reconstructs; blend, warp and sample-specific triggers can "
-          "hide from that scan, and the removal verdict below says when nothing could be verified: pass "
-          "--trigger if you know or suspect one, or add --retune-check (docs/purification.md)")
+CAVEAT = (
+    "the default removes the trigger a scan reconstructs; blend, warp and sample-specific triggers can "
+    "hide from that scan, and the removal verdict below says when nothing could be verified: pass "
+    "--trigger if you know or suspect one, or add --retune-check (docs/purification.md)"
+)
 RECOMMENDED_HOLDOUT = 0.2
 SELECTIONS = ("last", "epoch", "path")
 MIN_HELD_PER_CLASS = 2  # fewer held-out images than this per class cannot tell a cost of a few points
@@ -62,14 +64,25 @@ class Recipe:
         return text
 
     def to_dict(self) -> dict:
-        return {"method": self.method, "recommended": self.recommended, "holdout_fraction": self.holdout_fraction,
-                "select": self.select, "budget": self.budget,
-                "floor": self.floor if self.select == "path" else None, "note": self.note,
-                "caveat": CAVEAT if self.recommended else None}
+        return {
+            "method": self.method,
+            "recommended": self.recommended,
+            "holdout_fraction": self.holdout_fraction,
+            "select": self.select,
+            "budget": self.budget,
+            "floor": self.floor if self.select == "path" else None,
+            "note": self.note,
+            "caveat": CAVEAT if self.recommended else None,
+        }
 
 
-def resolve_recipe(method: str | None, holdout_fraction: float | None, select: str | None,
-                   select_budget: float | None, floor: float | None = None) -> Recipe:
+def resolve_recipe(
+    method: str | None,
+    holdout_fraction: float | None,
+    select: str | None,
+    select_budget: float | None,
+    floor: float | None = None,
+) -> Recipe:
     """Fill in what the user left out; refuse a selection that has no held-out images to decide with.
     `select_budget` is the held-out accuracy the selection may give up (--select-budget); the test-set
     gate --max-acc-drop is a different thing and plays no part here."""
@@ -82,16 +95,27 @@ def resolve_recipe(method: str | None, holdout_fraction: float | None, select: s
     if select not in SELECTIONS:
         raise ConfigError(f"--select must be one of {', '.join(SELECTIONS)}, got {select!r}")
     if select != "last" and not holdout:
-        raise ConfigError(f"--select {select} decides with held-out clean images, and none are held out",
-                          hint="pass --holdout-fraction 0.2 (or leave --holdout-fraction at its default)")
+        raise ConfigError(
+            f"--select {select} decides with held-out clean images, and none are held out",
+            hint="pass --holdout-fraction 0.2 (or leave --holdout-fraction at its default)",
+        )
     if floor is not None and select != "path":
         raise ConfigError("--path-floor applies to the path selection only", hint="add --select path")
     if select_budget is not None and select == "last":
-        raise ConfigError("--select-budget applies to a selection by held-out images",
-                          hint="add --select epoch or --select path (and --holdout-fraction with --method)")
+        raise ConfigError(
+            "--select-budget applies to a selection by held-out images",
+            hint="add --select epoch or --select path (and --holdout-fraction with --method)",
+        )
     budget = select_budget if select_budget is not None else (DEFAULT_BUDGET if select != "last" else None)
-    return Recipe(name, holdout, select, budget, recommended, floor=FLOOR if floor is None else floor,
-                  holdout_default=holdout_fraction is None and recommended)
+    return Recipe(
+        name,
+        holdout,
+        select,
+        budget,
+        recommended,
+        floor=FLOOR if floor is None else floor,
+        holdout_default=holdout_fraction is None and recommended,
+    )
 
 
 def fit_to_clean_data(recipe: Recipe, images: int, num_classes: int) -> tuple[Recipe, str | None]:
@@ -101,8 +125,10 @@ def fit_to_clean_data(recipe: Recipe, images: int, num_classes: int) -> tuple[Re
     held = int(recipe.holdout_fraction * images)
     if not recipe.holdout_default or held >= MIN_HELD_PER_CLASS * num_classes:
         return recipe, None
-    warning = (f"only {images} clean images: too few to hold {recipe.holdout_fraction:.0%} out to verify the removal "
-               f"(it needs {MIN_HELD_PER_CLASS * num_classes} held-out images for {num_classes} classes); tuning on all "
-               "of them, so the reconstructed trigger's ASR is measured on the images it was made from - pass more "
-               "clean images (--clean-count, --clean-data) for an independent check")
+    warning = (
+        f"only {images} clean images: too few to hold {recipe.holdout_fraction:.0%} out to verify the removal "
+        f"(it needs {MIN_HELD_PER_CLASS * num_classes} held-out images for {num_classes} classes); tuning on all "
+        "of them, so the reconstructed trigger's ASR is measured on the images it was made from - pass more "
+        "clean images (--clean-count, --clean-data) for an independent check"
+    )
     return replace(recipe, holdout_fraction=0.0, select="last", budget=None, note=warning), warning

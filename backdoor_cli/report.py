@@ -54,11 +54,21 @@ class EvaluateReport:
     retune: dict | None = None  # retune.RetuneResult.to_dict(), with --retune-check
 
     def to_dict(self) -> dict:
-        return {"schema": SCHEMA_VERSION, "kind": "evaluate", "checkpoint": self.subject, "data": self.data,
-                "trigger": self.trigger, "metrics": self.result.to_dict(), "retune_check": self.retune,
-                "gates": [g.to_dict() for g in self.gates],
-                "passed": all(g.passed for g in self.gates), "timings": _round(self.timings),
-                "environment": self.environment, "options": self.options, "definitions": DEFINITIONS}
+        return {
+            "schema": SCHEMA_VERSION,
+            "kind": "evaluate",
+            "checkpoint": self.subject,
+            "data": self.data,
+            "trigger": self.trigger,
+            "metrics": self.result.to_dict(),
+            "retune_check": self.retune,
+            "gates": [g.to_dict() for g in self.gates],
+            "passed": all(g.passed for g in self.gates),
+            "timings": _round(self.timings),
+            "environment": self.environment,
+            "options": self.options,
+            "definitions": DEFINITIONS,
+        }
 
 
 @dataclass
@@ -80,7 +90,9 @@ class PurifyReport:
     output_kind: dict | None = None  # models.output_kind.OutputKind.to_dict(): what the model returns, the loss
     retune: dict | None = None  # retune.RetuneResult.to_dict() of the purified model, with --retune-check
     removal: dict | None = None  # removal.RemovalVerdict.to_dict(): is there evidence the backdoor is gone?
-    scan: dict | None = None  # scan_guided.ScanEvidence.to_dict(): the scan a scan-guided method removed and checked with
+    scan: dict | None = (
+        None  # scan_guided.ScanEvidence.to_dict(): the scan a scan-guided method removed and checked with
+    )
 
     @property
     def acc_delta(self) -> float:
@@ -91,16 +103,31 @@ class PurifyReport:
         return self.after.asr.value - self.before.asr.value if self.before.asr and self.after.asr else None
 
     def to_dict(self) -> dict:
-        return {"schema": SCHEMA_VERSION, "kind": "purify", "checkpoint": self.subject, "data": self.data,
-                "trigger": self.trigger, "method": self.method, "output_kind": self.output_kind,
-                "clean_data": self.clean,
-                "before": self.before.to_dict(), "after": self.after.to_dict(),
-                "delta": {"clean_acc": self.acc_delta, "asr": self.asr_delta}, "der": self.der,
-                "removal": self.removal, "scan": self.scan,
-                "retune_check": self.retune, "history": self.history, "gates": [g.to_dict() for g in self.gates],
-                "passed": all(g.passed for g in self.gates), "outputs": self.outputs,
-                "timings": _round(self.timings), "environment": self.environment, "options": self.options,
-                "definitions": DEFINITIONS}
+        return {
+            "schema": SCHEMA_VERSION,
+            "kind": "purify",
+            "checkpoint": self.subject,
+            "data": self.data,
+            "trigger": self.trigger,
+            "method": self.method,
+            "output_kind": self.output_kind,
+            "clean_data": self.clean,
+            "before": self.before.to_dict(),
+            "after": self.after.to_dict(),
+            "delta": {"clean_acc": self.acc_delta, "asr": self.asr_delta},
+            "der": self.der,
+            "removal": self.removal,
+            "scan": self.scan,
+            "retune_check": self.retune,
+            "history": self.history,
+            "gates": [g.to_dict() for g in self.gates],
+            "passed": all(g.passed for g in self.gates),
+            "outputs": self.outputs,
+            "timings": _round(self.timings),
+            "environment": self.environment,
+            "options": self.options,
+            "definitions": DEFINITIONS,
+        }
 
 
 @dataclass
@@ -118,11 +145,20 @@ class CompareRow:
     retune: dict | None = None  # retune.RetuneResult.to_dict(), with --retune-check
 
     def to_dict(self) -> dict:
-        return {"path": self.path, "sha256": self.sha256, "arch": self.arch, "method": self.method,
-                "reference": self.is_reference, "metrics": self.result.to_dict(), "retune_check": self.retune,
-                "acc_drop": self.acc_drop,
-                "der": self.der, "drift": self.drift, "gates": [g.to_dict() for g in self.gates],
-                "passed": all(g.passed for g in self.gates)}
+        return {
+            "path": self.path,
+            "sha256": self.sha256,
+            "arch": self.arch,
+            "method": self.method,
+            "reference": self.is_reference,
+            "metrics": self.result.to_dict(),
+            "retune_check": self.retune,
+            "acc_drop": self.acc_drop,
+            "der": self.der,
+            "drift": self.drift,
+            "gates": [g.to_dict() for g in self.gates],
+            "passed": all(g.passed for g in self.gates),
+        }
 
 
 @dataclass
@@ -139,9 +175,18 @@ class CompareReport:
         return all(g.passed for row in self.rows for g in row.gates)
 
     def to_dict(self) -> dict:
-        return {"schema": SCHEMA_VERSION, "kind": "compare", "reference": self.reference, "data": self.data,
-                "trigger": self.trigger, "rows": [r.to_dict() for r in self.rows], "passed": self.passed,
-                "environment": self.environment, "options": self.options, "definitions": DEFINITIONS}
+        return {
+            "schema": SCHEMA_VERSION,
+            "kind": "compare",
+            "reference": self.reference,
+            "data": self.data,
+            "trigger": self.trigger,
+            "rows": [r.to_dict() for r in self.rows],
+            "passed": self.passed,
+            "environment": self.environment,
+            "options": self.options,
+            "definitions": DEFINITIONS,
+        }
 
 
 @dataclass
@@ -160,10 +205,22 @@ class TrainReport:
 
     def to_dict(self) -> dict:
         init = None if self.init is None else {**self.init, "metrics": self.init["metrics"].to_dict()}
-        return {"schema": SCHEMA_VERSION, "kind": "train", "out": self.out, "sha256": self.sha256, "arch": self.arch,
-                "data": self.data, "poisoned_images": self.poisoned, "trigger": self.trigger, "init": init,
-                "metrics": self.result.to_dict(), "history": self.history, "timings": _round(self.timings),
-                "environment": self.environment, "definitions": DEFINITIONS}
+        return {
+            "schema": SCHEMA_VERSION,
+            "kind": "train",
+            "out": self.out,
+            "sha256": self.sha256,
+            "arch": self.arch,
+            "data": self.data,
+            "poisoned_images": self.poisoned,
+            "trigger": self.trigger,
+            "init": init,
+            "metrics": self.result.to_dict(),
+            "history": self.history,
+            "timings": _round(self.timings),
+            "environment": self.environment,
+            "definitions": DEFINITIONS,
+        }
 
 
 def _round(timings: dict) -> dict:
@@ -176,6 +233,7 @@ def to_json(report) -> str:
 
 # ---------------------------------------------------------------- weight drift (compare)
 
+
 def weight_drift(reference: dict[str, torch.Tensor], other: dict[str, torch.Tensor]) -> dict:
     """Per-tensor L2 distance and cosine similarity for weights present in both with equal shapes."""
     layers = {}
@@ -187,8 +245,11 @@ def weight_drift(reference: dict[str, torch.Tensor], other: dict[str, torch.Tens
         distance = float(torch.linalg.vector_norm(a - b))
         denom = float(torch.linalg.vector_norm(a) * torch.linalg.vector_norm(b))
         cosine = float(a @ b) / denom if denom > 0 else 1.0
-        layers[key] = {"l2": distance, "relative_l2": distance / max(float(torch.linalg.vector_norm(a)), 1e-12),
-                       "cosine": cosine}
+        layers[key] = {
+            "l2": distance,
+            "relative_l2": distance / max(float(torch.linalg.vector_norm(a)), 1e-12),
+            "cosine": cosine,
+        }
     total = sum(v["l2"] ** 2 for v in layers.values()) ** 0.5
     most = max(layers, key=lambda k: layers[k]["relative_l2"]) if layers else None
     return {"total_l2": total, "most_changed": most, "layers": layers}
@@ -196,11 +257,13 @@ def weight_drift(reference: dict[str, torch.Tensor], other: dict[str, torch.Tens
 
 # ---------------------------------------------------------------- Markdown
 
+
 def purify_markdown(report: PurifyReport) -> str:
     d = report.to_dict()
     subject, method = d["checkpoint"], d["method"]
     lines = [
-        f"# bdclean purification report ({method['name']})", "",
+        f"# bdclean purification report ({method['name']})",
+        "",
         f"- Input: `{subject['path']}` (sha256 `{subject['sha256'][:16]}...`, {subject['arch']}, "
         f"{subject['num_classes']} classes, head `{subject['head']}`)",
         f"- Data: {d['data']['name']} ({d['data']['source']}), {d['data']['test_images']} test images",
@@ -208,16 +271,28 @@ def purify_markdown(report: PurifyReport) -> str:
         f"- Method: `{method['name']}` - {method['summary']}",
         *([f"- Recipe: {recipe_line(method['recipe'])}"] if method.get("recipe") else []),
         *([f"- **Note:** {method['recipe']['caveat']}"] if (method.get("recipe") or {}).get("caveat") else []),
-        f"- Hyper-parameters: " + ", ".join(f"{k}={v}" for k, v in method["params"].items()),
+        "- Hyper-parameters: " + ", ".join(f"{k}={v}" for k, v in method["params"].items()),
         f"- Model output: {output_kind_line(report.output_kind)}",
         *([f"- **Warning:** {report.output_kind['warning']}"] if (report.output_kind or {}).get("warning") else []),
         f"- Clean data: {report.clean['images']} images from {report.clean['source']}"
-        + (f" (indices sha256 `{report.clean['indices_sha256'][:16]}...`)" if report.clean.get("indices_sha256") else ""),
-        *([f"- Held out: {held['images']} of them (input model {held['input_acc']:.2%} on them)"
-           + (f"; kept: {held['selection']}" if held.get("selection") else "")]
-          if (held := report.clean.get("holdout")) else []),
-        "", "## Results", "",
-        "| metric | before | after | change |", "|---|---|---|---|",
+        + (
+            f" (indices sha256 `{report.clean['indices_sha256'][:16]}...`)"
+            if report.clean.get("indices_sha256")
+            else ""
+        ),
+        *(
+            [
+                f"- Held out: {held['images']} of them (input model {held['input_acc']:.2%} on them)"
+                + (f"; kept: {held['selection']}" if held.get("selection") else "")
+            ]
+            if (held := report.clean.get("holdout"))
+            else []
+        ),
+        "",
+        "## Results",
+        "",
+        "| metric | before | after | change |",
+        "|---|---|---|---|",
     ]
     for name, key in (("C-Acc", "clean_acc"), ("ASR", "asr"), ("RA", "ra")):
         b, a = getattr(report.before, key), getattr(report.after, key)
@@ -225,29 +300,51 @@ def purify_markdown(report: PurifyReport) -> str:
         lines.append(f"| {name} | {_rate_md(b)} | {_rate_md(a)} | {change} |")
     lines += ["", f"DER: {report.der:.4f}" if report.der is not None else "DER: - (no trigger)", ""]
     if report.removal:
-        lines += ["## Removal verdict", "", f"**{report.removal['verdict'].replace('_', ' ')}**: "
-                  f"{report.removal['reason']}", ""]
+        lines += [
+            "## Removal verdict",
+            "",
+            f"**{report.removal['verdict'].replace('_', ' ')}**: {report.removal['reason']}",
+            "",
+        ]
     lines += scan_markdown(report.scan)
     lines += path_markdown((report.clean.get("holdout") or {}).get("path"))
     lines += retune_markdown(report.retune)
     if report.gates:
         lines += ["## Gates", ""] + [f"- {g.describe()}" for g in report.gates] + [""]
     curve = {c["epoch"]: c["holdout_acc"] for c in (report.clean.get("holdout") or {}).get("curve", [])}
-    lines += ["## Tuning", "", "| epoch | loss | train acc | held-out acc | lr | seconds |", "|---|---|---|---|---|---|"]
-    lines += [f"| {h['epoch']} | {h['loss']:.4f} | {h['train_acc']:.2%} | {_held_cell(curve, h['epoch'])} | "
-              f"{h['lr']:.4g} | {h['seconds']:.2f} |" for h in report.history]
+    lines += [
+        "## Tuning",
+        "",
+        "| epoch | loss | train acc | held-out acc | lr | seconds |",
+        "|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {h['epoch']} | {h['loss']:.4f} | {h['train_acc']:.2%} | {_held_cell(curve, h['epoch'])} | "
+        f"{h['lr']:.4g} | {h['seconds']:.2f} |"
+        for h in report.history
+    ]
     env = report.environment
-    lines += ["", "## Reproducibility", "",
-              f"- seed {report.method['params']['seed']}; bdclean {env['bdclean']}, torch {env['torch']}, "
-              f"python {env['python']}; device {env['device_name']}",
-              *([f"- {compute_line(env['compute'])}"] if env.get("compute") else []),
-              "- timings: " + ", ".join(f"{k} {v:.2f}s" for k, v in report.timings.items()),
-              "", "## Definitions", ""] + [f"- **{k}**: {v}" for k, v in DEFINITIONS.items()]
+    lines += [
+        "",
+        "## Reproducibility",
+        "",
+        f"- seed {report.method['params']['seed']}; bdclean {env['bdclean']}, torch {env['torch']}, "
+        f"python {env['python']}; device {env['device_name']}",
+        *([f"- {compute_line(env['compute'])}"] if env.get("compute") else []),
+        "- timings: " + ", ".join(f"{k} {v:.2f}s" for k, v in report.timings.items()),
+        "",
+        "## Definitions",
+        "",
+    ] + [f"- **{k}**: {v}" for k, v in DEFINITIONS.items()]
     return "\n".join(lines) + "\n"
 
 
 def recipe_line(recipe: dict) -> str:
-    text = "bdclean's default (scan, unlearn, verify)" if recipe.get("recommended") else f"--method {recipe['method']} as published"
+    text = (
+        "bdclean's default (scan, unlearn, verify)"
+        if recipe.get("recommended")
+        else f"--method {recipe['method']} as published"
+    )
     if recipe.get("holdout_fraction"):
         text += f"; {recipe['holdout_fraction']:.0%} of the clean images held out"
     text += f"; selection: {recipe['select']}"
@@ -266,8 +363,10 @@ def path_markdown(path: dict | None) -> list[str]:
     lines += ["| t | held-out acc | cost vs input | within budget |", "|---|---|---|---|"]
     for row in path["curve"]:
         mark = " (kept)" if row["t"] == path["chosen_t"] else ""
-        lines.append(f"| {row['t']:.2f}{mark} | {row['holdout_acc']:.2%} | "
-                     f"{signed_points(row['holdout_acc'] - path['input_acc'])} | {'yes' if row['within_budget'] else 'no'} |")
+        lines.append(
+            f"| {row['t']:.2f}{mark} | {row['holdout_acc']:.2%} | "
+            f"{signed_points(row['holdout_acc'] - path['input_acc'])} | {'yes' if row['within_budget'] else 'no'} |"
+        )
     return lines + [""]
 
 
@@ -276,24 +375,47 @@ def scan_markdown(scan: dict | None) -> list[str]:
     unlearnt classes' proxy ASR before and after, and the re-scan of each flagged class."""
     if not scan:
         return []
-    lines = ["## Scan (trigger inversion on the clean tuning images)", "",
-             f"Flagged: {', '.join(map(str, scan['flagged'])) or 'none'}. {scan['choice'][0].upper()}{scan['choice'][1:]}.",
-             f"Rule: {scan['rule']}.", "", "| class | mask L1 | anomaly index | success |", "|---|---|---|---|"]
+    lines = [
+        "## Scan (trigger inversion on the clean tuning images)",
+        "",
+        f"Flagged: {', '.join(map(str, scan['flagged'])) or 'none'}. {scan['choice'][0].upper()}{scan['choice'][1:]}.",
+        f"Rule: {scan['rule']}.",
+        "",
+        "| class | mask L1 | anomaly index | success |",
+        "|---|---|---|---|",
+    ]
     full = [c for c in scan["classes"] if c.get("searched", "full") == "full"]
-    lines += [f"| {c['class']}{' (flagged)' if c['class'] in scan['flagged'] else ''} | {c['mask_l1']:g} | "
-              f"{c['anomaly_index']:.2f} | {c['success']:.0%} |" for c in full]
+    lines += [
+        f"| {c['class']}{' (flagged)' if c['class'] in scan['flagged'] else ''} | {c['mask_l1']:g} | "
+        f"{c['anomaly_index']:.2f} | {c['success']:.0%} |"
+        for c in full
+    ]
     if len(full) < len(scan["classes"]):
-        lines += ["", f"{len(scan['classes']) - len(full)} more classes were screened out by a short search "
-                  "(report.json lists them): only the candidates and a random reference sample were searched in full."]
-    lines += ["", f"Proxy ASR: the share of {scan['proxy_images']} of other classes that the input's reconstructed "
-              "trigger sends to its class.", "", "| class | proxy ASR before | after | re-scan mask L1 (input -> purified) "
-              "| re-scan anomaly index |", "|---|---|---|---|---|"]
+        lines += [
+            "",
+            f"{len(scan['classes']) - len(full)} more classes were screened out by a short search "
+            "(report.json lists them): only the candidates and a random reference sample were searched in full.",
+        ]
+    lines += [
+        "",
+        f"Proxy ASR: the share of {scan['proxy_images']} of other classes that the input's reconstructed "
+        "trigger sends to its class.",
+        "",
+        "| class | proxy ASR before | after | re-scan mask L1 (input -> purified) | re-scan anomaly index |",
+        "|---|---|---|---|---|",
+    ]
     for cls, proxy in scan["proxy_asr"].items():
         again = scan["rescan"].get(cls)
         after = _rate_dict_md(proxy["after"]) if proxy.get("after") else "-"
-        lines.append(f"| {cls} | {_rate_dict_md(proxy['before'])} | {after} | "
-                     + (f"{again['input_mask_l1']:g} -> {again['mask_l1']:g} | {again['anomaly_index']:.2f}"
-                        f"{' (still flagged)' if again['flagged'] else ''} |" if again else "- (not flagged) | - |"))
+        lines.append(
+            f"| {cls} | {_rate_dict_md(proxy['before'])} | {after} | "
+            + (
+                f"{again['input_mask_l1']:g} -> {again['mask_l1']:g} | {again['anomaly_index']:.2f}"
+                f"{' (still flagged)' if again['flagged'] else ''} |"
+                if again
+                else "- (not flagged) | - |"
+            )
+        )
     return lines + [""]
 
 
@@ -302,13 +424,19 @@ def retune_markdown(retune: dict | None) -> list[str]:
         return []
     s = retune["settings"]
     ref = retune.get("reference_asr_after_retuning")
-    return ["## Retuning check", "", f"**{retune['verdict']}**", "",
-            f"- ASR after retuning: {_rate_dict_md(retune['asr_after_retuning'])}"
-            + (f"; clean reference: {_rate_dict_md(ref)}" if ref else ""),
-            f"- C-Acc after retuning: {_rate_dict_md(retune['clean_acc_after_retuning'])}",
-            f"- protocol: {s['poisoned']} poisoned images (not augmented) in the clean tuning set, SGD lr {s['lr']}, "
-            f"momentum {s['momentum']}, constant lr, batch {s['batch_size']}, {s['epochs']} epochs; the retuned copy "
-            "is not saved", ""]
+    return [
+        "## Retuning check",
+        "",
+        f"**{retune['verdict']}**",
+        "",
+        f"- ASR after retuning: {_rate_dict_md(retune['asr_after_retuning'])}"
+        + (f"; clean reference: {_rate_dict_md(ref)}" if ref else ""),
+        f"- C-Acc after retuning: {_rate_dict_md(retune['clean_acc_after_retuning'])}",
+        f"- protocol: {s['poisoned']} poisoned images (not augmented) in the clean tuning set, SGD lr {s['lr']}, "
+        f"momentum {s['momentum']}, constant lr, batch {s['batch_size']}, {s['epochs']} epochs; the retuned copy "
+        "is not saved",
+        "",
+    ]
 
 
 def _rate_of(rate: dict):
@@ -327,8 +455,10 @@ def compute_line(compute: dict) -> str:
     cpu = f"CPU {compute['cpu']['kind']}; " if compute.get("cpu") else ""
     prec = compute["precision"]
     formats = ", ".join(f"{stage} {c['format']}" for stage, c in compute["memory_format"].items())
-    return (f"compute: {cpu}precision tune {prec['tune']}, evaluate {prec['evaluate']} ({prec['requested']}); "
-            f"memory format {formats}")
+    return (
+        f"compute: {cpu}precision tune {prec['tune']}, evaluate {prec['evaluate']} ({prec['requested']}); "
+        f"memory format {formats}"
+    )
 
 
 def _held_cell(curve: dict, epoch: int) -> str:
@@ -356,19 +486,33 @@ def _trigger_line(trigger: dict | None) -> str:
 
 def compare_markdown(report: CompareReport) -> str:
     retuned = any(row.retune for row in report.rows)
-    lines = ["| checkpoint | method | C-Acc | ASR | RA |" + (" ASR after retuning | retuning verdict |" if retuned else "")
-             + " DER | drift (L2) |", "|---|---|---|---|---|" + ("---|---|" if retuned else "") + "---|---|"]
+    lines = [
+        "| checkpoint | method | C-Acc | ASR | RA |"
+        + (" ASR after retuning | retuning verdict |" if retuned else "")
+        + " DER | drift (L2) |",
+        "|---|---|---|---|---|" + ("---|---|" if retuned else "") + "---|---|",
+    ]
     for row in report.rows:
         r = row.result
         name = Path(row.path).name + (" (ref)" if row.is_reference else "")
-        check = (f" {_rate_dict_md(row.retune['asr_after_retuning'])} | {row.retune['status']} |" if row.retune
-                 else " - | - |") if retuned else ""
-        lines.append(f"| {name} | {row.method or '-'} | {_rate_md(r.clean_acc)} | {_rate_md(r.asr)} | {_rate_md(r.ra)} |"
-                     f"{check} {'-' if row.der is None else f'{row.der:.3f}'} | {row.drift['total_l2']:.3f} |")
+        check = (
+            (
+                f" {_rate_dict_md(row.retune['asr_after_retuning'])} | {row.retune['status']} |"
+                if row.retune
+                else " - | - |"
+            )
+            if retuned
+            else ""
+        )
+        lines.append(
+            f"| {name} | {row.method or '-'} | {_rate_md(r.clean_acc)} | {_rate_md(r.asr)} | {_rate_md(r.ra)} |"
+            f"{check} {'-' if row.der is None else f'{row.der:.3f}'} | {row.drift['total_l2']:.3f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------- files
+
 
 def stage_purify_report(outputs, report: PurifyReport) -> None:
     """Stage report.md, report.png and report.json in an OutputSet."""
@@ -390,13 +534,17 @@ def purify_plot_png(report: PurifyReport) -> bytes:
         rates = [getattr(result, key) for _, key in keys]
         return [Bar(r.value * 100, r.low * 100, r.high * 100) for r in rates]
 
-    return bar_chart_png(f"bdclean {report.method['name']}: before vs after (95% CI)", [n for n, _ in keys],
-                         [Series("before", "#c0504d", bars(report.before)), Series("after", "#4f81bd", bars(report.after))])
+    return bar_chart_png(
+        f"bdclean {report.method['name']}: before vs after (95% CI)",
+        [n for n, _ in keys],
+        [Series("before", "#c0504d", bars(report.before)), Series("after", "#4f81bd", bars(report.after))],
+    )
 
 
 # ---------------------------------------------------------------- terminal (rich)
 
-def _metric_table(title: str, columns: list[str]):
+
+def metric_table(title: str, columns: list[str]):
     from rich.table import Table
 
     table = Table(title=title, title_justify="left")
@@ -409,7 +557,7 @@ def render_evaluate(report: EvaluateReport, console) -> None:
     s = report.subject
     console.print(f"[bold]{s['path']}[/bold]  {s['arch']}, {s['num_classes']} classes, sha256 {s['sha256'][:12]}")
     console.print(f"trigger: {_trigger_line(report.trigger)}")
-    table = _metric_table("evaluation", ["metric", "value", "95% CI", "k/n"])
+    table = metric_table("evaluation", ["metric", "value", "95% CI", "k/n"])
     for name, rate in (("C-Acc", report.result.clean_acc), ("ASR", report.result.asr), ("RA", report.result.ra)):
         if rate is not None:
             table.add_row(name, pct(rate), interval(rate), counts(rate))
@@ -425,24 +573,33 @@ def render_evaluate(report: EvaluateReport, console) -> None:
 def render_purify(report: PurifyReport, console) -> None:
     s = report.subject
     recipe = report.method.get("recipe") or {}
-    console.print(f"[bold]{s['path']}[/bold] -> purified with [bold]{report.method['name']}[/bold]"
-                  + (" (the default: scan, unlearn, verify)" if recipe.get("recommended") else "")
-                  + f" on {report.clean['images']} clean images")
+    console.print(
+        f"[bold]{s['path']}[/bold] -> purified with [bold]{report.method['name']}[/bold]"
+        + (" (the default: scan, unlearn, verify)" if recipe.get("recommended") else "")
+        + f" on {report.clean['images']} clean images"
+    )
     console.print(f"trigger: {_trigger_line(report.trigger)}")
     console.print(f"model output: {output_kind_line(report.output_kind)}", highlight=False, markup=False)
     if report.output_kind and report.output_kind.get("warning"):
         console.print(f"warning: {report.output_kind['warning']}", style="bold yellow", highlight=False, markup=False)
-    table = _metric_table("before / after", ["metric", "before", "95% CI", "after", "95% CI", "change"])
+    table = metric_table("before / after", ["metric", "before", "95% CI", "after", "95% CI", "change"])
     for name, key in (("C-Acc", "clean_acc"), ("ASR", "asr"), ("RA", "ra")):
         b, a = getattr(report.before, key), getattr(report.after, key)
         if b is None:
             continue
-        table.add_row(name, f"{pct(b)} ({counts(b)})", interval(b), f"{pct(a)} ({counts(a)})", interval(a),
-                      signed_points(a.value - b.value))
+        table.add_row(
+            name,
+            f"{pct(b)} ({counts(b)})",
+            interval(b),
+            f"{pct(a)} ({counts(a)})",
+            interval(a),
+            signed_points(a.value - b.value),
+        )
     console.print(table)
     if report.der is not None:
-        console.print(f"DER {report.der:.3f}   ΔC-Acc {signed_points(report.acc_delta)}   "
-                      f"ΔASR {signed_points(report.asr_delta)}")
+        console.print(
+            f"DER {report.der:.3f}   ΔC-Acc {signed_points(report.acc_delta)}   ΔASR {signed_points(report.asr_delta)}"
+        )
     path = (report.clean.get("holdout") or {}).get("path")
     if path:
         console.print(f"path selection: {path['reason']}", highlight=False, markup=False)
@@ -452,8 +609,12 @@ def render_purify(report: PurifyReport, console) -> None:
         render_retune(report.retune, console)
     if report.removal:
         style = {"verified": "green", "failed": "bold red"}.get(report.removal["verdict"], "bold yellow")
-        console.print(f"removal: {report.removal['verdict'].replace('_', ' ').upper()}: {report.removal['reason']}",
-                      style=style, highlight=False, markup=False)
+        console.print(
+            f"removal: {report.removal['verdict'].replace('_', ' ').upper()}: {report.removal['reason']}",
+            style=style,
+            highlight=False,
+            markup=False,
+        )
     if report.outputs:
         console.print("outputs: " + ", ".join(sorted(report.outputs)))
     _render_gates(report.gates, console)
@@ -461,11 +622,14 @@ def render_purify(report: PurifyReport, console) -> None:
 
 def render_retune(retune: dict, console) -> None:
     after = retune["asr_after_retuning"]
-    console.print(f"retuning check: ASR after retuning {after['value']:.2%} ({after['k']}/{after['n']}) - "
-                  f"{retune['verdict']}", highlight=False, markup=False)
+    console.print(
+        f"retuning check: ASR after retuning {after['value']:.2%} ({after['k']}/{after['n']}) - {retune['verdict']}",
+        highlight=False,
+        markup=False,
+    )
 
 
-def _display_names(paths: list[str]) -> list[str]:
+def display_names(paths: list[str]) -> list[str]:
     """Shortest distinguishing names: paths relative to their common folder (ft/purified.safetensors)."""
     import os
 
@@ -480,15 +644,21 @@ def _display_names(paths: list[str]) -> list[str]:
 def render_compare(report: CompareReport, console) -> None:
     wide = console.width >= 120
     retuned = any(row.retune for row in report.rows)
-    columns = (["checkpoint", "method", "C-Acc", "ASR", "RA"] + (["ASR retuned"] if retuned else [])
-               + ["DER", "drift L2"] + (["most changed"] if wide else []))
-    table = _metric_table("compare", columns)
-    names = _display_names([row.path for row in report.rows])
+    columns = (
+        ["checkpoint", "method", "C-Acc", "ASR", "RA"]
+        + (["ASR retuned"] if retuned else [])
+        + ["DER", "drift L2"]
+        + (["most changed"] if wide else [])
+    )
+    table = metric_table("compare", columns)
+    names = display_names([row.path for row in report.rows])
     for name, row in zip(names, report.rows):
         r = row.result
         cells = [name + (" (ref)" if row.is_reference else ""), row.method or "-"]
         # value over its interval: narrow enough for an 80-column terminal
-        cells += ["-" if rate is None else f"{pct(rate)}\n[dim]{interval(rate)}[/dim]" for rate in (r.clean_acc, r.asr, r.ra)]
+        cells += [
+            "-" if rate is None else f"{pct(rate)}\n[dim]{interval(rate)}[/dim]" for rate in (r.clean_acc, r.asr, r.ra)
+        ]
         if retuned:
             after = _rate_of(row.retune["asr_after_retuning"]) if row.retune else None
             cells.append("-" if after is None else f"{pct(after)}\n[dim]{row.retune['status']}[/dim]")
@@ -505,12 +675,20 @@ def render_train(report: TrainReport, console) -> None:
     console.print(f"saved [bold]{report.out}[/bold] ({report.arch}, sha256 {report.sha256[:12]})")
     start = report.init["metrics"] if report.init else None
     columns = ["metric"] + (["initial model"] if start else []) + ["value", "95% CI", "k/n"]
-    table = _metric_table("trained model" + (f" (from {report.init['path']})" if start else ""), columns)
-    for name, rate, first in (("C-Acc", r.clean_acc, start and start.clean_acc), ("ASR", r.asr, start and start.asr),
-                              ("RA", r.ra, start and start.ra)):
+    table = metric_table("trained model" + (f" (from {report.init['path']})" if start else ""), columns)
+    for name, rate, first in (
+        ("C-Acc", r.clean_acc, start and start.clean_acc),
+        ("ASR", r.asr, start and start.asr),
+        ("RA", r.ra, start and start.ra),
+    ):
         if rate is not None:
-            table.add_row(name, *([pct(first) if first is not None else "-"] if start else []),
-                          pct(rate), interval(rate), counts(rate))
+            table.add_row(
+                name,
+                *([pct(first) if first is not None else "-"] if start else []),
+                pct(rate),
+                interval(rate),
+                counts(rate),
+            )
     console.print(table)
 
 

@@ -48,7 +48,7 @@ class RetuneSettings:
     augment: bool = True  # the clean images only; the poisoned ones never are
     seed: int = 0
 
-    def validate(self) -> "RetuneSettings":
+    def validate(self) -> RetuneSettings:
         if not (1 <= self.poisoned <= 100_000):
             raise ConfigError(f"--retune-poisoned must be in [1, 100000], got {self.poisoned}")
         if not (1 <= self.epochs <= 1000):
@@ -76,12 +76,17 @@ class RetuneResult:
     status: str = ""  # 'dormant' | 'not-revived' | 'active'
 
     def to_dict(self) -> dict:
-        return {"asr": self.asr_before.to_dict(), "asr_after_retuning": self.asr_after.to_dict(),
-                "clean_acc_after_retuning": self.clean_acc_after.to_dict(),
-                "reference_asr_after_retuning": self.reference_asr_after.to_dict() if self.reference_asr_after else None,
-                "reference_asr": self.reference_asr.to_dict() if self.reference_asr else None,
-                "status": self.status, "verdict": self.verdict, "settings": self.settings.to_dict(),
-                "seconds": round(self.seconds, 3)}
+        return {
+            "asr": self.asr_before.to_dict(),
+            "asr_after_retuning": self.asr_after.to_dict(),
+            "clean_acc_after_retuning": self.clean_acc_after.to_dict(),
+            "reference_asr_after_retuning": self.reference_asr_after.to_dict() if self.reference_asr_after else None,
+            "reference_asr": self.reference_asr.to_dict() if self.reference_asr else None,
+            "status": self.status,
+            "verdict": self.verdict,
+            "settings": self.settings.to_dict(),
+            "seconds": round(self.seconds, 3),
+        }
 
 
 def poisoned_tuning_set(clean: ImageSet, trigger, settings: RetuneSettings) -> tuple[ImageSet, torch.Tensor]:
@@ -89,8 +94,10 @@ def poisoned_tuning_set(clean: ImageSet, trigger, settings: RetuneSettings) -> t
     and the mask of those images (seeded choice, so the reference model gets the same images)."""
     candidates = torch.nonzero(clean.y.cpu() != trigger.target).flatten()
     if len(candidates) < settings.poisoned:
-        raise ConfigError(f"the retuning check needs {settings.poisoned} clean images outside the target class; "
-                          f"the tuning set has {len(candidates)}")
+        raise ConfigError(
+            f"the retuning check needs {settings.poisoned} clean images outside the target class; "
+            f"the tuning set has {len(candidates)}"
+        )
     generator = torch.Generator().manual_seed(settings.seed)
     chosen = candidates[torch.randperm(len(candidates), generator=generator)[: settings.poisoned]].to(clean.x.device)
     x, y = clean.x.clone(), clean.y.clone()
@@ -101,37 +108,80 @@ def poisoned_tuning_set(clean: ImageSet, trigger, settings: RetuneSettings) -> t
     return ImageSet(x, y), mask
 
 
-def retuned_copy(model: torch.nn.Module, tuning: ImageSet, poisoned_mask: torch.Tensor, mean, std,
-                 settings: RetuneSettings, device, flip: bool = True,
-                 loss_adapter: LossAdapter = LOGITS, precision: str | None = None) -> torch.nn.Module:
+def retuned_copy(
+    model: torch.nn.Module,
+    tuning: ImageSet,
+    poisoned_mask: torch.Tensor,
+    mean,
+    std,
+    settings: RetuneSettings,
+    device,
+    flip: bool = True,
+    loss_adapter: LossAdapter = LOGITS,
+    precision: str | None = None,
+) -> torch.nn.Module:
     """Fine-tune a copy of `model` (all layers) on the poisoned tuning set; `model` is untouched."""
     attacked = copy.deepcopy(model)
     for p in attacked.parameters():
         p.requires_grad_(True)
-    tune(attacked, tuning, mean, std,
-         TuneSettings(epochs=settings.epochs, lr=settings.lr, batch_size=settings.batch_size,
-                      momentum=settings.momentum, augment=settings.augment, flip=flip, seed=settings.seed,
-                      schedule="constant"),
-         device, loss_adapter=loss_adapter, no_augment=poisoned_mask, precision=precision)
+    tune(
+        attacked,
+        tuning,
+        mean,
+        std,
+        TuneSettings(
+            epochs=settings.epochs,
+            lr=settings.lr,
+            batch_size=settings.batch_size,
+            momentum=settings.momentum,
+            augment=settings.augment,
+            flip=flip,
+            seed=settings.seed,
+            schedule="constant",
+        ),
+        device,
+        loss_adapter=loss_adapter,
+        no_augment=poisoned_mask,
+        precision=precision,
+    )
     return attacked.eval()
 
 
-def check_retuning(model, clean: ImageSet, trigger, sets: EvalSets, mean, std, settings: RetuneSettings, device,
-                   asr_before: Rate, batch_size: int | None = None, flip: bool = True,
-                   loss_adapter: LossAdapter = LOGITS, plan=None) -> RetuneResult:
+def check_retuning(
+    model,
+    clean: ImageSet,
+    trigger,
+    sets: EvalSets,
+    mean,
+    std,
+    settings: RetuneSettings,
+    device,
+    asr_before: Rate,
+    batch_size: int | None = None,
+    flip: bool = True,
+    loss_adapter: LossAdapter = LOGITS,
+    plan=None,
+) -> RetuneResult:
     """Retune a copy and measure it on `sets`; the verdict is filled in by `judge`. `plan` (a
     precision.PrecisionPlan) gives the tuning and evaluation precision, as for the run's own figures."""
     if trigger is None or not sets.has_trigger:
         raise ConfigError("the retuning check needs a trigger", hint="pass --trigger (a built-in name or a spec file)")
     start = time.perf_counter()
     tuning, mask = poisoned_tuning_set(clean.to(device), trigger, settings)
-    attacked = retuned_copy(model, tuning, mask, mean, std, settings, device, flip, loss_adapter,
-                            plan.tune if plan is not None else None)
-    result = evaluate_model(attacked, sets, mean, std, device, batch_size,
-                            precision=plan.evaluate if plan is not None else None)
+    attacked = retuned_copy(
+        model, tuning, mask, mean, std, settings, device, flip, loss_adapter, plan.tune if plan is not None else None
+    )
+    result = evaluate_model(
+        attacked, sets, mean, std, device, batch_size, precision=plan.evaluate if plan is not None else None
+    )
     del attacked
-    return RetuneResult(asr_before=asr_before, asr_after=result.asr, clean_acc_after=result.clean_acc,
-                        settings=settings, seconds=time.perf_counter() - start)
+    return RetuneResult(
+        asr_before=asr_before,
+        asr_after=result.asr,
+        clean_acc_after=result.clean_acc,
+        settings=settings,
+        seconds=time.perf_counter() - start,
+    )
 
 
 def judge(result: RetuneResult, reference: RetuneResult | None = None) -> RetuneResult:
@@ -144,15 +194,19 @@ def judge(result: RetuneResult, reference: RetuneResult | None = None) -> Retune
     ref_text = f" (a clean model: {pct(ref)})" if ref is not None else " (no clean reference given)"
     if before.value >= ACTIVE_ASR:
         result.status = "active"
-        result.verdict = (f"backdoor active: ASR is {pct(before)} before any retuning; retuning with {n} poisoned "
-                          f"images gives {pct(after)}{ref_text}")
+        result.verdict = (
+            f"backdoor active: ASR is {pct(before)} before any retuning; retuning with {n} poisoned "
+            f"images gives {pct(after)}{ref_text}"
+        )
     elif is_dormant(after, ref):
         result.status = "dormant"
-        result.verdict = (f"backdoor dormant: retuning with {n} poisoned images brings ASR back from {pct(before)} "
-                          f"to {pct(after)}{ref_text}")
+        result.verdict = (
+            f"backdoor dormant: retuning with {n} poisoned images brings ASR back from {pct(before)} "
+            f"to {pct(after)}{ref_text}"
+        )
     else:
         result.status = "not-revived"
-        result.verdict = (f"not revived: retuning with {n} poisoned images leaves ASR at {pct(after)}{ref_text}")
+        result.verdict = f"not revived: retuning with {n} poisoned images leaves ASR at {pct(after)}{ref_text}"
     return result
 
 

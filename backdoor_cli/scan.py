@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Callable
 
 import torch
 
@@ -65,14 +65,23 @@ class InversionParams:
     screen_keep: int = 8
     screen_reference: int = 24
 
-    def validate(self) -> "InversionParams":
-        checks = (("steps", self.steps >= 1), ("batch_size", self.batch_size >= 1), ("lr", self.lr > 0),
-                  ("success", 0 < self.success <= 1), ("init_cost", self.init_cost > 0),
-                  ("cost_step", self.cost_step > 1), ("patience", self.patience >= 1),
-                  ("early_stop", self.early_stop >= 1), ("group", self.group >= 1),
-                  ("threshold", self.threshold > 0), ("screen_above", self.screen_above >= 2),
-                  ("screen_steps", self.screen_steps >= 1), ("screen_keep", self.screen_keep >= 1),
-                  ("screen_reference", self.screen_reference >= 3))
+    def validate(self) -> InversionParams:
+        checks = (
+            ("steps", self.steps >= 1),
+            ("batch_size", self.batch_size >= 1),
+            ("lr", self.lr > 0),
+            ("success", 0 < self.success <= 1),
+            ("init_cost", self.init_cost > 0),
+            ("cost_step", self.cost_step > 1),
+            ("patience", self.patience >= 1),
+            ("early_stop", self.early_stop >= 1),
+            ("group", self.group >= 1),
+            ("threshold", self.threshold > 0),
+            ("screen_above", self.screen_above >= 2),
+            ("screen_steps", self.screen_steps >= 1),
+            ("screen_keep", self.screen_keep >= 1),
+            ("screen_reference", self.screen_reference >= 3),
+        )
         for name, ok in checks:
             if not ok:
                 raise ConfigError(f"scan parameter {name} is out of range: {getattr(self, name)!r}")
@@ -106,8 +115,13 @@ class ClassTrigger:
     steps: int
 
     def to_dict(self) -> dict:
-        return {"class": self.target, "mask_l1": round(self.l1, 3), "success": round(self.success, 4),
-                "reached_success": self.reached, "steps": self.steps}
+        return {
+            "class": self.target,
+            "mask_l1": round(self.l1, 3),
+            "success": round(self.success, 4),
+            "reached_success": self.reached,
+            "steps": self.steps,
+        }
 
 
 @dataclass
@@ -135,14 +149,21 @@ class ScanResult:
 
     @property
     def rule(self) -> str:
-        population = ("a random sample of " + str(len(self.reference)) + " classes searched in full"
-                      if self.screened else "all classes")
-        text = (f"a class is flagged when the log of its mask L1 norm lies more than {self.threshold:g} robust "
-                f"standard deviations below the median over {population} (anomaly index = (median - log L1) / "
-                f"({MAD_CONSISTENCY} x MAD of log L1) > {self.threshold:g}); larger-than-typical masks never flag")
+        population = (
+            "a random sample of " + str(len(self.reference)) + " classes searched in full"
+            if self.screened
+            else "all classes"
+        )
+        text = (
+            f"a class is flagged when the log of its mask L1 norm lies more than {self.threshold:g} robust "
+            f"standard deviations below the median over {population} (anomaly index = (median - log L1) / "
+            f"({MAD_CONSISTENCY} x MAD of log L1) > {self.threshold:g}); larger-than-typical masks never flag"
+        )
         if self.screened:
-            text += (f"; a short search of every class picked the {len(self.candidates)} smallest masks as "
-                     "candidates, and only a candidate searched in full can be flagged")
+            text += (
+                f"; a short search of every class picked the {len(self.candidates)} smallest masks as "
+                "candidates, and only a candidate searched in full can be flagged"
+            )
         return text
 
 
@@ -151,10 +172,19 @@ def compose(x: torch.Tensor, mask: torch.Tensor, pattern: torch.Tensor) -> torch
     return x * (1 - mask) + mask * pattern
 
 
-def invert_classes(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, targets: list[int],
-                   mean: torch.Tensor, std: torch.Tensor, loss_fn: LossFn, params: InversionParams,
-                   generator: torch.Generator, on_step: Callable[[int], None] | None = None,
-                   precision: str = "fp32") -> list[ClassTrigger]:
+def invert_classes(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    targets: list[int],
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    loss_fn: LossFn,
+    params: InversionParams,
+    generator: torch.Generator,
+    on_step: Callable[[int], None] | None = None,
+    precision: str = "fp32",
+) -> list[ClassTrigger]:
     """Search, for each of `targets`, the smallest mask + pattern sending images (uint8 NHWC) of other
     classes to it. Each target has its own mask, pattern, penalty weight and images, and all of them go
     through the model in one batch.
@@ -221,7 +251,7 @@ def invert_classes(model: torch.nn.Module, images: torch.Tensor, labels: torch.T
                         best[k] = (sizes[i], mask[i].detach().clone(), pattern[i].detach().clone())
                     cost[k] = params.init_cost if cost[k] == 0 else cost[k] * params.cost_step
                 elif cost[k] > 0:
-                    cost[k] /= params.cost_step ** 1.5  # NC lowers faster than it raises: success matters more than size
+                    cost[k] /= params.cost_step**1.5  # NC lowers faster than it raises: success matters more than size
                 seen[k] = 0
                 # Once a trigger works and has stopped shrinking, more steps only cost time.
                 if best[k] is not None and stale[k] >= params.early_stop:
@@ -240,14 +270,32 @@ def invert_classes(model: torch.nn.Module, images: torch.Tensor, labels: torch.T
             mask, pattern = best[k][1], best[k][2]
         others = x01[pools[k]]
         success = attack_success(model, others, target, mask[None], pattern[None], mean, std, params.batch_size * 4)
-        found.append(ClassTrigger(target=target, mask=mask[0].cpu(), pattern=pattern.permute(1, 2, 0).cpu(),
-                                  l1=float(mask.sum()), success=success, reached=best[k] is not None, steps=steps[k]))
+        found.append(
+            ClassTrigger(
+                target=target,
+                mask=mask[0].cpu(),
+                pattern=pattern.permute(1, 2, 0).cpu(),
+                l1=float(mask.sum()),
+                success=success,
+                reached=best[k] is not None,
+                steps=steps[k],
+            )
+        )
     return found
 
 
 @torch.no_grad()
-def count_hits(model: torch.nn.Module, images: torch.Tensor, target: int, mask: torch.Tensor, pattern: torch.Tensor,
-               mean: torch.Tensor, std: torch.Tensor, batch_size: int, channels_last: bool = False) -> int:
+def count_hits(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    target: int,
+    mask: torch.Tensor,
+    pattern: torch.Tensor,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    batch_size: int,
+    channels_last: bool = False,
+) -> int:
     """How many images the composed trigger sends to `target`: NCHW floats in [0, 1], or uint8 NHWC with
     `channels_last` (converted a batch at a time)."""
     hits = 0
@@ -260,8 +308,16 @@ def count_hits(model: torch.nn.Module, images: torch.Tensor, target: int, mask: 
     return hits
 
 
-def attack_success(model: torch.nn.Module, x01: torch.Tensor, target: int, mask: torch.Tensor, pattern: torch.Tensor,
-                   mean: torch.Tensor, std: torch.Tensor, batch_size: int) -> float:
+def attack_success(
+    model: torch.nn.Module,
+    x01: torch.Tensor,
+    target: int,
+    mask: torch.Tensor,
+    pattern: torch.Tensor,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    batch_size: int,
+) -> float:
     """Fraction of images (NCHW in [0, 1]) that the composed trigger sends to `target`."""
     return count_hits(model, x01, target, mask, pattern, mean, std, batch_size) / max(1, x01.shape[0])
 
@@ -279,10 +335,20 @@ def anomaly_indices(norms: list[float]) -> tuple[list[float], float, float]:
     return [(median - v) / (MAD_CONSISTENCY * mad) for v in norms], median, mad
 
 
-def scan_model(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, num_classes: int,
-               mean: torch.Tensor, std: torch.Tensor, loss_fn: LossFn, params: InversionParams, seed: int,
-               on_class: Callable[[ClassTrigger], None] | None = None,
-               on_step: Callable[[int], None] | None = None, precision: str = "fp32") -> ScanResult:
+def scan_model(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    loss_fn: LossFn,
+    params: InversionParams,
+    seed: int,
+    on_class: Callable[[ClassTrigger], None] | None = None,
+    on_step: Callable[[int], None] | None = None,
+    precision: str = "fp32",
+) -> ScanResult:
     """Invert a trigger for every class (params.group classes per batch) and flag the outliers; with more
     than params.screen_above classes, a short search of all of them picks what is searched in full. The
     model's weights are frozen meanwhile. `precision`: the search's forward arithmetic (fp32 | bf16)."""
@@ -298,9 +364,19 @@ def scan_model(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tenso
         # a class's own images say nothing about a shortcut into it: each target draws from the others
         for start in range(0, len(targets), search_params.group):
             offset = done[0]
-            group = invert_classes(model, images, labels, targets[start : start + search_params.group], mean, std,
-                                   loss_fn, search_params, generator,
-                                   (lambda s, d=offset: on_step(d + s)) if on_step else None, precision)
+            group = invert_classes(
+                model,
+                images,
+                labels,
+                targets[start : start + search_params.group],
+                mean,
+                std,
+                loss_fn,
+                search_params,
+                generator,
+                (lambda s, d=offset: on_step(d + s)) if on_step else None,
+                precision,
+            )
             done[0] += search_params.steps
             found.extend(group)
             if announce and on_class is not None:
@@ -333,11 +409,22 @@ def scan_model(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tenso
     _, raw_median, raw_mad = anomaly_indices([raw_values[c] for c in population])
     raw = indices_against(raw_values, raw_median, raw_mad)
     eligible = set(candidates) if reference else set(range(num_classes))
-    flagged = [t.target for t, a in zip(triggers, anomaly)
-               if t.target in eligible and a > params.threshold and math.isfinite(a)]
-    return ScanResult(triggers=triggers, anomaly=anomaly, median_l1=math.exp(log_median), mad=log_mad,
-                      threshold=params.threshold, flagged=flagged, anomaly_raw=raw, candidates=candidates,
-                      reference=reference)
+    flagged = [
+        t.target
+        for t, a in zip(triggers, anomaly)
+        if t.target in eligible and a > params.threshold and math.isfinite(a)
+    ]
+    return ScanResult(
+        triggers=triggers,
+        anomaly=anomaly,
+        median_l1=math.exp(log_median),
+        mad=log_mad,
+        threshold=params.threshold,
+        flagged=flagged,
+        anomaly_raw=raw,
+        candidates=candidates,
+        reference=reference,
+    )
 
 
 def indices_against(values: list[float], median: float, mad: float) -> list[float]:

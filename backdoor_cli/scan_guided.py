@@ -23,7 +23,16 @@ from .data import ImageSet
 from .metrics import Rate
 from .models.output_kind import LossAdapter, attach_loss
 from .progress import Reporter, step_callback
-from .scan import MAD_CONSISTENCY, MIN_L1, ClassTrigger, InversionParams, ScanResult, count_hits, invert_classes, scan_model
+from .scan import (
+    MAD_CONSISTENCY,
+    MIN_L1,
+    ClassTrigger,
+    InversionParams,
+    ScanResult,
+    count_hits,
+    invert_classes,
+    scan_model,
+)
 
 
 @dataclass
@@ -45,16 +54,29 @@ class ScanEvidence:
 
     def to_dict(self) -> dict:
         return {
-            "method": "neural-cleanse", "params": self.params.to_dict(), "rule": self.result.rule,
-            "classes": [{**t.to_dict(), "anomaly_index": round(a, 3),
-                         "searched": "full" if self.result.searched_in_full(t.target) else "screen"}
-                        for t, a in zip(self.result.triggers, self.result.anomaly)],
+            "method": "neural-cleanse",
+            "params": self.params.to_dict(),
+            "rule": self.result.rule,
+            "classes": [
+                {
+                    **t.to_dict(),
+                    "anomaly_index": round(a, 3),
+                    "searched": "full" if self.result.searched_in_full(t.target) else "screen",
+                }
+                for t, a in zip(self.result.triggers, self.result.anomaly)
+            ],
             "screen": screen_summary(self.result),
-            "flagged": self.flagged, "unlearnt": [t.target for t in self.chosen], "choice": self.choice,
+            "flagged": self.flagged,
+            "unlearnt": [t.target for t in self.chosen],
+            "choice": self.choice,
             "proxy_images": self.proxy_images,
-            "proxy_asr": {str(c): {"before": self.proxy_before[c].to_dict(),
-                                   "after": self.proxy_after[c].to_dict() if c in self.proxy_after else None}
-                          for c in self.proxy_before},
+            "proxy_asr": {
+                str(c): {
+                    "before": self.proxy_before[c].to_dict(),
+                    "after": self.proxy_after[c].to_dict() if c in self.proxy_after else None,
+                }
+                for c in self.proxy_before
+            },
             "rescan": {str(c): v for c, v in self.rescan.items()},
         }
 
@@ -66,9 +88,18 @@ def screen_summary(result: ScanResult) -> dict | None:
     return {"candidates": list(result.candidates), "reference": list(result.reference)}
 
 
-def run_scan(model: torch.nn.Module, images: ImageSet, num_classes: int, mean: torch.Tensor, std: torch.Tensor,
-             adapter: LossAdapter, params: InversionParams, seed: int, reporter: Reporter,
-             precision: str = "fp32") -> ScanResult:
+def run_scan(
+    model: torch.nn.Module,
+    images: ImageSet,
+    num_classes: int,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    adapter: LossAdapter,
+    params: InversionParams,
+    seed: int,
+    reporter: Reporter,
+    precision: str = "fp32",
+) -> ScanResult:
     """Invert a trigger per class on `images` (on the model's device) with a progress bar; `precision` is
     the search's forward arithmetic (the tuning plan's: the search is an optimisation like tuning)."""
     total = params.planned_steps(num_classes)
@@ -76,13 +107,27 @@ def run_scan(model: torch.nn.Module, images: ImageSet, num_classes: int, mean: t
     on_step = step_callback(reporter, "scan", total)
 
     def on_class(trigger: ClassTrigger) -> None:
-        reporter.epoch(f"class {trigger.target}: mask L1 {trigger.l1:.1f}, success {trigger.success:.0%}"
-                       + ("" if trigger.reached else " (success target not reached)"))
+        reporter.epoch(
+            f"class {trigger.target}: mask L1 {trigger.l1:.1f}, success {trigger.success:.0%}"
+            + ("" if trigger.reached else " (success target not reached)")
+        )
 
     try:
         with attach_loss(model, adapter) as loss_fn:
-            return scan_model(model, images.x, images.y, num_classes, mean, std, loss_fn, params, seed,
-                              on_class=on_class, on_step=on_step, precision=precision)
+            return scan_model(
+                model,
+                images.x,
+                images.y,
+                num_classes,
+                mean,
+                std,
+                loss_fn,
+                params,
+                seed,
+                on_class=on_class,
+                on_step=on_step,
+                precision=precision,
+            )
     finally:
         reporter.finish_steps()
 
@@ -97,12 +142,20 @@ def choose_triggers(result: ScanResult) -> tuple[list[ClassTrigger], str]:
         chosen = [result.triggers[c] for c in result.flagged]
         return chosen, f"flagged by the scan: class {', '.join(str(c) for c in result.flagged)}"
     top = max((c for c in range(len(result.triggers)) if result.searched_in_full(c)), key=lambda c: result.anomaly[c])
-    return [result.triggers[top]], (f"no class flagged; class {top} has the smallest mask (anomaly index "
-                                    f"{result.anomaly[top]:.2f} <= {result.threshold:g}) and was unlearnt as a precaution")
+    return [result.triggers[top]], (
+        f"no class flagged; class {top} has the smallest mask (anomaly index "
+        f"{result.anomaly[top]:.2f} <= {result.threshold:g}) and was unlearnt as a precaution"
+    )
 
 
-def proxy_asr(model: torch.nn.Module, images: ImageSet, trigger: ClassTrigger, mean: torch.Tensor,
-              std: torch.Tensor, batch_size: int = 256) -> Rate:
+def proxy_asr(
+    model: torch.nn.Module,
+    images: ImageSet,
+    trigger: ClassTrigger,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    batch_size: int = 256,
+) -> Rate:
     """Share of `images` not of the trigger's class that the reconstructed trigger sends to it (fp32)."""
     others = images.x[images.y != trigger.target]
     device = others.device
@@ -121,9 +174,18 @@ def proxy_rates(model, images: ImageSet, triggers: list[ClassTrigger], mean, std
     return {t.target: proxy_asr(model, images, t, mean, std) for t in triggers}
 
 
-def rescan(model: torch.nn.Module, images: ImageSet, classes: list[int], result: ScanResult, mean: torch.Tensor,
-           std: torch.Tensor, adapter: LossAdapter, params: InversionParams, seed: int,
-           precision: str = "fp32") -> dict[int, dict]:
+def rescan(
+    model: torch.nn.Module,
+    images: ImageSet,
+    classes: list[int],
+    result: ScanResult,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    adapter: LossAdapter,
+    params: InversionParams,
+    seed: int,
+    precision: str = "fp32",
+) -> dict[int, dict]:
     """Invert each class again on `model`; its anomaly index against the input scan's log-L1 median and MAD."""
     generator = torch.Generator().manual_seed(seed + 7919)  # not the first scan's draws
     frozen = [p for p in model.parameters() if p.requires_grad]
@@ -134,17 +196,22 @@ def rescan(model: torch.nn.Module, images: ImageSet, classes: list[int], result:
     found: dict[int, dict] = {}
     try:
         with attach_loss(model, adapter) as loss_fn:
-            for trigger in invert_classes(model, images.x, images.y, list(classes), mean, std, loss_fn, params,
-                                          generator, precision=precision):
+            for trigger in invert_classes(
+                model, images.x, images.y, list(classes), mean, std, loss_fn, params, generator, precision=precision
+            ):
                 target = trigger.target
                 if result.mad > 1e-12:
                     index = (log_median - math.log(max(trigger.l1, MIN_L1))) / (MAD_CONSISTENCY * result.mad)
                 else:
                     index = 0.0
-                found[target] = {"mask_l1": round(trigger.l1, 3), "input_mask_l1": round(result.triggers[target].l1, 3),
-                                 "success": round(trigger.success, 4), "reached_success": trigger.reached,
-                                 "anomaly_index": round(index, 3),
-                                 "flagged": bool(trigger.reached and index > result.threshold)}
+                found[target] = {
+                    "mask_l1": round(trigger.l1, 3),
+                    "input_mask_l1": round(result.triggers[target].l1, 3),
+                    "success": round(trigger.success, 4),
+                    "reached_success": trigger.reached,
+                    "anomaly_index": round(index, 3),
+                    "flagged": bool(trigger.reached and index > result.threshold),
+                }
     finally:
         for p in frozen:
             p.requires_grad_(True)

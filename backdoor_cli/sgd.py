@@ -24,8 +24,15 @@ class Sgd:
     """p <- p - lr * buf, buf <- momentum * buf + (grad + weight_decay * p); buf starts as the first grad.
     Parameters without a gradient in a step are left alone, as torch's SGD does."""
 
-    def __init__(self, params: list[torch.nn.Parameter], lr: float, momentum: float, weight_decay: float,
-                 device: torch.device, fused: bool | None = None):
+    def __init__(
+        self,
+        params: list[torch.nn.Parameter],
+        lr: float,
+        momentum: float,
+        weight_decay: float,
+        device: torch.device,
+        fused: bool | None = None,
+    ):
         """`fused` (default: on CUDA) picks torch's fused kernel with a device-tensor learning rate."""
         self.params = list(params)
         self.momentum = momentum
@@ -33,8 +40,9 @@ class Sgd:
         self.fused = device.type == "cuda" if fused is None else fused
         self.base_lr = float(lr)  # as given: the schedule computes from it (a float32 tensor would round it)
         # A device tensor on CUDA (read by the fused kernel, filled in place by set_lr); a float on CPU.
-        self.lr: float | torch.Tensor = (torch.tensor(lr, dtype=torch.float32, device=device) if self.fused
-                                         else float(lr))
+        self.lr: float | torch.Tensor = (
+            torch.tensor(lr, dtype=torch.float32, device=device) if self.fused else float(lr)
+        )
         self.buffers: list[torch.Tensor | None] = [None] * len(self.params)
         self.fallback: str | None = None  # why the fused kernel was given up for the foreach update, if it was
 
@@ -84,11 +92,24 @@ class Sgd:
         # New buffers are kept only once the kernel has run: a failed call must leave no uninitialised buffer.
         # On the first step the kernel copies the gradient in; a parameter first seen later starts from zero,
         # which gives the same buffer (momentum * 0 + grad).
-        fresh = {i: (torch.empty_like(g) if first else torch.zeros_like(g))
-                 for i, g in zip(live, grads) if self.buffers[i] is None and self.momentum != 0}
+        fresh = {
+            i: (torch.empty_like(g) if first else torch.zeros_like(g))
+            for i, g in zip(live, grads)
+            if self.buffers[i] is None and self.momentum != 0
+        }
         buffers = [] if self.momentum == 0 else [self.buffers[i] if i not in fresh else fresh[i] for i in live]
-        torch._fused_sgd_(params, grads, buffers, weight_decay=self.weight_decay, momentum=self.momentum,
-                          lr=self.lr, dampening=0.0, nesterov=False, maximize=False, is_first_step=first)
+        torch._fused_sgd_(
+            params,
+            grads,
+            buffers,
+            weight_decay=self.weight_decay,
+            momentum=self.momentum,
+            lr=self.lr,
+            dampening=0.0,
+            nesterov=False,
+            maximize=False,
+            is_first_step=first,
+        )
         for i, buffer in fresh.items():
             self.buffers[i] = buffer
 

@@ -25,9 +25,12 @@ from .errors import InputError, UnsafeInputError
 MAX_ARCHIVE_BYTES = 512 * 1024**2
 # The only globals a CIFAR batch needs: numpy's array reconstruction (module moved in numpy 2).
 _ALLOWED_GLOBALS = {
-    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy", "ndarray"), ("numpy", "dtype"),
-    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "scalar"),
     ("_codecs", "encode"),  # protocol-2 pickles of bytes written by Python 3
 }
 
@@ -39,8 +42,10 @@ class _ArraysOnlyUnpickler(pickle.Unpickler):
 
     def find_class(self, module: str, name: str):
         if (module, name) not in _ALLOWED_GLOBALS:
-            raise UnsafeInputError(f"refused {self.path}: the dataset pickle would import {module}.{name} "
-                                   "(loading it could run arbitrary code)")
+            raise UnsafeInputError(
+                f"refused {self.path}: the dataset pickle would import {module}.{name} "
+                "(loading it could run arbitrary code)"
+            )
         return super().find_class(module, name)
 
 

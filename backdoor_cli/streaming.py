@@ -9,15 +9,15 @@ batches queued ahead of the one the consumer holds, so at most STREAM_AHEAD + 1 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
 
-from .data import ImageSet, images_from_arrays
+from .image_set import ImageSet, images_from_arrays
 from .imagefolder import DECODE_WORKERS, FolderIndex, ImageSize, decode_all, decode_into, output_shape
 
 STREAM_AHEAD = 2  # batches decoding while the consumer works on the current one
@@ -35,9 +35,15 @@ class FolderStream:
     source: str
 
     @classmethod
-    def from_index(cls, index: FolderIndex, image_size: ImageSize | None) -> "FolderStream":
-        return cls(index.files, torch.from_numpy(index.labels), index.mode, output_shape(index, image_size),
-                   image_size, str(index.path))
+    def from_index(cls, index: FolderIndex, image_size: ImageSize | None) -> FolderStream:
+        return cls(
+            index.files,
+            torch.from_numpy(index.labels),
+            index.mode,
+            output_shape(index, image_size),
+            image_size,
+            str(index.path),
+        )
 
     @property
     def num_images(self) -> int:
@@ -47,18 +53,20 @@ class FolderStream:
     def image_shape(self) -> tuple[int, int, int]:
         return self.shape
 
-    def subset(self, indices: torch.Tensor) -> "FolderStream":
+    def subset(self, indices: torch.Tensor) -> FolderStream:
         idx = torch.as_tensor(indices, dtype=torch.long).cpu()
-        return FolderStream(tuple(self.files[i] for i in idx.tolist()), self.y[idx], self.mode, self.shape,
-                            self.image_size, self.source)
+        return FolderStream(
+            tuple(self.files[i] for i in idx.tolist()), self.y[idx], self.mode, self.shape, self.image_size, self.source
+        )
 
     def materialize(self) -> ImageSet:
         """Every image decoded into one resident ImageSet (for the small clean tuning subset)."""
         x = decode_all(self.files, self.mode, self.image_size, self.shape)
         return images_from_arrays(x, self.y.numpy(), self.source)
 
-    def batches(self, batch_size: int, workers: int = DECODE_WORKERS,
-                ahead: int = STREAM_AHEAD) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def batches(
+        self, batch_size: int, workers: int = DECODE_WORKERS, ahead: int = STREAM_AHEAD
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(uint8 NHWC images, int64 labels) on the CPU, in file order, batch_size at a time."""
         starts = iter(range(0, self.num_images, batch_size))
         pending: deque = deque()

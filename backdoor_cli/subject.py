@@ -15,10 +15,20 @@ import torch
 
 from .checkpoint import Checkpoint, read_checkpoint
 from .data import DatasetBundle
-from .errors import InputError
-from .models import (ARCHITECTURES, arch_file_source, build_model, find_head, guess_architecture, is_file_arch,
-                     load_strict, read_shape_facts)
-from .models.hub import METADATA_KEY as HUB_METADATA_KEY, HubModel, load_hub_subject
+from .errors import ConfigError, InputError
+from .models import (
+    ARCHITECTURES,
+    arch_file_source,
+    build_model,
+    find_head,
+    guess_architecture,
+    is_file_arch,
+    load_strict,
+    read_shape_facts,
+)
+from .models.hub import METADATA_KEY as HUB_METADATA_KEY
+from .models.hub import build_hub_model, num_classes_of
+from .models.hub_config import HubModel, check_input_shape, hub_from_metadata, input_spec, read_model_dir
 
 
 @dataclass
@@ -41,9 +51,15 @@ class Subject:
     def describe(self) -> dict:
         ckpt = self.checkpoint
         return {
-            "path": str(ckpt.path), "sha256": ckpt.sha256, "format": ckpt.format, "bytes": ckpt.size_bytes,
-            "arch": self.arch, "num_classes": self.num_classes, "in_channels": self.in_channels,
-            "head": self.head, "parameters": ckpt.num_parameters,
+            "path": str(ckpt.path),
+            "sha256": ckpt.sha256,
+            "format": ckpt.format,
+            "bytes": ckpt.size_bytes,
+            "arch": self.arch,
+            "num_classes": self.num_classes,
+            "in_channels": self.in_channels,
+            "head": self.head,
+            "parameters": ckpt.num_parameters,
             "normalization": {"mean": list(self.mean), "std": list(self.std)},
             "resolved_from": dict(self.sources),
             **({"arch_source": dict(self.arch_source)} if self.arch_source else {}),
@@ -59,8 +75,16 @@ def _pick(sources: dict, name: str, *candidates):
     return None
 
 
-def load_subject(path: str, bundle: DatasetBundle, arch: str | None = None, num_classes: int | None = None,
-                 head: str | None = None, mean=None, std=None, checkpoint: Checkpoint | None = None) -> Subject:
+def load_subject(
+    path: str,
+    bundle: DatasetBundle,
+    arch: str | None = None,
+    num_classes: int | None = None,
+    head: str | None = None,
+    mean=None,
+    std=None,
+    checkpoint: Checkpoint | None = None,
+) -> Subject:
     """Read the checkpoint, build its architecture, load strictly, find the head, fix normalisation."""
     ckpt = checkpoint or (None if Path(path).is_dir() else read_checkpoint(path))
     if ckpt is None or HUB_METADATA_KEY in ckpt.metadata:  # a Hugging Face/timm directory, or bdclean's purified copy
@@ -70,8 +94,9 @@ def load_subject(path: str, bundle: DatasetBundle, arch: str | None = None, num_
     sources: dict[str, str] = {}
     image_h, image_w, image_c = bundle.test.image_shape
     guess = guess_architecture(ckpt.state_dict) if arch is None and meta.get("arch") is None else None
-    arch = _pick(sources, "arch", ("flag", arch), ("metadata", meta.get("arch")),
-                 ("weights", guess.arch if guess else None))
+    arch = _pick(
+        sources, "arch", ("flag", arch), ("metadata", meta.get("arch")), ("weights", guess.arch if guess else None)
+    )
     if arch is None:
         raise InputError(
             f"cannot tell the architecture of {ckpt.path} (no bdclean metadata, no built-in architecture matches its keys)",
@@ -83,12 +108,25 @@ def load_subject(path: str, bundle: DatasetBundle, arch: str | None = None, num_
     # meta-device build (its initialisers import torch._dynamo: seconds of start-up).
     placeholder_classes = num_classes or meta.get("num_classes") or bundle.num_classes
     model = build_model(arch, placeholder_classes, image_c)
-    facts = read_shape_facts(arch, ckpt.state_dict, (image_c, image_h, image_w),
-                             placeholder_classes=placeholder_classes, head=head or meta.get("head"), model=model)
-    n_classes = _pick(sources, "num_classes", ("flag", num_classes), ("metadata", meta.get("num_classes")),
-                      ("weights", facts.num_classes), ("data", bundle.num_classes))
-    in_channels = _pick(sources, "in_channels", ("metadata", meta.get("in_channels")),
-                        ("weights", facts.in_channels), ("data", image_c))
+    facts = read_shape_facts(
+        arch,
+        ckpt.state_dict,
+        (image_c, image_h, image_w),
+        placeholder_classes=placeholder_classes,
+        head=head or meta.get("head"),
+        model=model,
+    )
+    n_classes = _pick(
+        sources,
+        "num_classes",
+        ("flag", num_classes),
+        ("metadata", meta.get("num_classes")),
+        ("weights", facts.num_classes),
+        ("data", bundle.num_classes),
+    )
+    in_channels = _pick(
+        sources, "in_channels", ("metadata", meta.get("in_channels")), ("weights", facts.in_channels), ("data", image_c)
+    )
     if in_channels != image_c:
         raise InputError(
             f"the model takes {in_channels}-channel images but the data has {image_c} channel(s)"
@@ -112,8 +150,60 @@ def load_subject(path: str, bundle: DatasetBundle, arch: str | None = None, num_
     mean = _pick(sources, "mean", ("flag", mean), ("metadata", norm_meta.get("mean")), ("dataset", bundle.mean))
     std = _pick(sources, "std", ("flag", std), ("metadata", norm_meta.get("std")), ("dataset", bundle.std))
     mean, std = validate_normalization(mean, std, image_c)
-    return Subject(ckpt, model, arch, int(n_classes), int(in_channels), head_name, mean, std, sources,
-                   arch_source=arch_file_source(arch), notes=notes)
+    return Subject(
+        ckpt,
+        model,
+        arch,
+        int(n_classes),
+        int(in_channels),
+        head_name,
+        mean,
+        std,
+        sources,
+        arch_source=arch_file_source(arch),
+        notes=notes,
+    )
+
+
+def load_hub_subject(
+    path: str,
+    bundle,
+    checkpoint: Checkpoint | None = None,
+    arch: str | None = None,
+    num_classes: int | None = None,
+    head: str | None = None,
+    mean=None,
+    std=None,
+):
+    """load_subject for a model directory (checkpoint None) or a checkpoint whose metadata carries its config."""
+    hub = read_model_dir(path) if checkpoint is None else hub_from_metadata(checkpoint)
+    if arch is not None:
+        raise ConfigError(f"--arch does not apply to {path}: its architecture is read from its {hub.source}")
+    ckpt = checkpoint or read_checkpoint(hub.weights)
+    spec = input_spec(hub)
+    image_h, image_w, image_c = bundle.test.image_shape
+    check_input_shape(spec, bundle.test.image_shape)
+    model = build_hub_model(hub, max_parameters=ckpt.num_parameters)
+    n_classes = num_classes_of(model, hub)
+    if num_classes is not None and num_classes != n_classes:
+        raise InputError(f"--num-classes {num_classes} contradicts {hub.source}, which has {n_classes} classes")
+    if n_classes != bundle.num_classes:
+        raise InputError(
+            f"the model has {n_classes} classes but the data has {bundle.num_classes}",
+            hint="check --data: the model and the dataset do not belong together",
+        )
+    load_strict(model, ckpt.state_dict)
+    head_name = find_head(model, head, input_shape=(image_c, image_h, image_w))
+    sources = {
+        "arch": hub.source,
+        "num_classes": hub.source,
+        "in_channels": hub.source,
+        "head": "flag" if head else "forward order",
+    }
+    mean = _pick(sources, "mean", ("flag", mean), (spec.norm_source, spec.mean), ("dataset", bundle.mean))
+    std = _pick(sources, "std", ("flag", std), (spec.norm_source, spec.std), ("dataset", bundle.std))
+    mean, std = validate_normalization(mean, std, image_c)
+    return Subject(ckpt, model, f"{hub.library}:{hub.arch}", n_classes, image_c, head_name, mean, std, sources, hub=hub)
 
 
 def _origin(source: str, module: str | None) -> str:
@@ -130,12 +220,20 @@ def _arch_notes(ckpt: Checkpoint, arch_flag: str | None) -> list[str]:
     current = arch_file_source(arch_flag) or {}
     notes = []
     if isinstance(recorded.get("sha256"), str) and current.get("sha256") and current["sha256"] != recorded["sha256"]:
-        notes.append(f"--arch {arch_flag}: this file differs from the one that built {ckpt.path.name} "
-                     f"(sha256 {current['sha256'][:12]} vs recorded {recorded['sha256'][:12]}); "
-                     "the weights still loaded strictly, but check that the code computes the same thing")
-    if isinstance(recorded.get("factory"), str) and current.get("factory") and current["factory"] != recorded["factory"]:
-        notes.append(f"--arch {arch_flag}: the checkpoint was built by the factory {recorded['factory'][:60]!r}, "
-                     f"not {current['factory']!r}")
+        notes.append(
+            f"--arch {arch_flag}: this file differs from the one that built {ckpt.path.name} "
+            f"(sha256 {current['sha256'][:12]} vs recorded {recorded['sha256'][:12]}); "
+            "the weights still loaded strictly, but check that the code computes the same thing"
+        )
+    if (
+        isinstance(recorded.get("factory"), str)
+        and current.get("factory")
+        and current["factory"] != recorded["factory"]
+    ):
+        notes.append(
+            f"--arch {arch_flag}: the checkpoint was built by the factory {recorded['factory'][:60]!r}, "
+            f"not {current['factory']!r}"
+        )
     return notes
 
 
@@ -167,9 +265,11 @@ def trusted_metadata(ckpt: Checkpoint, arch_flag: str | None = None) -> dict:
         if arch_flag is not None:
             meta.pop("arch")
         elif arch not in ARCHITECTURES and not arch.startswith("torchvision:"):
-            raise InputError(f"{where} names the architecture {arch[:200]!r}, which is not built in; bdclean will not "
-                             "run code named by a checkpoint",
-                             hint=_arch_flag_hint(arch, meta.get("arch_source")))
+            raise InputError(
+                f"{where} names the architecture {arch[:200]!r}, which is not built in; bdclean will not "
+                "run code named by a checkpoint",
+                hint=_arch_flag_hint(arch, meta.get("arch_source")),
+            )
     for key, lo, hi in (("num_classes", 2, 100_000), ("in_channels", 1, 4)):
         value = meta.get(key)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi):
@@ -183,10 +283,15 @@ def trusted_metadata(ckpt: Checkpoint, arch_flag: str | None = None) -> dict:
             raise InputError(f"{where}: 'normalization' must be a mapping with mean and std")
         for key in ("mean", "std"):
             values = norm.get(key)
-            if values is not None and (not isinstance(values, list) or not values or len(values) > 4 or not all(
-                    isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)):
-                raise InputError(f"{where}: normalization {key} must be a list of 1-4 finite numbers, "
-                                 f"got {str(values)[:60]}")
+            if values is not None and (
+                not isinstance(values, list)
+                or not values
+                or len(values) > 4
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)
+            ):
+                raise InputError(
+                    f"{where}: normalization {key} must be a list of 1-4 finite numbers, got {str(values)[:60]}"
+                )
     return meta
 
 
@@ -197,7 +302,9 @@ def validate_normalization(mean, std, channels: int) -> tuple[tuple[float, ...],
     if len(std) == 1 and channels > 1:
         std = std * channels
     if len(mean) != channels or len(std) != channels:
-        raise InputError(f"normalisation needs {channels} value(s) per statistic, got mean {list(mean)} std {list(std)}")
+        raise InputError(
+            f"normalisation needs {channels} value(s) per statistic, got mean {list(mean)} std {list(std)}"
+        )
     if not all(math.isfinite(v) for v in mean + std):
         raise InputError(f"normalisation values must be finite numbers, got mean {list(mean)} std {list(std)}")
     if any(s <= 0 for s in std):

@@ -93,6 +93,7 @@ class TriggerSpec:
 
 # ---------------------------------------------------------------- reading specs
 
+
 def load_trigger_spec(text_or_path: str) -> TriggerSpec:
     """A built-in name (badnets, blended, sig, wanet) or the path of a YAML spec file."""
     text = os.fspath(text_or_path) if isinstance(text_or_path, os.PathLike) else text_or_path
@@ -107,8 +108,9 @@ def load_trigger_spec(text_or_path: str) -> TriggerSpec:
     except (OSError, ValueError):  # a NUL byte or an over-long name
         exists = False
     if not exists:
-        raise ConfigError(f"trigger {_show(text)} is neither a built-in name nor an existing file",
-                          hint=_trigger_hint())
+        raise ConfigError(
+            f"trigger {_show(text)} is neither a built-in name nor an existing file", hint=_trigger_hint()
+        )
     data = _read_bounded(path, MAX_SPEC_BYTES, f"trigger spec {path}")
     try:
         doc = data.decode("utf-8-sig")
@@ -135,8 +137,10 @@ def load_trigger_spec(text_or_path: str) -> TriggerSpec:
 def parse_trigger_spec(obj: dict, base_dir: Path | None, source: str) -> TriggerSpec:
     """Validate a spec mapping strictly; relative image paths resolve against `base_dir` (else cwd)."""
     if not isinstance(obj, dict):
-        raise ConfigError(f"trigger spec {source}: expected a mapping of fields (type: patch, ...), "
-                          f"got {type(obj).__name__}", hint=_trigger_hint())
+        raise ConfigError(
+            f"trigger spec {source}: expected a mapping of fields (type: patch, ...), got {type(obj).__name__}",
+            hint=_trigger_hint(),
+        )
     for key in obj:
         if not isinstance(key, str):
             raise ConfigError(f"trigger spec {source}: field names must be text, got {_show(key)}")
@@ -144,13 +148,16 @@ def parse_trigger_spec(obj: dict, base_dir: Path | None, source: str) -> Trigger
         raise ConfigError(f"trigger spec {source}: missing field 'type'", hint=f"one of: {', '.join(TRIGGER_TYPES)}")
     kind = obj["type"]
     if not isinstance(kind, str) or kind not in TRIGGER_TYPES:
-        raise ConfigError(f"trigger spec {source}: field 'type' must be one of {', '.join(TRIGGER_TYPES)}, "
-                          f"got {_show(kind)}")
+        raise ConfigError(
+            f"trigger spec {source}: field 'type' must be one of {', '.join(TRIGGER_TYPES)}, got {_show(kind)}"
+        )
     allowed = _COMMON_KEYS + _TYPE_KEYS[kind]
     for key in obj:
         if key not in allowed:
-            raise ConfigError(f"trigger spec {source}: unknown field {_show(key)} for type {kind}",
-                              hint=f"allowed fields: {', '.join(allowed)}")
+            raise ConfigError(
+                f"trigger spec {source}: unknown field {_show(key)} for type {kind}",
+                hint=f"allowed fields: {', '.join(allowed)}",
+            )
     fields = _Fields(obj, source, base_dir)
     target = fields.integer("target", 0, 0, MAX_TARGET)
     params: dict[str, Any] = {}
@@ -208,8 +215,11 @@ class _Fields:
             if value not in POSITIONS:
                 self.fail(key, f"one of {', '.join(POSITIONS)} or [row, col]", value)
             return value
-        if (isinstance(value, (list, tuple)) and len(value) == 2
-                and all(_is_int(v) and 0 <= v <= MAX_IMAGE_SIDE for v in value)):
+        if (
+            isinstance(value, (list, tuple))
+            and len(value) == 2
+            and all(_is_int(v) and 0 <= v <= MAX_IMAGE_SIDE for v in value)
+        ):
             return [int(value[0]), int(value[1])]
         self.fail(key, f"one of {', '.join(POSITIONS)} or [row, col] with integers in [0, {MAX_IMAGE_SIDE}]", value)
 
@@ -217,8 +227,11 @@ class _Fields:
         value = self.obj.get(key, 255)
         if _is_int(value) and 0 <= value <= 255:
             return int(value)
-        if (isinstance(value, (list, tuple)) and 1 <= len(value) <= 4
-                and all(_is_int(v) and 0 <= v <= 255 for v in value)):
+        if (
+            isinstance(value, (list, tuple))
+            and 1 <= len(value) <= 4
+            and all(_is_int(v) and 0 <= v <= 255 for v in value)
+        ):
             return [int(v) for v in value]
         self.fail(key, "an integer in [0, 255] or a list of one per channel", value)
 
@@ -243,8 +256,10 @@ class _Fields:
             if not isinstance(expected, str) or len(expected) != 64 or set(expected) - set("0123456789abcdef"):
                 self.fail(sha_key, "a sha256 hex digest (64 lowercase hex digits)", expected)
             if expected != digest:
-                self.refuse(f"{key} file {path} has sha256 {digest[:12]}..., the spec expects {expected[:12]}...",
-                            hint="the file changed since the spec was written; restore it or drop the hash")
+                self.refuse(
+                    f"{key} file {path} has sha256 {digest[:12]}..., the spec expects {expected[:12]}...",
+                    hint="the file changed since the spec was written; restore it or drop the hash",
+                )
         _decode_image(data, what)
         return str(path), digest
 
@@ -260,8 +275,11 @@ def _parse_patch(f: _Fields) -> dict:
         path, digest = f.image_file("image")
         return {"image": path, "image_sha256": digest, "position": f.position("position")}
     f.reject_with("size", "image_sha256", reason="image_sha256 belongs to an image file")
-    return {"size": f.integer("size", 3, 1, MAX_IMAGE_SIDE), "position": f.position("position"),
-            "color": f.color("color")}
+    return {
+        "size": f.integer("size", 3, 1, MAX_IMAGE_SIDE),
+        "position": f.position("position"),
+        "color": f.color("color"),
+    }
 
 
 def _parse_blend(f: _Fields) -> dict:
@@ -275,13 +293,19 @@ def _parse_blend(f: _Fields) -> dict:
 
 
 def _parse_sig(f: _Fields) -> dict:
-    return {"amplitude": f.number("amplitude", 40.0, 0.0, 255.0, lo_open=True),
-            "frequency": f.number("frequency", 6.0, 0.0, math.inf, lo_open=True)}
+    return {
+        "amplitude": f.number("amplitude", 40.0, 0.0, 255.0, lo_open=True),
+        "frequency": f.number("frequency", 6.0, 0.0, math.inf, lo_open=True),
+    }
 
 
 def _parse_wanet(f: _Fields) -> dict:
-    return {"k": f.integer("k", 4, 2, MAX_WANET_K), "s": f.number("s", 0.5, 0.0, math.inf, lo_open=True),
-            "seed": f.seed("seed"), "grid_rescale": f.number("grid_rescale", 1.0, 0.0, math.inf, lo_open=True)}
+    return {
+        "k": f.integer("k", 4, 2, MAX_WANET_K),
+        "s": f.number("s", 0.5, 0.0, math.inf, lo_open=True),
+        "seed": f.seed("seed"),
+        "grid_rescale": f.number("grid_rescale", 1.0, 0.0, math.inf, lo_open=True),
+    }
 
 
 def _parse_image(f: _Fields) -> dict:
@@ -290,15 +314,26 @@ def _parse_image(f: _Fields) -> dict:
             f.refuse(f"type image needs field '{key}'", hint="image: trigger.png and mask: mask.png (grayscale)")
     image, image_sha = f.image_file("image")
     mask, mask_sha = f.image_file("mask")
-    return {"image": image, "image_sha256": image_sha, "mask": mask, "mask_sha256": mask_sha,
-            "position": f.position("position")}
+    return {
+        "image": image,
+        "image_sha256": image_sha,
+        "mask": mask,
+        "mask_sha256": mask_sha,
+        "position": f.position("position"),
+    }
 
 
-_PARSERS = {"patch": _parse_patch, "blend": _parse_blend, "sig": _parse_sig, "wanet": _parse_wanet,
-            "image": _parse_image}
+_PARSERS = {
+    "patch": _parse_patch,
+    "blend": _parse_blend,
+    "sig": _parse_sig,
+    "wanet": _parse_wanet,
+    "image": _parse_image,
+}
 
 
 # ---------------------------------------------------------------- files and images
+
 
 def _read_bounded(path: Path, limit: int, what: str) -> bytes:
     """Read a regular file of at most `limit` bytes, refusing FIFOs, devices and directories."""
@@ -350,8 +385,10 @@ def _decode_image(data: bytes, what: str):
         raise ConfigError(f"{what}: image has too many pixels (decompression bomb guard)") from None
     except Exception as e:  # noqa: BLE001 - corrupt files raise many types inside PIL; all mean "bad image"
         reason = _clip(str(e) or type(e).__name__)
-        raise ConfigError(f"{what}: not a readable image ({', '.join(IMAGE_FORMATS)}): {reason}",
-                          hint="check the file, or re-save it as PNG") from None
+        raise ConfigError(
+            f"{what}: not a readable image ({', '.join(IMAGE_FORMATS)}): {reason}",
+            hint="check the file, or re-save it as PNG",
+        ) from None
 
 
 def _load_pixels(path: str, sha256: str, channels: int, mode_for_mask: bool = False) -> np.ndarray:
@@ -381,6 +418,7 @@ def _resize_pixels(pixels: np.ndarray, height: int, width: int) -> np.ndarray:
 
 # ---------------------------------------------------------------- built triggers
 
+
 class Trigger:
     """A trigger built for one image shape (H, W, C); `apply` maps uint8 batches to uint8 batches."""
 
@@ -393,12 +431,18 @@ class Trigger:
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """Triggered copy of a uint8 batch (N, H, W, C); same shape, dtype and device. Input untouched."""
-        if not isinstance(x, torch.Tensor) or x.dtype != torch.uint8 or tuple(x.shape[1:]) != self.image_shape \
-                or x.dim() != 4:
+        if (
+            not isinstance(x, torch.Tensor)
+            or x.dtype != torch.uint8
+            or tuple(x.shape[1:]) != self.image_shape
+            or x.dim() != 4
+        ):
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             dtype = x.dtype if isinstance(x, torch.Tensor) else ""
-            raise InputError(f"the {self.spec.type} trigger was built for uint8 images shaped (N, "
-                             f"{', '.join(map(str, self.image_shape))}), got {dtype} {shape}")
+            raise InputError(
+                f"the {self.spec.type} trigger was built for uint8 images shaped (N, "
+                f"{', '.join(map(str, self.image_shape))}), got {dtype} {shape}"
+            )
         if x.shape[0] == 0:
             return x.clone()
         tensors = self._on(x.device)
@@ -468,8 +512,9 @@ def build_trigger(spec: TriggerSpec, image_shape: tuple[int, int, int]) -> Trigg
     if spec.type not in _BUILDERS:
         raise ConfigError(f"trigger spec {spec.source}: unknown type {_show(spec.type)}")
     if not _is_int(spec.target) or spec.target < 0:
-        raise ConfigError(f"trigger spec {spec.source}: field 'target' must be an integer >= 0, "
-                          f"got {_show(spec.target)}")
+        raise ConfigError(
+            f"trigger spec {spec.source}: field 'target' must be an integer >= 0, got {_show(spec.target)}"
+        )
     return _BUILDERS[spec.type](spec, shape)
 
 
@@ -482,8 +527,11 @@ def _build_patch(spec: TriggerSpec, shape) -> Trigger:
         color = p["color"]
         if isinstance(color, (list, tuple)):
             if len(color) != channels:
-                raise ConfigError(f"trigger spec {spec.source}: field 'color' has {len(color)} values but the images "
-                                  f"have {channels} channel(s)", hint="give one value per channel, or a single integer")
+                raise ConfigError(
+                    f"trigger spec {spec.source}: field 'color' has {len(color)} values but the images "
+                    f"have {channels} channel(s)",
+                    hint="give one value per channel, or a single integer",
+                )
             fill = torch.tensor(color, dtype=torch.uint8)
         else:
             fill = torch.full((channels,), color, dtype=torch.uint8)
@@ -524,8 +572,11 @@ def _build_image(spec: TriggerSpec, shape) -> Trigger:
     picture = _load_pixels(p["image"], p["image_sha256"], channels)
     mask = _load_pixels(p["mask"], p["mask_sha256"], 1, mode_for_mask=True)
     if picture.shape[:2] != mask.shape[:2]:
-        raise ConfigError(f"trigger spec {spec.source}: image is {picture.shape[1]}x{picture.shape[0]} but mask is "
-                          f"{mask.shape[1]}x{mask.shape[0]} pixels", hint="the mask must have the image's size")
+        raise ConfigError(
+            f"trigger spec {spec.source}: image is {picture.shape[1]}x{picture.shape[0]} but mask is "
+            f"{mask.shape[1]}x{mask.shape[0]} pixels",
+            hint="the mask must have the image's size",
+        )
     row, col = _origin(spec, p["position"], picture.shape[0], picture.shape[1], height, width)
     h, w = picture.shape[:2]
     m = torch.zeros(1, height, width, 1, dtype=torch.float32)
@@ -561,15 +612,22 @@ def wanet_grid(k: int, s: float, seed: int, grid_rescale: float, height: int, wi
     return ((identity + s * field / height) * grid_rescale).clamp(-1, 1).contiguous()
 
 
-_BUILDERS = {"patch": _build_patch, "blend": _build_blend, "sig": _build_sig, "wanet": _build_wanet,
-             "image": _build_image}
+_BUILDERS = {
+    "patch": _build_patch,
+    "blend": _build_blend,
+    "sig": _build_sig,
+    "wanet": _build_wanet,
+    "image": _build_image,
+}
 
 
 def _origin(spec: TriggerSpec, position, h: int, w: int, height: int, width: int) -> tuple[int, int]:
     """Top-left corner of an h x w patch at `position`; refuses patches that do not fit."""
     if h > height or w > width:
-        raise ConfigError(f"trigger spec {spec.source}: the {w}x{h} trigger is larger than the {width}x{height} images",
-                          hint="use a smaller size or image")
+        raise ConfigError(
+            f"trigger spec {spec.source}: the {w}x{h} trigger is larger than the {width}x{height} images",
+            hint="use a smaller size or image",
+        )
     if isinstance(position, str):
         rows = {"top": 0, "bottom": height - h, "center": (height - h) // 2}
         cols = {"left": 0, "right": width - w, "center": (width - w) // 2}
@@ -577,13 +635,16 @@ def _origin(spec: TriggerSpec, position, h: int, w: int, height: int, width: int
         return rows[vertical], cols[horizontal or "center"]
     row, col = int(position[0]), int(position[1])
     if row + h > height or col + w > width:
-        raise ConfigError(f"trigger spec {spec.source}: field 'position' [{row}, {col}] puts the {w}x{h} trigger "
-                          f"outside the {width}x{height} images",
-                          hint=f"row <= {height - h} and col <= {width - w}")
+        raise ConfigError(
+            f"trigger spec {spec.source}: field 'position' [{row}, {col}] puts the {w}x{h} trigger "
+            f"outside the {width}x{height} images",
+            hint=f"row <= {height - h} and col <= {width - w}",
+        )
     return row, col
 
 
 # ---------------------------------------------------------------- poisoned sets
+
 
 def make_poisoned_eval_set(trigger: Trigger, x: torch.Tensor, y: torch.Tensor):
     """Triggered copies of the images whose label is not the target, with their TRUE labels.
@@ -618,14 +679,20 @@ def poison_training_set(trigger: Trigger, x: torch.Tensor, y: torch.Tensor, rate
 
 
 def _check_pair(x: torch.Tensor, y: torch.Tensor) -> None:
-    if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor) or x.dim() < 1 or y.dim() != 1 \
-            or x.shape[0] != y.shape[0]:
+    if (
+        not isinstance(x, torch.Tensor)
+        or not isinstance(y, torch.Tensor)
+        or x.dim() < 1
+        or y.dim() != 1
+        or x.shape[0] != y.shape[0]
+    ):
         xs = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         ys = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
         raise InputError(f"images and labels do not match: images {xs}, labels {ys}")
 
 
 # ---------------------------------------------------------------- small helpers
+
 
 def _is_int(value: Any) -> bool:
     # bool is a subclass of int, but `size: true` is a mistake, not 1.

@@ -8,6 +8,7 @@ stall a GPU on every batch).
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from collections.abc import Callable, Iterable
@@ -52,8 +53,13 @@ class EpochLog:
     execution: str = ""  # CUDA: how the steps ran (CUDA graph replays or eager, and why); empty on CPU
 
     def to_dict(self) -> dict:
-        out = {"epoch": self.epoch, "loss": round(self.loss, 6), "train_acc": round(self.train_acc, 6),
-               "lr": self.lr, "seconds": round(self.seconds, 3)}
+        out = {
+            "epoch": self.epoch,
+            "loss": round(self.loss, 6),
+            "train_acc": round(self.train_acc, 6),
+            "lr": self.lr,
+            "seconds": round(self.seconds, 3),
+        }
         if self.execution:
             out["execution"] = self.execution
         return out
@@ -147,8 +153,9 @@ def tune(
             return None
         return f"the fused SGD kernel was unavailable ({optimizer.fallback}), so the rate is not a device tensor"
 
-    graphed = (GraphedStep(train_step, settings.batch_size, refusal)
-               if use_cuda_graphs(device, settings, perturb) else None)
+    graphed = (
+        GraphedStep(train_step, settings.batch_size, refusal) if use_cuda_graphs(device, settings, perturb) else None
+    )
     run_step = graphed or train_step
     # The adapter's hook (a trailing softmax's input) lives exactly as long as the run.
     with attach_loss(model, loss_adapter, settings.label_smoothing) as loss_fn:
@@ -172,7 +179,7 @@ def tune(
                     inputs = stamp(inputs, generator)
                 inputs = as_format(inputs, memory_format)
                 if perturb is not None:  # SAM / PAM: the gradient at the moved point, applied at the original
-                    restore = perturb(lambda: forward_backward(inputs, yb))
+                    restore = perturb(functools.partial(forward_backward, inputs, yb))
                     loss, logits = forward_backward(inputs, yb)
                     restore()
                     loss, logits = apply_step(loss, logits)
@@ -187,8 +194,14 @@ def tune(
             scheduler.step()
             if seen == 0:
                 raise ConfigError("the tuning set is too small for one training batch")
-            log = EpochLog(epoch + 1, loss_sum.item() / seen, correct.item() / seen, lr, time.perf_counter() - start,
-                           execution=execution_status(device, graphed, perturb))
+            log = EpochLog(
+                epoch + 1,
+                loss_sum.item() / seen,
+                correct.item() / seen,
+                lr,
+                time.perf_counter() - start,
+                execution=execution_status(device, graphed, perturb),
+            )
             if log.loss != log.loss or log.loss == float("inf"):
                 raise ConfigError(f"training diverged at epoch {epoch + 1} (loss is {log.loss})", hint="lower --lr")
             history.append(log)

@@ -57,7 +57,11 @@ def make_zoo(folder: Path, n: int, quick: bool) -> Path:
         state = {}
         for key, tensor in base.items():
             if tensor.is_floating_point() and key.endswith("weight"):
-                noise = torch.randn(tensor.shape, generator=generator) * 0.01 * float(tensor.std() if tensor.numel() > 1 else 0)
+                noise = (
+                    torch.randn(tensor.shape, generator=generator)
+                    * 0.01
+                    * float(tensor.std() if tensor.numel() > 1 else 0)
+                )
                 tensor = tensor + noise
             state[key] = tensor.contiguous()
         save_file(state, str(folder / f"model-{i:03d}.safetensors"))
@@ -87,8 +91,17 @@ def main() -> None:
         zoo = Path(tmp) / "zoo"
         data = make_zoo(zoo, args.n, args.quick)
         files = sorted(str(p) for p in zoo.iterdir())
-        common = ["--data", str(data), "--trigger", "badnets", "--eval-limit", str(args.eval_limit),
-                  "--device", args.device, "--quiet"]
+        common = [
+            "--data",
+            str(data),
+            "--trigger",
+            "badnets",
+            "--eval-limit",
+            str(args.eval_limit),
+            "--device",
+            args.device,
+            "--quiet",
+        ]
         for path in files + [str(p) for p in Path(data).glob("*.npz")]:
             Path(path).read_bytes()  # warm-up: the page cache, for both sides alike
 
@@ -118,7 +131,9 @@ def main() -> None:
     rss = [rows[p]["rss_mb"] for p in files]
     per_minute = {"one_audit": 60 * args.n / audit_seconds, "separate": 60 * args.n / separate_seconds}
     result = {
-        "benchmark": "bench_audit", "checkpoints": args.n, "eval_limit": args.eval_limit,
+        "benchmark": "bench_audit",
+        "checkpoints": args.n,
+        "eval_limit": args.eval_limit,
         "data": "synthetic 12x12 (--quick)" if args.quick else "CIFAR-10 test split (../shared/data)",
         "models": "test_tiny" if args.quick else "ResNet-20 (CIFAR), perturbed copies",
         "seconds": {"one_audit": round(audit_seconds, 2), "separate": round(separate_seconds, 2)},
@@ -128,8 +143,12 @@ def main() -> None:
         "same_counts_both_sides": True,
         "device": args.device,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "machine": {"processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-                    "torch_threads": torch.get_num_threads(), "niceness": os.nice(0)},
+        "machine": {
+            "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "niceness": os.nice(0),
+        },
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
     }
     if args.device.startswith("cuda"):

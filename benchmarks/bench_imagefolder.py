@@ -60,14 +60,20 @@ def make_checkpoint(path: Path, arch: str, image_size: int) -> Path:
 
     torch.manual_seed(0)
     model = build_model(arch, CLASSES, 3)
-    meta = {"schema": "bdclean.checkpoint/1", "arch": arch, "num_classes": CLASSES, "in_channels": 3,
-            "input_size": [image_size, image_size], "normalization": {"mean": [0.485, 0.456, 0.406],
-                                                                      "std": [0.229, 0.224, 0.225]}}
+    meta = {
+        "schema": "bdclean.checkpoint/1",
+        "arch": arch,
+        "num_classes": CLASSES,
+        "in_channels": 3,
+        "input_size": [image_size, image_size],
+        "normalization": {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
+    }
     path.write_bytes(safetensors_bytes(dict(model.state_dict()), meta))
     return path
 
 
 # ----------------------------------------------------------------------------- children (fresh processes)
+
 
 def child(mode: str, folder: str, checkpoint: str, image_size: int, batch_size: int) -> dict:
     from backdoor_cli import data
@@ -76,8 +82,14 @@ def child(mode: str, folder: str, checkpoint: str, image_size: int, batch_size: 
     if mode.startswith("decode-"):
         return _decode_only(mode, folder, image_size, batch_size)
     data.STREAM_MIN_BYTES = 0 if mode == "streamed" else 1 << 62
-    opts = EvaluateOptions(checkpoint=checkpoint, data=folder, device="cpu", trigger="badnets", batch_size=batch_size,
-                           image_size=(image_size, image_size))
+    opts = EvaluateOptions(
+        checkpoint=checkpoint,
+        data=folder,
+        device="cpu",
+        trigger="badnets",
+        batch_size=batch_size,
+        image_size=(image_size, image_size),
+    )
     start = time.perf_counter()
     if mode == "baseline":
         from backdoor_cli.checkpoint import read_checkpoint
@@ -93,10 +105,17 @@ def child(mode: str, folder: str, checkpoint: str, image_size: int, batch_size: 
     out = {"mode": mode, "seconds": round(seconds, 2), "max_rss_mib": _max_rss_mib()}
     if report is not None:
         result = report.result
-        out.update({"streamed": report.data["streamed"], "test_images": result.clean_acc.n,
-                    "triggered_images": result.asr.n, "clean_correct": result.clean_acc.k, "asr_hits": result.asr.k,
-                    "images_per_s": round(result.clean_acc.n / seconds, 1),
-                    "stages": {k: round(v, 2) for k, v in report.timings.items()}})
+        out.update(
+            {
+                "streamed": report.data["streamed"],
+                "test_images": result.clean_acc.n,
+                "triggered_images": result.asr.n,
+                "clean_correct": result.clean_acc.k,
+                "asr_hits": result.asr.k,
+                "images_per_s": round(result.clean_acc.n / seconds, 1),
+                "stages": {k: round(v, 2) for k, v in report.timings.items()},
+            }
+        )
     return out
 
 
@@ -104,8 +123,8 @@ def _decode_only(mode: str, folder: str, image_size: int, batch_size: int) -> di
     """Decode the whole split once, without a model: the thread pool, or DataLoader worker processes."""
     import torch
 
-    from backdoor_cli.data import load_dataset
     from backdoor_cli import data
+    from backdoor_cli.data import load_dataset
     from backdoor_cli.imagefolder import DECODE_WORKERS, decode_image
 
     data.STREAM_MIN_BYTES = 0
@@ -123,14 +142,21 @@ def _decode_only(mode: str, folder: str, image_size: int, batch_size: int) -> di
             def __getitem__(self, i):
                 return torch.from_numpy(decode_image(files[i], mode_, size))
 
-        loader = torch.utils.data.DataLoader(Files(), batch_size=batch_size, num_workers=DECODE_WORKERS,
-                                             prefetch_factor=2)
+        loader = torch.utils.data.DataLoader(
+            Files(), batch_size=batch_size, num_workers=DECODE_WORKERS, prefetch_factor=2
+        )
         count = sum(len(x) for x in loader)
     seconds = time.perf_counter() - start
     children = round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1)  # largest worker
-    return {"mode": mode, "workers": DECODE_WORKERS, "images": count, "seconds": round(seconds, 2),
-            "images_per_s": round(count / seconds, 1), "max_rss_mib": _max_rss_mib(),
-            "max_rss_worker_mib": children if mode == "decode-dataloader" else None}
+    return {
+        "mode": mode,
+        "workers": DECODE_WORKERS,
+        "images": count,
+        "seconds": round(seconds, 2),
+        "images_per_s": round(count / seconds, 1),
+        "max_rss_mib": _max_rss_mib(),
+        "max_rss_worker_mib": children if mode == "decode-dataloader" else None,
+    }
 
 
 def _max_rss_mib() -> float:
@@ -138,8 +164,20 @@ def _max_rss_mib() -> float:
 
 
 def _run_child(mode: str, args, folder: Path, checkpoint: Path) -> dict:
-    command = [sys.executable, __file__, "--child", mode, "--folder", str(folder), "--checkpoint", str(checkpoint),
-               "--image-size", str(args.image_size), "--batch-size", str(args.batch_size)]
+    command = [
+        sys.executable,
+        __file__,
+        "--child",
+        mode,
+        "--folder",
+        str(folder),
+        "--checkpoint",
+        str(checkpoint),
+        "--image-size",
+        str(args.image_size),
+        "--batch-size",
+        str(args.batch_size),
+    ]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=1800)
     if done.returncode != 0:
@@ -149,10 +187,15 @@ def _run_child(mode: str, args, folder: Path, checkpoint: Path) -> dict:
 
 def machine() -> dict:
     import torch
+
     from bench_purify import device_description
 
-    return {**device_description(torch.device("cpu")), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "torch": torch.__version__, "load_average": [round(v, 2) for v in os.getloadavg()]}
+    return {
+        **device_description(torch.device("cpu")),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "torch": torch.__version__,
+        "load_average": [round(v, 2) for v in os.getloadavg()],
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -184,15 +227,21 @@ def main(argv: list[str] | None = None) -> int:
     resident, streamed = runs["resident"], runs["streamed"]
     same = all(resident[k] == streamed[k] for k in ("clean_correct", "asr_hits", "test_images", "triggered_images"))
     result = {
-        "benchmark": "bench_imagefolder", "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "machine": machine(), "settings": {k: v for k, v in vars(args).items() if k not in ("child", "folder",
-                                                                                           "checkpoint", "json_out")},
-        "generate_seconds": round(generated, 1), "runs": runs, "metrics_identical": same,
+        "benchmark": "bench_imagefolder",
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "machine": machine(),
+        "settings": {k: v for k, v in vars(args).items() if k not in ("child", "folder", "checkpoint", "json_out")},
+        "generate_seconds": round(generated, 1),
+        "runs": runs,
+        "metrics_identical": same,
         "streamed_over_resident": {
             "images_per_s": round(streamed["images_per_s"] / resident["images_per_s"], 2),
             "max_rss": round(streamed["max_rss_mib"] / resident["max_rss_mib"], 2),
-            "max_rss_above_baseline": round((streamed["max_rss_mib"] - runs["baseline"]["max_rss_mib"])
-                                            / max(1.0, resident["max_rss_mib"] - runs["baseline"]["max_rss_mib"]), 3),
+            "max_rss_above_baseline": round(
+                (streamed["max_rss_mib"] - runs["baseline"]["max_rss_mib"])
+                / max(1.0, resident["max_rss_mib"] - runs["baseline"]["max_rss_mib"]),
+                3,
+            ),
         },
     }
     text = json.dumps(result, indent=2)

@@ -69,8 +69,14 @@ from backdoor_cli.runtime import Stopwatch, synchronize  # noqa: E402
 PROFILES = {
     "cuda": {"arch": "resnet18", "clean_count": 1000, "epochs": 10, "eval_limit": None, "num_workers": 4},
     "cpu": {"arch": "simple_cnn", "clean_count": 1000, "epochs": 10, "eval_limit": 2000, "num_workers": 0},
-    "quick": {"arch": "test_tiny", "clean_count": 100, "epochs": 1, "eval_limit": 300, "num_workers": 0,
-              "batch_size": 32},
+    "quick": {
+        "arch": "test_tiny",
+        "clean_count": 100,
+        "epochs": 1,
+        "eval_limit": 300,
+        "num_workers": 0,
+        "batch_size": 32,
+    },
 }
 # The subject model when --model is not given: a Blended backdoor planted by `bdclean train`, cached.
 # Blended, not BadNets: in the CPU budget below a 5% BadNets patch was not learned (ASR 7.4%, which
@@ -88,13 +94,18 @@ TRAIN_SETTINGS = {
 
 # ----------------------------------------------------------------------------- the machine
 
+
 def device_description(device: torch.device) -> dict:
     """What ran the benchmark: GPU name, or CPU model + core count (figures mean nothing without it)."""
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        return {"type": "cuda", "name": torch.cuda.get_device_name(device),
-                "memory_gib": round(props.total_memory / 2**30, 1), "cuda": torch.version.cuda,
-                "cpu_cores": os.cpu_count()}
+        return {
+            "type": "cuda",
+            "name": torch.cuda.get_device_name(device),
+            "memory_gib": round(props.total_memory / 2**30, 1),
+            "cuda": torch.version.cuda,
+            "cpu_cores": os.cpu_count(),
+        }
     model = platform.processor() or platform.machine()
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -106,8 +117,14 @@ def device_description(device: torch.device) -> dict:
 
     # The capability decides the arithmetic (bf16 where native), so it belongs beside the name.
     capability = cpu_capability()
-    return {"type": "cpu", "name": f"{model}, {cores} cores, {capability.kind}", "cpu_model": model, "cpu_cores": cores,
-            "cpu_capability": capability.to_dict(), "torch_threads": torch.get_num_threads()}
+    return {
+        "type": "cpu",
+        "name": f"{model}, {cores} cores, {capability.kind}",
+        "cpu_model": model,
+        "cpu_cores": cores,
+        "cpu_capability": capability.to_dict(),
+        "torch_threads": torch.get_num_threads(),
+    }
 
 
 def slugify(text: str) -> str:
@@ -126,6 +143,7 @@ def load_average() -> list[float] | None:
 # Stand-ins for torchvision.transforms when torchvision cannot be imported, with the same semantics:
 # they take and return PIL images one sample at a time and draw their randomness from torch's
 # global RNG, as torchvision does.
+
 
 class PilRandomCrop:
     """transforms.RandomCrop(size, padding): zero-pad each side, then crop at a uniform random offset."""
@@ -222,6 +240,7 @@ class PilDataset(torch.utils.data.Dataset):
 
 # ----------------------------------------------------------------------------- reference pipeline
 
+
 @dataclasses.dataclass
 class ReferenceJob:
     """Everything the reference pipeline needs, resolved from the same sources as bdclean's run."""
@@ -290,8 +309,14 @@ def poison_test_set_per_image(trigger, x: np.ndarray, y: np.ndarray) -> tuple[np
 
 def _loader(dataset, batch_size: int, shuffle: bool, num_workers: int, device: torch.device, seed: int | None = None):
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
-                                       pin_memory=device.type == "cuda", generator=generator)
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+        generator=generator,
+    )
 
 
 def reference_evaluate(model, clean_loader, poison_loader, target: int, device: torch.device) -> dict:
@@ -310,8 +335,12 @@ def reference_evaluate(model, clean_loader, poison_loader, target: int, device: 
             hits += (pred == target).sum().item()
             robust += (pred == y).sum().item()
             n_poison += y.size(0)
-    return {"clean_acc": _rate(correct, total), "asr": _rate(hits, n_poison), "ra": _rate(robust, n_poison),
-            "images": total + n_poison}
+    return {
+        "clean_acc": _rate(correct, total),
+        "asr": _rate(hits, n_poison),
+        "ra": _rate(robust, n_poison),
+        "images": total + n_poison,
+    }
 
 
 def _rate(k: int, n: int) -> dict:
@@ -335,8 +364,9 @@ def project_head_norm(head: torch.nn.Linear, norm: torch.Tensor) -> None:
         head.weight.copy_(head.weight * norm / torch.norm(head.weight))
 
 
-def reference_fst(model, head: torch.nn.Linear, loader, job: ReferenceJob, device: torch.device,
-                  on_step=None) -> list[dict]:
+def reference_fst(
+    model, head: torch.nn.Linear, loader, job: ReferenceJob, device: torch.device, on_step=None
+) -> list[dict]:
     """FST as the official training loop runs it (Min et al. 2023; see benchmarks/README.md for the
     facts this follows), with a `.item()` every step as research code does.
 
@@ -349,8 +379,7 @@ def reference_fst(model, head: torch.nn.Linear, loader, job: ReferenceJob, devic
     original = head.weight.detach().clone()
     norm = torch.norm(original)
     reinitialise_head_as_official(head)
-    optimizer = torch.optim.SGD(model.parameters(), lr=job.lr, momentum=job.momentum,
-                                weight_decay=job.weight_decay)
+    optimizer = torch.optim.SGD(model.parameters(), lr=job.lr, momentum=job.momentum, weight_decay=job.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=job.epochs)
     optimizer.zero_grad()
     history, step = [], 0
@@ -377,8 +406,15 @@ def reference_fst(model, head: torch.nn.Linear, loader, job: ReferenceJob, devic
             correct += outputs.argmax(1).eq(y).sum().item()
             total += y.size(0)
         scheduler.step()
-        history.append({"epoch": epoch + 1, "loss": running_loss / max(total, 1), "train_acc": correct / max(total, 1),
-                        "lr": lr, "seconds": round(time.perf_counter() - start, 3)})
+        history.append(
+            {
+                "epoch": epoch + 1,
+                "loss": running_loss / max(total, 1),
+                "train_acc": correct / max(total, 1),
+                "lr": lr,
+                "seconds": round(time.perf_counter() - start, 3),
+            }
+        )
     return history
 
 
@@ -404,14 +440,14 @@ def run_reference(job: ReferenceJob, device: torch.device) -> dict:
         height, width, channels = test_x.shape[1:]
         if job.eval_indices is not None:
             test_x, test_y = test_x[job.eval_indices], test_y[job.eval_indices]
-        trigger = build_trigger(parse_trigger_spec(job.trigger_spec, None, source="benchmark"),
-                                (height, width, channels))
+        trigger = build_trigger(
+            parse_trigger_spec(job.trigger_spec, None, source="benchmark"), (height, width, channels)
+        )
         poison_x, poison_y = poison_test_set_per_image(trigger, test_x, test_y)
         train_tf, test_tf, transforms_impl = build_transforms(height, job.flip, job.mean, job.std, job.augment)
         clean_set = PilDataset(train_x[job.clean_indices], train_y[job.clean_indices], train_tf)
         test_loader = _loader(PilDataset(test_x, test_y, test_tf), job.batch_size, False, job.num_workers, device)
-        poison_loader = _loader(PilDataset(poison_x, poison_y, test_tf), job.batch_size, False, job.num_workers,
-                                device)
+        poison_loader = _loader(PilDataset(poison_x, poison_y, test_tf), job.batch_size, False, job.num_workers, device)
         train_loader = _loader(clean_set, job.batch_size, True, job.num_workers, device, seed=job.seed)
     with timer.stage("evaluate_before"):
         before = reference_evaluate(model, test_loader, poison_loader, trigger.target, device)
@@ -422,42 +458,69 @@ def run_reference(job: ReferenceJob, device: torch.device) -> dict:
     with timer.stage("write"):
         torch.save(model.state_dict(), job.out_dir / "reference_purified.pt")
     timer.stages.setdefault("choose_format", 0.0)  # fp32 NCHW, as research code runs: nothing to choose
-    return {"stages": timer.stages, "before": before, "after": after, "history": history,
-            "transforms": transforms_impl, "num_workers": job.num_workers,
-            "eval_images": {"clean": int(len(test_y)), "poisoned": int(len(poison_y))},
-            "tune_images": int(len(clean_set)) * job.epochs,
-            "_poisoned_x": poison_x, "_clean_y": test_y}
+    return {
+        "stages": timer.stages,
+        "before": before,
+        "after": after,
+        "history": history,
+        "transforms": transforms_impl,
+        "num_workers": job.num_workers,
+        "eval_images": {"clean": int(len(test_y)), "poisoned": int(len(poison_y))},
+        "tune_images": int(len(clean_set)) * job.epochs,
+        "_poisoned_x": poison_x,
+        "_clean_y": test_y,
+    }
 
 
 # ----------------------------------------------------------------------------- bdclean pipeline
+
 
 def run_bdclean(args, checkpoint: Path, data_dir: Path, out_dir: Path, seed: int | None = None) -> tuple[dict, object]:
     """`bdclean purify --method fst` through the library, with its own stage timings."""
     from backdoor_cli.config import PurifyOptions
     from backdoor_cli.pipeline import purify_checkpoint
 
-    opts = PurifyOptions(checkpoint=str(checkpoint), data=str(data_dir), method="fst", out=str(out_dir),
-                         force=True, device=args.device, seed=args.seed if seed is None else seed,
-                         clean_count=args.clean_count,
-                         epochs=args.epochs, batch_size=args.batch_size, eval_limit=args.eval_limit,
-                         arch=args.arch if args.model else None, trigger=args.trigger, precision=args.precision,
-                         memory_format=args.memory_format)
+    opts = PurifyOptions(
+        checkpoint=str(checkpoint),
+        data=str(data_dir),
+        method="fst",
+        out=str(out_dir),
+        force=True,
+        device=args.device,
+        seed=args.seed if seed is None else seed,
+        clean_count=args.clean_count,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        eval_limit=args.eval_limit,
+        arch=args.arch if args.model else None,
+        trigger=args.trigger,
+        precision=args.precision,
+        memory_format=args.memory_format,
+    )
     start = time.perf_counter()
     report = purify_checkpoint(opts)
     wall = time.perf_counter() - start
     stages = {name: report.timings.get(name, 0.0) for name in STAGES}
     return {
-        "stages": stages, "wall": wall, "compute": report.environment.get("compute"),
-        "before": _bd_metrics(report.before), "after": _bd_metrics(report.after),
+        "stages": stages,
+        "wall": wall,
+        "compute": report.environment.get("compute"),
+        "before": _bd_metrics(report.before),
+        "after": _bd_metrics(report.after),
         "history": report.history,
-        "eval_images": {"clean": report.before.clean_acc.n, "poisoned": report.before.asr.n if report.before.asr else 0},
+        "eval_images": {
+            "clean": report.before.clean_acc.n,
+            "poisoned": report.before.asr.n if report.before.asr else 0,
+        },
         "tune_images": report.clean["images"] * report.method["params"]["epochs"],
     }, report
 
 
 def _bd_metrics(result) -> dict:
-    out = {"clean_acc": {"k": result.clean_acc.k, "n": result.clean_acc.n, "value": result.clean_acc.value},
-           "images": result.images}
+    out = {
+        "clean_acc": {"k": result.clean_acc.k, "n": result.clean_acc.n, "value": result.clean_acc.value},
+        "images": result.images,
+    }
     for name in ("asr", "ra"):
         rate = getattr(result, name)
         out[name] = {"k": rate.k, "n": rate.n, "value": rate.value} if rate is not None else None
@@ -466,35 +529,54 @@ def _bd_metrics(result) -> dict:
 
 # ----------------------------------------------------------------------------- the subject model
 
+
 def default_model(args, data_dir: Path, profile: str) -> Path:
     """A BadNets-backdoored model trained by bdclean's own `train` pipeline, cached across runs."""
     from backdoor_cli.config import TrainOptions
-    from backdoor_cli.training import train_model
     from backdoor_cli.progress import StderrReporter
+    from backdoor_cli.training import train_model
 
     settings = TRAIN_SETTINGS[profile]
-    name = (f"{slugify(data_dir.name)}-{args.arch}-{TRAIN_TRIGGER}-p{TRAIN_POISON_RATE:g}-e{settings['epochs']}"
-            f"-n{settings['train_limit'] or 'all'}-s{args.seed}.safetensors")
+    name = (
+        f"{slugify(data_dir.name)}-{args.arch}-{TRAIN_TRIGGER}-p{TRAIN_POISON_RATE:g}-e{settings['epochs']}"
+        f"-n{settings['train_limit'] or 'all'}-s{args.seed}.safetensors"
+    )
     path = Path(args.cache_dir) / name
     if path.exists():
         log(f"subject model: {path} (cached)")
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    log(f"subject model: training {args.arch} on {data_dir} with a {TRAIN_TRIGGER} trigger on "
-        f"{TRAIN_POISON_RATE:.0%} of the images, {settings['epochs']} epochs (once; cached in {path.parent})")
+    log(
+        f"subject model: training {args.arch} on {data_dir} with a {TRAIN_TRIGGER} trigger on "
+        f"{TRAIN_POISON_RATE:.0%} of the images, {settings['epochs']} epochs (once; cached in {path.parent})"
+    )
     start = time.perf_counter()
-    report = train_model(TrainOptions(arch=args.arch, data=str(data_dir), out=str(path), trigger=TRAIN_TRIGGER,
-                                      poison_rate=TRAIN_POISON_RATE, epochs=settings["epochs"], lr=settings["lr"],
-                                      train_limit=settings["train_limit"], device=args.device, seed=args.seed,
-                                      augment=False),
-                         None if args.quick else StderrReporter())
+    report = train_model(
+        TrainOptions(
+            arch=args.arch,
+            data=str(data_dir),
+            out=str(path),
+            trigger=TRAIN_TRIGGER,
+            poison_rate=TRAIN_POISON_RATE,
+            epochs=settings["epochs"],
+            lr=settings["lr"],
+            train_limit=settings["train_limit"],
+            device=args.device,
+            seed=args.seed,
+            augment=False,
+        ),
+        None if args.quick else StderrReporter(),
+    )
     r = report.result
-    log(f"subject model trained in {time.perf_counter() - start:.0f}s: clean accuracy {r.clean_acc.value:.2%}, "
-        f"ASR {r.asr.value:.2%}")
+    log(
+        f"subject model trained in {time.perf_counter() - start:.0f}s: clean accuracy {r.clean_acc.value:.2%}, "
+        f"ASR {r.asr.value:.2%}"
+    )
     return path
 
 
 # ----------------------------------------------------------------------------- results
+
 
 def _spread(values: list[float]) -> dict:
     """Median, min, max and every value, in percent."""
@@ -526,16 +608,22 @@ def compare_results(bd, ref, args) -> dict:
 
     before_acc = worst_before("clean_acc")
     if abs(before_acc) > args.before_tol:
-        reasons.append(f"C-Acc before tuning differs by {before_acc:+.2f} points (> {args.before_tol}): "
-                       "the two pipelines do not see the same model or images")
+        reasons.append(
+            f"C-Acc before tuning differs by {before_acc:+.2f} points (> {args.before_tol}): "
+            "the two pipelines do not see the same model or images"
+        )
     bd_acc = _spread([value(b, "after", "clean_acc") for b in bd_runs])
     ref_acc = _spread([value(r, "after", "clean_acc") for r in ref_runs])
     after_acc = bd_acc["median"] - ref_acc["median"]
     if abs(after_acc) > args.acc_tol:
         reasons.append(f"{what}C-Acc after FST differs by {after_acc:+.2f} points (> {args.acc_tol})")
-    result = {"seeds": len(bd_runs), "clean_acc_before_diff_points": round(before_acc, 3),
-              "clean_acc_after_diff_points": round(after_acc, 3),
-              "bdclean_after": {"clean_acc": bd_acc}, "reference_after": {"clean_acc": ref_acc}}
+    result = {
+        "seeds": len(bd_runs),
+        "clean_acc_before_diff_points": round(before_acc, 3),
+        "clean_acc_after_diff_points": round(after_acc, 3),
+        "bdclean_after": {"clean_acc": bd_acc},
+        "reference_after": {"clean_acc": ref_acc},
+    }
     if all(b["after"].get("asr") is not None for b in bd_runs):
         before_asr = worst_before("asr")
         bd_asr = _spread([value(b, "after", "asr") for b in bd_runs])
@@ -545,15 +633,31 @@ def compare_results(bd, ref, args) -> dict:
             reasons.append(f"ASR before tuning differs by {before_asr:+.2f} points (> {args.before_tol})")
         diff = bd_asr["median"] - ref_asr["median"]
         if not both_low and abs(diff) > args.asr_tol:
-            reasons.append(f"{what}ASR after FST: bdclean {bd_asr['median']:.2f}% vs reference {ref_asr['median']:.2f}%"
-                           f"{f' over {len(bd_runs)} seeds' if several else ''} "
-                           f"(neither both <= {args.asr_low}% nor within {args.asr_tol} points)")
-        result.update({"asr_before_diff_points": round(before_asr, 3), "asr_after_diff_points": round(diff, 3),
-                       "asr_after_both_low": both_low})
+            reasons.append(
+                f"{what}ASR after FST: bdclean {bd_asr['median']:.2f}% vs reference {ref_asr['median']:.2f}%"
+                f"{f' over {len(bd_runs)} seeds' if several else ''} "
+                f"(neither both <= {args.asr_low}% nor within {args.asr_tol} points)"
+            )
+        result.update(
+            {
+                "asr_before_diff_points": round(before_asr, 3),
+                "asr_after_diff_points": round(diff, 3),
+                "asr_after_both_low": both_low,
+            }
+        )
         result["bdclean_after"]["asr"], result["reference_after"]["asr"] = bd_asr, ref_asr
-    result.update({"passed": not reasons, "reasons": reasons,
-                   "tolerances": {"clean_acc_after_points": args.acc_tol, "asr_after_points": args.asr_tol,
-                                  "asr_low_percent": args.asr_low, "before_points": args.before_tol}})
+    result.update(
+        {
+            "passed": not reasons,
+            "reasons": reasons,
+            "tolerances": {
+                "clean_acc_after_points": args.acc_tol,
+                "asr_after_points": args.asr_tol,
+                "asr_low_percent": args.asr_low,
+                "before_points": args.before_tol,
+            },
+        }
+    )
     return result
 
 
@@ -574,9 +678,11 @@ def throughput(run: dict) -> dict:
     n_eval = run["eval_images"]["clean"] + run["eval_images"]["poisoned"]
     st = run["stages"]
     per_s = lambda n, s: round(n / s, 1) if s > 0 else None  # noqa: E731
-    return {"evaluate_before_images_per_s": per_s(n_eval, st["evaluate_before"]),
-            "evaluate_after_images_per_s": per_s(n_eval, st["evaluate_after"]),
-            "tune_images_per_s": per_s(run["tune_images"], st["tune"])}
+    return {
+        "evaluate_before_images_per_s": per_s(n_eval, st["evaluate_before"]),
+        "evaluate_after_images_per_s": per_s(n_eval, st["evaluate_after"]),
+        "tune_images_per_s": per_s(run["tune_images"], st["tune"]),
+    }
 
 
 def speedups(bd: dict, ref: dict) -> dict:
@@ -592,9 +698,11 @@ def speedups(bd: dict, ref: dict) -> dict:
 def print_summary(result: dict) -> None:
     s, bd, ref, sp = result["settings"], result["bdclean"], result["reference"], result["speedup"]
     print(f"\nbdclean purification benchmark (FST) on {result['device']['name']}")
-    print(f"  torch {result['environment']['torch']}, {s['dataset']} ({s['data']}), {s['arch']}, "
-          f"{s['clean_count']} clean images x {s['epochs']} epochs, batch {s['batch_size']}, "
-          f"eval {s['eval_images']['clean']} clean + {s['eval_images']['poisoned']} triggered images, seed {s['seed']}")
+    print(
+        f"  torch {result['environment']['torch']}, {s['dataset']} ({s['data']}), {s['arch']}, "
+        f"{s['clean_count']} clean images x {s['epochs']} epochs, batch {s['batch_size']}, "
+        f"eval {s['eval_images']['clean']} clean + {s['eval_images']['poisoned']} triggered images, seed {s['seed']}"
+    )
     print(f"  reference: DataLoader num_workers={s['num_workers']}, transforms: {s['transforms']}, fp32 NCHW")
     if bd.get("compute"):
         from backdoor_cli.report import compute_line
@@ -608,15 +716,20 @@ def print_summary(result: dict) -> None:
         ratio = sp.get(name)
         print(f"  {name:<16}{b:>11.3f}{r:>13.3f}{(f'{ratio:.2f}x' if ratio else '-'):>9}")
     print(f"\n  {'images/s':<24}{'bdclean':>11}{'reference':>13}")
-    for key, label in (("evaluate_before_images_per_s", "evaluate (before)"),
-                       ("evaluate_after_images_per_s", "evaluate (after)"), ("tune_images_per_s", "tune")):
+    for key, label in (
+        ("evaluate_before_images_per_s", "evaluate (before)"),
+        ("evaluate_after_images_per_s", "evaluate (after)"),
+        ("tune_images_per_s", "tune"),
+    ):
         print(f"  {label:<24}{bd['throughput'][key] or 0:>11.1f}{ref['throughput'][key] or 0:>13.1f}")
     print(f"\n  speed-up (reference / bdclean): total {sp['total']}x, evaluate {sp['evaluate']}x, tune {sp['tune']}x")
     rep = result.get("repeats")
     if rep and rep["count"] > 1:
         pairs = "repeats" if len(result["settings"].get("seeds") or [0]) == 1 else "pairs (seeds x repeats)"
-        print(f"  total ratio over {rep['count']} {pairs}: median {rep['median_total_ratio']}x "
-              f"(all: {', '.join(f'{r}x' for r in rep['total_ratios'])})")
+        print(
+            f"  total ratio over {rep['count']} {pairs}: median {rep['median_total_ratio']}x "
+            f"(all: {', '.join(f'{r}x' for r in rep['total_ratios'])})"
+        )
     print(f"\n  {'result':<22}{'bdclean':>12}{'reference':>12}")
     for phase in ("before", "after"):
         for metric in ("clean_acc", "asr", "ra"):
@@ -627,20 +740,30 @@ def print_summary(result: dict) -> None:
     seeds = result.get("seeds") or []
     if len(seeds) > 1:
         print(f"\n  after FST, per seed (C-Acc / ASR){'':<4}{'bdclean':>18}{'reference':>20}")
+
+        def cell(m: dict) -> str:
+            return (
+                f"{m['clean_acc']['value']:.2%} / {m['asr']['value']:.2%}"
+                if m.get("asr")
+                else (f"{m['clean_acc']['value']:.2%}")
+            )
+
         for run in seeds:
             b, r = run["bdclean"]["after"], run["reference"]["after"]
-            cell = lambda m: f"{m['clean_acc']['value']:.2%} / {m['asr']['value']:.2%}" if m.get("asr") else (  # noqa: E731
-                f"{m['clean_acc']['value']:.2%}")
             print(f"  {'seed ' + str(run['seed']):<38}{cell(b):>18}{cell(r):>20}")
         check = result["check"]
         for metric in ("clean_acc", "asr"):
             b, r = check["bdclean_after"].get(metric), check["reference_after"].get(metric)
             if b and r:
-                print(f"  {metric + ' median [min, max]':<38}{b['median']:>7.2f}% [{b['min']:.1f}, {b['max']:.1f}]"
-                      f"{r['median']:>9.2f}% [{r['min']:.1f}, {r['max']:.1f}]")
+                print(
+                    f"  {metric + ' median [min, max]':<38}{b['median']:>7.2f}% [{b['min']:.1f}, {b['max']:.1f}]"
+                    f"{r['median']:>9.2f}% [{r['min']:.1f}, {r['max']:.1f}]"
+                )
     check = result["check"]
-    print(f"\n  comparable results: {'PASS' if check['passed'] else 'FAIL'}"
-          + "".join(f"\n    - {reason}" for reason in check["reasons"]))
+    print(
+        f"\n  comparable results: {'PASS' if check['passed'] else 'FAIL'}"
+        + "".join(f"\n    - {reason}" for reason in check["reasons"])
+    )
 
 
 def log(message: str) -> None:
@@ -649,40 +772,62 @@ def log(message: str) -> None:
 
 # ----------------------------------------------------------------------------- main
 
+
 def parse_args(argv) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help="checkpoint to purify (default: a backdoored model trained once by bdclean "
-                                   "train and cached in --cache-dir)")
-    p.add_argument("--data", help="directory with train.npz/test.npz (default: ../shared/data/cifar10 when present, "
-                                  "else the bundled MNIST sample; --quick: the MNIST sample)")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--model",
+        help="checkpoint to purify (default: a backdoored model trained once by bdclean "
+        "train and cached in --cache-dir)",
+    )
+    p.add_argument(
+        "--data",
+        help="directory with train.npz/test.npz (default: ../shared/data/cifar10 when present, "
+        "else the bundled MNIST sample; --quick: the MNIST sample)",
+    )
     p.add_argument("--arch", help="architecture (default: simple_cnn on CPU, resnet18 on CUDA)")
     p.add_argument("--trigger", help="trigger spec (default: the one recorded in the checkpoint)")
     p.add_argument("--clean-count", type=int, help="clean images to tune on (1000: the paper's 2%% of CIFAR-10)")
     p.add_argument("--epochs", type=int, help="FST epochs (10, the paper's)")
     p.add_argument("--batch-size", type=int, help="tuning batch size (128)")
-    p.add_argument("--eval-limit", type=int, help="evaluate on a stratified subset of N test images "
-                                                  "(CPU 2000, CUDA: full test set); 0 = full test set")
+    p.add_argument(
+        "--eval-limit",
+        type=int,
+        help="evaluate on a stratified subset of N test images (CPU 2000, CUDA: full test set); 0 = full test set",
+    )
     p.add_argument("--num-workers", type=int, help="reference DataLoader workers (CPU 0, CUDA 4)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--seeds", help="run the pair once per seed, e.g. 0,1,2 (both halves get each seed: clean subset, "
-                                   "evaluation subset, head init, shuffling, augmentation) and compare the two "
-                                   "halves' medians over the seeds; default: --seed alone")
+    p.add_argument(
+        "--seeds",
+        help="run the pair once per seed, e.g. 0,1,2 (both halves get each seed: clean subset, "
+        "evaluation subset, head init, shuffling, augmentation) and compare the two "
+        "halves' medians over the seeds; default: --seed alone",
+    )
     p.add_argument("--threads", type=int, help="torch threads for both pipelines (default: torch's, one per core)")
     p.add_argument("--precision", default="auto", help="bdclean's --precision (auto, fp32, bf16)")
     p.add_argument("--memory-format", default="auto", help="bdclean's --memory-format")
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test in seconds")
-    p.add_argument("--repeat", type=int, default=1,
-                   help="run the bdclean/reference pair this many times and report the median total ratio too "
-                        "(the first pair's stage times are the ones shown)")
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="run the bdclean/reference pair this many times and report the median total ratio too "
+        "(the first pair's stage times are the ones shown)",
+    )
     p.add_argument("--json-out", help="JSON result (default: benchmarks/results/bench-<device>.json)")
     p.add_argument("--cache-dir", default=str(DEFAULT_CACHE), help="where the default subject model is cached")
     p.add_argument("--acc-tol", type=float, default=3.0, help="max C-Acc difference after FST, points")
     p.add_argument("--asr-tol", type=float, default=10.0, help="max ASR difference after FST, points...")
     p.add_argument("--asr-low", type=float, default=20.0, help="...unless both ASRs are at most this (percent)")
-    p.add_argument("--before-tol", type=float, default=1.0,
-                   help="max C-Acc/ASR difference before tuning, points (same model, same images)")
+    p.add_argument(
+        "--before-tol",
+        type=float,
+        default=1.0,
+        help="max C-Acc/ASR difference before tuning, points (same model, same images)",
+    )
     return p.parse_args(argv)
 
 
@@ -747,9 +892,11 @@ def main(argv=None) -> int:
         log(f"error: --data {data_dir} must be a directory holding train.npz and test.npz")
         return 2
     described = device_description(device)
-    log(f"device: {described['name']}; settings: {args.clean_count} clean images, {args.epochs} epochs, batch "
+    log(
+        f"device: {described['name']}; settings: {args.clean_count} clean images, {args.epochs} epochs, batch "
         f"{args.batch_size}, eval {'full test set' if args.eval_limit is None else f'{args.eval_limit} test images'}"
-        f", {data_dir}")
+        f", {data_dir}"
+    )
 
     checkpoint = Path(args.model).resolve() if args.model else default_model(args, data_dir, profile)
     # Facts both pipelines share, resolved untimed: the test labels (for the evaluation subset) and
@@ -762,8 +909,14 @@ def main(argv=None) -> int:
             return stratified_limit(test_bundle.test.y, args.eval_limit, seed).numpy()
         return None
 
-    warm_up([checkpoint, data_dir / "train.npz", data_dir / "test.npz"], _arch_of(checkpoint, args.arch),
-            test_bundle.num_classes, channels, (height, width), device)
+    warm_up(
+        [checkpoint, data_dir / "train.npz", data_dir / "test.npz"],
+        _arch_of(checkpoint, args.arch),
+        test_bundle.num_classes,
+        channels,
+        (height, width),
+        device,
+    )
 
     load_start = load_average()
     outcomes, per_seed, same_images = [], [], True
@@ -771,19 +924,33 @@ def main(argv=None) -> int:
         eval_indices = eval_indices_for(seed)
         for i in range(args.repeat):
             parts = ([f"seed {seed}"] if len(seeds) > 1 else []) + (
-                [f"repeat {i + 1}/{args.repeat}"] if args.repeat > 1 else [])
-            outcome = _run_pair(args, device, checkpoint, data_dir, test_bundle, eval_indices,
-                                f" ({', '.join(parts)})" if parts else "", seed)
+                [f"repeat {i + 1}/{args.repeat}"] if args.repeat > 1 else []
+            )
+            outcome = _run_pair(
+                args,
+                device,
+                checkpoint,
+                data_dir,
+                test_bundle,
+                eval_indices,
+                f" ({', '.join(parts)})" if parts else "",
+                seed,
+            )
             bd_i, report_i, ref_i = outcome[:3]
             same = _same_eval_images(test_bundle, eval_indices, report_i, ref_i, seed)
             same_images = same_images and same
             ref_i.pop("_poisoned_x"), ref_i.pop("_clean_y")  # only for the check above
             outcomes.append(outcome)
             if i == 0:  # the seed's results: its first pair
-                per_seed.append({"seed": seed, "same_eval_images": same,
-                                 "bdclean": {k: bd_i[k] for k in ("before", "after", "history")},
-                                 "reference": {k: ref_i[k] for k in ("before", "after", "history")},
-                                 "totals": {"bdclean": round(bd_i["total"], 3), "reference": round(ref_i["total"], 3)}})
+                per_seed.append(
+                    {
+                        "seed": seed,
+                        "same_eval_images": same,
+                        "bdclean": {k: bd_i[k] for k in ("before", "after", "history")},
+                        "reference": {k: ref_i[k] for k in ("before", "after", "history")},
+                        "totals": {"bdclean": round(bd_i["total"], 3), "reference": round(ref_i["total"], 3)},
+                    }
+                )
     load_end = load_average()
     bd, report, ref, job, clean_indices = outcomes[0]  # the first pair's details are the ones reported
     result_repeats = _repeat_summary([(o[0]["total"], o[2]["total"]) for o in outcomes])
@@ -803,14 +970,32 @@ def main(argv=None) -> int:
         "environment": env,
         "load_average": {"start": load_start, "end": load_end},
         "settings": {
-            "profile": profile, "model": str(checkpoint), "model_sha256": report.subject["sha256"],
-            "data": str(data_dir), "dataset": report.data["name"], "arch": job.arch, "head": job.head,
-            "trigger": report.trigger, "method": "fst", "clean_count": len(clean_indices), "epochs": job.epochs,
-            "batch_size": job.batch_size, "lr": job.lr, "alpha": job.alpha, "momentum": job.momentum,
-            "weight_decay": job.weight_decay, "eval_limit": args.eval_limit, "eval_images": bd["eval_images"],
-            "seed": args.seed, "seeds": seeds,
-            "num_workers": args.num_workers, "transforms": ref["transforms"], "quick": args.quick,
-            "threads": torch.get_num_threads(), "precision": args.precision, "memory_format": args.memory_format,
+            "profile": profile,
+            "model": str(checkpoint),
+            "model_sha256": report.subject["sha256"],
+            "data": str(data_dir),
+            "dataset": report.data["name"],
+            "arch": job.arch,
+            "head": job.head,
+            "trigger": report.trigger,
+            "method": "fst",
+            "clean_count": len(clean_indices),
+            "epochs": job.epochs,
+            "batch_size": job.batch_size,
+            "lr": job.lr,
+            "alpha": job.alpha,
+            "momentum": job.momentum,
+            "weight_decay": job.weight_decay,
+            "eval_limit": args.eval_limit,
+            "eval_images": bd["eval_images"],
+            "seed": args.seed,
+            "seeds": seeds,
+            "num_workers": args.num_workers,
+            "transforms": ref["transforms"],
+            "quick": args.quick,
+            "threads": torch.get_num_threads(),
+            "precision": args.precision,
+            "memory_format": args.memory_format,
         },
         "bdclean": bd,
         "reference": ref,
@@ -820,16 +1005,27 @@ def main(argv=None) -> int:
         "check": check,
     }
     print_summary(result)
-    out = Path(args.json_out) if args.json_out else (
-        DEFAULT_RESULTS / f"bench-{slugify(described['name'])}{'-quick' if args.quick else ''}.json")
+    out = (
+        Path(args.json_out)
+        if args.json_out
+        else (DEFAULT_RESULTS / f"bench-{slugify(described['name'])}{'-quick' if args.quick else ''}.json")
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(_jsonable(result), indent=2) + "\n")
     print(f"\n  JSON: {out}")
     return 0 if check["passed"] else 1
 
 
-def _run_pair(args, device: torch.device, checkpoint: Path, data_dir: Path, test_bundle, eval_indices, tag: str,
-              seed: int | None = None):
+def _run_pair(
+    args,
+    device: torch.device,
+    checkpoint: Path,
+    data_dir: Path,
+    test_bundle,
+    eval_indices,
+    tag: str,
+    seed: int | None = None,
+):
     """One bdclean run, then one reference run of the same job (`seed`, default --seed, for both):
     (bd, report, ref, job, clean_indices)."""
     seed = args.seed if seed is None else seed
@@ -841,17 +1037,33 @@ def _run_pair(args, device: torch.device, checkpoint: Path, data_dir: Path, test
         bd["total"] = time.perf_counter() - start
         log(f"bdclean done in {bd['total']:.1f}s: {_figures(bd['after'])} after FST")
         params = report.method["params"]
-        clean_indices = np.array([int(line) for line in (tmp / "bdclean" / "clean_indices.txt").read_text().split()],
-                                 dtype=np.int64)
+        clean_indices = np.array(
+            [int(line) for line in (tmp / "bdclean" / "clean_indices.txt").read_text().split()], dtype=np.int64
+        )
         job = ReferenceJob(
-            checkpoint=checkpoint, data_dir=data_dir, arch=report.subject["arch"],
-            num_classes=report.subject["num_classes"], in_channels=report.subject["in_channels"],
-            head=report.subject["head"], mean=tuple(report.subject["normalization"]["mean"]),
-            std=tuple(report.subject["normalization"]["std"]), flip=test_bundle.augment_flip,
-            trigger_spec=report.trigger, clean_indices=clean_indices, eval_indices=eval_indices,
-            lr=params["lr"], epochs=params["epochs"], alpha=params["alpha"], batch_size=params["batch_size"],
-            momentum=params["momentum"], weight_decay=params["weight_decay"], augment=params["augment"],
-            seed=seed, num_workers=args.num_workers, out_dir=tmp)
+            checkpoint=checkpoint,
+            data_dir=data_dir,
+            arch=report.subject["arch"],
+            num_classes=report.subject["num_classes"],
+            in_channels=report.subject["in_channels"],
+            head=report.subject["head"],
+            mean=tuple(report.subject["normalization"]["mean"]),
+            std=tuple(report.subject["normalization"]["std"]),
+            flip=test_bundle.augment_flip,
+            trigger_spec=report.trigger,
+            clean_indices=clean_indices,
+            eval_indices=eval_indices,
+            lr=params["lr"],
+            epochs=params["epochs"],
+            alpha=params["alpha"],
+            batch_size=params["batch_size"],
+            momentum=params["momentum"],
+            weight_decay=params["weight_decay"],
+            augment=params["augment"],
+            seed=seed,
+            num_workers=args.num_workers,
+            out_dir=tmp,
+        )
         log(f"running the reference-style pipeline (DataLoader, num_workers={args.num_workers}){tag}...")
         start = time.perf_counter()
         ref = run_reference(job, device)
@@ -868,8 +1080,12 @@ def _figures(metrics: dict) -> str:
 def _repeat_summary(pairs: list[tuple[float, float]]) -> dict:
     """Total-time ratio of every repeat and their median: on a shared machine one pair can be unlucky."""
     ratios = sorted(ref / bd for bd, ref in pairs)
-    return {"count": len(pairs), "totals": [{"bdclean": round(bd, 3), "reference": round(ref, 3)} for bd, ref in pairs],
-            "total_ratios": [round(r, 3) for r in ratios], "median_total_ratio": round(statistics.median(ratios), 3)}
+    return {
+        "count": len(pairs),
+        "totals": [{"bdclean": round(bd, 3), "reference": round(ref, 3)} for bd, ref in pairs],
+        "total_ratios": [round(r, 3) for r in ratios],
+        "median_total_ratio": round(statistics.median(ratios), 3),
+    }
 
 
 def _arch_of(checkpoint: Path, arch: str | None) -> str:
@@ -890,12 +1106,12 @@ def _same_eval_images(test_bundle, eval_indices, report, ref: dict, seed: int) -
     from backdoor_cli.evaluate import build_eval_sets
     from backdoor_cli.triggers import build_trigger, parse_trigger_spec
 
-    trigger = build_trigger(parse_trigger_spec(report.trigger, None, source="benchmark"),
-                            test_bundle.test.image_shape)
+    trigger = build_trigger(parse_trigger_spec(report.trigger, None, source="benchmark"), test_bundle.test.image_shape)
     limit = len(eval_indices) if eval_indices is not None else None
     sets = build_eval_sets(test_bundle.test, trigger, torch.device("cpu"), limit, seed)
-    return (torch.equal(sets.clean.y, torch.from_numpy(ref["_clean_y"].astype(np.int64)))
-            and torch.equal(sets.poisoned.x, torch.from_numpy(ref["_poisoned_x"])))
+    return torch.equal(sets.clean.y, torch.from_numpy(ref["_clean_y"].astype(np.int64))) and torch.equal(
+        sets.poisoned.x, torch.from_numpy(ref["_poisoned_x"])
+    )
 
 
 def _jsonable(obj):

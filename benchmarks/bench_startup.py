@@ -46,8 +46,10 @@ EVAL_BATCH = 1024
 
 # ----------------------------------------------------------------------------- the plain-torch baseline
 
-def plain_evaluate(checkpoint: str, data: str, arch: str, mean: str, std: str, limit: int, device: str,
-                   seed: int = 0) -> dict:
+
+def plain_evaluate(
+    checkpoint: str, data: str, arch: str, mean: str, std: str, limit: int, device: str, seed: int = 0
+) -> dict:
     """What a user's own script does to evaluate the same file on the same images: no checks, no
     metadata, fp32, batches of EVAL_BATCH. Returns its stage times and accuracies."""
     times = {}
@@ -117,12 +119,18 @@ def load_pair(checkpoint: str, data: str, arch: str, mean: str, std: str, bdclea
         build_model(arch, bundle.num_classes, bundle.test.image_shape[2]).load_state_dict(state)
 
     def bdclean():
-        load_subject(checkpoint, bundle, arch=arch, mean=tuple(map(float, mean.split(","))),
-                     std=tuple(map(float, std.split(","))))
+        load_subject(
+            checkpoint,
+            bundle,
+            arch=arch,
+            mean=tuple(map(float, mean.split(","))),
+            std=tuple(map(float, std.split(","))),
+        )
 
     result = {}
-    for name, fn in ((("bdclean", bdclean), ("plain", plain)) if bdclean_first else
-                     (("plain", plain), ("bdclean", bdclean))):
+    for name, fn in (
+        (("bdclean", bdclean), ("plain", plain)) if bdclean_first else (("plain", plain), ("bdclean", bdclean))
+    ):
         mark = time.perf_counter()
         fn()
         result[name] = time.perf_counter() - mark
@@ -132,6 +140,7 @@ def load_pair(checkpoint: str, data: str, arch: str, mean: str, std: str, bdclea
 
 # ----------------------------------------------------------------------------- the machine
 
+
 def device_description(device: str) -> dict:
     """GPU name, or CPU model + cores + capability (how benchmarks/bench_purify.py describes it)."""
     import torch
@@ -139,8 +148,13 @@ def device_description(device: str) -> dict:
     if device.startswith("cuda"):
         dev = torch.device(device)
         props = torch.cuda.get_device_properties(dev)
-        return {"type": "cuda", "name": torch.cuda.get_device_name(dev), "memory_gib": round(props.total_memory / 2**30, 1),
-                "cuda": torch.version.cuda, "cpu_cores": os.cpu_count()}
+        return {
+            "type": "cuda",
+            "name": torch.cuda.get_device_name(dev),
+            "memory_gib": round(props.total_memory / 2**30, 1),
+            "cuda": torch.version.cuda,
+            "cpu_cores": os.cpu_count(),
+        }
     model = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -153,17 +167,25 @@ def device_description(device: str) -> dict:
     from backdoor_cli.precision import cpu_capability
 
     capability = cpu_capability()
-    return {"type": "cpu", "name": f"{model}, {cores} cores, {capability.kind}", "cpu_model": model,
-            "cpu_cores": cores, "cpu_capability": capability.to_dict(), "torch_threads": torch.get_num_threads()}
+    return {
+        "type": "cpu",
+        "name": f"{model}, {cores} cores, {capability.kind}",
+        "cpu_model": model,
+        "cpu_cores": cores,
+        "cpu_capability": capability.to_dict(),
+        "torch_threads": torch.get_num_threads(),
+    }
 
 
 def code_version() -> str | None:
     """The commit the measured bdclean is at (+ "-dirty" with uncommitted changes), when REPO is a git checkout."""
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO,
-                                timeout=30).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "backdoor_cli"], capture_output=True, text=True,
-                               cwd=REPO, timeout=30).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO, timeout=30
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "backdoor_cli"], capture_output=True, text=True, cwd=REPO, timeout=30
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
     return (commit + ("-dirty" if dirty else "")) or None
@@ -174,6 +196,7 @@ def slugify(text: str) -> str:
 
 
 # ----------------------------------------------------------------------------- running commands
+
 
 def run(argv: list[str], env: dict | None = None) -> tuple[float, str]:
     """(wall seconds, stdout) of one subprocess; raises with its stderr when it fails."""
@@ -193,12 +216,46 @@ def _env() -> dict:
 
 def commands(args, out_dir: Path) -> dict[str, list[str]]:
     py, bd = sys.executable, [sys.executable, "-m", "backdoor_cli.cli"]
-    common = ["--arch", args.arch, "--mean", args.mean, "--std", args.std, "--data", args.data,
-              "--eval-limit", str(args.eval_limit), "--trigger", "badnets", "--target", str(TARGET),
-              "--device", args.device, "--json", "--quiet"]
+    common = [
+        "--arch",
+        args.arch,
+        "--mean",
+        args.mean,
+        "--std",
+        args.std,
+        "--data",
+        args.data,
+        "--eval-limit",
+        str(args.eval_limit),
+        "--trigger",
+        "badnets",
+        "--target",
+        str(TARGET),
+        "--device",
+        args.device,
+        "--json",
+        "--quiet",
+    ]
     me = str(Path(__file__).resolve())
-    plain = [py, me, "--_plain", "--checkpoint", args.checkpoint, "--data", args.data, "--arch", args.arch,
-             "--mean", args.mean, "--std", args.std, "--eval-limit", str(args.eval_limit), "--device", args.device]
+    plain = [
+        py,
+        me,
+        "--_plain",
+        "--checkpoint",
+        args.checkpoint,
+        "--data",
+        args.data,
+        "--arch",
+        args.arch,
+        "--mean",
+        args.mean,
+        "--std",
+        args.std,
+        "--eval-limit",
+        str(args.eval_limit),
+        "--device",
+        args.device,
+    ]
     return {
         "python": [py, "-c", "pass"],
         "import_torch": [py, "-c", "import torch"],
@@ -206,8 +263,21 @@ def commands(args, out_dir: Path) -> dict[str, list[str]]:
         "purify_help": bd + ["purify", "--help"],
         "plain_evaluate": plain,
         "evaluate": bd + ["evaluate", args.checkpoint] + common,
-        "purify": bd + ["purify", args.checkpoint, "--method", "fst", "--epochs", "1", "--clean-count",
-                        str(args.clean_count), "--out", str(out_dir / "purified"), "--force"] + common,
+        "purify": bd
+        + [
+            "purify",
+            args.checkpoint,
+            "--method",
+            "fst",
+            "--epochs",
+            "1",
+            "--clean-count",
+            str(args.clean_count),
+            "--out",
+            str(out_dir / "purified"),
+            "--force",
+        ]
+        + common,
     }
 
 
@@ -224,28 +294,53 @@ def measure(args) -> dict:
                 walls.setdefault(name, []).append(wall)
                 if name in ("evaluate", "purify", "plain_evaluate"):
                     report = json.loads(stdout.strip().splitlines()[-1] if name == "plain_evaluate" else stdout)
-                    stages.setdefault(name, []).append(report if name == "plain_evaluate" else
-                                                       {"timings": report["timings"], "result": _result(report)})
+                    stages.setdefault(name, []).append(
+                        report
+                        if name == "plain_evaluate"
+                        else {"timings": report["timings"], "result": _result(report)}
+                    )
             if not args.only or "load_pair" in args.only:
-                _, stdout = run([sys.executable, str(Path(__file__).resolve()), "--_load-pair", "--checkpoint",
-                                 args.checkpoint, "--data", args.data, "--arch", args.arch, "--mean", args.mean,
-                                 "--std", args.std] + (["--_bdclean-first"] if i % 2 == 0 else []), env)
+                _, stdout = run(
+                    [
+                        sys.executable,
+                        str(Path(__file__).resolve()),
+                        "--_load-pair",
+                        "--checkpoint",
+                        args.checkpoint,
+                        "--data",
+                        args.data,
+                        "--arch",
+                        args.arch,
+                        "--mean",
+                        args.mean,
+                        "--std",
+                        args.std,
+                    ]
+                    + (["--_bdclean-first"] if i % 2 == 0 else []),
+                    env,
+                )
                 loads.append(json.loads(stdout.strip().splitlines()[-1]))
     med = {name: statistics.median(v) for name, v in walls.items()}
     load_med = {k: statistics.median(r[k] for r in loads) for k in ("bdclean", "plain")} if loads else {}
-    pairs = {"help / import_torch": ("help", "import_torch"), "help / python": ("help", "python"),
-             "evaluate / plain_evaluate": ("evaluate", "plain_evaluate"),
-             "purify / plain_evaluate": ("purify", "plain_evaluate")}
+    pairs = {
+        "help / import_torch": ("help", "import_torch"),
+        "help / python": ("help", "python"),
+        "evaluate / plain_evaluate": ("evaluate", "plain_evaluate"),
+        "purify / plain_evaluate": ("purify", "plain_evaluate"),
+    }
     ratios = {label: med[a] / med[b] for label, (a, b) in pairs.items() if a in med and b in med}
     if load_med:
         ratios["load_subject / plain load"] = load_med["bdclean"] / max(load_med["plain"], 1e-9)
-    return {"wall_seconds": {k: {"median": round(v, 3), "runs": [round(x, 3) for x in walls[k]]} for k, v in med.items()},
-            "ratios": {k: round(v, 2) for k, v in ratios.items()},
-            "checkpoint_load_seconds": {"median": {k: round(v, 4) for k, v in load_med.items()},
-                                        "runs": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}
-                                                 for r in loads]},
-            "stages": {name: _median_stages(runs) for name, runs in stages.items()},
-            "commands": {k: " ".join(v) for k, v in cmds.items()}}
+    return {
+        "wall_seconds": {k: {"median": round(v, 3), "runs": [round(x, 3) for x in walls[k]]} for k, v in med.items()},
+        "ratios": {k: round(v, 2) for k, v in ratios.items()},
+        "checkpoint_load_seconds": {
+            "median": {k: round(v, 4) for k, v in load_med.items()},
+            "runs": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()} for r in loads],
+        },
+        "stages": {name: _median_stages(runs) for name, runs in stages.items()},
+        "commands": {k: " ".join(v) for k, v in cmds.items()},
+    }
 
 
 def _result(report: dict) -> dict:
@@ -256,11 +351,14 @@ def _result(report: dict) -> dict:
 def _median_stages(runs: list[dict]) -> dict:
     key = "times" if "times" in runs[0] else "timings"
     names = runs[0][key].keys()
-    return {"median": {n: round(statistics.median(r[key][n] for r in runs), 3) for n in names},
-            "result": runs[0].get("result") or {k: runs[0].get(k) for k in ("clean_acc", "asr", "images")}}
+    return {
+        "median": {n: round(statistics.median(r[key][n] for r in runs), 3) for n in names},
+        "result": runs[0].get("result") or {k: runs[0].get(k) for k in ("clean_acc", "asr", "images")},
+    }
 
 
 # ----------------------------------------------------------------------------- quick mode
+
 
 def make_quick_inputs(root: Path) -> tuple[str, str]:
     """A legacy-format ResNet-20 .th (3 classes) and a 32x32 npz dataset: the real load path, tiny work."""
@@ -278,16 +376,21 @@ def make_quick_inputs(root: Path) -> tuple[str, str]:
         np.savez(data / f"{split}.npz", x=x, y=y.astype(np.uint8))
     torch.manual_seed(0)
     checkpoint = root / "resnet20-quick.th"
-    torch.save({"state_dict": {f"module.{k}": v for k, v in build_model("resnet20", 3).state_dict().items()}},
-               checkpoint, _use_new_zipfile_serialization=False)  # akamaster's layout: DataParallel keys, legacy format
+    torch.save(
+        {"state_dict": {f"module.{k}": v for k, v in build_model("resnet20", 3).state_dict().items()}},
+        checkpoint,
+        _use_new_zipfile_serialization=False,
+    )  # akamaster's layout: DataParallel keys, legacy format
     return str(checkpoint), str(data)
 
 
 # ----------------------------------------------------------------------------- main
 
+
 def parse_args(argv) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (passed to every command)")
     p.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT), help="a checkpoint (default: the ResNet-20 .th)")
     p.add_argument("--data", default=str(DEFAULT_DATA), help="a directory with test.npz (and train.npz for purify)")
@@ -298,9 +401,13 @@ def parse_args(argv) -> argparse.Namespace:
     p.add_argument("--clean-count", type=int, default=200, help="purify: clean images tuned on (one epoch)")
     p.add_argument("--repeat", type=int, default=3, help="runs of each command (the median is reported)")
     p.add_argument("--quick", action="store_true", help="its own tiny checkpoint and data, one run: a smoke test")
-    p.add_argument("--only", type=lambda text: [t.strip() for t in text.split(",") if t.strip()], default=None,
-                   help="comma-separated subset: python, import_torch, help, purify_help, plain_evaluate, evaluate, "
-                        "purify, load_pair (default: all)")
+    p.add_argument(
+        "--only",
+        type=lambda text: [t.strip() for t in text.split(",") if t.strip()],
+        default=None,
+        help="comma-separated subset: python, import_torch, help, purify_help, plain_evaluate, evaluate, "
+        "purify, load_pair (default: all)",
+    )
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/startup-<device>.json)")
     p.add_argument("--_plain", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--_load-pair", action="store_true", help=argparse.SUPPRESS)
@@ -311,8 +418,11 @@ def parse_args(argv) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args._plain:
-        print(json.dumps(plain_evaluate(args.checkpoint, args.data, args.arch, args.mean, args.std, args.eval_limit,
-                                        args.device)))
+        print(
+            json.dumps(
+                plain_evaluate(args.checkpoint, args.data, args.arch, args.mean, args.std, args.eval_limit, args.device)
+            )
+        )
         return 0
     if args._load_pair:
         print(json.dumps(load_pair(args.checkpoint, args.data, args.arch, args.mean, args.std, args._bdclean_first)))
@@ -329,11 +439,19 @@ def main(argv=None) -> int:
         described = device_description(args.device)
         print(f"device: {described['name']}; {args.repeat} run(s) of each command, medians", file=sys.stderr)
         results = measure(args)
-    results = {"device": described, "code": code_version(), "quick": args.quick, "repeat": args.repeat,
-               "checkpoint": None if args.quick else args.checkpoint, "data": None if args.quick else args.data,
-               "eval_limit": args.eval_limit, "clean_count": args.clean_count,
-               "load_average": [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None,
-               "python": sys.version.split()[0], **results}
+    results = {
+        "device": described,
+        "code": code_version(),
+        "quick": args.quick,
+        "repeat": args.repeat,
+        "checkpoint": None if args.quick else args.checkpoint,
+        "data": None if args.quick else args.data,
+        "eval_limit": args.eval_limit,
+        "clean_count": args.clean_count,
+        "load_average": [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None,
+        "python": sys.version.split()[0],
+        **results,
+    }
     for name, wall in results["wall_seconds"].items():
         stages = results["stages"].get(name, {}).get("median")
         print(f"{name:16s} {wall['median']:7.2f} s" + (f"   stages: {stages}" if stages else ""), file=sys.stderr)
@@ -341,10 +459,15 @@ def main(argv=None) -> int:
         print(f"{name:28s} {ratio:6.2f}x", file=sys.stderr)
     loads = results["checkpoint_load_seconds"]["median"]
     if loads:
-        print(f"checkpoint load in-process: bdclean {loads['bdclean']:.3f} s, plain {loads['plain']:.3f} s",
-              file=sys.stderr)
-    out = Path(args.out) if args.out else (
-        DEFAULT_RESULTS / f"startup-{slugify(described['name'])}{'-quick' if args.quick else ''}.json")
+        print(
+            f"checkpoint load in-process: bdclean {loads['bdclean']:.3f} s, plain {loads['plain']:.3f} s",
+            file=sys.stderr,
+        )
+    out = (
+        Path(args.out)
+        if args.out
+        else (DEFAULT_RESULTS / f"startup-{slugify(described['name'])}{'-quick' if args.quick else ''}.json")
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {out}", file=sys.stderr)

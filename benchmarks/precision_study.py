@@ -42,11 +42,20 @@ IMAGENET_NORM = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 DEFAULT_MODELS = (
     ("resnet20 (clean, shared)", SHARED / "checkpoints" / "resnet20-12fca82f.th", "resnet20", IMAGENET_NORM, None),
     ("resnet56 (clean, shared)", SHARED / "checkpoints" / "resnet56-4bfd9763.th", "resnet56", IMAGENET_NORM, None),
-    ("resnet20 Blended 1% subject", REPO.parent / "main" / "runs" / "subjects" / "r20-blended-0.01.safetensors", None,
-     None, "blended"),
-    ("simple_cnn Blended 5% (make bench's subject)",
-     REPO / "benchmarks" / ".cache" / "cifar10-simple_cnn-blended-p0.05-e4-n10000-s0.safetensors", None, None,
-     "blended"),
+    (
+        "resnet20 Blended 1% subject",
+        REPO.parent / "main" / "runs" / "subjects" / "r20-blended-0.01.safetensors",
+        None,
+        None,
+        "blended",
+    ),
+    (
+        "simple_cnn Blended 5% (make bench's subject)",
+        REPO / "benchmarks" / ".cache" / "cifar10-simple_cnn-blended-p0.05-e4-n10000-s0.safetensors",
+        None,
+        None,
+        "blended",
+    ),
 )
 
 
@@ -111,17 +120,27 @@ def study(name, path: Path, arch, norm, trigger_name, bundle, device, batch_size
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| model | changed predictions (clean / triggered) | C-Acc fp32 → bf16 (Δ, share of ±CI) | "
-             "ASR fp32 → bf16 (Δ, share of ±CI) | eval images/s fp32 → bf16 |",
-             "|---|---|---|---|---|"]
+    lines = [
+        "| model | changed predictions (clean / triggered) | C-Acc fp32 → bf16 (Δ, share of ±CI) | "
+        "ASR fp32 → bf16 (Δ, share of ±CI) | eval images/s fp32 → bf16 |",
+        "|---|---|---|---|---|",
+    ]
     for r in rows:
         changed = f"{r['changed_clean']} / {r['images']}"
         if "asr" in r:
             changed += f"; {r['changed_triggered']} / {r['triggered_images']}"
-        acc = (f"{r['clean_acc']['fp32']:.2%} → {r['clean_acc']['bf16']:.2%} ({r['clean_acc_diff_points']:+.2f} pt, "
-               f"{r['clean_acc_interval_fraction']:.2f} of ±{r['clean_acc_half_width_points']:.2f})")
-        asr = (f"{r['asr']['fp32']:.2%} → {r['asr']['bf16']:.2%} ({r['asr_diff_points']:+.2f} pt, "
-               f"{r['asr_interval_fraction']:.2f} of ±{r['asr_half_width_points']:.2f})") if "asr" in r else "–"
+        acc = (
+            f"{r['clean_acc']['fp32']:.2%} → {r['clean_acc']['bf16']:.2%} ({r['clean_acc_diff_points']:+.2f} pt, "
+            f"{r['clean_acc_interval_fraction']:.2f} of ±{r['clean_acc_half_width_points']:.2f})"
+        )
+        asr = (
+            (
+                f"{r['asr']['fp32']:.2%} → {r['asr']['bf16']:.2%} ({r['asr_diff_points']:+.2f} pt, "
+                f"{r['asr_interval_fraction']:.2f} of ±{r['asr_half_width_points']:.2f})"
+            )
+            if "asr" in r
+            else "–"
+        )
         speed = f"{r['images_per_s']['fp32']:.0f} → {r['images_per_s']['bf16']:.0f} ({r['eval_speedup_bf16']:.2f}×)"
         lines.append(f"| {r['model']} | {changed} | {acc} | {asr} | {speed} |")
     return "\n".join(lines) + "\n"
@@ -147,8 +166,14 @@ def main(argv=None) -> int:
         print(f"[study] {name}...", file=sys.stderr, flush=True)
         rows.append(study(name, path, arch, norm, trigger, bundle, device, args.batch_size))
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-    result = {"schema": "bdclean.precision_study/1", "cpu": cpu_capability().to_dict(), "torch": torch.__version__,
-              "threads": args.threads, "data": args.data, "rows": rows}
+    result = {
+        "schema": "bdclean.precision_study/1",
+        "cpu": cpu_capability().to_dict(),
+        "torch": torch.__version__,
+        "threads": args.threads,
+        "data": args.data,
+        "rows": rows,
+    }
     Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json_out).write_text(json.dumps(result, indent=2) + "\n")
     sys.stdout.write(markdown(rows))

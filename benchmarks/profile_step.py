@@ -58,7 +58,9 @@ def count_macs(model: torch.nn.Module, x: torch.Tensor) -> int:
         elif isinstance(module, torch.nn.Linear):
             total += output[0].numel() * module.in_features
 
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    handles = [
+        m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))
+    ]
     with torch.no_grad():
         model(x[:1])
     for h in handles:
@@ -79,6 +81,7 @@ def group_of(name: str) -> str:
 
 def time_steps(model, x, y, optimizer, steps: int, device) -> float:
     """Mean seconds per SGD step (forward, backward, update), after two warm-up steps."""
+
     def step():
         optimizer.zero_grad(set_to_none=True)
         with autocast(x.device, PRECISION):
@@ -148,12 +151,20 @@ def main(argv=None) -> int:
     device = resolve_device(args.device)
     x = torch.randn(args.batch_size, args.channels, args.size, args.size, device=device)
     y = torch.randint(0, 10, (args.batch_size,), device=device)
-    result: dict = {"device": device_name(device), "arch": args.arch, "batch_size": args.batch_size,
-                    "precision": args.precision, "cpu_capability": cpu_capability().kind,
-                    "torch": torch.__version__, "threads": torch.get_num_threads()}
+    result: dict = {
+        "device": device_name(device),
+        "arch": args.arch,
+        "batch_size": args.batch_size,
+        "precision": args.precision,
+        "cpu_capability": cpu_capability().kind,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
     for fmt in ("contiguous", "channels_last"):
         memory_format = torch.channels_last if fmt == "channels_last" else torch.contiguous_format
-        model = build_model(args.arch, num_classes=10, in_channels=args.channels).to(device, memory_format=memory_format)
+        model = build_model(args.arch, num_classes=10, in_channels=args.channels).to(
+            device, memory_format=memory_format
+        )
         xf = x.contiguous(memory_format=memory_format)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, foreach=True)
         macs = count_macs(model, xf)
@@ -171,13 +182,17 @@ def main(argv=None) -> int:
         if fmt == "channels_last":
             result["profile_channels_last"] = profile_groups(model, xf, y, optimizer, max(2, args.steps // 2))
 
-    print(f"{result['device']} ({result['cpu_capability']}), torch {result['torch']}, {result['threads']} threads; "
-          f"{args.arch}, batch {args.batch_size}, {args.precision}, "
-          f"{result['macs_per_image'] / 1e6:.1f} M multiply-accumulates per image")
+    print(
+        f"{result['device']} ({result['cpu_capability']}), torch {result['torch']}, {result['threads']} threads; "
+        f"{args.arch}, batch {args.batch_size}, {args.precision}, "
+        f"{result['macs_per_image'] / 1e6:.1f} M multiply-accumulates per image"
+    )
     for fmt in ("contiguous", "channels_last"):
         r = result[fmt]
-        print(f"  {fmt:13s} train step {r['step_ms']:7.1f} ms ({r['train_gflops']} GFLOP/s)   "
-              f"forward {r['forward_ms']:6.1f} ms ({r['eval_images_per_s']} images/s, {r['eval_gflops']} GFLOP/s)")
+        print(
+            f"  {fmt:13s} train step {r['step_ms']:7.1f} ms ({r['train_gflops']} GFLOP/s)   "
+            f"forward {r['forward_ms']:6.1f} ms ({r['eval_images_per_s']} images/s, {r['eval_gflops']} GFLOP/s)"
+        )
     print("  share of a channels_last training step by operator group:")
     for group, share in result["profile_channels_last"].items():
         print(f"    {group:22s} {share * 100:5.1f}%")

@@ -13,12 +13,14 @@ from pathlib import Path
 def row(path: Path, walls: dict) -> str:
     report = json.loads(path.read_text())
     before, after = report["before"], report["after"]
-    asr = (f"{before['asr']['value']:.2%} → {after['asr']['value']:.2%}" if before.get("asr") else "-")
+    asr = f"{before['asr']['value']:.2%} → {after['asr']['value']:.2%}" if before.get("asr") else "-"
     scan = report.get("scan")
     flagged = (", ".join(map(str, scan["flagged"])) or f"none (unlearnt {scan['unlearnt'][0]})") if scan else "-"
     proxy = "-"
     if scan:
-        proxy = "; ".join(f"{c}: {p['before']['value']:.1%} → {p['after']['value']:.1%}" for c, p in scan["proxy_asr"].items())
+        proxy = "; ".join(
+            f"{c}: {p['before']['value']:.1%} → {p['after']['value']:.1%}" for c, p in scan["proxy_asr"].items()
+        )
     cost = (before["clean_acc"]["value"] - after["clean_acc"]["value"]) * 100
     removal = report["removal"]
     # the scan's own verdict (what the default concluded without the trigger), where a trigger was known too
@@ -29,8 +31,10 @@ def row(path: Path, walls: dict) -> str:
     if retune:
         ref = retune.get("reference_asr_after_retuning")
         again = f"{retune['asr_after_retuning']['value']:.1%}" + (f" (clean {ref['value']:.1%})" if ref else "")
-    return (f"| {path.stem} | {before['clean_acc']['value']:.2%} → {after['clean_acc']['value']:.2%} | {cost:.2f} | "
-            f"{asr} | {flagged} | {proxy} | {removal['verdict']} | {alone} | {again} | {walls.get(path.stem, '-')} |")
+    return (
+        f"| {path.stem} | {before['clean_acc']['value']:.2%} → {after['clean_acc']['value']:.2%} | {cost:.2f} | "
+        f"{asr} | {flagged} | {proxy} | {removal['verdict']} | {alone} | {again} | {walls.get(path.stem, '-')} |"
+    )
 
 
 def main(folder: str) -> None:
@@ -42,7 +46,9 @@ def main(folder: str) -> None:
             m = re.match(r"(\S+) (\S+) rc=\d+ wall=([\d.]+)s", line)
             if m:
                 walls[f"{m[1]}-{m[2]}"] = f"{float(m[3]):.0f} s"
-    print("| run | C-Acc | cost (points) | ASR | flagged | proxy ASR | verdict | scan's verdict | ASR after retuning | wall |")
+    print(
+        "| run | C-Acc | cost (points) | ASR | flagged | proxy ASR | verdict | scan's verdict | ASR after retuning | wall |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for path in sorted(root.glob("*.json")):
         print(row(path, walls))

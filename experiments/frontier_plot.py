@@ -19,8 +19,12 @@ def main() -> None:
     ap.add_argument("--path", nargs="*", default=[])
     ap.add_argument("--grid", nargs="*", default=[])
     ap.add_argument("--out", required=True)
-    ap.add_argument("--base", nargs="*", default=[], help="STEM=ACC: the subject's C-Acc on the line's images, "
-                                                             "for lines measured without t = 0")
+    ap.add_argument(
+        "--base",
+        nargs="*",
+        default=[],
+        help="STEM=ACC: the subject's C-Acc on the line's images, for lines measured without t = 0",
+    )
     ap.add_argument("--only", nargs="*", default=None, help="draw only lines whose purified path contains one of these")
     ap.add_argument("--xmax", type=float, default=12.0)
     args = ap.parse_args()
@@ -47,8 +51,13 @@ def main() -> None:
             ax.plot([(base - r["c_acc"]) * 100 for r in rows], [r["asr"] * 100 for r in rows], marker=".", label=label)
             for r in rows:
                 if r["t"] in (0.5, 0.8):
-                    ax.annotate(f"t={r['t']:g}", ((base - r["c_acc"]) * 100, r["asr"] * 100), fontsize=7,
-                                textcoords="offset points", xytext=(3, 3))
+                    ax.annotate(
+                        f"t={r['t']:g}",
+                        ((base - r["c_acc"]) * 100, r["asr"] * 100),
+                        fontsize=7,
+                        textcoords="offset points",
+                        xytext=(3, 3),
+                    )
     markers = {"recommended": ("*", "recommended recipe"), "fst": ("x", "fst (paper)")}
     seen, off_chart = set(), 0
     for file in args.grid:
@@ -63,16 +72,31 @@ def main() -> None:
             continue  # a clean model: no backdoor to plot
         asr = report["after"]["asr"]["value"] * 100
         if cost > args.xmax:
-            ax.text(0.98, 0.30 - 0.05 * off_chart,
-                    f"off the chart: {label} on {Path(report['checkpoint']['path']).stem}: {cost:.0f} points, "
-                    f"ASR {asr:.1f}%", transform=ax.transAxes, ha="right", fontsize=6, color="grey")
+            ax.text(
+                0.98,
+                0.30 - 0.05 * off_chart,
+                f"off the chart: {label} on {Path(report['checkpoint']['path']).stem}: {cost:.0f} points, "
+                f"ASR {asr:.1f}%",
+                transform=ax.transAxes,
+                ha="right",
+                fontsize=6,
+                color="grey",
+            )
             off_chart += 1
             continue
-        ax.scatter([cost], [asr], marker=marker, s=80, color="black" if kind == "recommended" else "grey",
-                   label=None if kind in seen else label, zorder=3)
+        ax.scatter(
+            [cost],
+            [asr],
+            marker=marker,
+            s=80,
+            color="black" if kind == "recommended" else "grey",
+            label=None if kind in seen else label,
+            zorder=3,
+        )
         seen.add(kind)
-        ax.annotate(Path(report["checkpoint"]["path"]).stem, (cost, asr), fontsize=6, textcoords="offset points",
-                    xytext=(4, -8))
+        ax.annotate(
+            Path(report["checkpoint"]["path"]).stem, (cost, asr), fontsize=6, textcoords="offset points", xytext=(4, -8)
+        )
     ax.axvspan(0, 3, ymax=1, color="green", alpha=0.06)
     ax.axhline(5, color="green", lw=0.8, ls="--")
     ax.axvline(3, color="green", lw=0.8, ls="--", label="goal: ASR <= 5% at <= 3 points")

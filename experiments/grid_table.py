@@ -1,6 +1,6 @@
 """The issue-12 grid as a Markdown table, from the purify reports that experiments/recipe_grid.sh wrote.
 
-    .venv/bin/python experiments/grid_table.py runs/grid/*.json
+.venv/bin/python experiments/grid_table.py runs/grid/*.json
 """
 
 from __future__ import annotations
@@ -27,12 +27,16 @@ def row(report: dict) -> str:
     planted = asr_b is not None and asr_b >= 0.5
     met = ("yes" if asr_a <= GOAL_ASR and cost <= GOAL_COST else "no") if planted else "(clean model)"
     pct = lambda v: "-" if v is None else f"{v:.2%}"  # noqa: E731
-    return (f"| {Path(report['checkpoint']['path']).name} | {name} | {pct(before['clean_acc']['value'])} / {pct(asr_b)} | "
-            f"{pct(after['clean_acc']['value'])} / {pct(asr_a)} | {cost * 100:.1f} | {held or '-'} | {met} |")
+    return (
+        f"| {Path(report['checkpoint']['path']).name} | {name} | {pct(before['clean_acc']['value'])} / {pct(asr_b)} | "
+        f"{pct(after['clean_acc']['value'])} / {pct(asr_a)} | {cost * 100:.1f} | {held or '-'} | {met} |"
+    )
 
 
 def main(files: list[str]) -> None:
-    print("| subject | method | input C-Acc / ASR | after C-Acc / ASR | cost (points) | t kept (held-out cost) | goal met |")
+    print(
+        "| subject | method | input C-Acc / ASR | after C-Acc / ASR | cost (points) | t kept (held-out cost) | goal met |"
+    )
     print("|---|---|---|---|---|---|---|")
     for file in files:
         text = Path(file).read_text()

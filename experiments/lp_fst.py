@@ -15,7 +15,6 @@ import json
 import sys
 from pathlib import Path
 
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -26,8 +25,8 @@ from backdoor_cli.defenses.finetune import reinitialise_head, run_tuning  # noqa
 from backdoor_cli.defenses.fst import feature_shift_penalty, project_to_norm  # noqa: E402
 from backdoor_cli.evaluate import evaluate_model  # noqa: E402
 from backdoor_cli.holdout import holdout_accuracy, split_holdout  # noqa: E402
-from split_setup import load_split_setup  # noqa: E402
 from backdoor_cli.runtime import seed_everything  # noqa: E402
+from split_setup import load_split_setup  # noqa: E402
 
 HEAD_ONLY = Defense("lp-phase", "", reinit_head=False, trains="head", uses_alpha=True, run=None)
 JOINT = Defense("joint-phase", "", reinit_head=False, trains="all", uses_alpha=True, run=None)
@@ -48,8 +47,15 @@ def main() -> None:
     args = ap.parse_args()
     seed_everything(0)
     setup = load_split_setup(args.subject, args.pool, args.data, args.limit)
-    device, bundle, subject, mean, std, pool, sets = (setup.device, setup.bundle, setup.subject, setup.mean,
-                                                     setup.std, setup.pool, setup.sets)
+    device, bundle, subject, mean, std, pool, sets = (
+        setup.device,
+        setup.bundle,
+        setup.subject,
+        setup.mean,
+        setup.std,
+        setup.pool,
+        setup.sets,
+    )
     tune_set, held = split_holdout(pool, 0.2, 0, bundle.num_classes)
     model = copy.deepcopy(subject.model)
     teacher = frozen_copy(subject.model)
@@ -57,16 +63,26 @@ def main() -> None:
     original = head.weight.detach().clone()
     norm = original.norm()
     reinitialise_head(head, 0)
-    fst = dict(penalty=lambda: feature_shift_penalty(head.weight, original, args.alpha),
-               after_step=lambda: project_to_norm(head.weight, norm))
+    fst = dict(
+        penalty=lambda: feature_shift_penalty(head.weight, original, args.alpha),
+        after_step=lambda: project_to_norm(head.weight, norm),
+    )
     base_held = holdout_accuracy(subject.model, held, mean, std)
     rows = []
 
     def record(phase):
         res = evaluate_model(model, sets, mean, std, device, 1024)
-        row = {"subject": Path(args.subject).stem, "kd": args.kd, "lp_epochs": args.lp_epochs, "lp_lr": args.lp_lr,
-               "phase": phase, "held_input": base_held, "held": holdout_accuracy(model, held, mean, std),
-               "c_acc": res.clean_acc.value, "asr": res.asr.value}
+        row = {
+            "subject": Path(args.subject).stem,
+            "kd": args.kd,
+            "lp_epochs": args.lp_epochs,
+            "lp_lr": args.lp_lr,
+            "phase": phase,
+            "held_input": base_held,
+            "held": holdout_accuracy(model, held, mean, std),
+            "c_acc": res.clean_acc.value,
+            "asr": res.asr.value,
+        }
         rows.append(row)
         print(json.dumps(row), flush=True)
 

@@ -29,19 +29,21 @@ from backdoor_cli.data import ImageSet, normalize, select_clean_subset  # noqa: 
 from backdoor_cli.evaluate import evaluate_model  # noqa: E402
 from backdoor_cli.holdout import holdout_accuracy  # noqa: E402
 from backdoor_cli.linear_path import interpolate_states, path_points  # noqa: E402
-from split_setup import load_split_setup  # noqa: E402
 from backdoor_cli.subject import load_subject  # noqa: E402
+from split_setup import load_split_setup  # noqa: E402
 
 
 @torch.no_grad()
-def recalibrate_batchnorm(model: torch.nn.Module, images: ImageSet, mean: torch.Tensor, std: torch.Tensor,
-                          batch_size: int = 256) -> int:
+def recalibrate_batchnorm(
+    model: torch.nn.Module, images: ImageSet, mean: torch.Tensor, std: torch.Tensor, batch_size: int = 256
+) -> int:
     """Re-estimate every BatchNorm's running mean and variance on `images` (labels unused), as an
     exact average over them (momentum None), with the weights as they are. An interpolated model's
     statistics are interpolated too, and need not match what its weights produce. Returns how many
     BatchNorm layers were reset; the model's train/eval modes are restored."""
-    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
-             and m.track_running_stats]
+    norms = [
+        m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+    ]
     if not norms:
         return 0
     modes = {m: m.training for m in model.modules()}
@@ -53,7 +55,7 @@ def recalibrate_batchnorm(model: torch.nn.Module, images: ImageSet, mean: torch.
             m.momentum = None
             m.train()
         for i in range(0, images.num_images, batch_size):
-            model(normalize(images.x[i:i + batch_size], mean, std))
+            model(normalize(images.x[i : i + batch_size], mean, std))
     finally:
         for m in norms:
             m.momentum = saved[m]
@@ -77,26 +79,42 @@ def main() -> None:
     args = ap.parse_args()
     torch.manual_seed(0)
     setup = load_split_setup(args.subject, args.pool, args.data, args.limit)
-    device, bundle, subject, mean, std, pool, sets = (setup.device, setup.bundle, setup.subject, setup.mean,
-                                                     setup.std, setup.pool, setup.sets)
+    device, bundle, subject, mean, std, pool, sets = (
+        setup.device,
+        setup.bundle,
+        setup.subject,
+        setup.mean,
+        setup.std,
+        setup.pool,
+        setup.sets,
+    )
     small = pool.subset(select_clean_subset(pool.y, None, args.holdout, 1, bundle.num_classes))
     start = {k: v.clone() for k, v in subject.model.state_dict().items()}
     with open(args.out, "a") as out:
         for path in args.purified:
             end = load_subject(path, bundle).model.state_dict()
-            for t in (list(map(float, args.ts.split(","))) if args.ts else path_points(args.points)):
+            for t in list(map(float, args.ts.split(","))) if args.ts else path_points(args.points):
                 subject.model.load_state_dict(interpolate_states(start, end, t))
                 if args.recalibrate:
                     recalibrate_batchnorm(subject.model, pool, mean, std)
                 res = evaluate_model(subject.model, sets, mean, std, device, 1024)
-                row = {"subject": args.subject, "purified": path, "t": round(t, 4), "recalibrated": args.recalibrate,
-                       "holdout_all": holdout_accuracy(subject.model, pool, mean, std),
-                       "holdout_small": holdout_accuracy(subject.model, small, mean, std),
-                       "c_acc": res.clean_acc.value, "asr": res.asr.value if res.asr else None}
+                row = {
+                    "subject": args.subject,
+                    "purified": path,
+                    "t": round(t, 4),
+                    "recalibrated": args.recalibrate,
+                    "holdout_all": holdout_accuracy(subject.model, pool, mean, std),
+                    "holdout_small": holdout_accuracy(subject.model, small, mean, std),
+                    "c_acc": res.clean_acc.value,
+                    "asr": res.asr.value if res.asr else None,
+                }
                 out.write(json.dumps(row) + "\n")
                 out.flush()
-                print(f"{Path(path).parent.name} t={t:.2f} held {row['holdout_all']:.3f}/{row['holdout_small']:.3f} "
-                      f"acc {row['c_acc']:.4f} asr {row['asr']:.4f}", file=sys.stderr)
+                print(
+                    f"{Path(path).parent.name} t={t:.2f} held {row['holdout_all']:.3f}/{row['holdout_small']:.3f} "
+                    f"acc {row['c_acc']:.4f} asr {row['asr']:.4f}",
+                    file=sys.stderr,
+                )
 
 
 if __name__ == "__main__":

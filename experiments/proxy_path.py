@@ -44,10 +44,20 @@ def main() -> None:
     for p in model.parameters():
         p.requires_grad_(False)
     with attach_loss(model, LossAdapter("logits")) as loss_fn:
-        trig = invert_classes(model, x[:cut], y[:cut], [args.target], mean, std, loss_fn, InversionParams(),
-                              torch.Generator().manual_seed(0))[0]
+        trig = invert_classes(
+            model,
+            x[:cut],
+            y[:cut],
+            [args.target],
+            mean,
+            std,
+            loss_fn,
+            InversionParams(),
+            torch.Generator().manual_seed(0),
+        )[0]
     start = {k: v.clone() for k, v in model.state_dict().items()}
     from safetensors.torch import load_file
+
     end = load_file(str(Path(args.purified_dir, "purified.safetensors")))
     end = {k: end.get(k, v) for k, v in start.items()}
     held = x[cut:][y[cut:] != args.target]
@@ -57,8 +67,17 @@ def main() -> None:
         model.load_state_dict(interpolate_states(start, end, t))
         model.eval()
         with torch.no_grad():
-            hits = count_hits(model, held, args.target, trig.mask[None, None], trig.pattern.permute(2, 0, 1)[None],
-                              mean, std, 256, channels_last=True)
+            hits = count_hits(
+                model,
+                held,
+                args.target,
+                trig.mask[None, None],
+                trig.pattern.permute(2, 0, 1)[None],
+                mean,
+                std,
+                256,
+                channels_last=True,
+            )
         rows.append({"t": t, "proxy_asr": hits / held.shape[0]})
         print(json.dumps(rows[-1]), flush=True)
     print(json.dumps({"mask_l1": trig.l1, "rows": rows}))

@@ -48,8 +48,8 @@ def accuracy(model, images: ImageSet, mean, std) -> float:
     model.eval()
     correct = 0
     for i in range(0, images.num_images, 500):
-        logits = model(normalize(images.x[i:i + 500], mean, std))
-        correct += int((logits.argmax(1) == images.y[i:i + 500]).sum())
+        logits = model(normalize(images.x[i : i + 500], mean, std))
+        correct += int((logits.argmax(1) == images.y[i : i + 500]).sum())
     return correct / images.num_images
 
 
@@ -70,23 +70,46 @@ def run_variant(name, subject, tune_set, holdout, sets, mean, std, args) -> dict
     start = time.perf_counter()
     # (the library's fst-kd is "fst" + this term; spelled out here so kd can be added to any method)
     options = {"batch_penalty": distillation_term(teacher, kd, args.temperature)} if kd > 0 else {}
-    get_defense(defense_name).run(model, subject.head, tune_set, mean, std, params, torch.device("cpu"),
-                                  flip=True, on_epoch=on_epoch, **options)
+    get_defense(defense_name).run(
+        model, subject.head, tune_set, mean, std, params, torch.device("cpu"), flip=True, on_epoch=on_epoch, **options
+    )
     seconds = time.perf_counter() - start
     rows = []
     final = evaluate_model(model, sets, mean, std, torch.device("cpu"), 1024)
-    rows.append({"variant": name, "pick": "last", "epoch": args.epochs, "c_acc": final.clean_acc.value,
-                 "asr": final.asr.value if final.asr else None})
+    rows.append(
+        {
+            "variant": name,
+            "pick": "last",
+            "epoch": args.epochs,
+            "c_acc": final.clean_acc.value,
+            "asr": final.asr.value if final.asr else None,
+        }
+    )
     # Trigger-free selection: the latest epoch within the budget on held-out clean images.
     within = [c["epoch"] for c in curve if base_holdout - c["holdout_acc"] <= args.budget]
     if within and within[-1] != args.epochs:
         model.load_state_dict(snapshots[within[-1] - 1])
         picked = evaluate_model(model, sets, mean, std, torch.device("cpu"), 1024)
-        rows.append({"variant": name, "pick": f"latest within {args.budget:.0%}", "epoch": within[-1],
-                     "c_acc": picked.clean_acc.value, "asr": picked.asr.value if picked.asr else None})
+        rows.append(
+            {
+                "variant": name,
+                "pick": f"latest within {args.budget:.0%}",
+                "epoch": within[-1],
+                "c_acc": picked.clean_acc.value,
+                "asr": picked.asr.value if picked.asr else None,
+            }
+        )
     for row in rows:
-        row.update({"holdout_base": base_holdout, "curve": curve, "seconds": round(seconds, 1),
-                    "kd": kd, "alpha": alpha, "defense": defense_name})
+        row.update(
+            {
+                "holdout_base": base_holdout,
+                "curve": curve,
+                "seconds": round(seconds, 1),
+                "kd": kd,
+                "alpha": alpha,
+                "defense": defense_name,
+            }
+        )
     return rows
 
 
@@ -120,15 +143,31 @@ def main() -> None:
     tune_set, holdout = clean.subset(torch.nonzero(keep).flatten()), clean.subset(hold_local)
     sets = build_eval_sets(bundle.test, trigger, torch.device("cpu"), args.eval_limit, args.seed)
     before = evaluate_model(subject.model, sets, mean, std, torch.device("cpu"), 1024)
-    print(f"input: C-Acc {before.clean_acc.value:.4f} ASR {before.asr.value:.4f}; tuning on {tune_set.num_images}, "
-          f"holdout {holdout.num_images}", file=sys.stderr)
+    print(
+        f"input: C-Acc {before.clean_acc.value:.4f} ASR {before.asr.value:.4f}; tuning on {tune_set.num_images}, "
+        f"holdout {holdout.num_images}",
+        file=sys.stderr,
+    )
     with open(args.out, "a") as out:
-        out.write(json.dumps({"variant": "input", "c_acc": before.clean_acc.value, "asr": before.asr.value,
-                              "model": args.model, "args": vars(args)}) + "\n")
+        out.write(
+            json.dumps(
+                {
+                    "variant": "input",
+                    "c_acc": before.clean_acc.value,
+                    "asr": before.asr.value,
+                    "model": args.model,
+                    "args": vars(args),
+                }
+            )
+            + "\n"
+        )
         for name in args.variants.split(","):
             for row in run_variant(name, subject, tune_set, holdout, sets, mean, std, args):
-                print(f"{row['variant']:12s} {row['pick']:18s} epoch {row['epoch']:2d}: C-Acc {row['c_acc']:.4f} "
-                      f"ASR {row['asr']:.4f} ({row['seconds']}s)", file=sys.stderr)
+                print(
+                    f"{row['variant']:12s} {row['pick']:18s} epoch {row['epoch']:2d}: C-Acc {row['c_acc']:.4f} "
+                    f"ASR {row['asr']:.4f} ({row['seconds']}s)",
+                    file=sys.stderr,
+                )
                 out.write(json.dumps(row) + "\n")
                 out.flush()
 

@@ -29,9 +29,9 @@ sys.path.insert(0, str(REPO))
 from backdoor_cli.config import EvaluateOptions, PurifyOptions, TrainOptions  # noqa: E402
 from backdoor_cli.outputs import atomic_write_text  # noqa: E402
 from backdoor_cli.pipeline import evaluate_checkpoint, purify_checkpoint  # noqa: E402
-from backdoor_cli.training import train_model  # noqa: E402
 from backdoor_cli.progress import StderrReporter  # noqa: E402
 from backdoor_cli.runtime import device_name, resolve_device  # noqa: E402
+from backdoor_cli.training import train_model  # noqa: E402
 
 # "default" is `bdclean purify` with no --method: the recommended recipe (backdoor_cli/recipe.py).
 METHODS = ("ft", "lp", "fe-tuning", "ft-init", "fst", "default")
@@ -44,9 +44,16 @@ PAPER_ASR = {
 PLANTED_ASR = 0.5
 PROFILES = {
     # The paper's model. Epochs: the reference recipe's schedule, shortened (say so in the table).
-    "full": {"arch": "resnet18", "train_epochs": 40, "train_lr": 0.1, "train_limit": None, "eval_limit": None,
-             "train_augment": True,
-             "attacks": ("badnets", "blended", "sig", "wanet"), "rates": (0.05, 0.01, 0.005)},
+    "full": {
+        "arch": "resnet18",
+        "train_epochs": 40,
+        "train_lr": 0.1,
+        "train_limit": None,
+        "eval_limit": None,
+        "train_augment": True,
+        "attacks": ("badnets", "blended", "sig", "wanet"),
+        "rates": (0.05, 0.01, 0.005),
+    },
     # CPU profile sized for a 2-core CPU in under an hour: simple_cnn_half (simple_cnn at half the channels,
     # 3.3x faster per step) trained on all 50,000 images for 4 epochs without crop+flip, evaluated on a
     # 2,000-image stratified test subset. Tuning keeps the paper's settings (2% of the training images =
@@ -55,9 +62,16 @@ PROFILES = {
     # few steps to plant the trigger), and 60 purifications with simple_cnn alone take about 45 minutes
     # here. Crop+flip is off because in so few epochs it kept a 1% BadNets patch from taking hold
     # (measured: ASR 3.4% after 8 epochs on 20,000 images, docs/results-cpu.md).
-    "small": {"arch": "simple_cnn_half", "train_epochs": 4, "train_lr": 0.05, "train_limit": None, "eval_limit": 2000,
-              "train_augment": False,
-              "attacks": ("badnets", "blended", "sig", "wanet"), "rates": (0.05, 0.01, 0.005)},
+    "small": {
+        "arch": "simple_cnn_half",
+        "train_epochs": 4,
+        "train_lr": 0.05,
+        "train_limit": None,
+        "eval_limit": 2000,
+        "train_augment": False,
+        "attacks": ("badnets", "blended", "sig", "wanet"),
+        "rates": (0.05, 0.01, 0.005),
+    },
 }
 
 
@@ -74,23 +88,45 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--train-epochs", type=int, default=None)
     parser.add_argument("--train-limit", type=int, default=None)
     parser.add_argument("--clean-fraction", type=float, default=0.02)
-    parser.add_argument("--train-augment", choices=("on", "off"), default=None,
-                        help="crop+flip while training the backdoored models (default: the profile's)")
-    parser.add_argument("--no-train-augment", dest="train_augment", action="store_const", const="off",
-                        help="same as --train-augment off")
-    parser.add_argument("--eval-limit", type=int, default=None,
-                        help="evaluate on a seeded stratified subset of the test set (default: the profile's)")
-    parser.add_argument("--fst-alphas", default="",
-                        help="comma-separated extra alpha values: FST is also run with each (rows 'fst-a<alpha>'); "
-                             "the paper's alpha for the dataset always runs as 'fst'")
+    parser.add_argument(
+        "--train-augment",
+        choices=("on", "off"),
+        default=None,
+        help="crop+flip while training the backdoored models (default: the profile's)",
+    )
+    parser.add_argument(
+        "--no-train-augment",
+        dest="train_augment",
+        action="store_const",
+        const="off",
+        help="same as --train-augment off",
+    )
+    parser.add_argument(
+        "--eval-limit",
+        type=int,
+        default=None,
+        help="evaluate on a seeded stratified subset of the test set (default: the profile's)",
+    )
+    parser.add_argument(
+        "--fst-alphas",
+        default="",
+        help="comma-separated extra alpha values: FST is also run with each (rows 'fst-a<alpha>'); "
+        "the paper's alpha for the dataset always runs as 'fst'",
+    )
     parser.add_argument("--device", default="auto")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quiet", action="store_true")
-    parser.add_argument("--render-only", action="store_true",
-                        help="train and purify nothing: redraw the table from the results under --runs (e.g. "
-                             "results brought back from a GPU machine, whose models stayed there)")
-    parser.add_argument("--device-name", default=None,
-                        help="with --render-only: the device the results were measured on, for the heading")
+    parser.add_argument(
+        "--render-only",
+        action="store_true",
+        help="train and purify nothing: redraw the table from the results under --runs (e.g. "
+        "results brought back from a GPU machine, whose models stayed there)",
+    )
+    parser.add_argument(
+        "--device-name",
+        default=None,
+        help="with --render-only: the device the results were measured on, for the heading",
+    )
     return parser.parse_args(argv)
 
 
@@ -124,16 +160,32 @@ def main(argv=None) -> int:
             if not model.exists():
                 reporter.stage(f"[{tag}] training {arch} ({epochs} epochs)")
                 t0 = time.perf_counter()
-                report = train_model(TrainOptions(arch=arch, data=args.data, out=str(model), trigger=attack,
-                                                  poison_rate=rate, epochs=epochs, lr=profile["train_lr"],
-                                                  train_limit=train_limit, device=args.device, seed=args.seed,
-                                                  augment=train_augment),
-                                     reporter)
-                (runs / "results" / f"{tag}-train.json").write_text(json.dumps(
-                    {**report.to_dict(), "wall_seconds": time.perf_counter() - t0}, indent=1))
+                report = train_model(
+                    TrainOptions(
+                        arch=arch,
+                        data=args.data,
+                        out=str(model),
+                        trigger=attack,
+                        poison_rate=rate,
+                        epochs=epochs,
+                        lr=profile["train_lr"],
+                        train_limit=train_limit,
+                        device=args.device,
+                        seed=args.seed,
+                        augment=train_augment,
+                    ),
+                    reporter,
+                )
+                (runs / "results" / f"{tag}-train.json").write_text(
+                    json.dumps({**report.to_dict(), "wall_seconds": time.perf_counter() - t0}, indent=1)
+                )
             if not original.exists():
-                report = evaluate_checkpoint(EvaluateOptions(checkpoint=str(model), data=args.data, device=args.device,
-                                                             seed=args.seed, eval_limit=eval_limit), reporter)
+                report = evaluate_checkpoint(
+                    EvaluateOptions(
+                        checkpoint=str(model), data=args.data, device=args.device, seed=args.seed, eval_limit=eval_limit
+                    ),
+                    reporter,
+                )
                 original.write_text(json.dumps(report.to_dict(), indent=1))
             for label, method, alpha in runs_per_model:
                 result = runs / "results" / f"{tag}-{label}.json"
@@ -141,11 +193,21 @@ def main(argv=None) -> int:
                     continue
                 reporter.stage(f"[{tag}] purifying with {label}")
                 t0 = time.perf_counter()
-                report = purify_checkpoint(PurifyOptions(checkpoint=str(model), data=args.data,
-                                                         method=None if method == "default" else method,
-                                                         out=str(runs / "purified" / tag / label), force=True,
-                                                         clean_fraction=args.clean_fraction, device=args.device,
-                                                         seed=args.seed, eval_limit=eval_limit, alpha=alpha), reporter)
+                report = purify_checkpoint(
+                    PurifyOptions(
+                        checkpoint=str(model),
+                        data=args.data,
+                        method=None if method == "default" else method,
+                        out=str(runs / "purified" / tag / label),
+                        force=True,
+                        clean_fraction=args.clean_fraction,
+                        device=args.device,
+                        seed=args.seed,
+                        eval_limit=eval_limit,
+                        alpha=alpha,
+                    ),
+                    reporter,
+                )
                 result.write_text(json.dumps({**report.to_dict(), "wall_seconds": time.perf_counter() - t0}, indent=1))
 
     doc = Path(args.doc) if args.doc else REPO / "docs" / "reproduction.md"
@@ -160,13 +222,15 @@ def main(argv=None) -> int:
             shown.append(arg)
     command = " ".join(["python experiments/reproduce_fst.py", *shown])
     measured_on = args.device_name if args.render_only and args.device_name else device_name(device)
-    section = (f"Generated by `{command}` on {measured_on}: {arch}, {epochs} training epochs, "
-               f"training images {train_limit or 'all'}, evaluation images {eval_limit or 'all'} (stratified), "
-               f"training augmentation {'crop+flip' if train_augment else 'off'}, {args.clean_fraction:.0%} clean "
-               f"data, seed {args.seed}. Training and purification wall time of the whole table, summed from its "
-               f"pieces: {summed_wall_seconds(runs) / 60:.0f} min"
-               f"{'' if args.render_only else f' (this invocation: {time.perf_counter() - started:.0f}s)'}.\n\n"
-               f"{summary}\n{table}")
+    section = (
+        f"Generated by `{command}` on {measured_on}: {arch}, {epochs} training epochs, "
+        f"training images {train_limit or 'all'}, evaluation images {eval_limit or 'all'} (stratified), "
+        f"training augmentation {'crop+flip' if train_augment else 'off'}, {args.clean_fraction:.0%} clean "
+        f"data, seed {args.seed}. Training and purification wall time of the whole table, summed from its "
+        f"pieces: {summed_wall_seconds(runs) / 60:.0f} min"
+        f"{'' if args.render_only else f' (this invocation: {time.perf_counter() - started:.0f}s)'}.\n\n"
+        f"{summary}\n{table}"
+    )
     write_section(doc, name, section)
     print(summary + "\n" + table)
     return 0
@@ -219,9 +283,11 @@ def render_summary(runs: Path, attacks, rates, methods) -> str:
     baselines = [m for m in ("ft", "lp") if m in methods]
     if "fst" not in methods or not baselines:
         return ""
-    lines = ["| attack | rate | original ASR % | best of FT/LP ASR % | FST ASR % | margin (points) | FST lower? "
-             "| C-Acc cost of FST (points) |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| attack | rate | original ASR % | best of FT/LP ASR % | FST ASR % | margin (points) | FST lower? "
+        "| C-Acc cost of FST (points) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for attack in attacks:
         for rate in rates:
             tag = f"{attack}-{rate:g}"
@@ -240,15 +306,19 @@ def render_summary(runs: Path, attacks, rates, methods) -> str:
             acc_before = _load_rate(runs, tag, "original", "clean_acc")
             acc_after = _load_rate(runs, tag, "fst", "clean_acc")
             cost = "-" if not (acc_before and acc_after) else f"{(acc_before['value'] - acc_after['value']) * 100:.1f}"
-            lines.append(f"| {attack} | {rate:.1%} | {_fmt(original)} | {best_name.upper()} {_fmt(best)} | {_fmt(fst)} "
-                         f"| {margin:+.1f} | {lower} | {cost} |")
+            lines.append(
+                f"| {attack} | {rate:.1%} | {_fmt(original)} | {best_name.upper()} {_fmt(best)} | {_fmt(fst)} "
+                f"| {margin:+.1f} | {lower} | {cost} |"
+            )
     return "\n".join(lines) + "\n"
 
 
 def render_table(runs: Path, attacks, rates, methods) -> str:
     """One Markdown table: the original model's row, then every method's, with the paper's ASR beside ours."""
-    lines = ["| attack | rate | model | C-Acc % [95% CI] | ASR % [95% CI] | RA % [95% CI] | paper ASR % | time s |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| attack | rate | model | C-Acc % [95% CI] | ASR % [95% CI] | RA % [95% CI] | paper ASR % | time s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for attack in attacks:
         for rate in rates:
             tag = f"{attack}-{rate:g}"
@@ -258,16 +328,20 @@ def render_table(runs: Path, attacks, rates, methods) -> str:
             if original.exists():
                 m = json.loads(original.read_text())["metrics"]
                 t = json.loads(train.read_text())["wall_seconds"] if train.exists() else None
-                lines.append(f"| {attack} | {rate:.1%} | original | {_fmt(m['clean_acc'])} | {_fmt(m['asr'])} | "
-                             f"{_fmt(m['ra'])} | {paper.get('original', '-')} | {'-' if t is None else f'{t:.0f} (train)'} |")
+                lines.append(
+                    f"| {attack} | {rate:.1%} | original | {_fmt(m['clean_acc'])} | {_fmt(m['asr'])} | "
+                    f"{_fmt(m['ra'])} | {paper.get('original', '-')} | {'-' if t is None else f'{t:.0f} (train)'} |"
+                )
             for method in methods:
                 path = runs / "results" / f"{tag}-{method}.json"
                 if not path.exists():
                     continue
                 r = json.loads(path.read_text())
                 a = r["after"]
-                lines.append(f"| {attack} | {rate:.1%} | {method} | {_fmt(a['clean_acc'])} | {_fmt(a['asr'])} | "
-                             f"{_fmt(a['ra'])} | {paper.get(method, '-')} | {r['wall_seconds']:.0f} |")
+                lines.append(
+                    f"| {attack} | {rate:.1%} | {method} | {_fmt(a['clean_acc'])} | {_fmt(a['asr'])} | "
+                    f"{_fmt(a['ra'])} | {paper.get(method, '-')} | {r['wall_seconds']:.0f} |"
+                )
     return "\n".join(lines) + "\n"
 
 

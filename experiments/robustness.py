@@ -22,10 +22,30 @@ from pathlib import Path
 
 
 def purify(args, method: str, out_dir: Path) -> dict:
-    command = [sys.executable, "-m", "backdoor_cli.cli", "purify", args.subject, "--method", method,
-               "--data", args.data, "--trigger", args.trigger, "--out", str(out_dir), "--force",
-               "--retune-check", "--clean-reference", args.clean, "--eval-limit", str(args.eval_limit),
-               "--json", "--quiet", *args.extra]
+    command = [
+        sys.executable,
+        "-m",
+        "backdoor_cli.cli",
+        "purify",
+        args.subject,
+        "--method",
+        method,
+        "--data",
+        args.data,
+        "--trigger",
+        args.trigger,
+        "--out",
+        str(out_dir),
+        "--force",
+        "--retune-check",
+        "--clean-reference",
+        args.clean,
+        "--eval-limit",
+        str(args.eval_limit),
+        "--json",
+        "--quiet",
+        *args.extra,
+    ]
     start = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True)
     seconds = time.perf_counter() - start
@@ -33,9 +53,17 @@ def purify(args, method: str, out_dir: Path) -> dict:
         return {"method": method, "error": done.stderr.strip()[-2000:], "returncode": done.returncode}
     report = json.loads(done.stdout)
     check = report["retune_check"]
-    return {"method": method, "command": " ".join(command[1:]), "seconds": round(seconds, 1),
-            "before": report["before"], "after": report["after"], "retune": check,
-            "params": report["method"]["params"], "notes": report["method"]["notes"], "timings": report["timings"]}
+    return {
+        "method": method,
+        "command": " ".join(command[1:]),
+        "seconds": round(seconds, 1),
+        "before": report["before"],
+        "after": report["after"],
+        "retune": check,
+        "params": report["method"]["params"],
+        "notes": report["method"]["notes"],
+        "timings": report["timings"],
+    }
 
 
 def rate(r: dict) -> str:
@@ -44,16 +72,20 @@ def rate(r: dict) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| method | C-Acc | ASR | ASR after retuning | clean model after retuning | verdict | time |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| method | C-Acc | ASR | ASR after retuning | clean model after retuning | verdict | time |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for row in rows:
         if "error" in row:
             lines.append(f"| {row['method']} | error: {row['error'][-120:]} |||||")
             continue
         check = row["retune"]
-        lines.append(f"| {row['method']} | {rate(row['after']['clean_acc'])} | {rate(row['after']['asr'])} | "
-                     f"{rate(check['asr_after_retuning'])} | {rate(check['reference_asr_after_retuning'])} | "
-                     f"{check['status']} | {row['seconds']:.0f} s |")
+        lines.append(
+            f"| {row['method']} | {rate(row['after']['clean_acc'])} | {rate(row['after']['asr'])} | "
+            f"{rate(check['asr_after_retuning'])} | {rate(check['reference_asr_after_retuning'])} | "
+            f"{check['status']} | {row['seconds']:.0f} s |"
+        )
     return "\n".join(lines)
 
 

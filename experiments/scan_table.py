@@ -35,22 +35,38 @@ def row(path: str, truth: int | None) -> str:
     if truth is None:
         outcome = "no false positive" if not flagged else f"FALSE POSITIVE {flagged}"
     else:
-        outcome = ("detected" if flagged == [truth] else
-                   f"detected + false positive {[c for c in flagged if c != truth]}" if truth in flagged else
-                   f"missed (flagged {flagged})" if flagged else "missed")
+        outcome = (
+            "detected"
+            if flagged == [truth]
+            else f"detected + false positive {[c for c in flagged if c != truth]}"
+            if truth in flagged
+            else f"missed (flagged {flagged})"
+            if flagged
+            else "missed"
+        )
     top = max(classes, key=lambda c: c["anomaly_index"])
-    target_cell = "-" if truth is None else (f"{classes[truth]['mask_l1']:.1f} / {classes[truth]['anomaly_index']:.2f} / "
-                                             f"{classes[truth]['anomaly_index_raw_l1']:.2f}")
+    target_cell = (
+        "-"
+        if truth is None
+        else (
+            f"{classes[truth]['mask_l1']:.1f} / {classes[truth]['anomaly_index']:.2f} / "
+            f"{classes[truth]['anomaly_index_raw_l1']:.2f}"
+        )
+    )
     params = doc["method"]["params"]
-    return (f"| {Path(path).stem} | {'-' if truth is None else truth} | {flagged or '[]'} | {outcome} | {target_cell} | "
-            f"class {smallest['class']}: {smallest['mask_l1']:.1f} (others >= {min(others):.1f}, median "
-            f"{doc['median_mask_l1']:.1f}) | class {top['class']}: {top['anomaly_index']:.2f} | "
-            f"{raw_flagged or '[]'} | {params['steps']}, {doc['data']['scan_images']} | {doc['timings']['scan']:.0f} s |")
+    return (
+        f"| {Path(path).stem} | {'-' if truth is None else truth} | {flagged or '[]'} | {outcome} | {target_cell} | "
+        f"class {smallest['class']}: {smallest['mask_l1']:.1f} (others >= {min(others):.1f}, median "
+        f"{doc['median_mask_l1']:.1f}) | class {top['class']}: {top['anomaly_index']:.2f} | "
+        f"{raw_flagged or '[]'} | {params['steps']}, {doc['data']['scan_images']} | {doc['timings']['scan']:.0f} s |"
+    )
 
 
 def main(args: list[str]) -> None:
-    print("| scan | true target | flagged | outcome | target: L1 / index (log) / index (raw L1, NC) | smallest mask "
-          "(pixels) | highest index | raw-L1 rule would flag | steps, images | scan time |")
+    print(
+        "| scan | true target | flagged | outcome | target: L1 / index (log) / index (raw L1, NC) | smallest mask "
+        "(pixels) | highest index | raw-L1 rule would flag | steps, images | scan time |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for arg in args:
         path, _, truth = arg.partition("=")

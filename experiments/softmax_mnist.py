@@ -43,7 +43,7 @@ def train(model, x, y, epochs: int, lr: float, seed: int, loss_on: str = "logits
         start = time.perf_counter()
         order = torch.randperm(len(x), generator=generator)
         for i in range(0, len(x), 64):
-            idx = order[i:i + 64]
+            idx = order[i : i + 64]
             logits = model(x[idx])
             loss = F.cross_entropy(logits if loss_on == "logits" else logits.softmax(1), y[idx])
             optimizer.zero_grad()
@@ -54,7 +54,9 @@ def train(model, x, y, epochs: int, lr: float, seed: int, loss_on: str = "logits
 
 @torch.no_grad()
 def accuracy(model, x, y) -> float:
-    return sum(int((model(x[i:i + 1000]).argmax(1) == y[i:i + 1000]).sum()) for i in range(0, len(x), 1000)) / len(x)
+    return sum(int((model(x[i : i + 1000]).argmax(1) == y[i : i + 1000]).sum()) for i in range(0, len(x), 1000)) / len(
+        x
+    )
 
 
 def main() -> None:

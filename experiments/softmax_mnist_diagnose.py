@@ -29,8 +29,10 @@ def teacher_on(model, x, y) -> str:
     probs = model(normalize(x, MEAN, STD)).softmax(1)
     top, pred = probs.max(1)
     wrong = pred != y
-    return (f"acc {float((~wrong).float().mean()):.1%}, mean top prob {float(top.mean()):.3f}, "
-            f"confidently wrong (p >= 0.99) {float((wrong & (top >= 0.99)).float().mean()):.1%}")
+    return (
+        f"acc {float((~wrong).float().mean()):.1%}, mean top prob {float(top.mean()):.3f}, "
+        f"confidently wrong (p >= 0.99) {float((wrong & (top >= 0.99)).float().mean()):.1%}"
+    )
 
 
 @torch.no_grad()

@@ -37,5 +37,6 @@ def load_split_setup(subject_path: str, pool_path: str, data: str, limit: int | 
     with np.load(pool_path, allow_pickle=False) as f:
         pool = images_from_arrays(f["x"], f["y"], pool_path)
     trigger = resolve_trigger(None, None, subject, bundle.test.image_shape, bundle.num_classes)
-    return SplitSetup(device, bundle, subject, mean, std, pool,
-                      build_eval_sets(bundle.test, trigger, device, limit=limit))
+    return SplitSetup(
+        device, bundle, subject, mean, std, pool, build_eval_sets(bundle.test, trigger, device, limit=limit)
+    )

@@ -19,16 +19,20 @@ def pct(rate: dict | None) -> str:
 
 
 def main(stems: list[str]) -> None:
-    print("| subject, method | C-Acc before -> after | ASR, reconstructed trigger: before -> after | "
-          "ASR, true trigger: before -> after | purify time |")
+    print(
+        "| subject, method | C-Acc before -> after | ASR, reconstructed trigger: before -> after | "
+        "ASR, true trigger: before -> after | purify time |"
+    )
     print("|---|---|---|---|---|")
     for stem in stems:
         purify = json.loads(Path(f"{stem}.json").read_text())
         true = json.loads(Path(f"{stem}-true.json").read_text())
         before, after = (row["metrics"] for row in true["rows"])
-        print(f"| {Path(stem).name} | {pct(purify['before']['clean_acc'])} -> {pct(purify['after']['clean_acc'])} | "
-              f"{pct(purify['before']['asr'])} -> {pct(purify['after']['asr'])} | "
-              f"{pct(before['asr'])} -> {pct(after['asr'])} | {sum(purify['timings'].values()):.0f} s |")
+        print(
+            f"| {Path(stem).name} | {pct(purify['before']['clean_acc'])} -> {pct(purify['after']['clean_acc'])} | "
+            f"{pct(purify['before']['asr'])} -> {pct(purify['after']['asr'])} | "
+            f"{pct(before['asr'])} -> {pct(after['asr'])} | {sum(purify['timings'].values()):.0f} s |"
+        )
 
 
 if __name__ == "__main__":

@@ -7,8 +7,9 @@ from pathlib import Path
 import numpy as np
 
 
-def make_npz_dataset(root: Path, classes: int = 3, size: int = 12, channels: int = 3, n_train: int = 240,
-                     n_test: int = 90, seed: int = 0) -> Path:
+def make_npz_dataset(
+    root: Path, classes: int = 3, size: int = 12, channels: int = 3, n_train: int = 240, n_test: int = 90, seed: int = 0
+) -> Path:
     """A learnable toy dataset: each class has its own brightness band plus noise."""
     rng = np.random.default_rng(seed)
     root.mkdir(parents=True, exist_ok=True)
@@ -36,9 +37,30 @@ def train_badnets_model(data: Path, model: Path, epochs: int = 2, poison_rate: f
 
     from backdoor_cli.cli import app
 
-    result = CliRunner().invoke(app, ["train", "--arch", "test_tiny", "--data", str(data), "--out", str(model),
-                                      "--trigger", "badnets", "--poison-rate", str(poison_rate), "--epochs", str(epochs),
-                                      "--lr", "0.05", "--device", "cpu", "--quiet", *extra])
+    result = CliRunner().invoke(
+        app,
+        [
+            "train",
+            "--arch",
+            "test_tiny",
+            "--data",
+            str(data),
+            "--out",
+            str(model),
+            "--trigger",
+            "badnets",
+            "--poison-rate",
+            str(poison_rate),
+            "--epochs",
+            str(epochs),
+            "--lr",
+            "0.05",
+            "--device",
+            "cpu",
+            "--quiet",
+            *extra,
+        ],
+    )
     assert result.exit_code == 0, result.output
 
 
@@ -65,9 +87,21 @@ def check_compare_of_purified_dir(model_dir: Path, out: Path, data: Path, arch: 
 
     from backdoor_cli.cli import app
 
-    result = CliRunner().invoke(app, ["compare", str(model_dir), str(out / "purified-hf"),
-                                      str(out / "purified.safetensors"), "--data", str(data), "--device", "cpu",
-                                      "--json", "--quiet"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "compare",
+            str(model_dir),
+            str(out / "purified-hf"),
+            str(out / "purified.safetensors"),
+            "--data",
+            str(data),
+            "--device",
+            "cpu",
+            "--json",
+            "--quiet",
+        ],
+    )
     assert result.exit_code == 0, result.output
     rows = json.loads(result.stdout)["rows"]
     assert [r["arch"] for r in rows] == [arch] * 3
@@ -103,8 +137,26 @@ def train_small_cnn(data: Path, out: Path, *trigger: str) -> Path:
 
     from backdoor_cli.cli import app
 
-    result = CliRunner().invoke(app, ["train", "--arch", "simple_cnn_half", "--data", str(data), "--out", str(out),
-                                      "--epochs", "4", "--lr", "0.05", "--device", "cpu", "--quiet", *trigger])
+    result = CliRunner().invoke(
+        app,
+        [
+            "train",
+            "--arch",
+            "simple_cnn_half",
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--epochs",
+            "4",
+            "--lr",
+            "0.05",
+            "--device",
+            "cpu",
+            "--quiet",
+            *trigger,
+        ],
+    )
     assert result.exit_code == 0, result.output
     return out
 
@@ -163,3 +215,95 @@ def run_tiny(name: str, model=None, **overrides):
     params = DefenseParams(**{"lr": 0.05, "epochs": 2, "batch_size": 16, **overrides})
     outcome = get_defense(name).run(model, "fc", tiny_data(), MEAN, STD, params, torch.device("cpu"), flip=True)
     return model, outcome
+
+
+# The same TinyNet weights behind four endings (a user's architecture file): the checkpoint's keys fit each.
+ENDED_ARCH_FILE = """
+import torch.nn.functional as F
+from torch import nn
+from backdoor_cli.models.architectures import TinyNet
+
+
+class Ended(TinyNet):
+    def __init__(self, num_classes, in_channels, ending):
+        super().__init__(num_classes, in_channels)
+        self.ending = ending
+
+    def forward(self, x):
+        return self.ending(super().forward(x))
+
+
+def plain(num_classes, in_channels=3):
+    return TinyNet(num_classes, in_channels)
+
+
+def softmax(num_classes, in_channels=3):
+    return Ended(num_classes, in_channels, nn.Softmax(dim=1))
+
+
+def log_softmax(num_classes, in_channels=3):
+    return Ended(num_classes, in_channels, nn.LogSoftmax(dim=1))
+
+
+class Functional(TinyNet):
+    def forward(self, x):
+        return F.softmax(super().forward(x), dim=1)
+
+
+def functional(num_classes, in_channels=3):
+    return Functional(num_classes, in_channels)
+"""
+
+
+def train_ended_toy(root: Path) -> dict:
+    """train_toy_model's model and data under root, plus root/arch.py (ENDED_ARCH_FILE) under "arch"."""
+    made = train_toy_model(root, epochs=2)
+    (root / "arch.py").write_text(ENDED_ARCH_FILE)
+    made["arch"] = root / "arch.py"
+    return made
+
+
+def purify_with_arch_file(toy: dict, out: Path, factory: str, *args):
+    """`bdclean purify --json` of train_ended_toy's model built by arch.py's `factory`; the CliRunner result."""
+    from typer.testing import CliRunner
+
+    from backdoor_cli.cli import app
+
+    # fp32: these tests compare twins bit for bit (or to 1e-4); bf16 autocast, which --precision auto
+    # picks on CPUs with native bf16, rounds the twins' different last layers differently.
+    return CliRunner().invoke(
+        app,
+        [
+            "purify",
+            str(toy["model"]),
+            "--arch",
+            f"{toy['arch']}:{factory}",
+            "--data",
+            str(toy["data"]),
+            "--out",
+            str(out),
+            "--clean-count",
+            "60",
+            "--epochs",
+            "2",
+            "--batch-size",
+            "16",
+            "--device",
+            "cpu",
+            "--precision",
+            "fp32",
+            "--json",
+            *map(str, args),
+        ],
+    )
+
+
+def run_purify_ok(toy: dict, out: Path, factory: str, *args) -> tuple[dict, dict]:
+    """purify_with_arch_file that must succeed: (its JSON report, the purified state_dict)."""
+    import json
+
+    from backdoor_cli.checkpoint import read_checkpoint
+
+    result = purify_with_arch_file(toy, out, factory, "--quiet", *args)
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout), read_checkpoint(out / "purified.safetensors").state_dict

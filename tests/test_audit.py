@@ -52,10 +52,14 @@ def zoo(tmp_path_factory):
     torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}, "epoch": 3}, zoo / "wrapped-ddp.pth")
     torch.manual_seed(1)
     for arch in ("simple_cnn_half", "resnet20"):
-        save_file({k: v.contiguous() for k, v in build_model(arch, 3).state_dict().items()}, str(zoo / f"{arch}.safetensors"))
+        save_file(
+            {k: v.contiguous() for k, v in build_model(arch, 3).state_dict().items()}, str(zoo / f"{arch}.safetensors")
+        )
     (zoo / "nested").mkdir()
-    save_file({k: v.contiguous() for k, v in build_model("test_tiny", 3).state_dict().items()},
-              str(zoo / "nested" / "fresh-tiny.safetensors"))
+    save_file(
+        {k: v.contiguous() for k, v in build_model("test_tiny", 3).state_dict().items()},
+        str(zoo / "nested" / "fresh-tiny.safetensors"),
+    )
     blob = (zoo / "badnets.safetensors").read_bytes()
     (zoo / "truncated.safetensors").write_bytes(blob[: len(blob) // 2])
     marker = root / "PWNED"
@@ -85,21 +89,36 @@ def by_name(rows):
 def test_a_folder_of_mixed_checkpoints_is_one_command_with_one_row_each(zoo):
     result, report = audit_json(zoo, "--max-asr", "0.5", "--min-acc", "0.6")
     rows = by_name(report["rows"])
-    assert sorted(rows) == sorted(["badnets.safetensors", "badnets-zip.pt", "badnets-legacy.pth", "wrapped-ddp.pth",
-                                   "simple_cnn_half.safetensors", "resnet20.safetensors", "fresh-tiny.safetensors",
-                                   "truncated.safetensors", "evil.pth", "empty.bin"])
+    assert sorted(rows) == sorted(
+        [
+            "badnets.safetensors",
+            "badnets-zip.pt",
+            "badnets-legacy.pth",
+            "wrapped-ddp.pth",
+            "simple_cnn_half.safetensors",
+            "resnet20.safetensors",
+            "fresh-tiny.safetensors",
+            "truncated.safetensors",
+            "evil.pth",
+            "empty.bin",
+        ]
+    )
     # the documented rule: the largest row code, and a refused pickle (3) outranks unreadable files (2) and gates (1)
     assert result.exit_code == 3 == report["exit_code"]
     assert rows["evil.pth"]["exit_code"] == 3 and "refused" in rows["evil.pth"]["error"]
     assert not zoo["marker"].exists()
     assert rows["truncated.safetensors"]["exit_code"] == 2 and "truncated" in rows["truncated.safetensors"]["error"]
     assert rows["empty.bin"]["exit_code"] == 2 and rows["empty.bin"]["metrics"] is None
-    assert {rows[n]["format"] for n in ("badnets.safetensors", "badnets-zip.pt", "badnets-legacy.pth")} == \
-        {"safetensors", "torch-zip", "torch-legacy"}
+    assert {rows[n]["format"] for n in ("badnets.safetensors", "badnets-zip.pt", "badnets-legacy.pth")} == {
+        "safetensors",
+        "torch-zip",
+        "torch-legacy",
+    }
     assert {rows[n]["architecture"] for n in rows if rows[n]["metrics"]} == {"test_tiny", "simple_cnn_half", "resnet20"}
     # the same weights in four formats are the same model on the same images: identical counts
-    backdoored = [rows[n]["metrics"] for n in ("badnets.safetensors", "badnets-zip.pt", "badnets-legacy.pth",
-                                               "wrapped-ddp.pth")]
+    backdoored = [
+        rows[n]["metrics"] for n in ("badnets.safetensors", "badnets-zip.pt", "badnets-legacy.pth", "wrapped-ddp.pth")
+    ]
     assert all(m == {**backdoored[0], "seconds": m["seconds"]} for m in backdoored)
     # each measured row's code is its gates' verdict: the trained copies pass, the untrained models fail min-acc
     for row in rows.values():
@@ -111,8 +130,9 @@ def test_a_folder_of_mixed_checkpoints_is_one_command_with_one_row_each(zoo):
     order = report["rows"]
     measured = [r for r in order if r["metrics"]]
     assert all(r["metrics"] is None for r in order[: len(order) - len(measured)])
-    assert [r["metrics"]["asr"]["value"] for r in measured] == sorted((r["metrics"]["asr"]["value"] for r in measured),
-                                                                      reverse=True)
+    assert [r["metrics"]["asr"]["value"] for r in measured] == sorted(
+        (r["metrics"]["asr"]["value"] for r in measured), reverse=True
+    )
     assert all(r["metrics"]["asr"]["ci95"][0] <= r["metrics"]["asr"]["value"] for r in measured)
 
 
@@ -122,7 +142,9 @@ def test_exit_code_without_unsafe_files_is_the_input_error_then_the_gate(zoo, tm
     assert gate.exit_code == 1, gate.output
     ok = invoke("evaluate", *files, "--data", zoo["data"], *BASE)
     assert ok.exit_code == 0, ok.output
-    bad = invoke("evaluate", *files, zoo["zoo"] / "truncated.safetensors", "--data", zoo["data"], *BASE, "--min-acc", "0.6")
+    bad = invoke(
+        "evaluate", *files, zoo["zoo"] / "truncated.safetensors", "--data", zoo["data"], *BASE, "--min-acc", "0.6"
+    )
     assert bad.exit_code == 2, bad.output
     assert audit_exit_code([AuditRow("a", "s", "x", 4), AuditRow("b", "s", "x", 3)]) == 4
     assert audit_exit_code([]) == 0
@@ -200,23 +222,73 @@ def test_models_are_freed_between_checkpoints(zoo, monkeypatch):
 def test_the_evaluation_cache_serves_a_second_audit_and_purify(zoo, tmp_path):
     cache = tmp_path / "cache"
     model = zoo["zoo"] / "badnets.safetensors"
-    first = invoke("evaluate", model, zoo["zoo"] / "resnet20.safetensors", "--data", zoo["data"], *BASE,
-                   "--cache-dir", cache, "--json")
+    first = invoke(
+        "evaluate",
+        model,
+        zoo["zoo"] / "resnet20.safetensors",
+        "--data",
+        zoo["data"],
+        *BASE,
+        "--cache-dir",
+        cache,
+        "--json",
+    )
     rows = json.loads(first.stdout)["rows"]
     assert not any(r["cached"] for r in rows) and len(list(cache.glob("*.json"))) == 2
-    second = json.loads(invoke("evaluate", model, zoo["zoo"] / "resnet20.safetensors", "--data", zoo["data"], *BASE,
-                               "--cache-dir", cache, "--json").stdout)["rows"]
+    second = json.loads(
+        invoke(
+            "evaluate",
+            model,
+            zoo["zoo"] / "resnet20.safetensors",
+            "--data",
+            zoo["data"],
+            *BASE,
+            "--cache-dir",
+            cache,
+            "--json",
+        ).stdout
+    )["rows"]
     assert all(r["cached"] for r in second)
     assert [r["metrics"]["asr"] for r in second] == [r["metrics"]["asr"] for r in rows]
     # a different eval limit is a different key
-    third = json.loads(invoke("evaluate", model, zoo["zoo"] / "resnet20.safetensors", "--data", zoo["data"], *BASE,
-                              "--cache-dir", cache, "--eval-limit", "45", "--json").stdout)["rows"]
+    third = json.loads(
+        invoke(
+            "evaluate",
+            model,
+            zoo["zoo"] / "resnet20.safetensors",
+            "--data",
+            zoo["data"],
+            *BASE,
+            "--cache-dir",
+            cache,
+            "--eval-limit",
+            "45",
+            "--json",
+        ).stdout
+    )["rows"]
     assert not any(r["cached"] for r in third)
     # single-checkpoint evaluate then purify: purify reads the input's evaluation back
     single = json.loads(invoke("evaluate", model, "--data", zoo["data"], *BASE, "--cache-dir", cache, "--json").stdout)
-    purified = runner.invoke(app, ["purify", str(model), "--data", str(zoo["data"]), "--out", str(tmp_path / "p"),
-                                   "--epochs", "1", "--device", "cpu", "--trigger", "badnets",
-                                   "--cache-dir", str(cache), "--json"])
+    purified = runner.invoke(
+        app,
+        [
+            "purify",
+            str(model),
+            "--data",
+            str(zoo["data"]),
+            "--out",
+            str(tmp_path / "p"),
+            "--epochs",
+            "1",
+            "--device",
+            "cpu",
+            "--trigger",
+            "badnets",
+            "--cache-dir",
+            str(cache),
+            "--json",
+        ],
+    )
     assert purified.exit_code == 0, purified.output
     assert "read from the evaluation cache" in purified.stderr
     before = json.loads(purified.stdout)["before"]
@@ -229,8 +301,9 @@ def test_purify_on_a_folder_purifies_each_failing_checkpoint_into_its_own_folder
     shutil.copy(zoo["zoo"] / "badnets.safetensors", folder / "bd.safetensors")
     shutil.copy(zoo["zoo"] / "nested" / "fresh-tiny.safetensors", folder / "a" / "fresh.safetensors")
     out = tmp_path / "purified"
-    result = invoke("evaluate", folder, "--data", zoo["data"], *BASE, "--min-acc", "0.6", "--purify", "ft",
-                    "--out", out, "--json")
+    result = invoke(
+        "evaluate", folder, "--data", zoo["data"], *BASE, "--min-acc", "0.6", "--purify", "ft", "--out", out, "--json"
+    )
     report = json.loads(result.stdout)
     rows = by_name(report["rows"])
     failing = [n for n, r in rows.items() if r["exit_code"] == 1]
@@ -251,10 +324,28 @@ def test_shards_plus_merge_give_the_one_process_table(zoo, tmp_path):
     """Two local shard processes, then `bdclean merge`, against one process on the same folder."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("WORLD_SIZE", None)
-    common = [sys.executable, "-m", "backdoor_cli.cli", "evaluate", str(zoo["zoo"]), "--data", str(zoo["data"]),
-              *BASE, "--min-acc", "0.6"]
-    procs = [subprocess.Popen(common + ["--shard", f"{i}/2", "--jsonl", str(tmp_path / f"s{i}.jsonl")],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for i in range(2)]
+    common = [
+        sys.executable,
+        "-m",
+        "backdoor_cli.cli",
+        "evaluate",
+        str(zoo["zoo"]),
+        "--data",
+        str(zoo["data"]),
+        *BASE,
+        "--min-acc",
+        "0.6",
+    ]
+    procs = [
+        subprocess.Popen(
+            common + ["--shard", f"{i}/2", "--jsonl", str(tmp_path / f"s{i}.jsonl")],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for i in range(2)
+    ]
     whole = invoke(*common[3:], "--markdown", "--jsonl", tmp_path / "whole.jsonl")  # meanwhile, one process
     codes = [p.wait(timeout=300) for p in procs]
     shard_rows = [read_rows(tmp_path / f"s{i}.jsonl") for i in range(2)]
@@ -267,17 +358,23 @@ def test_shards_plus_merge_give_the_one_process_table(zoo, tmp_path):
     volatile = ("seconds", "rss_mb")
 
     def comparable(rows):
-        return sorted(({k: v for k, v in r.to_dict().items() if k not in volatile}
-                       | {"metrics": r.metrics and {k: v for k, v in r.metrics.items() if k != "seconds"}}
-                       for r in rows), key=lambda r: r["path"])
+        return sorted(
+            (
+                {k: v for k, v in r.to_dict().items() if k not in volatile}
+                | {"metrics": r.metrics and {k: v for k, v in r.metrics.items() if k != "seconds"}}
+                for r in rows
+            ),
+            key=lambda r: r["path"],
+        )
 
     assert comparable(shard_rows[0] + shard_rows[1]) == comparable(read_rows(tmp_path / "whole.jsonl"))
 
 
 def test_merge_refuses_a_corrupt_shard_file(tmp_path):
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('not json\n{"schema": "bdclean.audit-row/1", "path": "a", "sha256": "s", "settings": "x", '
-                   '"exit_code": 0}\n')
+    bad.write_text(
+        'not json\n{"schema": "bdclean.audit-row/1", "path": "a", "sha256": "s", "settings": "x", "exit_code": 0}\n'
+    )
     result = invoke("merge", bad)
     assert result.exit_code == 2 and "bad.jsonl:1" in result.output
     assert invoke("merge", tmp_path / "missing.jsonl").exit_code == 2
@@ -306,8 +403,11 @@ def test_targets_shards_and_lists(tmp_path):
             parse_shard(bad, {})
     assert invoke("evaluate", str(tmp_path / "nothing-*.pt"), "--data", tmp_path).exit_code == 2
     # --purify folder names: relative to the common folder, unique even when only the suffix differs
-    assert audit_module.output_names(["z/a.pt", "z/a.safetensors", "z/sub/b.pt"]) == \
-        {"z/a.pt": "a.pt", "z/a.safetensors": "a.safetensors", "z/sub/b.pt": "sub__b"}
+    assert audit_module.output_names(["z/a.pt", "z/a.safetensors", "z/sub/b.pt"]) == {
+        "z/a.pt": "a.pt",
+        "z/a.safetensors": "a.safetensors",
+        "z/sub/b.pt": "sub__b",
+    }
 
 
 def test_compare_accepts_a_folder(zoo, tmp_path):
@@ -333,5 +433,8 @@ def test_from_list_and_the_launcher_rank_pick_the_share(zoo, tmp_path, monkeypat
     assert [Path(r["path"]).name for r in rows] == ["simple_cnn_half.safetensors"] and result.exit_code == 0
     assert json.loads(result.stdout)["shard"] == "1/2"
     explicit = invoke("evaluate", "--from-list", listing, "--data", zoo["data"], *BASE, "--shard", "0/2", "--json")
-    assert sorted(Path(r["path"]).name for r in json.loads(explicit.stdout)["rows"]) == \
-        ["badnets.safetensors", "truncated.safetensors"] and explicit.exit_code == 2
+    assert (
+        sorted(Path(r["path"]).name for r in json.loads(explicit.stdout)["rows"])
+        == ["badnets.safetensors", "truncated.safetensors"]
+        and explicit.exit_code == 2
+    )

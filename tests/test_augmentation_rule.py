@@ -23,12 +23,31 @@ def gray(tmp_path_factory) -> dict:
 
 
 def purify(made: dict, out, *args):
-    return runner.invoke(app, ["purify", str(made["model"]), "--data", str(made["data"]), "--out", str(out),
-                               "--method", "ft", "--epochs", "1", "--clean-count", "40", "--device", "cpu", *args])
+    return runner.invoke(
+        app,
+        [
+            "purify",
+            str(made["model"]),
+            "--data",
+            str(made["data"]),
+            "--out",
+            str(out),
+            "--method",
+            "ft",
+            "--epochs",
+            "1",
+            "--clean-count",
+            "40",
+            "--device",
+            "cpu",
+            *args,
+        ],
+    )
 
 
-@pytest.mark.parametrize("args, crop, by", [((), False, "data"), (("--augment",), True, "flag"),
-                                            (("--no-augment",), False, "flag")])
+@pytest.mark.parametrize(
+    "args, crop, by", [((), False, "data"), (("--augment",), True, "flag"), (("--no-augment",), False, "flag")]
+)
 def test_single_channel_data_is_not_augmented_unless_asked(gray, tmp_path, args, crop, by):
     result = purify(gray, tmp_path / "out", *args)
     assert result.exit_code == 0, result.output

@@ -8,9 +8,14 @@ from backdoor_cli.bar_chart import HEIGHT, WIDTH, Bar, Series, bar_chart_png
 
 
 def _chart(after_asr: float) -> Image.Image:
-    png = bar_chart_png("t", ["C-Acc", "ASR"], [
-        Series("before", "#c0504d", [Bar(90.0, 89.0, 91.0), Bar(98.0, 97.0, 99.0)]),
-        Series("after", "#4f81bd", [Bar(88.0, 87.0, 89.0), Bar(after_asr, max(after_asr - 1, 0), after_asr + 1)])])
+    png = bar_chart_png(
+        "t",
+        ["C-Acc", "ASR"],
+        [
+            Series("before", "#c0504d", [Bar(90.0, 89.0, 91.0), Bar(98.0, 97.0, 99.0)]),
+            Series("after", "#4f81bd", [Bar(88.0, 87.0, 89.0), Bar(after_asr, max(after_asr - 1, 0), after_asr + 1)]),
+        ],
+    )
     assert png.startswith(b"\x89PNG\r\n\x1a\n")
     return Image.open(io.BytesIO(png)).convert("RGB")
 
@@ -44,8 +49,24 @@ def test_purify_writes_report_png_without_matplotlib(tmp_path, monkeypatch):
 
     toy = {k: str(v) for k, v in train_toy_model(tmp_path / "toy", epochs=1).items()}
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
-    result = CliRunner().invoke(app, ["purify", toy["model"], "--data", toy["data"], "--method", "ft", "--epochs", "1",
-                                      "--out", str(tmp_path / "out"), "--device", "cpu", "--quiet"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "purify",
+            toy["model"],
+            "--data",
+            toy["data"],
+            "--method",
+            "ft",
+            "--epochs",
+            "1",
+            "--out",
+            str(tmp_path / "out"),
+            "--device",
+            "cpu",
+            "--quiet",
+        ],
+    )
     assert result.exit_code == 0, result.output
     image = Image.open(tmp_path / "out" / "report.png")
     assert image.format == "PNG" and image.size == (WIDTH, HEIGHT)

@@ -30,8 +30,20 @@ def _load_bench():
 def _run_quick(bench, tmp_path, *extra: str) -> tuple[int, dict]:
     """bench --quick on the bundled MNIST sample: (exit code, the JSON it wrote)."""
     out = tmp_path / "bench.json"
-    code = bench.main(["--quick", "--device", "cpu", "--data", str(REPO / "backdoor_cli" / "assets" / "mnist_sample"),
-                       "--cache-dir", str(tmp_path / "cache"), "--json-out", str(out), *extra])
+    code = bench.main(
+        [
+            "--quick",
+            "--device",
+            "cpu",
+            "--data",
+            str(REPO / "backdoor_cli" / "assets" / "mnist_sample"),
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--json-out",
+            str(out),
+            *extra,
+        ]
+    )
     return code, json.loads(out.read_text())
 
 
@@ -52,8 +64,11 @@ def test_quick_benchmark_writes_both_pipelines_and_ratio(tmp_path, capsys):
         assert run["total"] > 0
         assert run["after"]["clean_acc"]["n"] == run["before"]["clean_acc"]["n"] > 0
         assert run["after"]["asr"] is not None
-        assert set(run["throughput"]) == {"evaluate_before_images_per_s", "evaluate_after_images_per_s",
-                                          "tune_images_per_s"}
+        assert set(run["throughput"]) == {
+            "evaluate_before_images_per_s",
+            "evaluate_after_images_per_s",
+            "tune_images_per_s",
+        }
     assert result["speedup"]["total"] > 0
     assert set(STAGES) <= set(result["speedup"])
     assert result["device"]["name"]
@@ -70,8 +85,25 @@ def test_profile_step_counts_arithmetic_and_groups_the_time(tmp_path, capsys):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     out = tmp_path / "profile.json"
-    assert module.main(["--arch", "test_tiny", "--device", "cpu", "--batch-size", "8", "--size", "8",
-                        "--steps", "2", "--json", str(out)]) == 0
+    assert (
+        module.main(
+            [
+                "--arch",
+                "test_tiny",
+                "--device",
+                "cpu",
+                "--batch-size",
+                "8",
+                "--size",
+                "8",
+                "--steps",
+                "2",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     result = json.loads(out.read_text())
     # TinyNet: a 3->4 3x3 conv on 8x8 (8*8*4*27 MACs) and a 4->10 linear head
     assert result["macs_per_image"] == 8 * 8 * 4 * 27 + 4 * 10
@@ -126,10 +158,30 @@ def test_per_image_poisoned_set_equals_bdclean_trigger(spec, channels):
 
 
 def _tiny_job(bench, tmp_path, **overrides):
-    values = dict(checkpoint=tmp_path / "none", data_dir=tmp_path, arch="test_tiny", num_classes=10, in_channels=3,
-                  head="fc", mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), flip=True, trigger_spec={},
-                  clean_indices=np.arange(20), eval_indices=None, lr=0.05, epochs=3, alpha=0.2, batch_size=8,
-                  momentum=0.9, weight_decay=0.0, augment=True, seed=0, num_workers=0, out_dir=tmp_path)
+    values = dict(
+        checkpoint=tmp_path / "none",
+        data_dir=tmp_path,
+        arch="test_tiny",
+        num_classes=10,
+        in_channels=3,
+        head="fc",
+        mean=(0.5, 0.5, 0.5),
+        std=(0.25, 0.25, 0.25),
+        flip=True,
+        trigger_spec={},
+        clean_indices=np.arange(20),
+        eval_indices=None,
+        lr=0.05,
+        epochs=3,
+        alpha=0.2,
+        batch_size=8,
+        momentum=0.9,
+        weight_decay=0.0,
+        augment=True,
+        seed=0,
+        num_workers=0,
+        out_dir=tmp_path,
+    )
     values.update(overrides)
     return bench.ReferenceJob(**values)
 
@@ -193,8 +245,10 @@ def test_reference_head_reinit_is_uniform_in_the_official_bound():
 
 
 def _run(value, asr):
-    return {"before": {"clean_acc": {"value": 0.9}, "asr": {"value": 0.98}},
-            "after": {"clean_acc": {"value": value}, "asr": {"value": asr}, "ra": {"value": 0.1}}}
+    return {
+        "before": {"clean_acc": {"value": 0.9}, "asr": {"value": 0.98}},
+        "after": {"clean_acc": {"value": value}, "asr": {"value": asr}, "ra": {"value": 0.1}},
+    }
 
 
 def test_comparability_compares_the_seeds_medians_not_one_unlucky_seed():

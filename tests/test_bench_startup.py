@@ -32,8 +32,13 @@ def test_plain_baseline_and_load_pair_on_the_quick_inputs(tmp_path):
 
 def test_quick_mode_writes_its_json(tmp_path):
     out = tmp_path / "startup.json"
-    result = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--only", "python,help", "--out", str(out)],
-                            capture_output=True, text=True, cwd=REPO, timeout=300)
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--only", "python,help", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(out.read_text())
     assert report["quick"] and report["device"]["type"] == "cpu" and "cpu_capability" in report["device"]

@@ -16,8 +16,12 @@ from backdoor_cli.errors import InputError, UnsafeInputError
 
 
 def _state():
-    return {"conv.weight": torch.randn(4, 3, 3, 3), "conv.bias": torch.zeros(4), "fc.weight": torch.randn(10, 4),
-            "bn.num_batches_tracked": torch.tensor(3)}
+    return {
+        "conv.weight": torch.randn(4, 3, 3, 3),
+        "conv.bias": torch.zeros(4),
+        "fc.weight": torch.randn(10, 4),
+        "bn.num_batches_tracked": torch.tensor(3),
+    }
 
 
 class Payload:
@@ -160,7 +164,10 @@ def test_nan_check_is_exact_behind_the_fused_norms():
 
     big = torch.full((8,), 60000.0, dtype=torch.float16)  # finite, but its norm overflows fp16
     check_tensors({"a": big, "b": torch.ones(3, dtype=torch.bfloat16), "n": torch.tensor(3)}, Path("x"))
-    for bad in (torch.tensor([1.0, float("nan")]), torch.tensor([float("inf")], dtype=torch.float64),
-                torch.tensor([float("-inf")], dtype=torch.bfloat16)):
+    for bad in (
+        torch.tensor([1.0, float("nan")]),
+        torch.tensor([float("inf")], dtype=torch.float64),
+        torch.tensor([float("-inf")], dtype=torch.bfloat16),
+    ):
         with pytest.raises(InputError, match="1 tensor.*: bad"):
             check_tensors({"a": big, "bad": bad}, Path("x"))

@@ -19,8 +19,9 @@ REPO = Path(__file__).resolve().parents[1]
 GATE = REPO / "examples" / "ci" / "gate.sh"
 BDCLEAN = Path(sys.executable).parent / "bdclean"
 
-pytestmark = pytest.mark.skipif(not BDCLEAN.exists() or not shutil.which("bash"),
-                                reason="needs the installed bdclean console script and bash")
+pytestmark = pytest.mark.skipif(
+    not BDCLEAN.exists() or not shutil.which("bash"), reason="needs the installed bdclean console script and bash"
+)
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +29,23 @@ def toy(tmp_path_factory):
     root = tmp_path_factory.mktemp("gate")
     data = make_npz_dataset(root / "data")
     model = root / "model.safetensors"
-    result = CliRunner().invoke(app, ["train", "--arch", "test_tiny", "--data", str(data), "--out", str(model),
-                                      "--epochs", "3", "--device", "cpu", "--quiet"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "train",
+            "--arch",
+            "test_tiny",
+            "--data",
+            str(data),
+            "--out",
+            str(model),
+            "--epochs",
+            "3",
+            "--device",
+            "cpu",
+            "--quiet",
+        ],
+    )
     assert result.exit_code == 0, result.output
     return root, data, model
 
@@ -43,10 +59,15 @@ def _trigger(root: Path, target: int) -> Path:
 
 
 def _gate(root, data, model, trigger, work, purify_args=""):
-    env = {**os.environ, "BDCLEAN": str(BDCLEAN), "BDCLEAN_ARGS": f"--trigger {trigger} --device cpu",
-           "BDCLEAN_PURIFY_ARGS": f"--clean-count 30 --epochs 1 {purify_args}"}
-    return subprocess.run(["bash", str(GATE), str(model), str(data), str(work)], capture_output=True, text=True,
-                          env=env, timeout=300)
+    env = {
+        **os.environ,
+        "BDCLEAN": str(BDCLEAN),
+        "BDCLEAN_ARGS": f"--trigger {trigger} --device cpu",
+        "BDCLEAN_PURIFY_ARGS": f"--clean-count 30 --epochs 1 {purify_args}",
+    }
+    return subprocess.run(
+        ["bash", str(GATE), str(model), str(data), str(work)], capture_output=True, text=True, env=env, timeout=300
+    )
 
 
 def test_gate_passes_a_model_the_trigger_does_not_move(toy, tmp_path):

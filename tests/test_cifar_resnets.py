@@ -19,8 +19,10 @@ REPO = Path(__file__).resolve().parents[1]
 IMAGENET_NORM = ["--mean", "0.485,0.456,0.406", "--std", "0.229,0.224,0.225"]
 
 
-@pytest.mark.parametrize("arch, blocks, params", [("resnet20", 3, 269_722), ("resnet32", 5, 464_154),
-                                                   ("resnet44", 7, 658_586), ("resnet56", 9, 853_018)])
+@pytest.mark.parametrize(
+    "arch, blocks, params",
+    [("resnet20", 3, 269_722), ("resnet32", 5, 464_154), ("resnet44", 7, 658_586), ("resnet56", 9, 853_018)],
+)
 def test_depths_and_parameter_counts(arch, blocks, params):
     model = build_model(arch, 10)
     assert len(model.layer1) == len(model.layer2) == len(model.layer3) == blocks
@@ -42,8 +44,22 @@ def test_builtin_resnet20_equals_the_example_file():
 def test_shared_checkpoints_are_detected_and_evaluate_without_arch(shared_dir, name, arch):
     path = shared_dir / "checkpoints" / name
     assert guess_architecture(read_checkpoint(path).state_dict).arch == arch
-    result = CliRunner().invoke(app, ["evaluate", str(path), "--data", str(shared_dir / "cifar10"), *IMAGENET_NORM,
-                                      "--eval-limit", "500", "--device", "cpu", "--json", "--quiet"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "evaluate",
+            str(path),
+            "--data",
+            str(shared_dir / "cifar10"),
+            *IMAGENET_NORM,
+            "--eval-limit",
+            "500",
+            "--device",
+            "cpu",
+            "--json",
+            "--quiet",
+        ],
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["checkpoint"]["arch"] == arch and report["checkpoint"]["resolved_from"]["arch"] == "weights"

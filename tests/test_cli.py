@@ -32,16 +32,36 @@ def toy(tmp_path_factory):
     root = tmp_path_factory.mktemp("toy")
     data = make_npz_dataset(root / "data")
     model = root / "bd.safetensors"
-    result = invoke("train", "--arch", "test_tiny", "--data", data, "--out", model, "--trigger", "badnets",
-                    "--poison-rate", "0.1", "--epochs", "3", "--lr", "0.05", "--device", "cpu", "--quiet")
+    result = invoke(
+        "train",
+        "--arch",
+        "test_tiny",
+        "--data",
+        data,
+        "--out",
+        model,
+        "--trigger",
+        "badnets",
+        "--poison-rate",
+        "0.1",
+        "--epochs",
+        "3",
+        "--lr",
+        "0.05",
+        "--device",
+        "cpu",
+        "--quiet",
+    )
     assert result.exit_code == 0, result.output
     return {"root": root, "data": data, "model": model}
 
 
 def test_help_is_fast_and_does_not_import_torch():
-    code = ("import sys; from typer.testing import CliRunner; from backdoor_cli.cli import app; "
-            "r = CliRunner().invoke(app, ['--help']); assert r.exit_code == 0, r.output; "
-            "assert 'purify' in r.output; print('torch' in sys.modules)")
+    code = (
+        "import sys; from typer.testing import CliRunner; from backdoor_cli.cli import app; "
+        "r = CliRunner().invoke(app, ['--help']); assert r.exit_code == 0, r.output; "
+        "assert 'purify' in r.output; print('torch' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
@@ -106,17 +126,20 @@ def test_evaluate_eval_limit(toy):
     assert report["metrics"]["clean_acc"]["n"] == 30 and report["data"]["eval_limited"]
 
 
-@pytest.mark.parametrize("args, code, message", [
-    (["--data", "{data}", "--trigger", "nosuchtrigger"], 2, "trigger"),
-    (["--data", "{data}", "--device", "cuda:7"], 2, "device"),
-    (["--data", "{data}", "--device", "tpu"], 2, "device"),
-    (["--data", "{root}/nope"], 2, "nope"),
-    (["--data", "{data}", "--arch", "resnet18"], 2, "missing"),
-    (["--data", "{data}", "--max-asr", "7"], 2, "out of range"),
-    (["--data", "{data}", "--target", "9"], 2, "target"),
-    (["--data", "{data}", "--mean", "0.5,0.5"], 2, "normalisation"),
-    ([], 2, "--data is required"),
-])
+@pytest.mark.parametrize(
+    "args, code, message",
+    [
+        (["--data", "{data}", "--trigger", "nosuchtrigger"], 2, "trigger"),
+        (["--data", "{data}", "--device", "cuda:7"], 2, "device"),
+        (["--data", "{data}", "--device", "tpu"], 2, "device"),
+        (["--data", "{root}/nope"], 2, "nope"),
+        (["--data", "{data}", "--arch", "resnet18"], 2, "missing"),
+        (["--data", "{data}", "--max-asr", "7"], 2, "out of range"),
+        (["--data", "{data}", "--target", "9"], 2, "target"),
+        (["--data", "{data}", "--mean", "0.5,0.5"], 2, "normalisation"),
+        ([], 2, "--data is required"),
+    ],
+)
 def test_evaluate_error_paths(toy, args, code, message):
     if "cuda" in " ".join(args) and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
@@ -166,8 +189,24 @@ def test_evaluate_missing_and_corrupt_checkpoint(toy, tmp_path):
 @pytest.mark.parametrize("method", ["ft", "lp", "fe-tuning", "ft-init", "fst"])
 def test_purify_each_method_writes_outputs(toy, tmp_path, method):
     out = tmp_path / method
-    result = invoke("purify", toy["model"], "--method", method, "--data", toy["data"], "--out", out,
-                    "--clean-count", "60", "--epochs", "2", "--batch-size", "16", "--json", "--quiet")
+    result = invoke(
+        "purify",
+        toy["model"],
+        "--method",
+        method,
+        "--data",
+        toy["data"],
+        "--out",
+        out,
+        "--clean-count",
+        "60",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "16",
+        "--json",
+        "--quiet",
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["method"]["name"] == method and len(report["history"]) == 2
@@ -188,8 +227,19 @@ def test_purify_each_method_writes_outputs(toy, tmp_path, method):
 
 
 def test_purify_refuses_existing_outputs_then_force(toy, tmp_path):
-    args = ["purify", toy["model"], "--data", toy["data"], "--out", tmp_path, "--clean-count", "30", "--epochs", "1",
-            "--quiet"]
+    args = [
+        "purify",
+        toy["model"],
+        "--data",
+        toy["data"],
+        "--out",
+        tmp_path,
+        "--clean-count",
+        "30",
+        "--epochs",
+        "1",
+        "--quiet",
+    ]
     assert invoke(*args).exit_code == 0
     result = invoke(*args)
     assert result.exit_code == 2 and "--force" in result.output
@@ -208,19 +258,37 @@ def test_purify_never_overwrites_input(toy, tmp_path):
 
 
 def test_purify_gate_fails_after_writing(toy, tmp_path):
-    result = invoke("purify", toy["model"], "--data", toy["data"], "--out", tmp_path, "--clean-count", "30",
-                    "--epochs", "1", "--min-acc", "100%", "--max-acc-drop", "0%", "--quiet")
+    result = invoke(
+        "purify",
+        toy["model"],
+        "--data",
+        toy["data"],
+        "--out",
+        tmp_path,
+        "--clean-count",
+        "30",
+        "--epochs",
+        "1",
+        "--min-acc",
+        "100%",
+        "--max-acc-drop",
+        "0%",
+        "--quiet",
+    )
     assert result.exit_code == 1 and "FAILED" in result.output
     assert (tmp_path / "purified.safetensors").exists() and (tmp_path / "report.json").exists()
     assert json.loads((tmp_path / "report.json").read_text())["passed"] is False
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--method", "magic"], "unknown --method"),
-    (["--clean-count", "1"], "class"),
-    (["--lr", "-1"], "lr"),
-    (["--clean-count", "20", "--clean-fraction", "0.1"], "both"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--method", "magic"], "unknown --method"),
+        (["--clean-count", "1"], "class"),
+        (["--lr", "-1"], "lr"),
+        (["--clean-count", "20", "--clean-fraction", "0.1"], "both"),
+    ],
+)
 def test_purify_error_paths(toy, tmp_path, args, message):
     result = invoke("purify", toy["model"], "--data", toy["data"], "--out", tmp_path / "o", *args, "--quiet")
     assert result.exit_code == 2, result.output
@@ -235,15 +303,40 @@ def test_purify_requires_out(toy):
 
 def test_purify_with_own_clean_data(toy, tmp_path):
     clean = make_npz_dataset(tmp_path / "clean", n_train=30, n_test=30, seed=5)
-    result = invoke("purify", toy["model"], "--data", toy["data"], "--out", tmp_path / "o", "--clean-data",
-                    clean / "train.npz", "--epochs", "1", "--json", "--quiet")
+    result = invoke(
+        "purify",
+        toy["model"],
+        "--data",
+        toy["data"],
+        "--out",
+        tmp_path / "o",
+        "--clean-data",
+        clean / "train.npz",
+        "--epochs",
+        "1",
+        "--json",
+        "--quiet",
+    )
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["clean_data"]["images"] == 30
 
 
 def test_compare_table_json_markdown(toy, tmp_path):
-    invoke("purify", toy["model"], "--data", toy["data"], "--out", tmp_path / "fst", "--clean-count", "30",
-           "--epochs", "1", "--method", "fst", "--quiet")
+    invoke(
+        "purify",
+        toy["model"],
+        "--data",
+        toy["data"],
+        "--out",
+        tmp_path / "fst",
+        "--clean-count",
+        "30",
+        "--epochs",
+        "1",
+        "--method",
+        "fst",
+        "--quiet",
+    )
     purified = tmp_path / "fst" / "purified.safetensors"
     result = invoke("compare", toy["model"], purified, "--data", toy["data"], "--json", "--quiet")
     assert result.exit_code == 0, result.output
@@ -270,8 +363,21 @@ def test_train_error_paths(toy, tmp_path):
 
 
 def test_train_clean_model_json(toy, tmp_path):
-    result = invoke("train", "--arch", "test_tiny", "--data", toy["data"], "--out", tmp_path / "clean.safetensors",
-                    "--epochs", "1", "--holdout-fraction", "0.1", "--json", "--quiet")
+    result = invoke(
+        "train",
+        "--arch",
+        "test_tiny",
+        "--data",
+        toy["data"],
+        "--out",
+        tmp_path / "clean.safetensors",
+        "--epochs",
+        "1",
+        "--holdout-fraction",
+        "0.1",
+        "--json",
+        "--quiet",
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["metrics"]["asr"] is None and report["poisoned_images"] == 0
@@ -283,13 +389,35 @@ def test_train_clean_model_json(toy, tmp_path):
 
 def test_train_without_out_names_the_file_after_the_run(toy, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    result = invoke("train", "--arch", "test_tiny", "--data", toy["data"], "--trigger", "badnets", "--poison-rate",
-                    "0.1", "--epochs", "1")
+    result = invoke(
+        "train",
+        "--arch",
+        "test_tiny",
+        "--data",
+        toy["data"],
+        "--trigger",
+        "badnets",
+        "--poison-rate",
+        "0.1",
+        "--epochs",
+        "1",
+    )
     assert result.exit_code == 0, result.output
     assert (tmp_path / "test_tiny-data-badnets-p0.1.safetensors").is_file()
     assert "test_tiny-data-badnets-p0.1.safetensors" in result.stderr
-    again = invoke("train", "--arch", "test_tiny", "--data", toy["data"], "--trigger", "badnets", "--poison-rate",
-                   "0.1", "--epochs", "1")
+    again = invoke(
+        "train",
+        "--arch",
+        "test_tiny",
+        "--data",
+        toy["data"],
+        "--trigger",
+        "badnets",
+        "--poison-rate",
+        "0.1",
+        "--epochs",
+        "1",
+    )
     assert again.exit_code == 2 and "--force" in again.stderr  # a second run never silently replaces the first
 
 
@@ -307,8 +435,21 @@ def test_purify_warns_about_alpha_when_fst_costs_accuracy(toy, tmp_path, monkeyp
     import backdoor_cli.pipeline as pipeline
 
     monkeypatch.setattr(pipeline, "ALPHA_ADVICE_DROP", -1.0)  # any change in accuracy counts as a large drop
-    result = invoke("purify", toy["model"], "--method", method, "--data", toy["data"], "--out", tmp_path / "o",
-                    "--clean-count", "30", "--epochs", "1", "--quiet")
+    result = invoke(
+        "purify",
+        toy["model"],
+        "--method",
+        method,
+        "--data",
+        toy["data"],
+        "--out",
+        tmp_path / "o",
+        "--clean-count",
+        "30",
+        "--epochs",
+        "1",
+        "--quiet",
+    )
     assert result.exit_code == 0, result.output
     assert ("smaller --alpha" in " ".join(result.output.split())) is advised
 

@@ -13,7 +13,6 @@ from backdoor_cli.cli import app
 from backdoor_cli.defenses.clp import channel_bounds, conv_bn_pairs, lipschitz_bounds, prune
 from backdoor_cli.errors import ConfigError
 from backdoor_cli.models import build_model
-
 from helpers import train_toy_model
 
 
@@ -69,13 +68,43 @@ def test_a_model_without_conv_batchnorm_pairs_is_refused():
 
 def test_cli_clp_prunes_without_training(tmp_path):
     toy = train_toy_model(tmp_path, epochs=1)
-    result = CliRunner().invoke(app, ["purify", str(toy["model"]), "--data", str(toy["data"]), "--out",
-                                      str(tmp_path / "clp"), "--method", "clp", "--clp-u", "1", "--device", "cpu",
-                                      "--quiet", "--json"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "purify",
+            str(toy["model"]),
+            "--data",
+            str(toy["data"]),
+            "--out",
+            str(tmp_path / "clp"),
+            "--method",
+            "clp",
+            "--clp-u",
+            "1",
+            "--device",
+            "cpu",
+            "--quiet",
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["method"]["name"] == "clp" and report["history"] == []
     assert report["method"]["notes"][0].startswith("clp: pruned ") and "at u = 1" in report["method"]["notes"][0]
-    bad = CliRunner().invoke(app, ["purify", str(toy["model"]), "--data", str(toy["data"]), "--out",
-                                   str(tmp_path / "x"), "--method", "clp", "--clp-u", "-1", "--quiet"])
+    bad = CliRunner().invoke(
+        app,
+        [
+            "purify",
+            str(toy["model"]),
+            "--data",
+            str(toy["data"]),
+            "--out",
+            str(tmp_path / "x"),
+            "--method",
+            "clp",
+            "--clp-u",
+            "-1",
+            "--quiet",
+        ],
+    )
     assert bad.exit_code == 2 and "--clp-u" in bad.output

@@ -21,18 +21,21 @@ def test_comma_separated_floats_from_flags():
     assert opts.mean == (0.485, 0.456, 0.406)
 
 
-@pytest.mark.parametrize("text, message", [
-    ("lr: [1, 2]\n", "expected a number"),
-    ("epochs: 2.5\n", "expected an integer"),
-    ("epochs: true\n", "expected an integer"),
-    ("force: 'yes'\n", "expected true or false"),
-    ("lr: .nan\n", "finite"),
-    ("lrr: 0.1\n", "unknown key 'lrr'"),
-    ("- a\n- b\n", "must hold a mapping"),
-    ("!!python/object/apply:os.system ['touch x']\n", "not valid YAML"),
-    ("a: [1, 2\n", "not valid YAML"),
-    ("max-asr: 5\n", "out of range"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("lr: [1, 2]\n", "expected a number"),
+        ("epochs: 2.5\n", "expected an integer"),
+        ("epochs: true\n", "expected an integer"),
+        ("force: 'yes'\n", "expected true or false"),
+        ("lr: .nan\n", "finite"),
+        ("lrr: 0.1\n", "unknown key 'lrr'"),
+        ("- a\n- b\n", "must hold a mapping"),
+        ("!!python/object/apply:os.system ['touch x']\n", "not valid YAML"),
+        ("a: [1, 2\n", "not valid YAML"),
+        ("max-asr: 5\n", "out of range"),
+    ],
+)
 def test_bad_config_values(tmp_path, text, message):
     cfg = tmp_path / "run.yaml"
     cfg.write_text(text)

@@ -27,7 +27,7 @@ def test_graphs_are_used_on_cuda_only_and_can_be_turned_off(monkeypatch):
     monkeypatch.delenv("BDCLEAN_CUDA_GRAPHS", raising=False)
     assert use_cuda_graphs(CUDA, settings, None)
     assert not use_cuda_graphs(CPU, settings, None)
-    assert not use_cuda_graphs(CUDA, settings, perturb=lambda grads_here: (lambda: None))  # SAM / PAM
+    assert not use_cuda_graphs(CUDA, settings, perturb=lambda grads_here: lambda: None)  # SAM / PAM
     assert not use_cuda_graphs(CUDA, TuneSettings(epochs=1, lr=0.01, cuda_graphs=False), None)
     monkeypatch.setenv("BDCLEAN_CUDA_GRAPHS", "0")
     assert not use_cuda_graphs(CUDA, settings, None)
@@ -39,8 +39,11 @@ def test_the_report_says_how_the_steps_ran():
     assert "weight-perturbing" in execution_status(CUDA, None, perturb=object())
     cpu_log = EpochLog(1, 0.5, 0.9, 0.01, 1.0)
     assert "execution" not in cpu_log.to_dict()
-    assert EpochLog(1, 0.5, 0.9, 0.01, 1.0, execution="CUDA graph (7 replayed steps, 3 eager)").to_dict()[
-        "execution"].startswith("CUDA graph")
+    assert (
+        EpochLog(1, 0.5, 0.9, 0.01, 1.0, execution="CUDA graph (7 replayed steps, 3 eager)")
+        .to_dict()["execution"]
+        .startswith("CUDA graph")
+    )
 
 
 def test_cpu_keeps_the_multi_tensor_sgd_with_a_float_learning_rate():
@@ -50,6 +53,7 @@ def test_cpu_keeps_the_multi_tensor_sgd_with_a_float_learning_rate():
 
 
 # ------------------------------------------------------------------------------------------- on a GPU
+
 
 def _data(n: int, device: torch.device) -> ImageSet:
     g = torch.Generator().manual_seed(0)
@@ -78,8 +82,7 @@ def test_a_replayed_step_computes_what_the_eager_step_computes(monkeypatch):
     eager, graphed = copy.deepcopy(base), copy.deepcopy(base)
     head = graphed.linear
     norm = head.weight.detach().norm()
-    logs_eager = _tune(eager, data, False, monkeypatch,
-                       after_step=lambda: project_to_norm(eager.linear.weight, norm))
+    logs_eager = _tune(eager, data, False, monkeypatch, after_step=lambda: project_to_norm(eager.linear.weight, norm))
     logs_graph = _tune(graphed, data, True, monkeypatch, after_step=lambda: project_to_norm(head.weight, norm))
     assert logs_graph[-1].execution.startswith("CUDA graph"), logs_graph[-1].execution
     assert logs_eager[-1].execution == "eager (CUDA graphs turned off)"
@@ -113,6 +116,7 @@ def test_evaluation_on_cuda_is_the_models_own_fp32_forward():
 
 
 # ------------------------------------------------- the replay bookkeeping, with a stand-in for CUDA
+
 
 class _FakeGraph:
     """Stands in for torch.cuda.CUDAGraph: `capture` records the step (a real capture runs no kernel),
@@ -164,6 +168,7 @@ def _counting_step(calls: list, fail_capture: bool = False):
             return graph.outputs
         calls.append(int(inputs.shape[0]))
         return inputs.sum(), inputs * 2.0
+
     return step
 
 

@@ -13,21 +13,20 @@ from typer.testing import CliRunner
 
 from backdoor_cli.cli import app
 from backdoor_cli.data import normalize
-from backdoor_cli.defenses import DefenseParams, get_defense
 from backdoor_cli.defenses.d3 import distance_term, hinge_term, loss_scale, warm_start
 from backdoor_cli.defenses.distill import frozen_copy
 from backdoor_cli.defenses.sau import js_divergence, log_one_minus_prob, shared_adversarial, statistics_kept
 from backdoor_cli.models.output_kind import LOGITS, LossAdapter, attach_loss, sample_losses
-
-from helpers import MEAN, STD, Tiny, run_tiny as _run, tiny_data as _data
-from helpers import make_template_dataset, train_small_cnn as train
+from helpers import MEAN, STD, Tiny, make_template_dataset
+from helpers import run_tiny as _run
+from helpers import tiny_data as _data
+from helpers import train_small_cnn as train
 
 CPU = torch.device("cpu")
 
 
-
-
 # ---------------------------------------------------------------- d3
+
 
 def test_d3_hinge_is_zero_within_the_budget_and_counts_only_the_excess():
     losses = torch.tensor([0.01, 0.05, 0.09], requires_grad=True)
@@ -96,6 +95,7 @@ def test_per_image_losses_average_to_the_tuning_loss(adapter, smoothing):
 
 # ---------------------------------------------------------------- sau
 
+
 def _trained_tiny():
     model, _ = _run("ft", epochs=3)
     return model
@@ -160,6 +160,7 @@ def test_sau_unlearning_moves_the_weights():
 
 # ---------------------------------------------------------------- a planted backdoor, through the CLI
 
+
 @pytest.fixture(scope="module")
 def planted(tmp_path_factory) -> dict:
     """A BadNets patch (3x3 white, 10% poisoned, target 0) in a small CNN on 8 template classes."""
@@ -169,17 +170,47 @@ def planted(tmp_path_factory) -> dict:
 
 
 def _purify(planted, out, *args):
-    return CliRunner().invoke(app, ["purify", str(planted["model"]), "--data", str(planted["data"]), "--out", str(out),
-                                    "--clean-count", "160", "--batch-size", "32", "--device", "cpu",
-                                    "--precision", "fp32", "--quiet", "--json", *args])
+    return CliRunner().invoke(
+        app,
+        [
+            "purify",
+            str(planted["model"]),
+            "--data",
+            str(planted["data"]),
+            "--out",
+            str(out),
+            "--clean-count",
+            "160",
+            "--batch-size",
+            "32",
+            "--device",
+            "cpu",
+            "--precision",
+            "fp32",
+            "--quiet",
+            "--json",
+            *args,
+        ],
+    )
 
 
-@pytest.mark.parametrize("method, args, params, note", [
-    ("d3", ["--epochs", "10", "--lr", "0.05", "--d3-eps", "0.1"], {"d3_eps": 0.1, "d3_lambda": None},
-     "lambda 10, epsilon 0.1"),
-    ("sau", ["--epochs", "4", "--sau-steps", "5", "--sau-lambda", "1,0,1"],
-     {"sau_steps": 5, "sau_lambda": [1.0, 0.0, 1.0], "sau_eps": None}, "PGD L-inf 0.2"),
-])
+@pytest.mark.parametrize(
+    "method, args, params, note",
+    [
+        (
+            "d3",
+            ["--epochs", "10", "--lr", "0.05", "--d3-eps", "0.1"],
+            {"d3_eps": 0.1, "d3_lambda": None},
+            "lambda 10, epsilon 0.1",
+        ),
+        (
+            "sau",
+            ["--epochs", "4", "--sau-steps", "5", "--sau-lambda", "1,0,1"],
+            {"sau_steps": 5, "sau_lambda": [1.0, 0.0, 1.0], "sau_eps": None},
+            "PGD L-inf 0.2",
+        ),
+    ],
+)
 def test_cli_lowers_a_planted_backdoor_and_records_the_parameters(planted, tmp_path, method, args, params, note):
     """Measured (fp32, seed 0): d3 C-Acc 1.0 -> 1.0, ASR 0.93 -> 0.00; sau 1.0 -> 0.875, ASR 0.93 -> 0.29."""
     result = _purify(planted, tmp_path / method, "--method", method, *args)
@@ -196,16 +227,22 @@ def test_cli_lowers_a_planted_backdoor_and_records_the_parameters(planted, tmp_p
     assert any(note in n for n in report["method"]["notes"])
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--method", "fst", "--d3-lambda", "5"], "--d3-lambda does not apply to --method fst (it is read by d3)"),
-    (["--method", "ft", "--d3-eps", "0.2"], "--d3-eps does not apply to --method ft (it is read by d3)"),
-    (["--method", "d3", "--sau-eps", "0.1"], "--sau-eps does not apply to --method d3 (it is read by sau)"),
-    (["--method", "fst", "--sau-lambda", "1,0,1"], "--sau-lambda does not apply to --method fst (it is read by sau)"),
-    (["--method", "d3", "--d3-lambda", "0"], "--d3-lambda"),
-    (["--method", "sau", "--sau-eps", "1.5"], "--sau-eps"),
-    (["--method", "sau", "--sau-steps", "0"], "--sau-steps"),
-    (["--method", "sau", "--sau-lambda", "1,2"], "--sau-lambda must be three weights"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--method", "fst", "--d3-lambda", "5"], "--d3-lambda does not apply to --method fst (it is read by d3)"),
+        (["--method", "ft", "--d3-eps", "0.2"], "--d3-eps does not apply to --method ft (it is read by d3)"),
+        (["--method", "d3", "--sau-eps", "0.1"], "--sau-eps does not apply to --method d3 (it is read by sau)"),
+        (
+            ["--method", "fst", "--sau-lambda", "1,0,1"],
+            "--sau-lambda does not apply to --method fst (it is read by sau)",
+        ),
+        (["--method", "d3", "--d3-lambda", "0"], "--d3-lambda"),
+        (["--method", "sau", "--sau-eps", "1.5"], "--sau-eps"),
+        (["--method", "sau", "--sau-steps", "0"], "--sau-steps"),
+        (["--method", "sau", "--sau-lambda", "1,2"], "--sau-lambda must be three weights"),
+    ],
+)
 def test_cli_refuses_inapplicable_and_bad_values_with_exit_2(planted, tmp_path, args, message):
     result = _purify(planted, tmp_path / "out", *args)
     assert result.exit_code == 2, result.output

@@ -8,8 +8,17 @@ import numpy as np
 import pytest
 import torch
 
-from backdoor_cli.data import (ImageSet, augment_batch, indices_sha256, iterate_minibatches, load_clean_folder,
-                               load_dataset, normalize, select_clean_subset, stratified_limit)
+from backdoor_cli.data import (
+    ImageSet,
+    augment_batch,
+    indices_sha256,
+    iterate_minibatches,
+    load_clean_folder,
+    load_dataset,
+    normalize,
+    select_clean_subset,
+    stratified_limit,
+)
 from backdoor_cli.errors import ConfigError, InputError
 from helpers import make_npz_dataset
 
@@ -64,15 +73,18 @@ def test_unknown_name_and_single_npz_file(tmp_path):
     assert bundle.train is None and bundle.test.num_images == 90
 
 
-@pytest.mark.parametrize("x, y, words", [
-    (np.zeros((5, 4, 4, 3), np.float32), np.zeros(5, np.uint8), "uint8"),
-    (np.zeros((5, 4, 4, 3), np.uint8), np.zeros(4, np.uint8), "lengths differ"),
-    (np.zeros((5, 4, 4, 3), np.uint8), -np.ones(5, np.int64), "negative label"),
-    (np.zeros((5, 16), np.uint8), np.zeros(5, np.uint8), "shape"),
-    (np.zeros((5, 4, 4, 2), np.uint8), np.zeros(5, np.uint8), "C 1 or 3"),
-    (np.zeros((0, 4, 4, 3), np.uint8), np.zeros(0, np.uint8), "no images"),
-    (np.zeros((5, 4, 4, 3), np.uint8), np.zeros(5, np.float32), "integer"),
-])
+@pytest.mark.parametrize(
+    "x, y, words",
+    [
+        (np.zeros((5, 4, 4, 3), np.float32), np.zeros(5, np.uint8), "uint8"),
+        (np.zeros((5, 4, 4, 3), np.uint8), np.zeros(4, np.uint8), "lengths differ"),
+        (np.zeros((5, 4, 4, 3), np.uint8), -np.ones(5, np.int64), "negative label"),
+        (np.zeros((5, 16), np.uint8), np.zeros(5, np.uint8), "shape"),
+        (np.zeros((5, 4, 4, 2), np.uint8), np.zeros(5, np.uint8), "C 1 or 3"),
+        (np.zeros((0, 4, 4, 3), np.uint8), np.zeros(0, np.uint8), "no images"),
+        (np.zeros((5, 4, 4, 3), np.uint8), np.zeros(5, np.float32), "integer"),
+    ],
+)
 def test_npz_validation(tmp_path, x, y, words):
     np.savez(tmp_path / "test.npz", x=x, y=y)
     with pytest.raises(InputError, match=words):
@@ -150,10 +162,19 @@ def test_clean_subset_is_balanced_seeded_and_sorted():
     assert len(b) == 25 and counts.max() - counts.min() <= 1
 
 
-@pytest.mark.parametrize("fraction, count, words", [
-    (0.1, 10, "both"), (None, None, "clean-fraction"), (0.0, None, "clean-fraction"), (1.5, None, "clean-fraction"),
-    (None, 0, "clean-count"), (None, 10_000, "larger"), (0.0001, None, "empty"), (None, 1, "class"),
-])
+@pytest.mark.parametrize(
+    "fraction, count, words",
+    [
+        (0.1, 10, "both"),
+        (None, None, "clean-fraction"),
+        (0.0, None, "clean-fraction"),
+        (1.5, None, "clean-fraction"),
+        (None, 0, "clean-count"),
+        (None, 10_000, "larger"),
+        (0.0001, None, "empty"),
+        (None, 1, "class"),
+    ],
+)
 def test_clean_subset_errors(fraction, count, words):
     with pytest.raises(ConfigError, match=words):
         select_clean_subset(torch.arange(100) % 3, fraction, count, 0, 3)
@@ -272,7 +293,9 @@ def test_torchvision_mnist_idx_folder(tmp_path):
     raw.mkdir(parents=True)
     for prefix, n in (("train", 30), ("t10k", 10)):
         images = np.arange(n * 28 * 28, dtype=np.uint64).astype(np.uint8).reshape(n, 28, 28)
-        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(struct.pack(">4B3I", 0, 0, 8, 3, n, 28, 28) + images.tobytes())
+        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(
+            struct.pack(">4B3I", 0, 0, 8, 3, n, 28, 28) + images.tobytes()
+        )
         labels = (np.arange(n) % 10).astype(np.uint8)
         blob = struct.pack(">4BI", 0, 0, 8, 1, n) + labels.tobytes()
         (raw / f"{prefix}-labels-idx1-ubyte.gz").write_bytes(gzip.compress(blob))

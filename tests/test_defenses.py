@@ -6,13 +6,12 @@ import copy
 
 import pytest
 import torch
-from torch import nn
 
-from backdoor_cli.data import ImageSet
 from backdoor_cli.defenses import DEFENSES, DefenseParams, default_params, get_defense
 from backdoor_cli.defenses.fst import feature_shift_penalty
 from backdoor_cli.errors import ConfigError
-from helpers import MEAN, STD, Tiny, tiny_data as _data
+from helpers import MEAN, STD, Tiny
+from helpers import tiny_data as _data
 
 
 def _run(name, model=None, **overrides):
@@ -85,8 +84,16 @@ def test_fst_head_norm_held_after_every_step_and_head_reinitialised():
     target = float(model.fc.weight.norm())
     norms = []
     params = DefenseParams(lr=0.05, epochs=2, alpha=0.2, batch_size=16)
-    outcome = get_defense("fst").run(model, "fc", _data(), MEAN, STD, params, torch.device("cpu"),
-                                     on_step=lambda step: norms.append(float(model.fc.weight.norm())))
+    outcome = get_defense("fst").run(
+        model,
+        "fc",
+        _data(),
+        MEAN,
+        STD,
+        params,
+        torch.device("cpu"),
+        on_step=lambda step: norms.append(float(model.fc.weight.norm())),
+    )
     assert len(norms) == 6  # 48 images / 16 per batch * 2 epochs
     assert all(abs(n - target) < 1e-4 * target for n in norms)
     assert outcome.head_norm == pytest.approx(target)

@@ -29,17 +29,26 @@ def test_demo_runs_end_to_end_with_tiny_settings(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     assert "What happened" in result.stdout and "FST" in result.stdout
     assert result.stdout.count("; removal ") == 3  # each purify line carries its removal verdict
-    for name in ("backdoored.safetensors", "compare.md", "compare.json", "ft/purified.safetensors",
-                 "fst/purified.safetensors", "fst/report.json", "recommended/purified.safetensors", "recommended/report.md"):
+    for name in (
+        "backdoored.safetensors",
+        "compare.md",
+        "compare.json",
+        "ft/purified.safetensors",
+        "fst/purified.safetensors",
+        "fst/report.json",
+        "recommended/purified.safetensors",
+        "recommended/report.md",
+    ):
         assert (tmp_path / "d" / name).is_file(), name
 
 
 def _report(acc_before, acc_after, asr_after, flagged=(0,), verdict="verified"):
-    return SimpleNamespace(before=SimpleNamespace(clean_acc=Rate(int(acc_before * 100), 100)),
-                           after=SimpleNamespace(clean_acc=Rate(int(acc_after * 100), 100),
-                                                 asr=Rate(int(asr_after * 100), 100)),
-                           scan={"flagged": list(flagged), "unlearnt": list(flagged) or [3]},
-                           removal={"verdict": verdict, "evidence": {"source": "scan"} if not flagged else {}})
+    return SimpleNamespace(
+        before=SimpleNamespace(clean_acc=Rate(int(acc_before * 100), 100)),
+        after=SimpleNamespace(clean_acc=Rate(int(acc_after * 100), 100), asr=Rate(int(asr_after * 100), 100)),
+        scan={"flagged": list(flagged), "unlearnt": list(flagged) or [3]},
+        removal={"verdict": verdict, "evidence": {"source": "scan"} if not flagged else {}},
+    )
 
 
 def test_story_follows_the_measured_figures():
@@ -55,8 +64,13 @@ def test_story_tells_the_default_from_its_own_figures():
     assert "bdclean's default" in lines[3] and "removed the backdoor (ASR 2.0%)" in lines[3]
     assert "cost of 3.0 points" in lines[3] and "against FST's 11.0" in lines[3]
     assert "flagged class 0" in lines[3] and "removal verdict: verified (from the trigger recorded" in lines[3]
-    lines = demo.story(0.98, 0.9, _report(0.98, 0.95, 0.20), _report(0.98, 0.87, 0.01),
-                       _report(0.98, 0.95, 0.02, flagged=(), verdict="not_verified"))
+    lines = demo.story(
+        0.98,
+        0.9,
+        _report(0.98, 0.95, 0.20),
+        _report(0.98, 0.87, 0.01),
+        _report(0.98, 0.95, 0.02, flagged=(), verdict="not_verified"),
+    )
     assert "flagged no class" in lines[3] and "(class 3) was unlearnt" in lines[3]
     assert "not verified (from the scan's evidence alone)" in lines[3]
     lines = demo.story(0.98, 0.9, _report(0.98, 0.95, 0.20), _report(0.98, 0.87, 0.01), _report(0.98, 0.97, 0.50))

@@ -36,9 +36,31 @@ def tensor_hashes(path: Path) -> dict[str, str]:
 
 
 def purify(toy, out: Path, seed: int):
-    result = runner.invoke(app, ["purify", str(toy["model"]), "--method", "fst", "--data", str(toy["data"]),
-                                 "--out", str(out), "--clean-count", "60", "--epochs", "2", "--batch-size", "16",
-                                 "--seed", str(seed), "--device", "cpu", "--json", "--quiet"])
+    result = runner.invoke(
+        app,
+        [
+            "purify",
+            str(toy["model"]),
+            "--method",
+            "fst",
+            "--data",
+            str(toy["data"]),
+            "--out",
+            str(out),
+            "--clean-count",
+            "60",
+            "--epochs",
+            "2",
+            "--batch-size",
+            "16",
+            "--seed",
+            str(seed),
+            "--device",
+            "cpu",
+            "--json",
+            "--quiet",
+        ],
+    )
     assert result.exit_code == 0, result.output
     return json.loads((out / "report.json").read_text())
 
@@ -102,9 +124,29 @@ def test_train_same_seed_gives_identical_weights(toy, tmp_path):
     paths = []
     for name in ("x", "y"):
         path = tmp_path / f"{name}.safetensors"
-        result = runner.invoke(app, ["train", "--arch", "test_tiny", "--data", str(toy["data"]), "--out", str(path),
-                                     "--trigger", "blended", "--poison-rate", "0.05", "--epochs", "1", "--seed", "3",
-                                     "--device", "cpu", "--quiet"])
+        result = runner.invoke(
+            app,
+            [
+                "train",
+                "--arch",
+                "test_tiny",
+                "--data",
+                str(toy["data"]),
+                "--out",
+                str(path),
+                "--trigger",
+                "blended",
+                "--poison-rate",
+                "0.05",
+                "--epochs",
+                "1",
+                "--seed",
+                "3",
+                "--device",
+                "cpu",
+                "--quiet",
+            ],
+        )
         assert result.exit_code == 0, result.output
         paths.append(path)
     assert tensor_hashes(paths[0]) == tensor_hashes(paths[1])

@@ -14,8 +14,13 @@ from typer.testing import CliRunner
 from backdoor_cli import config as C
 from backdoor_cli.cli import app
 
-COMMANDS = {"evaluate": C.AuditOptions, "purify": C.PurifyOptions, "compare": C.CompareOptions,
-            "scan": C.ScanOptions, "train": C.TrainOptions}
+COMMANDS = {
+    "evaluate": C.AuditOptions,
+    "purify": C.PurifyOptions,
+    "compare": C.CompareOptions,
+    "scan": C.ScanOptions,
+    "train": C.TrainOptions,
+}
 # Flags that steer the command line itself, not the run: how results are printed and cached.
 CLI_ONLY = {"json_output", "quiet", "cache_dir", "markdown"}
 # Per command: flags read by the CLI to build a field, and fields filled from positional arguments.
@@ -25,8 +30,11 @@ CLI_BUILT = {
 }
 # Fields no flag sets: filled from the positional `targets` (evaluate), or inherited and refused when a config
 # gives them (compare's single checkpoint; purify's retune-clean-count, tested below).
-FIELD_FROM_ARGUMENT = {"evaluate": {"checkpoint", "checkpoints"}, "compare": {"checkpoint"},
-                       "purify": {"retune_clean_count"}}
+FIELD_FROM_ARGUMENT = {
+    "evaluate": {"checkpoint", "checkpoints"},
+    "compare": {"checkpoint"},
+    "purify": {"retune_clean_count"},
+}
 
 
 def _flags(command: str) -> set[str]:
@@ -54,14 +62,35 @@ def test_config_keys_that_do_not_exist_are_refused(tmp_path):
 
 def test_a_config_key_that_would_go_unused_is_refused(tmp_path):
     """retune-clean-count is an evaluate/compare setting: purify refuses it instead of ignoring it."""
-    result = CliRunner().invoke(app, ["purify", "x.safetensors", "--data", str(tmp_path), "--out", str(tmp_path / "o"),
-                                      "--config", str(_yaml(tmp_path, {"retune-clean-count": 50}))])
+    result = CliRunner().invoke(
+        app,
+        [
+            "purify",
+            "x.safetensors",
+            "--data",
+            str(tmp_path),
+            "--out",
+            str(tmp_path / "o"),
+            "--config",
+            str(_yaml(tmp_path, {"retune-clean-count": 50})),
+        ],
+    )
     assert result.exit_code == 2 and "retune-clean-count does not apply to purify" in result.output
 
 
 def test_compare_refuses_a_single_checkpoint_key(tmp_path):
-    result = CliRunner().invoke(app, ["compare", "a.safetensors", "b.safetensors", "--data", str(tmp_path),
-                                      "--config", str(_yaml(tmp_path, {"checkpoint": "c.safetensors"}))])
+    result = CliRunner().invoke(
+        app,
+        [
+            "compare",
+            "a.safetensors",
+            "b.safetensors",
+            "--data",
+            str(tmp_path),
+            "--config",
+            str(_yaml(tmp_path, {"checkpoint": "c.safetensors"})),
+        ],
+    )
     assert result.exit_code == 2 and "not `checkpoint`" in result.output
 
 
@@ -79,6 +108,18 @@ def test_a_flag_without_a_field_is_refused_not_dropped():
 
 def test_evaluate_of_one_checkpoint_refuses_the_audit_only_out(toy_model, tmp_path):
     """--out is where an audit's --purify writes: a single evaluate refuses it by name."""
-    result = CliRunner().invoke(app, ["evaluate", toy_model["model"], "--data", toy_model["data"], "--device", "cpu",
-                                      "--out", str(tmp_path / "o"), "--quiet"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "evaluate",
+            toy_model["model"],
+            "--data",
+            toy_model["data"],
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp_path / "o"),
+            "--quiet",
+        ],
+    )
     assert result.exit_code == 2 and "--out" in result.output and "--purify" in result.output

@@ -13,9 +13,15 @@ from backdoor_cli.defenses import DefenseParams, get_defense
 from backdoor_cli.defenses.distill import as_logits, distillation_term
 from backdoor_cli.errors import ConfigError
 from backdoor_cli.models.output_kind import LossAdapter
+from helpers import MEAN, STD, Tiny, train_ended_toy
+from helpers import run_purify_ok as run_ok
+from helpers import tiny_data as _data
 
-from helpers import MEAN, STD, Tiny, tiny_data as _data
-from test_output_kind import run_ok, toy  # noqa: F401  (toy is a fixture)
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    """train_ended_toy's model, data and arch.py (one per module)."""
+    return train_ended_toy(tmp_path_factory.mktemp("outkind"))
 
 
 def _tune(name: str, **overrides):
@@ -59,8 +65,14 @@ def test_distillation_keeps_the_clean_predictions_closer_to_the_input_model():
     def gap(model, teacher):
         model.eval()
         with torch.no_grad():
-            return float(torch.nn.functional.kl_div(torch.log_softmax(model(x), 1), torch.log_softmax(teacher(x), 1),
-                                                    log_target=True, reduction="batchmean"))
+            return float(
+                torch.nn.functional.kl_div(
+                    torch.log_softmax(model(x), 1),
+                    torch.log_softmax(teacher(x), 1),
+                    log_target=True,
+                    reduction="batchmean",
+                )
+            )
 
     assert gap(*_tune("fst-kd", distill=5.0)) < gap(*_tune("fst")) / 3
 
@@ -82,7 +94,9 @@ def test_probabilities_are_taken_to_logits_before_distilling():
     assert torch.allclose(torch.log_softmax(as_logits(probs, "probs"), 1), torch.log_softmax(logits, 1), atol=1e-5)
     softmax_teacher = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Softmax(dim=1)).requires_grad_(False)
     inputs = torch.randn(6, 4)
-    term = distillation_term(softmax_teacher, 1.0, 2.0, LossAdapter(kind="probs", source="normaliser-input", module="1"))
+    term = distillation_term(
+        softmax_teacher, 1.0, 2.0, LossAdapter(kind="probs", source="normaliser-input", module="1")
+    )
     assert float(term(inputs, softmax_teacher[0](inputs))) == pytest.approx(0.0, abs=1e-6)
 
 
@@ -92,18 +106,34 @@ def test_bad_values_are_refused(field, value):
         DefenseParams(**{field: value}).validate()
 
 
-def test_cli_runs_fst_kd_records_its_params_and_refuses_bad_values(toy, tmp_path):  # noqa: F811
-    report, _ = run_ok(toy, tmp_path / "kd", "plain", "--method", "fst-kd", "--distill", "2",
-                       "--distill-temperature", "3")
+def test_cli_runs_fst_kd_records_its_params_and_refuses_bad_values(toy, tmp_path):
+    report, _ = run_ok(
+        toy, tmp_path / "kd", "plain", "--method", "fst-kd", "--distill", "2", "--distill-temperature", "3"
+    )
     assert report["method"]["name"] == "fst-kd"
     assert report["method"]["params"]["distill"] == 2.0 and report["method"]["params"]["distill_temperature"] == 3.0
-    bad = CliRunner().invoke(app, ["purify", str(toy["model"]), "--data", str(toy["data"]), "--method", "fst-kd",
-                                   "--distill", "-1", "--out", str(tmp_path / "bad"), "--device", "cpu"])
+    bad = CliRunner().invoke(
+        app,
+        [
+            "purify",
+            str(toy["model"]),
+            "--data",
+            str(toy["data"]),
+            "--method",
+            "fst-kd",
+            "--distill",
+            "-1",
+            "--out",
+            str(tmp_path / "bad"),
+            "--device",
+            "cpu",
+        ],
+    )
     assert bad.exit_code == 2 and "--distill must be in" in bad.output
     assert not (tmp_path / "bad").exists()
 
 
-def test_a_softmax_ended_model_distils_like_its_logits_twin(toy, tmp_path):  # noqa: F811
+def test_a_softmax_ended_model_distils_like_its_logits_twin(toy, tmp_path):
     _, plain = run_ok(toy, tmp_path / "plain", "plain", "--method", "fst-kd")
     _, soft = run_ok(toy, tmp_path / "soft", "softmax", "--method", "fst-kd")
     assert plain.keys() == soft.keys()

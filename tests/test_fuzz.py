@@ -20,6 +20,7 @@ import shutil
 import struct
 import zipfile
 from collections import Counter
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -28,7 +29,7 @@ import yaml
 
 from backdoor_cli.checkpoint import read_checkpoint
 from backdoor_cli.config import PurifyOptions, load_config_file, resolve_options
-from backdoor_cli.errors import BdcleanError, UnsafeInputError
+from backdoor_cli.errors import BdcleanError
 from backdoor_cli.triggers import build_trigger, load_trigger_spec, parse_trigger_spec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,6 +38,7 @@ IMAGE_SHAPES = ((12, 12, 3), (28, 28, 1), (32, 32, 3))
 
 
 # ---------------------------------------------------------------- shared machinery
+
 
 class Tally:
     """Counts outcomes per category and keeps the first few unexpected exceptions for the message."""
@@ -96,14 +98,23 @@ def insert_bytes(rng: random.Random, data: bytes) -> bytes:
 
 def delete_bytes(rng: random.Random, data: bytes) -> bytes:
     i = rng.randrange(len(data))
-    return data[:i] + data[i + rng.randint(1, 16):]
+    return data[:i] + data[i + rng.randint(1, 16) :]
 
 
 def interesting_bytes(rng: random.Random, data: bytes) -> bytes:
     buf = bytearray(data)
     i = rng.randrange(len(buf))
-    value = rng.choice([b"\x00", b"\xff", b"\x7f", b"\x80", b"\xff\xff\xff\xff", b"\x00\x00\x00\x80",
-                        b"\xff\xff\xff\xff\xff\xff\xff\x7f"])
+    value = rng.choice(
+        [
+            b"\x00",
+            b"\xff",
+            b"\x7f",
+            b"\x80",
+            b"\xff\xff\xff\xff",
+            b"\x00\x00\x00\x80",
+            b"\xff\xff\xff\xff\xff\xff\xff\x7f",
+        ]
+    )
     buf[i : i + len(value)] = value
     return bytes(buf)
 
@@ -128,8 +139,10 @@ def tiny_state() -> dict[str, torch.Tensor]:
     return {
         "conv.weight": torch.randn(4, 3, 3, 3, generator=g),
         "conv.bias": torch.randn(4, generator=g),
-        "bn.weight": torch.ones(4), "bn.bias": torch.zeros(4),
-        "bn.running_mean": torch.zeros(4), "bn.running_var": torch.ones(4),
+        "bn.weight": torch.ones(4),
+        "bn.bias": torch.zeros(4),
+        "bn.running_mean": torch.zeros(4),
+        "bn.running_var": torch.ones(4),
         "bn.num_batches_tracked": torch.tensor(7),
         "fc.weight": torch.randn(3, 4, generator=g).to(torch.float16),
         "fc.bias": torch.randn(3, generator=g).to(torch.bfloat16),
@@ -138,11 +151,16 @@ def tiny_state() -> dict[str, torch.Tensor]:
 
 # ---------------------------------------------------------------- safetensors
 
+
 def valid_safetensors() -> bytes:
     from safetensors.torch import save
 
-    meta = {"schema": "bdclean.checkpoint/1", "arch": "test_tiny", "num_classes": 3,
-            "trigger": {"type": "patch", "target": 0, "size": 3}}
+    meta = {
+        "schema": "bdclean.checkpoint/1",
+        "arch": "test_tiny",
+        "num_classes": 3,
+        "trigger": {"type": "patch", "target": 0, "size": 3},
+    }
     return save(tiny_state(), metadata={"bdclean": json.dumps(meta)})
 
 
@@ -157,8 +175,28 @@ def join_safetensors(header: dict, body: bytes, length: int | None = None) -> by
     return struct.pack("<Q", len(raw) if length is None else length) + raw + body
 
 
-HOSTILE_DTYPES = ("F32", "F16", "BF16", "F64", "I64", "I32", "I16", "I8", "U8", "BOOL", "F8_E4M3", "F8_E5M2",
-                  "U64", "C64", "X9", "", "f32", 5, None, ["F32"])
+HOSTILE_DTYPES = (
+    "F32",
+    "F16",
+    "BF16",
+    "F64",
+    "I64",
+    "I32",
+    "I16",
+    "I8",
+    "U8",
+    "BOOL",
+    "F8_E4M3",
+    "F8_E5M2",
+    "U64",
+    "C64",
+    "X9",
+    "",
+    "f32",
+    5,
+    None,
+    ["F32"],
+)
 HOSTILE_SHAPES = ([], [0], [-1], [2**40], [2**63], [1, 2, 3], [3, 4, 5, 6, 7], "abc", [1.5], [None], [2**31, 2**31])
 
 
@@ -177,9 +215,20 @@ def header_edit(rng: random.Random, data: bytes) -> tuple[str, bytes]:
         entry["shape"] = rng.choice(HOSTILE_SHAPES)
         what = f"shape={entry['shape']!r}"
     elif kind == 2:
-        entry["data_offsets"] = rng.choice([[0, 0], [end, begin], [0, 2**63], [-1, end], [begin, end + 1],
-                                            [begin, len(body) + 64], "x", [begin], [begin + 1, end + 1],
-                                            [0, len(body)]])
+        entry["data_offsets"] = rng.choice(
+            [
+                [0, 0],
+                [end, begin],
+                [0, 2**63],
+                [-1, end],
+                [begin, end + 1],
+                [begin, len(body) + 64],
+                "x",
+                [begin],
+                [begin + 1, end + 1],
+                [0, len(body)],
+            ]
+        )
         what = f"offsets={entry['data_offsets']!r}"
     elif kind == 3:
         del header[key]
@@ -188,12 +237,19 @@ def header_edit(rng: random.Random, data: bytes) -> tuple[str, bytes]:
         header[key + ".extra"] = dict(entry)  # two tensors over the same bytes
         what = "alias"
     elif kind == 5:
-        header["__metadata__"] = rng.choice([
-            {"bdclean": "not json"}, {"bdclean": "[1, 2]"}, {"bdclean": 5}, "a string", [1, 2], None,
-            {"bdclean": json.dumps({"arch": 7, "num_classes": "x", "normalization": {"mean": "abc"}})},
-            {"bdclean": json.dumps({"trigger": {"type": "patch", "image": "/etc/passwd"}})},
-            {"bdclean": "{" * 5000 + "}" * 5000},
-        ])
+        header["__metadata__"] = rng.choice(
+            [
+                {"bdclean": "not json"},
+                {"bdclean": "[1, 2]"},
+                {"bdclean": 5},
+                "a string",
+                [1, 2],
+                None,
+                {"bdclean": json.dumps({"arch": 7, "num_classes": "x", "normalization": {"mean": "abc"}})},
+                {"bdclean": json.dumps({"trigger": {"type": "patch", "image": "/etc/passwd"}})},
+                {"bdclean": "{" * 5000 + "}" * 5000},
+            ]
+        )
         what = f"metadata={str(header['__metadata__'])[:40]}"
     elif kind == 6:
         header[rng.choice(["", "\x00", "a" * 5000, "__metadata__x"])] = entry
@@ -219,12 +275,13 @@ def test_fuzz_safetensors_reader(tmp_path, record_property):
         else:
             what, blob = mutate_bytes(rng, valid)
         path = _write(tmp_path / f"case{i}.safetensors", blob)
-        tally.run(f"safetensors case {i} ({what})", lambda: read_checkpoint(path))
+        tally.run(f"safetensors case {i} ({what})", partial(read_checkpoint, path))
     tally.finish(record_property)
     assert tally.outcomes["InputError"] > 100  # most mutations must actually be caught, not ignored
 
 
 # ---------------------------------------------------------------- torch zip (pickle inside)
+
 
 class _Marker:
     """Pickles as `posix.system('touch MARKER')`: what a hostile checkpoint does on torch.load."""
@@ -252,8 +309,17 @@ def rebuild_zip(data: bytes, edit) -> bytes:
     return out.getvalue()
 
 
-HOSTILE_GLOBALS = (b"posix\nsystem", b"os\nsystem", b"builtins\neval", b"builtins\nexec", b"subprocess\nPopen",
-                   b"torch\nload", b"torch._utils\n_rebuild_tensor", b"numpy\nload", b"__builtin__\ngetattr")
+HOSTILE_GLOBALS = (
+    b"posix\nsystem",
+    b"os\nsystem",
+    b"builtins\neval",
+    b"builtins\nexec",
+    b"subprocess\nPopen",
+    b"torch\nload",
+    b"torch._utils\n_rebuild_tensor",
+    b"numpy\nload",
+    b"__builtin__\ngetattr",
+)
 
 
 def pickle_edit(rng: random.Random, pkl: bytes) -> tuple[str, bytes]:
@@ -287,10 +353,10 @@ def test_fuzz_torch_zip_reader(tmp_path, record_property):
             what, blob = mutate_bytes(rng, base)
         else:
             edits = []
-            blob = rebuild_zip(base, lambda pkl: edits.append(pickle_edit(rng, pkl)) or edits[-1][1])
+            blob = rebuild_zip(base, lambda pkl, edits=edits: edits.append(pickle_edit(rng, pkl)) or edits[-1][1])
             what = edits[0][0]
         path = _write(tmp_path / f"case{i}.pt", blob)
-        outcome = tally.run(f"torch-zip case {i} ({name}, {what})", lambda: read_checkpoint(path))
+        outcome = tally.run(f"torch-zip case {i} ({name}, {what})", partial(read_checkpoint, path))
         if name == "hostile" and not isinstance(outcome, BdcleanError):
             # The payload survived the mutation yet the file loaded: only acceptable if the payload is gone.
             assert "x" not in getattr(outcome, "extra_keys", []), f"case {i}: hostile pickle loaded"
@@ -320,16 +386,91 @@ force: false
 eval-limit: 100
 """
 
-YAML_TOKENS = ("!!python/object/apply:os.system ['touch PWNED']", "!!python/name:os.system", "!!binary AAAA",
-               "&a [1, 2]", "*a", "*undefined", "[", "]", "{", "}", ": ", "- ", "\t", "\x00", "\xff", "\ud800",
-               ".inf", ".nan", "~", "yes", "1e400", "-0x10", "99999999999999999999999", "'", '"', "%YAML 1.1\n---",
-               "? ", "|\n  ", "<<: {a: 1}", "!!set {a, b}", "!!timestamp 2001-12-14", "2001-12-14", "---\n---",
-               "\n  - nested\n", "key: value\n" * 3, "\\u0000", "\r", "\u2028", "#", "!!int x", "!!float x",
-               "!!bool maybe", "!!timestamp x", "!!str", "!!null", "!!python/tuple [1]")
+YAML_TOKENS = (
+    "!!python/object/apply:os.system ['touch PWNED']",
+    "!!python/name:os.system",
+    "!!binary AAAA",
+    "&a [1, 2]",
+    "*a",
+    "*undefined",
+    "[",
+    "]",
+    "{",
+    "}",
+    ": ",
+    "- ",
+    "\t",
+    "\x00",
+    "\xff",
+    "\ud800",
+    ".inf",
+    ".nan",
+    "~",
+    "yes",
+    "1e400",
+    "-0x10",
+    "99999999999999999999999",
+    "'",
+    '"',
+    "%YAML 1.1\n---",
+    "? ",
+    "|\n  ",
+    "<<: {a: 1}",
+    "!!set {a, b}",
+    "!!timestamp 2001-12-14",
+    "2001-12-14",
+    "---\n---",
+    "\n  - nested\n",
+    "key: value\n" * 3,
+    "\\u0000",
+    "\r",
+    "\u2028",
+    "#",
+    "!!int x",
+    "!!float x",
+    "!!bool maybe",
+    "!!timestamp x",
+    "!!str",
+    "!!null",
+    "!!python/tuple [1]",
+)
 
-HOSTILE_VALUES = (None, True, False, 0, -1, 1, 2**70, -(2**70), 1e308, -1e308, math.inf, math.nan, 0.5, -0.5,
-                  "", "x" * 300, "5%", "500%", "-5%", "nan", "cuda:99", "cpu", "fst", "1,2", "a,b", [], [1, 2, 3],
-                  [[1]], {"a": 1}, ["x"], "/dev/zero", "\x00", 3.5, "10")
+HOSTILE_VALUES = (
+    None,
+    True,
+    False,
+    0,
+    -1,
+    1,
+    2**70,
+    -(2**70),
+    1e308,
+    -1e308,
+    math.inf,
+    math.nan,
+    0.5,
+    -0.5,
+    "",
+    "x" * 300,
+    "5%",
+    "500%",
+    "-5%",
+    "nan",
+    "cuda:99",
+    "cpu",
+    "fst",
+    "1,2",
+    "a,b",
+    [],
+    [1, 2, 3],
+    [[1]],
+    {"a": 1},
+    ["x"],
+    "/dev/zero",
+    "\x00",
+    3.5,
+    "10",
+)
 
 
 # PyYAML's safe constructors raise plain ValueError/KeyError/AttributeError (not YAMLError) for a
@@ -355,8 +496,11 @@ def yaml_tag_bug_present() -> bool:
 
 
 def _is_yaml_tag_bug(exc: Exception) -> bool:
-    return yaml_tag_bug_present() and isinstance(exc, (ValueError, KeyError, AttributeError, TypeError)) and any(
-        "yaml" in (frame.filename or "") for frame in __import__("traceback").extract_tb(exc.__traceback__))
+    return (
+        yaml_tag_bug_present()
+        and isinstance(exc, (ValueError, KeyError, AttributeError, TypeError))
+        and any("yaml" in (frame.filename or "") for frame in __import__("traceback").extract_tb(exc.__traceback__))
+    )
 
 
 @pytest.mark.parametrize("text", BAD_TAG_VALUES)
@@ -366,8 +510,15 @@ def test_config_yaml_bad_tag_value_is_a_config_error(tmp_path, text):
         load_config_file(path)
 
 
-@pytest.mark.parametrize("text", ["type: patch\nsize: !!int x\n", "type: !!timestamp x\n",
-                                  "type: blend\nalpha: !!float x\n", "type: patch\nname: !!bool maybe\n"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "type: patch\nsize: !!int x\n",
+        "type: !!timestamp x\n",
+        "type: blend\nalpha: !!float x\n",
+        "type: patch\nname: !!bool maybe\n",
+    ],
+)
 def test_trigger_yaml_bad_tag_value_is_a_config_error(tmp_path, text):
     path = _write(tmp_path / "t.yaml", text.encode())
     with pytest.raises(BdcleanError):
@@ -388,12 +539,32 @@ def mutate_yaml(rng: random.Random, text: str, keys: list[str]) -> tuple[str, by
         obj[key] = rng.choice(HOSTILE_VALUES)
         return f"{key}={obj[key]!r}"[:60], yaml.safe_dump(obj).encode()
     if kind == 3:  # an unknown or duplicated key
-        extra = rng.choice(["nosuchkey: 1", "config: other.yaml", "Epochs: 3", "epochs: 4", "__class__: x",
-                            "1: 2", "[a]: 1", "null: 1"])
+        extra = rng.choice(
+            [
+                "nosuchkey: 1",
+                "config: other.yaml",
+                "Epochs: 3",
+                "epochs: 4",
+                "__class__: x",
+                "1: 2",
+                "[a]: 1",
+                "null: 1",
+            ]
+        )
         return f"extra {extra!r}", (text + extra + "\n").encode()
-    whole = rng.choice([b"", b"\xef\xbb\xbf" + text.encode(), b"- a\n- b\n", b"just a string\n", b"42\n",
-                        b"a: " + b"[" * 60 + b"]" * 60 + b"\n", b"\xff\xfe" + text.encode("utf-16-le"),
-                        b"a: &x [1]\nb: [*x, *x]\n", text.encode() * 3])
+    whole = rng.choice(
+        [
+            b"",
+            b"\xef\xbb\xbf" + text.encode(),
+            b"- a\n- b\n",
+            b"just a string\n",
+            b"42\n",
+            b"a: " + b"[" * 60 + b"]" * 60 + b"\n",
+            b"\xff\xfe" + text.encode("utf-16-le"),
+            b"a: &x [1]\nb: [*x, *x]\n",
+            text.encode() * 3,
+        ]
+    )
     return "whole document", whole
 
 
@@ -406,8 +577,10 @@ def test_fuzz_config_reader(tmp_path, record_property):
     for i in range(250):
         what, blob = mutate_yaml(rng, VALID_CONFIG, keys)
         path = _write(tmp_path / f"case{i}.yaml", blob)
-        tally.run(f"config case {i} ({what})", lambda: (load_config_file(path),
-                                                       resolve_options(PurifyOptions, {}, str(path))))
+        tally.run(
+            f"config case {i} ({what})",
+            lambda path=path: (load_config_file(path), resolve_options(PurifyOptions, {}, str(path))),
+        )
     tally.finish(record_property)
     assert not (tmp_path / "PWNED").exists() and not Path("PWNED").exists()
 
@@ -447,13 +620,32 @@ def test_fuzz_trigger_spec_reader(tmp_path, record_property):
         what, blob = mutate_yaml(rng, text, list(yaml.safe_load(text)))
         path = _write(tmp_path / f"case{i}.yaml", blob)
         shape = rng.choice(IMAGE_SHAPES)
-        tally.run(f"trigger case {i} ({name}, {what}, shape {shape})", lambda: _load_and_build(path, shape))
+        tally.run(f"trigger case {i} ({name}, {what}, shape {shape})", partial(_load_and_build, path, shape))
     tally.finish(record_property)
     assert not (tmp_path / "PWNED").exists() and not Path("PWNED").exists()
 
 
-TRIGGER_KEYS = ("type", "target", "name", "size", "position", "color", "image", "image_sha256", "alpha",
-                "pattern", "seed", "amplitude", "frequency", "k", "s", "grid_rescale", "mask", "mask_sha256", "bogus")
+TRIGGER_KEYS = (
+    "type",
+    "target",
+    "name",
+    "size",
+    "position",
+    "color",
+    "image",
+    "image_sha256",
+    "alpha",
+    "pattern",
+    "seed",
+    "amplitude",
+    "frequency",
+    "k",
+    "s",
+    "grid_rescale",
+    "mask",
+    "mask_sha256",
+    "bogus",
+)
 
 
 def test_fuzz_trigger_spec_fields(tmp_path, record_property):
@@ -461,8 +653,27 @@ def test_fuzz_trigger_spec_fields(tmp_path, record_property):
     rng = random.Random(SEED + 4)
     trigger_files(tmp_path)
     bad_png = _write(tmp_path / "bad.png", b"\x89PNG\r\n\x1a\n" + bytes(40))
-    values = HOSTILE_VALUES + ("patch", "blend", "sig", "wanet", "image", "trigger.png", "mask.png", str(bad_png),
-                               "noise", "center", [0, 0], [31, 31], [1, 2], [255, 0, 0], 2, 4, 255, 256, "0" * 64)
+    values = HOSTILE_VALUES + (
+        "patch",
+        "blend",
+        "sig",
+        "wanet",
+        "image",
+        "trigger.png",
+        "mask.png",
+        str(bad_png),
+        "noise",
+        "center",
+        [0, 0],
+        [31, 31],
+        [1, 2],
+        [255, 0, 0],
+        2,
+        4,
+        255,
+        256,
+        "0" * 64,
+    )
     tally = Tally("trigger_fields")
     for i in range(400):
         obj = {"type": rng.choice(["patch", "blend", "sig", "wanet", "image", "PATCH", 3, None])}
@@ -470,7 +681,7 @@ def test_fuzz_trigger_spec_fields(tmp_path, record_property):
             obj[key] = rng.choice(values)
         shape = rng.choice(IMAGE_SHAPES)
 
-        def case():
+        def case(obj=obj, shape=shape):
             spec = parse_trigger_spec(obj, tmp_path, source="fuzz")
             return build_trigger(spec, shape).apply(torch.zeros(1, *shape, dtype=torch.uint8))
 
@@ -489,15 +700,21 @@ def test_fuzz_trigger_images(tmp_path, record_property):
         what, blob = mutate_bytes(rng, good[name])
         _write(tmp_path / f"m{i}.png", blob)
         other = "mask.png" if name == "trigger.png" else "trigger.png"
-        fields = {"trigger.png": f"m{i}.png", "mask.png": other} if name == "trigger.png" else \
-            {"trigger.png": other, "mask.png": f"m{i}.png"}
-        spec = _write(tmp_path / f"img{i}.yaml",
-                      f"type: image\nimage: {fields['trigger.png']}\nmask: {fields['mask.png']}\n".encode())
-        tally.run(f"image case {i} ({name}, {what})", lambda: _load_and_build(spec, (32, 32, 3)))
+        fields = (
+            {"trigger.png": f"m{i}.png", "mask.png": other}
+            if name == "trigger.png"
+            else {"trigger.png": other, "mask.png": f"m{i}.png"}
+        )
+        spec = _write(
+            tmp_path / f"img{i}.yaml",
+            f"type: image\nimage: {fields['trigger.png']}\nmask: {fields['mask.png']}\n".encode(),
+        )
+        tally.run(f"image case {i} ({name}, {what})", partial(_load_and_build, spec, (32, 32, 3)))
     tally.finish(record_property)
 
 
 # ---------------------------------------------------------------- a few through the CLI
+
 
 def test_fuzz_cli_inspect(tmp_path, record_property):
     """~20 mutated checkpoints through `bdclean inspect`: exit 0, 2 or 3, short message, no traceback."""
@@ -506,8 +723,11 @@ def test_fuzz_cli_inspect(tmp_path, record_property):
     from backdoor_cli.cli import app
 
     rng = random.Random(SEED + 6)
-    bases = {"st": valid_safetensors(), "zip": torch_zip(tiny_state()),
-             "hostile": torch_zip({"w": torch.ones(2), "x": _Marker(tmp_path / "PWNED")})}
+    bases = {
+        "st": valid_safetensors(),
+        "zip": torch_zip(tiny_state()),
+        "hostile": torch_zip({"w": torch.ones(2), "x": _Marker(tmp_path / "PWNED")}),
+    }
     codes: Counter = Counter()
     runner = CliRunner()
     for i in range(21):

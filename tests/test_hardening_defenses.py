@@ -7,23 +7,26 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from typer.testing import CliRunner
 
-from backdoor_cli.cli import app
 from backdoor_cli.data import augment_batch, normalize
-from backdoor_cli.defenses import DefenseParams, get_defense
 from backdoor_cli.defenses.nad import attention_loss, stage_ends
 from backdoor_cli.defenses.perturbations import sharpness_ascent, toward_origin
 from backdoor_cli.models import build_model
 from backdoor_cli.models.output_kind import smoothed_nll
 from backdoor_cli.tuning import TuneSettings, _augment, tune
-
-from helpers import MEAN, STD, Tiny, run_tiny as _run, tiny_data as _data
-from test_output_kind import run_ok, purify, toy  # noqa: F401  (toy is a fixture)
+from helpers import MEAN, STD, Tiny, train_ended_toy
+from helpers import purify_with_arch_file as purify
+from helpers import run_purify_ok as run_ok
+from helpers import run_tiny as _run
+from helpers import tiny_data as _data
 
 CPU = torch.device("cpu")
 
 
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    """train_ended_toy's model, data and arch.py (one per module)."""
+    return train_ended_toy(tmp_path_factory.mktemp("outkind"))
 
 
 def _same(a: torch.nn.Module, b: torch.nn.Module) -> bool:
@@ -41,8 +44,10 @@ def test_nad_with_zero_attention_weight_is_plain_fine_tuning():
     ft, _ = _run("ft")
     nad, outcome = _run("nad", nad_beta=(0.0,))
     # Up to float rounding: the zero-weighted branch still joins the backward graph.
-    assert all(torch.allclose(x.float(), y.float(), atol=1e-6)
-               for x, y in zip(ft.state_dict().values(), nad.state_dict().values()))
+    assert all(
+        torch.allclose(x.float(), y.float(), atol=1e-6)
+        for x, y in zip(ft.state_dict().values(), nad.state_dict().values())
+    )
     assert "attention at bn" in outcome.notes[0]
 
 
@@ -57,8 +62,15 @@ def _one_full_batch_step(model, perturb_with):
     """One SGD step (no momentum, no augmentation, the whole set as one batch) through tune()."""
     data = _data(n=16)
     params = list(model.parameters())
-    tune(model, data, MEAN, STD, TuneSettings(epochs=1, lr=0.1, batch_size=16, momentum=0.0, augment=False),
-         CPU, perturb=perturb_with(params))
+    tune(
+        model,
+        data,
+        MEAN,
+        STD,
+        TuneSettings(epochs=1, lr=0.1, batch_size=16, momentum=0.0, augment=False),
+        CPU,
+        perturb=perturb_with(params),
+    )
     return data
 
 
@@ -130,8 +142,11 @@ def test_attention_loss_is_zero_for_equal_maps_and_ignores_scale():
 
 def test_smoothed_nll_matches_cross_entropy_with_label_smoothing():
     logits, targets = torch.randn(6, 5), torch.tensor([0, 1, 2, 3, 4, 0])
-    assert torch.allclose(smoothed_nll(torch.log_softmax(logits, 1), targets, 0.1),
-                          F.cross_entropy(logits, targets, label_smoothing=0.1), atol=1e-6)
+    assert torch.allclose(
+        smoothed_nll(torch.log_softmax(logits, 1), targets, 0.1),
+        F.cross_entropy(logits, targets, label_smoothing=0.1),
+        atol=1e-6,
+    )
 
 
 def test_images_marked_no_augment_stay_as_they_are():
@@ -148,12 +163,15 @@ def test_constant_schedule_keeps_the_learning_rate():
     assert [h.lr for h in history] == [0.02, 0.02, 0.02]
 
 
-@pytest.mark.parametrize("method, args, note", [
-    ("pam", ["--rho", "0.4"], "rho 0.4"),
-    ("ft-sam", ["--rho", "1.5", "--label-smoothing", "0.05"], "label smoothing 0.05"),
-    ("nad", ["--teacher-epochs", "1", "--nad-beta", "100"], "teacher fine-tuned 1 epochs"),
-])
-def test_cli_runs_each_method_and_records_what_it_did(toy, tmp_path, method, args, note):  # noqa: F811
+@pytest.mark.parametrize(
+    "method, args, note",
+    [
+        ("pam", ["--rho", "0.4"], "rho 0.4"),
+        ("ft-sam", ["--rho", "1.5", "--label-smoothing", "0.05"], "label smoothing 0.05"),
+        ("nad", ["--teacher-epochs", "1", "--nad-beta", "100"], "teacher fine-tuned 1 epochs"),
+    ],
+)
+def test_cli_runs_each_method_and_records_what_it_did(toy, tmp_path, method, args, note):
     report, _ = run_ok(toy, tmp_path / method, "plain", "--method", method, *args)
     assert report["method"]["name"] == method
     assert any(note in n for n in report["method"]["notes"])
@@ -164,13 +182,16 @@ def test_cli_runs_each_method_and_records_what_it_did(toy, tmp_path, method, arg
         assert params["rho"] == float(args[1])
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--method", "pam", "--rho", "-1"], "--rho"),
-    (["--method", "ft-sam", "--label-smoothing", "1"], "--label-smoothing"),
-    (["--method", "nad", "--nad-layers", "nope"], "no module 'nope'"),
-    (["--method", "nad", "--nad-beta", "1,2,3,4", "--nad-layers", "conv"], "1 layers"),
-])
-def test_cli_refuses_bad_values_with_exit_2(toy, tmp_path, args, message):  # noqa: F811
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--method", "pam", "--rho", "-1"], "--rho"),
+        (["--method", "ft-sam", "--label-smoothing", "1"], "--label-smoothing"),
+        (["--method", "nad", "--nad-layers", "nope"], "no module 'nope'"),
+        (["--method", "nad", "--nad-beta", "1,2,3,4", "--nad-layers", "conv"], "1 layers"),
+    ],
+)
+def test_cli_refuses_bad_values_with_exit_2(toy, tmp_path, args, message):
     result = purify(toy, tmp_path / "bad", "plain", *args)
     assert result.exit_code == 2, result.output
     assert message in result.output

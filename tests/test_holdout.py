@@ -15,7 +15,6 @@ from backdoor_cli.cli import app
 from backdoor_cli.data import ImageSet
 from backdoor_cli.errors import ConfigError
 from backdoor_cli.holdout import HoldoutMonitor, holdout_accuracy, split_holdout
-
 from helpers import train_toy_model
 
 MEAN, STD = torch.zeros(1, 1, 1, 1), torch.ones(1, 1, 1, 1)
@@ -79,9 +78,30 @@ def test_without_a_budget_or_an_acceptable_epoch_the_last_is_kept():
 
 
 def _purify(toy, out, *extra, data=None):
-    result = CliRunner().invoke(app, ["purify", str(toy["model"]), "--data", str(data or toy["data"]), "--out", str(out),
-                                      "--method", "ft-init", "--epochs", "4", "--clean-count", "120",
-                                      "--holdout-fraction", "0.25", "--device", "cpu", "--quiet", "--json", *extra])
+    result = CliRunner().invoke(
+        app,
+        [
+            "purify",
+            str(toy["model"]),
+            "--data",
+            str(data or toy["data"]),
+            "--out",
+            str(out),
+            "--method",
+            "ft-init",
+            "--epochs",
+            "4",
+            "--clean-count",
+            "120",
+            "--holdout-fraction",
+            "0.25",
+            "--device",
+            "cpu",
+            "--quiet",
+            "--json",
+            *extra,
+        ],
+    )
     assert result.exit_code in (0, 1), result.output
     return json.loads(result.stdout), read_checkpoint(out / "purified.safetensors").state_dict
 

@@ -20,7 +20,6 @@ import shutil
 import struct
 import subprocess
 import sys
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +36,7 @@ runner = CliRunner()
 
 
 # ---------------------------------------------------------------- fixtures and checks
+
 
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
@@ -82,7 +82,7 @@ def check_refused(result, code: int, *words: str) -> None:
     # the error message; the message itself starts at "error:".
     starts = [i for i, line in enumerate(lines) if line.lower().startswith("error")]
     assert starts, f"no 'error:' line in stderr:\n{result.stderr}"
-    lines = lines[starts[0]:]
+    lines = lines[starts[0] :]
     assert 1 <= len(lines) <= 3, f"expected a 1-3 line message, got {len(lines)}:\n{result.stderr}"
     assert result.stdout.strip() == "", f"stdout must stay empty on errors:\n{result.stdout}"
     for word in words:
@@ -90,8 +90,11 @@ def check_refused(result, code: int, *words: str) -> None:
 
 
 def save_st(path: Path, state: dict, meta: dict | None) -> Path:
-    save_file({k: v.contiguous() for k, v in state.items()}, str(path),
-              metadata=None if meta is None else {"bdclean": json.dumps(meta)})
+    save_file(
+        {k: v.contiguous() for k, v in state.items()},
+        str(path),
+        metadata=None if meta is None else {"bdclean": json.dumps(meta)},
+    )
     return path
 
 
@@ -118,11 +121,21 @@ def _u(text: str) -> bytes:  # SHORT_BINUNICODE
 def stack_global_evasion(marker: Path) -> bytes:
     """A protocol-4 pickle calling posix.system that a naive opcode scanner reads as collections.OrderedDict:
     push 'posix' 'system' 'collections' 'OrderedDict', POP POP, STACK_GLOBAL, then call it."""
-    return (b"\x80\x04" + _u("posix") + _u("system") + _u("collections") + _u("OrderedDict") + b"00" + b"\x93"
-            + _u(f"touch {marker}") + b"\x85R.")
+    return (
+        b"\x80\x04"
+        + _u("posix")
+        + _u("system")
+        + _u("collections")
+        + _u("OrderedDict")
+        + b"00"
+        + b"\x93"
+        + _u(f"touch {marker}")
+        + b"\x85R."
+    )
 
 
 # ---------------------------------------------------------------- checkpoints
+
 
 def _safetensors_parts(path: Path) -> tuple[dict, bytes]:
     data = path.read_bytes()
@@ -159,8 +172,10 @@ def _with(state: dict, **changes) -> dict:
 
 def _evil_factory_file(root: Path, marker: Path) -> Path:
     evil = root / "evil_arch.py"
-    evil.write_text(f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\n"
-                    "def factory(num_classes=10, in_channels=3):\n    raise RuntimeError('factory ran')\n")
+    evil.write_text(
+        f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\n"
+        "def factory(num_classes=10, in_channels=3):\n    raise RuntimeError('factory ran')\n"
+    )
     return evil
 
 
@@ -179,121 +194,467 @@ def _bad_png_header(path: Path, width: int, height: int) -> Path:
     return path
 
 
-
-
 def _cases_checkpoint():
     """(id, builder(tmp, toy) -> path, extra CLI args, exit code, words, stage, marks).
 
     stage 'read': `inspect` must fail the same way; stage 'load': inspect succeeds, evaluate fails."""
     h = lambda toy: toy["head"]  # noqa: E731
     cases = [
-        ("pickle-reduce-legacy", lambda t, toy: _w(t / "evil.pth", pickle.dumps({"state_dict": Payload(t / "PWNED")},
-                                                                                 protocol=2)),
-         [], 3, ["refused", "system"], "read", ()),
-        ("pickle-reduce-protocol4", lambda t, toy: _w(t / "evil.pt", pickle.dumps([Payload(t / "PWNED")], protocol=4)),
-         [], 3, ["refused"], "read", ()),
-        ("pickle-reduce-protocol0", lambda t, toy: _w(t / "evil.pt", pickle.dumps(Payload(t / "PWNED"), protocol=0)),
-         [], 3, ["refused"], "read", ()),
-        ("pickle-in-torch-zip", lambda t, toy: torch_save(t / "evil.pt", {"state_dict": toy["state"],
-                                                                          "x": Payload(t / "PWNED")}),
-         [], 3, ["refused", "system"], "read", ()),
-        ("pickle-in-torch-legacy-format", lambda t, toy: torch_save(t / "evil.pt", {"w": toy["state"],
-                                                                                    "x": Payload(t / "PWNED")},
-                                                                    legacy=True),
-         [], 3, ["refused"], "read", ()),
-        ("pickle-builtins-eval", lambda t, toy: _w(t / "evil.pt", b"\x80\x02cbuiltins\neval\nX\x04\x00\x00\x00"
-                                                                    b"1+1)\x85R."),
-         [], 3, ["refused", "eval"], "read", ()),
-        ("pickle-scanner-evasion", lambda t, toy: _w(t / "evil.pt", stack_global_evasion(t / "PWNED")),
-         [], 3, ["refused"], "read", ()),
+        (
+            "pickle-reduce-legacy",
+            lambda t, toy: _w(t / "evil.pth", pickle.dumps({"state_dict": Payload(t / "PWNED")}, protocol=2)),
+            [],
+            3,
+            ["refused", "system"],
+            "read",
+            (),
+        ),
+        (
+            "pickle-reduce-protocol4",
+            lambda t, toy: _w(t / "evil.pt", pickle.dumps([Payload(t / "PWNED")], protocol=4)),
+            [],
+            3,
+            ["refused"],
+            "read",
+            (),
+        ),
+        (
+            "pickle-reduce-protocol0",
+            lambda t, toy: _w(t / "evil.pt", pickle.dumps(Payload(t / "PWNED"), protocol=0)),
+            [],
+            3,
+            ["refused"],
+            "read",
+            (),
+        ),
+        (
+            "pickle-in-torch-zip",
+            lambda t, toy: torch_save(t / "evil.pt", {"state_dict": toy["state"], "x": Payload(t / "PWNED")}),
+            [],
+            3,
+            ["refused", "system"],
+            "read",
+            (),
+        ),
+        (
+            "pickle-in-torch-legacy-format",
+            lambda t, toy: torch_save(t / "evil.pt", {"w": toy["state"], "x": Payload(t / "PWNED")}, legacy=True),
+            [],
+            3,
+            ["refused"],
+            "read",
+            (),
+        ),
+        (
+            "pickle-builtins-eval",
+            lambda t, toy: _w(t / "evil.pt", b"\x80\x02cbuiltins\neval\nX\x04\x00\x00\x001+1)\x85R."),
+            [],
+            3,
+            ["refused", "eval"],
+            "read",
+            (),
+        ),
+        (
+            "pickle-scanner-evasion",
+            lambda t, toy: _w(t / "evil.pt", stack_global_evasion(t / "PWNED")),
+            [],
+            3,
+            ["refused"],
+            "read",
+            (),
+        ),
         ("empty-file", lambda t, toy: _w(t / "empty.pt", b""), [], 2, ["empty"], "read", ()),
         ("directory", lambda t, toy: _mkdir(t / "ckpt.pt"), [], 2, ["directory"], "read", ()),
         ("missing-file", lambda t, toy: t / "nope.safetensors", [], 2, ["not found"], "read", ()),
         ("fifo", lambda t, toy: _fifo(t / "pipe.pt"), [], 2, [], "read", ()),
-        ("text-file", lambda t, toy: _w(t / "notes.pt", b"hello, I am not a model\n"), [], 2, ["not a checkpoint"],
-         "read", ()),
-        ("truncated-safetensors", lambda t, toy: _w(t / "cut.safetensors", toy["model"].read_bytes()[:-50]),
-         [], 2, ["corrupt"], "read", ()),
-        ("truncated-header", lambda t, toy: _w(t / "cut.safetensors", toy["model"].read_bytes()[:40]),
-         [], 2, ["header"], "read", ()),
-        ("truncated-torch-zip", lambda t, toy: _w(t / "cut.pt", _torch_bytes(toy["state"])[:-300]),
-         [], 2, [], "read", ()),
-        ("header-length-huge", lambda t, toy: _w(t / "h.safetensors", struct.pack("<Q", 2**63)
-                                                   + toy["model"].read_bytes()[8:]),
-         [], 2, ["header"], "read", ()),
-        ("header-not-json", lambda t, toy: _w(t / "h.safetensors", struct.pack("<Q", 8) + b"{not js}" + b"\0" * 8),
-         [], 2, ["header"], "read", ()),
-        ("header-offsets-beyond-file", lambda t, toy: _edit_header(toy, t / "o.safetensors", lambda hd, body: hd[
-            _first_weight(hd)].update(data_offsets=[0, len(body) + 4096])), [], 2, ["corrupt"], "read", ()),
-        ("header-offsets-overlap", lambda t, toy: _edit_header(toy, t / "o.safetensors", lambda hd, body: hd.update(
-            {"alias.weight": dict(hd[_first_weight(hd)])})), [], 2, ["corrupt"], "read", ()),
-        ("header-offsets-reversed", lambda t, toy: _edit_header(toy, t / "o.safetensors", lambda hd, body: hd[
-            _first_weight(hd)].update(data_offsets=hd[_first_weight(hd)]["data_offsets"][::-1])),
-         [], 2, ["corrupt"], "read", ()),
-        ("header-dtype-lie", lambda t, toy: _edit_header(toy, t / "d.safetensors", lambda hd, body: hd[
-            _first_weight(hd)].update(dtype="F64")), [], 2, ["corrupt"], "read", ()),
-        ("header-dtype-unknown", lambda t, toy: _edit_header(toy, t / "d.safetensors", lambda hd, body: hd[
-            _first_weight(hd)].update(dtype="Q7")), [], 2, ["corrupt"], "read", ()),
-        ("header-shape-lie", lambda t, toy: _edit_header(toy, t / "s.safetensors", lambda hd, body: hd[
-            _first_weight(hd)].update(shape=[2**31, 2**31])), [], 2, ["corrupt"], "read", ()),
-        ("metadata-not-json", lambda t, toy: _edit_header(toy, t / "m.safetensors", lambda hd, body: hd.update(
-            __metadata__={"bdclean": "{oops"})), [], 2, ["metadata"], "read", ()),
-        ("metadata-not-object", lambda t, toy: _edit_header(toy, t / "m.safetensors", lambda hd, body: hd.update(
-            __metadata__={"bdclean": "[1, 2]"})), [], 2, ["metadata"], "read", ()),
-        ("integer-tensors-only", lambda t, toy: save_st(t / "i.safetensors", {k: v.to(torch.int64) for k, v in
-                                                                             toy["state"].items()}, None),
-         [], 2, ["floating"], "read", ()),
-        ("integer-head-weight", lambda t, toy: save_st(t / "i.safetensors", _with(toy["state"], **{
-            f"{h(toy)}.weight": torch.ones_like(toy["state"][f"{h(toy)}.weight"], dtype=torch.int64)}), toy["meta"]),
-         [], 2, [".weight", "dtype"], "load", ()),
-        ("nan-weights", lambda t, toy: save_st(t / "n.safetensors", _with(toy["state"], **{
-            f"{h(toy)}.weight": torch.full_like(toy["state"][f"{h(toy)}.weight"], float("nan"))}), toy["meta"]),
-         [], 2, ["nan"], "read", ()),
-        ("inf-weights-fp16", lambda t, toy: save_st(t / "n.safetensors", {k: (v.half() if v.is_floating_point() else v)
-                                                                          for k, v in _with(toy["state"], **{
-            f"{h(toy)}.bias": torch.full_like(toy["state"][f"{h(toy)}.bias"], float("inf"))}).items()}, toy["meta"]),
-         [], 2, ["inf"], "read", ()),
+        (
+            "text-file",
+            lambda t, toy: _w(t / "notes.pt", b"hello, I am not a model\n"),
+            [],
+            2,
+            ["not a checkpoint"],
+            "read",
+            (),
+        ),
+        (
+            "truncated-safetensors",
+            lambda t, toy: _w(t / "cut.safetensors", toy["model"].read_bytes()[:-50]),
+            [],
+            2,
+            ["corrupt"],
+            "read",
+            (),
+        ),
+        (
+            "truncated-header",
+            lambda t, toy: _w(t / "cut.safetensors", toy["model"].read_bytes()[:40]),
+            [],
+            2,
+            ["header"],
+            "read",
+            (),
+        ),
+        (
+            "truncated-torch-zip",
+            lambda t, toy: _w(t / "cut.pt", _torch_bytes(toy["state"])[:-300]),
+            [],
+            2,
+            [],
+            "read",
+            (),
+        ),
+        (
+            "header-length-huge",
+            lambda t, toy: _w(t / "h.safetensors", struct.pack("<Q", 2**63) + toy["model"].read_bytes()[8:]),
+            [],
+            2,
+            ["header"],
+            "read",
+            (),
+        ),
+        (
+            "header-not-json",
+            lambda t, toy: _w(t / "h.safetensors", struct.pack("<Q", 8) + b"{not js}" + b"\0" * 8),
+            [],
+            2,
+            ["header"],
+            "read",
+            (),
+        ),
+        (
+            "header-offsets-beyond-file",
+            lambda t, toy: _edit_header(
+                toy,
+                t / "o.safetensors",
+                lambda hd, body: hd[_first_weight(hd)].update(data_offsets=[0, len(body) + 4096]),
+            ),
+            [],
+            2,
+            ["corrupt"],
+            "read",
+            (),
+        ),
+        (
+            "header-offsets-overlap",
+            lambda t, toy: _edit_header(
+                toy, t / "o.safetensors", lambda hd, body: hd.update({"alias.weight": dict(hd[_first_weight(hd)])})
+            ),
+            [],
+            2,
+            ["corrupt"],
+            "read",
+            (),
+        ),
+        (
+            "header-offsets-reversed",
+            lambda t, toy: _edit_header(
+                toy,
+                t / "o.safetensors",
+                lambda hd, body: hd[_first_weight(hd)].update(data_offsets=hd[_first_weight(hd)]["data_offsets"][::-1]),
+            ),
+            [],
+            2,
+            ["corrupt"],
+            "read",
+            (),
+        ),
+        (
+            "header-dtype-lie",
+            lambda t, toy: _edit_header(
+                toy, t / "d.safetensors", lambda hd, body: hd[_first_weight(hd)].update(dtype="F64")
+            ),
+            [],
+            2,
+            ["corrupt"],
+            "read",
+            (),
+        ),
+        (
+            "header-dtype-unknown",
+            lambda t, toy: _edit_header(
+                toy, t / "d.safetensors", lambda hd, body: hd[_first_weight(hd)].update(dtype="Q7")
+            ),
+            [],
+            2,
+            ["corrupt"],
+            "read",
+            (),
+        ),
+        (
+            "header-shape-lie",
+            lambda t, toy: _edit_header(
+                toy, t / "s.safetensors", lambda hd, body: hd[_first_weight(hd)].update(shape=[2**31, 2**31])
+            ),
+            [],
+            2,
+            ["corrupt"],
+            "read",
+            (),
+        ),
+        (
+            "metadata-not-json",
+            lambda t, toy: _edit_header(
+                toy, t / "m.safetensors", lambda hd, body: hd.update(__metadata__={"bdclean": "{oops"})
+            ),
+            [],
+            2,
+            ["metadata"],
+            "read",
+            (),
+        ),
+        (
+            "metadata-not-object",
+            lambda t, toy: _edit_header(
+                toy, t / "m.safetensors", lambda hd, body: hd.update(__metadata__={"bdclean": "[1, 2]"})
+            ),
+            [],
+            2,
+            ["metadata"],
+            "read",
+            (),
+        ),
+        (
+            "integer-tensors-only",
+            lambda t, toy: save_st(t / "i.safetensors", {k: v.to(torch.int64) for k, v in toy["state"].items()}, None),
+            [],
+            2,
+            ["floating"],
+            "read",
+            (),
+        ),
+        (
+            "integer-head-weight",
+            lambda t, toy: save_st(
+                t / "i.safetensors",
+                _with(
+                    toy["state"],
+                    **{f"{h(toy)}.weight": torch.ones_like(toy["state"][f"{h(toy)}.weight"], dtype=torch.int64)},
+                ),
+                toy["meta"],
+            ),
+            [],
+            2,
+            [".weight", "dtype"],
+            "load",
+            (),
+        ),
+        (
+            "nan-weights",
+            lambda t, toy: save_st(
+                t / "n.safetensors",
+                _with(
+                    toy["state"],
+                    **{f"{h(toy)}.weight": torch.full_like(toy["state"][f"{h(toy)}.weight"], float("nan"))},
+                ),
+                toy["meta"],
+            ),
+            [],
+            2,
+            ["nan"],
+            "read",
+            (),
+        ),
+        (
+            "inf-weights-fp16",
+            lambda t, toy: save_st(
+                t / "n.safetensors",
+                {
+                    k: (v.half() if v.is_floating_point() else v)
+                    for k, v in _with(
+                        toy["state"],
+                        **{f"{h(toy)}.bias": torch.full_like(toy["state"][f"{h(toy)}.bias"], float("inf"))},
+                    ).items()
+                },
+                toy["meta"],
+            ),
+            [],
+            2,
+            ["inf"],
+            "read",
+            (),
+        ),
         ("bare-tensor", lambda t, toy: torch_save(t / "t.pt", torch.ones(3)), [], 2, ["state_dict"], "read", ()),
         ("list-of-tensors", lambda t, toy: torch_save(t / "t.pt", [torch.ones(3)]), [], 2, ["state_dict"], "read", ()),
-        ("dict-without-tensors", lambda t, toy: torch_save(t / "t.pt", {"epoch": 3, "acc": 0.9}),
-         [], 2, ["no tensors"], "read", ()),
-        ("integer-keys", lambda t, toy: torch_save(t / "t.pt", {1: torch.ones(3), 2: torch.ones(2)}),
-         [], 2, ["strings"], "read", ()),
+        (
+            "dict-without-tensors",
+            lambda t, toy: torch_save(t / "t.pt", {"epoch": 3, "acc": 0.9}),
+            [],
+            2,
+            ["no tensors"],
+            "read",
+            (),
+        ),
+        (
+            "integer-keys",
+            lambda t, toy: torch_save(t / "t.pt", {1: torch.ones(3), 2: torch.ones(2)}),
+            [],
+            2,
+            ["strings"],
+            "read",
+            (),
+        ),
         ("wrong-class-count-flag", lambda t, toy: toy["model"], ["--num-classes", "5"], 2, ["5"], "load", ()),
-        ("head-for-4-classes", lambda t, toy: save_st(t / "c.safetensors", _with(
-            toy["state"], **{f"{h(toy)}.weight": torch.zeros(4, toy["state"][f"{h(toy)}.weight"].shape[1]),
-                             f"{h(toy)}.bias": torch.zeros(4)}), None), [], 2, ["classes"], "load", ()),
-        ("missing-key", lambda t, toy: save_st(t / "k.safetensors", _with(toy["state"], **{f"{h(toy)}.bias": None}),
-                                               toy["meta"]), [], 2, ["missing", f"bias"], "load", ()),
-        ("unexpected-key", lambda t, toy: save_st(t / "k.safetensors", _with(toy["state"], **{
-            "extra.weight": torch.zeros(2, 2)}), toy["meta"]), [], 2, ["unexpected", "extra.weight"], "load", ()),
-        ("reshaped-key", lambda t, toy: save_st(t / "k.safetensors", _with(toy["state"], **{
-            f"{h(toy)}.weight": toy["state"][f"{h(toy)}.weight"].reshape(-1, 1)}), toy["meta"]),
-         [], 2, [f"{'{}'}.weight"], "load", ()),
-        ("other-architecture", lambda t, toy: save_st(t / "a.safetensors", _simple_cnn_state(), toy["meta"]),
-         [], 2, ["missing"], "load", ()),
+        (
+            "head-for-4-classes",
+            lambda t, toy: save_st(
+                t / "c.safetensors",
+                _with(
+                    toy["state"],
+                    **{
+                        f"{h(toy)}.weight": torch.zeros(4, toy["state"][f"{h(toy)}.weight"].shape[1]),
+                        f"{h(toy)}.bias": torch.zeros(4),
+                    },
+                ),
+                None,
+            ),
+            [],
+            2,
+            ["classes"],
+            "load",
+            (),
+        ),
+        (
+            "missing-key",
+            lambda t, toy: save_st(t / "k.safetensors", _with(toy["state"], **{f"{h(toy)}.bias": None}), toy["meta"]),
+            [],
+            2,
+            ["missing", "bias"],
+            "load",
+            (),
+        ),
+        (
+            "unexpected-key",
+            lambda t, toy: save_st(
+                t / "k.safetensors", _with(toy["state"], **{"extra.weight": torch.zeros(2, 2)}), toy["meta"]
+            ),
+            [],
+            2,
+            ["unexpected", "extra.weight"],
+            "load",
+            (),
+        ),
+        (
+            "reshaped-key",
+            lambda t, toy: save_st(
+                t / "k.safetensors",
+                _with(toy["state"], **{f"{h(toy)}.weight": toy["state"][f"{h(toy)}.weight"].reshape(-1, 1)}),
+                toy["meta"],
+            ),
+            [],
+            2,
+            [f"{'{}'}.weight"],
+            "load",
+            (),
+        ),
+        (
+            "other-architecture",
+            lambda t, toy: save_st(t / "a.safetensors", _simple_cnn_state(), toy["meta"]),
+            [],
+            2,
+            ["missing"],
+            "load",
+            (),
+        ),
         ("other-architecture-flag", lambda t, toy: toy["model"], ["--arch", "simple_cnn"], 2, ["missing"], "load", ()),
-        ("metadata-arch-is-python-file", lambda t, toy: save_st(t / "m.safetensors", toy["state"], {
-            **toy["meta"], "arch": f"{_evil_factory_file(t, t / 'PWNED')}:factory"}), [], 2, ["arch"], "load",
-         ()),
-        ("metadata-arch-not-a-string", lambda t, toy: save_st(t / "m.safetensors", toy["state"], {
-            **toy["meta"], "arch": 7}), [], 2, ["arch"], "load", ()),
-        ("metadata-arch-unknown", lambda t, toy: save_st(t / "m.safetensors", toy["state"], {
-            **toy["meta"], "arch": "nosuchnet"}), [], 2, ["nosuchnet"], "load", ()),
-        ("metadata-mean-not-numbers", lambda t, toy: save_st(t / "m.safetensors", toy["state"], {
-            **toy["meta"], "normalization": {"mean": "abc", "std": [0.2, 0.2, 0.2]}}), [], 2, ["mean"], "load",
-         ()),
-        ("metadata-std-nan", lambda t, toy: save_st(t / "m.safetensors", toy["state"], {
-            **toy["meta"], "normalization": {"mean": [0.5] * 3, "std": [float("nan")] * 3}}), [], 2, ["std"], "load",
-         ()),
-        ("metadata-std-zero", lambda t, toy: save_st(t / "m.safetensors", toy["state"], {
-            **toy["meta"], "normalization": {"mean": [0.5] * 3, "std": [0, 1, 1]}}), [], 2, ["std"], "load", ()),
-        ("metadata-head-unknown", lambda t, toy: save_st(t / "m.safetensors", toy["state"], {
-            **toy["meta"], "head": "no.such.layer"}), [], 2, ["no.such.layer"], "load", ()),
-        ("metadata-trigger-not-mapping", lambda t, toy: save_st(t / "m.safetensors", toy["state"], {
-            **toy["meta"], "trigger": "rm -rf /"}), [], 2, ["trigger"], "load", ()),
-        ("metadata-trigger-reads-system-file", lambda t, toy: save_st(t / "m.safetensors", toy["state"], {
-            **toy["meta"], "trigger": {"type": "patch", "image": "/etc/passwd"}}), [], 2, ["image"], "load", ()),
+        (
+            "metadata-arch-is-python-file",
+            lambda t, toy: save_st(
+                t / "m.safetensors",
+                toy["state"],
+                {**toy["meta"], "arch": f"{_evil_factory_file(t, t / 'PWNED')}:factory"},
+            ),
+            [],
+            2,
+            ["arch"],
+            "load",
+            (),
+        ),
+        (
+            "metadata-arch-not-a-string",
+            lambda t, toy: save_st(t / "m.safetensors", toy["state"], {**toy["meta"], "arch": 7}),
+            [],
+            2,
+            ["arch"],
+            "load",
+            (),
+        ),
+        (
+            "metadata-arch-unknown",
+            lambda t, toy: save_st(t / "m.safetensors", toy["state"], {**toy["meta"], "arch": "nosuchnet"}),
+            [],
+            2,
+            ["nosuchnet"],
+            "load",
+            (),
+        ),
+        (
+            "metadata-mean-not-numbers",
+            lambda t, toy: save_st(
+                t / "m.safetensors",
+                toy["state"],
+                {**toy["meta"], "normalization": {"mean": "abc", "std": [0.2, 0.2, 0.2]}},
+            ),
+            [],
+            2,
+            ["mean"],
+            "load",
+            (),
+        ),
+        (
+            "metadata-std-nan",
+            lambda t, toy: save_st(
+                t / "m.safetensors",
+                toy["state"],
+                {**toy["meta"], "normalization": {"mean": [0.5] * 3, "std": [float("nan")] * 3}},
+            ),
+            [],
+            2,
+            ["std"],
+            "load",
+            (),
+        ),
+        (
+            "metadata-std-zero",
+            lambda t, toy: save_st(
+                t / "m.safetensors",
+                toy["state"],
+                {**toy["meta"], "normalization": {"mean": [0.5] * 3, "std": [0, 1, 1]}},
+            ),
+            [],
+            2,
+            ["std"],
+            "load",
+            (),
+        ),
+        (
+            "metadata-head-unknown",
+            lambda t, toy: save_st(t / "m.safetensors", toy["state"], {**toy["meta"], "head": "no.such.layer"}),
+            [],
+            2,
+            ["no.such.layer"],
+            "load",
+            (),
+        ),
+        (
+            "metadata-trigger-not-mapping",
+            lambda t, toy: save_st(t / "m.safetensors", toy["state"], {**toy["meta"], "trigger": "rm -rf /"}),
+            [],
+            2,
+            ["trigger"],
+            "load",
+            (),
+        ),
+        (
+            "metadata-trigger-reads-system-file",
+            lambda t, toy: save_st(
+                t / "m.safetensors", toy["state"], {**toy["meta"], "trigger": {"type": "patch", "image": "/etc/passwd"}}
+            ),
+            [],
+            2,
+            ["image"],
+            "load",
+            (),
+        ),
     ]
     for case_id, build, args, code, words, stage, marks in cases:
         yield pytest.param(build, args, code, words, stage, id=case_id, marks=marks)
@@ -331,8 +692,9 @@ def test_hostile_checkpoint(toy, tmp_path, build, args, code, words, stage):
     path = build(tmp_path, toy)
     words = [w.replace("{}", toy["head"]) for w in words]
     before = toy["model"].read_bytes()
-    result, changed = invoke("evaluate", path, "--data", toy["data"], "--device", "cpu", "--quiet", *args,
-                             root=tmp_path)
+    result, changed = invoke(
+        "evaluate", path, "--data", toy["data"], "--device", "cpu", "--quiet", *args, root=tmp_path
+    )
     check_refused(result, code, *words)
     assert not (tmp_path / "PWNED").exists(), "a checkpoint ran code"
     assert changed == [], f"files changed: {changed}"
@@ -346,8 +708,7 @@ def test_hostile_checkpoint(toy, tmp_path, build, args, code, words, stage):
 def test_hostile_checkpoint_through_purify_and_compare(toy, tmp_path):
     """The same reader guards every command: purify and compare refuse a malicious pickle with exit 3."""
     evil = torch_save(tmp_path / "evil.pt", {"state_dict": toy["state"], "x": Payload(tmp_path / "PWNED")})
-    result, changed = invoke("purify", evil, "--data", toy["data"], "--out", tmp_path / "out", "--quiet",
-                             root=tmp_path)
+    result, changed = invoke("purify", evil, "--data", toy["data"], "--out", tmp_path / "out", "--quiet", root=tmp_path)
     check_refused(result, 3, "refused")
     result2, changed2 = invoke("compare", toy["model"], evil, "--data", toy["data"], "--quiet", root=tmp_path)
     check_refused(result2, 3, "refused")
@@ -358,14 +719,19 @@ def test_hostile_checkpoint_through_purify_and_compare(toy, tmp_path):
 # ---------------------------------------------------------------- run configs (--config)
 
 
-
 def _cases_config():
     evaluate = ("evaluate",)
     purify = ("purify",)
     cases = [
         ("python-object-apply", evaluate, "!!python/object/apply:os.system ['touch {root}/PWNED']\n", 2, ["yaml"], ()),
-        ("python-object-in-value", evaluate, "data: !!python/object/apply:os.system ['touch {root}/PWNED']\n", 2,
-         ["yaml"], ()),
+        (
+            "python-object-in-value",
+            evaluate,
+            "data: !!python/object/apply:os.system ['touch {root}/PWNED']\n",
+            2,
+            ["yaml"],
+            (),
+        ),
         ("python-name-tag", evaluate, "device: !!python/name:os.system\n", 2, ["yaml"], ()),
         ("non-utf8", evaluate, b"data: \xff\xfe caf\xe9\n", 2, ["utf-8"], ()),
         ("not-a-mapping", evaluate, "- data\n- cpu\n", 2, ["mapping"], ()),
@@ -395,10 +761,8 @@ def _cases_config():
         ("eval-limit-negative", evaluate, "data: {data}\neval-limit: -5\n", 2, ["eval-limit"], ()),
         ("seed-too-large", evaluate, "data: {data}\nseed: 1180591620717411303424\n", 2, ["seed"], ()),
         ("device-unknown", evaluate, "data: {data}\ndevice: tpu\n", 2, ["device"], ()),
-        ("yaml-int-tag-bad-value", evaluate, "data: {data}\neval-limit: !!int many\n", 2, ["yaml"],
-         ()),
-        ("yaml-timestamp-tag-bad-value", evaluate, "data: {data}\nseed: !!timestamp x\n", 2, ["yaml"],
-         ()),
+        ("yaml-int-tag-bad-value", evaluate, "data: {data}\neval-limit: !!int many\n", 2, ["yaml"], ()),
+        ("yaml-timestamp-tag-bad-value", evaluate, "data: {data}\nseed: !!timestamp x\n", 2, ["yaml"], ()),
     ]
     for case_id, command, text, code, words, marks in cases:
         yield pytest.param(command, text, code, words, id=case_id, marks=marks)
@@ -443,11 +807,16 @@ def test_bad_flag_value_is_a_short_usage_error(toy):
 
 # ---------------------------------------------------------------- trigger specs (--trigger)
 
+
 def _cases_trigger():
     cases = [
         ("python-tag", "!!python/object/apply:os.system ['touch {root}/PWNED']\n", 2, ["yaml"]),
-        ("python-tag-in-field", "type: patch\nsize: !!python/object/apply:os.system ['touch {root}/PWNED']\n", 2,
-         ["yaml"]),
+        (
+            "python-tag-in-field",
+            "type: patch\nsize: !!python/object/apply:os.system ['touch {root}/PWNED']\n",
+            2,
+            ["yaml"],
+        ),
         ("non-utf8", b"type: patch\nname: caf\xe9\n", 2, ["utf-8"]),
         ("empty", "", 2, ["empty"]),
         ("not-a-mapping", "- patch\n", 2, ["mapping"]),
@@ -507,8 +876,9 @@ def test_hostile_trigger(toy, tmp_path, text, code, words):
         spec.write_bytes(text)
     else:
         spec.write_text(text.replace("{root}", str(tmp_path)))
-    result, changed = invoke("evaluate", toy["model"], "--data", toy["data"], "--trigger", spec, "--device", "cpu",
-                             "--quiet", root=tmp_path)
+    result, changed = invoke(
+        "evaluate", toy["model"], "--data", toy["data"], "--trigger", spec, "--device", "cpu", "--quiet", root=tmp_path
+    )
     check_refused(result, code, *words)
     assert changed == [] and not (tmp_path / "PWNED").exists()
 
@@ -521,6 +891,7 @@ def test_hostile_trigger_argument(toy, value):
 
 # ---------------------------------------------------------------- data (--data, --clean-data)
 
+
 def _npz(root: Path, split: str, **arrays) -> None:
     root.mkdir(parents=True, exist_ok=True)
     np.savez(root / f"{split}.npz", **arrays)
@@ -528,8 +899,10 @@ def _npz(root: Path, split: str, **arrays) -> None:
 
 def _good_arrays(n: int = 30, size: int = 12, channels: int = 3, classes: int = 3, seed: int = 0):
     rng = np.random.default_rng(seed)
-    return {"x": rng.integers(0, 256, (n, size, size, channels), dtype=np.uint8),
-            "y": (np.arange(n) % classes).astype(np.uint8)}
+    return {
+        "x": rng.integers(0, 256, (n, size, size, channels), dtype=np.uint8),
+        "y": (np.arange(n) % classes).astype(np.uint8),
+    }
 
 
 def _image_folder(root: Path, classes=("a", "b", "c"), per_class: int = 4, size=(12, 12), mode: str = "RGB"):
@@ -603,12 +976,23 @@ def _data_case(kind: str, root: Path) -> Path:
 
 
 DATA_CASES = [
-    ("xy-length-mismatch", ["length", "x"]), ("label-negative", ["label"]),
-    ("label-beyond-known-dataset", ["label"]), ("object-array", []), ("float-images", ["uint8"]),
-    ("missing-y", ["y"]), ("x-wrong-rank", []), ("empty-split", []), ("npz-is-garbage", ["test.npz"]),
-    ("npz-is-pickle", []), ("wrong-channel-count", ["channel"]), ("missing-directory", ["nowhere"]),
-    ("empty-directory", []), ("folder-corrupt-image", ["1.png"]), ("folder-non-image-file", ["readme.png"]),
-    ("folder-mixed-sizes", ["odd.png"]), ("folder-wrong-channels", ["channel"]),
+    ("xy-length-mismatch", ["length", "x"]),
+    ("label-negative", ["label"]),
+    ("label-beyond-known-dataset", ["label"]),
+    ("object-array", []),
+    ("float-images", ["uint8"]),
+    ("missing-y", ["y"]),
+    ("x-wrong-rank", []),
+    ("empty-split", []),
+    ("npz-is-garbage", ["test.npz"]),
+    ("npz-is-pickle", []),
+    ("wrong-channel-count", ["channel"]),
+    ("missing-directory", ["nowhere"]),
+    ("empty-directory", []),
+    ("folder-corrupt-image", ["1.png"]),
+    ("folder-non-image-file", ["readme.png"]),
+    ("folder-mixed-sizes", ["odd.png"]),
+    ("folder-wrong-channels", ["channel"]),
     ("folder-bomb-header", ["bomb.png"]),
 ]
 
@@ -670,27 +1054,69 @@ def _clean_case(kind: str, root: Path, toy) -> tuple[list, list[str]]:
     raise AssertionError(kind)  # pragma: no cover
 
 
-CLEAN_CASES = ["clean-count-zero", "clean-count-negative", "clean-fraction-rounds-to-empty", "clean-fraction-zero",
-               "clean-count-one-class", "clean-data-one-class", "clean-data-empty-npz", "clean-data-wrong-size",
-               "clean-data-wrong-channels", "clean-data-label-out-of-range", "clean-data-corrupt-folder",
-               "clean-data-missing", "clean-data-with-count"]
+CLEAN_CASES = [
+    "clean-count-zero",
+    "clean-count-negative",
+    "clean-fraction-rounds-to-empty",
+    "clean-fraction-zero",
+    "clean-count-one-class",
+    "clean-data-one-class",
+    "clean-data-empty-npz",
+    "clean-data-wrong-size",
+    "clean-data-wrong-channels",
+    "clean-data-label-out-of-range",
+    "clean-data-corrupt-folder",
+    "clean-data-missing",
+    "clean-data-with-count",
+]
 
 
 @pytest.mark.parametrize("kind", CLEAN_CASES)
 def test_hostile_clean_data(toy, tmp_path, kind):
     args, words = _clean_case(kind, tmp_path, toy)
     out = tmp_path / "out"
-    result, changed = invoke("purify", toy["model"], "--data", toy["data"], "--out", out, "--epochs", "1",
-                             "--device", "cpu", "--quiet", *args, root=tmp_path)
+    result, changed = invoke(
+        "purify",
+        toy["model"],
+        "--data",
+        toy["data"],
+        "--out",
+        out,
+        "--epochs",
+        "1",
+        "--device",
+        "cpu",
+        "--quiet",
+        *args,
+        root=tmp_path,
+    )
     check_refused(result, 2, *words)
     assert changed == [] and not any(out.glob("*")), changed
 
 
 # ---------------------------------------------------------------- outputs (--out)
 
+
 def _purify(toy, out, *extra, root):
-    return invoke("purify", toy["model"], "--data", toy["data"], "--out", out, "--clean-count", "30", "--epochs",
-                  "1", "--batch-size", "16", "--device", "cpu", "--quiet", *extra, root=root)
+    return invoke(
+        "purify",
+        toy["model"],
+        "--data",
+        toy["data"],
+        "--out",
+        out,
+        "--clean-count",
+        "30",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "16",
+        "--device",
+        "cpu",
+        "--quiet",
+        *extra,
+        root=root,
+    )
 
 
 def test_out_is_the_input_file(toy, tmp_path):
@@ -751,17 +1177,28 @@ def test_out_under_proc_is_unwritable(toy, tmp_path):
 
 
 def test_train_out_is_a_directory(toy, tmp_path):
-    result = invoke("train", "--arch", "test_tiny", "--data", toy["data"], "--out", tmp_path, "--epochs", "1",
-                    "--quiet")
+    result = invoke(
+        "train", "--arch", "test_tiny", "--data", toy["data"], "--out", tmp_path, "--epochs", "1", "--quiet"
+    )
     check_refused(result, 2, "directory")
-
-
 
 
 def test_train_never_overwrites_its_data(toy, tmp_path):
     data = make_npz_dataset(tmp_path / "data", n_train=30, n_test=30)
-    result, changed = invoke("train", "--arch", "test_tiny", "--data", data, "--out", data / "train.npz",
-                             "--epochs", "1", "--force", "--quiet", root=tmp_path)
+    result, changed = invoke(
+        "train",
+        "--arch",
+        "test_tiny",
+        "--data",
+        data,
+        "--out",
+        data / "train.npz",
+        "--epochs",
+        "1",
+        "--force",
+        "--quiet",
+        root=tmp_path,
+    )
     check_refused(result, 2, "input")
     assert changed == []
 
@@ -770,9 +1207,22 @@ def test_purify_never_overwrites_its_config(toy, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     cfg = out / "config.yaml"
-    cfg.write_text(f"# my settings\nclean-count: 30\nepochs: 1\nbatch-size: 16\n")
-    result, changed = invoke("purify", toy["model"], "--data", toy["data"], "--out", out, "--config", cfg,
-                             "--device", "cpu", "--force", "--quiet", root=tmp_path)
+    cfg.write_text("# my settings\nclean-count: 30\nepochs: 1\nbatch-size: 16\n")
+    result, changed = invoke(
+        "purify",
+        toy["model"],
+        "--data",
+        toy["data"],
+        "--out",
+        out,
+        "--config",
+        cfg,
+        "--device",
+        "cpu",
+        "--force",
+        "--quiet",
+        root=tmp_path,
+    )
     check_refused(result, 2, "input")
     assert changed == []
 
@@ -780,8 +1230,9 @@ def test_purify_never_overwrites_its_config(toy, tmp_path):
 def test_existing_special_file_is_never_replaced(toy, tmp_path):
     fifo = tmp_path / "model.safetensors"
     os.mkfifo(fifo)
-    result = invoke("train", "--arch", "test_tiny", "--data", toy["data"], "--out", fifo, "--epochs", "1",
-                    "--force", "--quiet")
+    result = invoke(
+        "train", "--arch", "test_tiny", "--data", toy["data"], "--out", fifo, "--epochs", "1", "--force", "--quiet"
+    )
     is_fifo = fifo.exists() and not fifo.is_file()
     check_refused(result, 2, "regular file")
     assert is_fifo
@@ -813,8 +1264,6 @@ def test_full_disk_on_first_output(toy, tmp_path, monkeypatch):
     assert changed == []
 
 
-
-
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
 def test_full_disk_on_last_output_leaves_no_partial_set(toy, tmp_path, monkeypatch):
     _enospc_on(monkeypatch, {"report.json"})
@@ -826,8 +1275,19 @@ def test_full_disk_on_last_output_leaves_no_partial_set(toy, tmp_path, monkeypat
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
 def test_full_disk_train(toy, tmp_path, monkeypatch):
     _enospc_on(monkeypatch, {"model.safetensors"})
-    result, changed = invoke("train", "--arch", "test_tiny", "--data", toy["data"], "--out",
-                             tmp_path / "model.safetensors", "--epochs", "1", "--quiet", root=tmp_path)
+    result, changed = invoke(
+        "train",
+        "--arch",
+        "test_tiny",
+        "--data",
+        toy["data"],
+        "--out",
+        tmp_path / "model.safetensors",
+        "--epochs",
+        "1",
+        "--quiet",
+        root=tmp_path,
+    )
     check_refused(result, 2, "no space")
     assert changed == []
 
@@ -843,8 +1303,11 @@ def _isolated_mount_script(setup: str, command: list[str], after: str) -> list[s
 def _can_mount() -> bool:
     if not shutil.which("unshare") or os.geteuid() != 0:
         return False
-    probe = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c",
-                            "mount -t tmpfs -o size=16k tmpfs /mnt"], capture_output=True, timeout=20)
+    probe = subprocess.run(
+        ["unshare", "-m", "--propagation", "private", "sh", "-c", "mount -t tmpfs -o size=16k tmpfs /mnt"],
+        capture_output=True,
+        timeout=20,
+    )
     return probe.returncode == 0
 
 
@@ -860,11 +1323,31 @@ def test_real_full_and_read_only_filesystems(toy, tmp_path, fs):
     else:
         setup = f"mount -t tmpfs -o ro,size=16k tmpfs {mnt}"
     out = mnt / "model.safetensors"
-    code = ("import sys; from backdoor_cli.cli import app; sys.argv=['bdclean']+sys.argv[1:]; app()")
-    command = [sys.executable, "-c", code, "train", "--arch", "test_tiny", "--data", str(toy["data"]), "--out",
-               str(out), "--epochs", "1", "--device", "cpu", "--quiet"]
-    proc = subprocess.run(_isolated_mount_script(setup, command, f"ls -a {mnt} > {tmp_path}/listing.txt"),
-                          capture_output=True, text=True, cwd=REPO, timeout=120)
+    code = "import sys; from backdoor_cli.cli import app; sys.argv=['bdclean']+sys.argv[1:]; app()"
+    command = [
+        sys.executable,
+        "-c",
+        code,
+        "train",
+        "--arch",
+        "test_tiny",
+        "--data",
+        str(toy["data"]),
+        "--out",
+        str(out),
+        "--epochs",
+        "1",
+        "--device",
+        "cpu",
+        "--quiet",
+    ]
+    proc = subprocess.run(
+        _isolated_mount_script(setup, command, f"ls -a {mnt} > {tmp_path}/listing.txt"),
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
@@ -876,6 +1359,7 @@ def test_real_full_and_read_only_filesystems(toy, tmp_path, fs):
 
 
 # ---------------------------------------------------------------- devices
+
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 @pytest.mark.parametrize("device", ["cuda", "cuda:0", "cuda:1"])

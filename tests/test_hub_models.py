@@ -28,9 +28,17 @@ from helpers import bdclean_logits, check_compare_of_purified_dir, make_npz_data
 transformers = pytest.importorskip("transformers", reason="the hf extra (pip install -e '.[hf]') is not installed")
 runner = CliRunner()
 SIZE = 16
-PREPROCESSOR = {"do_normalize": True, "do_rescale": True, "do_resize": True, "image_mean": [0.5, 0.4, 0.3],
-                "image_processor_type": "ViTImageProcessor", "image_std": [0.25, 0.2, 0.3], "resample": 2,
-                "rescale_factor": 1 / 255, "size": {"height": SIZE, "width": SIZE}}
+PREPROCESSOR = {
+    "do_normalize": True,
+    "do_rescale": True,
+    "do_resize": True,
+    "image_mean": [0.5, 0.4, 0.3],
+    "image_processor_type": "ViTImageProcessor",
+    "image_std": [0.25, 0.2, 0.3],
+    "resample": 2,
+    "rescale_factor": 1 / 255,
+    "size": {"height": SIZE, "width": SIZE},
+}
 
 
 def invoke(*args):
@@ -38,14 +46,22 @@ def invoke(*args):
 
 
 def _vit(classes: int = 3):
-    config = transformers.ViTConfig(image_size=SIZE, patch_size=4, hidden_size=32, num_hidden_layers=2,
-                                    num_attention_heads=2, intermediate_size=64, num_labels=classes)
+    config = transformers.ViTConfig(
+        image_size=SIZE,
+        patch_size=4,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        num_labels=classes,
+    )
     return transformers.AutoModelForImageClassification.from_config(config)
 
 
 def _resnet(classes: int = 3):
-    config = transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic",
-                                       num_labels=classes)
+    config = transformers.ResNetConfig(
+        embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic", num_labels=classes
+    )
     return transformers.AutoModelForImageClassification.from_config(config)
 
 
@@ -73,17 +89,31 @@ def _save(model, directory: Path, preprocessor: dict | None = None, safetensors:
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("hub")
     torch.manual_seed(0)
-    dirs = {"vit": _save(_spread(_vit()), root / "vit", PREPROCESSOR),
-            "resnet": _save(_spread(_resnet()), root / "resnet"),
-            "resnet_bin": _save(_spread(_resnet()), root / "resnet_bin", safetensors=False)}
+    dirs = {
+        "vit": _save(_spread(_vit()), root / "vit", PREPROCESSOR),
+        "resnet": _save(_spread(_resnet()), root / "resnet"),
+        "resnet_bin": _save(_spread(_resnet()), root / "resnet_bin", safetensors=False),
+    }
     return {"root": root, "data": make_npz_dataset(root / "data", size=SIZE), **dirs}
 
 
 @pytest.fixture(scope="module")
 def purified(models):
     out = models["root"] / "out"
-    result = invoke("purify", models["vit"], "--data", models["data"], "--out", out, "--epochs", "1",
-                    "--device", "cpu", "--quiet", "--json")
+    result = invoke(
+        "purify",
+        models["vit"],
+        "--data",
+        models["data"],
+        "--out",
+        out,
+        "--epochs",
+        "1",
+        "--device",
+        "cpu",
+        "--quiet",
+        "--json",
+    )
     assert result.exit_code == 0, result.output
     return {"out": out, "report": json.loads(result.stdout)}
 
@@ -103,7 +133,10 @@ def test_predictions_equal_the_librarys_own_forward(models, name):
     subject = load_subject(str(models[name]), bundle)
     mean, std = (PREPROCESSOR["image_mean"], PREPROCESSOR["image_std"]) if name == "vit" else (bundle.mean, bundle.std)
     assert subject.mean == pytest.approx(tuple(mean)) and subject.std == pytest.approx(tuple(std))
-    ours, theirs = bdclean_logits(models[name], models["data"]), _library_logits(models[name], models["data"], mean, std)
+    ours, theirs = (
+        bdclean_logits(models[name], models["data"]),
+        _library_logits(models[name], models["data"], mean, std),
+    )
     assert torch.equal(ours.argmax(1), theirs.argmax(1)) and len(ours.argmax(1).unique()) > 1
     assert torch.allclose(ours, theirs, atol=1e-5)
     assert subject.describe()["hub"].startswith(f"transformers {type(subject.model).__name__}")
@@ -133,8 +166,13 @@ def test_inspect_model_dir_table_and_json(models):
     info = json.loads(invoke("inspect", models["resnet_bin"], "--json").stdout)
     assert info["hub"].startswith("transformers ResNetForImageClassification (model_type resnet)")
     assert info["format"] == "torch-zip" and info["path"] == str(models["resnet_bin"])
-    assert info["guess"] == {"arch": "transformers:ResNetForImageClassification", "arch_from": "config.json",
-                             "num_classes": 3, "in_channels": 3, "head": "classifier.1"}
+    assert info["guess"] == {
+        "arch": "transformers:ResNetForImageClassification",
+        "arch_from": "config.json",
+        "num_classes": 3,
+        "in_channels": 3,
+        "head": "classifier.1",
+    }
 
 
 def test_evaluate_cli_reports_the_librarys_accuracy(models):
@@ -165,16 +203,28 @@ def test_purify_writes_the_librarys_layout_beside_purified_safetensors(models, p
 
 
 def test_compare_model_dirs_and_purified_file(models, purified):
-    check_compare_of_purified_dir(models["vit"], purified["out"], models["data"], "transformers:ViTForImageClassification")
+    check_compare_of_purified_dir(
+        models["vit"], purified["out"], models["data"], "transformers:ViTForImageClassification"
+    )
 
 
 def test_purify_refuses_to_write_inside_the_model_dir(models):
-    result = invoke("purify", models["resnet"], "--data", models["data"], "--out", models["resnet"] / "out",
-                    "--device", "cpu", "--quiet")
+    result = invoke(
+        "purify",
+        models["resnet"],
+        "--data",
+        models["data"],
+        "--out",
+        models["resnet"] / "out",
+        "--device",
+        "cpu",
+        "--quiet",
+    )
     assert result.exit_code == 2 and "inside the input directory" in result.output
 
 
 # ---- refusals and errors ---------------------------------------------------------------------------
+
 
 def _model_dir(tmp_path: Path, models, config, name: str = "m") -> Path:
     """A copy of the tiny ResNet directory with config.json replaced by `config` (text or JSON value)."""
@@ -211,20 +261,27 @@ def test_auto_map_is_refused_and_no_code_runs(tmp_path, models):
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("config, message", [
-    ("[1, 2]", "must hold a JSON object, not a list"),
-    ("{not json", "is not valid JSON"),
-    ('{"model_type": "vit", "x": NaN}', "is not valid JSON"),
-    ({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}, "is not an image classifier bdclean supports"),
-    ({"model_type": "resnet", "architectures": ["os.system"]}, "'architectures' must list exactly one class name"),
-    ({"model_type": "resnet", "architectures": ["ResNetModel"]}, "is not the image-classification class"),
-    ({"architecture": "hf-hub:timm/resnet18", "num_classes": 3}, "must be a timm model name"),
-    ({"hello": 1}, "neither a transformers config"),
-    ({"model_type": "resnet", "architectures": ["ResNetForImageClassification"], "quantization_config": {}},
-     "quantized models are not supported"),
-    ({"model_type": "resnet", "architectures": ["ResNetForImageClassification"], "num_channels": "3"},
-     "'num_channels' must be an integer"),
-])
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        ("[1, 2]", "must hold a JSON object, not a list"),
+        ("{not json", "is not valid JSON"),
+        ('{"model_type": "vit", "x": NaN}', "is not valid JSON"),
+        ({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}, "is not an image classifier bdclean supports"),
+        ({"model_type": "resnet", "architectures": ["os.system"]}, "'architectures' must list exactly one class name"),
+        ({"model_type": "resnet", "architectures": ["ResNetModel"]}, "is not the image-classification class"),
+        ({"architecture": "hf-hub:timm/resnet18", "num_classes": 3}, "must be a timm model name"),
+        ({"hello": 1}, "neither a transformers config"),
+        (
+            {"model_type": "resnet", "architectures": ["ResNetForImageClassification"], "quantization_config": {}},
+            "quantized models are not supported",
+        ),
+        (
+            {"model_type": "resnet", "architectures": ["ResNetForImageClassification"], "num_channels": "3"},
+            "'num_channels' must be an integer",
+        ),
+    ],
+)
 def test_bad_configs_are_input_errors(tmp_path, models, config, message):
     result = _evaluate(_model_dir(tmp_path, models, config), models)
     assert result.exit_code == 2 and message in result.output, result.output
@@ -301,13 +358,17 @@ def test_missing_transformers_names_the_extra(models, monkeypatch):
 
 
 def test_tampered_hub_metadata_in_a_purified_file_is_refused(tmp_path, models):
-    from backdoor_cli.checkpoint import write_safetensors
     from safetensors.torch import load_file
+
+    from backdoor_cli.checkpoint import write_safetensors
 
     config = _resnet_config(models, auto_map={"AutoModel": "evil.Model"})
     path = tmp_path / "p.safetensors"
-    write_safetensors(path, load_file(models["resnet"] / "model.safetensors"),
-                      {"hub": {"library": "transformers", "config": config, "preprocessor": None}})
+    write_safetensors(
+        path,
+        load_file(models["resnet"] / "model.safetensors"),
+        {"hub": {"library": "transformers", "config": config, "preprocessor": None}},
+    )
     assert _evaluate(path, models).exit_code == 3
     write_safetensors(path, load_file(models["resnet"] / "model.safetensors"), {"hub": {"library": "transformers"}})
     result = _evaluate(path, models)
@@ -316,28 +377,41 @@ def test_tampered_hub_metadata_in_a_purified_file_is_refused(tmp_path, models):
 
 # ---- timm ------------------------------------------------------------------------------------------
 
-TIMM_CONFIG = {"architecture": "resnet10t", "num_classes": 3, "num_features": 512,
-               "pretrained_cfg": {"input_size": [3, SIZE, SIZE], "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.2, 0.2]}}
+TIMM_CONFIG = {
+    "architecture": "resnet10t",
+    "num_classes": 3,
+    "num_features": 512,
+    "pretrained_cfg": {"input_size": [3, SIZE, SIZE], "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.2, 0.2]},
+}
 
 
 def test_timm_config_parsing_and_input_spec():
-    model = hub_config.HubModel("timm", hub_config.parse_config(TIMM_CONFIG, "c")[1], TIMM_CONFIG, None, Path("w"), "config.json")
+    model = hub_config.HubModel(
+        "timm", hub_config.parse_config(TIMM_CONFIG, "c")[1], TIMM_CONFIG, None, Path("w"), "config.json"
+    )
     assert hub_config.parse_config(TIMM_CONFIG, "c") == ("timm", "resnet10t")
     spec = hub_config.input_spec(model)
     assert (spec.channels, spec.sizes, spec.mean, spec.norm_source) == (
-        3, [((SIZE, SIZE), "pretrained_cfg input_size")], [0.5, 0.4, 0.3], "pretrained_cfg")
+        3,
+        [((SIZE, SIZE), "pretrained_cfg input_size")],
+        [0.5, 0.4, 0.3],
+        "pretrained_cfg",
+    )
     hub_config.check_input_shape(spec, (SIZE, SIZE, 3))
     with pytest.raises(InputError, match="expects 16x16 images .pretrained_cfg input_size. but the data is 32x32"):
         hub_config.check_input_shape(spec, (32, 32, 3))
 
 
-@pytest.mark.parametrize("changes, message", [
-    ({"architecture": "../evil"}, "must be a timm model name"),
-    ({"num_classes": None}, "needs 'num_classes'"),
-    ({"model_args": {"checkpoint_path": "/tmp/x.pth"}}, "are not passed to timm"),
-    ({"pretrained_cfg": {"input_size": [3, 16]}}, "input_size must be"),
-    ({"pretrained_cfg": {"mean": ["0.5"]}}, "mean must be a list of 1-4 finite numbers"),
-])
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"architecture": "../evil"}, "must be a timm model name"),
+        ({"num_classes": None}, "needs 'num_classes'"),
+        ({"model_args": {"checkpoint_path": "/tmp/x.pth"}}, "are not passed to timm"),
+        ({"pretrained_cfg": {"input_size": [3, 16]}}, "input_size must be"),
+        ({"pretrained_cfg": {"mean": ["0.5"]}}, "mean must be a list of 1-4 finite numbers"),
+    ],
+)
 def test_timm_config_errors(changes, message):
     with pytest.raises(InputError, match=message):
         hub_config.parse_config({**TIMM_CONFIG, **changes}, "config.json")
@@ -364,8 +438,11 @@ def test_timm_broken_by_torchvision_says_why(tmp_path, models, monkeypatch):
 
 
 def test_timm_predictions_equal_timms_own_forward(tmp_path, models):
-    timm = pytest.importorskip("timm", reason="timm is not installed (extra bdclean[timm]); it needs a torchvision "
-                                              "that imports beside this torch build")
+    timm = pytest.importorskip(
+        "timm",
+        reason="timm is not installed (extra bdclean[timm]); it needs a torchvision "
+        "that imports beside this torch build",
+    )
     model = timm.create_model("resnet10t", pretrained=False, num_classes=3).eval()
     directory = tmp_path / "timm"
     directory.mkdir()
@@ -395,8 +472,10 @@ def test_a_model_directory_resizes_an_image_folder_to_its_configured_size(tmp_pa
             for j in range(4):
                 w, h = (int(v) for v in rng.integers(20, 41, 2))
                 Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(folder / f"{j}.png")
-    result = runner.invoke(app, ["evaluate", str(models["vit"]), "--data", str(tmp_path / "photos"),
-                                 "--device", "cpu", "--quiet", "--json"])
+    result = runner.invoke(
+        app,
+        ["evaluate", str(models["vit"]), "--data", str(tmp_path / "photos"), "--device", "cpu", "--quiet", "--json"],
+    )
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)["data"]
     assert data["image_shape"][:2] == [SIZE, SIZE] and data["image_size"] == [SIZE, SIZE]

@@ -58,6 +58,7 @@ def folder_model(tmp_path_factory):
 
 # ---------------------------------------------------------------- the transform
 
+
 def test_resized_size_is_the_imagenet_eval_transform():
     assert resized_size(500, 375, (224, 224)) == (341, 256)  # shorter side 256 = round(224 / 0.875)
     assert resized_size(375, 500, (224, 224)) == (256, 341)
@@ -131,8 +132,18 @@ def test_clean_folder_is_resized(tmp_path):
 
 # ---------------------------------------------------------------- the option
 
-@pytest.mark.parametrize("value, expected", [("224", (224, 224)), ("224,192", (224, 192)), (" 16 , 24 ", (16, 24)),
-                                             (32, (32, 32)), ([16, 24], (16, 24)), (None, None)])
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        ("224", (224, 224)),
+        ("224,192", (224, 192)),
+        (" 16 , 24 ", (16, 24)),
+        (32, (32, 32)),
+        ([16, 24], (16, 24)),
+        (None, None),
+    ],
+)
 def test_parse_image_size(value, expected):
     assert parse_image_size(value, "--image-size") == expected
 
@@ -153,17 +164,33 @@ def test_image_size_from_yaml(tmp_path):
 
 @pytest.mark.parametrize("command", ["evaluate", "purify", "compare", "train"])
 def test_cli_rejects_bad_image_size(tmp_path, command):
-    args = {"evaluate": ["evaluate", "m"], "purify": ["purify", "m", "--out", tmp_path / "o"],
-            "compare": ["compare", "m", "n"], "train": ["train", "--out", tmp_path / "m.safetensors"]}[command]
+    args = {
+        "evaluate": ["evaluate", "m"],
+        "purify": ["purify", "m", "--out", tmp_path / "o"],
+        "compare": ["compare", "m", "n"],
+        "train": ["train", "--out", tmp_path / "m.safetensors"],
+    }[command]
     result = invoke(*args, "--data", tmp_path, "--image-size", "big", "--quiet")
     assert result.exit_code == 2 and "--image-size" in result.output and "Traceback" not in result.output
 
 
 # ---------------------------------------------------------------- streaming
 
+
 def _evaluate_json(folder_model, *extra):
-    result = invoke("evaluate", folder_model["model"], "--data", folder_model["data"], "--image-size", "16",
-                    "--batch-size", "4", "--json", "--quiet", *extra)
+    result = invoke(
+        "evaluate",
+        folder_model["model"],
+        "--data",
+        folder_model["data"],
+        "--image-size",
+        "16",
+        "--batch-size",
+        "4",
+        "--json",
+        "--quiet",
+        *extra,
+    )
     assert result.exit_code == 0, result.output
     return json.loads(result.stdout)
 
@@ -195,8 +222,24 @@ def test_streamed_compare_and_purify(folder_model, monkeypatch, tmp_path):
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["data"]["streamed"] is True
     out = tmp_path / "out"
-    result = invoke("purify", model, "--data", data, "--out", out, "--image-size", "16", "--clean-count", "9",
-                    "--epochs", "1", "--device", "cpu", "--json", "--quiet")
+    result = invoke(
+        "purify",
+        model,
+        "--data",
+        data,
+        "--out",
+        out,
+        "--image-size",
+        "16",
+        "--clean-count",
+        "9",
+        "--epochs",
+        "1",
+        "--device",
+        "cpu",
+        "--json",
+        "--quiet",
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["data"]["streamed"] is True and (out / "purified.safetensors").exists()
@@ -255,8 +298,23 @@ def test_benchmark_smoke(tmp_path):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     out = tmp_path / "bench.json"
-    code = bench.main(["--images", "24", "--min-side", "20", "--max-side", "40", "--image-size", "16",
-                       "--batch-size", "8", "--loaders", "--json-out", str(out)])
+    code = bench.main(
+        [
+            "--images",
+            "24",
+            "--min-side",
+            "20",
+            "--max-side",
+            "40",
+            "--image-size",
+            "16",
+            "--batch-size",
+            "8",
+            "--loaders",
+            "--json-out",
+            str(out),
+        ]
+    )
     result = json.loads(out.read_text())
     assert code == 0 and result["metrics_identical"]
     runs = result["runs"]

@@ -28,22 +28,52 @@ def toy(tmp_path_factory):
     root = tmp_path_factory.mktemp("interrupt")
     data = make_npz_dataset(root / "data", n_train=1500, n_test=60)
     model = root / "bd.safetensors"
-    result = runner.invoke(app, ["train", "--arch", "test_tiny", "--data", str(data), "--out", str(model),
-                                 "--trigger", "badnets", "--poison-rate", "0.1", "--epochs", "1",
-                                 "--train-limit", "240", "--device", "cpu", "--quiet"])
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            "--arch",
+            "test_tiny",
+            "--data",
+            str(data),
+            "--out",
+            str(model),
+            "--trigger",
+            "badnets",
+            "--poison-rate",
+            "0.1",
+            "--epochs",
+            "1",
+            "--train-limit",
+            "240",
+            "--device",
+            "cpu",
+            "--quiet",
+        ],
+    )
     assert result.exit_code == 0, result.output
     return {"root": root, "data": data, "model": model}
 
 
 def _start(args: list[str]) -> tuple[subprocess.Popen, queue.Queue]:
     """Start `bdclean ARGS` in its own process; stderr lines arrive on the returned queue."""
-    command = [sys.executable, "-c", "import sys; from backdoor_cli.cli import main; sys.argv[0] = 'bdclean'; main()",
-               *args]
+    command = [
+        sys.executable,
+        "-c",
+        "import sys; from backdoor_cli.cli import main; sys.argv[0] = 'bdclean'; main()",
+        *args,
+    ]
     # A shell that starts jobs in the background (nohup, `&` without job control) passes SIGINT on as
     # ignored, and Python then never raises KeyboardInterrupt: restore the default as a terminal would.
-    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "COLUMNS": "200", "BDCLEAN_DEBUG": ""},
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    proc = subprocess.Popen(
+        command,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "COLUMNS": "200", "BDCLEAN_DEBUG": ""},
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     lines: queue.Queue = queue.Queue()
 
     def pump():
@@ -94,8 +124,24 @@ def _leftovers(folder: Path) -> list[str]:
 
 def test_sigint_during_purify_tuning(toy, tmp_path):
     out = tmp_path / "out"
-    proc, lines = _start(["purify", str(toy["model"]), "--data", str(toy["data"]), "--out", str(out),
-                          "--clean-count", "1500", "--epochs", "300", "--batch-size", "16", "--device", "cpu"])
+    proc, lines = _start(
+        [
+            "purify",
+            str(toy["model"]),
+            "--data",
+            str(toy["data"]),
+            "--out",
+            str(out),
+            "--clean-count",
+            "1500",
+            "--epochs",
+            "300",
+            "--batch-size",
+            "16",
+            "--device",
+            "cpu",
+        ]
+    )
     seen: list[str] = []
     try:
         _wait_for(lines, "epoch 1/300", seen)  # one epoch done, so we are mid-tuning, not loading
@@ -105,7 +151,7 @@ def test_sigint_during_purify_tuning(toy, tmp_path):
     code, stdout, stderr = _interrupt(proc, lines, seen)
     assert code == 130, stderr
     assert "interrupted" in stderr.lower() and "Traceback" not in stderr, stderr
-    tail = stderr[stderr.lower().index("interrupted"):].strip().splitlines()
+    tail = stderr[stderr.lower().index("interrupted") :].strip().splitlines()
     assert len(tail) <= 3, stderr
     assert stdout == ""
     assert _leftovers(out) == [], "outputs or temp files were left behind"
@@ -113,8 +159,23 @@ def test_sigint_during_purify_tuning(toy, tmp_path):
 
 def test_sigint_during_train(toy, tmp_path):
     model = tmp_path / "model.safetensors"
-    proc, lines = _start(["train", "--arch", "test_tiny", "--data", str(toy["data"]), "--out", str(model),
-                          "--epochs", "300", "--batch-size", "16", "--device", "cpu"])
+    proc, lines = _start(
+        [
+            "train",
+            "--arch",
+            "test_tiny",
+            "--data",
+            str(toy["data"]),
+            "--out",
+            str(model),
+            "--epochs",
+            "300",
+            "--batch-size",
+            "16",
+            "--device",
+            "cpu",
+        ]
+    )
     seen: list[str] = []
     try:
         _wait_for(lines, "epoch 1/300", seen)
@@ -137,8 +198,24 @@ def test_ctrl_c_while_writing_outputs_leaves_no_partial_set(toy, tmp_path, monke
 
     monkeypatch.setattr(pipeline, "stage_purify_report", interrupted)
     out = tmp_path / "out"
-    result = runner.invoke(app, ["purify", str(toy["model"]), "--data", str(toy["data"]), "--out", str(out),
-                                 "--clean-count", "30", "--epochs", "1", "--device", "cpu", "--quiet"])
+    result = runner.invoke(
+        app,
+        [
+            "purify",
+            str(toy["model"]),
+            "--data",
+            str(toy["data"]),
+            "--out",
+            str(out),
+            "--clean-count",
+            "30",
+            "--epochs",
+            "1",
+            "--device",
+            "cpu",
+            "--quiet",
+        ],
+    )
     assert result.exit_code == 130, result.output
     assert "interrupted" in result.stderr
     assert _leftovers(out) == []

@@ -19,7 +19,6 @@ from backdoor_cli.cli import app
 from backdoor_cli.data import load_dataset
 from backdoor_cli.models import ARCHITECTURES, build_model, guess_architecture
 from backdoor_cli.subject import load_subject
-
 from helpers import make_npz_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,7 +26,7 @@ RESNET20 = f"{REPO / 'examples' / 'models' / 'resnet20.py'}:resnet20"
 
 # A foreign model whose stem sorts *after* its body ("stem" > "body"): in safetensors' sorted order
 # the first 4-D weight is a 16 -> 16 body conv, and the last 2-D weight is not the head.
-STEM_LAST = textwrap.dedent('''
+STEM_LAST = textwrap.dedent("""
     import torch
     from torch import nn
 
@@ -45,7 +44,7 @@ STEM_LAST = textwrap.dedent('''
 
     def build(num_classes, in_channels=3):
         return Net(num_classes, in_channels)
-''')
+""")
 
 
 def write_shuffled_safetensors(path: Path, state: dict[str, torch.Tensor], seed: int = 0) -> None:
@@ -99,8 +98,14 @@ def outputs_of(path: Path, bundle, arch: str | None) -> tuple:
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
     root = tmp_path_factory.mktemp("order")
-    return {c: load_dataset(str(make_npz_dataset(root / f"c{c}", classes=5, size=12, channels=c, n_train=10,
-                                                 n_test=20)), None, need_train=False) for c in (1, 3)}
+    return {
+        c: load_dataset(
+            str(make_npz_dataset(root / f"c{c}", classes=5, size=12, channels=c, n_train=10, n_test=20)),
+            None,
+            need_train=False,
+        )
+        for c in (1, 3)
+    }
 
 
 # The big CIFAR nets in one channel setting only: each load builds them for real (seconds on 2 cores).
@@ -151,8 +156,9 @@ def test_cli_evaluates_a_sorted_order_safetensors_of_a_foreign_model(tmp_path):
     data = make_npz_dataset(tmp_path / "data", classes=3, size=12, n_train=30, n_test=30)
     outputs = []
     for path in three_files(tmp_path, seeded_state(arch, 3, 3)):
-        result = CliRunner().invoke(app, ["evaluate", str(path), "--arch", arch, "--data", str(data),
-                                          "--device", "cpu", "--json", "--quiet"])
+        result = CliRunner().invoke(
+            app, ["evaluate", str(path), "--arch", arch, "--data", str(data), "--device", "cpu", "--json", "--quiet"]
+        )
         assert result.exit_code == 0, result.output
         report = json.loads(result.stdout)
         assert report["checkpoint"]["num_classes"] == 3 and report["checkpoint"]["in_channels"] == 3

@@ -11,7 +11,6 @@ from typer.testing import CliRunner
 from backdoor_cli.cli import app
 from backdoor_cli.errors import ConfigError, InputError
 from backdoor_cli.linear_path import interpolate_states, path_points
-
 from helpers import make_npz_dataset, train_badnets_model
 
 runner = CliRunner()
@@ -46,8 +45,10 @@ def pair(tmp_path_factory):
 
 
 def _compare(pair, *args):
-    return runner.invoke(app, ["compare", str(pair["a"]), str(pair["b"]), "--data", str(pair["data"]),
-                               "--device", "cpu", "--quiet", *args])
+    return runner.invoke(
+        app,
+        ["compare", str(pair["a"]), str(pair["b"]), "--data", str(pair["data"]), "--device", "cpu", "--quiet", *args],
+    )
 
 
 def test_the_path_ends_are_the_two_models(pair, tmp_path):
@@ -72,21 +73,64 @@ def test_path_table_and_markdown(pair):
     assert md.exit_code == 0 and md.stdout.count("\n| ") == 4  # header row + 3 points
 
 
-@pytest.mark.parametrize("args, message", [(["--path", "1"], "between 2 and 101"),
-                                           (["--path-plot", "x.png"], "--path-plot needs --path")])
+@pytest.mark.parametrize(
+    "args, message", [(["--path", "1"], "between 2 and 101"), (["--path-plot", "x.png"], "--path-plot needs --path")]
+)
 def test_bad_path_options_exit_2(pair, args, message):
     result = _compare(pair, *args)
     assert result.exit_code == 2 and message in result.output
 
 
 def test_path_needs_two_checkpoints_of_one_architecture(pair, tmp_path):
-    three = runner.invoke(app, ["compare", str(pair["a"]), str(pair["b"]), str(pair["a"]), "--data", str(pair["data"]),
-                                "--path", "3", "--device", "cpu", "--quiet"])
+    three = runner.invoke(
+        app,
+        [
+            "compare",
+            str(pair["a"]),
+            str(pair["b"]),
+            str(pair["a"]),
+            "--data",
+            str(pair["data"]),
+            "--path",
+            "3",
+            "--device",
+            "cpu",
+            "--quiet",
+        ],
+    )
     assert three.exit_code == 2 and "exactly two checkpoints" in three.output
     other = tmp_path / "other.safetensors"
-    trained = runner.invoke(app, ["train", "--arch", "simple_cnn_half", "--data", str(pair["data"]), "--out", str(other),
-                                  "--epochs", "1", "--device", "cpu", "--quiet"])
+    trained = runner.invoke(
+        app,
+        [
+            "train",
+            "--arch",
+            "simple_cnn_half",
+            "--data",
+            str(pair["data"]),
+            "--out",
+            str(other),
+            "--epochs",
+            "1",
+            "--device",
+            "cpu",
+            "--quiet",
+        ],
+    )
     assert trained.exit_code == 0, trained.output
-    mixed = runner.invoke(app, ["compare", str(pair["a"]), str(other), "--data", str(pair["data"]), "--path", "3",
-                                "--device", "cpu", "--quiet"])
+    mixed = runner.invoke(
+        app,
+        [
+            "compare",
+            str(pair["a"]),
+            str(other),
+            "--data",
+            str(pair["data"]),
+            "--path",
+            "3",
+            "--device",
+            "cpu",
+            "--quiet",
+        ],
+    )
     assert mixed.exit_code == 2 and "same tensors" in mixed.output

@@ -12,22 +12,40 @@ from backdoor_cli.cli import app
 from backdoor_cli.defenses import DEFENSES
 from backdoor_cli.defenses.base import METHOD_PARAMS, TUNING_PARAMS, inapplicable
 
-
 runner = CliRunner()
 
 
 def _purify(toy_model, out, *args):
-    return runner.invoke(app, ["purify", toy_model["model"], "--data", toy_model["data"], "--out", str(out), "--epochs", "1",
-                               "--device", "cpu", "--quiet", "--json", *args])
+    return runner.invoke(
+        app,
+        [
+            "purify",
+            toy_model["model"],
+            "--data",
+            toy_model["data"],
+            "--out",
+            str(out),
+            "--epochs",
+            "1",
+            "--device",
+            "cpu",
+            "--quiet",
+            "--json",
+            *args,
+        ],
+    )
 
 
-@pytest.mark.parametrize(("args", "flag", "readers"), [
-    (["--method", "ft", "--alpha", "0.1"], "--alpha", "fst, fst-kd"),
-    (["--method", "fst", "--distill", "2"], "--distill", "fst-kd, ft-kd"),
-    (["--method", "lp", "--rho", "0.5"], "--rho", "pam, ft-sam"),
-    (["--method", "fst", "--teacher-epochs", "2"], "--teacher-epochs", "nad"),
-    (["--method", "ft", "--clp-u", "2"], "--clp-u", "clp"),
-])
+@pytest.mark.parametrize(
+    ("args", "flag", "readers"),
+    [
+        (["--method", "ft", "--alpha", "0.1"], "--alpha", "fst, fst-kd"),
+        (["--method", "fst", "--distill", "2"], "--distill", "fst-kd, ft-kd"),
+        (["--method", "lp", "--rho", "0.5"], "--rho", "pam, ft-sam"),
+        (["--method", "fst", "--teacher-epochs", "2"], "--teacher-epochs", "nad"),
+        (["--method", "ft", "--clp-u", "2"], "--clp-u", "clp"),
+    ],
+)
 def test_a_flag_the_method_does_not_read_is_refused_by_name(toy_model, tmp_path, args, flag, readers):
     result = _purify(toy_model, tmp_path / "out", *args)
     assert result.exit_code == 2, result.output

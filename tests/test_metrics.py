@@ -7,13 +7,16 @@ import pytest
 from backdoor_cli.metrics import Rate, defense_effectiveness_rating, wilson_interval
 
 
-@pytest.mark.parametrize("k, n, low, high", [
-    # Reference values from the closed-form Wilson score interval (z = 1.959964), computed separately.
-    (0, 10, 0.0, 0.277533),
-    (10, 10, 0.722467, 1.0),
-    (5, 10, 0.236593, 0.763407),
-    (81, 263, 0.255289, 0.366210),
-])
+@pytest.mark.parametrize(
+    "k, n, low, high",
+    [
+        # Reference values from the closed-form Wilson score interval (z = 1.959964), computed separately.
+        (0, 10, 0.0, 0.277533),
+        (10, 10, 0.722467, 1.0),
+        (5, 10, 0.236593, 0.763407),
+        (81, 263, 0.255289, 0.366210),
+    ],
+)
 def test_wilson_interval_known_values(k, n, low, high):
     lo, hi = wilson_interval(k, n)
     assert lo == pytest.approx(low, abs=1e-5) and hi == pytest.approx(high, abs=1e-5)
@@ -40,11 +43,14 @@ def test_rate():
         wilson_interval(-1, 10)
 
 
-@pytest.mark.parametrize("acc_b, acc_a, asr_b, asr_a, der", [
-    (0.9, 0.9, 1.0, 0.0, 1.0),  # perfect defense
-    (0.9, 0.9, 0.5, 0.5, 0.5),  # nothing changed
-    (0.9, 0.8, 1.0, 0.0, 0.95),  # ASR removed at 10 points of accuracy
-    (0.8, 0.9, 0.2, 0.4, 0.5),  # gains in accuracy and rises in ASR are clipped at 0
-])
+@pytest.mark.parametrize(
+    "acc_b, acc_a, asr_b, asr_a, der",
+    [
+        (0.9, 0.9, 1.0, 0.0, 1.0),  # perfect defense
+        (0.9, 0.9, 0.5, 0.5, 0.5),  # nothing changed
+        (0.9, 0.8, 1.0, 0.0, 0.95),  # ASR removed at 10 points of accuracy
+        (0.8, 0.9, 0.2, 0.4, 0.5),  # gains in accuracy and rises in ASR are clipped at 0
+    ],
+)
 def test_der(acc_b, acc_a, asr_b, asr_a, der):
     assert defense_effectiveness_rating(acc_b, acc_a, asr_b, asr_a) == pytest.approx(der)

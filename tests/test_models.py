@@ -16,9 +16,18 @@ from backdoor_cli.models import ARCHITECTURES, ArchGuess, build_model, find_head
 
 REPO = Path(__file__).resolve().parents[1]
 RESNET20 = f"{REPO / 'examples' / 'models' / 'resnet20.py'}:resnet20"
-HEADS = {"resnet18": "linear", "resnet20": "linear", "resnet32": "linear", "resnet44": "linear", "resnet56": "linear",
-         "preactresnet18": "linear", "vgg16_bn": "classifier", "simple_cnn": "fc", "simple_cnn_half": "fc",
-         "test_tiny": "fc"}
+HEADS = {
+    "resnet18": "linear",
+    "resnet20": "linear",
+    "resnet32": "linear",
+    "resnet44": "linear",
+    "resnet56": "linear",
+    "preactresnet18": "linear",
+    "vgg16_bn": "classifier",
+    "simple_cnn": "fc",
+    "simple_cnn_half": "fc",
+    "test_tiny": "fc",
+}
 SMALL = ("simple_cnn", "simple_cnn_half", "test_tiny")
 BN = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
@@ -69,8 +78,12 @@ def test_simple_cnn_is_small_and_has_one_linear_head():
 
 
 def test_resnet18_keys_match_the_fst_reference_layout():
-    expected = {"conv1.weight": (64, 3, 3, 3), **{f"bn1.{k}": None for k in BN},
-                "linear.weight": (10, 512), "linear.bias": (10,)}
+    expected = {
+        "conv1.weight": (64, 3, 3, 3),
+        **{f"bn1.{k}": None for k in BN},
+        "linear.weight": (10, 512),
+        "linear.bias": (10,),
+    }
     in_planes = 64
     for stage, width in enumerate((64, 128, 256, 512), start=1):
         for block in range(2):
@@ -169,41 +182,61 @@ def write(path: Path, text: str) -> str:
 
 
 def test_factory_file_with_and_without_in_channels(tmp_path):
-    plain = write(tmp_path / "plain.py", "import torch.nn as nn\n"
-                  "def build(num_classes):\n    return nn.Sequential(nn.Flatten(), nn.Linear(12, num_classes))\n")
+    plain = write(
+        tmp_path / "plain.py",
+        "import torch.nn as nn\n"
+        "def build(num_classes):\n    return nn.Sequential(nn.Flatten(), nn.Linear(12, num_classes))\n",
+    )
     model = build_model(f"{plain}:build", 4, 1)
     assert model[1].out_features == 4
-    chans = write(tmp_path / "chans.py", "import torch.nn as nn\nSEEN = []\n"
-                  "def build(num_classes, in_channels=3):\n    SEEN.append(in_channels)\n"
-                  "    return nn.Conv2d(in_channels, num_classes, 1)\n")
+    chans = write(
+        tmp_path / "chans.py",
+        "import torch.nn as nn\nSEEN = []\n"
+        "def build(num_classes, in_channels=3):\n    SEEN.append(in_channels)\n"
+        "    return nn.Conv2d(in_channels, num_classes, 1)\n",
+    )
     model = build_model(f"{chans}:build", 6, 2)
     assert model.in_channels == 2 and model.out_channels == 6
-    kwargs = write(tmp_path / "kw.py", "import torch.nn as nn\n"
-                   "def build(**kw):\n    return nn.Conv2d(kw['in_channels'], kw['num_classes'], 1)\n")
+    kwargs = write(
+        tmp_path / "kw.py",
+        "import torch.nn as nn\ndef build(**kw):\n    return nn.Conv2d(kw['in_channels'], kw['num_classes'], 1)\n",
+    )
     assert build_model(f"{kwargs}:build", 3, 5).in_channels == 5
 
 
 def test_two_files_with_the_same_name_do_not_collide(tmp_path):
     for sub, classes in (("a", 2), ("b", 3)):
         (tmp_path / sub).mkdir()
-        write(tmp_path / sub / "net.py", f"import torch.nn as nn\ndef build(num_classes):\n"
-                                         f"    return nn.Linear(1, {classes})\n")
+        write(
+            tmp_path / sub / "net.py",
+            f"import torch.nn as nn\ndef build(num_classes):\n    return nn.Linear(1, {classes})\n",
+        )
     assert build_model(f"{tmp_path / 'a' / 'net.py'}:build", 9).out_features == 2
     assert build_model(f"{tmp_path / 'b' / 'net.py'}:build", 9).out_features == 3
 
 
-@pytest.mark.parametrize("source, factory, words", [
-    (None, "build", ["not found"]),
-    ("import torch.nn as nn\ndef other(num_classes):\n    return nn.Linear(1, 1)\n", "build",
-     ["no function 'build'"]),
-    ("def build(num_classes:\n", "build", ["importing", "SyntaxError"]),
-    ("raise RuntimeError('boom at import')\n", "build", ["importing", "boom at import"]),
-    ("def build(num_classes):\n    raise ValueError('bad width')\n", "build", ["failed", "ValueError", "bad width"]),
-    ("def build():\n    return None\n", "build", ["failed", "TypeError"]),
-    ("def build(num_classes):\n    return 42\n", "build", ["returned int", "nn.Module"]),
-    ("build = 3\n", "build", ["not callable"]),
-    ("def build(num_classes):\n    pass\n", "not-a-name", ["not a Python function name"]),
-])
+@pytest.mark.parametrize(
+    "source, factory, words",
+    [
+        (None, "build", ["not found"]),
+        (
+            "import torch.nn as nn\ndef other(num_classes):\n    return nn.Linear(1, 1)\n",
+            "build",
+            ["no function 'build'"],
+        ),
+        ("def build(num_classes:\n", "build", ["importing", "SyntaxError"]),
+        ("raise RuntimeError('boom at import')\n", "build", ["importing", "boom at import"]),
+        (
+            "def build(num_classes):\n    raise ValueError('bad width')\n",
+            "build",
+            ["failed", "ValueError", "bad width"],
+        ),
+        ("def build():\n    return None\n", "build", ["failed", "TypeError"]),
+        ("def build(num_classes):\n    return 42\n", "build", ["returned int", "nn.Module"]),
+        ("build = 3\n", "build", ["not callable"]),
+        ("def build(num_classes):\n    pass\n", "not-a-name", ["not a Python function name"]),
+    ],
+)
 def test_factory_file_errors_name_the_file(tmp_path, source, factory, words):
     path = tmp_path / "user_net.py"
     if source is not None:
@@ -218,8 +251,9 @@ def test_factory_file_errors_name_the_file(tmp_path, source, factory, words):
 
 
 def test_missing_factory_hint_lists_the_functions(tmp_path):
-    path = write(tmp_path / "nets.py", "import torch\ndef small(num_classes):\n    pass\n"
-                                       "def large(num_classes):\n    pass\n")
+    path = write(
+        tmp_path / "nets.py", "import torch\ndef small(num_classes):\n    pass\ndef large(num_classes):\n    pass\n"
+    )
     with pytest.raises(InputError) as err:
         build_model(f"{path}:medium", 10)
     assert err.value.hint == "functions defined there: large, small"
@@ -405,12 +439,15 @@ def test_guess_architecture_of_a_foreign_layout():
     assert guess_architecture(state) == ArchGuess(None, 10, 3, "linear")
 
 
-@pytest.mark.parametrize("state", [
-    {},
-    {"w": torch.zeros(())},
-    {"a.weight": torch.zeros(0, 3), "b.weight": torch.zeros(2, 0, 3, 3)},
-    {"fc.weight": torch.empty(2**40, 4, device="meta"), "conv.weight": torch.empty(4, 2**33, 3, 3, device="meta")},
-])
+@pytest.mark.parametrize(
+    "state",
+    [
+        {},
+        {"w": torch.zeros(())},
+        {"a.weight": torch.zeros(0, 3), "b.weight": torch.zeros(2, 0, 3, 3)},
+        {"fc.weight": torch.empty(2**40, 4, device="meta"), "conv.weight": torch.empty(4, 2**33, 3, 3, device="meta")},
+    ],
+)
 def test_guess_architecture_survives_odd_state_dicts(state):
     guess = guess_architecture(state)
     assert guess.arch is None
@@ -421,8 +458,7 @@ def test_guess_architecture_survives_odd_state_dicts(state):
 
 
 def resnet20_state(shared_dir: Path) -> dict[str, torch.Tensor]:
-    checkpoint = torch.load(shared_dir / "checkpoints" / "resnet20-12fca82f.th", weights_only=True,
-                            map_location="cpu")
+    checkpoint = torch.load(shared_dir / "checkpoints" / "resnet20-12fca82f.th", weights_only=True, map_location="cpu")
     return {k.removeprefix("module."): v for k, v in checkpoint["state_dict"].items()}
 
 

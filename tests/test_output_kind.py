@@ -14,73 +14,27 @@ from typer.testing import CliRunner
 from backdoor_cli.checkpoint import read_checkpoint
 from backdoor_cli.cli import app
 from backdoor_cli.errors import ConfigError, InputError
-from backdoor_cli.models.output_kind import (LOGITS, LossAdapter, attach_loss, classify_rows, mismatch_warning,
-                                             parse_output_kind, probe_outputs, resolve_output_kind)
-from helpers import train_toy_model
+from backdoor_cli.models.output_kind import (
+    LOGITS,
+    LossAdapter,
+    attach_loss,
+    classify_rows,
+    mismatch_warning,
+    parse_output_kind,
+    probe_outputs,
+    resolve_output_kind,
+)
+from helpers import purify_with_arch_file as purify
+from helpers import run_purify_ok as run_ok
+from helpers import train_ended_toy
 
 runner = CliRunner()
-
-# The same TinyNet weights behind four endings: the checkpoint's keys fit each of them.
-ARCH_FILE = '''
-import torch.nn.functional as F
-from torch import nn
-from backdoor_cli.models.architectures import TinyNet
-
-
-class Ended(TinyNet):
-    def __init__(self, num_classes, in_channels, ending):
-        super().__init__(num_classes, in_channels)
-        self.ending = ending
-
-    def forward(self, x):
-        return self.ending(super().forward(x))
-
-
-def plain(num_classes, in_channels=3):
-    return TinyNet(num_classes, in_channels)
-
-
-def softmax(num_classes, in_channels=3):
-    return Ended(num_classes, in_channels, nn.Softmax(dim=1))
-
-
-def log_softmax(num_classes, in_channels=3):
-    return Ended(num_classes, in_channels, nn.LogSoftmax(dim=1))
-
-
-class Functional(TinyNet):
-    def forward(self, x):
-        return F.softmax(super().forward(x), dim=1)
-
-
-def functional(num_classes, in_channels=3):
-    return Functional(num_classes, in_channels)
-'''
 
 
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
-    root = tmp_path_factory.mktemp("outkind")
-    made = train_toy_model(root, epochs=2)
-    (root / "arch.py").write_text(ARCH_FILE)
-    made["arch"] = root / "arch.py"
-    return made
-
-
-def purify(toy, out, factory, *args):
-    # fp32: these tests compare twins bit for bit (or to 1e-4); bf16 autocast, which --precision auto
-    # picks on CPUs with native bf16, rounds the twins' different last layers differently.
-    result = runner.invoke(app, ["purify", str(toy["model"]), "--arch", f"{toy['arch']}:{factory}", "--data",
-                                 str(toy["data"]), "--out", str(out), "--clean-count", "60", "--epochs", "2",
-                                 "--batch-size", "16", "--device", "cpu", "--precision", "fp32", "--json",
-                                 *map(str, args)])
-    return result
-
-
-def run_ok(toy, out, factory, *args) -> tuple[dict, dict]:
-    result = purify(toy, out, factory, "--quiet", *args)
-    assert result.exit_code == 0, result.output
-    return json.loads(result.stdout), read_checkpoint(out / "purified.safetensors").state_dict
+    """train_ended_toy's model, data and arch.py (the same TinyNet weights behind four endings)."""
+    return train_ended_toy(tmp_path_factory.mktemp("outkind"))
 
 
 def same_weights(a: dict, b: dict) -> bool:
@@ -88,6 +42,7 @@ def same_weights(a: dict, b: dict) -> bool:
 
 
 # ---------------------------------------------------------------- detection
+
 
 class Positive(nn.Module):
     """A logits model whose outputs all happen to be positive (but rows do not sum to 1)."""
@@ -115,16 +70,19 @@ class MiddleSoftmax(nn.Module):
         return self.fc(self.soft(x))
 
 
-@pytest.mark.parametrize("model, kind, trailing", [
-    (nn.Identity(), "logits", None),
-    (Positive(), "logits", None),
-    (NearlyProbs(), "logits", None),
-    (MiddleSoftmax(), "logits", None),
-    (nn.Sequential(nn.Linear(5, 5), nn.Softmax(dim=1)), "probs", "1"),
-    (nn.Sequential(nn.Linear(5, 5), nn.Softmax(dim=-1)), "probs", "1"),
-    (nn.Sequential(nn.Linear(5, 5), nn.LogSoftmax(dim=1)), "log-probs", "1"),
-    (nn.Softmax(dim=1), "probs", ""),
-])
+@pytest.mark.parametrize(
+    "model, kind, trailing",
+    [
+        (nn.Identity(), "logits", None),
+        (Positive(), "logits", None),
+        (NearlyProbs(), "logits", None),
+        (MiddleSoftmax(), "logits", None),
+        (nn.Sequential(nn.Linear(5, 5), nn.Softmax(dim=1)), "probs", "1"),
+        (nn.Sequential(nn.Linear(5, 5), nn.Softmax(dim=-1)), "probs", "1"),
+        (nn.Sequential(nn.Linear(5, 5), nn.LogSoftmax(dim=1)), "log-probs", "1"),
+        (nn.Softmax(dim=1), "probs", ""),
+    ],
+)
 def test_detection(model, kind, trailing):
     probe = probe_outputs(model, torch.randn(16, 5, generator=torch.Generator().manual_seed(0)) * 3)
     assert probe.detected == kind and probe.images == 16
@@ -178,12 +136,16 @@ def test_classify_rows_tolerance_and_log_probs():
 
 # ---------------------------------------------------------------- the loss
 
+
 def test_adapters_match_cross_entropy_on_the_logits():
     logits = torch.randn(8, 5, generator=torch.Generator().manual_seed(1))
     y = torch.arange(8) % 5
     expected = F.cross_entropy(logits, y)
-    cases = [(LOGITS, nn.Identity(), 0.0), (LossAdapter("probs", "log-of-output"), nn.Softmax(1), 1e-6),
-             (LossAdapter("log-probs", "output"), nn.LogSoftmax(1), 1e-6)]
+    cases = [
+        (LOGITS, nn.Identity(), 0.0),
+        (LossAdapter("probs", "log-of-output"), nn.Softmax(1), 1e-6),
+        (LossAdapter("log-probs", "output"), nn.LogSoftmax(1), 1e-6),
+    ]
     for adapter, ending, tol in cases:
         with attach_loss(ending, adapter) as loss_fn:
             loss, scores = loss_fn(ending(logits), y)
@@ -242,6 +204,7 @@ def test_parse_output_kind_rejects_unknown():
 
 # ---------------------------------------------------------------- purify through the CLI
 
+
 @pytest.mark.parametrize("method", ["ft", "fst"])
 def test_softmax_ended_model_purifies_exactly_like_its_logits_twin(toy, tmp_path, method):
     """Fails on the old code, which took cross-entropy of the probabilities."""
@@ -286,9 +249,27 @@ def test_forcing_logits_on_a_softmax_model_warns_and_reproduces_the_old_bug(toy,
 def test_report_files_and_config_record_the_output_kind(toy, tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text("output-kind: probs\n")
-    result = runner.invoke(app, ["purify", str(toy["model"]), "--arch", f"{toy['arch']}:softmax", "--data",
-                                 str(toy["data"]), "--out", str(tmp_path / "o"), "--clean-count", "30", "--epochs", "1",
-                                 "--device", "cpu", "--config", str(config)])
+    result = runner.invoke(
+        app,
+        [
+            "purify",
+            str(toy["model"]),
+            "--arch",
+            f"{toy['arch']}:softmax",
+            "--data",
+            str(toy["data"]),
+            "--out",
+            str(tmp_path / "o"),
+            "--clean-count",
+            "30",
+            "--epochs",
+            "1",
+            "--device",
+            "cpu",
+            "--config",
+            str(config),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "model output: probs (flag" in result.stdout and "loss: cross-entropy on the input" in result.stdout
     out = tmp_path / "o"
@@ -299,8 +280,23 @@ def test_report_files_and_config_record_the_output_kind(toy, tmp_path):
 
 
 def test_detected_logits_on_the_builtin_model(toy, tmp_path):
-    result = runner.invoke(app, ["purify", str(toy["model"]), "--data", str(toy["data"]), "--out", str(tmp_path),
-                                 "--clean-count", "30", "--epochs", "1", "--device", "cpu"])
+    result = runner.invoke(
+        app,
+        [
+            "purify",
+            str(toy["model"]),
+            "--data",
+            str(toy["data"]),
+            "--out",
+            str(tmp_path),
+            "--clean-count",
+            "30",
+            "--epochs",
+            "1",
+            "--device",
+            "cpu",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "model output: logits (detected: rows of 30 probe outputs are not distributions" in result.stdout
     assert "cross-entropy on the output" in (tmp_path / "report.md").read_text()

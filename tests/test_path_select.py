@@ -16,9 +16,14 @@ from backdoor_cli.cli import app
 from backdoor_cli.data import ImageSet
 from backdoor_cli.errors import ConfigError
 from backdoor_cli.path_select import DEFAULT_BUDGET, FLOOR, grid, memorised_warning, select_on_path
-from backdoor_cli.recipe import (CAVEAT, RECOMMENDED_HOLDOUT, RECOMMENDED_METHOD, RECOMMENDED_PARAMS, fit_to_clean_data,
-                                 resolve_recipe)
-
+from backdoor_cli.recipe import (
+    CAVEAT,
+    RECOMMENDED_HOLDOUT,
+    RECOMMENDED_METHOD,
+    RECOMMENDED_PARAMS,
+    fit_to_clean_data,
+    resolve_recipe,
+)
 from helpers import train_toy_model
 
 MEAN, STD = torch.zeros(1, 1, 1, 1), torch.ones(1, 1, 1, 1)
@@ -95,12 +100,22 @@ def test_memorised_held_out_images_are_named():
 def test_recipe_defaults_and_refusals():
     rec = resolve_recipe(None, None, None, None)
     assert (rec.method, rec.holdout_fraction, rec.select, rec.budget, rec.recommended) == (
-        RECOMMENDED_METHOD, RECOMMENDED_HOLDOUT, "last", None, True)  # the held-out images verify, not select
+        RECOMMENDED_METHOD,
+        RECOMMENDED_HOLDOUT,
+        "last",
+        None,
+        True,
+    )  # the held-out images verify, not select
     assert resolve_recipe(None, None, None, 0.01).budget == 0.01
     assert resolve_recipe(None, None, None, 0.01).select == "epoch"
     paper = resolve_recipe("fst", None, None, None)
     assert (paper.method, paper.holdout_fraction, paper.select, paper.budget, paper.recommended) == (
-        "fst", 0.0, "last", None, False)
+        "fst",
+        0.0,
+        "last",
+        None,
+        False,
+    )
     assert resolve_recipe("fst", 0.2, None, 0.03).select == "epoch"  # a selection budget asks for a selection
     assert resolve_recipe("fst", 0.2, None, None).select == "last"
     assert resolve_recipe("fst", 0.2, "path", None).budget == DEFAULT_BUDGET
@@ -135,6 +150,7 @@ def test_too_few_clean_images_turn_the_default_held_out_part_off_and_say_so():
 
 # --- through the CLI ---------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
     return train_toy_model(tmp_path_factory.mktemp("path-select"), epochs=2)
@@ -144,9 +160,26 @@ PATH = ("--method", "fst-kd", "--holdout-fraction", "0.2", "--select", "path")  
 
 
 def _purify(toy, out, *extra, data=None):
-    result = CliRunner().invoke(app, ["purify", str(toy["model"]), "--data", str(data or toy["data"]), "--out", str(out),
-                                      "--epochs", "3", "--clean-count", "100", "--device", "cpu", "--quiet", "--json",
-                                      *extra])
+    result = CliRunner().invoke(
+        app,
+        [
+            "purify",
+            str(toy["model"]),
+            "--data",
+            str(data or toy["data"]),
+            "--out",
+            str(out),
+            "--epochs",
+            "3",
+            "--clean-count",
+            "100",
+            "--device",
+            "cpu",
+            "--quiet",
+            "--json",
+            *extra,
+        ],
+    )
     assert result.exit_code in (0, 1), result.output
     return json.loads(result.stdout), read_checkpoint(out / "purified.safetensors")
 
@@ -154,9 +187,16 @@ def _purify(toy, out, *extra, data=None):
 def test_default_purify_scans_unlearns_and_verifies_on_held_out_images(toy, tmp_path):
     report, ckpt = _purify(toy, tmp_path / "a")
     assert report["method"]["name"] == RECOMMENDED_METHOD == "unlearn" and RECOMMENDED_PARAMS == {}
-    assert report["method"]["recipe"] == {"method": RECOMMENDED_METHOD, "recommended": True, "holdout_fraction": 0.2,
-                                          "select": "last", "budget": None, "floor": None, "note": None,
-                                          "caveat": CAVEAT}
+    assert report["method"]["recipe"] == {
+        "method": RECOMMENDED_METHOD,
+        "recommended": True,
+        "holdout_fraction": 0.2,
+        "select": "last",
+        "budget": None,
+        "floor": None,
+        "note": None,
+        "caveat": CAVEAT,
+    }
     held = report["clean_data"]["holdout"]
     assert held["images"] == 20 and report["clean_data"]["tuned_on"] == 80 and held["path"] is None
     assert report["scan"]["proxy_images"] == "held-out clean images"
@@ -212,16 +252,20 @@ def test_path_floor_is_the_smallest_t_tried(toy, tmp_path):
     assert path["floor"] == 0.8 and report["method"]["recipe"]["floor"] == 0.8 and path["chosen_t"] >= 0.8
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--method", "fst", "--path-floor", "0.7"], "--path-floor applies to the path selection only"),
-    (["--path-floor", "1.5"], "--path-floor must be in"),
-    (["--method", "fst", "--select", "path"], "none are held out"),
-    (["--holdout-fraction", "0", "--select", "epoch"], "none are held out"),
-    (["--select", "best"], "--select must be one of"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--method", "fst", "--path-floor", "0.7"], "--path-floor applies to the path selection only"),
+        (["--path-floor", "1.5"], "--path-floor must be in"),
+        (["--method", "fst", "--select", "path"], "none are held out"),
+        (["--holdout-fraction", "0", "--select", "epoch"], "none are held out"),
+        (["--select", "best"], "--select must be one of"),
+    ],
+)
 def test_selection_errors_exit_2(toy, tmp_path, extra, message):
-    result = CliRunner().invoke(app, ["purify", str(toy["model"]), "--data", str(toy["data"]), "--out",
-                                      str(tmp_path / "x"), "--quiet", *extra])
+    result = CliRunner().invoke(
+        app, ["purify", str(toy["model"]), "--data", str(toy["data"]), "--out", str(tmp_path / "x"), "--quiet", *extra]
+    )
     assert result.exit_code == 2 and message in result.output
     assert not (tmp_path / "x").exists()
 

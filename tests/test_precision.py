@@ -12,10 +12,10 @@ from typer.testing import CliRunner
 from backdoor_cli import precision as P
 from backdoor_cli.cli import app
 from backdoor_cli.config import PurifyOptions, resolve_options
+from backdoor_cli.data import ImageSet
 from backdoor_cli.errors import ConfigError
 from backdoor_cli.models import build_model
 from backdoor_cli.tuning import TuneSettings, tune
-from backdoor_cli.data import ImageSet
 from helpers import train_toy_model
 
 runner = CliRunner()
@@ -32,6 +32,7 @@ def toy(tmp_path_factory):
 
 
 # ----------------------------------------------------------------------------- capability and resolution
+
 
 def test_cpu_flags_and_kind(tmp_path):
     info = tmp_path / "cpuinfo"
@@ -86,11 +87,15 @@ def test_yaml_precision_is_checked(tmp_path):
 
 # ----------------------------------------------------------------------------- the CLI
 
+
 @pytest.mark.parametrize("command", ["evaluate", "purify", "compare", "train"])
 def test_bad_precision_exits_2_naming_the_choices(command, toy, tmp_path):
-    args = {"evaluate": ["evaluate", str(toy["model"])], "purify": ["purify", str(toy["model"]), "--out", str(tmp_path / "o")],
-            "compare": ["compare", str(toy["model"]), str(toy["model"])],
-            "train": ["train", "--out", str(tmp_path / "m.safetensors")]}[command]
+    args = {
+        "evaluate": ["evaluate", str(toy["model"])],
+        "purify": ["purify", str(toy["model"]), "--out", str(tmp_path / "o")],
+        "compare": ["compare", str(toy["model"]), str(toy["model"])],
+        "train": ["train", "--out", str(tmp_path / "m.safetensors")],
+    }[command]
     result = runner.invoke(app, [*args, "--data", str(toy["data"]), "--precision", "fp16", "--quiet"])
     assert result.exit_code == 2, result.output
     assert "--precision must be one of auto, fp32, bf16" in result.output
@@ -104,9 +109,30 @@ def test_help_lists_precision_and_memory_format():
 
 
 def _purify(toy, out, *flags):
-    result = runner.invoke(app, ["purify", str(toy["model"]), "--method", "fst", "--data", str(toy["data"]),
-                                 "--out", str(out), "--clean-count", "60", "--epochs", "1", "--batch-size", "16",
-                                 "--device", "cpu", "--quiet", "--json", *flags])
+    result = runner.invoke(
+        app,
+        [
+            "purify",
+            str(toy["model"]),
+            "--method",
+            "fst",
+            "--data",
+            str(toy["data"]),
+            "--out",
+            str(out),
+            "--clean-count",
+            "60",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "16",
+            "--device",
+            "cpu",
+            "--quiet",
+            "--json",
+            *flags,
+        ],
+    )
     assert result.exit_code == 0, result.output
     return json.loads((out / "report.json").read_text())
 
@@ -123,12 +149,16 @@ def test_purify_records_precision_and_memory_format(toy, tmp_path, precision):
     compute = report["environment"]["compute"]
     assert compute["precision"]["requested"] == precision
     assert compute["precision"]["tune"] == compute["precision"]["evaluate"] == precision
-    assert {stage: c["format"] for stage, c in compute["memory_format"].items()} == {"evaluate": "contiguous",
-                                                                                   "tune": "contiguous"}
+    assert {stage: c["format"] for stage, c in compute["memory_format"].items()} == {
+        "evaluate": "contiguous",
+        "tune": "contiguous",
+    }
     assert compute["cpu"]["kind"] == P.cpu_capability().kind
     meta = _metadata(tmp_path / "out" / "purified.safetensors")["purification"]["compute"]
-    assert meta == {"precision": {"tune": precision, "evaluate": precision},
-                    "memory_format": {"evaluate": "contiguous", "tune": "contiguous"}}
+    assert meta == {
+        "precision": {"tune": precision, "evaluate": precision},
+        "memory_format": {"evaluate": "contiguous", "tune": "contiguous"},
+    }
     assert "precision" in (tmp_path / "out" / "report.md").read_text()
 
 
@@ -142,25 +172,61 @@ def test_auto_precision_follows_this_cpu(toy, tmp_path):
 def test_bf16_purification_is_repeatable(toy, tmp_path):
     a = _purify(toy, tmp_path / "a", "--precision", "bf16", "--seed", "3")
     b = _purify(toy, tmp_path / "b", "--precision", "bf16", "--seed", "3")
-    assert (tmp_path / "a" / "purified.safetensors").read_bytes() == (tmp_path / "b" / "purified.safetensors").read_bytes()
-    assert {k: v for k, v in a["after"].items() if k != "seconds"} == {k: v for k, v in b["after"].items() if k != "seconds"}
+    assert (tmp_path / "a" / "purified.safetensors").read_bytes() == (
+        tmp_path / "b" / "purified.safetensors"
+    ).read_bytes()
+    assert {k: v for k, v in a["after"].items() if k != "seconds"} == {
+        k: v for k, v in b["after"].items() if k != "seconds"
+    }
 
 
 def test_evaluate_and_train_record_compute(toy, tmp_path):
-    result = runner.invoke(app, ["evaluate", str(toy["model"]), "--data", str(toy["data"]), "--precision", "fp32",
-                                 "--device", "cpu", "--json", "--quiet"])
+    result = runner.invoke(
+        app,
+        [
+            "evaluate",
+            str(toy["model"]),
+            "--data",
+            str(toy["data"]),
+            "--precision",
+            "fp32",
+            "--device",
+            "cpu",
+            "--json",
+            "--quiet",
+        ],
+    )
     assert result.exit_code == 0, result.output
     compute = json.loads(result.output)["environment"]["compute"]
     assert compute["precision"]["evaluate"] == "fp32" and set(compute["memory_format"]) == {"evaluate"}
     out = tmp_path / "m.safetensors"
-    result = runner.invoke(app, ["train", "--arch", "test_tiny", "--data", str(toy["data"]), "--out", str(out),
-                                 "--epochs", "1", "--precision", "bf16", "--device", "cpu", "--json", "--quiet"])
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            "--arch",
+            "test_tiny",
+            "--data",
+            str(toy["data"]),
+            "--out",
+            str(out),
+            "--epochs",
+            "1",
+            "--precision",
+            "bf16",
+            "--device",
+            "cpu",
+            "--json",
+            "--quiet",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["environment"]["compute"]["precision"]["tune"] == "bf16"
     assert _metadata(out)["training"]["compute"]["precision"] == {"tune": "bf16", "evaluate": "bf16"}
 
 
 # ----------------------------------------------------------------------------- tuning in bf16
+
 
 def test_bf16_tuning_runs_the_forward_in_bf16_and_keeps_fp32_weights():
     torch.manual_seed(0)
@@ -178,6 +244,7 @@ def test_bf16_tuning_runs_the_forward_in_bf16_and_keeps_fp32_weights():
 
 # ----------------------------------------------------------------------------- memory format
 
+
 def test_requested_format_is_applied_without_timing(monkeypatch):
     monkeypatch.setattr(P, "_time_format", lambda *a, **k: pytest.fail("timed a requested format"))
     model = build_model("simple_cnn", 10, 3)
@@ -189,14 +256,20 @@ def test_requested_format_is_applied_without_timing(monkeypatch):
 
 def test_small_models_keep_channels_last_untimed(monkeypatch):
     monkeypatch.setattr(P, "_time_format", lambda *a, **k: pytest.fail("timed a tiny model"))
-    choice = P.choose_memory_format(build_model("test_tiny", 10, 3), torch.randn(4, 3, 32, 32), CPU, "fp32",
-                                    train=False)
+    choice = P.choose_memory_format(
+        build_model("test_tiny", 10, 3), torch.randn(4, 3, 32, 32), CPU, "fp32", train=False
+    )
     assert choice.format == "channels_last" and "too little" in choice.reason
 
 
-@pytest.mark.parametrize("times, expected", [({"channels_last": 1.0, "contiguous": 0.8}, "contiguous"),
-                                             ({"channels_last": 1.0, "contiguous": 0.95}, "channels_last"),
-                                             ({"channels_last": 0.5, "contiguous": 1.0}, "channels_last")])
+@pytest.mark.parametrize(
+    "times, expected",
+    [
+        ({"channels_last": 1.0, "contiguous": 0.8}, "contiguous"),
+        ({"channels_last": 1.0, "contiguous": 0.95}, "channels_last"),
+        ({"channels_last": 0.5, "contiguous": 1.0}, "channels_last"),
+    ],
+)
 def test_measured_choice_needs_a_clear_margin(monkeypatch, times, expected):
     monkeypatch.setattr(P, "_time_format", lambda model, x, device, precision, train, name, loss: times[name])
     model = build_model("simple_cnn", 10, 3)

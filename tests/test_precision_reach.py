@@ -63,10 +63,41 @@ def subject(tmp_path_factory):
 
 def _purify(subject, out, precision, monkeypatch, *extra):
     monkeypatch.setenv("BDCLEAN_TEST_REQUIRE_FP32", "1")
-    return runner.invoke(app, ["purify", subject["model"], "--arch", subject["arch"], "--data", subject["data"],
-                               "--trigger", "badnets", "--target", "0", "--clean-count", "90", "--epochs", "2",
-                               "--batch-size", "16", "--retune-check", "--retune-poisoned", "4", "--retune-epochs", "1",
-                               "--precision", precision, "--out", str(out), "--device", "cpu", "--json", "--quiet", *extra])
+    return runner.invoke(
+        app,
+        [
+            "purify",
+            subject["model"],
+            "--arch",
+            subject["arch"],
+            "--data",
+            subject["data"],
+            "--trigger",
+            "badnets",
+            "--target",
+            "0",
+            "--clean-count",
+            "90",
+            "--epochs",
+            "2",
+            "--batch-size",
+            "16",
+            "--retune-check",
+            "--retune-poisoned",
+            "4",
+            "--retune-epochs",
+            "1",
+            "--precision",
+            precision,
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+            "--json",
+            "--quiet",
+            *extra,
+        ],
+    )
 
 
 def test_fp32_reaches_every_forward_of_a_purify(subject, tmp_path, monkeypatch):
@@ -76,8 +107,18 @@ def test_fp32_reaches_every_forward_of_a_purify(subject, tmp_path, monkeypatch):
     assert report["environment"]["compute"]["precision"]["tune"] == "fp32"
     assert report["scan"]["classes"] and report["scan"]["proxy_asr"]  # the default's scan and checks ran theirs
     assert report["retune_check"] is not None
-    path = _purify(subject, tmp_path / "path", "fp32", monkeypatch, "--method", "fst-kd", "--holdout-fraction", "0.2",
-                   "--select", "path")
+    path = _purify(
+        subject,
+        tmp_path / "path",
+        "fp32",
+        monkeypatch,
+        "--method",
+        "fst-kd",
+        "--holdout-fraction",
+        "0.2",
+        "--select",
+        "path",
+    )
     assert path.exit_code in (0, 1), path.output
     assert json.loads(path.stdout)["clean_data"]["holdout"]["path"]["curve"]  # the path selection ran its forwards
 

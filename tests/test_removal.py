@@ -49,8 +49,26 @@ def test_a_small_sample_is_not_enough_to_verify():
 
 
 def _purify(toy_model, out, *args):
-    return runner.invoke(app, ["purify", toy_model["model"], "--data", toy_model["data"], "--out", str(out), "--method", "ft",
-                               "--epochs", "1", "--device", "cpu", "--quiet", "--json", *args])
+    return runner.invoke(
+        app,
+        [
+            "purify",
+            toy_model["model"],
+            "--data",
+            toy_model["data"],
+            "--out",
+            str(out),
+            "--method",
+            "ft",
+            "--epochs",
+            "1",
+            "--device",
+            "cpu",
+            "--quiet",
+            "--json",
+            *args,
+        ],
+    )
 
 
 def test_every_purify_report_carries_the_verdict_and_require_verified_gates_it(toy_model, tmp_path):
@@ -68,16 +86,36 @@ def test_every_purify_report_carries_the_verdict_and_require_verified_gates_it(t
 
 def test_require_verified_without_a_trigger_exits_1(tmp_path):
     """A model with no recorded trigger, purified without --trigger: not verified, so the gate fails."""
-    from backdoor_cli.checkpoint import read_checkpoint
     from safetensors.torch import save_file
+
+    from backdoor_cli.checkpoint import read_checkpoint
 
     toy_model = train_toy_model(tmp_path / "t", epochs=1)
     plain = tmp_path / "plain.safetensors"
     state = read_checkpoint(toy_model["model"]).state_dict
     save_file({k: v.contiguous() for k, v in state.items()}, str(plain))  # no metadata: no trigger recorded
-    result = runner.invoke(app, ["purify", str(plain), "--arch", "test_tiny", "--data", str(toy_model["data"]),
-                                 "--out", str(tmp_path / "o"), "--method", "ft", "--epochs", "1", "--device", "cpu",
-                                 "--require-verified", "--json", "--quiet"])
+    result = runner.invoke(
+        app,
+        [
+            "purify",
+            str(plain),
+            "--arch",
+            "test_tiny",
+            "--data",
+            str(toy_model["data"]),
+            "--out",
+            str(tmp_path / "o"),
+            "--method",
+            "ft",
+            "--epochs",
+            "1",
+            "--device",
+            "cpu",
+            "--require-verified",
+            "--json",
+            "--quiet",
+        ],
+    )
     assert result.exit_code == 1, result.output
     report = json.loads(result.stdout)
     assert report["removal"]["verdict"] == "not_verified" and report["trigger"] is None

@@ -23,13 +23,36 @@ def _load():
 def test_grid_writes_table_and_resumes(tmp_path, capsys):
     repro = _load()
     data = make_npz_dataset(tmp_path / "toy")
-    args = ["--small", "--data", str(data), "--arch", "test_tiny", "--train-epochs", "1", "--attacks", "badnets",
-            "--rates", "0.1", "--methods", "ft,fst", "--clean-fraction", "0.25", "--eval-limit", "60",
-            "--runs", str(tmp_path / "runs"), "--doc", str(tmp_path / "table.md"), "--device", "cpu", "--quiet"]
+    args = [
+        "--small",
+        "--data",
+        str(data),
+        "--arch",
+        "test_tiny",
+        "--train-epochs",
+        "1",
+        "--attacks",
+        "badnets",
+        "--rates",
+        "0.1",
+        "--methods",
+        "ft,fst",
+        "--clean-fraction",
+        "0.25",
+        "--eval-limit",
+        "60",
+        "--runs",
+        str(tmp_path / "runs"),
+        "--doc",
+        str(tmp_path / "table.md"),
+        "--device",
+        "cpu",
+        "--quiet",
+    ]
     assert repro.main(args) == 0
     table = (tmp_path / "table.md").read_text()
     lines = table.splitlines()
-    full = lines[next(i for i, line in enumerate(lines) if line.startswith("| attack | rate | model |")):]
+    full = lines[next(i for i, line in enumerate(lines) if line.startswith("| attack | rate | model |")) :]
     rows = [line for line in full if line.startswith("| badnets")]
     assert [row.split("|")[3].strip() for row in rows] == ["original", "ft", "fst"]
     model = tmp_path / "runs" / "models" / "badnets-0.1.safetensors"
@@ -44,11 +67,38 @@ def test_doc_keeps_hand_written_text_and_summarises(tmp_path):
     repro = _load()
     data = make_npz_dataset(tmp_path / "toy")
     doc = tmp_path / "reproduction.md"
-    doc.write_text("# Title\n\nAnalysis written by hand.\n\n<!-- BEGIN generated:small -->\nold table\n"
-                   "<!-- END generated:small -->\n\nMore analysis.\n")
-    args = ["--small", "--data", str(data), "--arch", "test_tiny", "--train-epochs", "1", "--attacks", "badnets",
-            "--rates", "0.1", "--methods", "ft,lp,fst", "--clean-fraction", "0.25", "--eval-limit", "60",
-            "--fst-alphas", "0.05", "--runs", str(tmp_path / "runs"), "--doc", str(doc), "--device", "cpu", "--quiet"]
+    doc.write_text(
+        "# Title\n\nAnalysis written by hand.\n\n<!-- BEGIN generated:small -->\nold table\n"
+        "<!-- END generated:small -->\n\nMore analysis.\n"
+    )
+    args = [
+        "--small",
+        "--data",
+        str(data),
+        "--arch",
+        "test_tiny",
+        "--train-epochs",
+        "1",
+        "--attacks",
+        "badnets",
+        "--rates",
+        "0.1",
+        "--methods",
+        "ft,lp,fst",
+        "--clean-fraction",
+        "0.25",
+        "--eval-limit",
+        "60",
+        "--fst-alphas",
+        "0.05",
+        "--runs",
+        str(tmp_path / "runs"),
+        "--doc",
+        str(doc),
+        "--device",
+        "cpu",
+        "--quiet",
+    ]
     assert repro.main(args) == 0
     extra = json.loads((tmp_path / "runs" / "results" / "badnets-0.1-fst-a0.05.json").read_text())
     assert extra["method"]["name"] == "fst" and extra["method"]["params"]["alpha"] == 0.05
@@ -70,9 +120,13 @@ def test_summary_decides_on_intervals(tmp_path):
 
     def write(name, asr, lo, hi, acc=0.5):
         import json
+
         rate = {"value": asr, "ci95": [lo, hi]}
-        body = {"metrics": {"asr": rate, "clean_acc": {"value": 0.8, "ci95": [0.79, 0.81]}}} if name == "original" \
+        body = (
+            {"metrics": {"asr": rate, "clean_acc": {"value": 0.8, "ci95": [0.79, 0.81]}}}
+            if name == "original"
             else {"after": {"asr": rate, "clean_acc": {"value": acc, "ci95": [acc - 0.01, acc + 0.01]}}}
+        )
         (results / f"blended-0.01-{name}.json").write_text(json.dumps(body))
 
     write("original", 0.9, 0.88, 0.92)
@@ -95,9 +149,30 @@ def test_default_row_and_render_only_from_results_brought_back(tmp_path):
     alone (the GPU machine's models stay there), names the device given, and trains nothing."""
     repro = _load()
     data = make_npz_dataset(tmp_path / "toy")
-    common = ["--small", "--data", str(data), "--arch", "test_tiny", "--train-epochs", "1", "--attacks", "badnets",
-              "--rates", "0.1", "--methods", "fst,default", "--clean-fraction", "0.25", "--eval-limit", "60",
-              "--runs", str(tmp_path / "runs"), "--device", "cpu", "--quiet"]
+    common = [
+        "--small",
+        "--data",
+        str(data),
+        "--arch",
+        "test_tiny",
+        "--train-epochs",
+        "1",
+        "--attacks",
+        "badnets",
+        "--rates",
+        "0.1",
+        "--methods",
+        "fst,default",
+        "--clean-fraction",
+        "0.25",
+        "--eval-limit",
+        "60",
+        "--runs",
+        str(tmp_path / "runs"),
+        "--device",
+        "cpu",
+        "--quiet",
+    ]
     assert repro.main([*common, "--doc", str(tmp_path / "first.md")]) == 0
     default = json.loads((tmp_path / "runs" / "results" / "badnets-0.1-default.json").read_text())
     assert default["method"]["recipe"]["recommended"] is True

@@ -13,7 +13,6 @@ from backdoor_cli.data import ImageSet
 from backdoor_cli.metrics import Rate
 from backdoor_cli.retune import RetuneResult, RetuneSettings, judge, poisoned_tuning_set
 from backdoor_cli.triggers import build_trigger, load_trigger_spec
-
 from helpers import make_npz_dataset, train_badnets_model
 
 runner = CliRunner()
@@ -46,17 +45,25 @@ def test_too_few_non_target_images_is_a_clear_error():
 
 
 def _result(before: tuple[int, int], after: tuple[int, int]) -> RetuneResult:
-    return RetuneResult(asr_before=Rate(*before), asr_after=Rate(*after), clean_acc_after=Rate(90, 100),
-                        settings=RetuneSettings(), seconds=1.0)
+    return RetuneResult(
+        asr_before=Rate(*before),
+        asr_after=Rate(*after),
+        clean_acc_after=Rate(90, 100),
+        settings=RetuneSettings(),
+        seconds=1.0,
+    )
 
 
-@pytest.mark.parametrize("before, after, reference, status", [
-    ((2, 1000), (870, 1000), (60, 1000), "dormant"),
-    ((2, 1000), (80, 1000), (60, 1000), "not-revived"),  # within the margin of the clean model
-    ((2, 1000), (300, 1000), None, "dormant"),
-    ((2, 1000), (100, 1000), None, "not-revived"),
-    ((950, 1000), (990, 1000), None, "active"),
-])
+@pytest.mark.parametrize(
+    "before, after, reference, status",
+    [
+        ((2, 1000), (870, 1000), (60, 1000), "dormant"),
+        ((2, 1000), (80, 1000), (60, 1000), "not-revived"),  # within the margin of the clean model
+        ((2, 1000), (300, 1000), None, "dormant"),
+        ((2, 1000), (100, 1000), None, "not-revived"),
+        ((950, 1000), (990, 1000), None, "active"),
+    ],
+)
 def test_the_verdict_rule(before, after, reference, status):
     ref = _result((0, 1000), reference) if reference else None
     judged = judge(_result(before, after), ref)
@@ -78,14 +85,46 @@ def toys(tmp_path_factory):
 
 
 def _purify(toys, out, *args):
-    return runner.invoke(app, ["purify", str(toys["bd"]), "--data", str(toys["data"]), "--out", str(out),
-                               "--method", "ft", "--clean-count", "80", "--epochs", "1", "--batch-size", "16",
-                               "--trigger", "badnets", "--device", "cpu", "--json", "--quiet", *args])
+    return runner.invoke(
+        app,
+        [
+            "purify",
+            str(toys["bd"]),
+            "--data",
+            str(toys["data"]),
+            "--out",
+            str(out),
+            "--method",
+            "ft",
+            "--clean-count",
+            "80",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "16",
+            "--trigger",
+            "badnets",
+            "--device",
+            "cpu",
+            "--json",
+            "--quiet",
+            *args,
+        ],
+    )
 
 
 def test_purify_reports_the_check_beside_the_asr_and_never_saves_the_copy(toys, tmp_path):
-    result = _purify(toys, tmp_path / "p", "--retune-check", "--clean-reference", str(toys["clean"]),
-                     "--retune-epochs", "2", "--retune-poisoned", "8")
+    result = _purify(
+        toys,
+        tmp_path / "p",
+        "--retune-check",
+        "--clean-reference",
+        str(toys["clean"]),
+        "--retune-epochs",
+        "2",
+        "--retune-poisoned",
+        "8",
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     check = report["retune_check"]
@@ -93,9 +132,21 @@ def test_purify_reports_the_check_beside_the_asr_and_never_saves_the_copy(toys, 
     after, ref = check["asr_after_retuning"], check["reference_asr_after_retuning"]
     assert after["n"] == report["after"]["asr"]["n"] and ref["n"] == after["n"]
     assert check["reference_asr"]["n"] == after["n"]
-    assert check["status"] in ("dormant", "not-revived", "active") and "retuning with 8 poisoned images" in check["verdict"]
-    assert check["settings"] == {"poisoned": 8, "epochs": 2, "lr": 0.01, "momentum": 0.9, "batch_size": 128,
-                                 "augment": True, "seed": 0, "schedule": "constant", "poisoned_augmented": False}
+    assert (
+        check["status"] in ("dormant", "not-revived", "active")
+        and "retuning with 8 poisoned images" in check["verdict"]
+    )
+    assert check["settings"] == {
+        "poisoned": 8,
+        "epochs": 2,
+        "lr": 0.01,
+        "momentum": 0.9,
+        "batch_size": 128,
+        "augment": True,
+        "seed": 0,
+        "schedule": "constant",
+        "poisoned_augmented": False,
+    }
     assert "## Retuning check" in (tmp_path / "p" / "report.md").read_text()
     assert sorted(p.name for p in (tmp_path / "p").iterdir() if p.suffix == ".safetensors") == ["purified.safetensors"]
     assert "retune_check" in report["timings"]
@@ -103,10 +154,38 @@ def test_purify_reports_the_check_beside_the_asr_and_never_saves_the_copy(toys, 
 
 def test_retuning_with_many_poisoned_images_plants_the_trigger_in_a_clean_model(toys, tmp_path):
     """The check can fail: with enough poisoned images and lr, the clean model's ASR must rise."""
-    result = runner.invoke(app, ["purify", str(toys["clean"]), "--data", str(toys["data"]), "--out", str(tmp_path / "c"),
-                                 "--method", "lp", "--clean-count", "80", "--epochs", "1", "--batch-size", "16",
-                                 "--trigger", "badnets", "--device", "cpu", "--json", "--quiet", "--retune-check",
-                                 "--retune-poisoned", "40", "--retune-epochs", "8", "--retune-lr", "0.05"])
+    result = runner.invoke(
+        app,
+        [
+            "purify",
+            str(toys["clean"]),
+            "--data",
+            str(toys["data"]),
+            "--out",
+            str(tmp_path / "c"),
+            "--method",
+            "lp",
+            "--clean-count",
+            "80",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "16",
+            "--trigger",
+            "badnets",
+            "--device",
+            "cpu",
+            "--json",
+            "--quiet",
+            "--retune-check",
+            "--retune-poisoned",
+            "40",
+            "--retune-epochs",
+            "8",
+            "--retune-lr",
+            "0.05",
+        ],
+    )
     assert result.exit_code == 0, result.output
     check = json.loads(result.stdout)["retune_check"]
     assert check["asr_after_retuning"]["value"] > check["asr"]["value"] + 0.3
@@ -114,20 +193,67 @@ def test_retuning_with_many_poisoned_images_plants_the_trigger_in_a_clean_model(
 
 def test_the_check_needs_a_trigger_and_valid_settings(toys, tmp_path):
     plain = tmp_path / "plain.safetensors"
-    trained = runner.invoke(app, ["train", "--arch", "test_tiny", "--data", str(toys["data"]), "--out", str(plain),
-                                  "--epochs", "1", "--device", "cpu", "--quiet"])
+    trained = runner.invoke(
+        app,
+        [
+            "train",
+            "--arch",
+            "test_tiny",
+            "--data",
+            str(toys["data"]),
+            "--out",
+            str(plain),
+            "--epochs",
+            "1",
+            "--device",
+            "cpu",
+            "--quiet",
+        ],
+    )
     assert trained.exit_code == 0, trained.output
-    no_trigger = runner.invoke(app, ["purify", str(plain), "--data", str(toys["data"]), "--out",
-                                     str(tmp_path / "n"), "--method", "ft", "--epochs", "1", "--device", "cpu",
-                                     "--clean-count", "80", "--retune-check", "--quiet"])
+    no_trigger = runner.invoke(
+        app,
+        [
+            "purify",
+            str(plain),
+            "--data",
+            str(toys["data"]),
+            "--out",
+            str(tmp_path / "n"),
+            "--method",
+            "ft",
+            "--epochs",
+            "1",
+            "--device",
+            "cpu",
+            "--clean-count",
+            "80",
+            "--retune-check",
+            "--quiet",
+        ],
+    )
     assert no_trigger.exit_code == 2 and "--retune-check needs a trigger" in no_trigger.output
     bad = _purify(toys, tmp_path / "b", "--retune-check", "--retune-poisoned", "0")
     assert bad.exit_code == 2 and "--retune-poisoned" in bad.output
 
 
 def test_evaluate_and_compare_carry_the_check(toys):
-    common = ["--data", str(toys["data"]), "--trigger", "badnets", "--device", "cpu", "--quiet", "--retune-check",
-              "--retune-epochs", "1", "--retune-clean-count", "80", "--clean-reference", str(toys["clean"])]
+    common = [
+        "--data",
+        str(toys["data"]),
+        "--trigger",
+        "badnets",
+        "--device",
+        "cpu",
+        "--quiet",
+        "--retune-check",
+        "--retune-epochs",
+        "1",
+        "--retune-clean-count",
+        "80",
+        "--clean-reference",
+        str(toys["clean"]),
+    ]
     evaluated = runner.invoke(app, ["evaluate", str(toys["bd"]), *common, "--json"])
     assert evaluated.exit_code == 0, evaluated.output
     check = json.loads(evaluated.stdout)["retune_check"]
@@ -150,14 +276,47 @@ def test_evaluate_and_compare_carry_the_check(toys):
 
 def test_evaluate_check_without_a_trigger_exits_2(toys, tmp_path):
     plain = tmp_path / "plain.safetensors"
-    assert runner.invoke(app, ["train", "--arch", "test_tiny", "--data", str(toys["data"]), "--out", str(plain),
-                               "--epochs", "1", "--device", "cpu", "--quiet"]).exit_code == 0
-    result = runner.invoke(app, ["evaluate", str(plain), "--data", str(toys["data"]), "--device", "cpu",
-                                 "--retune-check"])
+    assert (
+        runner.invoke(
+            app,
+            [
+                "train",
+                "--arch",
+                "test_tiny",
+                "--data",
+                str(toys["data"]),
+                "--out",
+                str(plain),
+                "--epochs",
+                "1",
+                "--device",
+                "cpu",
+                "--quiet",
+            ],
+        ).exit_code
+        == 0
+    )
+    result = runner.invoke(
+        app, ["evaluate", str(plain), "--data", str(toys["data"]), "--device", "cpu", "--retune-check"]
+    )
     assert result.exit_code == 2 and "--retune-check needs a trigger" in result.output
 
 
 def test_an_audit_of_a_folder_refuses_the_check_and_names_compare(toys):
-    result = runner.invoke(app, ["evaluate", str(toys["bd"].parent), "--data", str(toys["data"]), "--trigger",
-                                 "badnets", "--device", "cpu", "--retune-check", "--jsonl", str(toys["bd"].parent / "a.jsonl")])
+    result = runner.invoke(
+        app,
+        [
+            "evaluate",
+            str(toys["bd"].parent),
+            "--data",
+            str(toys["data"]),
+            "--trigger",
+            "badnets",
+            "--device",
+            "cpu",
+            "--retune-check",
+            "--jsonl",
+            str(toys["bd"].parent / "a.jsonl"),
+        ],
+    )
     assert result.exit_code == 2 and "compare DIR --retune-check" in result.output

@@ -14,7 +14,8 @@ from backdoor_cli.cli import app
 from backdoor_cli.scan import anomaly_indices
 from backdoor_cli.scan_pipeline import class_output_names
 from backdoor_cli.triggers import build_trigger, load_trigger_spec
-from helpers import CLASSES, SIZE, make_template_dataset, train_small_cnn as train
+from helpers import CLASSES, SIZE, make_template_dataset
+from helpers import train_small_cnn as train
 
 SCAN_FLAGS = ["--steps", "100", "--batch-size", "32", "--clean-count", "160", "--device", "cpu", "--quiet"]
 QUICK_FLAGS = ["--steps", "10", "--batch-size", "16", "--clean-count", "40", "--device", "cpu", "--quiet"]
@@ -38,8 +39,9 @@ def run_scan(path: Path, data: Path, *args: str):
 def backdoored_scan(subjects) -> dict:
     """One full scan of the planted model through the CLI, with the gate, --json and --out."""
     out = subjects["root"] / "scan-out"
-    result = run_scan(subjects["backdoored"], subjects["data"], "--out", str(out), "--json", "--fail-on-detect",
-                      *SCAN_FLAGS)
+    result = run_scan(
+        subjects["backdoored"], subjects["data"], "--out", str(out), "--json", "--fail-on-detect", *SCAN_FLAGS
+    )
     return {"result": result, "out": out, "doc": json.loads(result.stdout) if result.stdout.strip() else None}
 
 
@@ -70,7 +72,9 @@ def test_planted_patch_is_found_and_the_gate_fails(backdoored_scan):
     found, others = doc["classes"][0], doc["classes"][1:]
     assert found["success"] >= 0.9
     assert found["mask_l1"] < 0.5 * min(c["mask_l1"] for c in others)
-    assert found["verdict"].startswith("class 0 is a likely backdoor target") and "pixel pattern sends" in found["verdict"]
+    assert (
+        found["verdict"].startswith("class 0 is a likely backdoor target") and "pixel pattern sends" in found["verdict"]
+    )
     assert doc["backdoor_suspected"] and "flagged when" in doc["decision_rule"]
 
 
@@ -100,8 +104,21 @@ def test_reconstructed_trigger_is_a_working_bdclean_spec(subjects, backdoored_sc
     trigger = build_trigger(spec, (SIZE, SIZE, 3))
     assert trigger.apply(torch.zeros(2, SIZE, SIZE, 3, dtype=torch.uint8)).shape == (2, SIZE, SIZE, 3)
     # evaluate --trigger with it: the 8-bit saved trigger still fires on the backdoored model's test images.
-    evaluated = CliRunner().invoke(app, ["evaluate", str(subjects["backdoored"]), "--data", str(subjects["data"]),
-                                         "--trigger", str(out / names["spec"]), "--device", "cpu", "--json", "--quiet"])
+    evaluated = CliRunner().invoke(
+        app,
+        [
+            "evaluate",
+            str(subjects["backdoored"]),
+            "--data",
+            str(subjects["data"]),
+            "--trigger",
+            str(out / names["spec"]),
+            "--device",
+            "cpu",
+            "--json",
+            "--quiet",
+        ],
+    )
     assert evaluated.exit_code == 0, evaluated.output
     assert json.loads(evaluated.stdout)["metrics"]["asr"]["value"] > 0.8
 
@@ -126,12 +143,15 @@ def test_text_report_states_verdicts_and_the_rule(subjects):
     assert "verdict:" in result.stdout and "rule:" in result.stdout and "anomaly index" in result.stdout
 
 
-@pytest.mark.parametrize("args, message", [
-    ([], "--data is required"),
-    (["--steps", "0"], "--steps"),
-    (["--anomaly-threshold", "0"], "--anomaly-threshold"),
-    (["--clean-count", "5", "--clean-data", "x.npz"], "cannot be combined"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ([], "--data is required"),
+        (["--steps", "0"], "--steps"),
+        (["--anomaly-threshold", "0"], "--anomaly-threshold"),
+        (["--clean-count", "5", "--clean-data", "x.npz"], "cannot be combined"),
+    ],
+)
 def test_bad_input_exits_2(subjects, args, message):
     data = [] if not args else ["--data", str(subjects["data"])]
     result = CliRunner().invoke(app, ["scan", str(subjects["backdoored"]), *data, *args, "--device", "cpu", "--quiet"])
@@ -146,8 +166,9 @@ def test_missing_checkpoint_exits_2(subjects, tmp_path):
 
 def test_clean_data_replaces_the_training_split(subjects):
     flags = [f for f in QUICK_FLAGS if f not in ("--clean-count", "40")]
-    result = run_scan(subjects["backdoored"], subjects["data"], "--clean-data", str(subjects["data"] / "train.npz"),
-                      "--json", *flags)
+    result = run_scan(
+        subjects["backdoored"], subjects["data"], "--clean-data", str(subjects["data"] / "train.npz"), "--json", *flags
+    )
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
     assert doc["data"]["scan_source"].endswith("train.npz") and doc["data"]["scan_images"] == 1600

@@ -29,8 +29,9 @@ def screened(tmp_path_factory):
     images = bundle.train.subset(torch.arange(160))
     steps = []
     with attach_loss(subject.model, LossAdapter()) as loss_fn:
-        result = scan_model(subject.model, images.x, images.y, CLASSES, mean, std, loss_fn, FORCED, seed=0,
-                            on_step=steps.append)
+        result = scan_model(
+            subject.model, images.x, images.y, CLASSES, mean, std, loss_fn, FORCED, seed=0, on_step=steps.append
+        )
     return result, steps
 
 

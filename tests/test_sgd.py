@@ -50,11 +50,19 @@ def test_foreach_update_and_schedule_are_torchs_to_the_bit(schedule, momentum, w
 
     theirs = _model()
     opt = torch.optim.SGD(theirs.parameters(), lr=0.05, momentum=momentum, weight_decay=weight_decay, foreach=True)
-    lr_sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs) if schedule == "cosine"
-                else torch.optim.lr_scheduler.LambdaLR(opt, lambda _e: 1.0))
+    lr_sched = (
+        torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
+        if schedule == "cosine"
+        else torch.optim.lr_scheduler.LambdaLR(opt, lambda _e: 1.0)
+    )
     lrs_theirs = []
-    reference = _train(theirs, opt.step, lambda: opt.zero_grad(set_to_none=True),
-                       lambda: (lr_sched.step(), lrs_theirs.append(opt.param_groups[0]["lr"])), epochs)
+    reference = _train(
+        theirs,
+        opt.step,
+        lambda: opt.zero_grad(set_to_none=True),
+        lambda: (lr_sched.step(), lrs_theirs.append(opt.param_groups[0]["lr"])),
+        epochs,
+    )
     assert lrs_ours == lrs_theirs  # the same floats
     for a, b in zip(mine, reference):
         assert torch.equal(a, b)
@@ -74,8 +82,9 @@ def test_fused_update_with_a_tensor_learning_rate_matches_torchs_fused_sgd():
     theirs = _model()
     opt = torch.optim.SGD(theirs.parameters(), lr=torch.tensor(0.05), momentum=0.9, weight_decay=5e-4, fused=True)
     lr_sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
-    reference = _train(theirs, opt.step, lambda: opt.zero_grad(set_to_none=True), lr_sched.step, epochs,
-                       skip_bias_every=10**6)
+    reference = _train(
+        theirs, opt.step, lambda: opt.zero_grad(set_to_none=True), lr_sched.step, epochs, skip_bias_every=10**6
+    )
     for a, b in zip(mine, reference):
         assert torch.allclose(a, b, rtol=0, atol=1e-6)
 

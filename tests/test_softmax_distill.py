@@ -34,7 +34,10 @@ class Net(nn.Module):
         return F.softmax(logits, dim=1) if self.ending == "functional" else self.out(logits)
 
 
-ADAPTERS = {"module": LossAdapter("probs", "normaliser-input", "out"), "functional": LossAdapter("probs", "log-of-output")}
+ADAPTERS = {
+    "module": LossAdapter("probs", "normaliser-input", "out"),
+    "functional": LossAdapter("probs", "log-of-output"),
+}
 
 
 def twins(ending: str, seed: int = 0) -> tuple[nn.Module, nn.Module]:
@@ -90,7 +93,7 @@ def learnable_images(n: int = 160, seed: int = 0) -> ImageSet:
     x = torch.randint(0, 60, (n, SIZE, SIZE, 1), generator=g)
     for k in range(CLASSES):
         r, c = divmod(k, 2)
-        x[y == k, 3 * r:3 * r + 3, 3 * c:3 * c + 3] += 180
+        x[y == k, 3 * r : 3 * r + 3, 3 * c : 3 * c + 3] += 180
     return ImageSet(x.to(torch.uint8), y)
 
 

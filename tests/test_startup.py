@@ -18,7 +18,6 @@ import torch
 
 from backdoor_cli.models import build_model
 from backdoor_cli.pipeline import FORMAT_PAYBACK, _untimed_format
-
 from helpers import make_npz_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,8 +26,9 @@ CPU = torch.device("cpu")
 
 def _imported_modules(args: list[str]) -> set[str]:
     """Every module `python -X importtime ARGS` imported (read from its import-time log on stderr)."""
-    out = subprocess.run([sys.executable, "-X", "importtime", *args], capture_output=True, text=True, cwd=REPO,
-                         timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-X", "importtime", *args], capture_output=True, text=True, cwd=REPO, timeout=300
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     return {line.rsplit("|", 1)[1].strip() for line in out.stderr.splitlines() if line.startswith("import time:")}
 
@@ -52,12 +52,28 @@ def test_an_evaluation_imports_no_dynamo_sympy_or_torchvision(tmp_path):
     checkpoint = tmp_path / "resnet20.th"
     torch.manual_seed(0)
     torch.save(build_model("resnet20", 3).state_dict(), checkpoint, _use_new_zipfile_serialization=False)
-    args = ["evaluate", str(checkpoint), "--arch", "resnet20", "--data", str(data), "--trigger", "badnets",
-            "--target", "0", "--device", "cpu", "--json", "--quiet"]
-    code = ("import sys; from typer.testing import CliRunner; from backdoor_cli.cli import app; "
-            f"r = CliRunner().invoke(app, {args!r}); assert r.exit_code == 0, r.output; "
-            "print(sorted(m for m in ('torch._dynamo', 'sympy', 'torch.distributed.fsdp', 'torchvision', "
-            "'matplotlib') if m in sys.modules))")
+    args = [
+        "evaluate",
+        str(checkpoint),
+        "--arch",
+        "resnet20",
+        "--data",
+        str(data),
+        "--trigger",
+        "badnets",
+        "--target",
+        "0",
+        "--device",
+        "cpu",
+        "--json",
+        "--quiet",
+    ]
+    code = (
+        "import sys; from typer.testing import CliRunner; from backdoor_cli.cli import app; "
+        f"r = CliRunner().invoke(app, {args!r}); assert r.exit_code == 0, r.output; "
+        "print(sorted(m for m in ('torch._dynamo', 'sympy', 'torch.distributed.fsdp', 'torchvision', "
+        "'matplotlib') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "[]"
@@ -74,11 +90,14 @@ def test_format_timing_is_skipped_when_the_run_is_too_small_to_repay_it():
     assert choice.seconds is None and "steps" in choice.reason
 
 
-@pytest.mark.parametrize("opts, device, work", [
-    (_opts(), CPU, FORMAT_PAYBACK * 6),  # enough work: time both formats
-    (_opts("contiguous"), CPU, 1),  # the user chose
-    (_opts("channels-last"), CPU, 1),
-    (_opts(), torch.device("cuda"), 1),  # not timed on CUDA anyway (precision.choose_memory_format)
-])
+@pytest.mark.parametrize(
+    "opts, device, work",
+    [
+        (_opts(), CPU, FORMAT_PAYBACK * 6),  # enough work: time both formats
+        (_opts("contiguous"), CPU, 1),  # the user chose
+        (_opts("channels-last"), CPU, 1),
+        (_opts(), torch.device("cuda"), 1),  # not timed on CUDA anyway (precision.choose_memory_format)
+    ],
+)
 def test_format_timing_is_left_to_choose_memory_format(opts, device, work):
     assert _untimed_format(opts, build_model("test_tiny", 3), device, work=work, cost=6, unit="steps") is None

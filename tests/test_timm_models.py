@@ -28,8 +28,10 @@ def _import_timm():
     try:
         return pytest.importorskip("timm", reason="timm is not installed (bdclean[timm]); run `make test-timm`")
     except (RuntimeError, AttributeError, OSError) as exc:
-        pytest.skip(f"timm cannot be imported here ({exc.__class__.__name__}: {str(exc)[:80]}); run `make test-timm`",
-                    allow_module_level=True)
+        pytest.skip(
+            f"timm cannot be imported here ({exc.__class__.__name__}: {str(exc)[:80]}); run `make test-timm`",
+            allow_module_level=True,
+        )
 
 
 timm = _import_timm()
@@ -40,8 +42,11 @@ SIZE = 32  # the timm test models default to 160 px; 32 px keeps the toy data an
 CLASSES = 3
 # name -> (timm architecture, create_model arguments). ViT's position embedding fixes its input size,
 # so it gets img_size; the CNNs take any size, and only their saved pretrained_cfg says 32 px.
-ARCHS = {"vit": ("test_vit", {"img_size": SIZE}), "efficientnet": ("test_efficientnet", {}),
-         "convnext": ("test_convnext", {})}
+ARCHS = {
+    "vit": ("test_vit", {"img_size": SIZE}),
+    "efficientnet": ("test_efficientnet", {}),
+    "convnext": ("test_convnext", {}),
+}
 
 
 def invoke(*args):
@@ -83,8 +88,11 @@ def models(tmp_path_factory):
     torch.manual_seed(0)
     dirs = {name: _save(arch, kwargs, root / name) for name, (arch, kwargs) in ARCHS.items()}
     dirs["vit_bin"] = _save(*ARCHS["vit"], root / "vit_bin", safetensors=False)
-    return {"root": root, "data": make_npz_dataset(root / "data", classes=CLASSES, size=SIZE, n_train=120,
-                                                   n_test=60), **dirs}
+    return {
+        "root": root,
+        "data": make_npz_dataset(root / "data", classes=CLASSES, size=SIZE, n_train=120, n_test=60),
+        **dirs,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -96,8 +104,20 @@ def purified(models):
     def run(name: str) -> dict:
         if name not in done:
             out = models["root"] / f"out-{name}"
-            result = invoke("purify", models[name], "--data", models["data"], "--out", out, "--epochs", "1",
-                            "--device", "cpu", "--quiet", "--json")
+            result = invoke(
+                "purify",
+                models[name],
+                "--data",
+                models["data"],
+                "--out",
+                out,
+                "--epochs",
+                "1",
+                "--device",
+                "cpu",
+                "--quiet",
+                "--json",
+            )
             assert result.exit_code == 0, result.output
             done[name] = {"out": out, "report": json.loads(result.stdout)}
         return done[name]
@@ -120,8 +140,9 @@ def _timm_logits(path, data) -> torch.Tensor:
     cfg, shape = model.pretrained_cfg, (1, 3, 1, 1)
     assert tuple(cfg["input_size"]) == (3, SIZE, SIZE)
     with torch.no_grad():
-        return model(normalize(_test_images(data), torch.tensor(cfg["mean"]).view(shape),
-                               torch.tensor(cfg["std"]).view(shape)))
+        return model(
+            normalize(_test_images(data), torch.tensor(cfg["mean"]).view(shape), torch.tensor(cfg["std"]).view(shape))
+        )
 
 
 @pytest.mark.parametrize("name", ["vit", "efficientnet", "convnext", "vit_bin"])
@@ -143,13 +164,19 @@ def test_inspect_timm_dir_table_and_json(models):
     assert "test_convnext" in result.output and "model.safetensors" in result.output
     info = json.loads(invoke("inspect", models["vit_bin"], "--json").stdout)
     assert info["hub"] == "timm test_vit, from config.json" and info["format"] == "torch-zip"
-    assert info["guess"] == {"arch": "timm:test_vit", "arch_from": "config.json", "num_classes": CLASSES,
-                             "in_channels": 3, "head": "head"}
+    assert info["guess"] == {
+        "arch": "timm:test_vit",
+        "arch_from": "config.json",
+        "num_classes": CLASSES,
+        "in_channels": 3,
+        "head": "head",
+    }
 
 
 def test_evaluate_cli_reports_timms_accuracy(models):
-    result = invoke("evaluate", models["efficientnet"], "--data", models["data"], "--device", "cpu", "--json",
-                    "--quiet")
+    result = invoke(
+        "evaluate", models["efficientnet"], "--data", models["data"], "--device", "cpu", "--json", "--quiet"
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     labels = load_dataset(str(models["data"]), None, need_train=False).test.y
@@ -167,8 +194,9 @@ def test_purified_dir_loads_in_timm_with_purified_safetensors_predictions(models
     out = run["out"]
     assert {p.name for p in (out / "purified-hf").iterdir()} == {"config.json", "model.safetensors"}
     assert {"purified-hf/config.json", "purified-hf/model.safetensors"} <= set(run["report"]["outputs"])
-    assert json.loads((out / "purified-hf" / "config.json").read_text()) == \
-        json.loads((models[name] / "config.json").read_text())
+    assert json.loads((out / "purified-hf" / "config.json").read_text()) == json.loads(
+        (models[name] / "config.json").read_text()
+    )
     theirs = _timm_logits(out / "purified-hf", models["data"])
     ours = bdclean_logits(out / "purified.safetensors", models["data"])
     assert torch.equal(ours.argmax(1), theirs.argmax(1)) and torch.allclose(ours, theirs, atol=1e-5)

@@ -8,7 +8,6 @@ from typer.testing import CliRunner
 
 from backdoor_cli.checkpoint import read_checkpoint
 from backdoor_cli.cli import app
-
 from helpers import train_toy_model
 
 
@@ -20,8 +19,24 @@ def test_init_fine_tunes_the_given_weights_and_records_them(tmp_path):
     toy = train_toy_model(tmp_path, name="clean.safetensors", epochs=1)
     start = read_checkpoint(toy["model"])
     out = tmp_path / "poisoned.safetensors"
-    result = run("train", "--init", toy["model"], "--data", toy["data"], "--out", out, "--epochs", "1",
-                 "--trigger", "badnets", "--poison-rate", "0.2", "--lr", "0.01", "--json")
+    result = run(
+        "train",
+        "--init",
+        toy["model"],
+        "--data",
+        toy["data"],
+        "--out",
+        out,
+        "--epochs",
+        "1",
+        "--trigger",
+        "badnets",
+        "--poison-rate",
+        "0.2",
+        "--lr",
+        "0.01",
+        "--json",
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["arch"] == "test_tiny"  # from the starting checkpoint, not the simple_cnn default
@@ -39,8 +54,19 @@ def test_init_fine_tunes_the_given_weights_and_records_them(tmp_path):
 
 def test_init_with_the_wrong_architecture_fails_with_the_key_diff(tmp_path):
     toy = train_toy_model(tmp_path, name="clean.safetensors", epochs=1)
-    result = run("train", "--init", toy["model"], "--arch", "simple_cnn", "--data", toy["data"],
-                 "--out", tmp_path / "x.safetensors", "--epochs", "1")
+    result = run(
+        "train",
+        "--init",
+        toy["model"],
+        "--arch",
+        "simple_cnn",
+        "--data",
+        toy["data"],
+        "--out",
+        tmp_path / "x.safetensors",
+        "--epochs",
+        "1",
+    )
     assert result.exit_code == 2
     assert "checkpoint does not fit the model" in result.output
 
@@ -48,8 +74,9 @@ def test_init_with_the_wrong_architecture_fails_with_the_key_diff(tmp_path):
 def test_init_is_never_overwritten(tmp_path):
     toy = train_toy_model(tmp_path, name="clean.safetensors", epochs=1)
     before = toy["model"].read_bytes()
-    result = run("train", "--init", toy["model"], "--data", toy["data"], "--out", toy["model"], "--epochs", "1",
-                 "--force")
+    result = run(
+        "train", "--init", toy["model"], "--data", toy["data"], "--out", toy["model"], "--epochs", "1", "--force"
+    )
     assert result.exit_code == 2
     assert toy["model"].read_bytes() == before
 

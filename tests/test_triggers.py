@@ -45,6 +45,7 @@ def save_png(path: Path, array: np.ndarray, mode: str | None = None) -> Path:
 
 # ---------------------------------------------------------------- patch
 
+
 def test_badnets_builtin_is_a_white_3x3_square_bottom_right():
     trigger = build_trigger(load_trigger_spec("badnets"), (8, 8, 3))
     x = batch(value=0)
@@ -57,10 +58,17 @@ def test_badnets_builtin_is_a_white_3x3_square_bottom_right():
     assert trigger.target == 0 and trigger.spec.source == "badnets"
 
 
-@pytest.mark.parametrize("position, origin", [
-    ("top-left", (0, 0)), ("top-right", (0, 6)), ("bottom-left", (5, 0)), ("bottom-right", (5, 6)),
-    ("center", (2, 3)), ([2, 4], (2, 4)),
-])
+@pytest.mark.parametrize(
+    "position, origin",
+    [
+        ("top-left", (0, 0)),
+        ("top-right", (0, 6)),
+        ("bottom-left", (5, 0)),
+        ("bottom-right", (5, 6)),
+        ("center", (2, 3)),
+        ([2, 4], (2, 4)),
+    ],
+)
 def test_patch_positions(position, origin):
     trigger = make({"type": "patch", "size": 3, "position": position, "color": 200}, shape=(8, 9, 1))
     out = trigger.apply(batch((8, 9, 1), value=7))
@@ -105,6 +113,7 @@ def test_grayscale_badnets():
 
 # ---------------------------------------------------------------- blend
 
+
 def test_blend_image_formula(tmp_path):
     save_png(tmp_path / "b.png", np.full((8, 8, 3), 200))
     out = make({"type": "blend", "image": str(tmp_path / "b.png"), "alpha": 0.25}).apply(batch(value=100))
@@ -113,8 +122,9 @@ def test_blend_image_formula(tmp_path):
 
 def test_blend_image_is_resized_to_the_images(tmp_path):
     save_png(tmp_path / "small.png", np.full((2, 3, 3), 40))
-    out = make({"type": "blend", "image": "small.png", "alpha": 1.0}, shape=(6, 5, 3), base_dir=tmp_path)\
-        .apply(batch((6, 5, 3)))
+    out = make({"type": "blend", "image": "small.png", "alpha": 1.0}, shape=(6, 5, 3), base_dir=tmp_path).apply(
+        batch((6, 5, 3))
+    )
     assert (out == 40).all()
 
 
@@ -136,6 +146,7 @@ def test_blend_alpha_zero_is_identity():
 
 # ---------------------------------------------------------------- sig
 
+
 def test_sig_values_and_clipping():
     trigger = make({"type": "sig", "amplitude": 40, "frequency": 6}, shape=(3, 24, 1))
     row = trigger.apply(batch((3, 24, 1), value=100))[0, :, :, 0]
@@ -155,6 +166,7 @@ def test_sig_builtin_rgb_all_channels_equal_shift():
 
 # ---------------------------------------------------------------- wanet
 
+
 def test_wanet_grid_reproducible_and_seeded():
     spec = {"type": "wanet", "k": 4, "s": 0.5, "seed": 0}
     grid = make(spec, shape=(32, 32, 3)).state()["grid"]
@@ -173,8 +185,13 @@ def test_wanet_tiny_strength_is_identity_on_a_non_square_image():
 def test_wanet_matches_grid_sample_and_keeps_constant_images():
     trigger = make({"type": "wanet", "k": 3, "s": 2.0, "seed": 5}, shape=(8, 8, 3))
     x = batch(seed=4)
-    ref = F.grid_sample(x.permute(0, 3, 1, 2).float(), trigger.state()["grid"].repeat(2, 1, 1, 1),
-                        align_corners=True).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+    ref = (
+        F.grid_sample(x.permute(0, 3, 1, 2).float(), trigger.state()["grid"].repeat(2, 1, 1, 1), align_corners=True)
+        .round()
+        .clamp(0, 255)
+        .to(torch.uint8)
+        .permute(0, 2, 3, 1)
+    )
     out = trigger.apply(x)
     assert torch.equal(out, ref) and not torch.equal(out, x)
     assert (trigger.apply(batch(value=77)) == 77).all()
@@ -187,11 +204,13 @@ def test_wanet_builtin_grayscale():
 
 # ---------------------------------------------------------------- image + mask
 
+
 def test_image_with_mask_placed_and_blended(tmp_path):
     save_png(tmp_path / "t.png", np.full((2, 2, 3), 200))
     save_png(tmp_path / "m.png", np.array([[255, 0], [128, 255]]), "L")
-    trigger = make({"type": "image", "image": "t.png", "mask": "m.png", "position": "top-left"},
-                   shape=(4, 4, 3), base_dir=tmp_path)
+    trigger = make(
+        {"type": "image", "image": "t.png", "mask": "m.png", "position": "top-left"}, shape=(4, 4, 3), base_dir=tmp_path
+    )
     out = trigger.apply(batch((4, 4, 3), value=100))[0, :, :, 0]
     assert out[0, :2].tolist() == [200, 100]
     assert out[1, :2].tolist() == [150, 200]  # 100 + 128/255 * 100 = 150.2 -> 150
@@ -201,8 +220,9 @@ def test_image_with_mask_placed_and_blended(tmp_path):
 def test_image_same_size_as_data_covers_it_grayscale(tmp_path):
     save_png(tmp_path / "t.png", np.full((3, 3, 3), 90))
     save_png(tmp_path / "m.png", np.full((3, 3, 3), 255))  # an RGB mask becomes grayscale
-    out = make({"type": "image", "image": "t.png", "mask": "m.png"}, shape=(3, 3, 1), base_dir=tmp_path)\
-        .apply(batch((3, 3, 1)))
+    out = make({"type": "image", "image": "t.png", "mask": "m.png"}, shape=(3, 3, 1), base_dir=tmp_path).apply(
+        batch((3, 3, 1))
+    )
     assert (out == 90).all()
 
 
@@ -294,6 +314,7 @@ def test_huge_hostile_values_give_short_messages():
 
 # ---------------------------------------------------------------- image files
 
+
 def test_missing_image_names_the_file(tmp_path):
     with pytest.raises(ConfigError, match=r"image file .*nope\.png: file not found"):
         parse_trigger_spec({"type": "blend", "image": "nope.png"}, tmp_path, "x")
@@ -365,6 +386,7 @@ def test_sha256_is_checked(tmp_path):
 
 # ---------------------------------------------------------------- YAML files
 
+
 def test_yaml_relative_image_resolves_against_yaml_dir(tmp_path, monkeypatch):
     spec_dir = tmp_path / "specs"
     spec_dir.mkdir()
@@ -391,8 +413,10 @@ def test_yaml_errors(tmp_path):
         "date.yaml": (b"type: blend\nalpha: 2001-12-14\n", "'alpha' must be a number"),
         "binary.yaml": (b"type: patch\nname: !!binary aGVsbG8=\n", "'name' must be printable text"),
         "intkey.yaml": (b"type: patch\n3: 4\n", "field names must be text"),
-        "laughs.yaml": (b"type: patch\nposition: &a [[1, 2], [1, 2]]\ncolor: &b [*a, *a, *a, *a]\n"
-                        b"name: &c [*b, *b, *b, *b]\n", "'name' must be printable"),
+        "laughs.yaml": (
+            b"type: patch\nposition: &a [[1, 2], [1, 2]]\ncolor: &b [*a, *a, *a, *a]\nname: &c [*b, *b, *b, *b]\n",
+            "'name' must be printable",
+        ),
     }
     for name, (data, message) in cases.items():
         (tmp_path / name).write_bytes(data)
@@ -425,6 +449,7 @@ def test_unknown_name_or_missing_file():
 
 
 # ---------------------------------------------------------------- built-ins, examples, round trip
+
 
 def test_builtins_have_the_papers_settings():
     assert BUILTIN_TRIGGERS["badnets"]["size"] == 3
@@ -484,6 +509,7 @@ def test_target_override_and_name():
 
 # ---------------------------------------------------------------- apply() contract
 
+
 def test_apply_refuses_wrong_dtype_or_shape():
     trigger = build_trigger(load_trigger_spec("badnets"), (8, 8, 3))
     with pytest.raises(InputError, match="uint8 images shaped \\(N, 8, 8, 3\\)"):
@@ -517,6 +543,7 @@ def test_apply_works_on_non_contiguous_input():
 
 
 # ---------------------------------------------------------------- poisoned sets
+
 
 def labelled(n=20, classes=4, shape=(6, 6, 3)):
     return batch(shape, n=n), torch.arange(n, dtype=torch.int64) % classes

@@ -53,15 +53,22 @@ def test_several_triggers_share_the_stamped_images():
     triggers[1].mask.zero_()
     triggers[1].mask[:2, :2] = 1.0  # top-left: the two stamps touch different pixels
     out = trigger_stamp(triggers, 0.5, MEAN.flatten(), STD.flatten(), torch.device("cpu"))(
-        inputs, torch.Generator().manual_seed(0))
+        inputs, torch.Generator().manual_seed(0)
+    )
     first = (out[:, :, -2:, -2:] != 0).flatten(1).any(1)
     second = (out[:, :, :2, :2] != 0).flatten(1).any(1)
     assert first.sum() > 100 and second.sum() > 100 and not (first & second).any()
 
 
 def _result(anomaly: list[float], flagged: list[int]) -> ScanResult:
-    return ScanResult(triggers=[_trigger(c) for c in range(len(anomaly))], anomaly=anomaly, median_l1=20.0, mad=0.3,
-                      threshold=2.0, flagged=flagged)
+    return ScanResult(
+        triggers=[_trigger(c) for c in range(len(anomaly))],
+        anomaly=anomaly,
+        median_l1=20.0,
+        mad=0.3,
+        threshold=2.0,
+        flagged=flagged,
+    )
 
 
 def test_flagged_classes_are_unlearnt_and_otherwise_the_smallest_mask_as_a_precaution():
@@ -90,8 +97,9 @@ def test_proxy_asr_counts_only_images_of_other_classes_sent_to_the_class():
 
 
 def _by_scan(after: Rate, rescanned_flag: bool, flagged=(0,)):
-    rescan = {c: {"mask_l1": 30.0, "input_mask_l1": 4.0, "flagged": rescanned_flag, "anomaly_index": 0.5}
-              for c in flagged}
+    rescan = {
+        c: {"mask_l1": 30.0, "input_mask_l1": 4.0, "flagged": rescanned_flag, "anomaly_index": 0.5} for c in flagged
+    }
     return judge_removal_by_scan(list(flagged), list(flagged) or [0], {0: Rate(190, 200)}, {0: after}, rescan)
 
 
@@ -138,8 +146,24 @@ def subjects(tmp_path_factory) -> dict:
 
 
 def _default(path, data, out, *args):
-    return runner.invoke(app, ["purify", str(path), "--data", str(data), "--out", str(out), "--clean-count", "400",
-                               "--device", "cpu", "--quiet", "--json", *args])
+    return runner.invoke(
+        app,
+        [
+            "purify",
+            str(path),
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--clean-count",
+            "400",
+            "--device",
+            "cpu",
+            "--quiet",
+            "--json",
+            *args,
+        ],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -175,8 +199,14 @@ def test_the_verdict_agrees_with_the_true_trigger(purified):
 
 
 def test_without_a_trigger_the_scan_verdict_stands_and_gates(subjects):
-    result = _default(subjects["plain"], subjects["data"], subjects["root"] / "plain-out", "--arch", "simple_cnn_half",
-                      "--require-verified")
+    result = _default(
+        subjects["plain"],
+        subjects["data"],
+        subjects["root"] / "plain-out",
+        "--arch",
+        "simple_cnn_half",
+        "--require-verified",
+    )
     report = json.loads(result.stdout)
     assert report["trigger"] is None
     removal = report["removal"]
@@ -196,8 +226,9 @@ def test_on_a_clean_model_the_default_flags_nothing_costs_little_and_does_not_ve
 
 
 def test_unlearn_needs_its_scan_and_takes_its_own_flag_only(subjects, tmp_path):
-    refused = _default(subjects["backdoored"], subjects["data"], tmp_path / "o", "--method", "fst",
-                       "--unlearn-fraction", "0.3")
+    refused = _default(
+        subjects["backdoored"], subjects["data"], tmp_path / "o", "--method", "fst", "--unlearn-fraction", "0.3"
+    )
     assert refused.exit_code == 2 and "--unlearn-fraction does not apply to --method fst" in refused.output
     bad = _default(subjects["backdoored"], subjects["data"], tmp_path / "o2", "--unlearn-fraction", "1.5")
     assert bad.exit_code == 2 and "unlearn-fraction" in bad.output

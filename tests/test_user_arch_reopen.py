@@ -14,17 +14,16 @@ from typer.testing import CliRunner
 
 from backdoor_cli.checkpoint import read_checkpoint
 from backdoor_cli.cli import app
-
 from helpers import make_npz_dataset
 
-MODEL_FILE = textwrap.dedent('''
+MODEL_FILE = textwrap.dedent("""
     import torch
     from torch import nn
 
     def small(num_classes, in_channels=3):
         return nn.Sequential(nn.Conv2d(in_channels, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
                              nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, num_classes))
-''')
+""")
 
 
 def run(*args):
@@ -39,8 +38,21 @@ def purified(tmp_path_factory):
     arch = f"{root / 'my_model.py'}:small"
     data = make_npz_dataset(root / "data", classes=3, size=12, n_train=120, n_test=60)
     model = root / "bd.safetensors"
-    result = run("train", "--arch", arch, "--data", data, "--out", model, "--trigger", "badnets",
-                 "--poison-rate", "0.1", "--epochs", "1")
+    result = run(
+        "train",
+        "--arch",
+        arch,
+        "--data",
+        data,
+        "--out",
+        model,
+        "--trigger",
+        "badnets",
+        "--poison-rate",
+        "0.1",
+        "--epochs",
+        "1",
+    )
     assert result.exit_code == 0, result.output
     out = root / "purified"
     result = run("purify", model, "--arch", arch, "--data", data, "--out", out, "--method", "ft", "--epochs", "1")
@@ -60,8 +72,16 @@ def test_purified_user_architecture_reopens_with_arch(purified):
 
 
 def test_compare_input_and_purified_with_a_user_architecture(purified):
-    result = run("compare", purified["model"], purified["purified"], "--arch", purified["arch"],
-                 "--data", purified["data"], "--json")
+    result = run(
+        "compare",
+        purified["model"],
+        purified["purified"],
+        "--arch",
+        purified["arch"],
+        "--data",
+        purified["data"],
+        "--json",
+    )
     assert result.exit_code == 0, result.output
     assert len(json.loads(result.stdout)["rows"]) == 2
 
@@ -85,12 +105,34 @@ def test_without_arch_the_error_names_the_exact_flag_to_pass(purified):
 def test_a_changed_architecture_file_is_warned_about(purified, tmp_path):
     changed = tmp_path / "my_model.py"
     changed.write_text(MODEL_FILE + "\n# edited since the model was made\n")
-    result = CliRunner().invoke(app, ["evaluate", str(purified["purified"]), "--arch", f"{changed}:small",
-                                      "--data", str(purified["data"]), "--device", "cpu"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "evaluate",
+            str(purified["purified"]),
+            "--arch",
+            f"{changed}:small",
+            "--data",
+            str(purified["data"]),
+            "--device",
+            "cpu",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "differs from the one that built" in " ".join(result.output.split())
-    same = CliRunner().invoke(app, ["evaluate", str(purified["purified"]), "--arch", purified["arch"],
-                                    "--data", str(purified["data"]), "--device", "cpu"])
+    same = CliRunner().invoke(
+        app,
+        [
+            "evaluate",
+            str(purified["purified"]),
+            "--arch",
+            purified["arch"],
+            "--data",
+            str(purified["data"]),
+            "--device",
+            "cpu",
+        ],
+    )
     assert "differs from the one that built" not in same.output
 
 

@@ -4,7 +4,10 @@ Importing this package registers the built-in methods (ft, lp, fe-tuning, ft-ini
 pam, ft-sam, nad, clp, d3, sau).
 """
 
-from .base import DEFENSES, Defense, DefenseParams, DefenseOutcome, default_params, get_defense
+from .base import DEFENSES, Defense, DefenseOutcome, DefenseParams, default_params, get_defense
+
+# The import order is the registration order: the order `--method` choices are listed in.
+# isort: off
 from . import finetune as _finetune  # noqa: F401  (registers ft, lp, fe-tuning, ft-init)
 from . import fst as _fst  # noqa: F401  (registers fst)
 from . import distill as _distill  # noqa: F401  (registers fst-kd)
@@ -15,5 +18,6 @@ from . import clp as _clp  # noqa: F401  (registers clp)
 from . import unlearn as _unlearn  # noqa: F401  (registers unlearn)
 from . import d3 as _d3  # noqa: F401  (registers d3)
 from . import sau as _sau  # noqa: F401  (registers sau)
+# isort: on
 
 __all__ = ["DEFENSES", "Defense", "DefenseParams", "DefenseOutcome", "default_params", "get_defense"]

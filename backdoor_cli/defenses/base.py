@@ -44,16 +44,20 @@ class DefenseParams:
     unlearn_fraction: float = 0.2  # unlearn: share of each tuning batch stamped with a reconstructed trigger
     d3_lambda: float | None = None  # d3: weight of the clean-loss hinge against the distance term (None: 10)
     d3_eps: float | None = None  # d3: clean-loss budget of the hinge, per image (None: 0.1)
-    sau_eps: float | None = None  # sau: L-inf radius of the shared adversarial examples, in [0, 1] pixel units (None: 0.2)
+    sau_eps: float | None = (
+        None  # sau: L-inf radius of the shared adversarial examples, in [0, 1] pixel units (None: 0.2)
+    )
     sau_steps: int | None = None  # sau: PGD steps per batch (None: 5)
-    sau_lambda: tuple[float, ...] | None = None  # sau: weights of clean CE, adversarial CE, shared unlearning (None: 1, 0, 1)
+    sau_lambda: tuple[float, ...] | None = (
+        None  # sau: weights of clean CE, adversarial CE, shared unlearning (None: 1, 0, 1)
+    )
 
     def method_value(self, method: str, name: str):
         """A per-method hyper-parameter: the given value, else the method's default."""
         value = getattr(self, name)
         return value if value is not None else METHOD_DEFAULTS.get(method, {}).get(name)
 
-    def validate(self) -> "DefenseParams":
+    def validate(self) -> DefenseParams:
         if not (self.lr > 0 and self.lr <= 10):
             raise ConfigError(f"lr must be in (0, 10], got {self.lr}")
         if not (1 <= self.epochs <= 10_000):
@@ -92,10 +96,13 @@ class DefenseParams:
             raise ConfigError(f"--sau-eps must be in (0, 1] (pixel units), got {self.sau_eps}")
         if self.sau_steps is not None and not (1 <= self.sau_steps <= 100):
             raise ConfigError(f"--sau-steps must be in [1, 100], got {self.sau_steps}")
-        if self.sau_lambda is not None and (len(self.sau_lambda) != 3
-                                            or any(not (0 <= w <= 1e6) for w in self.sau_lambda)):
-            raise ConfigError("--sau-lambda must be three weights in [0, 1e6] (clean CE, adversarial CE, shared "
-                              f"unlearning), got {self.sau_lambda}")
+        if self.sau_lambda is not None and (
+            len(self.sau_lambda) != 3 or any(not (0 <= w <= 1e6) for w in self.sau_lambda)
+        ):
+            raise ConfigError(
+                "--sau-lambda must be three weights in [0, 1e6] (clean CE, adversarial CE, shared "
+                f"unlearning), got {self.sau_lambda}"
+            )
         return self
 
     def to_dict(self) -> dict:
@@ -131,11 +138,33 @@ class DefenseOutcome:
 # Hyper-parameters only some methods read (each Defense names its own in `own_params`), and the ones
 # every tuning method reads. A flag of the first kind given to a method that does not read it is
 # refused by name (`inapplicable`), and reports record only the parameters the method used.
-METHOD_PARAMS: tuple[str, ...] = ("alpha", "distill", "distill_temperature", "rho", "nad_beta", "nad_p", "nad_layers",
-                                  "teacher_epochs", "clp_u", "unlearn_fraction", "d3_lambda", "d3_eps", "sau_eps",
-                                  "sau_steps", "sau_lambda")
-TUNING_PARAMS: tuple[str, ...] = ("lr", "epochs", "batch_size", "momentum", "weight_decay", "augment", "seed",
-                                  "label_smoothing")
+METHOD_PARAMS: tuple[str, ...] = (
+    "alpha",
+    "distill",
+    "distill_temperature",
+    "rho",
+    "nad_beta",
+    "nad_p",
+    "nad_layers",
+    "teacher_epochs",
+    "clp_u",
+    "unlearn_fraction",
+    "d3_lambda",
+    "d3_eps",
+    "sau_eps",
+    "sau_steps",
+    "sau_lambda",
+)
+TUNING_PARAMS: tuple[str, ...] = (
+    "lr",
+    "epochs",
+    "batch_size",
+    "momentum",
+    "weight_decay",
+    "augment",
+    "seed",
+    "label_smoothing",
+)
 
 
 @dataclass(frozen=True)
@@ -174,8 +203,7 @@ def inapplicable(defense: Defense, given: dict[str, object], chosen_by: str | No
         users = methods_using(name)
         flag = "--" + name.replace("_", "-")
         where = f"{chosen_by} ({defense.name})" if chosen_by else f"--method {defense.name}"
-        messages.append(f"{flag} does not apply to {where}"
-                        + (f" (it is read by {', '.join(users)})" if users else ""))
+        messages.append(f"{flag} does not apply to {where}" + (f" (it is read by {', '.join(users)})" if users else ""))
     return messages
 
 

@@ -95,8 +95,10 @@ def prune(model: nn.Module, bounds: list[ChannelBound], u: float) -> int:
 def lipschitz_bounds(model: nn.Module, example: torch.Tensor) -> list[ChannelBound]:
     pairs = conv_bn_pairs(model, example)
     if not pairs:
-        raise ConfigError("clp prunes channels of convolutions followed by BatchNorm, and this model has none",
-                          hint="choose a tuning method (e.g. --method fst) for this architecture")
+        raise ConfigError(
+            "clp prunes channels of convolutions followed by BatchNorm, and this model has none",
+            hint="choose a tuning method (e.g. --method fst) for this architecture",
+        )
     return channel_bounds(model, pairs)
 
 
@@ -108,16 +110,20 @@ def run_clp(model, head_name, clean, mean, std, params, device, flip=True, **opt
     bounds = lipschitz_bounds(model, example)
     pruned = prune(model, bounds, u)
     channels = sum(b.uclc.numel() for b in bounds)
-    return DefenseOutcome(history=[], notes=[f"clp: pruned {pruned} of {channels} channels in {len(bounds)} "
-                                             f"conv/BatchNorm layers at u = {u:g}"])
+    return DefenseOutcome(
+        history=[],
+        notes=[f"clp: pruned {pruned} of {channels} channels in {len(bounds)} conv/BatchNorm layers at u = {u:g}"],
+    )
 
 
-CLP = register(Defense(
-    name="clp",
-    summary="channel Lipschitzness pruning: zero the channels whose Lipschitz bound is an outlier (no training)",
-    reinit_head=False,
-    trains="none",
-    uses_alpha=False,
-    run=run_clp,
-    own_params=("clp_u",),
-))
+CLP = register(
+    Defense(
+        name="clp",
+        summary="channel Lipschitzness pruning: zero the channels whose Lipschitz bound is an outlier (no training)",
+        reinit_head=False,
+        trains="none",
+        uses_alpha=False,
+        run=run_clp,
+        own_params=("clp_u",),
+    )
+)

@@ -49,6 +49,7 @@ def loss_scale(lmd: float) -> float:
 
 def warm_start(norm: torch.Tensor):
     """init_head for run_tuning: W ~ U[−0.5, 0.5] from a seeded generator, rescaled to `norm`."""
+
     def init(head: torch.nn.Linear, seed: int) -> None:
         generator = torch.Generator(device="cpu").manual_seed(seed)
         with torch.no_grad():
@@ -73,26 +74,40 @@ def run_d3(model, head_name, clean, mean, std, params, device, flip=True, **opti
         return hinge_term(sample_losses(scores, labels, adapter, smoothing), lmd, eps) / scale
 
     outcome = run_tuning(
-        D3, model, head_name, clean, mean, std, params, device, flip,
+        D3,
+        model,
+        head_name,
+        clean,
+        mean,
+        std,
+        params,
+        device,
+        flip,
         objective=objective,
         penalty=lambda: distance_term(head.weight, original) / scale,
         after_step=lambda: project_to_norm(head.weight, target_norm),
-        init_head=warm_start(target_norm), label_smoothing=smoothing, **options,
+        init_head=warm_start(target_norm),
+        label_smoothing=smoothing,
+        **options,
     )
     outcome.head_norm = float(target_norm)
     distance = float(torch.linalg.vector_norm(head.weight.detach() - original))
-    outcome.notes.append(f"d3: lambda {lmd:g}, epsilon {eps:g} (loss divided by {scale:g}); head redrawn "
-                         f"U[-0.5, 0.5] at norm {float(target_norm):.4g}; final ||W - W0|| {distance:.4g}")
+    outcome.notes.append(
+        f"d3: lambda {lmd:g}, epsilon {eps:g} (loss divided by {scale:g}); head redrawn "
+        f"U[-0.5, 0.5] at norm {float(target_norm):.4g}; final ||W - W0|| {distance:.4g}"
+    )
     return outcome
 
 
-D3 = register(Defense(
-    name="d3",
-    summary="distance-driven detoxification: push the head away from the original while a hinge keeps the clean "
-            "loss within epsilon",
-    reinit_head=True,
-    trains="all",
-    uses_alpha=False,
-    run=run_d3,
-    own_params=("d3_lambda", "d3_eps"),
-))
+D3 = register(
+    Defense(
+        name="d3",
+        summary="distance-driven detoxification: push the head away from the original while a hinge keeps the clean "
+        "loss within epsilon",
+        reinit_head=True,
+        trains="all",
+        uses_alpha=False,
+        run=run_d3,
+        own_params=("d3_lambda", "d3_eps"),
+    )
+)

@@ -56,37 +56,43 @@ def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
 
 def run_fst_kd(model, head_name, clean, mean, std, params, device, flip=True, **options) -> DefenseOutcome:
     """FST with the distillation term; `options` as for run_fst (callbacks, loss_adapter)."""
-    term = distillation_term(frozen_copy(model), params.distill, params.distill_temperature,
-                             options.get("loss_adapter", LOGITS))
+    term = distillation_term(
+        frozen_copy(model), params.distill, params.distill_temperature, options.get("loss_adapter", LOGITS)
+    )
     return run_fst(model, head_name, clean, mean, std, params, device, flip, batch_penalty=term, **options)
 
 
-FST_KD = register(Defense(
-    name="fst-kd",
-    summary="FST plus distillation of the input model's clean-data outputs (bdclean's variant, lower accuracy cost)",
-    reinit_head=True,
-    trains="all",
-    uses_alpha=True,
-    run=run_fst_kd,
-    own_params=("alpha", "distill", "distill_temperature"),
-))
+FST_KD = register(
+    Defense(
+        name="fst-kd",
+        summary="FST plus distillation of the input model's clean-data outputs (bdclean's variant, lower accuracy cost)",
+        reinit_head=True,
+        trains="all",
+        uses_alpha=True,
+        run=run_fst_kd,
+        own_params=("alpha", "distill", "distill_temperature"),
+    )
+)
 
 
 def run_ft_kd(model, head_name, clean, mean, std, params, device, flip=True, **options) -> DefenseOutcome:
     """Fine-tuning of all layers with the same distillation term (no head re-initialisation, no penalty)."""
     from .finetune import FT, run_tuning
 
-    term = distillation_term(frozen_copy(model), params.distill, params.distill_temperature,
-                             options.get("loss_adapter", LOGITS))
+    term = distillation_term(
+        frozen_copy(model), params.distill, params.distill_temperature, options.get("loss_adapter", LOGITS)
+    )
     return run_tuning(FT, model, head_name, clean, mean, std, params, device, flip, batch_penalty=term, **options)
 
 
-FT_KD = register(Defense(
-    name="ft-kd",
-    summary="fine-tuning plus distillation of the input model's clean-data outputs (bdclean's variant)",
-    reinit_head=False,
-    trains="all",
-    uses_alpha=False,
-    run=run_ft_kd,
-    own_params=("distill", "distill_temperature"),
-))
+FT_KD = register(
+    Defense(
+        name="ft-kd",
+        summary="fine-tuning plus distillation of the input model's clean-data outputs (bdclean's variant)",
+        reinit_head=False,
+        trains="all",
+        uses_alpha=False,
+        run=run_ft_kd,
+        own_params=("distill", "distill_temperature"),
+    )
+)

@@ -46,12 +46,31 @@ def select_trainable(model: torch.nn.Module, head: torch.nn.Linear, trains: str)
     return [p for p in model.parameters() if p.requires_grad], frozen
 
 
-def run_tuning(defense: Defense, model, head_name: str, clean: ImageSet, mean, std, params: DefenseParams,
-               device, flip: bool, penalty=None, after_step=None, on_step=None, on_epoch=None,
-               loss_adapter: LossAdapter = LOGITS, batch_penalty=None, perturb_with=None,
-               label_smoothing: float | None = None, precision: str | None = None,
-               memory_format: str = "channels_last", stamp=None, objective=None, init_head=None,
-               cuda_graphs: bool = True) -> DefenseOutcome:
+def run_tuning(
+    defense: Defense,
+    model,
+    head_name: str,
+    clean: ImageSet,
+    mean,
+    std,
+    params: DefenseParams,
+    device,
+    flip: bool,
+    penalty=None,
+    after_step=None,
+    on_step=None,
+    on_epoch=None,
+    loss_adapter: LossAdapter = LOGITS,
+    batch_penalty=None,
+    perturb_with=None,
+    label_smoothing: float | None = None,
+    precision: str | None = None,
+    memory_format: str = "channels_last",
+    stamp=None,
+    objective=None,
+    init_head=None,
+    cuda_graphs: bool = True,
+) -> DefenseOutcome:
     """Tune per the defense's recipe; `loss_adapter` says how the loss is formed from the model's output;
     `precision`, `memory_format` and `stamp` as for tuning.tune.
 
@@ -66,15 +85,40 @@ def run_tuning(defense: Defense, model, head_name: str, clean: ImageSet, mean, s
         (init_head or reinitialise_head)(head, params.seed)
     trainable, frozen = select_trainable(model, head, defense.trains)
     perturb = perturb_with(trainable) if perturb_with is not None else None
-    settings = TuneSettings(epochs=params.epochs, lr=params.lr, batch_size=params.batch_size,
-                            momentum=params.momentum, weight_decay=params.weight_decay,
-                            augment=params.augment, flip=flip, seed=params.seed, label_smoothing=label_smoothing,
-                            cuda_graphs=cuda_graphs)
+    settings = TuneSettings(
+        epochs=params.epochs,
+        lr=params.lr,
+        batch_size=params.batch_size,
+        momentum=params.momentum,
+        weight_decay=params.weight_decay,
+        augment=params.augment,
+        flip=flip,
+        seed=params.seed,
+        label_smoothing=label_smoothing,
+        cuda_graphs=cuda_graphs,
+    )
     try:
-        history = tune(model, clean, mean, std, settings, device, params=trainable, frozen_modules=frozen,
-                       penalty=penalty, batch_penalty=batch_penalty, after_step=after_step, on_step=on_step,
-                       on_epoch=on_epoch, loss_adapter=loss_adapter, perturb=perturb, stamp=stamp,
-                       precision=precision, memory_format=memory_format, objective=objective)
+        history = tune(
+            model,
+            clean,
+            mean,
+            std,
+            settings,
+            device,
+            params=trainable,
+            frozen_modules=frozen,
+            penalty=penalty,
+            batch_penalty=batch_penalty,
+            after_step=after_step,
+            on_step=on_step,
+            on_epoch=on_epoch,
+            loss_adapter=loss_adapter,
+            perturb=perturb,
+            stamp=stamp,
+            precision=precision,
+            memory_format=memory_format,
+            objective=objective,
+        )
     finally:
         for p in model.parameters():
             p.requires_grad_(True)
@@ -94,6 +138,7 @@ def _make(name: str, summary: str, reinit_head: bool, trains: str) -> Defense:
 
 FT = _make("ft", "fine-tune all layers from the original weights", reinit_head=False, trains="all")
 LP = _make("lp", "linear probing: train the original head only", reinit_head=False, trains="head")
-FE_TUNING = _make("fe-tuning", "re-initialise the head, freeze it, tune the feature extractor",
-                  reinit_head=True, trains="body")
+FE_TUNING = _make(
+    "fe-tuning", "re-initialise the head, freeze it, tune the feature extractor", reinit_head=True, trains="body"
+)
 FT_INIT = _make("ft-init", "re-initialise the head, tune all layers", reinit_head=True, trains="all")

@@ -38,7 +38,15 @@ def run_fst(model, head_name, clean, mean, std, params, device, flip=True, **opt
     original = head.weight.detach().clone()
     target_norm = original.norm()
     outcome = run_tuning(
-        FST, model, head_name, clean, mean, std, params, device, flip,
+        FST,
+        model,
+        head_name,
+        clean,
+        mean,
+        std,
+        params,
+        device,
+        flip,
         penalty=lambda: feature_shift_penalty(head.weight, original, params.alpha),
         after_step=lambda: project_to_norm(head.weight, target_norm),
         **options,
@@ -47,12 +55,14 @@ def run_fst(model, head_name, clean, mean, std, params, device, flip=True, **opt
     return outcome
 
 
-FST = register(Defense(
-    name="fst",
-    summary="feature shift tuning: re-initialised head pushed away from the original, norm held fixed",
-    reinit_head=True,
-    trains="all",
-    uses_alpha=True,
-    run=run_fst,
-    own_params=("alpha",),
-))
+FST = register(
+    Defense(
+        name="fst",
+        summary="feature shift tuning: re-initialised head pushed away from the original, norm held fixed",
+        reinit_head=True,
+        trains="all",
+        uses_alpha=True,
+        run=run_fst,
+        own_params=("alpha",),
+    )
+)

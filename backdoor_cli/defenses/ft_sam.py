@@ -18,20 +18,31 @@ def run_ft_sam(model, head_name, clean, mean, std, params, device, flip=True, **
     rho = params.method_value("ft-sam", "rho")
     smoothing = params.method_value("ft-sam", "label_smoothing")
     outcome = run_tuning(
-        FT_SAM, model, head_name, clean, mean, std, params, device, flip,
+        FT_SAM,
+        model,
+        head_name,
+        clean,
+        mean,
+        std,
+        params,
+        device,
+        flip,
         perturb_with=lambda trainable: sharpness_ascent(trainable, rho, adaptive=True),
-        label_smoothing=smoothing, **options,
+        label_smoothing=smoothing,
+        **options,
     )
     outcome.notes.append(f"ft-sam: adaptive SAM, rho {rho:g}, label smoothing {smoothing:g}")
     return outcome
 
 
-FT_SAM = register(Defense(
-    name="ft-sam",
-    summary="fine-tuning with adaptive sharpness-aware minimisation (two passes per step)",
-    reinit_head=False,
-    trains="all",
-    uses_alpha=False,
-    run=run_ft_sam,
-    own_params=("rho",),
-))
+FT_SAM = register(
+    Defense(
+        name="ft-sam",
+        summary="fine-tuning with adaptive sharpness-aware minimisation (two passes per step)",
+        reinit_head=False,
+        trains="all",
+        uses_alpha=False,
+        run=run_ft_sam,
+        own_params=("rho",),
+    )
+)

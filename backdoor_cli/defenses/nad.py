@@ -42,9 +42,16 @@ def attention_loss(student: torch.Tensor, teacher: torch.Tensor, p: float) -> to
 def stage_ends(model: torch.nn.Module, batch: torch.Tensor, count: int = 3) -> list[str]:
     """The last `count` stage ends of `model` on `batch` (see the module docstring)."""
     finished: list[tuple[str, tuple[int, int]]] = []
-    hooks = [(m, lambda _m, _i, out, n=n: finished.append((n, tuple(out.shape[2:])))
-              if isinstance(out, torch.Tensor) and out.ndim == 4 else None)
-             for n, m in model.named_modules() if n]
+    hooks = [
+        (
+            m,
+            lambda _m, _i, out, n=n: (
+                finished.append((n, tuple(out.shape[2:]))) if isinstance(out, torch.Tensor) and out.ndim == 4 else None
+            ),
+        )
+        for n, m in model.named_modules()
+        if n
+    ]
     probe_forward(model, batch, hooks)
     ends: list[str] = []
     for i, (name, size) in enumerate(finished):
@@ -52,8 +59,10 @@ def stage_ends(model: torch.nn.Module, batch: torch.Tensor, count: int = 3) -> l
         if last_of_run and size[0] * size[1] > 1:
             ends.append(name)
     if not ends:
-        raise ConfigError("nad: the model has no layer with a spatial feature map to distil",
-                          hint="name layers with --nad-layers, or choose another --method")
+        raise ConfigError(
+            "nad: the model has no layer with a spatial feature map to distil",
+            hint="name layers with --nad-layers, or choose another --method",
+        )
     return ends[-count:]
 
 
@@ -82,10 +91,12 @@ def layer_weights(given: tuple[float, ...] | None, default: tuple[float, ...], l
     if len(weights) == 1:
         return weights * len(layers)
     if given is None and len(weights) >= len(layers):
-        return weights[-len(layers):]
+        return weights[-len(layers) :]
     if len(weights) != len(layers):
-        raise ConfigError(f"nad: {len(layers)} layers ({', '.join(layers)}) but {len(weights)} --nad-beta weights",
-                          hint="give one weight, or one per layer")
+        raise ConfigError(
+            f"nad: {len(layers)} layers ({', '.join(layers)}) but {len(weights)} --nad-beta weights",
+            hint="give one weight, or one per layer",
+        )
     return weights
 
 
@@ -105,25 +116,33 @@ def run_nad(model, head_name, clean, mean, std, params, device, flip=True, **opt
     layers = list(params.nad_layers) if params.nad_layers else stage_ends(model, sample)
     betas = layer_weights(params.nad_beta, params.method_value("nad", "nad_beta"), layers)
     with capture(model, layers) as student_maps, capture(teacher, layers) as teacher_maps:
+
         def attention_term(inputs: torch.Tensor, _scores: torch.Tensor) -> torch.Tensor:
             with torch.no_grad():
                 teacher(inputs)
-            return sum(b * attention_loss(student_maps[n], teacher_maps[n], params.nad_p)
-                       for b, n in zip(betas, layers))
+            return sum(
+                b * attention_loss(student_maps[n], teacher_maps[n], params.nad_p) for b, n in zip(betas, layers)
+            )
 
-        outcome = run_tuning(NAD, model, head_name, clean, mean, std, params, device, flip,
-                             batch_penalty=attention_term, **options)
-    outcome.notes.append(f"nad: teacher fine-tuned {teacher_params.epochs} epochs; attention at "
-                         + ", ".join(f"{n} (beta {b:g})" for n, b in zip(layers, betas)) + f", p {params.nad_p:g}")
+        outcome = run_tuning(
+            NAD, model, head_name, clean, mean, std, params, device, flip, batch_penalty=attention_term, **options
+        )
+    outcome.notes.append(
+        f"nad: teacher fine-tuned {teacher_params.epochs} epochs; attention at "
+        + ", ".join(f"{n} (beta {b:g})" for n, b in zip(layers, betas))
+        + f", p {params.nad_p:g}"
+    )
     return outcome
 
 
-NAD = register(Defense(
-    name="nad",
-    summary="neural attention distillation from a fine-tuned teacher at the end of each stage",
-    reinit_head=False,
-    trains="all",
-    uses_alpha=False,
-    run=run_nad,
-    own_params=("nad_beta", "nad_p", "nad_layers", "teacher_epochs"),
-))
+NAD = register(
+    Defense(
+        name="nad",
+        summary="neural attention distillation from a fine-tuned teacher at the end of each stage",
+        reinit_head=False,
+        trains="all",
+        uses_alpha=False,
+        run=run_nad,
+        own_params=("nad_beta", "nad_p", "nad_layers", "teacher_epochs"),
+    )
+)

@@ -20,21 +20,33 @@ def run_pam(model, head_name, clean, mean, std, params, device, flip=True, **opt
     origin = {id(p): p.detach().clone() for p in model.parameters()}
     rho = params.method_value("pam", "rho")
     outcome = run_tuning(
-        PAM, model, head_name, clean, mean, std, params, device, flip,
+        PAM,
+        model,
+        head_name,
+        clean,
+        mean,
+        std,
+        params,
+        device,
+        flip,
         perturb_with=lambda trainable: toward_origin(trainable, [origin[id(p)] for p in trainable], rho),
-        label_smoothing=params.method_value("pam", "label_smoothing"), **options,
+        label_smoothing=params.method_value("pam", "label_smoothing"),
+        **options,
     )
-    outcome.notes.append(f"pam: gradients taken at rho {rho:g} toward the suspect weights (clean data only, "
-                         "no inverted-trigger images)")
+    outcome.notes.append(
+        f"pam: gradients taken at rho {rho:g} toward the suspect weights (clean data only, no inverted-trigger images)"
+    )
     return outcome
 
 
-PAM = register(Defense(
-    name="pam",
-    summary="path-aware minimisation: fine-tune with gradients taken toward the suspect weights (clean-data variant)",
-    reinit_head=False,
-    trains="all",
-    uses_alpha=False,
-    run=run_pam,
-    own_params=("rho",),
-))
+PAM = register(
+    Defense(
+        name="pam",
+        summary="path-aware minimisation: fine-tune with gradients taken toward the suspect weights (clean-data variant)",
+        reinit_head=False,
+        trains="all",
+        uses_alpha=False,
+        run=run_pam,
+        own_params=("rho",),
+    )
+)

@@ -103,10 +103,14 @@ def statistics_kept(model: torch.nn.Module):
     """BatchNorm layers in train mode still normalise by the batch's statistics but leave their running
     statistics (and batch count) as they were: the perturbed batches must not become the statistics the
     purified model is evaluated with."""
-    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
-             and m.training and m.track_running_stats]
-    saved = [(m, m.momentum, m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None)
-             for m in norms]
+    norms = [
+        m
+        for m in model.modules()
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats
+    ]
+    saved = [
+        (m, m.momentum, m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None) for m in norms
+    ]
     for m in norms:
         m.momentum = 0.0
     try:
@@ -118,9 +122,18 @@ def statistics_kept(model: torch.nn.Module):
                 m.num_batches_tracked.copy_(count)
 
 
-def shared_adversarial(model: torch.nn.Module, reference: torch.nn.Module, inputs: torch.Tensor,
-                       labels: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, eps: float, steps: int,
-                       kind: str = "logits", precision: str = "fp32") -> torch.Tensor:
+def shared_adversarial(
+    model: torch.nn.Module,
+    reference: torch.nn.Module,
+    inputs: torch.Tensor,
+    labels: torch.Tensor,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    eps: float,
+    steps: int,
+    kind: str = "logits",
+    precision: str = "fp32",
+) -> torch.Tensor:
     """Shared adversarial examples for normalised `inputs`, as normalised images (see the module docstring).
 
     δ is in pixel units: the perturbed image is clip(x + δ, 0, 1) in pixel space, i.e. each pixel moves
@@ -140,16 +153,27 @@ def shared_adversarial(model: torch.nn.Module, reference: torch.nn.Module, input
             shared = (ours_label == theirs_label) & (ours_label != labels)
             if bool(shared.all()):
                 break
-            adv = -(masked_mean(F.cross_entropy(ours, labels, reduction="none"), ours_label == labels)
-                    + masked_mean(F.cross_entropy(theirs, labels, reduction="none"), theirs_label == labels))
+            adv = -(
+                masked_mean(F.cross_entropy(ours, labels, reduction="none"), ours_label == labels)
+                + masked_mean(F.cross_entropy(theirs, labels, reduction="none"), theirs_label == labels)
+            )
             share = masked_mean(js_divergence(ours, theirs), ~shared)
             (grad,) = torch.autograd.grad(ADV_WEIGHT * adv + SHARE_WEIGHT * share, delta)
             delta = (delta.detach() - eps * grad.sign()).clamp(-eps, eps)
     return torch.maximum(torch.minimum(inputs + delta.detach() / std, high), low)
 
 
-def unlearning_objective(model, reference, mean, std, eps: float, steps: int, weights: tuple[float, ...],
-                         kind: str = "logits", precision: str = "fp32"):
+def unlearning_objective(
+    model,
+    reference,
+    mean,
+    std,
+    eps: float,
+    steps: int,
+    weights: tuple[float, ...],
+    kind: str = "logits",
+    precision: str = "fp32",
+):
     """objective(loss, inputs, labels, scores) for tuning.tune: SAU's three weighted terms."""
     w_clean, w_adv, w_shared = weights
 
@@ -179,21 +203,37 @@ def run_sau(model, head_name, clean, mean, std, params, device, flip=True, **opt
     precision = options.get("precision") or default_precision(device)
     reference = frozen_copy(model)
     objective = unlearning_objective(model, reference, mean, std, eps, steps, weights, adapter.kind, precision)
-    outcome = run_tuning(SAU, model, head_name, clean, mean, std, params, device, flip, objective=objective,
-                         cuda_graphs=False,
-                         label_smoothing=params.method_value("sau", "label_smoothing"), **options)
-    outcome.notes.append(f"sau: PGD L-inf {eps:g} (pixel units), {steps} steps of {eps:g}, attack weights "
-                         f"{ADV_WEIGHT:g}/{SHARE_WEIGHT:g}; lambda clean {weights[0]:g}, adversarial {weights[1]:g}, "
-                         f"shared {weights[2]:g}; attack in eval mode, tuning in train mode")
+    outcome = run_tuning(
+        SAU,
+        model,
+        head_name,
+        clean,
+        mean,
+        std,
+        params,
+        device,
+        flip,
+        objective=objective,
+        cuda_graphs=False,
+        label_smoothing=params.method_value("sau", "label_smoothing"),
+        **options,
+    )
+    outcome.notes.append(
+        f"sau: PGD L-inf {eps:g} (pixel units), {steps} steps of {eps:g}, attack weights "
+        f"{ADV_WEIGHT:g}/{SHARE_WEIGHT:g}; lambda clean {weights[0]:g}, adversarial {weights[1]:g}, "
+        f"shared {weights[2]:g}; attack in eval mode, tuning in train mode"
+    )
     return outcome
 
 
-SAU = register(Defense(
-    name="sau",
-    summary="shared adversarial unlearning: unlearn perturbations that fool the model and the input model alike",
-    reinit_head=False,
-    trains="all",
-    uses_alpha=False,
-    run=run_sau,
-    own_params=("sau_eps", "sau_steps", "sau_lambda"),
-))
+SAU = register(
+    Defense(
+        name="sau",
+        summary="shared adversarial unlearning: unlearn perturbations that fool the model and the input model alike",
+        reinit_head=False,
+        trains="all",
+        uses_alpha=False,
+        run=run_sau,
+        own_params=("sau_eps", "sau_steps", "sau_lambda"),
+    )
+)

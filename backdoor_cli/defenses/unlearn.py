@@ -23,16 +23,20 @@ from .base import Defense, DefenseOutcome, register
 from .finetune import run_tuning
 
 
-def trigger_stamp(triggers: Sequence, fraction: float, mean: torch.Tensor, std: torch.Tensor,
-                  device: torch.device):
+def trigger_stamp(triggers: Sequence, fraction: float, mean: torch.Tensor, std: torch.Tensor, device: torch.device):
     """stamp(inputs, generator): a random `fraction` of a normalised NCHW batch gets one of `triggers`
     (scan.ClassTrigger: mask (H, W), pattern (H, W, C) in [0, 1]), each stamped image a trigger drawn at
     random. The draws come from the tuning generator, so a run is reproducible from its seed."""
     if not triggers:
         raise ConfigError("unlearning needs at least one reconstructed trigger")
     masks = [t.mask.to(device=device, dtype=torch.float32)[None, None] for t in triggers]
-    patterns = [((t.pattern.to(device=device, dtype=torch.float32).permute(2, 0, 1)[None] - mean.view(1, -1, 1, 1))
-                 / std.view(1, -1, 1, 1)) for t in triggers]
+    patterns = [
+        (
+            (t.pattern.to(device=device, dtype=torch.float32).permute(2, 0, 1)[None] - mean.view(1, -1, 1, 1))
+            / std.view(1, -1, 1, 1)
+        )
+        for t in triggers
+    ]
 
     def stamp(inputs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         n = inputs.shape[0]
@@ -47,26 +51,31 @@ def trigger_stamp(triggers: Sequence, fraction: float, mean: torch.Tensor, std: 
     return stamp
 
 
-def run_unlearn(model, head_name, clean, mean, std, params, device, flip=True, triggers=None,
-                **options) -> DefenseOutcome:
+def run_unlearn(
+    model, head_name, clean, mean, std, params, device, flip=True, triggers=None, **options
+) -> DefenseOutcome:
     """Fine-tune all layers with `triggers` stamped on params.unlearn_fraction of each batch (labels kept)."""
     if not triggers:
         raise ConfigError("--method unlearn needs a reconstructed trigger, and none was passed")
     stamp = trigger_stamp(triggers, params.unlearn_fraction, mean, std, device)
     outcome = run_tuning(UNLEARN, model, head_name, clean, mean, std, params, device, flip, stamp=stamp, **options)
     classes = ", ".join(str(t.target) for t in triggers)
-    outcome.notes.append(f"unlearnt the reconstructed trigger of class {classes} on {params.unlearn_fraction:.0%} "
-                         "of each batch, labels kept")
+    outcome.notes.append(
+        f"unlearnt the reconstructed trigger of class {classes} on {params.unlearn_fraction:.0%} "
+        "of each batch, labels kept"
+    )
     return outcome
 
 
-UNLEARN = register(Defense(
-    name="unlearn",
-    summary="scan for a trigger, then fine-tune with the reconstructed trigger stamped on clean images, labels kept",
-    reinit_head=False,
-    trains="all",
-    uses_alpha=False,
-    run=run_unlearn,
-    own_params=("unlearn_fraction",),
-    needs_triggers=True,
-))
+UNLEARN = register(
+    Defense(
+        name="unlearn",
+        summary="scan for a trigger, then fine-tune with the reconstructed trigger stamped on clean images, labels kept",
+        reinit_head=False,
+        trains="all",
+        uses_alpha=False,
+        run=run_unlearn,
+        own_params=("unlearn_fraction",),
+        needs_triggers=True,
+    )
+)

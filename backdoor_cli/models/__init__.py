@@ -18,5 +18,15 @@ from .head import find_head
 from .loading import load_strict
 from .shapes import ShapeFacts, read_shape_facts
 
-__all__ = ["ARCHITECTURES", "ArchGuess", "ShapeFacts", "arch_file_source", "build_model", "find_head",
-           "guess_architecture", "is_file_arch", "load_strict", "read_shape_facts"]
+__all__ = [
+    "ARCHITECTURES",
+    "ArchGuess",
+    "ShapeFacts",
+    "arch_file_source",
+    "build_model",
+    "find_head",
+    "guess_architecture",
+    "is_file_arch",
+    "load_strict",
+    "read_shape_facts",
+]

@@ -11,11 +11,12 @@ those checkpoints load strictly without any renaming:
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
 
 class BasicBlock(nn.Module):
     """Two 3x3 convolutions with BN; a 1x1 conv + BN shortcut when the shape changes."""
@@ -28,8 +29,9 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(planes)
         if stride != 1 or in_planes != planes:
             # Keys shortcut.0 (conv) and shortcut.1 (bn), as in the published CIFAR checkpoints.
-            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False),
-                                          nn.BatchNorm2d(planes))
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False), nn.BatchNorm2d(planes)
+            )
         else:
             self.shortcut = nn.Identity()
 
@@ -73,8 +75,11 @@ class PreActBlock(nn.Module):
         self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
         self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
-        self.shortcut = (nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False))
-                         if stride != 1 or in_planes != planes else None)
+        self.shortcut = (
+            nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False))
+            if stride != 1 or in_planes != planes
+            else None
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pre = F.relu(self.bn1(x))
@@ -202,9 +207,13 @@ class SimpleCNN(nn.Module):
         super().__init__()
         w = width
         self.features = nn.Sequential(
-            _conv_bn_relu(in_channels, w), nn.MaxPool2d(2, ceil_mode=True),
-            _conv_bn_relu(w, 2 * w), _conv_bn_relu(2 * w, 2 * w), nn.MaxPool2d(2, ceil_mode=True),
-            _conv_bn_relu(2 * w, 4 * w), _conv_bn_relu(4 * w, 4 * w),
+            _conv_bn_relu(in_channels, w),
+            nn.MaxPool2d(2, ceil_mode=True),
+            _conv_bn_relu(w, 2 * w),
+            _conv_bn_relu(2 * w, 2 * w),
+            nn.MaxPool2d(2, ceil_mode=True),
+            _conv_bn_relu(2 * w, 4 * w),
+            _conv_bn_relu(4 * w, 4 * w),
         )
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(4 * w, num_classes)

@@ -7,13 +7,14 @@ import importlib.util
 import inspect
 import operator
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from torch import nn
 
 from ..errors import InputError
 from .architectures import ARCHITECTURES
+
 
 def build_model(arch: str, num_classes: int, in_channels: int = 3) -> nn.Module:
     """A fresh model: a registry name, `torchvision:NAME`, or `path/to/file.py:factory`."""
@@ -29,8 +30,10 @@ def build_model(arch: str, num_classes: int, in_channels: int = 3) -> nn.Module:
     if sep and file_part.endswith(".py"):
         return _build_from_file(Path(file_part), factory, num_classes, in_channels)
     if arch.endswith(".py"):
-        raise InputError(f"--arch {arch} names a Python file but no factory function",
-                         hint=f"write it as {arch}:FUNCTION, e.g. {arch}:build")
+        raise InputError(
+            f"--arch {arch} names a Python file but no factory function",
+            hint=f"write it as {arch}:FUNCTION, e.g. {arch}:build",
+        )
     raise InputError(f"unknown architecture {arch!r}", hint=_arch_hint())
 
 
@@ -52,14 +55,18 @@ def _build_torchvision(name: str, num_classes: int, in_channels: int) -> nn.Modu
     if not name:
         raise InputError("--arch torchvision: needs a model name", hint="e.g. torchvision:resnet18")
     if in_channels != 3:
-        raise InputError(f"torchvision:{name} takes 3-channel images, but {in_channels} channel(s) were asked for",
-                         hint="use a built-in architecture or your own file.py:factory for other channel counts")
+        raise InputError(
+            f"torchvision:{name} takes 3-channel images, but {in_channels} channel(s) were asked for",
+            hint="use a built-in architecture or your own file.py:factory for other channel counts",
+        )
     try:  # torchvision wheels built for another torch fail at import with RuntimeError/OSError, not ImportError
         import torchvision
     except Exception as exc:  # noqa: BLE001 - any import failure means the same thing to the user
-        raise InputError(f"torchvision is not usable here: {_first_line(exc)}",
-                         hint="install a torchvision that matches your torch (pip install bdclean[vision]), "
-                              "or use a built-in architecture") from None
+        raise InputError(
+            f"torchvision is not usable here: {first_line(exc)}",
+            hint="install a torchvision that matches your torch (pip install bdclean[vision]), "
+            "or use a built-in architecture",
+        ) from None
     try:
         return torchvision.models.get_model(name, num_classes=num_classes, weights=None)
     except Exception as exc:  # noqa: BLE001 - unknown name or bad argument, reported as input error
@@ -67,15 +74,17 @@ def _build_torchvision(name: str, num_classes: int, in_channels: int) -> nn.Modu
             known = ", ".join(sorted(torchvision.models.list_models())[:12]) + ", ..."
         except Exception:  # noqa: BLE001 - older torchvision has no list_models
             known = "resnet18, vgg16_bn, ..."
-        raise InputError(f"torchvision cannot build {name!r}: {_first_line(exc)}",
-                         hint=f"torchvision model names include {known}") from None
+        raise InputError(
+            f"torchvision cannot build {name!r}: {first_line(exc)}", hint=f"torchvision model names include {known}"
+        ) from None
 
 
 def _build_from_file(path: Path, factory: str, num_classes: int, in_channels: int) -> nn.Module:
     """Import the user's own file (their code, run at their request) and call its factory."""
     if not factory.isidentifier():
-        raise InputError(f"--arch {path}:{factory}: {factory!r} is not a Python function name",
-                         hint=f"write it as {path}:FUNCTION")
+        raise InputError(
+            f"--arch {path}:{factory}: {factory!r} is not a Python function name", hint=f"write it as {path}:FUNCTION"
+        )
     if not path.is_file():
         what = "is a directory, not a file" if path.is_dir() else "not found"
         raise InputError(f"architecture file {path} {what}", hint="check the path in --arch path/to/file.py:factory")
@@ -91,15 +100,21 @@ def _build_from_file(path: Path, factory: str, num_classes: int, in_channels: in
         sys.modules.pop(module_name, None)
         if isinstance(exc, KeyboardInterrupt):
             raise
-        raise InputError(f"importing architecture file {path} failed: {type(exc).__name__}: {_first_line(exc)}",
-                         hint="fix the file so it imports on its own (python -c 'import runpy; "
-                              f"runpy.run_path(\"{path}\")')") from None
+        raise InputError(
+            f"importing architecture file {path} failed: {type(exc).__name__}: {first_line(exc)}",
+            hint=f"fix the file so it imports on its own (python -c 'import runpy; runpy.run_path(\"{path}\")')",
+        ) from None
     fn = getattr(module, factory, None)
     if fn is None:
-        found = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_")
-                       and getattr(v, "__module__", None) == module_name)
-        raise InputError(f"architecture file {path} has no function {factory!r}",
-                         hint=f"functions defined there: {', '.join(found) or 'none'}")
+        found = sorted(
+            n
+            for n, v in vars(module).items()
+            if callable(v) and not n.startswith("_") and getattr(v, "__module__", None) == module_name
+        )
+        raise InputError(
+            f"architecture file {path} has no function {factory!r}",
+            hint=f"functions defined there: {', '.join(found) or 'none'}",
+        )
     if not callable(fn):
         raise InputError(f"{factory!r} in architecture file {path} is not callable")
     kwargs: dict = {"num_classes": num_classes}
@@ -110,12 +125,15 @@ def _build_from_file(path: Path, factory: str, num_classes: int, in_channels: in
     except BaseException as exc:
         if isinstance(exc, KeyboardInterrupt):
             raise
-        raise InputError(f"{factory}(num_classes={num_classes}) in architecture file {path} failed: "
-                         f"{type(exc).__name__}: {_first_line(exc)}",
-                         hint="the factory must accept num_classes= (and optionally in_channels=)") from None
+        raise InputError(
+            f"{factory}(num_classes={num_classes}) in architecture file {path} failed: "
+            f"{type(exc).__name__}: {first_line(exc)}",
+            hint="the factory must accept num_classes= (and optionally in_channels=)",
+        ) from None
     if not isinstance(model, nn.Module):
-        raise InputError(f"{factory}() in architecture file {path} returned {type(model).__name__}, "
-                         "not a torch.nn.Module")
+        raise InputError(
+            f"{factory}() in architecture file {path} returned {type(model).__name__}, not a torch.nn.Module"
+        )
     return model
 
 
@@ -127,7 +145,7 @@ def _accepts(fn: Callable, name: str) -> bool:
     return any(p.name == name or p.kind is p.VAR_KEYWORD for p in params)
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
 

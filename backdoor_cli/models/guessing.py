@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn
 
 from .architectures import ARCHITECTURES
-from .loading import _is_counter
+from .loading import is_counter
+
 
 @dataclass
 class ArchGuess:
@@ -30,8 +31,11 @@ def guess_architecture(state_dict: dict[str, torch.Tensor]) -> ArchGuess:
     """Name the built-in architecture whose keys and shapes match exactly, plus the class count,
     input channels and head that the weights show. Builds nothing real: candidates are made on the
     meta device (shapes only, no memory, no initialisation)."""
-    shapes = {k: tuple(v.shape) for k, v in state_dict.items()
-              if isinstance(k, str) and isinstance(v, torch.Tensor) and not _is_counter(k)}
+    shapes = {
+        k: tuple(v.shape)
+        for k, v in state_dict.items()
+        if isinstance(k, str) and isinstance(v, torch.Tensor) and not is_counter(k)
+    }
     head, num_classes = _guess_head(shapes)
     in_channels = _guess_in_channels(shapes)
     for name, builder in ARCHITECTURES.items():
@@ -49,12 +53,16 @@ _HEAD_NAMES = ("fc", "classifier", "head", "linear", "last_linear", "logits", "o
 def _guess_head(shapes: dict[str, tuple]) -> tuple[str | None, int | None]:
     """Among 2-D `.weight`s, those whose output size feeds no other 2-D weight (the ends of the
     Linear chains); of those, one named like a head, then the shallowest path, then by name."""
-    linears = {k[: -len(".weight")]: s for k, s in shapes.items()
-               if k.endswith(".weight") and len(s) == 2 and _sane(s[0], _MAX_CLASSES) and s[1] >= 1}
+    linears = {
+        k[: -len(".weight")]: s
+        for k, s in shapes.items()
+        if k.endswith(".weight") and len(s) == 2 and _sane(s[0], _MAX_CLASSES) and s[1] >= 1
+    }
     if not linears:
         return None, None
-    ends = [n for n, s in linears.items()
-            if all(other[1] != s[0] for m, other in linears.items() if m != n)] or list(linears)
+    ends = [n for n, s in linears.items() if all(other[1] != s[0] for m, other in linears.items() if m != n)] or list(
+        linears
+    )
     best = min(ends, key=lambda n: (n.rsplit(".", 1)[-1] not in _HEAD_NAMES, n.count("."), n))
     return best, linears[best][0]
 
@@ -83,7 +91,7 @@ def _match(builder: Callable[..., nn.Module], shapes: dict[str, tuple]) -> tuple
             reference = builder(2, 3)
     except Exception:  # noqa: BLE001 - a builder that cannot go on meta just cannot be guessed
         return None
-    ref = {k: tuple(v.shape) for k, v in reference.state_dict().items() if not _is_counter(k)}
+    ref = {k: tuple(v.shape) for k, v in reference.state_dict().items() if not is_counter(k)}
     if set(ref) != set(shapes):
         return None
     head = next((n for n, m in reversed(list(reference.named_modules())) if isinstance(m, nn.Linear)), None)
@@ -95,5 +103,5 @@ def _match(builder: Callable[..., nn.Module], shapes: dict[str, tuple]) -> tuple
         return None
     with torch.device("meta"):
         candidate = builder(num_classes, in_channels)
-    got = {k: tuple(v.shape) for k, v in candidate.state_dict().items() if not _is_counter(k)}
+    got = {k: tuple(v.shape) for k, v in candidate.state_dict().items() if not is_counter(k)}
     return (num_classes, in_channels, head) if got == shapes else None

@@ -1,5 +1,5 @@
-"""Hugging Face (transformers) and timm models: build one from its directory, load it as a Subject,
-and write the purified model back in the library's own layout.
+"""Hugging Face (transformers) and timm models: build one from its directory (subject.load_hub_subject
+loads it as a Subject), and write the purified model back in the library's own layout.
 
 The directory's JSON is read and checked by hub_config; the weights go through
 checkpoint.read_checkpoint like every other checkpoint; nothing is downloaded. The model keeps the
@@ -17,21 +17,36 @@ import os
 import torch
 from torch import nn
 
-from ..checkpoint import Checkpoint, read_checkpoint, safetensors_bytes
-from ..errors import ConfigError, InputError
-from .head import find_head
-from .hub_config import (CONFIG, METADATA_KEY, PREPROCESSOR, HubModel, check_input_shape, hub_from_metadata,
-                         hub_guess, input_spec, read_model_dir)
-from .loading import load_strict
+from ..checkpoint import safetensors_bytes
+from ..errors import InputError
+from .hub_config import (
+    CONFIG,
+    METADATA_KEY,
+    PREPROCESSOR,
+    HubModel,
+    hub_from_metadata,
+    hub_guess,
+    read_model_dir,
+)
 
-__all__ = ["METADATA_KEY", "OUTPUTS", "OUTPUT_DIR", "HubModel", "build_hub_model", "hub_from_metadata", "hub_guess",
-           "hub_layout", "load_hub_subject", "read_model_dir"]
+__all__ = [
+    "METADATA_KEY",
+    "OUTPUTS",
+    "OUTPUT_DIR",
+    "HubModel",
+    "build_hub_model",
+    "hub_from_metadata",
+    "hub_guess",
+    "hub_layout",
+    "read_model_dir",
+]
 
 OUTPUT_DIR = "purified-hf"  # beside purified.safetensors in purify's --out
 OUTPUTS = tuple(f"{OUTPUT_DIR}/{name}" for name in (CONFIG, "model.safetensors", PREPROCESSOR))
 
 
 # ---- building the model --------------------------------------------------------------------------
+
 
 def build_hub_model(hub: HubModel, max_parameters: int | None = None) -> nn.Module:
     """A randomly initialised model of the directory's architecture that returns logits from a tensor.
@@ -44,8 +59,10 @@ def build_hub_model(hub: HubModel, max_parameters: int | None = None) -> nn.Modu
         with torch.device("meta"):
             declared = sum(p.numel() for p in construct(hub).parameters())
         if declared > max_parameters:
-            raise InputError(f"{hub.source} describes a model of {declared:,} parameters but the weights hold "
-                             f"{max_parameters:,}", hint="the config and the weights do not belong together")
+            raise InputError(
+                f"{hub.source} describes a model of {declared:,} parameters but the weights hold {max_parameters:,}",
+                hint="the config and the weights do not belong together",
+            )
     model = construct(hub)
     if hub.library == "transformers":
         keep_file_keys(model, file_key_map(model, hub))
@@ -60,8 +77,10 @@ def import_optional(module: str, extra: str):
     except ModuleNotFoundError as exc:
         if exc.name != module and not str(exc.name or "").startswith(module + "."):
             raise _broken_import(module, extra, exc) from None
-        raise InputError(f"{extra} models need the optional dependency {module}, which is not installed",
-                         hint=f'pip install "bdclean[{extra}]"') from None
+        raise InputError(
+            f"{extra} models need the optional dependency {module}, which is not installed",
+            hint=f'pip install "bdclean[{extra}]"',
+        ) from None
     except Exception as exc:  # noqa: BLE001 - a broken install raises anything (RuntimeError from torchvision)
         raise _broken_import(module, extra, exc) from None
 
@@ -71,9 +90,11 @@ def _broken_import(module: str, extra: str, exc: BaseException) -> InputError:
     hint = f'pip install "bdclean[{extra}]" into an environment where it imports'
     if "torchvision" in str(exc) or getattr(exc, "name", None) == "torchvision":
         # Seen with PyPI's torchvision beside a CPU-only torch build: "operator torchvision::nms does not exist".
-        hint = (f"{module} needs torchvision, and this torchvision does not fit the installed torch (PyPI's "
-                f"torchvision wheels fail beside CPU-only torch builds); install the torchvision build made for "
-                f'your torch, then pip install "bdclean[{extra}]"')
+        hint = (
+            f"{module} needs torchvision, and this torchvision does not fit the installed torch (PyPI's "
+            f"torchvision wheels fail beside CPU-only torch builds); install the torchvision build made for "
+            f'your torch, then pip install "bdclean[{extra}]"'
+        )
     return InputError(f"{module} cannot be imported ({reason})", hint=hint)
 
 
@@ -88,8 +109,10 @@ def _build_transformers(hub: HubModel) -> nn.Module:
     default = MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES.get(model_type)
     default = default[0] if isinstance(default, (tuple, list)) else default
     if hub.arch != default:
-        raise InputError(f"{hub.source}: {hub.arch} is not the image-classification class of model_type "
-                         f"{model_type!r} in transformers {transformers.__version__} ({default or 'none'})")
+        raise InputError(
+            f"{hub.source}: {hub.arch} is not the image-classification class of model_type "
+            f"{model_type!r} in transformers {transformers.__version__} ({default or 'none'})"
+        )
     fields = {k: v for k, v in hub.config.items() if k not in ("model_type", "transformers_version")}
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # from_config's notices are not the user's business
@@ -97,8 +120,10 @@ def _build_transformers(hub: HubModel) -> nn.Module:
         config = transformers.AutoConfig.for_model(model_type, **fields)
         model = transformers.AutoModelForImageClassification.from_config(config)
     except (ValueError, TypeError, KeyError, AttributeError, RuntimeError) as exc:
-        raise InputError(f"{hub.source}: transformers cannot build {hub.arch} from this config "
-                         f"({exc.__class__.__name__}: {str(exc)[:200]})") from None
+        raise InputError(
+            f"{hub.source}: transformers cannot build {hub.arch} from this config "
+            f"({exc.__class__.__name__}: {str(exc)[:200]})"
+        ) from None
     finally:
         transformers.logging.set_verbosity(verbosity)
     return model
@@ -113,8 +138,9 @@ def _build_timm(hub: HubModel) -> nn.Module:
         args = {k: v for k, v in hub.config.get("model_args", {}).items() if k != "num_classes"}
         model = timm.create_model(hub.arch, pretrained=False, num_classes=hub.config["num_classes"], **args)
     except (ValueError, TypeError, KeyError, RuntimeError, AssertionError) as exc:
-        raise InputError(f"{hub.source}: timm cannot build {hub.arch} ({exc.__class__.__name__}: {str(exc)[:200]})") \
-            from None
+        raise InputError(
+            f"{hub.source}: timm cannot build {hub.arch} ({exc.__class__.__name__}: {str(exc)[:200]})"
+        ) from None
     return model
 
 
@@ -148,7 +174,7 @@ class RenameKeys:
         items = list(state_dict.items())
         state_dict.clear()
         for key, value in items:
-            name = key[len(prefix):] if key.startswith(prefix) else None
+            name = key[len(prefix) :] if key.startswith(prefix) else None
             state_dict[prefix + self.mapping[name] if name in self.mapping else key] = value
 
 
@@ -171,9 +197,11 @@ def file_key_map(model: nn.Module, hub: HubModel) -> dict[str, str]:
     for file_key, tensor in reverted.items():
         model_key = by_storage.get((tensor.data_ptr(), tuple(tensor.shape)))
         if model_key is None or model_key in mapping:
-            raise InputError(f"transformers converts {hub.arch} weights on saving (not only renames them); "
-                             "bdclean cannot keep them in the file's layout",
-                             hint="use a model type whose weights transformers stores as they are in memory")
+            raise InputError(
+                f"transformers converts {hub.arch} weights on saving (not only renames them); "
+                "bdclean cannot keep them in the file's layout",
+                hint="use a model type whose weights transformers stores as they are in memory",
+            )
         mapping[model_key] = file_key
     if len(mapping) != len(state):
         raise InputError(f"transformers' saved layout of {hub.arch} drops weights; bdclean cannot keep it")
@@ -187,44 +215,16 @@ def keep_file_keys(model: nn.Module, to_file: dict[str, str]) -> None:
         model.register_load_state_dict_pre_hook(RenameKeys({v: k for k, v in to_file.items()}))
 
 
-# ---- the subject and the written layout ----------------------------------------------------------
-
-def load_hub_subject(path: str, bundle, checkpoint: Checkpoint | None = None, arch: str | None = None,
-                     num_classes: int | None = None, head: str | None = None, mean=None, std=None):
-    """load_subject for a model directory (checkpoint None) or a checkpoint whose metadata carries its config."""
-    # Imported here, not above: subject.py imports this module, and this function needs its Subject.
-    from ..subject import Subject, _pick, validate_normalization
-
-    hub = read_model_dir(path) if checkpoint is None else hub_from_metadata(checkpoint)
-    if arch is not None:
-        raise ConfigError(f"--arch does not apply to {path}: its architecture is read from its {hub.source}")
-    ckpt = checkpoint or read_checkpoint(hub.weights)
-    spec = input_spec(hub)
-    image_h, image_w, image_c = bundle.test.image_shape
-    check_input_shape(spec, bundle.test.image_shape)
-    model = build_hub_model(hub, max_parameters=ckpt.num_parameters)
-    n_classes = num_classes_of(model, hub)
-    if num_classes is not None and num_classes != n_classes:
-        raise InputError(f"--num-classes {num_classes} contradicts {hub.source}, which has {n_classes} classes")
-    if n_classes != bundle.num_classes:
-        raise InputError(f"the model has {n_classes} classes but the data has {bundle.num_classes}",
-                         hint="check --data: the model and the dataset do not belong together")
-    load_strict(model, ckpt.state_dict)
-    head_name = find_head(model, head, input_shape=(image_c, image_h, image_w))
-    sources = {"arch": hub.source, "num_classes": hub.source, "in_channels": hub.source,
-               "head": "flag" if head else "forward order"}
-    mean = _pick(sources, "mean", ("flag", mean), (spec.norm_source, spec.mean), ("dataset", bundle.mean))
-    std = _pick(sources, "std", ("flag", std), (spec.norm_source, spec.std), ("dataset", bundle.std))
-    mean, std = validate_normalization(mean, std, image_c)
-    return Subject(ckpt, model, f"{hub.library}:{hub.arch}", n_classes, image_c, head_name, mean, std, sources,
-                   hub=hub)
+# ---- the written layout ----------------------------------------------------------------------
 
 
 def hub_layout(hub: HubModel, state: dict[str, torch.Tensor], metadata: dict) -> dict[str, bytes]:
     """The purified model as the library's own directory layout: {file name: bytes}."""
-    files = {CONFIG: _json_bytes(hub.config),
-             # transformers' from_pretrained refuses safetensors files without format 'pt' in their metadata
-             "model.safetensors": safetensors_bytes(state, metadata, extra={"format": "pt"})}
+    files = {
+        CONFIG: _json_bytes(hub.config),
+        # transformers' from_pretrained refuses safetensors files without format 'pt' in their metadata
+        "model.safetensors": safetensors_bytes(state, metadata, extra={"format": "pt"}),
+    }
     if hub.preprocessor is not None:
         files[PREPROCESSOR] = _json_bytes(hub.preprocessor)
     return files

@@ -26,12 +26,39 @@ METADATA_KEY = "hub"  # where purified.safetensors keeps the config it needs to 
 
 # Image classifiers built into transformers whose forward takes pixel_values and whose head is a Linear.
 # Checked on the plain JSON before transformers is imported, so a config cannot pick anything else.
-HF_MODEL_TYPES = frozenset({
-    "beit", "bit", "convnext", "convnextv2", "cvt", "data2vec-vision", "deit", "dinov2", "dinov2_with_registers",
-    "efficientnet", "focalnet", "hgnet_v2", "hiera", "ijepa", "levit", "mobilenet_v1", "mobilenet_v2", "mobilevit",
-    "mobilevitv2", "poolformer", "pvt", "pvt_v2", "regnet", "resnet", "swiftformer", "swin", "swinv2", "vit",
-    "vit_msn",
-})
+HF_MODEL_TYPES = frozenset(
+    {
+        "beit",
+        "bit",
+        "convnext",
+        "convnextv2",
+        "cvt",
+        "data2vec-vision",
+        "deit",
+        "dinov2",
+        "dinov2_with_registers",
+        "efficientnet",
+        "focalnet",
+        "hgnet_v2",
+        "hiera",
+        "ijepa",
+        "levit",
+        "mobilenet_v1",
+        "mobilenet_v2",
+        "mobilevit",
+        "mobilevitv2",
+        "poolformer",
+        "pvt",
+        "pvt_v2",
+        "regnet",
+        "resnet",
+        "swiftformer",
+        "swin",
+        "swinv2",
+        "vit",
+        "vit_msn",
+    }
+)
 # Keys a config may use to make transformers import code shipped with the repository.
 REMOTE_CODE_KEYS = ("auto_map", "custom_pipelines")
 # transformers 5 also accepts a hub repository name as the attention implementation (kernels fetched
@@ -39,8 +66,22 @@ REMOTE_CODE_KEYS = ("auto_map", "custom_pipelines")
 BUILTIN_ATTENTION = (None, "eager", "sdpa")
 # timm model_args passed to create_model: architecture sizes only. Others (e.g. checkpoint_path,
 # pretrained_cfg_overlay) would make timm read files or the network.
-TIMM_MODEL_ARGS = frozenset({"img_size", "in_chans", "global_pool", "patch_size", "embed_dim", "depth", "num_heads",
-                             "mlp_ratio", "drop_rate", "drop_path_rate", "class_token", "reg_tokens"})
+TIMM_MODEL_ARGS = frozenset(
+    {
+        "img_size",
+        "in_chans",
+        "global_pool",
+        "patch_size",
+        "embed_dim",
+        "depth",
+        "num_heads",
+        "mlp_ratio",
+        "drop_rate",
+        "drop_path_rate",
+        "class_token",
+        "reg_tokens",
+    }
+)
 # timm names are registry names with an optional pretrained tag; ':' or '/' would mean hf-hub: or a path.
 _TIMM_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,120}$")
 _MAX_CLASSES = 100_000
@@ -78,14 +119,17 @@ class InputSpec:
 
 # ---- reading the directory -------------------------------------------------------------------
 
+
 def read_model_dir(path: str | Path) -> HubModel:
     """Validate a model directory's JSON files and find its weights; no library is imported."""
     path = Path(path)
     config_path = path / CONFIG
     if not config_path.is_file():
-        raise InputError(f"{path} is a directory without {CONFIG}",
-                         hint=f"pass a checkpoint file, or a Hugging Face/timm model directory ({CONFIG} + "
-                              f"{' or '.join(WEIGHT_FILES)})")
+        raise InputError(
+            f"{path} is a directory without {CONFIG}",
+            hint=f"pass a checkpoint file, or a Hugging Face/timm model directory ({CONFIG} + "
+            f"{' or '.join(WEIGHT_FILES)})",
+        )
     config = read_json_object(config_path)
     preprocessor = read_json_object(path / PREPROCESSOR) if (path / PREPROCESSOR).exists() else None
     library, arch = parse_config(config, str(config_path))
@@ -123,8 +167,10 @@ def _weights_file(path: Path) -> Path:
         if (path / name).is_file():
             return path / name
     if any(path.glob("*.index.json")):
-        raise InputError(f"{path} holds a sharded checkpoint (*.index.json); bdclean reads single-file weights",
-                         hint="merge the shards with the library's save_pretrained(..., max_shard_size='100GB')")
+        raise InputError(
+            f"{path} holds a sharded checkpoint (*.index.json); bdclean reads single-file weights",
+            hint="merge the shards with the library's save_pretrained(..., max_shard_size='100GB')",
+        )
     raise InputError(f"{path} has {CONFIG} but no weights ({' or '.join(WEIGHT_FILES)})")
 
 
@@ -132,30 +178,40 @@ def parse_config(config: dict, where: str) -> tuple[str, str]:
     """('transformers', class name) or ('timm', architecture) after checking every field bdclean uses."""
     remote = [k for k in REMOTE_CODE_KEYS if k in config]
     if remote:
-        raise UnsafeInputError(f"refused {where}: '{remote[0]}' asks to run code shipped with the model "
-                               "(trust_remote_code); bdclean only builds models built into the library",
-                               hint="use a model whose architecture is part of transformers or timm")
+        raise UnsafeInputError(
+            f"refused {where}: '{remote[0]}' asks to run code shipped with the model "
+            "(trust_remote_code); bdclean only builds models built into the library",
+            hint="use a model whose architecture is part of transformers or timm",
+        )
     attention = [config.get(k) for k in ("attn_implementation", "_attn_implementation")]
     if any(a not in BUILTIN_ATTENTION for a in attention):
-        raise UnsafeInputError(f"refused {where}: attention implementation "
-                               f"{str(next(a for a in attention if a not in BUILTIN_ATTENTION))[:60]!r} is not built "
-                               "into transformers (it would load kernel code)", hint="use eager or sdpa")
+        raise UnsafeInputError(
+            f"refused {where}: attention implementation "
+            f"{str(next(a for a in attention if a not in BUILTIN_ATTENTION))[:60]!r} is not built "
+            "into transformers (it would load kernel code)",
+            hint="use eager or sdpa",
+        )
     if "quantization_config" in config:
-        raise InputError(f"{where}: quantized models are not supported (quantization_config)",
-                         hint="use the full-precision model")
+        raise InputError(
+            f"{where}: quantized models are not supported (quantization_config)", hint="use the full-precision model"
+        )
     if "model_type" in config or "architectures" in config:
         return "transformers", _check_transformers_config(config, where)
     if "architecture" in config:
         return "timm", _check_timm_config(config, where)
-    raise InputError(f"{where} is neither a transformers config (model_type, architectures) nor a timm one "
-                     "(architecture, num_classes, pretrained_cfg)")
+    raise InputError(
+        f"{where} is neither a transformers config (model_type, architectures) nor a timm one "
+        "(architecture, num_classes, pretrained_cfg)"
+    )
 
 
 def _check_transformers_config(config: dict, where: str) -> str:
     model_type = config.get("model_type")
     if not isinstance(model_type, str) or model_type not in HF_MODEL_TYPES:
-        raise InputError(f"{where}: model_type {str(model_type)[:60]!r} is not an image classifier bdclean supports",
-                         hint=f"supported: {', '.join(sorted(HF_MODEL_TYPES))}")
+        raise InputError(
+            f"{where}: model_type {str(model_type)[:60]!r} is not an image classifier bdclean supports",
+            hint=f"supported: {', '.join(sorted(HF_MODEL_TYPES))}",
+        )
     archs = config.get("architectures")
     if not (isinstance(archs, list) and len(archs) == 1 and isinstance(archs[0], str) and archs[0].isidentifier()):
         raise InputError(f"{where}: 'architectures' must list exactly one class name, got {str(archs)[:80]}")
@@ -169,8 +225,10 @@ def _check_transformers_config(config: dict, where: str) -> str:
 def _check_timm_config(config: dict, where: str) -> str:
     arch = config.get("architecture")
     if not isinstance(arch, str) or not _TIMM_NAME.match(arch):
-        raise InputError(f"{where}: 'architecture' must be a timm model name, got {str(arch)[:80]!r}",
-                         hint="names like resnet18 or vit_tiny_patch16_224.augreg_in21k; no hf-hub: or paths")
+        raise InputError(
+            f"{where}: 'architecture' must be a timm model name, got {str(arch)[:80]!r}",
+            hint="names like resnet18 or vit_tiny_patch16_224.augreg_in21k; no hf-hub: or paths",
+        )
     if _optional_int(config, "num_classes", 2, _MAX_CLASSES, where) is None:
         raise InputError(f"{where}: a timm config needs 'num_classes'")
     cfg = config.get("pretrained_cfg", {})
@@ -186,12 +244,16 @@ def _check_timm_config(config: dict, where: str) -> str:
         raise InputError(f"{where}: 'model_args' must be an object")
     # timm's save_for_hf repeats num_classes in model_args; it must agree with the top-level one bdclean builds.
     if args.get("num_classes", config["num_classes"]) != config["num_classes"]:
-        raise InputError(f"{where}: model_args.num_classes {str(args['num_classes'])[:20]} contradicts num_classes "
-                         f"{config['num_classes']}")
+        raise InputError(
+            f"{where}: model_args.num_classes {str(args['num_classes'])[:20]} contradicts num_classes "
+            f"{config['num_classes']}"
+        )
     unknown = sorted(set(args) - TIMM_MODEL_ARGS - {"num_classes"})
     if unknown:
-        raise InputError(f"{where}: model_args {', '.join(unknown[:5])} are not passed to timm by bdclean",
-                         hint=f"bdclean passes only architecture sizes: {', '.join(sorted(TIMM_MODEL_ARGS))}")
+        raise InputError(
+            f"{where}: model_args {', '.join(unknown[:5])} are not passed to timm by bdclean",
+            hint=f"bdclean passes only architecture sizes: {', '.join(sorted(TIMM_MODEL_ARGS))}",
+        )
     return arch
 
 
@@ -202,11 +264,16 @@ def _check_preprocessor(pre: dict, where: str) -> None:
         if pre.get(key) is not None:
             _size(pre[key], f"{where}: {key}")
     factor = pre.get("rescale_factor", 1 / 255)
-    if pre.get("do_rescale", True) is not True or not isinstance(factor, (int, float)) or \
-            not math.isclose(factor, 1 / 255, rel_tol=1e-4):
+    if (
+        pre.get("do_rescale", True) is not True
+        or not isinstance(factor, (int, float))
+        or not math.isclose(factor, 1 / 255, rel_tol=1e-4)
+    ):
         # bdclean feeds pixels scaled to [0, 1]; a model trained on other scales would get wrong inputs silently.
-        raise InputError(f"{where}: the model expects pixels rescaled by {str(factor)[:20]} "
-                         f"(do_rescale {pre.get('do_rescale', True)}); bdclean feeds pixels / 255")
+        raise InputError(
+            f"{where}: the model expects pixels rescaled by {str(factor)[:20]} "
+            f"(do_rescale {pre.get('do_rescale', True)}); bdclean feeds pixels / 255"
+        )
 
 
 def _is_int(value, lo: int, hi: int) -> bool:
@@ -223,8 +290,11 @@ def _optional_int(config: dict, key: str, lo: int, hi: int, where: str) -> int |
 def _numbers(value, where: str) -> list[float] | None:
     if value is None:
         return None
-    if not (isinstance(value, list) and 1 <= len(value) <= 4 and all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)):
+    if not (
+        isinstance(value, list)
+        and 1 <= len(value) <= 4
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)
+    ):
         raise InputError(f"{where} must be a list of 1-4 finite numbers, got {str(value)[:60]}")
     return [float(v) for v in value]
 
@@ -242,8 +312,9 @@ def _size(value, where: str) -> tuple[int, int] | None:
             return h, w
     elif isinstance(value, dict) and all(_is_int(v, 1, 8192) for v in value.values()):
         return None
-    raise InputError(f"{where} must be an image size (an integer, [height, width] or {{height, width}}), "
-                     f"got {str(value)[:60]}")
+    raise InputError(
+        f"{where} must be an image size (an integer, [height, width] or {{height, width}}), got {str(value)[:60]}"
+    )
 
 
 def hub_from_metadata(ckpt: Checkpoint) -> HubModel:
@@ -265,6 +336,7 @@ def hub_from_metadata(ckpt: Checkpoint) -> HubModel:
 
 
 # ---- what the model expects ---------------------------------------------------------------------
+
 
 def input_spec(hub: HubModel) -> InputSpec:
     if hub.library == "timm":
@@ -304,14 +376,18 @@ def check_input_shape(spec: InputSpec, image_shape: tuple[int, int, int]) -> Non
     """Fail when the data does not have the size and channels the model was made for (never resize silently)."""
     h, w, c = image_shape
     if spec.channels != c:
-        raise InputError(f"the model takes {spec.channels}-channel images but the data has {c} channel(s)",
-                         hint="check --data: the model and the dataset do not belong together")
+        raise InputError(
+            f"the model takes {spec.channels}-channel images but the data has {c} channel(s)",
+            hint="check --data: the model and the dataset do not belong together",
+        )
     declared_size(spec)
     for (mh, mw), where in spec.sizes:
         if (mh, mw) != (h, w):
-            raise InputError(f"the model expects {mw}x{mh} images ({where}) but the data is {w}x{h}",
-                             hint=f"image folders are resized with --image-size {mh},{mw} (the default for a model "
-                                  "directory); npz data must be stored at that size")
+            raise InputError(
+                f"the model expects {mw}x{mh} images ({where}) but the data is {w}x{h}",
+                hint=f"image folders are resized with --image-size {mh},{mw} (the default for a model "
+                "directory); npz data must be stored at that size",
+            )
 
 
 def declared_size(spec: InputSpec) -> tuple[int, int] | None:
@@ -320,28 +396,41 @@ def declared_size(spec: InputSpec) -> tuple[int, int] | None:
     timm's save_for_hf writes such a config for a model built at another img_size unless given data_config."""
     if len({size for size, _ in spec.sizes}) > 1:
         listed = " but ".join(f"{w}x{h} ({where})" for (h, w), where in spec.sizes)
-        raise InputError(f"the model's config contradicts itself on the input size: {listed}",
-                         hint="make them agree; for a timm model, save_for_hf(model, dir, "
-                              "data_config={'input_size': (3, H, W)}) records the size it is built for")
+        raise InputError(
+            f"the model's config contradicts itself on the input size: {listed}",
+            hint="make them agree; for a timm model, save_for_hf(model, dir, "
+            "data_config={'input_size': (3, H, W)}) records the size it is built for",
+        )
     return tuple(spec.sizes[0][0]) if spec.sizes else None
 
 
 # ---- inspect, without building the model ---------------------------------------------------------
 
+
 def hub_guess(hub: HubModel, state: dict[str, torch.Tensor]) -> dict:
     """inspect's 'guess' block for a hub model: from its config and weights, without building it."""
     labels = hub.config.get("id2label")
     classes = hub.config.get("num_classes") if hub.library == "timm" else (len(labels) if labels else None)
-    return {"arch": f"{hub.library}:{hub.arch}", "arch_from": hub.source, "num_classes": classes,
-            "in_channels": input_spec(hub).channels, "head": _head_from_keys(state, classes)}
+    return {
+        "arch": f"{hub.library}:{hub.arch}",
+        "arch_from": hub.source,
+        "num_classes": classes,
+        "in_channels": input_spec(hub).channels,
+        "head": _head_from_keys(state, classes),
+    }
 
 
 def _head_from_keys(state: dict[str, torch.Tensor], classes: int | None) -> str | None:
     """The one 2-D weight with a row per class under a head-like name (classifier, head, fc), if unambiguous.
     The file orders keys alphabetically, so position says nothing about where the head is."""
-    found = [k[: -len(".weight")] for k, t in state.items()
-             if k.endswith(".weight") and t.dim() == 2 and t.shape[0] == classes
-             and any(part in ("classifier", "head", "fc") for part in k.split("."))]
+    found = [
+        k[: -len(".weight")]
+        for k, t in state.items()
+        if k.endswith(".weight")
+        and t.dim() == 2
+        and t.shape[0] == classes
+        and any(part in ("classifier", "head", "fc") for part in k.split("."))
+    ]
     return found[0] if len(found) == 1 else None
 
 

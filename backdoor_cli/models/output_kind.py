@@ -51,13 +51,16 @@ class OutputProbe:
 
     def reason(self) -> str:
         if self.detected == "probs":
-            return (f"every row of {self.images} probe outputs is >= 0 and sums to 1 within "
-                    f"{self.max_sum_error:.1e}")
+            return f"every row of {self.images} probe outputs is >= 0 and sums to 1 within {self.max_sum_error:.1e}"
         if self.detected == "log-probs":
-            return (f"every row of {self.images} probe outputs is <= 0 with logsumexp 0 within "
-                    f"{self.max_logsumexp_error:.1e}")
-        return (f"rows of {self.images} probe outputs are not distributions (row sums off by up to "
-                f"{self.max_sum_error:.2g}, logsumexp off by up to {self.max_logsumexp_error:.2g})")
+            return (
+                f"every row of {self.images} probe outputs is <= 0 with logsumexp 0 within "
+                f"{self.max_logsumexp_error:.1e}"
+            )
+        return (
+            f"rows of {self.images} probe outputs are not distributions (row sums off by up to "
+            f"{self.max_sum_error:.2g}, logsumexp off by up to {self.max_logsumexp_error:.2g})"
+        )
 
 
 @dataclass(frozen=True)
@@ -70,8 +73,10 @@ class LossAdapter:
 
     def describe(self) -> str:
         if self.source == "normaliser-input":
-            return (f"cross-entropy on the input of the trailing {NORMALISERS[self.kind].__name__} "
-                    f"`{self.module}` (its logits): exact")
+            return (
+                f"cross-entropy on the input of the trailing {NORMALISERS[self.kind].__name__} "
+                f"`{self.module}` (its logits): exact"
+            )
         if self.source == "log-of-output":
             return "NLL on log(output clamped to the smallest float): the softmax is not a module, so its input is out of reach"
         return "NLL on the output (log-probabilities)" if self.kind == "log-probs" else "cross-entropy on the output"
@@ -91,25 +96,36 @@ class OutputKind:
     warning: str | None = None
 
     def to_dict(self) -> dict:
-        return {"kind": self.kind, "decided_by": self.decided_by, "detected": self.probe.detected,
-                "reason": self.probe.reason(), "evidence": asdict(self.probe),
-                "loss": self.adapter.describe(), "loss_source": self.adapter.source,
-                "loss_module": self.adapter.module, "warning": self.warning}
+        return {
+            "kind": self.kind,
+            "decided_by": self.decided_by,
+            "detected": self.probe.detected,
+            "reason": self.probe.reason(),
+            "evidence": asdict(self.probe),
+            "loss": self.adapter.describe(),
+            "loss_source": self.adapter.source,
+            "loss_module": self.adapter.module,
+            "warning": self.warning,
+        }
 
 
 def parse_output_kind(text: str | None) -> str:
     """The --output-kind value, checked: a wrong kind must stop the run, not fall back to a guess."""
     value = "auto" if text is None else str(text).strip().lower()
     if value not in CHOICES:
-        raise ConfigError(f"--output-kind {text!r} is not a kind of model output",
-                          hint=f"choose one of: {', '.join(CHOICES)} (auto detects it from a probe batch)")
+        raise ConfigError(
+            f"--output-kind {text!r} is not a kind of model output",
+            hint=f"choose one of: {', '.join(CHOICES)} (auto detects it from a probe batch)",
+        )
     return value
 
 
 def classify_rows(output: torch.Tensor) -> OutputProbe:
     """Decide logits / probs / log-probs from a (batch, classes) output, in float64."""
     if output.ndim != 2 or output.shape[0] == 0 or output.shape[1] < 2 or not output.is_floating_point():
-        raise InputError(f"the model returned a {tuple(output.shape)} {output.dtype} tensor, not (batch, classes) scores")
+        raise InputError(
+            f"the model returned a {tuple(output.shape)} {output.dtype} tensor, not (batch, classes) scores"
+        )
     rows = output.detach().double()
     sum_error = float((rows.sum(1) - 1).abs().max())
     lse_error = float(torch.logsumexp(rows, 1).abs().max())
@@ -120,8 +136,14 @@ def classify_rows(output: torch.Tensor) -> OutputProbe:
         detected = "probs"
     elif finite and high <= 0 and lse_error <= TOLERANCE:
         detected = "log-probs"
-    return OutputProbe(images=rows.shape[0], detected=detected, min_value=low, max_value=high,
-                       max_sum_error=sum_error, max_logsumexp_error=lse_error)
+    return OutputProbe(
+        images=rows.shape[0],
+        detected=detected,
+        min_value=low,
+        max_value=high,
+        max_sum_error=sum_error,
+        max_logsumexp_error=lse_error,
+    )
 
 
 @torch.no_grad()
@@ -132,8 +154,11 @@ def probe_outputs(model: nn.Module, batch: torch.Tensor) -> OutputProbe:
     model's output is trailing (identity, not equality: a softmax in the middle is not the end).
     """
     calls: list[tuple[str, nn.Module, torch.Tensor]] = []
-    hooks = [(m, lambda mod, _i, out, n=n: calls.append((n, mod, out)))
-             for n, m in model.named_modules() if isinstance(m, tuple(NORMALISERS.values()))]
+    hooks = [
+        (m, lambda mod, _i, out, n=n: calls.append((n, mod, out)))
+        for n, m in model.named_modules()
+        if isinstance(m, tuple(NORMALISERS.values()))
+    ]
     output = probe_forward(model, batch, hooks)
     if not isinstance(output, torch.Tensor):
         raise InputError(f"the model returned a {type(output).__name__}, not a tensor of class scores")
@@ -156,8 +181,13 @@ def choose_adapter(kind: str, probe: OutputProbe) -> LossAdapter:
 def resolve_output_kind(flag: str, probe: OutputProbe) -> OutputKind:
     """`--output-kind` over detection; warn when they disagree."""
     kind = probe.detected if flag == "auto" else flag
-    return OutputKind(kind=kind, decided_by="detected" if flag == "auto" else "flag", probe=probe,
-                      adapter=choose_adapter(kind, probe), warning=mismatch_warning(kind, probe))
+    return OutputKind(
+        kind=kind,
+        decided_by="detected" if flag == "auto" else "flag",
+        probe=probe,
+        adapter=choose_adapter(kind, probe),
+        warning=mismatch_warning(kind, probe),
+    )
 
 
 def mismatch_warning(kind: str, probe: OutputProbe) -> str | None:
@@ -165,8 +195,10 @@ def mismatch_warning(kind: str, probe: OutputProbe) -> str | None:
         return None
     text = f"--output-kind {kind} was given, but the model's outputs look like {probe.detected}: {probe.reason()}."
     if kind == "logits" and probe.detected == "probs":
-        text += (" Cross-entropy on probabilities has almost no gradient: FST will likely wreck clean accuracy and "
-                 "FT leave the backdoor in place. Drop --output-kind (auto) unless you are sure.")
+        text += (
+            " Cross-entropy on probabilities has almost no gradient: FST will likely wreck clean accuracy and "
+            "FT leave the backdoor in place. Drop --output-kind (auto) unless you are sure."
+        )
     return text
 
 
@@ -187,8 +219,10 @@ def attach_loss(model: nn.Module, adapter: LossAdapter, label_smoothing: float =
 
     def loss(output: torch.Tensor, targets: torch.Tensor):
         if captured.get("output") is not output:
-            raise InputError(f"in training mode the model's output no longer comes from `{adapter.module}`",
-                             hint="pass --output-kind to choose the loss yourself")
+            raise InputError(
+                f"in training mode the model's output no longer comes from `{adapter.module}`",
+                hint="pass --output-kind to choose the loss yourself",
+            )
         logits = captured.pop("logits")
         captured.clear()
         return F.cross_entropy(logits.float(), targets, label_smoothing=label_smoothing), logits
@@ -201,11 +235,17 @@ def attach_loss(model: nn.Module, adapter: LossAdapter, label_smoothing: float =
 
 def _output_loss(adapter: LossAdapter, label_smoothing: float = 0.0) -> LossFn:
     if adapter.kind == "logits":
-        return lambda output, targets: (F.cross_entropy(output.float(), targets, label_smoothing=label_smoothing), output)
+        return lambda output, targets: (
+            F.cross_entropy(output.float(), targets, label_smoothing=label_smoothing),
+            output,
+        )
     if adapter.kind == "log-probs":
         return lambda output, targets: (smoothed_nll(output.float(), targets, label_smoothing), output)
     tiny = torch.finfo(torch.float32).tiny  # log(0) would be -inf; the clamp keeps the loss finite
-    return lambda output, targets: (smoothed_nll(output.float().clamp_min(tiny).log(), targets, label_smoothing), output)
+    return lambda output, targets: (
+        smoothed_nll(output.float().clamp_min(tiny).log(), targets, label_smoothing),
+        output,
+    )
 
 
 def smoothed_nll(log_probs: torch.Tensor, targets: torch.Tensor, smoothing: float) -> torch.Tensor:
@@ -216,8 +256,9 @@ def smoothed_nll(log_probs: torch.Tensor, targets: torch.Tensor, smoothing: floa
     return (1 - smoothing) * nll - smoothing * log_probs.mean(1).mean()
 
 
-def sample_losses(scores: torch.Tensor, targets: torch.Tensor, adapter: LossAdapter,
-                  label_smoothing: float = 0.0) -> torch.Tensor:
+def sample_losses(
+    scores: torch.Tensor, targets: torch.Tensor, adapter: LossAdapter, label_smoothing: float = 0.0
+) -> torch.Tensor:
     """Per-image tuning loss: the loss attach_loss forms (its mean), without the mean.
 
     `scores` are what attach_loss hands back: the logits for a logits model or a trailing normaliser's

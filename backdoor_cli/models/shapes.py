@@ -31,8 +31,14 @@ class ShapeFacts:
     stem: str | None  # module path of the first convolution in forward order
 
 
-def read_shape_facts(arch: str, state_dict: dict[str, torch.Tensor], input_shape: tuple[int, int, int],
-                     placeholder_classes: int, head: str | None = None, model: nn.Module | None = None) -> ShapeFacts:
+def read_shape_facts(
+    arch: str,
+    state_dict: dict[str, torch.Tensor],
+    input_shape: tuple[int, int, int],
+    placeholder_classes: int,
+    head: str | None = None,
+    model: nn.Module | None = None,
+) -> ShapeFacts:
     """Build `arch` once with placeholder sizes (the key names do not depend on them), find its head
     and stem, and read the checkpoint's sizes under those names. `input_shape` is (C, H, W) of the data.
     Missing keys give None: strict loading then reports the real mismatch.
@@ -49,8 +55,9 @@ def read_shape_facts(arch: str, state_dict: dict[str, torch.Tensor], input_shape
         order = modules_in_forward_order(reference, input_shape) or list(modules)  # definition order as fallback
     head = head or next((n for n in reversed(order) if isinstance(modules.get(n), nn.Linear)), None)
     stem = next((n for n in order if isinstance(modules.get(n), nn.modules.conv._ConvNd)), None)
-    return ShapeFacts(_classes_under(state_dict, head), _channels_under(state_dict, stem, modules.get(stem)),
-                      head, stem)
+    return ShapeFacts(
+        _classes_under(state_dict, head), _channels_under(state_dict, stem, modules.get(stem)), head, stem
+    )
 
 
 def _reference_model(arch: str, num_classes: int, in_channels: int) -> nn.Module:
