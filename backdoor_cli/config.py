@@ -24,6 +24,8 @@ GATE_OPTIONS = ("max_asr", "min_acc", "max_acc_drop", "select_budget")
 IMAGE_SIZE_OPTION = "image_size"  # one side (224: a square) or height,width; each in [2, MAX_IMAGE_SIDE]
 # Allowed ranges, checked where values enter (flag or YAML), so a bad value fails in a second, naming
 # its option, instead of deep inside torch after minutes of work: name -> (low, high, low_open, high_open).
+# Declared once: the library's own parameter dataclasses (defenses.DefenseParams, retune.RetuneSettings)
+# check themselves against this table too (check_fields). For a list option, each item is checked.
 MAX_SEED = 2**63 - 1
 RANGES: dict[str, tuple] = {
     "batch_size": (1, 65_536, False, False),
@@ -60,6 +62,10 @@ RANGES: dict[str, tuple] = {
     "steps": (1, 100_000, False, False),
     "scan_steps": (1, 100_000, False, False),
     "anomaly_threshold": (0, None, True, False),
+    "distill": (0, 1000, False, False),
+    "distill_temperature": (0, 100, True, False),
+    "nad_beta": (0, 1e6, False, False),
+    "sau_lambda": (0, 1e6, False, False),
 }
 
 # Options that take one of a few words; checked where values enter, like the ranges.
@@ -304,9 +310,23 @@ def coerce(name: str, value, annotation, source: str):
     result = _coerce_type(name, value, annotation, source)
     if name in CHOICES:
         result = _check_choice(name, result, source)
-    if name in RANGES and isinstance(result, (int, float)) and not isinstance(result, bool):
-        _check_range(name, result, source)
+    if name in RANGES:
+        for item in result if isinstance(result, tuple) else (result,):
+            if isinstance(item, (int, float)) and not isinstance(item, bool):
+                check_range(name, item, source)
     return result
+
+
+def check_fields(values: dict, flags: dict[str, str] | None = None) -> None:
+    """Check every value (not None) whose name has a range in RANGES, each item of a tuple too, naming it
+    by its flag: `flags` maps a field to its RANGES name where they differ (RetuneSettings.lr is
+    --retune-lr)."""
+    for field_name, value in values.items():
+        name = (flags or {}).get(field_name, field_name)
+        if value is None or name not in RANGES:
+            continue
+        for item in value if isinstance(value, tuple) else (value,):
+            check_range(name, item, "--" + name.replace("_", "-"))
 
 
 def _check_choice(name: str, value: str, source: str) -> str:
@@ -317,7 +337,7 @@ def _check_choice(name: str, value: str, source: str) -> str:
     return text
 
 
-def _check_range(name: str, value: float, source: str) -> None:
+def check_range(name: str, value: float, source: str) -> None:
     low, high, low_open, high_open = RANGES[name]
     bad_low = low is not None and (value <= low if low_open else value < low)
     bad_high = high is not None and (value >= high if high_open else value > high)

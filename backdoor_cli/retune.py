@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from .config import check_fields
 from .data import ImageSet
 from .errors import ConfigError
 from .evaluate import EvalSets, evaluate_model
@@ -49,12 +50,10 @@ class RetuneSettings:
     seed: int = 0
 
     def validate(self) -> RetuneSettings:
-        if not (1 <= self.poisoned <= 100_000):
-            raise ConfigError(f"--retune-poisoned must be in [1, 100000], got {self.poisoned}")
-        if not (1 <= self.epochs <= 1000):
-            raise ConfigError(f"--retune-epochs must be in [1, 1000], got {self.epochs}")
-        if not (0 < self.lr <= 10):
-            raise ConfigError(f"--retune-lr must be in (0, 10], got {self.lr}")
+        check_fields(
+            {"poisoned": self.poisoned, "epochs": self.epochs, "lr": self.lr},
+            {"poisoned": "retune_poisoned", "epochs": "retune_epochs", "lr": "retune_lr"},
+        )
         return self
 
     def to_dict(self) -> dict:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from backdoor_cli import config as C
 from backdoor_cli.config import EvaluateOptions, PurifyOptions, parse_rate, resolve_options
 from backdoor_cli.errors import ConfigError
 
@@ -64,3 +65,36 @@ def test_parse_rate(text, value):
 def test_parse_rate_rejects(text):
     with pytest.raises(ConfigError):
         parse_rate(text, "--max-asr")
+
+
+def _out_of_range(name: str):
+    low, high, low_open, high_open = C.RANGES[name]
+    if low is not None:
+        return low if low_open else low - 1
+    return high if high_open else high + 1
+
+
+def test_the_library_parameters_check_the_flags_ranges_declared_once():
+    """DefenseParams and RetuneSettings check themselves against config.RANGES: one table, one message."""
+    import dataclasses
+
+    from backdoor_cli.defenses.base import DefenseParams
+    from backdoor_cli.retune import RetuneSettings
+
+    checked = [f.name for f in dataclasses.fields(DefenseParams) if f.name in C.RANGES]
+    assert {"lr", "epochs", "momentum", "distill", "unlearn_fraction", "sau_eps", "nad_beta"} <= set(checked)
+    for name in checked:
+        bad = _out_of_range(name)
+        value = (bad,) if name in ("nad_beta", "sau_lambda") else bad
+        if name == "sau_lambda":
+            value = (1.0, 1.0, bad)
+        with pytest.raises(C.ConfigError, match=f"--{name.replace('_', '-')} must be in"):
+            DefenseParams(**{name: value}).validate()
+    for field, flag in (("poisoned", "retune_poisoned"), ("epochs", "retune_epochs"), ("lr", "retune_lr")):
+        with pytest.raises(C.ConfigError, match=f"--{flag.replace('_', '-')} must be in"):
+            RetuneSettings(**{field: _out_of_range(flag)}).validate()
+
+
+def test_a_list_option_has_each_item_range_checked():
+    with pytest.raises(C.ConfigError, match="--nad-beta must be in"):
+        C.coerce("nad_beta", "500,-1", "tuple[float, ...] | None", "--nad-beta")

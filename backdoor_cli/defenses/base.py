@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from ..config import check_fields
 from ..errors import ConfigError
 
 # The FST paper's defaults (Min et al., NeurIPS 2023, Appendix): lr, epochs, alpha, clean fraction.
@@ -58,47 +59,11 @@ class DefenseParams:
         return value if value is not None else METHOD_DEFAULTS.get(method, {}).get(name)
 
     def validate(self) -> DefenseParams:
-        if not (self.lr > 0 and self.lr <= 10):
-            raise ConfigError(f"lr must be in (0, 10], got {self.lr}")
-        if not (1 <= self.epochs <= 10_000):
-            raise ConfigError(f"epochs must be in [1, 10000], got {self.epochs}")
-        if not (self.alpha >= 0):
-            raise ConfigError(f"alpha must be >= 0, got {self.alpha}")
-        if not (1 <= self.batch_size <= 65_536):
-            raise ConfigError(f"batch size must be in [1, 65536], got {self.batch_size}")
-        if not (0 <= self.momentum < 1):
-            raise ConfigError(f"momentum must be in [0, 1), got {self.momentum}")
-        if self.weight_decay < 0:
-            raise ConfigError(f"weight decay must be >= 0, got {self.weight_decay}")
-        if not (0 <= self.distill <= 1000):
-            raise ConfigError(f"--distill must be in [0, 1000], got {self.distill}")
-        if not (0 < self.distill_temperature <= 100):
-            raise ConfigError(f"--distill-temperature must be in (0, 100], got {self.distill_temperature}")
-        if self.rho is not None and not (0 <= self.rho <= 100):
-            raise ConfigError(f"--rho must be in [0, 100], got {self.rho}")
-        if self.label_smoothing is not None and not (0 <= self.label_smoothing < 1):
-            raise ConfigError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
-        if self.nad_beta is not None and (not self.nad_beta or any(not (0 <= b <= 1e6) for b in self.nad_beta)):
-            raise ConfigError(f"--nad-beta must be one or more weights in [0, 1e6], got {self.nad_beta}")
-        if not (0 < self.nad_p <= 16):
-            raise ConfigError(f"--nad-p must be in (0, 16], got {self.nad_p}")
-        if self.teacher_epochs is not None and not (1 <= self.teacher_epochs <= 10_000):
-            raise ConfigError(f"--teacher-epochs must be in [1, 10000], got {self.teacher_epochs}")
-        if self.clp_u is not None and not (0 <= self.clp_u <= 100):
-            raise ConfigError(f"--clp-u must be in [0, 100], got {self.clp_u}")
-        if not (0 < self.unlearn_fraction < 1):
-            raise ConfigError(f"--unlearn-fraction must be in (0, 1), got {self.unlearn_fraction}")
-        if self.d3_lambda is not None and not (0 < self.d3_lambda <= 1e6):
-            raise ConfigError(f"--d3-lambda must be in (0, 1e6], got {self.d3_lambda}")
-        if self.d3_eps is not None and not (0 <= self.d3_eps <= 100):
-            raise ConfigError(f"--d3-eps must be in [0, 100], got {self.d3_eps}")
-        if self.sau_eps is not None and not (0 < self.sau_eps <= 1):
-            raise ConfigError(f"--sau-eps must be in (0, 1] (pixel units), got {self.sau_eps}")
-        if self.sau_steps is not None and not (1 <= self.sau_steps <= 100):
-            raise ConfigError(f"--sau-steps must be in [1, 100], got {self.sau_steps}")
-        if self.sau_lambda is not None and (
-            len(self.sau_lambda) != 3 or any(not (0 <= w <= 1e6) for w in self.sau_lambda)
-        ):
+        # the ranges are config.RANGES's, the flags' own: declared once
+        check_fields(asdict(self))
+        if self.nad_beta is not None and not self.nad_beta:
+            raise ConfigError("--nad-beta must be one or more weights in [0, 1e6], got none")
+        if self.sau_lambda is not None and len(self.sau_lambda) != 3:
             raise ConfigError(
                 "--sau-lambda must be three weights in [0, 1e6] (clean CE, adversarial CE, shared "
                 f"unlearning), got {self.sau_lambda}"
