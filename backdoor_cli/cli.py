@@ -579,6 +579,16 @@ def purify(
             "per class at most (default 120; fewer is faster and finds less).",
         ),
     ] = None,
+    precaution: Annotated[
+        bool,
+        typer.Option(
+            "--precaution",
+            rich_help_panel="Method",
+            help="unlearn: when the scan flags no class, unlearn the class with the smallest trigger anyway "
+            "(a backdoor below the flagging threshold; costs about 3 points of C-Acc on a clean CIFAR-10 "
+            "ResNet-20). Without it such a model is left unchanged.",
+        ),
+    ] = False,
     d3_lambda: Annotated[
         Optional[float],
         typer.Option(
@@ -748,6 +758,7 @@ def purify(
         "clp_u": clp_u,
         "unlearn_fraction": unlearn_fraction,
         "scan_steps": scan_steps,
+        "precaution": precaution or None,
         "teacher_epochs": teacher_epochs,
         "d3_lambda": d3_lambda,
         "d3_eps": d3_eps,

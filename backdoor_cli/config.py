@@ -155,9 +155,9 @@ class PurifyOptions(EvaluateOptions):
     teacher_epochs: int | None = None  # nad: teacher fine-tuning epochs (default: --epochs)
     clp_u: float | None = None  # clp: the outlier threshold u (default 3)
     unlearn_fraction: float | None = None  # unlearn: share of each batch stamped with the reconstructed trigger (0.2)
-    scan_steps: int | None = (
-        None  # unlearn: the trigger inversion's steps per class at most (scan.InversionParams: 120)
-    )
+    # unlearn: the trigger inversion's steps per class at most (scan.InversionParams: 120)
+    scan_steps: int | None = None
+    precaution: bool = False  # unlearn: with no class flagged, unlearn the smallest-mask class anyway (scan_guided.py)
     d3_lambda: float | None = None  # d3: weight of the clean-loss hinge (default 10)
     d3_eps: float | None = None  # d3: the hinge's clean-loss budget (default 0.1)
     sau_eps: float | None = None  # sau: L-inf radius of the adversarial examples, pixel units (default 0.2)

@@ -28,7 +28,7 @@ from .data import (
     select_clean_subset,
 )
 from .defenses import DefenseParams, default_params, get_defense
-from .defenses.base import METHOD_PARAMS, inapplicable
+from .defenses.base import METHOD_PARAMS, DefenseOutcome, inapplicable
 from .errors import ConfigError, InputError
 from .eval_cache import data_fingerprint, eval_key, measured
 from .evaluate import EvalSets, build_eval_sets, evaluate_model
@@ -408,8 +408,10 @@ def refuse_inapplicable(opts: PurifyOptions, defense) -> None:
     problems = inapplicable(
         defense, {name: getattr(opts, name) for name in names}, chosen_by=None if opts.method else "the default method"
     )
-    if opts.scan_steps is not None and not defense.needs_triggers:  # the scan runs for scan-guided methods only
-        problems.append(f"--scan-steps does not apply to --method {defense.name} (it runs no scan; unlearn does)")
+    if not defense.needs_triggers:  # the scan runs for scan-guided methods only
+        for flag, given in (("--scan-steps", opts.scan_steps is not None), ("--precaution", opts.precaution)):
+            if given:
+                problems.append(f"{flag} does not apply to --method {defense.name} (it runs no scan; unlearn does)")
     if problems:
         hint = (
             "drop it, or choose a method that reads it"
@@ -515,6 +517,7 @@ def _purify_into(
                 opts.seed,
                 reporter,
                 opts.scan_steps,
+                opts.precaution,
             )
     with timer.stage("choose_format"):
         shape = bundle.test.image_shape
@@ -547,31 +550,37 @@ def _purify_into(
         )
         if cached:
             reporter.info("the input model's evaluation was read from the evaluation cache")
+    # nothing flagged (and no --precaution): nothing to remove, so the input is kept as it is (scan_guided.py)
+    unchanged = evidence is not None and not evidence.chosen
     with timer.stage("tune"):
         model.to(memory_format=torch_format(formats["tune"].format))
         # the input's weights, for the line back to them (one copy, only when the path selection runs)
         start = {k: v.detach().clone() for k, v in model.state_dict().items()} if recipe.select == "path" else None
-        outcome = _run_defense(
-            defense,
-            model,
-            subject,
-            tune_set.to(device),
-            mean,
-            std,
-            params,
-            device,
-            augmentation.flip,
-            reporter,
-            output_kind,
-            monitor,
-            compute,
-            triggers=evidence.chosen if evidence is not None else None,
+        outcome = (
+            DefenseOutcome(notes=[UNCHANGED_NOTE])
+            if unchanged
+            else _run_defense(
+                defense,
+                model,
+                subject,
+                tune_set.to(device),
+                mean,
+                std,
+                params,
+                device,
+                augmentation.flip,
+                reporter,
+                output_kind,
+                monitor,
+                compute,
+                triggers=evidence.chosen if evidence is not None else None,
+            )
         )
-        selection = monitor.restore(model, params.epochs) if recipe.select == "epoch" else None
+        selection = monitor.restore(model, params.epochs) if recipe.select == "epoch" and not unchanged else None
         if selection:
             reporter.info(f"held-out selection: {selection}")
         path_choice = None
-        if recipe.select == "path":
+        if recipe.select == "path" and not unchanged:
             path_choice = select_on_path(
                 model, start, monitor.images, monitor.base_acc, recipe.budget, mean, std, floor=recipe.floor
             )
@@ -584,11 +593,15 @@ def _purify_into(
                 evidence, model, tune_set.to(device), monitor, mean, std, output_kind, opts.seed, reporter, "fp32"
             )
     with timer.stage("evaluate_after"):
-        reporter.stage("evaluating the purified model")
         model.to(memory_format=torch_format(eval_format))
-        after = evaluate_model(
-            model, sets, mean, std, device, opts.eval_batch_size, reporter, plan.evaluate, eval_format
-        )
+        if unchanged:  # the same weights: the same predictions, not measured twice
+            after = before
+            reporter.info(UNCHANGED_NOTE)
+        else:
+            reporter.stage("evaluating the purified model")
+            after = evaluate_model(
+                model, sets, mean, std, device, opts.eval_batch_size, reporter, plan.evaluate, eval_format
+            )
     retune = None
     if opts.retune_check:
         with timer.stage("retune_check"):
@@ -698,6 +711,12 @@ def _purify_into(
     return report
 
 
+UNCHANGED_NOTE = (
+    "the scan flagged no class, so nothing was tuned: the output holds the input model's weights "
+    "(--precaution unlearns the smallest-mask class anyway; --method NAME runs a trigger-free defense)"
+)
+
+
 def _scan_for_triggers(
     model,
     tune_set: ImageSet,
@@ -709,6 +728,7 @@ def _scan_for_triggers(
     seed: int,
     reporter: Reporter,
     steps: int | None,
+    precaution: bool = False,
 ) -> ScanEvidence:
     """Invert a trigger per class on the tuning images, choose what to unlearn, and measure its proxy ASR on
     the held-out images (on the tuning images when none are held out, which the report says)."""
@@ -719,7 +739,7 @@ def _scan_for_triggers(
     result = run_scan(
         model, tune_set, subject.num_classes, mean, std, output_kind.adapter, params, seed, reporter, "fp32"
     )
-    chosen, choice = choose_triggers(result)
+    chosen, choice = choose_triggers(result, precaution)
     proxy_set, where = (
         (monitor.images, "held-out clean images")
         if monitor is not None

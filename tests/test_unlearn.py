@@ -71,10 +71,14 @@ def _result(anomaly: list[float], flagged: list[int]) -> ScanResult:
     )
 
 
-def test_flagged_classes_are_unlearnt_and_otherwise_the_smallest_mask_as_a_precaution():
+def test_flagged_classes_are_unlearnt_and_otherwise_nothing_unless_as_a_precaution():
     chosen, why = choose_triggers(_result([0.1, 3.5, -0.4, 2.6], [1, 3]))
     assert [t.target for t in chosen] == [1, 3] and "flagged" in why
+    chosen, why = choose_triggers(_result([0.1, 3.5, -0.4, 2.6], [1, 3]), precaution=True)
+    assert [t.target for t in chosen] == [1, 3]  # flagged classes decide; the precaution adds nothing
     chosen, why = choose_triggers(_result([0.1, 1.4, -0.4, 0.2], []))
+    assert chosen == [] and "left unchanged" in why and "class 1" in why and "--precaution" in why
+    chosen, why = choose_triggers(_result([0.1, 1.4, -0.4, 0.2], []), precaution=True)
     assert [t.target for t in chosen] == [1] and "precaution" in why and "1.40" in why
 
 
@@ -216,13 +220,30 @@ def test_without_a_trigger_the_scan_verdict_stands_and_gates(subjects):
     assert "Scan" in md and "proxy" in md
 
 
-def test_on_a_clean_model_the_default_flags_nothing_costs_little_and_does_not_verify(subjects):
-    result = _default(subjects["clean"], subjects["data"], subjects["root"] / "clean-out")
+def test_on_a_clean_model_the_default_flags_nothing_changes_nothing_and_does_not_verify(subjects):
+    out = subjects["root"] / "clean-out"
+    result = _default(subjects["clean"], subjects["data"], out)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["scan"]["flagged"] == [] and report["scan"]["unlearnt"] == []
+    assert "left unchanged" in report["scan"]["choice"] and "--precaution" in report["scan"]["choice"]
+    assert report["after"] == report["before"] and report["history"] == []
+    assert report["removal"]["verdict"] == "not_verified" and "flagged no class" in report["removal"]["reason"]
+    # the output holds the input's weights, bit for bit
+    before, after = read_checkpoint(str(subjects["clean"])), read_checkpoint(str(out / "purified.safetensors"))
+    assert all(torch.equal(after.state_dict[k], v) for k, v in before.state_dict.items())
+    assert "nothing was tuned" in " ".join(report["method"]["notes"])
+
+
+def test_precaution_unlearns_the_smallest_mask_class_of_a_clean_model(subjects):
+    result = _default(subjects["clean"], subjects["data"], subjects["root"] / "clean-precaution", "--precaution")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["scan"]["flagged"] == [] and len(report["scan"]["unlearnt"]) == 1
+    assert "precaution" in report["scan"]["choice"] and len(report["history"]) > 0
     assert report["before"]["clean_acc"]["value"] - report["after"]["clean_acc"]["value"] <= 0.02
     assert report["removal"]["verdict"] == "not_verified"
+    assert report["options"]["precaution"] is True
 
 
 def test_unlearn_needs_its_scan_and_takes_its_own_flag_only(subjects, tmp_path):
@@ -234,6 +255,8 @@ def test_unlearn_needs_its_scan_and_takes_its_own_flag_only(subjects, tmp_path):
     assert bad.exit_code == 2 and "unlearn-fraction" in bad.output
     no_scan = _default(subjects["backdoored"], subjects["data"], tmp_path / "o3", "--method", "ft", "--scan-steps", "5")
     assert no_scan.exit_code == 2 and "--scan-steps does not apply to --method ft" in no_scan.output
+    no_scan = _default(subjects["backdoored"], subjects["data"], tmp_path / "o4", "--method", "fst", "--precaution")
+    assert no_scan.exit_code == 2 and "--precaution does not apply to --method fst" in no_scan.output
 
 
 def test_several_flagged_classes_are_called_possible_shortcuts_of_the_data():
