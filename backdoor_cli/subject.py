@@ -150,6 +150,7 @@ def load_subject(
     mean = _pick(sources, "mean", ("flag", mean), ("metadata", norm_meta.get("mean")), ("dataset", bundle.mean))
     std = _pick(sources, "std", ("flag", std), ("metadata", norm_meta.get("std")), ("dataset", bundle.std))
     mean, std = validate_normalization(mean, std, image_c)
+    notes = notes + guessed_notes(ckpt.path.name, arch, sources, mean, std)
     return Subject(
         ckpt,
         model,
@@ -210,6 +211,21 @@ def _origin(source: str, module: str | None) -> str:
     if source == "weights" and module:
         return f" (from the checkpoint's {module}.weight)"
     return {"metadata": " (from the checkpoint's bdclean metadata)", "flag": " (from --num-classes)"}.get(source, "")
+
+
+def guessed_notes(name: str, arch: str, sources: dict[str, str], mean, std) -> list[str]:
+    """One line per value that was guessed rather than given or recorded: a wrong guess changes every
+    figure without an error, so the terminal says so, not only report.json's `resolved_from`."""
+    notes = []
+    if sources.get("arch") == "weights":
+        notes.append(f"{name}: architecture {arch} guessed from its tensor names (no --arch, no bdclean metadata)")
+    if sources.get("mean") == "dataset" or sources.get("std") == "dataset":
+        values = ", ".join(f"{v:g}" for v in mean) + " / " + ", ".join(f"{v:g}" for v in std)
+        notes.append(
+            f"{name}: normalisation is the dataset's default (mean / std {values}), not recorded in the "
+            "checkpoint; pass --mean/--std if it was trained with other values"
+        )
+    return notes
 
 
 def _arch_notes(ckpt: Checkpoint, arch_flag: str | None) -> list[str]:

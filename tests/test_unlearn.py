@@ -267,3 +267,33 @@ def test_several_flagged_classes_are_called_possible_shortcuts_of_the_data():
     assert verdict.verdict == "verified" and "2 classes were flagged" in verdict.reason
     assert "shortcuts of the data" in verdict.reason
     assert "classes were flagged" not in _by_scan(Rate(0, 200), False).reason
+
+
+def test_guessed_values_are_said_on_the_terminal_in_one_line_each(subjects):
+    """A checkpoint without metadata: its architecture comes from its tensor names and its normalisation
+    from the dataset's default; a wrong guess changes every figure, so stderr says so (issue 23)."""
+    args = ["evaluate", str(subjects["plain"]), "--data", str(subjects["data"]), "--device", "cpu"]
+    guessed = runner.invoke(app, [*args, "--eval-limit", "40"])
+    assert guessed.exit_code == 0, guessed.output
+    said = " ".join(guessed.stderr.split())  # the console wraps long lines
+    assert "architecture simple_cnn_half guessed from its tensor names" in said
+    assert "normalisation is the dataset's default" in said and "--mean/--std" in said
+    given = runner.invoke(
+        app,
+        [*args, "--eval-limit", "40", "--arch", "simple_cnn_half", "--mean", "0.5,0.5,0.5", "--std", "0.25,0.25,0.25"],
+    )
+    assert given.exit_code == 0 and "guessed" not in given.stderr and "dataset's default" not in given.stderr
+    recorded = runner.invoke(
+        app,
+        [
+            "evaluate",
+            str(subjects["backdoored"]),
+            "--data",
+            str(subjects["data"]),
+            "--device",
+            "cpu",
+            "--eval-limit",
+            "40",
+        ],
+    )
+    assert recorded.exit_code == 0 and "guessed" not in recorded.stderr
