@@ -14,9 +14,9 @@ import torch.nn.functional as F
 import yaml
 from PIL import Image
 
-from backdoor_cli import triggers as trig
 from backdoor_cli.errors import ConfigError, InputError
-from backdoor_cli.triggers import (
+from backdoor_cli.triggers import spec as trig
+from backdoor_cli.triggers.spec import (
     BUILTIN_TRIGGERS,
     build_trigger,
     load_trigger_spec,
