@@ -421,7 +421,7 @@ def reference_fst(
 def run_reference(job: ReferenceJob, device: torch.device) -> dict:
     """The reference-style pipeline, timed stage by stage."""
     from backdoor_cli.models import build_model
-    from backdoor_cli.triggers.spec import build_trigger, parse_trigger_spec
+    from backdoor_cli.triggers import build_trigger, parse_trigger_spec
 
     torch.manual_seed(job.seed)
     np.random.seed(job.seed)
@@ -1104,7 +1104,7 @@ def _arch_of(checkpoint: Path, arch: str | None) -> str:
 def _same_eval_images(test_bundle, eval_indices, report, ref: dict, seed: int) -> bool:
     """Rebuild bdclean's evaluation sets (untimed) and compare them with the reference's, pixel for pixel."""
     from backdoor_cli.evaluation.measure import build_eval_sets
-    from backdoor_cli.triggers.spec import build_trigger, parse_trigger_spec
+    from backdoor_cli.triggers import build_trigger, parse_trigger_spec
 
     trigger = build_trigger(parse_trigger_spec(report.trigger, None, source="benchmark"), test_bundle.test.image_shape)
     limit = len(eval_indices) if eval_indices is not None else None

@@ -34,7 +34,7 @@ from backdoor_cli.evaluation.metrics import Rate  # noqa: E402
 from backdoor_cli.precision import cpu_capability  # noqa: E402
 from backdoor_cli.runtime import prepare_model  # noqa: E402
 from backdoor_cli.subject import load_subject, normalization_tensors  # noqa: E402
-from backdoor_cli.triggers.spec import build_trigger, load_trigger_spec  # noqa: E402
+from backdoor_cli.triggers import build_trigger, load_trigger_spec  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "data"
 IMAGENET_NORM = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))

@@ -141,7 +141,7 @@ POISON_SPECS = [
 
 @pytest.mark.parametrize("spec, channels", POISON_SPECS, ids=lambda v: v.get("type", "") if isinstance(v, dict) else "")
 def test_per_image_poisoned_set_equals_bdclean_trigger(spec, channels):
-    from backdoor_cli.triggers.spec import build_trigger, make_poisoned_eval_set, parse_trigger_spec
+    from backdoor_cli.triggers import build_trigger, make_poisoned_eval_set, parse_trigger_spec
 
     bench = _load_bench()
     for c in channels:

@@ -11,7 +11,7 @@ from backdoor_cli.data.datasets import ImageSet
 from backdoor_cli.evaluation.gates import check_gates
 from backdoor_cli.evaluation.measure import build_eval_sets, evaluate_model
 from backdoor_cli.reports.report import weight_drift
-from backdoor_cli.triggers.spec import build_trigger, parse_trigger_spec
+from backdoor_cli.triggers import build_trigger, parse_trigger_spec
 
 CPU = torch.device("cpu")
 MEAN, STD = torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1)

@@ -30,7 +30,7 @@ import yaml
 from backdoor_cli.checkpoint import read_checkpoint
 from backdoor_cli.config import PurifyOptions, load_config_file, resolve_options
 from backdoor_cli.errors import BdcleanError
-from backdoor_cli.triggers.spec import build_trigger, load_trigger_spec, parse_trigger_spec
+from backdoor_cli.triggers import build_trigger, load_trigger_spec, parse_trigger_spec
 
 REPO = Path(__file__).resolve().parents[1]
 SEED = 20231107

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from backdoor_cli.cli import app
 from backdoor_cli.scanning.inversion import anomaly_indices
-from backdoor_cli.triggers.spec import build_trigger, load_trigger_spec
+from backdoor_cli.triggers import build_trigger, load_trigger_spec
 from backdoor_cli.usecases.scan import class_output_names
 from helpers import CLASSES, SIZE, make_template_dataset
 from helpers import train_small_cnn as train

@@ -69,7 +69,7 @@ from ..selection.linear_path import PathReport, path_plot_png, path_points, walk
 from ..selection.path_select import memorised_warning, select_on_path
 from ..selection.recipe import CAVEAT, Recipe, fit_to_clean_data, resolve_recipe
 from ..subject import Subject, load_subject, normalization_tensors
-from ..triggers.spec import build_trigger, load_trigger_spec, parse_trigger_spec
+from ..triggers import build_trigger, load_trigger_spec, parse_trigger_spec
 from ..tuning.loop import steps_per_epoch
 from ..verdicts.removal import combine_verdicts, judge_removal, judge_removal_by_scan
 from ..verdicts.retune import RetuneResult, RetuneSettings, check_retuning, judge

@@ -22,7 +22,7 @@ from ..precision import Compute, choose_memory_format, eval_timing_batch, exampl
 from ..progress import Reporter, step_callback
 from ..reports.report import TrainReport
 from ..runtime import Stopwatch, environment, prepare_model, resolve_device, seed_everything
-from ..triggers.spec import poison_training_set
+from ..triggers import poison_training_set
 from ..tuning.loop import TuneSettings, steps_per_epoch, tune
 from .pipeline import base_metadata, describe_trigger, input_paths, replayable_metrics, require_data, resolve_trigger
 
