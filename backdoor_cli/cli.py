@@ -251,7 +251,7 @@ def _guard(action):
 
 def _emit(report, json_output: bool, render) -> None:
     if json_output:
-        from .report import to_json
+        from .reports.report import to_json
 
         sys.stdout.write(to_json(report) + "\n")
     else:
@@ -279,7 +279,7 @@ def inspect(
     """Show what is in a checkpoint without running anything in it."""
 
     def body():
-        from .inspection import inspect_checkpoint, render_inspection
+        from .usecases.inspection import inspect_checkpoint, render_inspection
 
         info = inspect_checkpoint(checkpoint)
         if json_output:
@@ -405,11 +405,11 @@ def evaluate(
     many = bool(from_list or jsonl or markdown or shard or purify)
 
     def single():
-        from .audit_targets import is_single_target
         from .config import EvaluateOptions, resolve_options
-        from .eval_cache import open_cache
-        from .pipeline import evaluate_checkpoint
-        from .report import render_evaluate
+        from .evaluation.cache import open_cache
+        from .reports.report import render_evaluate
+        from .usecases.audit_targets import is_single_target
+        from .usecases.pipeline import evaluate_checkpoint
 
         if not is_single_target(targets):
             return None
@@ -421,10 +421,10 @@ def evaluate(
         return report
 
     def audit():
-        from .audit import audit_checkpoints
-        from .audit_report import emit_audit
         from .config import AuditOptions, resolve_options
-        from .eval_cache import open_cache
+        from .evaluation.cache import open_cache
+        from .reports.audit_report import emit_audit
+        from .usecases.audit import audit_checkpoints
 
         if not targets and not from_list:
             raise ConfigError(
@@ -454,8 +454,8 @@ def merge(
     """Join the JSONL rows of an audit's shards into one summary (the table one process would print)."""
 
     def body():
-        from .audit_log import AuditLog, merge_rows, read_rows
-        from .audit_report import emit_audit
+        from .reports.audit_log import AuditLog, merge_rows, read_rows
+        from .reports.audit_report import emit_audit
 
         rows = merge_rows([read_rows(path, strict=True) for path in files])
         if len({row.settings for row in rows}) > 1:
@@ -474,7 +474,7 @@ def merge(
         emit_audit(rows, json_output, markdown, _stdout)
         return rows
 
-    from .audit_log import audit_exit_code  # torch-free
+    from .reports.audit_log import audit_exit_code  # torch-free
 
     code = audit_exit_code(_guard(body))
     if code:
@@ -799,9 +799,9 @@ def purify(
 
     def body():
         from .config import PurifyOptions, resolve_options
-        from .eval_cache import open_cache
-        from .pipeline import purify_checkpoint
-        from .report import render_purify
+        from .evaluation.cache import open_cache
+        from .reports.report import render_purify
+        from .usecases.pipeline import purify_checkpoint
 
         opts = resolve_options(PurifyOptions, flags, flags.pop("config") and str(config))
         report = purify_checkpoint(opts, _reporter(quiet, json_output), open_cache(cache_dir))
@@ -904,12 +904,12 @@ def compare(
     }
 
     def body():
-        from .audit_targets import expand_in_order
         from .config import CompareOptions, resolve_options
+        from .usecases.audit_targets import expand_in_order
 
         flags["checkpoints"] = tuple(expand_in_order(list(checkpoints or []), flags.pop("from_list")))
-        from .pipeline import compare_checkpoints
-        from .report import compare_markdown, render_compare
+        from .reports.report import compare_markdown, render_compare
+        from .usecases.pipeline import compare_checkpoints
 
         opts = resolve_options(CompareOptions, flags, flags.pop("config") and str(config))
         if opts.path is not None:
@@ -930,8 +930,8 @@ def compare(
 
 
 def _trace_path(opts, markdown: bool, json_output: bool, quiet: bool):
-    from .linear_path import path_markdown, render_path
-    from .pipeline import trace_linear_path
+    from .selection.linear_path import path_markdown, render_path
+    from .usecases.pipeline import trace_linear_path
 
     report = trace_linear_path(opts, _reporter(quiet, json_output))
     if markdown and not json_output:
@@ -1039,8 +1039,8 @@ def scan(
 
     def body():
         from .config import ScanOptions, resolve_options
-        from .scan_pipeline import scan_checkpoint
-        from .scan_report import render_scan
+        from .reports.scan_report import render_scan
+        from .usecases.scan import scan_checkpoint
 
         opts = resolve_options(ScanOptions, flags, flags.pop("config") and str(config))
         report = scan_checkpoint(opts, _reporter(quiet, json_output))
@@ -1155,8 +1155,8 @@ def train(
 
     def body():
         from .config import TrainOptions, resolve_options
-        from .report import render_train
-        from .training import train_model
+        from .reports.report import render_train
+        from .usecases.training import train_model
 
         opts = resolve_options(TrainOptions, flags, flags.pop("config") and str(config))
         report = train_model(opts, _reporter(quiet, json_output))
@@ -1175,7 +1175,7 @@ def demo(
     """Offline demo on a bundled MNIST sample: backdoor a model, purify it with FT, FST and the default, compare."""
 
     def body():
-        from .demo import run_demo
+        from .usecases.demo import run_demo
 
         run_demo(out, force=force, device=device or "auto", console=_stdout(), reporter=_reporter(quiet, False))
 

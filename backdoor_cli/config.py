@@ -14,8 +14,8 @@ import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from .data.imagefolder import MAX_IMAGE_SIDE
 from .errors import ConfigError
-from .imagefolder import MAX_IMAGE_SIDE
 
 MAX_CONFIG_BYTES = 1024 * 1024
 # Gate thresholds (and the selection's budget) accept a fraction (0.05) or a percentage string ("5%")
@@ -110,7 +110,7 @@ class EvaluateOptions(SubjectOptions):
     eval_limit: int | None = None
     max_asr: float | None = None
     min_acc: float | None = None
-    retune_check: bool = False  # retune a copy with a few poisoned images and report its ASR (retune.py)
+    retune_check: bool = False  # retune a copy with a few poisoned images and report its ASR (verdicts/retune.py)
     clean_reference: str | None = None  # a clean model given the same retuning, for the verdict
     retune_poisoned: int = 5
     retune_epochs: int = 5
@@ -123,7 +123,7 @@ class EvaluateOptions(SubjectOptions):
 @dataclass(frozen=True)
 class PurifyOptions(EvaluateOptions):
     method: str | None = (
-        None  # None: the default, scan -> unlearn -> verify (recipe.py); a name runs that method as published
+        None  # None: the default, scan -> unlearn -> verify (selection/recipe.py); a name runs that method as published
     )
     out: str | None = None
     force: bool = False
@@ -134,7 +134,7 @@ class PurifyOptions(EvaluateOptions):
     eval_batch_size: int | None = None  # None: 128 on CPU, 1024 on CUDA (evaluate.EVAL_BATCH)
     momentum: float = 0.9
     weight_decay: float = 0.0
-    augment: bool | None = None  # None: decided from the data (augmentation.py)
+    augment: bool | None = None  # None: decided from the data (data/augmentation.py)
     clean_fraction: float | None = None
     clean_count: int | None = None
     clean_data: str | None = None
@@ -144,7 +144,7 @@ class PurifyOptions(EvaluateOptions):
     select: str | None = None  # last | epoch | path (None: the recipe's; recipe.resolve_recipe)
     path_floor: float | None = None  # the path selection's smallest t (None: path_select.FLOOR)
     select_budget: float | None = None  # held-out accuracy the selection may give up (None: recipe.DEFAULT_BUDGET)
-    require_verified: bool = False  # gate: exit 1 unless the removal verdict is `verified` (removal.py)
+    require_verified: bool = False  # gate: exit 1 unless the removal verdict is `verified` (verdicts/removal.py)
     distill: float | None = None  # fst-kd: weight of the distillation term (default in DefenseParams)
     distill_temperature: float | None = None  # fst-kd: its softmax temperature
     rho: float | None = None  # pam / ft-sam: perturbation radius (default: the method's)
@@ -179,7 +179,7 @@ class CompareOptions(EvaluateOptions):
 
 @dataclass(frozen=True)
 class AuditOptions(EvaluateOptions):
-    """`evaluate` over many checkpoints (audit.py): the evaluation settings plus where the list comes
+    """`evaluate` over many checkpoints (runs/audit.py): the evaluation settings plus where the list comes
     from, where rows go, which shard this process takes, and what to do with a checkpoint that fails."""
 
     checkpoints: tuple[str, ...] = ()  # files, folders of checkpoints, globs

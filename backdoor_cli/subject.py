@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import Checkpoint, read_checkpoint
-from .data import DatasetBundle
+from .data.datasets import DatasetBundle
 from .errors import ConfigError, InputError
 from .models import (
     ARCHITECTURES,

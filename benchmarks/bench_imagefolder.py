@@ -76,8 +76,8 @@ def make_checkpoint(path: Path, arch: str, image_size: int) -> Path:
 
 
 def child(mode: str, folder: str, checkpoint: str, image_size: int, batch_size: int) -> dict:
-    from backdoor_cli import data
     from backdoor_cli.config import EvaluateOptions
+    from backdoor_cli.data import datasets as data
 
     if mode.startswith("decode-"):
         return _decode_only(mode, folder, image_size, batch_size)
@@ -97,8 +97,8 @@ def child(mode: str, folder: str, checkpoint: str, image_size: int, batch_size: 
         read_checkpoint(checkpoint)
         report = None
     else:
-        from backdoor_cli.pipeline import evaluate_checkpoint
         from backdoor_cli.progress import Reporter
+        from backdoor_cli.usecases.pipeline import evaluate_checkpoint
 
         report = evaluate_checkpoint(opts, Reporter())
     seconds = time.perf_counter() - start
@@ -123,9 +123,9 @@ def _decode_only(mode: str, folder: str, image_size: int, batch_size: int) -> di
     """Decode the whole split once, without a model: the thread pool, or DataLoader worker processes."""
     import torch
 
-    from backdoor_cli import data
-    from backdoor_cli.data import load_dataset
-    from backdoor_cli.imagefolder import DECODE_WORKERS, decode_image
+    from backdoor_cli.data import datasets as data
+    from backdoor_cli.data.datasets import load_dataset
+    from backdoor_cli.data.imagefolder import DECODE_WORKERS, decode_image
 
     data.STREAM_MIN_BYTES = 0
     stream = load_dataset(folder, need_train=False, image_size=(image_size, image_size)).test

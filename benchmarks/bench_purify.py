@@ -6,7 +6,7 @@
 One process runs the same Feature Shift Tuning job twice, on the same checkpoint, clean subset,
 epochs, batch size, hyper-parameters, seed and evaluation images:
 
-1. **bdclean**: `backdoor_cli.pipeline.purify_checkpoint`, exactly what `bdclean purify --method fst`
+1. **bdclean**: `backdoor_cli.usecases.pipeline.purify_checkpoint`, exactly what `bdclean purify --method fst`
    runs (uint8 tensors kept on the device, batched augmentation, no per-step host sync). Its own
    stage timings (load, evaluate_before, tune, evaluate_after, write) are reported.
 2. **reference**: the pipeline as the original research code writes it: a torch `Dataset` returning
@@ -478,7 +478,7 @@ def run_reference(job: ReferenceJob, device: torch.device) -> dict:
 def run_bdclean(args, checkpoint: Path, data_dir: Path, out_dir: Path, seed: int | None = None) -> tuple[dict, object]:
     """`bdclean purify --method fst` through the library, with its own stage timings."""
     from backdoor_cli.config import PurifyOptions
-    from backdoor_cli.pipeline import purify_checkpoint
+    from backdoor_cli.usecases.pipeline import purify_checkpoint
 
     opts = PurifyOptions(
         checkpoint=str(checkpoint),
@@ -534,7 +534,7 @@ def default_model(args, data_dir: Path, profile: str) -> Path:
     """A BadNets-backdoored model trained by bdclean's own `train` pipeline, cached across runs."""
     from backdoor_cli.config import TrainOptions
     from backdoor_cli.progress import StderrReporter
-    from backdoor_cli.training import train_model
+    from backdoor_cli.usecases.training import train_model
 
     settings = TRAIN_SETTINGS[profile]
     name = (
@@ -705,7 +705,7 @@ def print_summary(result: dict) -> None:
     )
     print(f"  reference: DataLoader num_workers={s['num_workers']}, transforms: {s['transforms']}, fp32 NCHW")
     if bd.get("compute"):
-        from backdoor_cli.report import compute_line
+        from backdoor_cli.reports.report import compute_line
 
         print(f"  bdclean {compute_line(bd['compute'])}")
     print(f"  load average before/after: {result['load_average']['start']} / {result['load_average']['end']}")
@@ -870,7 +870,7 @@ def warm_up(paths, arch: str, num_classes: int, in_channels: int, size: tuple[in
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from backdoor_cli.data import load_dataset, stratified_limit
+    from backdoor_cli.data.datasets import load_dataset, stratified_limit
     from backdoor_cli.runtime import environment, resolve_device
 
     if args.repeat < 1:
@@ -1103,7 +1103,7 @@ def _arch_of(checkpoint: Path, arch: str | None) -> str:
 
 def _same_eval_images(test_bundle, eval_indices, report, ref: dict, seed: int) -> bool:
     """Rebuild bdclean's evaluation sets (untimed) and compare them with the reference's, pixel for pixel."""
-    from backdoor_cli.evaluate import build_eval_sets
+    from backdoor_cli.evaluation.measure import build_eval_sets
     from backdoor_cli.triggers import build_trigger, parse_trigger_spec
 
     trigger = build_trigger(parse_trigger_spec(report.trigger, None, source="benchmark"), test_bundle.test.image_shape)

@@ -57,7 +57,7 @@ def plain_evaluate(
     import numpy as np
     import torch
 
-    from backdoor_cli.data import stratified_limit
+    from backdoor_cli.data.datasets import stratified_limit
     from backdoor_cli.models import build_model
 
     times["import"] = time.perf_counter() - start
@@ -107,7 +107,7 @@ def load_pair(checkpoint: str, data: str, arch: str, mean: str, std: str, bdclea
     """In one process: bdclean's load_subject of the file, and torch.load + build + load_state_dict."""
     import torch
 
-    from backdoor_cli.data import load_dataset
+    from backdoor_cli.data.datasets import load_dataset
     from backdoor_cli.models import build_model
     from backdoor_cli.subject import load_subject
 

@@ -28,9 +28,9 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from backdoor_cli.data import load_dataset  # noqa: E402
-from backdoor_cli.evaluate import build_eval_sets, predict  # noqa: E402
-from backdoor_cli.metrics import Rate  # noqa: E402
+from backdoor_cli.data.datasets import load_dataset  # noqa: E402
+from backdoor_cli.evaluation.measure import build_eval_sets, predict  # noqa: E402
+from backdoor_cli.evaluation.metrics import Rate  # noqa: E402
 from backdoor_cli.precision import cpu_capability  # noqa: E402
 from backdoor_cli.runtime import prepare_model  # noqa: E402
 from backdoor_cli.subject import load_subject, normalization_tensors  # noqa: E402

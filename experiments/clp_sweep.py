@@ -14,10 +14,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from backdoor_cli.data import normalize, select_clean_subset  # noqa: E402
+from backdoor_cli.data.datasets import normalize, select_clean_subset  # noqa: E402
 from backdoor_cli.defenses.clp import lipschitz_bounds, prune  # noqa: E402
-from backdoor_cli.evaluate import evaluate_model  # noqa: E402
-from backdoor_cli.holdout import holdout_accuracy  # noqa: E402
+from backdoor_cli.evaluation.measure import evaluate_model  # noqa: E402
+from backdoor_cli.selection.holdout import holdout_accuracy  # noqa: E402
 from split_setup import load_split_setup  # noqa: E402
 
 

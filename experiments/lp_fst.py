@@ -23,9 +23,9 @@ from backdoor_cli.defenses.base import Defense, get_head  # noqa: E402
 from backdoor_cli.defenses.distill import distillation_term, frozen_copy  # noqa: E402
 from backdoor_cli.defenses.finetune import reinitialise_head, run_tuning  # noqa: E402
 from backdoor_cli.defenses.fst import feature_shift_penalty, project_to_norm  # noqa: E402
-from backdoor_cli.evaluate import evaluate_model  # noqa: E402
-from backdoor_cli.holdout import holdout_accuracy, split_holdout  # noqa: E402
+from backdoor_cli.evaluation.measure import evaluate_model  # noqa: E402
 from backdoor_cli.runtime import seed_everything  # noqa: E402
+from backdoor_cli.selection.holdout import holdout_accuracy, split_holdout  # noqa: E402
 from split_setup import load_split_setup  # noqa: E402
 
 HEAD_ONLY = Defense("lp-phase", "", reinit_head=False, trains="head", uses_alpha=True, run=None)

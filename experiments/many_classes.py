@@ -72,9 +72,9 @@ def main(out: str) -> None:
             ],
             check=True,
         )
-    from backdoor_cli.data import load_dataset
+    from backdoor_cli.data.datasets import load_dataset
     from backdoor_cli.models.output_kind import LossAdapter, attach_loss
-    from backdoor_cli.scan import InversionParams, scan_model
+    from backdoor_cli.scanning.inversion import InversionParams, scan_model
     from backdoor_cli.subject import load_subject, normalization_tensors
 
     torch.set_num_threads(torch.get_num_threads())

@@ -25,10 +25,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from backdoor_cli.data import ImageSet, normalize, select_clean_subset  # noqa: E402
-from backdoor_cli.evaluate import evaluate_model  # noqa: E402
-from backdoor_cli.holdout import holdout_accuracy  # noqa: E402
-from backdoor_cli.linear_path import interpolate_states, path_points  # noqa: E402
+from backdoor_cli.data.datasets import ImageSet, normalize, select_clean_subset  # noqa: E402
+from backdoor_cli.evaluation.measure import evaluate_model  # noqa: E402
+from backdoor_cli.selection.holdout import holdout_accuracy  # noqa: E402
+from backdoor_cli.selection.linear_path import interpolate_states, path_points  # noqa: E402
 from backdoor_cli.subject import load_subject  # noqa: E402
 from split_setup import load_split_setup  # noqa: E402
 

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
-from backdoor_cli.data import load_dataset
-from backdoor_cli.linear_path import interpolate_states
+from backdoor_cli.data.datasets import load_dataset
 from backdoor_cli.models.output_kind import LossAdapter, attach_loss
-from backdoor_cli.scan import InversionParams, count_hits, invert_classes
+from backdoor_cli.scanning.inversion import InversionParams, count_hits, invert_classes
+from backdoor_cli.selection.linear_path import interpolate_states
 from backdoor_cli.subject import load_subject, normalization_tensors
 
 

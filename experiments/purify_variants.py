@@ -23,13 +23,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from backdoor_cli.data import ImageSet, load_dataset, normalize, select_clean_subset  # noqa: E402
+from backdoor_cli.data.datasets import ImageSet, load_dataset, normalize, select_clean_subset  # noqa: E402
 from backdoor_cli.defenses import DefenseParams, get_defense  # noqa: E402
 from backdoor_cli.defenses.distill import distillation_term, frozen_copy  # noqa: E402
-from backdoor_cli.evaluate import build_eval_sets, evaluate_model  # noqa: E402
-from backdoor_cli.pipeline import resolve_trigger  # noqa: E402
+from backdoor_cli.evaluation.measure import build_eval_sets, evaluate_model  # noqa: E402
 from backdoor_cli.runtime import seed_everything  # noqa: E402
 from backdoor_cli.subject import load_subject, normalization_tensors  # noqa: E402
+from backdoor_cli.usecases.pipeline import resolve_trigger  # noqa: E402
 
 # name -> (defense, alpha, distillation weight, extra params)
 VARIANTS = {

@@ -28,12 +28,12 @@ sys.path.insert(0, str(REPO))
 
 from backdoor_cli.config import EvaluateOptions, PurifyOptions, TrainOptions  # noqa: E402
 from backdoor_cli.outputs import atomic_write_text  # noqa: E402
-from backdoor_cli.pipeline import evaluate_checkpoint, purify_checkpoint  # noqa: E402
 from backdoor_cli.progress import StderrReporter  # noqa: E402
 from backdoor_cli.runtime import device_name, resolve_device  # noqa: E402
-from backdoor_cli.training import train_model  # noqa: E402
+from backdoor_cli.usecases.pipeline import evaluate_checkpoint, purify_checkpoint  # noqa: E402
+from backdoor_cli.usecases.training import train_model  # noqa: E402
 
-# "default" is `bdclean purify` with no --method: the recommended recipe (backdoor_cli/recipe.py).
+# "default" is `bdclean purify` with no --method: the recommended recipe (backdoor_cli/selection/recipe.py).
 METHODS = ("ft", "lp", "fe-tuning", "ft-init", "fst", "default")
 # Figures from the FST paper (Min et al., NeurIPS 2023), Fig. 3: CIFAR-10, ResNet-18, Blended, target 0, ASR in %.
 PAPER_ASR = {

@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from backdoor_cli.scan import ANOMALY_THRESHOLD, anomaly_indices  # noqa: E402
+from backdoor_cli.scanning.inversion import ANOMALY_THRESHOLD, anomaly_indices  # noqa: E402
 
 
 def row(path: str, truth: int | None) -> str:

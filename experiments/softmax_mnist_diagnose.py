@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from backdoor_cli.checkpoint import read_checkpoint  # noqa: E402
-from backdoor_cli.data import augment_batch, load_dataset, normalize  # noqa: E402
+from backdoor_cli.data.datasets import augment_batch, load_dataset, normalize  # noqa: E402
 from softmax_mnist_arch import DigitCNN  # noqa: E402
 
 MEAN, STD = torch.tensor([0.1307]), torch.tensor([0.3081])

@@ -68,7 +68,7 @@ def bdclean_logits(path, data):
     """The test split's logits from the model bdclean loads from `path`, normalised as bdclean resolves it."""
     import torch
 
-    from backdoor_cli.data import load_dataset, normalize
+    from backdoor_cli.data.datasets import load_dataset, normalize
     from backdoor_cli.subject import load_subject, normalization_tensors
 
     bundle = load_dataset(str(data), None, need_train=False)
@@ -189,7 +189,7 @@ def tiny_data(n=48, classes=3):
     """n random 8x8 RGB images, labels cycling over `classes`."""
     import torch
 
-    from backdoor_cli.data import ImageSet
+    from backdoor_cli.data.datasets import ImageSet
 
     g = torch.Generator().manual_seed(0)
     return ImageSet(torch.randint(0, 256, (n, 8, 8, 3), generator=g, dtype=torch.uint8), torch.arange(n) % classes)

@@ -1,4 +1,5 @@
-"""Import rules `make lint` cannot state: no private name crosses a bdclean module, no test imports another.
+"""Rules `make lint` cannot state: no private name crosses a bdclean module, no test imports another, and the
+package stays organised by concern (few top-level modules, each package saying what it is for).
 
 A `_name` is private to the module that defines it. When another module needs it, it is no longer private:
 rename it (no underscore) where it is defined, or move it to the module that should own it. Tests share code
@@ -9,12 +10,19 @@ couples unrelated test files, and a test function imported by name runs twice.
 from __future__ import annotations
 
 import ast
+import shutil
+import subprocess
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "backdoor_cli"
 TESTS = REPO / "tests"
 SHARED_TEST_MODULES = {"helpers", "conftest"}
+# At most this many modules beside the packages of backdoor_cli/ (issue 23): a new module joins the package of
+# its concern, or starts one, rather than growing a flat list again.
+MAX_TOP_LEVEL_MODULES = 12
 
 
 def _module_name(path: Path) -> str:
@@ -113,3 +121,49 @@ def test_no_test_module_imports_another():
         "test modules import other test modules (move what they share to tests/helpers.py, "
         "fixtures to tests/conftest.py):\n  " + "\n  ".join(found)
     )
+
+
+def test_few_modules_beside_the_packages():
+    top = sorted(p.name for p in PACKAGE.glob("*.py") if p.name not in {"__init__.py", "__main__.py"})
+    assert len(top) <= MAX_TOP_LEVEL_MODULES, (
+        f"{len(top)} top-level modules in backdoor_cli/ (at most {MAX_TOP_LEVEL_MODULES}): move a module into the "
+        "package of its concern (docs/architecture.md)\n  " + "\n  ".join(top)
+    )
+
+
+def test_every_package_says_what_it_is_for():
+    packages = sorted(p.parent for p in PACKAGE.rglob("__init__.py"))
+    assert len(packages) > 5
+    missing = [
+        str(package.relative_to(REPO))
+        for package in packages
+        if not ast.get_docstring(ast.parse((package / "__init__.py").read_text(encoding="utf-8")))
+    ]
+    assert not missing, "packages whose __init__.py has no docstring (one line on its job):\n  " + "\n  ".join(missing)
+
+
+def test_every_package_directory_is_a_package():
+    """A directory of modules without __init__.py would be a namespace package the checks above never see."""
+    orphans = [
+        str(d.relative_to(REPO))
+        for d in PACKAGE.rglob("*")
+        if d.is_dir() and d.name != "__pycache__" and any(d.glob("*.py")) and not (d / "__init__.py").exists()
+    ]
+    assert not orphans, "directories of modules without an __init__.py:\n  " + "\n  ".join(orphans)
+
+
+def test_no_module_of_the_package_is_git_ignored():
+    """An ignored module (a package named like an ignored output folder, `runs/`) is left out of commits, and
+    ruff, which honours .gitignore, silently skips it."""
+    if shutil.which("git") is None or not (REPO / ".git").exists():
+        pytest.skip("not a git checkout")
+    paths = [str(p.relative_to(REPO)) for p in sorted(PACKAGE.rglob("*.py"))]
+    out = subprocess.run(
+        ["git", "check-ignore", "--no-index", "--stdin"],
+        input="\n".join(paths),
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert out.returncode in (0, 1), out.stderr
+    assert not out.stdout.split(), "modules of backdoor_cli that .gitignore ignores:\n  " + out.stdout

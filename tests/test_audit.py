@@ -19,12 +19,12 @@ import torch
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from backdoor_cli import audit as audit_module
-from backdoor_cli.audit_log import AuditRow, audit_exit_code, read_rows
-from backdoor_cli.audit_targets import Shard, expand_targets, is_single_target, parse_shard, select_shard
 from backdoor_cli.cli import app
 from backdoor_cli.errors import ConfigError
 from backdoor_cli.models import build_model
+from backdoor_cli.reports.audit_log import AuditRow, audit_exit_code, read_rows
+from backdoor_cli.usecases import audit as audit_module
+from backdoor_cli.usecases.audit_targets import Shard, expand_targets, is_single_target, parse_shard, select_shard
 from helpers import make_npz_dataset, train_badnets_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -208,8 +208,8 @@ def test_models_are_freed_between_checkpoints(zoo, monkeypatch):
 
     monkeypatch.setattr(audit_module, "load_subject", tracking)
     seen = []
-    from backdoor_cli.audit import audit_checkpoints
     from backdoor_cli.config import AuditOptions
+    from backdoor_cli.usecases.audit import audit_checkpoints
 
     opts = AuditOptions(checkpoints=(str(zoo["zoo"]),), data=str(zoo["data"]), trigger="badnets", device="cpu")
     # when a row is reported, the model it measured is already gone

@@ -8,9 +8,9 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from backdoor_cli.augmentation import decide_augmentation
 from backdoor_cli.cli import app
-from backdoor_cli.data import load_dataset
+from backdoor_cli.data.augmentation import decide_augmentation
+from backdoor_cli.data.datasets import load_dataset
 from helpers import make_npz_dataset, train_toy_model
 
 runner = CliRunner()

@@ -4,7 +4,7 @@ import io
 
 from PIL import Image
 
-from backdoor_cli.bar_chart import HEIGHT, WIDTH, Bar, Series, bar_chart_png
+from backdoor_cli.reports.bar_chart import HEIGHT, WIDTH, Bar, Series, bar_chart_png
 
 
 def _chart(after_asr: float) -> Image.Image:

@@ -79,7 +79,7 @@ def test_the_library_parameters_check_the_flags_ranges_declared_once():
     import dataclasses
 
     from backdoor_cli.defenses.base import DefenseParams
-    from backdoor_cli.retune import RetuneSettings
+    from backdoor_cli.verdicts.retune import RetuneSettings
 
     checked = [f.name for f in dataclasses.fields(DefenseParams) if f.name in C.RANGES]
     assert {"lr", "epochs", "momentum", "distill", "unlearn_fraction", "sau_eps", "nad_beta"} <= set(checked)

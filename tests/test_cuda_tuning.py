@@ -10,12 +10,12 @@ import copy
 import pytest
 import torch
 
-from backdoor_cli.data import ImageSet
+from backdoor_cli.data.datasets import ImageSet
 from backdoor_cli.defenses.fst import project_to_norm
-from backdoor_cli.evaluate import predict
+from backdoor_cli.evaluation.measure import predict
 from backdoor_cli.models import build_model
-from backdoor_cli.sgd import Sgd
-from backdoor_cli.tuning import EpochLog, TuneSettings, execution_status, tune, use_cuda_graphs
+from backdoor_cli.tuning.loop import EpochLog, TuneSettings, execution_status, tune, use_cuda_graphs
+from backdoor_cli.tuning.sgd import Sgd
 
 CUDA = torch.device("cuda")
 CPU = torch.device("cpu")
@@ -173,7 +173,7 @@ def _counting_step(calls: list, fail_capture: bool = False):
 
 
 def test_replays_after_the_warm_up_and_runs_odd_batches_eagerly(monkeypatch):
-    from backdoor_cli.graphed_step import WARMUP_STEPS, GraphedStep
+    from backdoor_cli.tuning.graphed_step import WARMUP_STEPS, GraphedStep
 
     _fake_cuda(monkeypatch)
     calls: list = []
@@ -188,7 +188,7 @@ def test_replays_after_the_warm_up_and_runs_odd_batches_eagerly(monkeypatch):
 
 
 def test_a_refused_capture_falls_back_to_eager_and_says_why(monkeypatch):
-    from backdoor_cli.graphed_step import WARMUP_STEPS, GraphedStep
+    from backdoor_cli.tuning.graphed_step import WARMUP_STEPS, GraphedStep
 
     _fake_cuda(monkeypatch)
     calls: list = []
@@ -202,7 +202,7 @@ def test_a_refused_capture_falls_back_to_eager_and_says_why(monkeypatch):
 
 
 def test_a_refusal_keeps_every_step_eager(monkeypatch):
-    from backdoor_cli.graphed_step import GraphedStep
+    from backdoor_cli.tuning.graphed_step import GraphedStep
 
     _fake_cuda(monkeypatch)
     calls: list = []

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from typer.testing import CliRunner
 
 from backdoor_cli.cli import app
-from backdoor_cli.data import normalize
+from backdoor_cli.data.datasets import normalize
 from backdoor_cli.defenses.d3 import distance_term, hinge_term, loss_scale, warm_start
 from backdoor_cli.defenses.distill import frozen_copy
 from backdoor_cli.defenses.sau import js_divergence, log_one_minus_prob, shared_adversarial, statistics_kept

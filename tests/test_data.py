@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from backdoor_cli.data import (
+from backdoor_cli.data.datasets import (
     ImageSet,
     augment_batch,
     indices_sha256,

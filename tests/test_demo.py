@@ -7,9 +7,9 @@ from types import SimpleNamespace
 import pytest
 from typer.testing import CliRunner
 
-import backdoor_cli.demo as demo
+import backdoor_cli.usecases.demo as demo
 from backdoor_cli.cli import app
-from backdoor_cli.metrics import Rate
+from backdoor_cli.evaluation.metrics import Rate
 
 runner = CliRunner()
 

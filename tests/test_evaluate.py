@@ -7,10 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-from backdoor_cli.data import ImageSet
-from backdoor_cli.evaluate import build_eval_sets, evaluate_model
-from backdoor_cli.gates import check_gates
-from backdoor_cli.report import weight_drift
+from backdoor_cli.data.datasets import ImageSet
+from backdoor_cli.evaluation.gates import check_gates
+from backdoor_cli.evaluation.measure import build_eval_sets, evaluate_model
+from backdoor_cli.reports.report import weight_drift
 from backdoor_cli.triggers import build_trigger, parse_trigger_spec
 
 CPU = torch.device("cpu")

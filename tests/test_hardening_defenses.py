@@ -8,12 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from backdoor_cli.data import augment_batch, normalize
+from backdoor_cli.data.datasets import augment_batch, normalize
 from backdoor_cli.defenses.nad import attention_loss, stage_ends
 from backdoor_cli.defenses.perturbations import sharpness_ascent, toward_origin
 from backdoor_cli.models import build_model
 from backdoor_cli.models.output_kind import smoothed_nll
-from backdoor_cli.tuning import TuneSettings, _augment, tune
+from backdoor_cli.tuning.loop import TuneSettings, _augment, tune
 from helpers import MEAN, STD, Tiny, train_ended_toy
 from helpers import purify_with_arch_file as purify
 from helpers import run_purify_ok as run_ok

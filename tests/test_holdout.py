@@ -12,9 +12,9 @@ from typer.testing import CliRunner
 
 from backdoor_cli.checkpoint import read_checkpoint
 from backdoor_cli.cli import app
-from backdoor_cli.data import ImageSet
+from backdoor_cli.data.datasets import ImageSet
 from backdoor_cli.errors import ConfigError
-from backdoor_cli.holdout import HoldoutMonitor, holdout_accuracy, split_holdout
+from backdoor_cli.selection.holdout import HoldoutMonitor, holdout_accuracy, split_holdout
 from helpers import train_toy_model
 
 MEAN, STD = torch.zeros(1, 1, 1, 1), torch.ones(1, 1, 1, 1)

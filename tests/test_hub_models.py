@@ -19,7 +19,7 @@ import torch
 from typer.testing import CliRunner
 
 from backdoor_cli.cli import app
-from backdoor_cli.data import load_dataset, normalize
+from backdoor_cli.data.datasets import load_dataset, normalize
 from backdoor_cli.errors import InputError
 from backdoor_cli.models import hub, hub_config
 from backdoor_cli.subject import load_subject

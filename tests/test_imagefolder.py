@@ -13,14 +13,14 @@ import yaml
 from PIL import Image
 from typer.testing import CliRunner
 
-from backdoor_cli import data as data_module
-from backdoor_cli import imagefolder
 from backdoor_cli.cli import app
 from backdoor_cli.config import EvaluateOptions, parse_image_size, resolve_options
-from backdoor_cli.data import load_clean_folder, load_dataset
+from backdoor_cli.data import datasets as data_module
+from backdoor_cli.data import imagefolder
+from backdoor_cli.data.datasets import load_clean_folder, load_dataset
+from backdoor_cli.data.imagefolder import centre_box, resized_size
+from backdoor_cli.data.streaming import FolderStream
 from backdoor_cli.errors import ConfigError, InputError
-from backdoor_cli.imagefolder import centre_box, resized_size
-from backdoor_cli.streaming import FolderStream
 from helpers import make_npz_dataset, train_badnets_model
 
 runner = CliRunner()

@@ -16,7 +16,7 @@ import torch
 from typer.testing import CliRunner
 
 from backdoor_cli.cli import app
-from backdoor_cli.data import load_dataset
+from backdoor_cli.data.datasets import load_dataset
 from backdoor_cli.models import ARCHITECTURES, build_model, guess_architecture
 from backdoor_cli.subject import load_subject
 from helpers import make_npz_dataset

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from backdoor_cli.cli import app
 from backdoor_cli.errors import ConfigError, InputError
-from backdoor_cli.linear_path import interpolate_states, path_points
+from backdoor_cli.selection.linear_path import interpolate_states, path_points
 from helpers import make_npz_dataset, train_badnets_model
 
 runner = CliRunner()

@@ -7,7 +7,7 @@ from typer.testing import CliRunner
 from backdoor_cli.cli import app
 from backdoor_cli.defenses import DEFENSES
 from backdoor_cli.method_catalog import DEFAULT, METHODS
-from backdoor_cli.recipe import RECOMMENDED_METHOD
+from backdoor_cli.selection.recipe import RECOMMENDED_METHOD
 
 
 def test_the_catalog_is_the_registry():

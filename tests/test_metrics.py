@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from backdoor_cli.metrics import Rate, defense_effectiveness_rating, wilson_interval
+from backdoor_cli.evaluation.metrics import Rate, defense_effectiveness_rating, wilson_interval
 
 
 @pytest.mark.parametrize(

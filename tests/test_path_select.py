@@ -13,10 +13,10 @@ from typer.testing import CliRunner
 
 from backdoor_cli.checkpoint import read_checkpoint
 from backdoor_cli.cli import app
-from backdoor_cli.data import ImageSet
+from backdoor_cli.data.datasets import ImageSet
 from backdoor_cli.errors import ConfigError
-from backdoor_cli.path_select import DEFAULT_BUDGET, FLOOR, grid, memorised_warning, select_on_path
-from backdoor_cli.recipe import (
+from backdoor_cli.selection.path_select import DEFAULT_BUDGET, FLOOR, grid, memorised_warning, select_on_path
+from backdoor_cli.selection.recipe import (
     CAVEAT,
     RECOMMENDED_HOLDOUT,
     RECOMMENDED_METHOD,

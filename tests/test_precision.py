@@ -12,10 +12,10 @@ from typer.testing import CliRunner
 from backdoor_cli import precision as P
 from backdoor_cli.cli import app
 from backdoor_cli.config import PurifyOptions, resolve_options
-from backdoor_cli.data import ImageSet
+from backdoor_cli.data.datasets import ImageSet
 from backdoor_cli.errors import ConfigError
 from backdoor_cli.models import build_model
-from backdoor_cli.tuning import TuneSettings, tune
+from backdoor_cli.tuning.loop import TuneSettings, tune
 from helpers import train_toy_model
 
 runner = CliRunner()
@@ -320,7 +320,7 @@ def test_exact_fp32_turns_tf32_off_on_cuda_and_restores_it():
 
 def test_predict_without_a_precision_is_the_models_own_fp32_forward():
     """A library call that names no precision gets exact fp32 on every device, not the tuning default."""
-    from backdoor_cli.evaluate import predict
+    from backdoor_cli.evaluation.measure import predict
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 5))
@@ -336,7 +336,7 @@ def test_predict_without_a_precision_is_the_models_own_fp32_forward():
 
 
 def test_evaluation_batch_defaults_by_device_and_honours_the_users():
-    from backdoor_cli.evaluate import EVAL_BATCH, eval_batch_size
+    from backdoor_cli.evaluation.measure import EVAL_BATCH, eval_batch_size
 
     assert eval_batch_size(None, CPU) == EVAL_BATCH["cpu"] == 128  # cache-sized on CPU (measured, evaluate.py)
     assert eval_batch_size(None, torch.device("cuda")) == EVAL_BATCH["cuda"] == 1024

@@ -8,8 +8,8 @@ import pytest
 from typer.testing import CliRunner
 
 from backdoor_cli.cli import app
-from backdoor_cli.metrics import Rate
-from backdoor_cli.removal import FAILED_ASR, judge_removal
+from backdoor_cli.evaluation.metrics import Rate
+from backdoor_cli.verdicts.removal import FAILED_ASR, judge_removal
 from helpers import train_toy_model
 
 TRIGGER = {"type": "patch", "target": 0}

@@ -9,10 +9,10 @@ import torch
 from typer.testing import CliRunner
 
 from backdoor_cli.cli import app
-from backdoor_cli.data import ImageSet
-from backdoor_cli.metrics import Rate
-from backdoor_cli.retune import RetuneResult, RetuneSettings, judge, poisoned_tuning_set
+from backdoor_cli.data.datasets import ImageSet
+from backdoor_cli.evaluation.metrics import Rate
 from backdoor_cli.triggers import build_trigger, load_trigger_spec
+from backdoor_cli.verdicts.retune import RetuneResult, RetuneSettings, judge, poisoned_tuning_set
 from helpers import make_npz_dataset, train_badnets_model
 
 runner = CliRunner()

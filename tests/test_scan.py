@@ -11,9 +11,9 @@ import torch
 from typer.testing import CliRunner
 
 from backdoor_cli.cli import app
-from backdoor_cli.scan import anomaly_indices
-from backdoor_cli.scan_pipeline import class_output_names
+from backdoor_cli.scanning.inversion import anomaly_indices
 from backdoor_cli.triggers import build_trigger, load_trigger_spec
+from backdoor_cli.usecases.scan import class_output_names
 from helpers import CLASSES, SIZE, make_template_dataset
 from helpers import train_small_cnn as train
 

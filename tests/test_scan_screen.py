@@ -7,11 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from backdoor_cli.data import load_dataset
+from backdoor_cli.data.datasets import load_dataset
 from backdoor_cli.models.output_kind import LossAdapter, attach_loss
-from backdoor_cli.scan import InversionParams, scan_model
-from backdoor_cli.scan_guided import screen_summary
-from backdoor_cli.scan_report import class_verdict
+from backdoor_cli.reports.scan_report import class_verdict
+from backdoor_cli.scanning.guided import screen_summary
+from backdoor_cli.scanning.inversion import InversionParams, scan_model
 from backdoor_cli.subject import load_subject, normalization_tensors
 from helpers import CLASSES, make_template_dataset, train_small_cnn
 

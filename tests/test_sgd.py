@@ -1,4 +1,4 @@
-"""backdoor_cli.sgd: the SGD update and schedules are torch's, to the bit, without importing torch.optim's
+"""backdoor_cli.tuning.sgd: the SGD update and schedules are torch's, to the bit, without importing torch.optim's
 machinery (which pulls in torch._dynamo)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from backdoor_cli.errors import ConfigError
-from backdoor_cli.sgd import Schedule, Sgd
+from backdoor_cli.tuning.sgd import Schedule, Sgd
 
 CPU = torch.device("cpu")
 
@@ -98,9 +98,9 @@ def test_tuning_does_not_import_dynamo():
     """Creating a torch optimizer imports torch._dynamo (seconds); a bdclean tuning run must not."""
     code = (
         "import sys, torch\n"
-        "from backdoor_cli.data import ImageSet\n"
+        "from backdoor_cli.data.datasets import ImageSet\n"
         "from backdoor_cli.models import build_model\n"
-        "from backdoor_cli.tuning import TuneSettings, tune\n"
+        "from backdoor_cli.tuning.loop import TuneSettings, tune\n"
         "m = build_model('test_tiny', 3)\n"
         "x = torch.randint(0, 256, (16, 8, 8, 3), dtype=torch.uint8); y = torch.randint(0, 3, (16,))\n"
         "mean = torch.zeros(1, 3, 1, 1); std = torch.ones(1, 3, 1, 1)\n"

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from backdoor_cli.data import ImageSet
+from backdoor_cli.data.datasets import ImageSet
 from backdoor_cli.defenses import DefenseParams
 from backdoor_cli.defenses.distill import distillation_term, frozen_copy, run_fst_kd, run_ft_kd
 from backdoor_cli.models.output_kind import LOGITS, LossAdapter, attach_loss

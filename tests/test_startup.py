@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from backdoor_cli.models import build_model
-from backdoor_cli.pipeline import FORMAT_PAYBACK, _untimed_format
+from backdoor_cli.usecases.pipeline import FORMAT_PAYBACK, _untimed_format
 from helpers import make_npz_dataset
 
 REPO = Path(__file__).resolve().parents[1]

@@ -18,7 +18,7 @@ import torch
 from typer.testing import CliRunner
 
 from backdoor_cli.cli import app
-from backdoor_cli.data import load_dataset, normalize
+from backdoor_cli.data.datasets import load_dataset, normalize
 from backdoor_cli.subject import load_subject
 from helpers import bdclean_logits, check_compare_of_purified_dir, make_npz_dataset
 

@@ -14,7 +14,6 @@ import torch.nn.functional as F
 import yaml
 from PIL import Image
 
-from backdoor_cli import triggers as trig
 from backdoor_cli.errors import ConfigError, InputError
 from backdoor_cli.triggers import (
     BUILTIN_TRIGGERS,
@@ -24,6 +23,8 @@ from backdoor_cli.triggers import (
     parse_trigger_spec,
     poison_training_set,
 )
+from backdoor_cli.triggers import apply as trigger_apply
+from backdoor_cli.triggers import assets as trigger_assets
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "triggers"
 
@@ -364,7 +365,7 @@ def test_decompression_bomb_guard(tmp_path, monkeypatch):
 
 def test_oversized_image_file_refused_before_reading(tmp_path, monkeypatch):
     save_png(tmp_path / "big.png", np.zeros((8, 8, 3)))
-    monkeypatch.setattr(trig, "MAX_IMAGE_BYTES", 10)
+    monkeypatch.setattr(trigger_assets, "MAX_IMAGE_BYTES", 10)
     with pytest.raises(ConfigError, match="big.png: file too large"):
         parse_trigger_spec({"type": "blend", "image": "big.png"}, tmp_path, "x")
 
@@ -530,7 +531,7 @@ def test_empty_batch_and_chunking_give_the_same_results(monkeypatch):
         assert trigger.apply(batch((4, 4, 3), n=0)).shape == (0, 4, 4, 3)
         x = batch((4, 4, 3), n=7)
         whole = trigger.apply(x)
-        monkeypatch.setattr(trig, "APPLY_CHUNK_ELEMENTS", 2 * 48)  # chunks of 2 images
+        monkeypatch.setattr(trigger_apply, "APPLY_CHUNK_ELEMENTS", 2 * 48)  # chunks of 2 images
         assert torch.equal(trigger.apply(x), whole), name
         monkeypatch.undo()
 

@@ -12,12 +12,12 @@ from typer.testing import CliRunner
 
 from backdoor_cli.checkpoint import read_checkpoint
 from backdoor_cli.cli import app
-from backdoor_cli.data import ImageSet
+from backdoor_cli.data.datasets import ImageSet
 from backdoor_cli.defenses.unlearn import trigger_stamp
-from backdoor_cli.metrics import Rate
-from backdoor_cli.removal import FAILED_ASR, combine_verdicts, judge_removal, judge_removal_by_scan
-from backdoor_cli.scan import ClassTrigger, ScanResult, compose
-from backdoor_cli.scan_guided import choose_triggers, proxy_asr
+from backdoor_cli.evaluation.metrics import Rate
+from backdoor_cli.scanning.guided import choose_triggers, proxy_asr
+from backdoor_cli.scanning.inversion import ClassTrigger, ScanResult, compose
+from backdoor_cli.verdicts.removal import FAILED_ASR, combine_verdicts, judge_removal, judge_removal_by_scan
 from helpers import make_template_dataset, train_small_cnn
 
 runner = CliRunner()

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..data import normalize
+from ..data.datasets import normalize
 from ..errors import ConfigError
 from ..models.probing import probe_forward
 from .base import Defense, DefenseOutcome, register

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import torch
 
-from ..data import ImageSet
+from ..data.datasets import ImageSet
 from ..models.output_kind import LOGITS, LossAdapter
-from ..tuning import TuneSettings, tune
+from ..tuning.loop import TuneSettings, tune
 from .base import Defense, DefenseOutcome, DefenseParams, get_head, register
 
 

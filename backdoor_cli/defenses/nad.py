@@ -102,7 +102,7 @@ def layer_weights(given: tuple[float, ...] | None, default: tuple[float, ...], l
 
 def run_nad(model, head_name, clean, mean, std, params, device, flip=True, **options) -> DefenseOutcome:
     """Teacher = FT of a copy for `teacher_epochs`; then the student tunes with the attention losses."""
-    from ..data import normalize  # local: keeps the defense module light to import
+    from ..data.datasets import normalize  # local: keeps the defense module light to import
 
     teacher = copy.deepcopy(model)
     teacher_params = type(params)(**{**params.to_dict(), "epochs": params.teacher_epochs or params.epochs})

@@ -1,6 +1,6 @@
 """Unlearning a reconstructed trigger (`unlearn`): bdclean's trigger-free default.
 
-A trigger inversion (scan.py) reconstructs, for the suspect class, a mask and pattern that send clean
+A trigger inversion (scanning/inversion.py) reconstructs, for the suspect class, a mask and pattern that send clean
 images there. Tuning all layers on the clean images with that reconstruction stamped on a share of
 each batch, the labels kept true, teaches the model that the stamp means nothing: the shortcut into
 the target class is unlearnt while the clean images keep the rest of the model (Wang et al., "Neural

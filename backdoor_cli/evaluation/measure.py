@@ -1,0 +1,208 @@
+"""Predictions in large batches -> EvalResult (C-Acc, ASR, RA with their counts).
+
+The evaluation sets are built once per run (clean test images, and the triggered copies of the
+non-target ones) and reused before and after purification, so both measurements see exactly the
+same images. Counts accumulate on the device; the host reads them once at the end.
+
+A large image folder's test split arrives as a FolderStream (data/streaming.py): it is decoded batch by
+batch for every evaluation, and the trigger is applied to each batch's non-target images as they
+pass, so the counts are those of the resident path on the same images.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ..data.datasets import ImageSet, normalize, stratified_limit
+from ..data.streaming import FolderStream
+from ..precision import as_format, evaluation_arithmetic
+from ..runtime import synchronize
+from .metrics import Rate
+
+APPLY_CHUNK = 4096  # trigger application is chunked to bound float temporaries (WaNet's grid_sample)
+
+
+@dataclass
+class EvalSets:
+    """The images every evaluation of a run uses."""
+
+    clean: ImageSet | FolderStream  # resident on the device, or streamed from disk
+    poisoned: ImageSet | None  # resident: triggered non-target-class images, labelled with their TRUE class
+    target: int | None
+    trigger_name: str | None
+    limited: bool = False
+    trigger: object | None = None  # streamed: applied per batch (poisoned stays None)
+
+    @property
+    def streamed(self) -> bool:
+        return isinstance(self.clean, FolderStream)
+
+    @property
+    def has_trigger(self) -> bool:
+        return self.poisoned is not None or self.trigger is not None
+
+    @property
+    def num_poisoned(self) -> int:
+        if self.poisoned is not None:
+            return self.poisoned.num_images
+        return int((self.clean.y != self.target).sum()) if self.trigger is not None else 0
+
+
+@dataclass
+class EvalResult:
+    clean_acc: Rate
+    asr: Rate | None
+    ra: Rate | None
+    seconds: float
+    images: int
+
+    def to_dict(self) -> dict:
+        return {
+            "clean_acc": self.clean_acc.to_dict(),
+            "asr": self.asr.to_dict() if self.asr else None,
+            "ra": self.ra.to_dict() if self.ra else None,
+            "seconds": round(self.seconds, 4),
+            "images": self.images,
+        }
+
+
+def build_eval_sets(
+    test: ImageSet | FolderStream, trigger, device: torch.device, limit: int | None = None, seed: int = 0
+) -> EvalSets:
+    """Move the test split to the device and build the triggered set from its non-target images.
+    A FolderStream stays on disk: evaluate_model triggers its non-target images batch by batch.
+
+    ASR counts only images whose true class differs from the target: a target-class image
+    classified as the target is a correct prediction, not a successful attack.
+    """
+    limited = False
+    if limit is not None and limit < test.num_images:
+        test = test.subset(stratified_limit(test.y, limit, seed))
+        limited = True
+    name = (getattr(trigger.spec, "source", None) or trigger.spec.type) if trigger is not None else None
+    if isinstance(test, FolderStream):
+        return EvalSets(test, None, trigger.target if trigger else None, name, limited, trigger)
+    clean = test.to(device)
+    if trigger is None:
+        return EvalSets(clean, None, None, None, limited)
+    keep = clean.y != trigger.target
+    source_x, source_y = clean.x[keep], clean.y[keep]
+    chunks = [trigger.apply(source_x[i : i + APPLY_CHUNK]) for i in range(0, len(source_x), APPLY_CHUNK)]
+    poisoned_x = torch.cat(chunks) if chunks else source_x
+    return EvalSets(clean, ImageSet(poisoned_x, source_y), trigger.target, name, limited)
+
+
+# Evaluation batch when none is given. On CPU smaller batches keep the activations in cache: measured on
+# the 2-core EPYC (fp32, channels_last, CIFAR-10), 128 images per batch ran 1.4x (simple_cnn) and 1.7x
+# (ResNet-20) faster than 1024. On CUDA large batches fill the GPU.
+EVAL_BATCH = {"cpu": 128, "cuda": 1024}
+
+
+def eval_batch_size(given: int | None, device: torch.device) -> int:
+    """The user's evaluation batch, else the device's default (EVAL_BATCH)."""
+    return given if given is not None else EVAL_BATCH.get(device.type, EVAL_BATCH["cuda"])
+
+
+@torch.inference_mode()
+def predict(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    device: torch.device,
+    batch_size: int | None = None,
+    on_batch=None,
+    precision: str | None = None,
+    memory_format: str = "channels_last",
+) -> torch.Tensor:
+    """Class predictions for uint8 NHWC images, in large batches, staying on the device.
+    `on_batch(n_images)` is called after each batch is queued (no sync: it only counts).
+    `precision`: bf16 autocast, or exact fp32 (None: fp32, TF32 off on CUDA); `memory_format`: the model's."""
+    precision = precision or "fp32"  # evaluation is exact unless bf16 is asked for (precision.py)
+    batch_size = eval_batch_size(batch_size, device)
+    was_training = model.training
+    model.eval()
+    preds = []
+    for start in range(0, len(x), batch_size):
+        batch = as_format(
+            normalize(x[start : start + batch_size].to(device, non_blocking=True), mean, std), memory_format
+        )
+        with evaluation_arithmetic(device, precision):
+            preds.append(model(batch).argmax(dim=1))
+        if on_batch is not None:
+            on_batch(len(batch))
+    model.train(was_training)
+    return torch.cat(preds) if preds else torch.empty(0, dtype=torch.long, device=device)
+
+
+def evaluate_model(
+    model: torch.nn.Module,
+    sets: EvalSets,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    device: torch.device,
+    batch_size: int | None = None,
+    reporter=None,
+    precision: str | None = None,
+    memory_format: str = "channels_last",
+) -> EvalResult:
+    """C-Acc on the clean set; ASR and RA on the triggered set when a trigger was given.
+    With a `reporter`, a progress bar counts the images (useful on CPU, where this takes a while).
+    `batch_size` None: the device's default (EVAL_BATCH); `precision` and `memory_format` as for `predict`."""
+    batch_size = eval_batch_size(batch_size, device)
+    synchronize(device)
+    start = time.perf_counter()
+    n_clean, n_poison = sets.clean.num_images, sets.num_poisoned
+    total = n_clean + n_poison
+    on_batch = None
+    if reporter is not None:
+        reporter.start_steps("evaluating (images)", total)
+        done = {"n": 0}
+
+        def on_batch(n: int) -> None:
+            done["n"] += n
+            reporter.advance(done["n"])
+
+    try:
+        count = _streamed_counts if sets.streamed else _resident_counts
+        run = functools.partial(predict, precision=precision, memory_format=memory_format)
+        counts = count(model, sets, mean, std, device, batch_size, on_batch, run).tolist()  # one host transfer
+    finally:
+        if reporter is not None:
+            reporter.finish_steps()
+    seconds = time.perf_counter() - start
+    if not sets.has_trigger:
+        return EvalResult(Rate(counts[0], n_clean), None, None, seconds, n_clean)
+    return EvalResult(
+        Rate(counts[0], n_clean), Rate(counts[1], n_poison), Rate(counts[2], n_poison), seconds, n_clean + n_poison
+    )
+
+
+def _resident_counts(model, sets: EvalSets, mean, std, device, batch_size: int, on_batch, predict) -> torch.Tensor:
+    """[clean correct, target hits, robust] on the device, for sets held in memory."""
+    counts = torch.zeros(3, dtype=torch.long, device=device)
+    counts[0] = (predict(model, sets.clean.x, mean, std, device, batch_size, on_batch) == sets.clean.y).sum()
+    if sets.poisoned is not None:
+        preds = predict(model, sets.poisoned.x, mean, std, device, batch_size, on_batch)
+        counts[1] = (preds == sets.target).sum()
+        counts[2] = (preds == sets.poisoned.y).sum()
+    return counts
+
+
+def _streamed_counts(model, sets: EvalSets, mean, std, device, batch_size: int, on_batch, predict) -> torch.Tensor:
+    """The same counts for a FolderStream: each decoded batch is predicted clean, then its non-target
+    images with the trigger applied, and dropped before the next batch is taken."""
+    counts = torch.zeros(3, dtype=torch.long, device=device)
+    for x, y in sets.clean.batches(batch_size):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        counts[0] += (predict(model, x, mean, std, device, batch_size, on_batch) == y).sum()
+        if sets.trigger is not None:
+            keep = y != sets.target
+            preds = predict(model, sets.trigger.apply(x[keep]), mean, std, device, batch_size, on_batch)
+            counts[1] += (preds == sets.target).sum()
+            counts[2] += (preds == y[keep]).sum()
+    return counts

@@ -1,0 +1,204 @@
+"""The scan's report: dataclass -> JSON, plain-words verdicts, a rich table, trigger pictures and specs."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..scanning.inversion import ClassTrigger, ScanResult
+from .report import SCHEMA_VERSION
+
+PREVIEW_SCALE = 4  # nearest-neighbour upscaling of the preview: a 32x32 trigger is otherwise a speck
+
+
+@dataclass
+class ScanReport:
+    subject: dict
+    data: dict
+    method: dict
+    result: ScanResult
+    timings: dict
+    environment: dict
+    options: dict
+    outputs: dict = field(default_factory=dict)
+    output_kind: dict | None = None
+
+    @property
+    def flagged(self) -> list[int]:
+        return list(self.result.flagged)
+
+    def class_verdicts(self) -> list[str]:
+        return [class_verdict(self.result, i) for i in range(len(self.result.triggers))]
+
+    def verdict(self) -> str:
+        r = self.result
+        if r.flagged:
+            names = ", ".join(str(c) for c in r.flagged)
+            return (
+                f"BACKDOOR SUSPECTED: class {names} needs a far smaller trigger than the other classes "
+                f"(anomaly index {', '.join(f'{r.anomaly[c]:.2f}' for c in r.flagged)} > {r.threshold:g})"
+            )
+        top = max((i for i in range(len(r.anomaly)) if r.searched_in_full(i)), key=lambda i: r.anomaly[i])
+        return (
+            f"no class flagged: the smallest trigger (class {top}, anomaly index {r.anomaly[top]:.2f}) is within "
+            f"{r.threshold:g} robust standard deviations of the median. This finds patch-like all-to-one "
+            f"backdoors; it does not rule out warping, sample-specific or full-image blended triggers"
+        )
+
+    def to_dict(self) -> dict:
+        r = self.result
+        classes = [
+            {
+                **t.to_dict(),
+                "anomaly_index": round(a, 4),
+                "anomaly_index_raw_l1": round(raw, 4),
+                "flagged": t.target in r.flagged,
+                "verdict": v,
+                "searched": "full" if r.searched_in_full(t.target) else "screen",
+            }
+            for t, a, raw, v in zip(r.triggers, r.anomaly, r.anomaly_raw, self.class_verdicts())
+        ]
+        return {
+            "schema": SCHEMA_VERSION,
+            "kind": "scan",
+            "checkpoint": self.subject,
+            "data": self.data,
+            "method": self.method,
+            "output_kind": self.output_kind,
+            "classes": classes,
+            "median_mask_l1": round(r.median_l1, 3),
+            "mad_log_mask_l1": round(r.mad, 4),
+            "flagged_classes": self.flagged,
+            "backdoor_suspected": bool(r.flagged),
+            "screen": ({"candidates": list(r.candidates), "reference": list(r.reference)} if r.screened else None),
+            "verdict": self.verdict(),
+            "decision_rule": r.rule,
+            "outputs": self.outputs,
+            "timings": {k: round(v, 3) for k, v in self.timings.items()},
+            "environment": self.environment,
+            "options": self.options,
+        }
+
+
+def class_verdict(result: ScanResult, index: int) -> str:
+    """One sentence per class, in pixels and percentages."""
+    t = result.triggers[index]
+    others = [o.l1 for o in result.triggers if o.target != t.target]
+    if t.target in result.flagged:
+        return (
+            f"class {t.target} is a likely backdoor target: a {t.l1:.0f}-pixel pattern sends {t.success:.0%} of "
+            f"clean images there; the other classes need >= {min(others):.0f}"
+        )
+    if not result.searched_in_full(t.target):
+        return (
+            f"class {t.target}: screened out (a short search needed {t.l1:.0f} pixels, more than the "
+            f"{len(result.candidates)} candidates searched in full)"
+        )
+    tail = "" if t.reached else "; the search never reached its success target, so this size is an upper bound"
+    return (
+        f"class {t.target}: a {t.l1:.0f}-pixel pattern sends {t.success:.0%} of clean images there "
+        f"(anomaly index {result.anomaly[index]:.2f}, not an outlier){tail}"
+    )
+
+
+def trigger_pixels(trigger: ClassTrigger) -> tuple[np.ndarray, np.ndarray]:
+    """(pattern uint8 (H, W, C), mask uint8 (H, W)): what a bdclean `type: image` spec reads back."""
+    pattern = (trigger.pattern.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+    mask = (trigger.mask.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+    return pattern, mask
+
+
+def png_bytes(pixels: np.ndarray) -> bytes:
+    from PIL import Image
+
+    image = Image.fromarray(pixels[:, :, 0] if pixels.ndim == 3 and pixels.shape[2] == 1 else pixels)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def preview_png(trigger: ClassTrigger) -> bytes:
+    """Pattern | mask | mask x pattern side by side, upscaled: what a person looks at."""
+    pattern, mask = trigger_pixels(trigger)
+    rgb = pattern if pattern.shape[2] == 3 else np.repeat(pattern, 3, axis=2)
+    mask_rgb = np.repeat(mask[:, :, None], 3, axis=2)
+    applied = (rgb.astype(np.float32) * (mask[:, :, None] / 255.0)).round().astype(np.uint8)
+    gap = np.full((rgb.shape[0], 2, 3), 128, dtype=np.uint8)
+    strip = np.concatenate([rgb, gap, mask_rgb, gap, applied], axis=1)
+    strip = strip.repeat(PREVIEW_SCALE, axis=0).repeat(PREVIEW_SCALE, axis=1)
+    return png_bytes(strip)
+
+
+def trigger_spec_yaml(target: int, image_name: str, mask_name: str, image_sha: str, mask_sha: str) -> bytes:
+    """A `type: image` trigger spec naming the pictures beside it (relative paths resolve against the spec)."""
+    import yaml
+
+    spec = {
+        "type": "image",
+        "target": int(target),
+        "name": f"bdclean scan reconstruction, class {target}",
+        "image": image_name,
+        "image_sha256": image_sha,
+        "mask": mask_name,
+        "mask_sha256": mask_sha,
+        "position": [0, 0],
+    }
+    return yaml.safe_dump(spec, sort_keys=False).encode()
+
+
+def render_scan(report: ScanReport, console) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    s = report.subject
+    console.print(
+        f"[bold]{escape(s['path'])}[/bold]  {s['arch']}, {s['num_classes']} classes, sha256 {s['sha256'][:12]}"
+    )
+    m = report.method
+    console.print(
+        f"scan: {m['name']} on {report.data['scan_images']} clean images ({report.data['scan_source']}), "
+        f"{m['params']['steps']} steps per class",
+        highlight=False,
+        markup=False,
+    )
+    r = report.result
+    if r.screened:
+        console.print(
+            f"pre-screen: {len(r.triggers)} classes searched for {m['params']['screen_steps']} steps; the "
+            f"{len(r.candidates)} smallest masks and {len(r.reference)} random classes searched in full",
+            highlight=False,
+            markup=False,
+        )
+    table = Table(title="trigger inversion per class", title_justify="left")
+    for col in ("class", "mask L1 (pixels)", "success", "anomaly index", "flagged"):
+        table.add_column(col, justify="right")
+    for t, a in zip(r.triggers, r.anomaly):
+        if not r.searched_in_full(t.target):
+            continue  # screened out: listed in the JSON, not in the table (a 1,000-row table helps nobody)
+        flagged = t.target in r.flagged
+        table.add_row(
+            str(t.target),
+            f"{t.l1:.1f}" + ("" if t.reached else "*"),
+            f"{t.success:.0%}",
+            f"{a:.2f}",
+            "[bold red]yes[/bold red]" if flagged else "no",
+        )
+    console.print(table)
+    if not all(t.reached for t in r.triggers):
+        console.print(
+            "* the search never reached its success target for this class: the size is an upper bound",
+            markup=False,
+            highlight=False,
+        )
+    for verdict in (v for t, v in zip(r.triggers, report.class_verdicts()) if t.target in r.flagged):
+        console.print(verdict, style="bold red", markup=False, highlight=False)
+    console.print(f"median mask L1 {r.median_l1:.1f} pixels, MAD of log L1 {r.mad:.3f}", markup=False, highlight=False)
+    console.print(
+        f"verdict: {report.verdict()}", style="bold red" if r.flagged else "bold green", markup=False, highlight=False
+    )
+    console.print(f"rule: {r.rule}", markup=False, highlight=False)
+    if report.outputs:
+        console.print("outputs: " + ", ".join(sorted(report.outputs)), markup=False, highlight=False)

@@ -1,0 +1,19 @@
+"""Scanning: trigger inversion per class with a MAD outlier test, and the scan that guides purify.
+
+- inversion: Neural-Cleanse-style trigger inversion and the anomaly index
+- guided: purify's default - the scan that chooses what to unlearn, the proxy ASR, the re-scan
+"""
+
+from .guided import ScanEvidence, choose_triggers, proxy_rates, rescan, run_scan
+from .inversion import ClassTrigger, InversionParams, ScanResult
+
+__all__ = [
+    "ClassTrigger",
+    "InversionParams",
+    "ScanEvidence",
+    "ScanResult",
+    "choose_triggers",
+    "proxy_rates",
+    "rescan",
+    "run_scan",
+]

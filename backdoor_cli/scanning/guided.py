@@ -1,0 +1,225 @@
+"""Scan-guided purification: what the trigger inversion finds is what purify removes and checks.
+
+    scan the tuning images (scan.scan_model) -> choose the classes to unlearn -> proxy ASR of their
+    reconstructed triggers on the held-out images -> [tuning] -> proxy ASR again, and a re-scan of
+    each flagged class on the purified model
+
+The proxy ASR is the share of held-out clean images of other classes that the input's reconstructed
+trigger sends to its class: the images were used neither to reconstruct it nor to tune. The re-scan
+inverts the class again on the purified model: if the true trigger still worked, the search would find
+a small mask again, so a re-scanned mask of typical size is evidence the shortcut itself is gone, not
+only the one reconstruction that was unlearnt. Its anomaly index is measured against the input scan's
+other classes (their masks are not searched again: that would cost a whole scan).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from ..data.datasets import ImageSet
+from ..evaluation.metrics import Rate
+from ..models.output_kind import LossAdapter, attach_loss
+from ..progress import Reporter, step_callback
+from .inversion import (
+    MAD_CONSISTENCY,
+    MIN_L1,
+    ClassTrigger,
+    InversionParams,
+    ScanResult,
+    count_hits,
+    invert_classes,
+    scan_model,
+)
+
+
+@dataclass
+class ScanEvidence:
+    """The scan behind a scan-guided purify, the triggers it chose and what they showed before and after."""
+
+    result: ScanResult
+    params: InversionParams
+    chosen: list[ClassTrigger]
+    choice: str  # why these classes were unlearnt
+    proxy_images: str  # which images the proxy ASR was measured on
+    proxy_before: dict[int, Rate] = field(default_factory=dict)
+    proxy_after: dict[int, Rate] = field(default_factory=dict)
+    rescan: dict[int, dict] = field(default_factory=dict)  # flagged class -> the purified model's inversion
+
+    @property
+    def flagged(self) -> list[int]:
+        return list(self.result.flagged)
+
+    def to_dict(self) -> dict:
+        return {
+            "method": "neural-cleanse",
+            "params": self.params.to_dict(),
+            "rule": self.result.rule,
+            "classes": [
+                {
+                    **t.to_dict(),
+                    "anomaly_index": round(a, 3),
+                    "searched": "full" if self.result.searched_in_full(t.target) else "screen",
+                }
+                for t, a in zip(self.result.triggers, self.result.anomaly)
+            ],
+            "screen": screen_summary(self.result),
+            "flagged": self.flagged,
+            "unlearnt": [t.target for t in self.chosen],
+            "choice": self.choice,
+            "proxy_images": self.proxy_images,
+            "proxy_asr": {
+                str(c): {
+                    "before": self.proxy_before[c].to_dict(),
+                    "after": self.proxy_after[c].to_dict() if c in self.proxy_after else None,
+                }
+                for c in self.proxy_before
+            },
+            "rescan": {str(c): v for c, v in self.rescan.items()},
+        }
+
+
+def screen_summary(result: ScanResult) -> dict | None:
+    """Which classes the pre-screen sent to the full search (None when every class was searched in full)."""
+    if not result.screened:
+        return None
+    return {"candidates": list(result.candidates), "reference": list(result.reference)}
+
+
+def run_scan(
+    model: torch.nn.Module,
+    images: ImageSet,
+    num_classes: int,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    adapter: LossAdapter,
+    params: InversionParams,
+    seed: int,
+    reporter: Reporter,
+    precision: str = "fp32",
+) -> ScanResult:
+    """Invert a trigger per class on `images` (on the model's device) with a progress bar; `precision` is
+    the search's forward arithmetic (the tuning plan's: the search is an optimisation like tuning)."""
+    total = params.planned_steps(num_classes)
+    reporter.start_steps("trigger inversion", total)
+    on_step = step_callback(reporter, "scan", total)
+
+    def on_class(trigger: ClassTrigger) -> None:
+        reporter.epoch(
+            f"class {trigger.target}: mask L1 {trigger.l1:.1f}, success {trigger.success:.0%}"
+            + ("" if trigger.reached else " (success target not reached)")
+        )
+
+    try:
+        with attach_loss(model, adapter) as loss_fn:
+            return scan_model(
+                model,
+                images.x,
+                images.y,
+                num_classes,
+                mean,
+                std,
+                loss_fn,
+                params,
+                seed,
+                on_class=on_class,
+                on_step=on_step,
+                precision=precision,
+            )
+    finally:
+        reporter.finish_steps()
+
+
+def choose_triggers(result: ScanResult, precaution: bool = False) -> tuple[list[ClassTrigger], str]:
+    """Every flagged class. With none flagged, nothing - or, with `precaution`, the class of the most
+    anomalous (smallest) mask anyway.
+
+    Why nothing by default: on a clean model, unlearning a spurious reconstruction (a universal adversarial
+    patch of the class) is adversarial training against it, and cost the clean ResNet-20 3.08 points of
+    C-Acc on the full test set, where unlearning a real backdoor's reconstruction cost the patch-trigger
+    ResNet-20 0.64 (docs/purification.md). A trigger below the flagging threshold can still be the
+    backdoor's (measured on a blend-trigger ResNet-32: anomaly index 1.34, its class the true target, and
+    unlearning it removed the backdoor): `--precaution` is for a user who accepts that cost."""
+    if result.flagged:
+        chosen = [result.triggers[c] for c in result.flagged]
+        return chosen, f"flagged by the scan: class {', '.join(str(c) for c in result.flagged)}"
+    top = max((c for c in range(len(result.triggers)) if result.searched_in_full(c)), key=lambda c: result.anomaly[c])
+    smallest = f"class {top} has the smallest mask (anomaly index {result.anomaly[top]:.2f} <= {result.threshold:g})"
+    if precaution:
+        return [result.triggers[top]], f"no class flagged; {smallest} and was unlearnt as a precaution (--precaution)"
+    return [], (
+        f"no class flagged, so nothing was unlearnt and the model is left unchanged; {smallest} "
+        "(--precaution unlearns it anyway, at a cost of about 3 points on a clean CIFAR-10 ResNet-20)"
+    )
+
+
+def proxy_asr(
+    model: torch.nn.Module,
+    images: ImageSet,
+    trigger: ClassTrigger,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    batch_size: int = 256,
+) -> Rate:
+    """Share of `images` not of the trigger's class that the reconstructed trigger sends to it (fp32)."""
+    others = images.x[images.y != trigger.target]
+    device = others.device
+    mask = trigger.mask.to(device)[None, None]
+    pattern = trigger.pattern.to(device).permute(2, 0, 1)[None]
+    was_training = model.training
+    model.eval()
+    try:
+        hits = count_hits(model, others, trigger.target, mask, pattern, mean, std, batch_size, channels_last=True)
+    finally:
+        model.train(was_training)
+    return Rate(hits, int(others.shape[0]))
+
+
+def proxy_rates(model, images: ImageSet, triggers: list[ClassTrigger], mean, std) -> dict[int, Rate]:
+    return {t.target: proxy_asr(model, images, t, mean, std) for t in triggers}
+
+
+def rescan(
+    model: torch.nn.Module,
+    images: ImageSet,
+    classes: list[int],
+    result: ScanResult,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    adapter: LossAdapter,
+    params: InversionParams,
+    seed: int,
+    precision: str = "fp32",
+) -> dict[int, dict]:
+    """Invert each class again on `model`; its anomaly index against the input scan's log-L1 median and MAD."""
+    generator = torch.Generator().manual_seed(seed + 7919)  # not the first scan's draws
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    model.eval()
+    log_median = math.log(max(result.median_l1, MIN_L1))
+    found: dict[int, dict] = {}
+    try:
+        with attach_loss(model, adapter) as loss_fn:
+            for trigger in invert_classes(
+                model, images.x, images.y, list(classes), mean, std, loss_fn, params, generator, precision=precision
+            ):
+                target = trigger.target
+                if result.mad > 1e-12:
+                    index = (log_median - math.log(max(trigger.l1, MIN_L1))) / (MAD_CONSISTENCY * result.mad)
+                else:
+                    index = 0.0
+                found[target] = {
+                    "mask_l1": round(trigger.l1, 3),
+                    "input_mask_l1": round(result.triggers[target].l1, 3),
+                    "success": round(trigger.success, 4),
+                    "reached_success": trigger.reached,
+                    "anomaly_index": round(index, 3),
+                    "flagged": bool(trigger.reached and index > result.threshold),
+                }
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+    return found

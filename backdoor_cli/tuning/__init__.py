@@ -1,0 +1,10 @@
+"""Tuning: the one training loop every defense and `train` use, its SGD and its CUDA-graph replay.
+
+- loop: `tune` (data on the device, no per-step sync) and its settings and epoch log
+- sgd: SGD with momentum and its schedules, without torch.optim
+- graphed_step: one training step captured as a CUDA graph and replayed
+"""
+
+from .loop import EpochLog, TuneSettings, steps_per_epoch, tune
+
+__all__ = ["EpochLog", "TuneSettings", "steps_per_epoch", "tune"]

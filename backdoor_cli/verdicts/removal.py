@@ -1,0 +1,190 @@
+"""The removal verdict of a purify: is there evidence that the backdoor is gone?
+
+A purify that exits 0 must not read as "the backdoor is gone" when nothing checked it. The verdict is
+one of three, each with the evidence it rests on (report.json `removal`, report.md, the terminal):
+- `verified`: a trigger that worked on the input (ASR above FAILED_ASR before) no longer does: its ASR
+  after is at most VERIFIED_ASR with the upper 95% bound at most VERIFIED_HIGH. This speaks for that
+  trigger only, which the reason says.
+- `failed`: the trigger still works: ASR after above FAILED_ASR. Never `verified` above it.
+- `not_verified`: nothing to check against (no trigger was given or recorded; blend, warp and
+  sample-specific triggers can also hide from trigger inversion), or the trigger did not work on the
+  input to begin with, or the ASR after lies between the two bounds.
+`--require-verified` turns anything but `verified` into exit 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..evaluation.metrics import Rate
+
+VERIFIED_ASR = 0.05
+VERIFIED_HIGH = 0.10
+FAILED_ASR = 0.20
+VERDICTS = ("verified", "not_verified", "failed")
+
+
+@dataclass(frozen=True)
+class RemovalVerdict:
+    verdict: str  # one of VERDICTS
+    reason: str
+    evidence: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"verdict": self.verdict, "reason": self.reason, "evidence": self.evidence}
+
+
+def _rate(rate: Rate) -> dict:
+    return {"k": rate.k, "n": rate.n, "value": rate.value, "ci95": [rate.low, rate.high]}
+
+
+def judge_removal(trigger: dict | None, asr_before: Rate | None, asr_after: Rate | None) -> RemovalVerdict:
+    """The verdict from the trigger's ASR before and after (the test set's triggered images)."""
+    thresholds = {"verified_asr": VERIFIED_ASR, "verified_high": VERIFIED_HIGH, "failed_asr": FAILED_ASR}
+    if trigger is None or asr_before is None or asr_after is None:
+        return RemovalVerdict(
+            "not_verified",
+            "no trigger to test the removal against: pass the suspected trigger "
+            "(--trigger), or look for one with `bdclean scan`; a purify without one cannot say "
+            "whether the backdoor is gone",
+            {"trigger": None, "thresholds": thresholds},
+        )
+    evidence = {
+        "trigger": {k: trigger.get(k) for k in ("type", "target") if k in trigger},
+        "asr_before": _rate(asr_before),
+        "asr_after": _rate(asr_after),
+        "thresholds": thresholds,
+    }
+    target = trigger.get("target")
+    if asr_before.value <= FAILED_ASR:
+        return RemovalVerdict(
+            "not_verified",
+            f"the given trigger sent only {asr_before.value:.1%} of the input's "
+            f"images to class {target}: it is not a working backdoor of this model, so its ASR "
+            "after purification says nothing about removal",
+            evidence,
+        )
+    if asr_after.value > FAILED_ASR:
+        return RemovalVerdict(
+            "failed",
+            f"the trigger still works: ASR {asr_after.value:.1%} after purification "
+            f"(from {asr_before.value:.1%}), above {FAILED_ASR:.0%}",
+            evidence,
+        )
+    if asr_after.value <= VERIFIED_ASR and asr_after.high <= VERIFIED_HIGH:
+        return RemovalVerdict(
+            "verified",
+            f"this trigger's ASR fell from {asr_before.value:.1%} to "
+            f"{asr_after.value:.1%} (95% upper bound {asr_after.high:.1%}); other triggers "
+            "were not tested",
+            evidence,
+        )
+    return RemovalVerdict(
+        "not_verified",
+        f"ASR {asr_after.value:.1%} after purification (upper bound "
+        f"{asr_after.high:.1%}) is neither clearly gone (<= {VERIFIED_ASR:.0%}, bound <= "
+        f"{VERIFIED_HIGH:.0%}) nor clearly there (> {FAILED_ASR:.0%})",
+        evidence,
+    )
+
+
+def judge_removal_by_scan(
+    flagged: list[int],
+    unlearnt: list[int],
+    proxy_before: dict[int, Rate],
+    proxy_after: dict[int, Rate],
+    rescan: dict[int, dict],
+) -> RemovalVerdict:
+    """The verdict without a known trigger, from the scan that guided the purify.
+
+    `verified` needs every flagged class's reconstructed trigger to have stopped working (proxy ASR after
+    at most VERIFIED_ASR, upper bound at most VERIFIED_HIGH) and a re-scan of the purified model that no
+    longer flags the class; `failed` when the reconstruction still works (above FAILED_ASR) or the
+    re-scan still flags the class; with no class flagged there is nothing to check against."""
+    thresholds = {"verified_asr": VERIFIED_ASR, "verified_high": VERIFIED_HIGH, "failed_asr": FAILED_ASR}
+    evidence = {
+        "source": "scan",
+        "flagged": list(flagged),
+        "unlearnt": list(unlearnt),
+        "proxy_asr_before": {str(c): _rate(r) for c, r in proxy_before.items()},
+        "proxy_asr_after": {str(c): _rate(r) for c, r in proxy_after.items()},
+        "rescan": {str(c): v for c, v in rescan.items()},
+        "thresholds": thresholds,
+    }
+    if not flagged:
+        moved = "; ".join(
+            f"class {c}: its reconstructed trigger sent {proxy_before[c].value:.1%} of held-out images "
+            f"there before and {proxy_after[c].value:.1%} after"
+            for c in unlearnt
+            if c in proxy_before and c in proxy_after
+        )
+        return RemovalVerdict(
+            "not_verified",
+            "the scan flagged no class, so there was nothing to verify the removal "
+            "against (blend, warp and sample-specific triggers can hide from trigger inversion; "
+            f"pass --trigger if you suspect one){': ' + moved if moved else ''}",
+            evidence,
+        )
+    # An all-to-one backdoor has one target: with several classes flagged, some are likely shortcuts of the
+    # data itself (measured: a clean softmax MNIST CNN had 3 classes flagged), which the reason must say.
+    several = (
+        f"; {len(flagged)} classes were flagged, and an all-to-one backdoor has one target, so some may be "
+        "shortcuts of the data rather than a backdoor"
+        if len(flagged) > 1
+        else ""
+    )
+    still = [c for c in flagged if proxy_after[c].value > FAILED_ASR or rescan.get(c, {}).get("flagged")]
+    if still:
+        parts = [
+            f"class {c}: proxy ASR {proxy_after[c].value:.1%}"
+            + (", the re-scan still flags it" if rescan.get(c, {}).get("flagged") else "")
+            for c in still
+        ]
+        return RemovalVerdict(
+            "failed", "the backdoor the scan found is still there (" + "; ".join(parts) + ")" + several, evidence
+        )
+    gone = [
+        c
+        for c in flagged
+        if proxy_after[c].value <= VERIFIED_ASR
+        and proxy_after[c].high <= VERIFIED_HIGH
+        and c in rescan
+        and not rescan[c]["flagged"]
+    ]
+    if len(gone) == len(flagged):
+        parts = [
+            f"class {c}: proxy ASR {proxy_before[c].value:.1%} -> {proxy_after[c].value:.1%} (upper bound "
+            f"{proxy_after[c].high:.1%}), re-scanned mask L1 {rescan[c]['input_mask_l1']:g} -> "
+            f"{rescan[c]['mask_l1']:g}, no longer an outlier"
+            for c in flagged
+        ]
+        return RemovalVerdict(
+            "verified",
+            "the backdoor the scan found is gone (" + "; ".join(parts) + "); triggers "
+            "that hide from inversion were not tested" + several,
+            evidence,
+        )
+    return RemovalVerdict(
+        "not_verified",
+        "the scan's reconstructed trigger works less than before but not clearly "
+        "not at all: "
+        + "; ".join(
+            f"class {c}: proxy ASR {proxy_after[c].value:.1%} (upper bound {proxy_after[c].high:.1%})" for c in flagged
+        ),
+        evidence,
+    )
+
+
+def combine_verdicts(by_trigger: RemovalVerdict, by_scan: RemovalVerdict | None) -> RemovalVerdict:
+    """With --trigger the given trigger decides; the scan's evidence is kept beside it. Only a scan that
+    says `failed` overrides a `verified`: a second backdoor is still a backdoor."""
+    if by_scan is None:
+        return by_trigger
+    # the scan's own verdict stays in the report: what the trigger-free default concluded by itself
+    evidence = {
+        **by_trigger.evidence,
+        "scan": {"verdict": by_scan.verdict, "reason": by_scan.reason, **by_scan.evidence},
+    }
+    if by_trigger.verdict == "verified" and by_scan.verdict == "failed":
+        return RemovalVerdict("failed", f"{by_trigger.reason}; but {by_scan.reason}", evidence)
+    return RemovalVerdict(by_trigger.verdict, by_trigger.reason, evidence)
