@@ -1,4 +1,4 @@
-"""The `bdclean` command line: a thin skin over backdoor_cli.pipeline.
+"""The `bdclean` command line: a thin skin over the use cases in backdoor_cli.usecases.
 
 Each command parses its options, calls ONE library function, renders the result, and maps errors
 to exit codes: 0 ok, 1 a gate failed, 2 bad usage or input, 3 unsafe input refused, 4 internal
@@ -409,7 +409,7 @@ def evaluate(
         from .evaluation.cache import open_cache
         from .reports.report import render_evaluate
         from .usecases.audit_targets import is_single_target
-        from .usecases.pipeline import evaluate_checkpoint
+        from .usecases.evaluate import evaluate_checkpoint
 
         if not is_single_target(targets):
             return None
@@ -801,7 +801,7 @@ def purify(
         from .config import PurifyOptions, resolve_options
         from .evaluation.cache import open_cache
         from .reports.report import render_purify
-        from .usecases.pipeline import purify_checkpoint
+        from .usecases.purify import purify_checkpoint
 
         opts = resolve_options(PurifyOptions, flags, flags.pop("config") and str(config))
         report = purify_checkpoint(opts, _reporter(quiet, json_output), open_cache(cache_dir))
@@ -909,7 +909,7 @@ def compare(
 
         flags["checkpoints"] = tuple(expand_in_order(list(checkpoints or []), flags.pop("from_list")))
         from .reports.report import compare_markdown, render_compare
-        from .usecases.pipeline import compare_checkpoints
+        from .usecases.compare import compare_checkpoints
 
         opts = resolve_options(CompareOptions, flags, flags.pop("config") and str(config))
         if opts.path is not None:
@@ -931,7 +931,7 @@ def compare(
 
 def _trace_path(opts, markdown: bool, json_output: bool, quiet: bool):
     from .selection.linear_path import path_markdown, render_path
-    from .usecases.pipeline import trace_linear_path
+    from .usecases.compare import trace_linear_path
 
     report = trace_linear_path(opts, _reporter(quiet, json_output))
     if markdown and not json_output:

@@ -98,7 +98,7 @@ def child(mode: str, folder: str, checkpoint: str, image_size: int, batch_size: 
         report = None
     else:
         from backdoor_cli.progress import Reporter
-        from backdoor_cli.usecases.pipeline import evaluate_checkpoint
+        from backdoor_cli.usecases.evaluate import evaluate_checkpoint
 
         report = evaluate_checkpoint(opts, Reporter())
     seconds = time.perf_counter() - start

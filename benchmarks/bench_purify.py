@@ -6,7 +6,7 @@
 One process runs the same Feature Shift Tuning job twice, on the same checkpoint, clean subset,
 epochs, batch size, hyper-parameters, seed and evaluation images:
 
-1. **bdclean**: `backdoor_cli.usecases.pipeline.purify_checkpoint`, exactly what `bdclean purify --method fst`
+1. **bdclean**: `backdoor_cli.usecases.purify.purify_checkpoint`, exactly what `bdclean purify --method fst`
    runs (uint8 tensors kept on the device, batched augmentation, no per-step host sync). Its own
    stage timings (load, evaluate_before, tune, evaluate_after, write) are reported.
 2. **reference**: the pipeline as the original research code writes it: a torch `Dataset` returning
@@ -478,7 +478,7 @@ def run_reference(job: ReferenceJob, device: torch.device) -> dict:
 def run_bdclean(args, checkpoint: Path, data_dir: Path, out_dir: Path, seed: int | None = None) -> tuple[dict, object]:
     """`bdclean purify --method fst` through the library, with its own stage timings."""
     from backdoor_cli.config import PurifyOptions
-    from backdoor_cli.usecases.pipeline import purify_checkpoint
+    from backdoor_cli.usecases.purify import purify_checkpoint
 
     opts = PurifyOptions(
         checkpoint=str(checkpoint),

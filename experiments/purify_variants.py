@@ -29,7 +29,7 @@ from backdoor_cli.defenses.distill import distillation_term, frozen_copy  # noqa
 from backdoor_cli.evaluation.measure import build_eval_sets, evaluate_model  # noqa: E402
 from backdoor_cli.runtime import seed_everything  # noqa: E402
 from backdoor_cli.subject import load_subject, normalization_tensors  # noqa: E402
-from backdoor_cli.usecases.pipeline import resolve_trigger  # noqa: E402
+from backdoor_cli.usecases.setup import resolve_trigger  # noqa: E402
 
 # name -> (defense, alpha, distillation weight, extra params)
 VARIANTS = {

@@ -30,7 +30,8 @@ from backdoor_cli.config import EvaluateOptions, PurifyOptions, TrainOptions  # 
 from backdoor_cli.outputs import atomic_write_text  # noqa: E402
 from backdoor_cli.progress import StderrReporter  # noqa: E402
 from backdoor_cli.runtime import device_name, resolve_device  # noqa: E402
-from backdoor_cli.usecases.pipeline import evaluate_checkpoint, purify_checkpoint  # noqa: E402
+from backdoor_cli.usecases.evaluate import evaluate_checkpoint  # noqa: E402
+from backdoor_cli.usecases.purify import purify_checkpoint  # noqa: E402
 from backdoor_cli.usecases.training import train_model  # noqa: E402
 
 # "default" is `bdclean purify` with no --method: the recommended recipe (backdoor_cli/selection/recipe.py).

@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from backdoor_cli.data.datasets import DatasetBundle, ImageSet, images_from_arrays, load_dataset  # noqa: E402
 from backdoor_cli.evaluation.measure import EvalSets, build_eval_sets  # noqa: E402
 from backdoor_cli.subject import Subject, load_subject, normalization_tensors  # noqa: E402
-from backdoor_cli.usecases.pipeline import resolve_trigger  # noqa: E402
+from backdoor_cli.usecases.setup import resolve_trigger  # noqa: E402
 
 
 @dataclass

@@ -422,7 +422,7 @@ def test_train_without_out_names_the_file_after_the_run(toy, tmp_path, monkeypat
 
 
 def test_alpha_advice_only_for_alpha_methods_past_the_threshold():
-    from backdoor_cli.usecases.pipeline import ALPHA_ADVICE_DROP, alpha_advice
+    from backdoor_cli.usecases.purify import ALPHA_ADVICE_DROP, alpha_advice
 
     assert alpha_advice(True, 0.2, ALPHA_ADVICE_DROP + 0.05).startswith("clean accuracy fell by 15.0 points")
     assert "--alpha" in alpha_advice(True, 0.2, 0.3)
@@ -432,9 +432,9 @@ def test_alpha_advice_only_for_alpha_methods_past_the_threshold():
 
 @pytest.mark.parametrize("method,advised", [("fst", True), ("ft", False)])
 def test_purify_warns_about_alpha_when_fst_costs_accuracy(toy, tmp_path, monkeypatch, method, advised):
-    import backdoor_cli.usecases.pipeline as pipeline
+    import backdoor_cli.usecases.purify as purify
 
-    monkeypatch.setattr(pipeline, "ALPHA_ADVICE_DROP", -1.0)  # any change in accuracy counts as a large drop
+    monkeypatch.setattr(purify, "ALPHA_ADVICE_DROP", -1.0)  # any change in accuracy counts as a large drop
     result = invoke(
         "purify",
         toy["model"],

@@ -191,12 +191,12 @@ def test_sigint_during_train(toy, tmp_path):
 
 def test_ctrl_c_while_writing_outputs_leaves_no_partial_set(toy, tmp_path, monkeypatch):
     """Ctrl-C landing between two output files (simulated in-process at the report step)."""
-    import backdoor_cli.usecases.pipeline as pipeline
+    import backdoor_cli.usecases.purify as purify
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pipeline, "stage_purify_report", interrupted)
+    monkeypatch.setattr(purify, "stage_purify_report", interrupted)
     out = tmp_path / "out"
     result = runner.invoke(
         app,

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from backdoor_cli.models import build_model
-from backdoor_cli.usecases.pipeline import FORMAT_PAYBACK, _untimed_format
+from backdoor_cli.usecases.setup import FORMAT_PAYBACK, untimed_format
 from helpers import make_npz_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -85,7 +85,7 @@ def _opts(memory_format=None):
 
 def test_format_timing_is_skipped_when_the_run_is_too_small_to_repay_it():
     model = build_model("test_tiny", 3).to(memory_format=torch.contiguous_format)
-    choice = _untimed_format(_opts(), model, CPU, work=FORMAT_PAYBACK * 6 - 1, cost=6, unit="steps")
+    choice = untimed_format(_opts(), model, CPU, work=FORMAT_PAYBACK * 6 - 1, cost=6, unit="steps")
     assert choice.format == "channels_last" and choice.reason.startswith("default (not timed")
     assert choice.seconds is None and "steps" in choice.reason
 
@@ -100,4 +100,4 @@ def test_format_timing_is_skipped_when_the_run_is_too_small_to_repay_it():
     ],
 )
 def test_format_timing_is_left_to_choose_memory_format(opts, device, work):
-    assert _untimed_format(opts, build_model("test_tiny", 3), device, work=work, cost=6, unit="steps") is None
+    assert untimed_format(opts, build_model("test_tiny", 3), device, work=work, cost=6, unit="steps") is None

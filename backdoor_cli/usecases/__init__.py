@@ -1,6 +1,8 @@
 """Use cases: one module per job the CLI calls (evaluate, purify, compare, audit, scan, train, inspect, demo).
 
-- pipeline: evaluate, purify and compare (options -> data + subject -> method -> verdicts -> outputs)
+- evaluate, purify, compare: `bdclean evaluate CKPT`, `purify`, `compare` and `path`
+- setup: what they all set up first (data, subject, trigger, clean set, output kind, memory format) and the
+  provenance a written checkpoint carries; retuning: the retuning check as they run it
 - audit: many checkpoints in one process (`evaluate DIR`); audit_targets: which checkpoints, which shard
 - scan: the scan use case; training: `bdclean train`; inspection: `bdclean inspect`; demo: `bdclean demo`
 

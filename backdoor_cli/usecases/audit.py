@@ -38,7 +38,10 @@ from ..reports.audit_log import EXIT_GATE, EXIT_INTERNAL, EXIT_OK, AuditLog, Aud
 from ..runtime import environment, prepare_model, resolve_device, seed_everything
 from ..subject import load_subject, normalization_tensors
 from .audit_targets import Shard, expand_targets, is_model_dir, parse_shard, select_shard
-from .pipeline import check_gate_inputs, describe_data, load_run_data, purify_checkpoint, resolve_trigger
+from .purify import purify_checkpoint
+
+# Evaluation settings that change a row's outcome; a rerun reuses a row only when all of them match.
+from .setup import check_gate_inputs, describe_data, load_run_data, resolve_trigger
 
 # Evaluation settings that change a row's outcome; a rerun reuses a row only when all of them match.
 SETTING_FIELDS = (

@@ -18,7 +18,8 @@ from ..progress import Reporter
 from ..reports.report import compare_markdown, render_compare, to_json
 from ..selection.recipe import RECOMMENDED_METHOD
 from ..verdicts.removal import FAILED_ASR, VERIFIED_ASR
-from .pipeline import compare_checkpoints, purify_checkpoint
+from .compare import compare_checkpoints
+from .purify import purify_checkpoint
 from .training import train_model
 
 # Chosen by trying them on the sample (2-core CPU, see docs/demo.md): 1% poisoning is low enough for

@@ -28,7 +28,7 @@ from ..runtime import Stopwatch, environment, prepare_model, resolve_device, see
 from ..scanning.guided import run_scan
 from ..scanning.inversion import InversionParams
 from ..subject import normalization_tensors
-from .pipeline import decide_output_kind, input_paths, load_run_data, open_subject, select_clean_set
+from .setup import decide_output_kind, input_paths, load_run_data, open_subject, select_clean_set
 
 DEFAULT_IMAGES = 200  # class-balanced scan images when neither --clean-count nor --clean-data is given
 METHOD = "neural-cleanse"

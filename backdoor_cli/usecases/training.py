@@ -24,7 +24,7 @@ from ..reports.report import TrainReport
 from ..runtime import Stopwatch, environment, prepare_model, resolve_device, seed_everything
 from ..triggers import poison_training_set
 from ..tuning.loop import TuneSettings, steps_per_epoch, tune
-from .pipeline import base_metadata, describe_trigger, input_paths, replayable_metrics, require_data, resolve_trigger
+from .setup import base_metadata, describe_trigger, input_paths, replayable_metrics, require_data, resolve_trigger
 
 DEFAULT_ARCH = "simple_cnn"
 

@@ -1,4 +1,4 @@
-"""The use cases as typed functions: evaluate, purify, compare, train. The CLI calls one each.
+"""`bdclean purify`: the use case, from the suspect checkpoint to the purified one and its report.
 
 purify_checkpoint(opts)
   read checkpoint -> build + load strictly -> load data (test, clean subset) -> trigger
@@ -15,323 +15,64 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import safetensors_bytes
-from ..config import CompareOptions, EvaluateOptions, PurifyOptions, to_yaml_dict
+from ..config import PurifyOptions, to_yaml_dict
 from ..data.augmentation import decide_augmentation
-from ..data.datasets import (
-    DatasetBundle,
-    ImageSet,
-    ImageSizeError,
-    indices_sha256,
-    load_clean_folder,
-    load_dataset,
-    normalize,
-    select_clean_subset,
-)
-from ..data.imagefolder import TRANSFORM
-from ..data.streaming import materialize
+from ..data.datasets import DatasetBundle, ImageSet, indices_sha256
 from ..defenses import DefenseParams, default_params, get_defense
 from ..defenses.base import METHOD_PARAMS, DefenseOutcome, inapplicable
-from ..errors import ConfigError, InputError
-from ..evaluation.cache import data_fingerprint, eval_key, measured
+from ..errors import ConfigError
+from ..evaluation.cache import measured
 from ..evaluation.gates import GateResult, check_gates
-from ..evaluation.measure import EvalSets, build_eval_sets, evaluate_model
-from ..evaluation.metrics import Rate, defense_effectiveness_rating
+from ..evaluation.measure import build_eval_sets, evaluate_model
+from ..evaluation.metrics import defense_effectiveness_rating
 from ..models import hub
-from ..models.output_kind import (
-    PROBE_IMAGES,
-    LossAdapter,
-    OutputKind,
-    parse_output_kind,
-    probe_outputs,
-    resolve_output_kind,
-)
+from ..models.output_kind import OutputKind, parse_output_kind
 from ..outputs import OutputSet
 from ..precision import (
     FORMAT_TIMED_STEPS,
-    MEMORY_FORMATS,
     Compute,
-    FormatChoice,
-    autocast,
     choose_memory_format,
-    eval_timing_batch,
     example_batch,
-    parse_choice,
     resolve_precision,
     torch_format,
 )
 from ..progress import Reporter, step_callback
-from ..reports.report import CompareReport, CompareRow, EvaluateReport, PurifyReport, stage_purify_report, weight_drift
+from ..reports.report import PurifyReport, stage_purify_report
 from ..runtime import Stopwatch, environment, prepare_model, resolve_device, seed_everything
 from ..scanning.guided import ScanEvidence, choose_triggers, proxy_rates, rescan, run_scan
 from ..scanning.inversion import InversionParams
 from ..selection.holdout import HoldoutMonitor, holdout_accuracy, split_holdout
-from ..selection.linear_path import PathReport, path_plot_png, path_points, walk_path
 from ..selection.path_select import memorised_warning, select_on_path
 from ..selection.recipe import CAVEAT, Recipe, fit_to_clean_data, resolve_recipe
-from ..subject import Subject, load_subject, normalization_tensors
-from ..triggers import build_trigger, load_trigger_spec, parse_trigger_spec
+from ..subject import Subject, normalization_tensors
 from ..tuning.loop import steps_per_epoch
 from ..verdicts.removal import combine_verdicts, judge_removal, judge_removal_by_scan
-from ..verdicts.retune import RetuneResult, RetuneSettings, check_retuning, judge
+from .retuning import retune_checked
+from .setup import (
+    base_metadata,
+    cache_key,
+    check_gate_inputs,
+    choose_eval_format,
+    decide_output_kind,
+    describe_data,
+    describe_trigger,
+    eval_images,
+    input_paths,
+    load_run_data,
+    open_subject,
+    replayable_metrics,
+    resolve_trigger,
+    select_clean_set,
+    untimed_format,
+)
 
 PURIFY_OUTPUTS = ("purified.safetensors", "report.json", "report.md", "config.yaml", "clean_indices.txt")
-SCHEMA_CHECKPOINT = "bdclean.checkpoint/1"
+
+
 # A clean-accuracy loss (in fractions) above which an alpha-based defence suggests a smaller alpha.
 # Measured (docs/reproduction.md): on small, weakly trained CIFAR-10 models FST at the paper's alpha
 # 0.2 cost 25-41 points, and alpha 0.05 cost 12-15 while ASR stayed at 0-10.5%.
 ALPHA_ADVICE_DROP = 0.10
-# On CPU, --memory-format auto times both formats at start-up (precision.choose_memory_format). That
-# timing is work the run does not keep, and the faster format repays only a fraction of the run's own
-# work, so the formats are timed only when the work they decide is at least this many times the timing's
-# cost: a full test-set evaluation or a paper-length tuning is timed, a --eval-limit 500 check or a
-# one-epoch tuning of 200 images keeps channels_last untimed (that timing cost more than the run's work).
-FORMAT_PAYBACK = 8
-
-
-def require_data(data: str | None) -> str:
-    if not data:
-        raise ConfigError(
-            "--data is required", hint="a dataset name (cifar10, mnist, ...) with --data-dir, or a directory"
-        )
-    return data
-
-
-def resolve_trigger(spec_text: str | None, target: int | None, subject: Subject | None, image_shape, num_classes: int):
-    """The trigger from --trigger, else the one recorded in the checkpoint's metadata, else none."""
-    spec = None
-    if spec_text is not None:
-        if not spec_text.strip():
-            raise ConfigError(
-                "--trigger is empty", hint="a built-in name (badnets, blended, sig, wanet) or a YAML spec file"
-            )
-        spec = load_trigger_spec(spec_text)
-    elif subject is not None and subject.checkpoint.metadata.get("trigger"):
-        spec = parse_trigger_spec(subject.checkpoint.metadata["trigger"], None, source="checkpoint metadata")
-    if spec is None:
-        if target is not None:
-            raise ConfigError("--target needs a trigger", hint="pass --trigger badnets (or a YAML spec)")
-        return None
-    if target is not None:
-        spec = dataclasses.replace(spec, target=target)
-    if not 0 <= spec.target < num_classes:
-        raise ConfigError(f"trigger target {spec.target} is not a class of this model (0..{num_classes - 1})")
-    return build_trigger(spec, tuple(image_shape))
-
-
-def open_subject(opts: EvaluateOptions, checkpoint: str, bundle: DatasetBundle, reporter: Reporter) -> Subject:
-    reporter.stage(f"loading checkpoint {checkpoint}")
-    subject = load_subject(
-        checkpoint, bundle, arch=opts.arch, num_classes=opts.num_classes, head=opts.head, mean=opts.mean, std=opts.std
-    )
-    for note in subject.notes:
-        reporter.warn(note)
-    return subject
-
-
-def _image_size(opts, checkpoints) -> tuple[int, int] | None:
-    """--image-size, else the input size a Hugging Face/timm model directory's config names (the
-    first such among `checkpoints`), so image folders are resized to what the model was made for."""
-    if opts.image_size is not None:
-        return opts.image_size
-    from ..models.hub_config import configured_image_size
-
-    return next((size for size in map(configured_image_size, checkpoints) if size is not None), None)
-
-
-def load_run_data(opts, checkpoints, need_train: bool) -> tuple[DatasetBundle, tuple[int, int] | None]:
-    """(the dataset, the image size it was resized to or None): the size is worked out once here."""
-    size = _image_size(opts, checkpoints)
-    try:
-        return load_dataset(require_data(opts.data), opts.data_dir, need_train=need_train, image_size=size), size
-    except ImageSizeError as exc:
-        if opts.image_size is not None:
-            raise
-        # The size came from the model directory's config, not from a flag: say so.
-        (h, w), (sh, sw) = size, exc.stored
-        raise InputError(
-            f"the model expects {w}x{h} images (its config) but the data is {sw}x{sh}",
-            hint="image folders are resized to the model's size automatically (or with --image-size); "
-            f"npz data is used as stored, so save it at {w}x{h}",
-        ) from None
-
-
-def _untimed_format(opts, model, device, work: int, cost: int, unit: str) -> FormatChoice | None:
-    """The default format, untimed, when timing both (CPU, --memory-format auto) would cost more than it
-    can repay: the timing runs `cost` images/steps that the run does not keep, and the faster format
-    saves a fraction (10-40%, issue 16) of the run's own `work`. None: time them."""
-    if device.type != "cpu" or parse_choice(opts.memory_format, MEMORY_FORMATS, "--memory-format") != "auto":
-        return None
-    if work >= FORMAT_PAYBACK * cost:
-        return None
-    model.to(memory_format=torch_format("channels_last"))
-    return FormatChoice(
-        "channels_last", f"default (not timed: {work} {unit} to run would not repay the {cost} of timing both formats)"
-    )
-
-
-def _eval_format(opts, model, image_shape, device, plan, reporter: Reporter, images: int):
-    """The evaluation memory format: --memory-format, or the faster of the two on a forward pass
-    (`images`: how many images the run will evaluate in it, to tell whether timing is worth it)."""
-    batch = eval_timing_batch(image_shape)
-    choice = _untimed_format(opts, model, device, images, 2 * (1 + FORMAT_TIMED_STEPS["eval"]) * batch, "images")
-    if choice is None:
-        choice = choose_memory_format(
-            model,
-            example_batch(image_shape, batch, device),
-            device,
-            plan.evaluate,
-            train=False,
-            spec=opts.memory_format,
-        )
-    reporter.info(f"evaluation: {plan.evaluate}, {choice.format} ({choice.reason})")
-    return choice
-
-
-def _eval_images(sets: EvalSets) -> int:
-    return sets.clean.num_images + sets.num_poisoned
-
-
-def check_gate_inputs(opts, trigger) -> None:
-    if opts.max_asr is not None and trigger is None:
-        raise ConfigError("--max-asr needs a trigger to measure ASR", hint="pass --trigger")
-    if getattr(opts, "retune_check", False) and trigger is None:
-        raise ConfigError("--retune-check needs a trigger", hint="pass --trigger (a built-in name or a spec file)")
-
-
-def evaluate_checkpoint(opts: EvaluateOptions, reporter: Reporter | None = None, cache=None) -> EvaluateReport:
-    """Measure C-Acc (and ASR/RA when there is a trigger) of one checkpoint; with an EvalCache (evaluation/cache.py),
-    an evaluation of the same bytes on the same images is read back instead of run again."""
-    reporter = reporter or Reporter()
-    device = resolve_device(opts.device)
-    plan = resolve_precision(opts.precision, device)
-    seed_everything(opts.seed)
-    timer = Stopwatch(device)
-    with timer.stage("load"):
-        reporter.stage(f"loading data {opts.data}")
-        bundle, image_size = load_run_data(opts, [opts.checkpoint], need_train=opts.retune_check)
-        subject = open_subject(opts, opts.checkpoint, bundle, reporter)
-        trigger = resolve_trigger(opts.trigger, opts.target, subject, bundle.test.image_shape, subject.num_classes)
-        check_gate_inputs(opts, trigger)
-        model = prepare_model(subject.model, device)
-        mean, std = normalization_tensors(subject, device)
-        sets = build_eval_sets(bundle.test, trigger, device, opts.eval_limit, opts.seed)
-    with timer.stage("choose_format"):
-        compute = Compute(
-            device,
-            plan,
-            {
-                "evaluate": _eval_format(
-                    opts, model, bundle.test.image_shape, device, plan, reporter, _eval_images(sets)
-                )
-            },
-        )
-    with timer.stage("evaluate"):
-        reporter.stage(
-            f"evaluating on {sets.clean.num_images} clean"
-            + (f" + {sets.num_poisoned} triggered images" if sets.has_trigger else " images")
-            + (" (streamed from disk)" if sets.streamed else "")
-        )
-        result, _ = measured(
-            cache,
-            cache_key(cache, subject, bundle, trigger, opts, device, plan.evaluate),
-            lambda: evaluate_model(
-                model,
-                sets,
-                mean,
-                std,
-                device,
-                opts.batch_size,
-                reporter,
-                plan.evaluate,
-                compute.formats["evaluate"].format,
-            ),
-        )
-    retune = None
-    if opts.retune_check:
-        with timer.stage("retune_check"):
-            clean = retune_clean_set(opts, bundle, subject)
-            retune = retune_checked(
-                opts,
-                bundle,
-                model,
-                clean,
-                trigger,
-                sets,
-                mean,
-                std,
-                device,
-                result.asr,
-                probed_adapter(model, clean, mean, std, device, reporter),
-                reporter,
-            )
-    gates = check_gates(
-        result.asr.value if result.asr else None, result.clean_acc.value, max_asr=opts.max_asr, min_acc=opts.min_acc
-    )
-    return EvaluateReport(
-        subject=subject.describe(),
-        data=describe_data(bundle, sets, image_size),
-        trigger=describe_trigger(trigger),
-        result=result,
-        gates=gates,
-        timings=dict(timer.stages),
-        environment=environment(device, compute),
-        options=to_yaml_dict(opts),
-        retune=retune.to_dict() if retune is not None else None,
-    )
-
-
-def retune_clean_set(opts: EvaluateOptions, bundle: DatasetBundle, subject: Subject) -> ImageSet:
-    """evaluate/compare --retune-check: purify's default clean subset (the paper's fraction for the dataset,
-    the same seed), so the check on an input model uses the images purify would tune on."""
-    if bundle.train is None:
-        raise InputError(
-            f"{bundle.source} has no training split to draw the retuning check's clean images from",
-            hint="purify --retune-check --clean-data DIR runs the check on your own clean images",
-        )
-    fraction = None if opts.retune_clean_count else default_params(bundle.name)["clean_fraction"]
-    indices = select_clean_subset(bundle.train.y, fraction, opts.retune_clean_count, opts.seed, subject.num_classes)
-    return materialize(bundle.train.subset(indices))
-
-
-def probed_adapter(model, clean: ImageSet, mean, std, device, reporter) -> LossAdapter:
-    """The loss the retuning uses, from what the model returns (decided as purify decides it)."""
-    return decide_output_kind("auto", model, clean, mean, std, device, reporter).adapter
-
-
-def cache_key(cache, subject: Subject, bundle: DatasetBundle, trigger, opts, device, precision: str):
-    """The EvalKey of this evaluation, or None without a cache (hashing the test images costs a little).
-    The precision is part of it: bf16 and fp32 evaluations may differ in a few predictions."""
-    if cache is None:
-        return None
-    return eval_key(
-        subject.checkpoint.sha256,
-        subject,
-        data_fingerprint(bundle.test),
-        trigger,
-        opts.eval_limit,
-        opts.seed,
-        device,
-        precision,
-    )
-
-
-def describe_data(bundle: DatasetBundle, sets: EvalSets, image_size=None) -> dict:
-    return {
-        "name": bundle.name,
-        "source": bundle.source,
-        "num_classes": bundle.num_classes,
-        "image_shape": list(bundle.test.image_shape),
-        "test_images": sets.clean.num_images,
-        "eval_limited": sets.limited,
-        "image_size": list(image_size) if image_size else None,
-        "resize": TRANSFORM if image_size else None,
-        "streamed": sets.streamed,
-        "asr_set": "test images whose true class is not the target, with the trigger applied",
-    }
-
-
-def describe_trigger(trigger) -> dict | None:
-    return trigger.to_dict() if trigger is not None else None
 
 
 def _defense_params(opts: PurifyOptions, dataset: str | None, recipe: Recipe) -> tuple[DefenseParams, float | None]:
@@ -374,32 +115,6 @@ def _defense_params(opts: PurifyOptions, dataset: str | None, recipe: Recipe) ->
     return params, fraction
 
 
-def select_clean_set(opts: PurifyOptions, bundle: DatasetBundle, fraction: float | None, subject: Subject):
-    """The defender's clean data: the user's own images, or a seeded class-balanced training subset."""
-    num_classes = subject.num_classes
-    if opts.clean_data:
-        if opts.clean_fraction is not None or opts.clean_count is not None:
-            raise ConfigError("--clean-data cannot be combined with --clean-fraction/--clean-count")
-        clean = load_clean_folder(opts.clean_data, opts.image_size)
-        (h, w, c), (th, tw, tc) = clean.image_shape, bundle.test.image_shape
-        if c != tc:
-            raise InputError(f"--clean-data images have {c} channel(s) but the model takes {tc}-channel images")
-        if (h, w) != (th, tw):
-            raise InputError(
-                f"--clean-data images are {w}x{h} pixels but the test images are {tw}x{th}",
-                hint="pass --image-size to resize both image folders, or resize them first",
-            )
-        if int(clean.y.max()) >= num_classes:
-            raise InputError(f"--clean-data has label {int(clean.y.max())}, outside the model's {num_classes} classes")
-        if len(torch.unique(clean.y)) < 2:
-            raise InputError("--clean-data holds a single class; tuning needs clean images of several classes")
-        return clean, None
-    if bundle.train is None:
-        raise InputError(f"{bundle.source} has no training split to draw clean data from", hint="pass --clean-data DIR")
-    indices = select_clean_subset(bundle.train.y, fraction, opts.clean_count, opts.seed, num_classes)
-    return materialize(bundle.train.subset(indices)), indices
-
-
 def refuse_inapplicable(opts: PurifyOptions, defense) -> None:
     """A method-specific flag (or config key) the chosen method would ignore is an error that names it:
     a run must never record a value it did not use. lr/epochs/label-smoothing mean nothing to a method
@@ -419,23 +134,6 @@ def refuse_inapplicable(opts: PurifyOptions, defense) -> None:
             else "drop them, or choose a method that reads them"
         )
         raise ConfigError("; ".join(problems), hint=hint)
-
-
-def input_paths(opts, *extra) -> list[Path]:
-    """Every file or directory a run reads: outputs may never replace or land inside one of them."""
-    candidates = [
-        getattr(opts, "config", None),
-        getattr(opts, "trigger", None),
-        getattr(opts, "data", None),
-        getattr(opts, "clean_data", None),
-        getattr(opts, "clean_reference", None),
-        *extra,
-    ]
-    paths = []
-    for value in candidates:
-        if value and Path(str(value)).exists():
-            paths.append(Path(str(value)))
-    return paths
 
 
 def purify_checkpoint(opts: PurifyOptions, reporter: Reporter | None = None, cache=None) -> PurifyReport:
@@ -521,11 +219,11 @@ def _purify_into(
             )
     with timer.stage("choose_format"):
         shape = bundle.test.image_shape
-        formats = {"evaluate": _eval_format(opts, model, shape, device, plan, reporter, 2 * _eval_images(sets))}
+        formats = {"evaluate": choose_eval_format(opts, model, shape, device, plan, reporter, 2 * eval_images(sets))}
         steps = (
             params.epochs * steps_per_epoch(tune_set.num_images, params.batch_size) if defense.trains != "none" else 0
         )
-        formats["tune"] = _untimed_format(
+        formats["tune"] = untimed_format(
             opts, model, device, steps, 2 * (1 + FORMAT_TIMED_STEPS["train"]), "steps"
         ) or choose_memory_format(
             model,
@@ -550,7 +248,7 @@ def _purify_into(
         )
         if cached:
             reporter.info("the input model's evaluation was read from the evaluation cache")
-    # nothing flagged (and no --precaution): nothing to remove, so the input is kept as it is (scan_guided.py)
+    # nothing flagged (and no --precaution): nothing to remove, so the input is kept as it is (scanning.guided)
     unchanged = evidence is not None and not evidence.chosen
     with timer.stage("tune"):
         model.to(memory_format=torch_format(formats["tune"].format))
@@ -821,87 +519,6 @@ def removal_verdict(trigger, before, after, evidence: ScanEvidence | None):
     return combine_verdicts(judge_removal(describe_trigger(trigger), before.asr, after.asr), by_scan)
 
 
-def retune_settings(opts: EvaluateOptions) -> RetuneSettings:
-    return RetuneSettings(
-        poisoned=opts.retune_poisoned, epochs=opts.retune_epochs, lr=opts.retune_lr, seed=opts.seed
-    ).validate()
-
-
-def retune_checked(
-    opts: EvaluateOptions,
-    bundle: DatasetBundle,
-    model,
-    clean: ImageSet,
-    trigger,
-    sets: EvalSets,
-    mean,
-    std,
-    device,
-    asr: Rate | None,
-    adapter: LossAdapter,
-    reporter: Reporter,
-) -> RetuneResult:
-    """The retuning check on `model` and, with --clean-reference, on that model with the same images."""
-    if trigger is None or asr is None:
-        raise ConfigError("--retune-check needs a trigger", hint="pass --trigger (a built-in name or a spec file)")
-    settings = retune_settings(opts)
-    reporter.stage(f"retuning check: a copy tuned {settings.epochs} epochs with {settings.poisoned} poisoned images")
-    result = check_retuning(
-        model,
-        clean,
-        trigger,
-        sets,
-        mean,
-        std,
-        settings,
-        device,
-        asr,
-        _eval_batch(opts),
-        bundle.augment_flip,
-        adapter,
-        resolve_precision(opts.precision, device),
-    )
-    judge(result, _reference_check(opts, bundle, clean, trigger, sets, settings, device, reporter))
-    reporter.info(f"retuning check: {result.verdict}")
-    return result
-
-
-def _eval_batch(opts) -> int:
-    return getattr(opts, "eval_batch_size", opts.batch_size)
-
-
-def _reference_check(opts, bundle, clean, trigger, sets, settings, device, reporter) -> RetuneResult | None:
-    if not opts.clean_reference:
-        return None
-    reporter.stage(f"retuning check on the clean reference {opts.clean_reference}")
-    subject = open_subject(opts, opts.clean_reference, bundle, reporter)
-    return _retune_one(subject, None, clean, bundle, trigger, sets, settings, device, opts, reporter)
-
-
-def _retune_one(subject: Subject, result, clean, bundle, trigger, sets, settings, device, opts, reporter):
-    """The check on one checkpoint's model (its ASR measured here unless `result` has it)."""
-    model = prepare_model(subject.model, device)
-    mean, std = normalization_tensors(subject, device)
-    plan = resolve_precision(opts.precision, device)
-    asr = (result or evaluate_model(model, sets, mean, std, device, _eval_batch(opts), precision=plan.evaluate)).asr
-    adapter = probed_adapter(model, clean, mean, std, device, reporter)
-    return check_retuning(
-        model,
-        clean,
-        trigger,
-        sets,
-        mean,
-        std,
-        settings,
-        device,
-        asr,
-        _eval_batch(opts),
-        bundle.augment_flip,
-        adapter,
-        plan,
-    )
-
-
 def alpha_advice(uses_alpha: bool, alpha: float | None, acc_drop: float) -> str | None:
     """A hint when an alpha-based defence (FST) cost more clean accuracy than ALPHA_ADVICE_DROP."""
     if not uses_alpha or alpha is None or acc_drop <= ALPHA_ADVICE_DROP:
@@ -911,20 +528,6 @@ def alpha_advice(uses_alpha: bool, alpha: float | None, acc_drop: float) -> str 
         f"ResNet-18) can be too strong for a smaller or weaker model: a smaller --alpha (e.g. 0.05) or more "
         f"--epochs usually costs less accuracy (docs/reproduction.md). Check the ASR it leaves."
     )
-
-
-def decide_output_kind(flag: str, model, clean: ImageSet, mean, std, device, reporter: Reporter) -> OutputKind:
-    """What the model returns, from a few clean tuning images normalised as it expects (or --output-kind).
-    The probe runs in fp32 whatever --precision says: bf16 rounds a softmax's rows to sums off by
-    ~0.002, and the probe would then call probabilities logits (and pick the wrong loss)."""
-    batch = normalize(clean.x[:PROBE_IMAGES].to(device), mean, std)
-    with autocast(device, "fp32"):
-        probe = probe_outputs(model, batch)
-    found = resolve_output_kind(parse_output_kind(flag), probe)
-    reporter.info(f"model output: {found.kind} ({found.decided_by}); tuning loss: {found.adapter.describe()}")
-    if found.warning:
-        reporter.warn(found.warning)
-    return found
 
 
 def _holdout(
@@ -1044,163 +647,3 @@ def _purified_metadata(
     if subject.hub is not None:  # what rebuilds the model from purified.safetensors alone
         meta[hub.METADATA_KEY] = subject.hub.to_metadata()
     return meta
-
-
-def replayable_metrics(result) -> dict:
-    """Metrics for embedding in weights: no wall-clock times, so a replay with the same seed gives a
-    byte-identical file that can be checked by its sha256."""
-    return {k: v for k, v in result.to_dict().items() if k != "seconds"}
-
-
-def base_metadata(arch, num_classes, in_channels, head, mean, std, bundle: DatasetBundle) -> dict:
-    h, w, _ = bundle.test.image_shape
-    return {
-        "schema": SCHEMA_CHECKPOINT,
-        "arch": arch,
-        "num_classes": num_classes,
-        "in_channels": in_channels,
-        "input_size": [h, w],
-        "head": head,
-        "normalization": {"mean": list(mean), "std": list(std)},
-        "dataset": bundle.name,
-    }
-
-
-def compare_checkpoints(opts: CompareOptions, reporter: Reporter | None = None) -> CompareReport:
-    """Evaluate N checkpoints on the same images and trigger; drift and DER against the reference."""
-    reporter = reporter or Reporter()
-    if opts.checkpoint:  # inherited from the shared options; compare reads `checkpoints`
-        raise ConfigError(
-            "compare takes `checkpoints` (a list), not `checkpoint`",
-            hint="name the checkpoints as arguments, or as a `checkpoints:` list in the config",
-        )
-    if len(opts.checkpoints) < 2:
-        raise ConfigError("compare needs at least two checkpoints")
-    device = resolve_device(opts.device)
-    plan = resolve_precision(opts.precision, device)
-    seed_everything(opts.seed)
-    reporter.stage(f"loading data {opts.data}")
-    bundle, image_size = load_run_data(opts, opts.checkpoints, need_train=opts.retune_check)
-    reference_path = opts.reference or opts.checkpoints[0]
-    # One model in memory besides the reference: a folder of checkpoints compares in flat memory.
-    reference = open_subject(opts, reference_path, bundle, reporter)
-    trigger = resolve_trigger(opts.trigger, opts.target, reference, bundle.test.image_shape, reference.num_classes)
-    check_gate_inputs(opts, trigger)
-    sets = build_eval_sets(bundle.test, trigger, device, opts.eval_limit, opts.seed)
-    formats = {}
-
-    def measure(path: str, subject: Subject):
-        reporter.stage(f"evaluating {path}")
-        mean, std = normalization_tensors(subject, device)
-        model = prepare_model(subject.model, device)
-        choice = _eval_format(opts, model, bundle.test.image_shape, device, plan, reporter, _eval_images(sets))
-        formats[f"evaluate {path}"] = choice
-        return evaluate_model(model, sets, mean, std, device, opts.batch_size, reporter, plan.evaluate, choice.format)
-
-    ref = measure(reference_path, reference)
-    ref_state = reference.checkpoint.state_dict
-    retune = _retune_checker(opts, bundle, reference, trigger, sets, device, reporter)
-    rows = []
-    for path in opts.checkpoints:
-        subject = reference if path == reference_path else open_subject(opts, path, bundle, reporter)
-        res = ref if path == reference_path else measure(path, subject)
-        drop = ref.clean_acc.value - res.clean_acc.value
-        der = (
-            defense_effectiveness_rating(ref.clean_acc.value, res.clean_acc.value, ref.asr.value, res.asr.value)
-            if ref.asr and res.asr and path != reference_path
-            else None
-        )
-        gates = check_gates(
-            res.asr.value if res.asr else None, res.clean_acc.value, drop, opts.max_asr, opts.min_acc, opts.max_acc_drop
-        )
-        rows.append(
-            CompareRow(
-                path=path,
-                sha256=subject.checkpoint.sha256,
-                arch=subject.arch,
-                method=(subject.checkpoint.metadata.get("purification") or {}).get("method"),
-                result=res,
-                acc_drop=drop,
-                der=der,
-                drift=weight_drift(ref_state, subject.checkpoint.state_dict),
-                gates=gates,
-                is_reference=path == reference_path,
-                retune=retune(subject, res).to_dict() if retune is not None else None,
-            )
-        )
-        del subject  # the next checkpoint's model replaces this one
-    return CompareReport(
-        rows=rows,
-        reference=reference_path,
-        data=describe_data(bundle, sets, image_size),
-        trigger=describe_trigger(trigger),
-        environment=environment(device, Compute(device, plan, formats)),
-        options=to_yaml_dict(opts),
-    )
-
-
-def _retune_checker(opts, bundle, first: Subject, trigger, sets, device, reporter):
-    """compare --retune-check: a function (subject, its result) -> RetuneResult, or None without the flag.
-    The clean reference is retuned once, here; each checkpoint while it is the one in memory."""
-    if not opts.retune_check:
-        return None
-    settings = retune_settings(opts)
-    clean = retune_clean_set(opts, bundle, first)
-    reference = _reference_check(opts, bundle, clean, trigger, sets, settings, device, reporter)
-
-    def check(subject: Subject, result) -> RetuneResult:
-        reporter.stage(f"retuning check on {subject.checkpoint.path}")
-        return judge(
-            _retune_one(subject, result, clean, bundle, trigger, sets, settings, device, opts, reporter), reference
-        )
-
-    return check
-
-
-def trace_linear_path(opts: CompareOptions, reporter: Reporter | None = None) -> PathReport:
-    """compare A B --path N: C-Acc and ASR at N evenly spaced points of the segment from A to B."""
-    reporter = reporter or Reporter()
-    if len(opts.checkpoints) != 2:
-        raise ConfigError(f"--path needs exactly two checkpoints, got {len(opts.checkpoints)}")
-    path_points(opts.path)  # checks the count before anything is loaded
-    device = resolve_device(opts.device)
-    seed_everything(opts.seed)
-    reporter.stage(f"loading data {opts.data}")
-    bundle, image_size = load_run_data(opts, opts.checkpoints, need_train=False)
-    start, end = (open_subject(opts, p, bundle, reporter) for p in opts.checkpoints)
-    if (start.mean, start.std) != (end.mean, end.std):
-        raise InputError(
-            "the two checkpoints normalise their inputs differently, so the models between them have no "
-            "one input normalisation",
-            hint="pass --mean and --std to use one for both",
-        )
-    trigger = resolve_trigger(opts.trigger, opts.target, start, bundle.test.image_shape, start.num_classes)
-    sets = build_eval_sets(bundle.test, trigger, device, opts.eval_limit, opts.seed)
-    mean, std = normalization_tensors(start, device)
-    model = prepare_model(start.model, device)
-    states = [{k: v.detach().clone() for k, v in s.model.state_dict().items()} for s in (start, end)]
-    reporter.start_steps("linear path", opts.path)
-    try:
-        points = walk_path(
-            model, states[0], states[1], opts.path, sets, mean, std, device, opts.batch_size, on_point=reporter.advance
-        )
-    finally:
-        reporter.finish_steps()
-    outputs = {}
-    if opts.path_plot:
-        plot = Path(opts.path_plot)
-        png = path_plot_png(points, Path(opts.checkpoints[0]).name, Path(opts.checkpoints[1]).name)
-        with OutputSet(plot.parent, [plot.name], input_paths(opts, *opts.checkpoints), opts.force) as staged:
-            staged.stage(plot.name, png)
-            staged.commit()
-        outputs["plot"] = str(plot)
-    return PathReport(
-        start=start.describe(),
-        end=end.describe(),
-        points=points,
-        data=describe_data(bundle, sets, image_size),
-        trigger=describe_trigger(trigger),
-        environment=environment(device),
-        options=to_yaml_dict(opts),
-        outputs=outputs,
-    )
