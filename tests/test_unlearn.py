@@ -259,13 +259,19 @@ def test_unlearn_needs_its_scan_and_takes_its_own_flag_only(subjects, tmp_path):
     assert no_scan.exit_code == 2 and "--precaution does not apply to --method fst" in no_scan.output
 
 
-def test_several_flagged_classes_are_called_possible_shortcuts_of_the_data():
-    """A clean softmax MNIST CNN had 3 classes flagged: the verdict must not read as one backdoor found."""
+def test_several_flagged_classes_never_verify_and_are_called_shortcuts_of_the_data():
+    """A clean softmax MNIST CNN had 3 classes flagged, and a SIG ResNet-20 had 2 flagged that were not its
+    target (true ASR 71.9% after unlearning them): with several classes flagged the scan cannot say which is
+    a backdoor, so its evidence never makes a `verified`."""
     rescan = {c: {"mask_l1": 30.0, "input_mask_l1": 4.0, "flagged": False, "anomaly_index": 0.5} for c in (2, 3)}
     rates = {c: Rate(0, 200) for c in (2, 3)}
     verdict = judge_removal_by_scan([2, 3], [2, 3], {2: Rate(150, 200), 3: Rate(160, 200)}, rates, rescan)
-    assert verdict.verdict == "verified" and "2 classes were flagged" in verdict.reason
-    assert "shortcuts of the data" in verdict.reason
+    assert verdict.verdict == "not_verified" and "2 classes were flagged" in verdict.reason
+    assert "shortcuts of the data" in verdict.reason and "--trigger" in verdict.reason
+    still = judge_removal_by_scan(
+        [2, 3], [2, 3], {2: Rate(150, 200), 3: Rate(160, 200)}, {2: Rate(0, 200), 3: Rate(90, 200)}, rescan
+    )
+    assert still.verdict == "failed"  # one of them still works: failed, as with one flagged class
     assert "classes were flagged" not in _by_scan(Rate(0, 200), False).reason
 
 

@@ -125,11 +125,13 @@ def judge_removal_by_scan(
             f"pass --trigger if you suspect one){': ' + moved if moved else ''}",
             evidence,
         )
-    # An all-to-one backdoor has one target: with several classes flagged, some are likely shortcuts of the
-    # data itself (measured: a clean softmax MNIST CNN had 3 classes flagged), which the reason must say.
+    # An all-to-one backdoor has one target: with several classes flagged, some are shortcuts of the data or
+    # the model rather than a backdoor, and the scan cannot tell which. Measured: a clean softmax MNIST CNN had
+    # 3 classes flagged; a SIG-trigger ResNet-20 (target 0) had classes 4 and 6 flagged and not 0, and after
+    # unlearning them its true ASR was still 71.9%. So several flagged classes never make a `verified`.
     several = (
-        f"; {len(flagged)} classes were flagged, and an all-to-one backdoor has one target, so some may be "
-        "shortcuts of the data rather than a backdoor"
+        f"; {len(flagged)} classes were flagged, and an all-to-one backdoor has one target, so some are "
+        "shortcuts of the data rather than a backdoor, and the scan cannot tell which"
         if len(flagged) > 1
         else ""
     )
@@ -151,6 +153,16 @@ def judge_removal_by_scan(
         and c in rescan
         and not rescan[c]["flagged"]
     ]
+    if len(gone) == len(flagged) and len(flagged) > 1:
+        return RemovalVerdict(
+            "not_verified",
+            "every flagged class's reconstructed trigger is gone ("
+            + ", ".join(f"class {c}: proxy ASR {proxy_after[c].value:.1%}" for c in flagged)
+            + ")"
+            + several
+            + ": not verified (pass --trigger if you know or suspect one)",
+            evidence,
+        )
     if len(gone) == len(flagged):
         parts = [
             f"class {c}: proxy ASR {proxy_before[c].value:.1%} -> {proxy_after[c].value:.1%} (upper bound "
