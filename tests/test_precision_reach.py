@@ -101,7 +101,8 @@ def _purify(subject, out, precision, monkeypatch, *extra):
 
 
 def test_fp32_reaches_every_forward_of_a_purify(subject, tmp_path, monkeypatch):
-    result = _purify(subject, tmp_path / "fp32", "fp32", monkeypatch)
+    # --precaution: the random model flags nothing, and the default then tunes nothing; every stage must run here
+    result = _purify(subject, tmp_path / "fp32", "fp32", monkeypatch, "--precaution")
     assert result.exit_code in (0, 1), result.output  # 1: a gate; anything else would be the model refusing
     report = json.loads(result.stdout)
     assert report["environment"]["compute"]["precision"]["tune"] == "fp32"
