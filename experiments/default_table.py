@@ -15,7 +15,11 @@ def row(path: Path, walls: dict) -> str:
     before, after = report["before"], report["after"]
     asr = f"{before['asr']['value']:.2%} → {after['asr']['value']:.2%}" if before.get("asr") else "-"
     scan = report.get("scan")
-    flagged = (", ".join(map(str, scan["flagged"])) or f"none (unlearnt {scan['unlearnt'][0]})") if scan else "-"
+    if scan:
+        unlearnt = ", ".join(map(str, scan["unlearnt"])) or "nothing"
+        flagged = ", ".join(map(str, scan["flagged"])) or f"none (unlearnt: {unlearnt})"
+    else:
+        flagged = "-"
     proxy = "-"
     if scan:
         proxy = "; ".join(
@@ -51,7 +55,8 @@ def main(folder: str) -> None:
     )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for path in sorted(root.glob("*.json")):
-        print(row(path, walls))
+        if path.stat().st_size:  # a run still going has an empty file
+            print(row(path, walls))
 
 
 if __name__ == "__main__":
