@@ -113,8 +113,12 @@ def test_the_scan_verdict_is_never_verified_while_the_reconstruction_works_or_th
     verdict = _by_scan(Rate(k, 200), still_flagged)
     if k / 200 > FAILED_ASR or still_flagged:
         assert verdict.verdict == "failed"
-    if verdict.verdict == "verified":
-        assert k / 200 <= 0.05 and not still_flagged and "not tested" in verdict.reason
+    # the scan alone never verifies (a SIG backdoor hid behind a removed false positive); it says what it saw
+    assert verdict.verdict != "verified"
+    removed = verdict.evidence["found_trigger_removed"]
+    assert removed == (k / 200 <= 0.05 and Rate(k, 200).high <= 0.10 and not still_flagged)
+    if removed:
+        assert "the trigger the scan found is gone" in verdict.reason and "--trigger" in verdict.reason
 
 
 def test_with_nothing_flagged_the_scan_cannot_verify_and_says_why():
@@ -130,7 +134,7 @@ def test_a_failed_scan_overrides_a_verified_trigger_and_nothing_else():
     combined = combine_verdicts(by_trigger, _by_scan(Rate(0, 200), False))
     assert combined.verdict == "verified" and combined.evidence["scan"]["source"] == "scan"
     # the scan's own verdict is kept beside the trigger's: what the trigger-free default concluded alone
-    assert combined.evidence["scan"]["verdict"] == "verified" and combined.evidence["scan"]["reason"]
+    assert combined.evidence["scan"]["verdict"] == "not_verified" and combined.evidence["scan"]["found_trigger_removed"]
     worked_not = judge_removal(trigger, Rate(10, 900), Rate(3, 900))
     assert combine_verdicts(worked_not, _by_scan(Rate(0, 200), False)).verdict == "not_verified"
 
@@ -214,8 +218,10 @@ def test_without_a_trigger_the_scan_verdict_stands_and_gates(subjects):
     report = json.loads(result.stdout)
     assert report["trigger"] is None
     removal = report["removal"]
-    assert removal["evidence"]["source"] == "scan" and removal["verdict"] in ("verified", "not_verified", "failed")
-    assert result.exit_code == (0 if removal["verdict"] == "verified" else 1)
+    # without a trigger the scan can say what it removed, never `verified`, so --require-verified fails the run
+    assert removal["evidence"]["source"] == "scan" and removal["verdict"] in ("not_verified", "failed")
+    assert removal["evidence"]["found_trigger_removed"] and "pass --trigger to verify" in removal["reason"]
+    assert result.exit_code == 1
     md = (subjects["root"] / "plain-out" / "report.md").read_text()
     assert "Scan" in md and "proxy" in md
 
@@ -268,11 +274,11 @@ def test_several_flagged_classes_never_verify_and_are_called_shortcuts_of_the_da
     verdict = judge_removal_by_scan([2, 3], [2, 3], {2: Rate(150, 200), 3: Rate(160, 200)}, rates, rescan)
     assert verdict.verdict == "not_verified" and "2 classes were flagged" in verdict.reason
     assert "shortcuts of the data" in verdict.reason and "--trigger" in verdict.reason
+    assert "classes were flagged" not in _by_scan(Rate(0, 200), False).reason
     still = judge_removal_by_scan(
         [2, 3], [2, 3], {2: Rate(150, 200), 3: Rate(160, 200)}, {2: Rate(0, 200), 3: Rate(90, 200)}, rescan
     )
     assert still.verdict == "failed"  # one of them still works: failed, as with one flagged class
-    assert "classes were flagged" not in _by_scan(Rate(0, 200), False).reason
 
 
 def test_guessed_values_are_said_on_the_terminal_in_one_line_each(subjects):

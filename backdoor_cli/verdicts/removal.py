@@ -97,13 +97,15 @@ def judge_removal_by_scan(
 ) -> RemovalVerdict:
     """The verdict without a known trigger, from the scan that guided the purify.
 
-    `verified` needs every flagged class's reconstructed trigger to have stopped working (proxy ASR after
-    at most VERIFIED_ASR, upper bound at most VERIFIED_HIGH) and a re-scan of the purified model that no
-    longer flags the class; `failed` when the reconstruction still works (above FAILED_ASR) or the
-    re-scan still flags the class; with no class flagged there is nothing to check against."""
+    It is never `verified`: the scan can show that what it found is gone (every flagged class's proxy ASR
+    at most VERIFIED_ASR, upper bound at most VERIFIED_HIGH, and a re-scan that no longer flags it:
+    evidence["found_trigger_removed"]), not that no trigger it cannot see is left (a SIG backdoor was).
+    `failed` when the reconstruction still works (above FAILED_ASR) or the re-scan still flags the class;
+    `not_verified` otherwise, with the reason."""
     thresholds = {"verified_asr": VERIFIED_ASR, "verified_high": VERIFIED_HIGH, "failed_asr": FAILED_ASR}
     evidence = {
         "source": "scan",
+        "found_trigger_removed": False,
         "flagged": list(flagged),
         "unlearnt": list(unlearnt),
         "proxy_asr_before": {str(c): _rate(r) for c, r in proxy_before.items()},
@@ -153,17 +155,13 @@ def judge_removal_by_scan(
         and c in rescan
         and not rescan[c]["flagged"]
     ]
-    if len(gone) == len(flagged) and len(flagged) > 1:
-        return RemovalVerdict(
-            "not_verified",
-            "every flagged class's reconstructed trigger is gone ("
-            + ", ".join(f"class {c}: proxy ASR {proxy_after[c].value:.1%}" for c in flagged)
-            + ")"
-            + several
-            + ": not verified (pass --trigger if you know or suspect one)",
-            evidence,
-        )
     if len(gone) == len(flagged):
+        # Everything the scan found is gone, and still the scan alone never says `verified`: measured on a
+        # SIG-trigger ResNet-20 (target 0) with fresh clean data, the scan flagged class 6 only, its
+        # reconstruction was unlearnt (proxy ASR 3.9%, the re-scan no longer flagged it), and the true
+        # trigger still worked on 83.3% of images. A trigger that hides from inversion cannot be ruled out
+        # by it; only a known trigger (--trigger, or the one recorded in the checkpoint) verifies.
+        evidence["found_trigger_removed"] = True
         parts = [
             f"class {c}: proxy ASR {proxy_before[c].value:.1%} -> {proxy_after[c].value:.1%} (upper bound "
             f"{proxy_after[c].high:.1%}), re-scanned mask L1 {rescan[c]['input_mask_l1']:g} -> "
@@ -171,9 +169,10 @@ def judge_removal_by_scan(
             for c in flagged
         ]
         return RemovalVerdict(
-            "verified",
-            "the backdoor the scan found is gone (" + "; ".join(parts) + "); triggers "
-            "that hide from inversion were not tested" + several,
+            "not_verified",
+            "the trigger the scan found is gone (" + "; ".join(parts) + ")" + several + "; but a trigger that "
+            "hides from inversion (blend, SIG, warp, sample-specific) cannot be ruled out without it: pass "
+            "--trigger to verify",
             evidence,
         )
     return RemovalVerdict(
