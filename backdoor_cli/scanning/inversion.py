@@ -330,9 +330,7 @@ def anomaly_indices(norms: list[float]) -> tuple[list[float], float, float]:
     """
     median = statistics.median(norms)
     mad = statistics.median(abs(v - median) for v in norms)
-    if mad <= 1e-12:
-        return [0.0] * len(norms), median, mad
-    return [(median - v) / (MAD_CONSISTENCY * mad) for v in norms], median, mad
+    return indices_against(norms, median, mad), median, mad
 
 
 def scan_model(

@@ -217,11 +217,15 @@ def _purify_into(
                 opts.scan_steps,
                 opts.precaution,
             )
+    # nothing flagged (and no --precaution): nothing to remove, so the input is kept as it is (scanning.guided)
+    unchanged = evidence is not None and not evidence.chosen
     with timer.stage("choose_format"):
         shape = bundle.test.image_shape
         formats = {"evaluate": choose_eval_format(opts, model, shape, device, plan, reporter, 2 * eval_images(sets))}
         steps = (
-            params.epochs * steps_per_epoch(tune_set.num_images, params.batch_size) if defense.trains != "none" else 0
+            params.epochs * steps_per_epoch(tune_set.num_images, params.batch_size)
+            if defense.trains != "none" and not unchanged  # no tuning to run: no format timing to repay
+            else 0
         )
         formats["tune"] = untimed_format(
             opts, model, device, steps, 2 * (1 + FORMAT_TIMED_STEPS["train"]), "steps"
@@ -248,8 +252,6 @@ def _purify_into(
         )
         if cached:
             reporter.info("the input model's evaluation was read from the evaluation cache")
-    # nothing flagged (and no --precaution): nothing to remove, so the input is kept as it is (scanning.guided)
-    unchanged = evidence is not None and not evidence.chosen
     with timer.stage("tune"):
         model.to(memory_format=torch_format(formats["tune"].format))
         # the input's weights, for the line back to them (one copy, only when the path selection runs)
