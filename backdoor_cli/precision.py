@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,6 +42,10 @@ MEMORY_FORMATS: tuple[str, ...] = CHOICES["memory_format"]
 # counts that differ from the model's own fp32 forward, and from the same file evaluated on another
 # machine. An audit reports the model's own figures, so auto evaluates in fp32 (--precision bf16 asks).
 EVAL_BF16_ON_CPU = False
+# The evaluation precision of `auto` on a native-bf16 CPU: bf16 with every image whose answer bf16
+# could have changed re-run in fp32 (evaluation/checked.py), so the predictions are fp32's. Measured
+# image for image against the fp32 forward in docs/performance.md. `BDCLEAN_CHECKED_BF16=0`: plain fp32.
+CHECKED_BF16 = "bf16-checked"
 # Keep channels_last (the format data.normalize's batches already have) unless contiguous is faster
 # by more than this: a close call would otherwise flip with machine load from run to run, and with
 # it the last bits of the results.
@@ -148,13 +153,18 @@ def resolve_precision(spec: str | None, device: torch.device, capability: CpuCap
     cap = capability or cpu_capability()
     if not cap.native_bf16:
         return PrecisionPlan("auto", "fp32", "fp32", f"CPU {cap.kind}: no native bf16")
-    evaluate = "bf16" if EVAL_BF16_ON_CPU else "fp32"
-    why = (
-        "bf16 (it moved no figure of the precision study by more than 0.14 of its interval)"
-        if EVAL_BF16_ON_CPU
-        else "exact fp32, the model's own predictions (bf16 changed up to 0.52% of them)"
-    )
+    if EVAL_BF16_ON_CPU:
+        evaluate, why = "bf16", "bf16 (it moved no figure of the precision study by more than 0.14 of its interval)"
+    elif checked_bf16_enabled():
+        evaluate = CHECKED_BF16
+        why = "bf16 with every near-tie re-run in fp32: the fp32 forward's predictions (plain bf16 changed up to 0.52%)"
+    else:
+        evaluate, why = "fp32", "exact fp32, the model's own predictions (bf16 changed up to 0.52% of them)"
     return PrecisionPlan("auto", "bf16", evaluate, f"CPU {cap.kind}: native bf16 for tuning; evaluation in {why}")
+
+
+def checked_bf16_enabled() -> bool:
+    return os.environ.get("BDCLEAN_CHECKED_BF16", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
 def default_precision(device: torch.device) -> str:

@@ -29,9 +29,10 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from backdoor_cli.data.datasets import load_dataset  # noqa: E402
+from backdoor_cli.evaluation.checked import CheckedStats  # noqa: E402
 from backdoor_cli.evaluation.measure import build_eval_sets, predict  # noqa: E402
 from backdoor_cli.evaluation.metrics import Rate  # noqa: E402
-from backdoor_cli.precision import cpu_capability  # noqa: E402
+from backdoor_cli.precision import CHECKED_BF16, cpu_capability  # noqa: E402
 from backdoor_cli.runtime import prepare_model  # noqa: E402
 from backdoor_cli.subject import load_subject, normalization_tensors  # noqa: E402
 from backdoor_cli.triggers import build_trigger, load_trigger_spec  # noqa: E402
@@ -66,10 +67,10 @@ def parse_model(text: str):
     return (Path(path).name, Path(path), arch or None, None, trigger or None)
 
 
-def timed_predict(model, x, mean, std, device, precision: str, batch_size: int):
+def timed_predict(model, x, mean, std, device, precision: str, batch_size: int, stats=None):
     predict(model, x[:batch_size], mean, std, device, batch_size, precision=precision)  # untimed: oneDNN set-up
     start = time.perf_counter()
-    preds = predict(model, x, mean, std, device, batch_size, precision=precision)
+    preds = predict(model, x, mean, std, device, batch_size, precision=precision, stats=stats)
     return preds, time.perf_counter() - start
 
 
@@ -90,17 +91,26 @@ def study(name, path: Path, arch, norm, trigger_name, bundle, device, batch_size
     sets = build_eval_sets(bundle.test, trigger, device)
     row = {"model": name, "checkpoint": str(path), "arch": subject.arch, "images": sets.clean.num_images}
     preds, seconds = {}, {}
-    for precision in ("fp32", "bf16"):
-        clean, t_clean = timed_predict(model, sets.clean.x, mean, std, device, precision, batch_size)
+    checked = CheckedStats()
+    for precision in ("fp32", "bf16", CHECKED_BF16):
+        stats = checked if precision == CHECKED_BF16 else None
+        clean, t_clean = timed_predict(model, sets.clean.x, mean, std, device, precision, batch_size, stats)
         preds[precision] = {"clean": clean}
         seconds[precision] = t_clean
         if sets.poisoned is not None:
-            poisoned, t_poison = timed_predict(model, sets.poisoned.x, mean, std, device, precision, batch_size)
+            poisoned, t_poison = timed_predict(model, sets.poisoned.x, mean, std, device, precision, batch_size, stats)
             preds[precision]["poisoned"] = poisoned
             seconds[precision] += t_poison
     n_images = sets.clean.num_images + (sets.poisoned.num_images if sets.poisoned is not None else 0)
     row["images_per_s"] = {p: round(n_images / s, 1) for p, s in seconds.items()}
     row["eval_speedup_bf16"] = round(seconds["fp32"] / seconds["bf16"], 2)
+    # bf16 with the near-ties re-run in fp32 (evaluation/checked.py): must change nothing against fp32
+    row["eval_speedup_checked"] = round(seconds["fp32"] / seconds[CHECKED_BF16], 2)
+    row["checked"] = checked.to_dict()
+    row["checked_changed_vs_fp32"] = sum(
+        int((preds["fp32"][part] != preds[CHECKED_BF16][part]).sum()) for part in preds["fp32"]
+    )
+    preds.pop(CHECKED_BF16)
     acc = {p: Rate(int((preds[p]["clean"] == sets.clean.y).sum()), sets.clean.num_images) for p in preds}
     row["changed_clean"] = int((preds["fp32"]["clean"] != preds["bf16"]["clean"]).sum())
     row["clean_acc"] = {p: acc[p].value for p in acc}
@@ -122,8 +132,9 @@ def study(name, path: Path, arch, norm, trigger_name, bundle, device, batch_size
 def markdown(rows: list[dict]) -> str:
     lines = [
         "| model | changed predictions (clean / triggered) | C-Acc fp32 → bf16 (Δ, share of ±CI) | "
-        "ASR fp32 → bf16 (Δ, share of ±CI) | eval images/s fp32 → bf16 |",
-        "|---|---|---|---|---|",
+        "ASR fp32 → bf16 (Δ, share of ±CI) | eval images/s fp32 → bf16 | checked bf16: changed vs fp32, "
+        "images run in fp32, images/s |",
+        "|---|---|---|---|---|---|",
     ]
     for r in rows:
         changed = f"{r['changed_clean']} / {r['images']}"
@@ -142,7 +153,13 @@ def markdown(rows: list[dict]) -> str:
             else "–"
         )
         speed = f"{r['images_per_s']['fp32']:.0f} → {r['images_per_s']['bf16']:.0f} ({r['eval_speedup_bf16']:.2f}×)"
-        lines.append(f"| {r['model']} | {changed} | {acc} | {asr} | {speed} |")
+        c = r["checked"]
+        checked = (
+            f"**{r['checked_changed_vs_fp32']}**, {c['fp32_images']} of {c['images']} "
+            f"({c['fp32_images'] / max(c['images'], 1):.1%}), {r['images_per_s'][CHECKED_BF16]:.0f} "
+            f"({r['eval_speedup_checked']:.2f}×)"
+        )
+        lines.append(f"| {r['model']} | {changed} | {acc} | {asr} | {speed} | {checked} |")
     return "\n".join(lines) + "\n"
 
 

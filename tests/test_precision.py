@@ -55,7 +55,11 @@ def test_auto_is_fp32_without_native_bf16(cap):
 def test_auto_tunes_in_bf16_with_native_bf16(cap, monkeypatch):
     plan = P.resolve_precision(None, CPU, cap)
     assert plan.requested == "auto" and plan.tune == "bf16"
-    assert plan.evaluate == "fp32" and "exact" in plan.reason  # figures are the model's own fp32 forward
+    # bf16 with the near-ties re-run in fp32: the figures are the fp32 forward's (evaluation/checked.py)
+    assert plan.evaluate == P.CHECKED_BF16 and "near-tie re-run in fp32" in plan.reason
+    monkeypatch.setenv("BDCLEAN_CHECKED_BF16", "0")
+    plan = P.resolve_precision("auto", CPU, cap)
+    assert plan.evaluate == "fp32" and "exact" in plan.reason
     monkeypatch.setattr(P, "EVAL_BF16_ON_CPU", True)
     assert P.resolve_precision("auto", CPU, cap).evaluate == "bf16"
 

@@ -11,6 +11,7 @@ pass, so the counts are those of the resident path on the same images.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
 from dataclasses import dataclass
@@ -19,8 +20,10 @@ import torch
 
 from ..data.datasets import ImageSet, normalize, stratified_limit
 from ..data.streaming import FolderStream
-from ..precision import as_format, evaluation_arithmetic
+from ..precision import CHECKED_BF16, as_format, autocast, evaluation_arithmetic, exact_fp32
 from ..runtime import synchronize
+from .checked import CheckedStats, predict_checked
+from .folding import fold_batchnorm
 from .metrics import Rate
 
 APPLY_CHUNK = 4096  # trigger application is chunked to bound float temporaries (WaNet's grid_sample)
@@ -59,15 +62,19 @@ class EvalResult:
     ra: Rate | None
     seconds: float
     images: int
+    checked: CheckedStats | None = None  # a checked bf16 evaluation: what ran in fp32 (checked.py)
 
     def to_dict(self) -> dict:
-        return {
+        out = {
             "clean_acc": self.clean_acc.to_dict(),
             "asr": self.asr.to_dict() if self.asr else None,
             "ra": self.ra.to_dict() if self.ra else None,
             "seconds": round(self.seconds, 4),
             "images": self.images,
         }
+        if self.checked is not None:
+            out["arithmetic"] = self.checked.to_dict()
+        return out
 
 
 def build_eval_sets(
@@ -107,6 +114,19 @@ def eval_batch_size(given: int | None, device: torch.device) -> int:
     return given if given is not None else EVAL_BATCH.get(device.type, EVAL_BATCH["cuda"])
 
 
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module):
+    """The model in eval mode inside the block; afterwards every module's own flag as it was (a
+    BatchNorm the caller froze in a training model stays frozen)."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
 @torch.inference_mode()
 def predict(
     model: torch.nn.Module,
@@ -118,25 +138,43 @@ def predict(
     on_batch=None,
     precision: str | None = None,
     memory_format: str = "channels_last",
+    stats: CheckedStats | None = None,
 ) -> torch.Tensor:
     """Class predictions for uint8 NHWC images, in large batches, staying on the device.
     `on_batch(n_images)` is called after each batch is queued (no sync: it only counts).
-    `precision`: bf16 autocast, or exact fp32 (None: fp32, TF32 off on CUDA); `memory_format`: the model's."""
+    `precision`: bf16 autocast, exact fp32 (None: fp32, TF32 off on CUDA), or CHECKED_BF16 (bf16 with
+    the near-ties re-run in fp32: fp32's answers, checked.py; `stats` collects what ran);
+    `memory_format`: the model's."""
     precision = precision or "fp32"  # evaluation is exact unless bf16 is asked for (precision.py)
     batch_size = eval_batch_size(batch_size, device)
-    was_training = model.training
-    model.eval()
-    preds = []
-    for start in range(0, len(x), batch_size):
-        batch = as_format(
-            normalize(x[start : start + batch_size].to(device, non_blocking=True), mean, std), memory_format
-        )
-        with evaluation_arithmetic(device, precision):
-            preds.append(model(batch).argmax(dim=1))
-        if on_batch is not None:
-            on_batch(len(batch))
-    model.train(was_training)
+    with eval_mode(model):
+        if precision == CHECKED_BF16:
+            return _predict_checked(model, x, mean, std, device, batch_size, on_batch, memory_format, stats)
+        preds = []
+        for start in range(0, len(x), batch_size):
+            batch = as_format(
+                normalize(x[start : start + batch_size].to(device, non_blocking=True), mean, std), memory_format
+            )
+            with evaluation_arithmetic(device, precision):
+                preds.append(model(batch).argmax(dim=1))
+            if on_batch is not None:
+                on_batch(len(batch))
     return torch.cat(preds) if preds else torch.empty(0, dtype=torch.long, device=device)
+
+
+def _predict_checked(model, x, mean, std, device, batch_size, on_batch, memory_format, stats) -> torch.Tensor:
+    def prepare(images: torch.Tensor) -> torch.Tensor:
+        return as_format(normalize(images.to(device, non_blocking=True), mean, std), memory_format)
+
+    def forward_bf16(batch: torch.Tensor) -> torch.Tensor:
+        with autocast(device, "bf16"):
+            return model(batch)
+
+    def forward_fp32(batch: torch.Tensor) -> torch.Tensor:
+        with exact_fp32(device):
+            return model(batch)
+
+    return predict_checked(x, batch_size, prepare, forward_bf16, forward_fp32, stats, on_batch)
 
 
 def evaluate_model(
@@ -167,18 +205,28 @@ def evaluate_model(
             done["n"] += n
             reporter.advance(done["n"])
 
+    checked = CheckedStats() if precision == CHECKED_BF16 else None
     try:
-        count = _streamed_counts if sets.streamed else _resident_counts
-        run = functools.partial(predict, precision=precision, memory_format=memory_format)
-        counts = count(model, sets, mean, std, device, batch_size, on_batch, run).tolist()  # one host transfer
+        # The folded copy shares the model's other modules: the model's own modes come back on exit.
+        with eval_mode(model):
+            # BatchNorm folded into the convolutions (folding.py): the same function, a memory pass fewer.
+            runnable = fold_batchnorm(model).model
+            count = _streamed_counts if sets.streamed else _resident_counts
+            run = functools.partial(predict, precision=precision, memory_format=memory_format, stats=checked)
+            counts = count(runnable, sets, mean, std, device, batch_size, on_batch, run).tolist()  # one host read
     finally:
         if reporter is not None:
             reporter.finish_steps()
     seconds = time.perf_counter() - start
     if not sets.has_trigger:
-        return EvalResult(Rate(counts[0], n_clean), None, None, seconds, n_clean)
+        return EvalResult(Rate(counts[0], n_clean), None, None, seconds, n_clean, checked)
     return EvalResult(
-        Rate(counts[0], n_clean), Rate(counts[1], n_poison), Rate(counts[2], n_poison), seconds, n_clean + n_poison
+        Rate(counts[0], n_clean),
+        Rate(counts[1], n_poison),
+        Rate(counts[2], n_poison),
+        seconds,
+        n_clean + n_poison,
+        checked,
     )
 
 
