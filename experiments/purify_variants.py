@@ -58,7 +58,7 @@ def run_variant(name, subject, tune_set, holdout, sets, mean, std, args) -> dict
     model = copy.deepcopy(subject.model)
     teacher = frozen_copy(subject.model)
     base_holdout = accuracy(model, holdout, mean, std)
-    params = DefenseParams(lr=args.lr, epochs=args.epochs, alpha=alpha, seed=args.seed, **extra).validate()
+    params = DefenseParams.of(lr=args.lr, epochs=args.epochs, alpha=alpha, seed=args.seed, **extra).validate()
     curve, snapshots = [], []
 
     def on_epoch(log):

@@ -79,9 +79,11 @@ def test_the_library_parameters_check_the_flags_ranges_declared_once():
     import dataclasses
 
     from backdoor_cli.defenses.base import DefenseParams
-    from backdoor_cli.verdicts.retune import RetuneSettings
+    from backdoor_cli.tuning.sgd import SgdSettings
+    from backdoor_cli.verdicts.retune import PROTOCOL, RetuneSettings
 
-    checked = [f.name for f in dataclasses.fields(DefenseParams) if f.name in C.RANGES]
+    declared = dataclasses.fields(DefenseParams) + dataclasses.fields(SgdSettings)
+    checked = [f.name for f in declared if f.name in C.RANGES]
     assert {"lr", "epochs", "momentum", "distill", "unlearn_fraction", "sau_eps", "nad_beta"} <= set(checked)
     for name in checked:
         bad = _out_of_range(name)
@@ -89,10 +91,12 @@ def test_the_library_parameters_check_the_flags_ranges_declared_once():
         if name == "sau_lambda":
             value = (1.0, 1.0, bad)
         with pytest.raises(C.ConfigError, match=f"--{name.replace('_', '-')} must be in"):
-            DefenseParams(**{name: value}).validate()
-    for field, flag in (("poisoned", "retune_poisoned"), ("epochs", "retune_epochs"), ("lr", "retune_lr")):
+            DefenseParams.of(**{name: value}).validate()
+    with pytest.raises(C.ConfigError, match="--retune-poisoned must be in"):
+        RetuneSettings(poisoned=_out_of_range("retune_poisoned")).validate()
+    for field, flag in (("epochs", "retune_epochs"), ("lr", "retune_lr")):
         with pytest.raises(C.ConfigError, match=f"--{flag.replace('_', '-')} must be in"):
-            RetuneSettings(**{field: _out_of_range(flag)}).validate()
+            RetuneSettings(sgd=dataclasses.replace(PROTOCOL, **{field: _out_of_range(flag)})).validate()
 
 
 def test_a_list_option_has_each_item_range_checked():

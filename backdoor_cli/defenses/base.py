@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 
 from ..config import check_fields
 from ..errors import ConfigError
+from ..tuning.sgd import SgdSettings
 
 # The FST paper's defaults (Min et al., NeurIPS 2023, Appendix): lr, epochs, alpha, clean fraction.
 DATASET_DEFAULTS: dict[str, dict] = {
@@ -23,16 +25,11 @@ FALLBACK_DATASET = "cifar10"
 
 @dataclass(frozen=True)
 class DefenseParams:
-    """Every hyper-parameter of a tuning defense; all are recorded in the report and metadata."""
+    """Every hyper-parameter of a tuning defense: its SGD settings (always the cosine schedule) and the
+    methods' own. Reports record those the method read (Defense.used_params), flat (to_dict)."""
 
-    lr: float = 0.01
-    epochs: int = 10
+    sgd: SgdSettings = field(default_factory=lambda: SgdSettings(epochs=10, lr=0.01))
     alpha: float = 0.2  # FST only: weight of the <W, W_orig> penalty
-    batch_size: int = 128
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    augment: bool = True
-    seed: int = 0
     distill: float = 1.0  # fst-kd only: weight of the distillation term (measured: docs/purification.md)
     distill_temperature: float = 2.0  # fst-kd only: softmax temperature of the distillation
     rho: float | None = None  # pam / ft-sam: perturbation radius (None: the method's default, METHOD_DEFAULTS)
@@ -53,6 +50,14 @@ class DefenseParams:
         None  # sau: weights of clean CE, adversarial CE, shared unlearning (None: 1, 0, 1)
     )
 
+    @classmethod
+    def of(cls, **values) -> DefenseParams:
+        """Built from flat names, as the flags and reports name them (lr=0.05, alpha=0.1): the SGD
+        settings go to `sgd`, over the defaults."""
+        names = {f.name for f in fields(SgdSettings)}
+        sgd = dataclasses.replace(cls().sgd, **{k: v for k, v in values.items() if k in names})
+        return cls(sgd=sgd, **{k: v for k, v in values.items() if k not in names})
+
     def method_value(self, method: str, name: str):
         """A per-method hyper-parameter: the given value, else the method's default."""
         value = getattr(self, name)
@@ -60,7 +65,7 @@ class DefenseParams:
 
     def validate(self) -> DefenseParams:
         # the ranges are config.RANGES's, the flags' own: declared once
-        check_fields(asdict(self))
+        check_fields(self.to_dict())
         if self.nad_beta is not None and not self.nad_beta:
             raise ConfigError("--nad-beta must be one or more weights in [0, 1e6], got none")
         if self.sau_lambda is not None and len(self.sau_lambda) != 3:
@@ -71,7 +76,11 @@ class DefenseParams:
         return self
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """Flat, in the order reports have always listed them (the schedule is not a choice here)."""
+        sgd = self.sgd
+        first = {"lr": sgd.lr, "epochs": sgd.epochs, "alpha": self.alpha, "batch_size": sgd.batch_size}
+        first.update(momentum=sgd.momentum, weight_decay=sgd.weight_decay, augment=sgd.augment, seed=sgd.seed)
+        return {**first, **{f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("sgd", "alpha")}}
 
 
 # Hyper-parameters only some methods have. PAM: the paper's ρ; FT-SAM: BackdoorBench's adaptive-SAM
@@ -120,14 +129,7 @@ METHOD_PARAMS: tuple[str, ...] = (
     "sau_steps",
     "sau_lambda",
 )
-TUNING_PARAMS: tuple[str, ...] = (
-    "lr",
-    "epochs",
-    "batch_size",
-    "momentum",
-    "weight_decay",
-    "augment",
-    "seed",
+TUNING_PARAMS: tuple[str, ...] = tuple(f.name for f in fields(SgdSettings) if f.name != "schedule") + (
     "label_smoothing",
 )
 

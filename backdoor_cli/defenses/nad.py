@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 
 import torch
 import torch.nn.functional as F
@@ -105,7 +106,8 @@ def run_nad(model, head_name, clean, mean, std, params, device, flip=True, **opt
     from ..data.datasets import normalize  # local: keeps the defense module light to import
 
     teacher = copy.deepcopy(model)
-    teacher_params = type(params)(**{**params.to_dict(), "epochs": params.teacher_epochs or params.epochs})
+    teacher_sgd = dataclasses.replace(params.sgd, epochs=params.teacher_epochs or params.sgd.epochs)
+    teacher_params = dataclasses.replace(params, sgd=teacher_sgd)
     quiet = {k: v for k, v in options.items() if k in ("loss_adapter", "precision", "memory_format")}
     run_tuning(FT, teacher, head_name, clean, mean, std, teacher_params, device, flip, **quiet)
     teacher.eval()
@@ -128,7 +130,7 @@ def run_nad(model, head_name, clean, mean, std, params, device, flip=True, **opt
             NAD, model, head_name, clean, mean, std, params, device, flip, batch_penalty=attention_term, **options
         )
     outcome.notes.append(
-        f"nad: teacher fine-tuned {teacher_params.epochs} epochs; attention at "
+        f"nad: teacher fine-tuned {teacher_params.sgd.epochs} epochs; attention at "
         + ", ".join(f"{n} (beta {b:g})" for n, b in zip(layers, betas))
         + f", p {params.nad_p:g}"
     )

@@ -46,6 +46,7 @@ from ..selection.path_select import memorised_warning, select_on_path
 from ..selection.recipe import CAVEAT, Recipe, fit_to_clean_data, resolve_recipe
 from ..subject import Subject, normalization_tensors
 from ..tuning.loop import steps_per_epoch
+from ..tuning.sgd import SgdSettings
 from ..verdicts.removal import combine_verdicts, judge_removal, judge_removal_by_scan
 from .retuning import retune_checked
 from .setup import (
@@ -98,15 +99,18 @@ def _defense_params(opts: PurifyOptions, dataset: str | None, recipe: Recipe) ->
         )
         if v is not None
     }
-    params = DefenseParams(
+    sgd = SgdSettings(
         lr=opts.lr if opts.lr is not None else defaults["lr"],
         epochs=opts.epochs if opts.epochs is not None else defaults["epochs"],
-        alpha=opts.alpha if opts.alpha is not None else defaults["alpha"],
         batch_size=opts.batch_size,
         momentum=opts.momentum,
         weight_decay=opts.weight_decay,
-        augment=opts.augment is not False,
-        seed=opts.seed,  # the data's rule refines it (_purify_into)
+        augment=opts.augment is not False,  # the data's rule refines it (_purify_into)
+        seed=opts.seed,
+    )
+    params = DefenseParams(
+        sgd=sgd,
+        alpha=opts.alpha if opts.alpha is not None else defaults["alpha"],
         **{**recipe.params(), **given},  # the user's values over the recipe's over the method's defaults
     ).validate()
     fraction = opts.clean_fraction
@@ -184,14 +188,14 @@ def _purify_into(
         check_gate_inputs(opts, trigger)
         params, fraction = _defense_params(opts, bundle.name, recipe)
         augmentation = decide_augmentation(opts.augment, bundle)
-        params = dataclasses.replace(params, augment=augmentation.enabled)
+        params = dataclasses.replace(params, sgd=dataclasses.replace(params.sgd, augment=augmentation.enabled))
         clean, clean_indices = select_clean_set(opts, bundle, fraction, subject)
         recipe, warning = fit_to_clean_data(recipe, clean.num_images, subject.num_classes)
         if warning:
             reporter.warn(warning)
         reporter.info(
             f"{recipe.describe()}: {clean.num_images} clean images"
-            + (f", lr {params.lr}, {params.epochs} epochs" if defense.trains != "none" else ", no training")
+            + (f", lr {params.sgd.lr}, {params.sgd.epochs} epochs" if defense.trains != "none" else ", no training")
             + (f", alpha {params.alpha}" if defense.uses_alpha else "")
         )
         if defense.trains != "none":
@@ -223,7 +227,7 @@ def _purify_into(
         shape = bundle.test.image_shape
         formats = {"evaluate": choose_eval_format(opts, model, shape, device, plan, reporter, 2 * eval_images(sets))}
         steps = (
-            params.epochs * steps_per_epoch(tune_set.num_images, params.batch_size)
+            params.sgd.epochs * steps_per_epoch(tune_set.num_images, params.sgd.batch_size)
             if defense.trains != "none" and not unchanged  # no tuning to run: no format timing to repay
             else 0
         )
@@ -231,7 +235,7 @@ def _purify_into(
             opts, model, device, steps, 2 * (1 + FORMAT_TIMED_STEPS["train"]), "steps"
         ) or choose_memory_format(
             model,
-            example_batch(shape, min(params.batch_size, tune_set.num_images), device),
+            example_batch(shape, min(params.sgd.batch_size, tune_set.num_images), device),
             device,
             plan.tune,
             train=True,
@@ -276,7 +280,7 @@ def _purify_into(
                 triggers=evidence.chosen if evidence is not None else None,
             )
         )
-        selection = monitor.restore(model, params.epochs) if recipe.select == "epoch" and not unchanged else None
+        selection = monitor.restore(model, params.sgd.epochs) if recipe.select == "epoch" and not unchanged else None
         if selection:
             reporter.info(f"held-out selection: {selection}")
         path_choice = None
@@ -570,14 +574,16 @@ def _run_defense(
     compute: Compute | None = None,
     triggers=None,
 ):
-    total = params.epochs * steps_per_epoch(clean.num_images, params.batch_size) if defense.trains != "none" else 0
+    total = (
+        params.sgd.epochs * steps_per_epoch(clean.num_images, params.sgd.batch_size) if defense.trains != "none" else 0
+    )
     reporter.start_steps(f"{defense.name} tuning", total)
     on_step = step_callback(reporter, "tuning", total)
 
     def on_epoch(log) -> None:
         held = f", held-out acc {monitor.observe(model, log.epoch, mean, std):.2%}" if monitor is not None else ""
         reporter.epoch(
-            f"epoch {log.epoch}/{params.epochs}: loss {log.loss:.4f}, "
+            f"epoch {log.epoch}/{params.sgd.epochs}: loss {log.loss:.4f}, "
             f"train acc {log.train_acc:.2%}{held}, lr {log.lr:.4g}, {log.seconds:.1f}s"
         )
 

@@ -5,6 +5,8 @@ The check itself (a copy retuned with a few poisoned images, and its verdict) is
 
 from __future__ import annotations
 
+import dataclasses
+
 from ..config import EvaluateOptions
 from ..data.datasets import DatasetBundle, ImageSet, select_clean_subset
 from ..data.streaming import materialize
@@ -17,7 +19,7 @@ from ..precision import resolve_precision
 from ..progress import Reporter
 from ..runtime import prepare_model
 from ..subject import Subject, normalization_tensors
-from ..verdicts.retune import RetuneResult, RetuneSettings, check_retuning, judge
+from ..verdicts.retune import PROTOCOL, RetuneResult, RetuneSettings, check_retuning, judge
 from .setup import open_subject, probed_adapter
 
 
@@ -35,9 +37,9 @@ def retune_clean_set(opts: EvaluateOptions, bundle: DatasetBundle, subject: Subj
 
 
 def retune_settings(opts: EvaluateOptions) -> RetuneSettings:
-    return RetuneSettings(
-        poisoned=opts.retune_poisoned, epochs=opts.retune_epochs, lr=opts.retune_lr, seed=opts.seed
-    ).validate()
+    """The protocol's SGD settings with the run's --retune-epochs, --retune-lr and --seed."""
+    sgd = dataclasses.replace(PROTOCOL, epochs=opts.retune_epochs, lr=opts.retune_lr, seed=opts.seed)
+    return RetuneSettings(poisoned=opts.retune_poisoned, sgd=sgd).validate()
 
 
 def retune_checked(
@@ -58,7 +60,9 @@ def retune_checked(
     if trigger is None or asr is None:
         raise ConfigError("--retune-check needs a trigger", hint="pass --trigger (a built-in name or a spec file)")
     settings = retune_settings(opts)
-    reporter.stage(f"retuning check: a copy tuned {settings.epochs} epochs with {settings.poisoned} poisoned images")
+    reporter.stage(
+        f"retuning check: a copy tuned {settings.sgd.epochs} epochs with {settings.poisoned} poisoned images"
+    )
     result = check_retuning(
         model,
         clean,

@@ -24,6 +24,7 @@ from ..reports.report import TrainReport
 from ..runtime import Stopwatch, environment, prepare_model, resolve_device, seed_everything
 from ..triggers import poison_training_set
 from ..tuning.loop import TuneSettings, steps_per_epoch, tune
+from ..tuning.sgd import SgdSettings
 from .setup import base_metadata, describe_trigger, input_paths, replayable_metrics, require_data, resolve_trigger
 
 DEFAULT_ARCH = "simple_cnn"
@@ -42,13 +43,15 @@ def train_model(opts: TrainOptions, reporter: Reporter | None = None) -> TrainRe
     if not 0.0 <= opts.holdout_fraction < 1.0:
         raise ConfigError(f"--holdout-fraction must be in [0, 1), got {opts.holdout_fraction}")
     settings = TuneSettings(
-        epochs=opts.epochs,
-        lr=opts.lr,
-        batch_size=opts.batch_size,
-        momentum=opts.momentum,
-        weight_decay=opts.weight_decay,
-        augment=opts.augment,
-        seed=opts.seed,
+        SgdSettings(
+            epochs=opts.epochs,
+            lr=opts.lr,
+            batch_size=opts.batch_size,
+            momentum=opts.momentum,
+            weight_decay=opts.weight_decay,
+            augment=opts.augment,
+            seed=opts.seed,
+        )
     )
     device = resolve_device(opts.device)
     resolve_precision(opts.precision, device)  # a bad --precision: exit 2 before any work
@@ -121,7 +124,7 @@ def _train_into(
             ),
             "tune": choose_memory_format(
                 model,
-                example_batch(shape, min(settings.batch_size, data.num_images), device),
+                example_batch(shape, min(settings.sgd.batch_size, data.num_images), device),
                 device,
                 plan.tune,
                 train=True,
@@ -144,7 +147,7 @@ def _train_into(
         + (f" from {opts.init}" if start else "")
         + (f" ({len(poison_idx)} poisoned, target {trigger.target})" if len(poison_idx) else "")
     )
-    total = settings.epochs * steps_per_epoch(data.num_images, settings.batch_size)
+    total = settings.sgd.epochs * steps_per_epoch(data.num_images, settings.sgd.batch_size)
     reporter.start_steps("training", total)
     on_step = step_callback(reporter, "training", total)
 
@@ -162,7 +165,7 @@ def _train_into(
                 precision=plan.tune,
                 memory_format=train_format,
                 on_epoch=lambda log: reporter.epoch(
-                    f"epoch {log.epoch}/{settings.epochs}: loss {log.loss:.4f}, train acc {log.train_acc:.2%}, "
+                    f"epoch {log.epoch}/{settings.sgd.epochs}: loss {log.loss:.4f}, train acc {log.train_acc:.2%}, "
                     f"{log.seconds:.1f}s"
                 ),
             )
@@ -196,7 +199,7 @@ def _train_into(
                 else None
             ),
             "holdout_indices": holdout.tolist() if holdout is not None else None,
-            "training": {**dataclasses.asdict(settings), "compute": compute.replayable()},
+            "training": {**settings.to_dict(), "compute": compute.replayable()},
             "test_metrics": replayable_metrics(result),
         }
     )
