@@ -31,6 +31,7 @@ from ..outputs import OutputSet
 from ..precision import (
     FORMAT_TIMED_STEPS,
     Compute,
+    PrecisionPlan,
     choose_memory_format,
     example_batch,
     resolve_precision,
@@ -162,22 +163,28 @@ def purify_checkpoint(opts: PurifyOptions, reporter: Reporter | None = None, cac
     if not opts.out:
         raise ConfigError("--out is required", hint="a directory for purified.safetensors and the report")
     device = resolve_device(opts.device)
-    resolve_precision(opts.precision, device)  # a bad --precision: exit 2 before any work
+    plan = resolve_precision(opts.precision, device)  # once per run (a bad --precision: exit 2 before any work)
     out = Path(opts.out)
     params, fraction = _defense_params(opts, None, recipe)  # range errors before any work; dataset defaults below
     parse_output_kind(opts.output_kind)  # a bad --output-kind: exit 2 before any work
     names = PURIFY_OUTPUTS + ("report.png",) + hub.OUTPUTS  # the hub layout is written for hub models only
     with OutputSet(out, names, input_paths(opts, opts.checkpoint), opts.force) as outputs:
-        report = _purify_into(opts, recipe, defense, device, outputs, reporter, cache)
+        report = _purify_into(opts, recipe, defense, device, plan, outputs, reporter, cache)
         reporter.stage(f"writing outputs to {out}")
         outputs.commit()
     return report
 
 
 def _purify_into(
-    opts: PurifyOptions, recipe: Recipe, defense, device, outputs: OutputSet, reporter: Reporter, cache=None
+    opts: PurifyOptions,
+    recipe: Recipe,
+    defense,
+    device,
+    plan: PrecisionPlan,
+    outputs: OutputSet,
+    reporter: Reporter,
+    cache=None,
 ) -> PurifyReport:
-    plan = resolve_precision(opts.precision, device)
     seed_everything(opts.seed)
     timer = Stopwatch(device)
     with timer.stage("load"):
@@ -322,6 +329,7 @@ def _purify_into(
                 after.asr,
                 output_kind.adapter,
                 reporter,
+                plan,
             )
     acc_drop = before.clean_acc.value - after.clean_acc.value
     advice = alpha_advice(defense.uses_alpha, params.alpha, acc_drop)

@@ -18,7 +18,15 @@ from ..errors import ConfigError, InputError, OutputError
 from ..evaluation.measure import build_eval_sets, evaluate_model
 from ..models import arch_file_source
 from ..outputs import OutputSet
-from ..precision import Compute, choose_memory_format, eval_timing_batch, example_batch, resolve_precision, torch_format
+from ..precision import (
+    Compute,
+    PrecisionPlan,
+    choose_memory_format,
+    eval_timing_batch,
+    example_batch,
+    resolve_precision,
+    torch_format,
+)
 from ..progress import Reporter, step_callback
 from ..reports.report import TrainReport
 from ..runtime import Stopwatch, environment, prepare_model, resolve_device, seed_everything
@@ -54,12 +62,12 @@ def train_model(opts: TrainOptions, reporter: Reporter | None = None) -> TrainRe
         )
     )
     device = resolve_device(opts.device)
-    resolve_precision(opts.precision, device)  # a bad --precision: exit 2 before any work
+    plan = resolve_precision(opts.precision, device)  # once per run (a bad --precision: exit 2 before any work)
     out = Path(opts.out)
     if out.is_dir():
         raise OutputError(f"--out {out} is a directory; give a file name such as model.safetensors")
     with OutputSet(out.parent, [out.name], input_paths(opts, opts.init), opts.force) as outputs:
-        report = _train_into(opts, settings, device, out, outputs, reporter)
+        report = _train_into(opts, settings, device, plan, out, outputs, reporter)
         outputs.commit()
     return report
 
@@ -76,7 +84,13 @@ def default_model_name(opts: TrainOptions) -> str:
 
 
 def _train_into(
-    opts: TrainOptions, settings: TuneSettings, device, out: Path, outputs: OutputSet, reporter: Reporter
+    opts: TrainOptions,
+    settings: TuneSettings,
+    device,
+    plan: PrecisionPlan,
+    out: Path,
+    outputs: OutputSet,
+    reporter: Reporter,
 ) -> TrainReport:
     seed_everything(opts.seed)
     timer = Stopwatch(device)
@@ -104,7 +118,6 @@ def _train_into(
             x, y, poison_idx = poison_training_set(trigger, x, y, opts.poison_rate, opts.seed)
         start, arch, model, head, mean, std = _starting_model(opts, bundle, reporter)
         model = prepare_model(model, device)
-        plan = resolve_precision(opts.precision, device)
         h, w, c = bundle.test.image_shape
         shape = (1, c, 1, 1)
         mean_t = torch.tensor(mean, device=device).view(shape)
