@@ -80,7 +80,7 @@ def run_tuning(
     re-initialises it; `cuda_graphs` False keeps every step eager on CUDA."""
     head = get_head(model, head_name)
     if label_smoothing is None:  # the user's --label-smoothing applies to every tuning method, not only ft-sam's
-        label_smoothing = params.method_value(defense.name, "label_smoothing") or 0.0
+        label_smoothing = params.value("label_smoothing") or 0.0
     if defense.reinit_head:
         (init_head or reinitialise_head)(head, params.sgd.seed)
     trainable, frozen = select_trainable(model, head, defense.trains)

@@ -19,7 +19,7 @@ from ..config import PurifyOptions, to_yaml_dict
 from ..data.augmentation import decide_augmentation
 from ..data.datasets import DatasetBundle, ImageSet, indices_sha256
 from ..defenses import DefenseParams, default_params, get_defense
-from ..defenses.base import METHOD_PARAMS, DefenseOutcome, inapplicable
+from ..defenses.base import Defense, DefenseOutcome, inapplicable, method_params
 from ..errors import ConfigError
 from ..evaluation.cache import measured
 from ..evaluation.gates import GateResult, check_gates
@@ -77,29 +77,10 @@ PURIFY_OUTPUTS = ("purified.safetensors", "report.json", "report.md", "config.ya
 ALPHA_ADVICE_DROP = 0.10
 
 
-def _defense_params(opts: PurifyOptions, dataset: str | None, recipe: Recipe) -> tuple[DefenseParams, float | None]:
+def _defense_params(
+    opts: PurifyOptions, dataset: str | None, recipe: Recipe, defense: Defense
+) -> tuple[DefenseParams, float | None]:
     defaults = default_params(dataset)
-    given = {
-        k: v
-        for k, v in (
-            ("distill", opts.distill),
-            ("distill_temperature", opts.distill_temperature),
-            ("rho", opts.rho),
-            ("label_smoothing", opts.label_smoothing),
-            ("nad_beta", opts.nad_beta),
-            ("nad_p", opts.nad_p),
-            ("nad_layers", opts.nad_layers),
-            ("teacher_epochs", opts.teacher_epochs),
-            ("clp_u", opts.clp_u),
-            ("unlearn_fraction", opts.unlearn_fraction),
-            ("d3_lambda", opts.d3_lambda),
-            ("d3_eps", opts.d3_eps),
-            ("sau_eps", opts.sau_eps),
-            ("sau_steps", opts.sau_steps),
-            ("sau_lambda", opts.sau_lambda),
-        )
-        if v is not None
-    }
     sgd = SgdSettings(
         lr=opts.lr if opts.lr is not None else defaults["lr"],
         epochs=opts.epochs if opts.epochs is not None else defaults["epochs"],
@@ -109,11 +90,12 @@ def _defense_params(opts: PurifyOptions, dataset: str | None, recipe: Recipe) ->
         augment=opts.augment is not False,  # the data's rule refines it (_purify_into)
         seed=opts.seed,
     )
-    params = DefenseParams(
-        sgd=sgd,
-        alpha=opts.alpha if opts.alpha is not None else defaults["alpha"],
-        **{**recipe.params(), **given},  # the user's values over the recipe's over the method's defaults
-    ).validate()
+    # the method's own: the user's values over the recipe's over the method's defaults (the dataset's alpha)
+    own = {name: defaults[name] for name in defense.own_params if name in defaults}
+    own.update({k: v for k, v in recipe.params().items() if k in defense.own_params})
+    own.update({name: getattr(opts, name) for name in defense.own_params if getattr(opts, name) is not None})
+    smoothing = opts.label_smoothing if opts.label_smoothing is not None else recipe.params().get("label_smoothing")
+    params = DefenseParams(sgd=sgd, label_smoothing=smoothing, own=defense.params_type(**own)).validate()
     fraction = opts.clean_fraction
     if fraction is None and opts.clean_count is None and opts.clean_data is None:
         fraction = defaults["clean_fraction"]
@@ -124,7 +106,7 @@ def refuse_inapplicable(opts: PurifyOptions, defense) -> None:
     """A method-specific flag (or config key) the chosen method would ignore is an error that names it:
     a run must never record a value it did not use. lr/epochs/label-smoothing mean nothing to a method
     that does not tune (clp)."""
-    names = METHOD_PARAMS + (("lr", "epochs", "label_smoothing") if defense.trains == "none" else ())
+    names = method_params() + (("lr", "epochs", "label_smoothing") if defense.trains == "none" else ())
     problems = inapplicable(
         defense, {name: getattr(opts, name) for name in names}, chosen_by=None if opts.method else "the default method"
     )
@@ -165,7 +147,9 @@ def purify_checkpoint(opts: PurifyOptions, reporter: Reporter | None = None, cac
     device = resolve_device(opts.device)
     plan = resolve_precision(opts.precision, device)  # once per run (a bad --precision: exit 2 before any work)
     out = Path(opts.out)
-    params, fraction = _defense_params(opts, None, recipe)  # range errors before any work; dataset defaults below
+    params, fraction = _defense_params(
+        opts, None, recipe, defense
+    )  # range errors before any work; dataset defaults below
     parse_output_kind(opts.output_kind)  # a bad --output-kind: exit 2 before any work
     names = PURIFY_OUTPUTS + ("report.png",) + hub.OUTPUTS  # the hub layout is written for hub models only
     with OutputSet(out, names, input_paths(opts, opts.checkpoint), opts.force) as outputs:
@@ -193,7 +177,7 @@ def _purify_into(
         subject = open_subject(opts, opts.checkpoint, bundle, reporter)
         trigger = resolve_trigger(opts.trigger, opts.target, subject, bundle.test.image_shape, subject.num_classes)
         check_gate_inputs(opts, trigger)
-        params, fraction = _defense_params(opts, bundle.name, recipe)
+        params, fraction = _defense_params(opts, bundle.name, recipe, defense)
         augmentation = decide_augmentation(opts.augment, bundle)
         params = dataclasses.replace(params, sgd=dataclasses.replace(params.sgd, augment=augmentation.enabled))
         clean, clean_indices = select_clean_set(opts, bundle, fraction, subject)
@@ -203,7 +187,7 @@ def _purify_into(
         reporter.info(
             f"{recipe.describe()}: {clean.num_images} clean images"
             + (f", lr {params.sgd.lr}, {params.sgd.epochs} epochs" if defense.trains != "none" else ", no training")
-            + (f", alpha {params.alpha}" if defense.uses_alpha else "")
+            + (f", alpha {params.own.alpha}" if defense.uses_alpha else "")
         )
         if defense.trains != "none":
             reporter.info(f"augmentation: {augmentation.describe()}")
@@ -332,7 +316,7 @@ def _purify_into(
                 plan,
             )
     acc_drop = before.clean_acc.value - after.clean_acc.value
-    advice = alpha_advice(defense.uses_alpha, params.alpha, acc_drop)
+    advice = alpha_advice(defense.uses_alpha, getattr(params.own, "alpha", None), acc_drop)
     if advice:
         reporter.warn(advice)
     gates = check_gates(
