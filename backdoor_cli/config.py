@@ -145,7 +145,7 @@ class PurifyOptions(EvaluateOptions):
     path_floor: float | None = None  # the path selection's smallest t (None: path_select.FLOOR)
     select_budget: float | None = None  # held-out accuracy the selection may give up (None: recipe.DEFAULT_BUDGET)
     require_verified: bool = False  # gate: exit 1 unless the removal verdict is `verified` (verdicts/removal.py)
-    distill: float | None = None  # fst-kd: weight of the distillation term (default in DefenseParams)
+    distill: float | None = None  # fst-kd: weight of the distillation term (default in defenses/distill.py)
     distill_temperature: float | None = None  # fst-kd: its softmax temperature
     rho: float | None = None  # pam / ft-sam: perturbation radius (default: the method's)
     label_smoothing: float | None = None  # ft-sam (default 0.1)

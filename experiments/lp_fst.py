@@ -87,10 +87,10 @@ def main() -> None:
         print(json.dumps(row), flush=True)
 
     if args.lp_epochs:
-        lp = DefenseParams(lr=args.lp_lr, epochs=args.lp_epochs, alpha=args.alpha, seed=0).validate()
+        lp = DefenseParams.of(lr=args.lp_lr, epochs=args.lp_epochs, seed=0).validate()  # alpha: the `fst` penalty
         run_tuning(HEAD_ONLY, model, subject.head, tune_set, mean, std, lp, device, True, **fst)
         record("after head fit")
-    params = DefenseParams(lr=0.01, epochs=args.epochs, alpha=args.alpha, seed=0).validate()
+    params = DefenseParams.of(lr=0.01, epochs=args.epochs, seed=0).validate()
     extra = {"batch_penalty": distillation_term(teacher, args.kd, 2.0)} if args.kd else {}
     run_tuning(JOINT, model, subject.head, tune_set, mean, std, params, device, True, **fst, **extra)
     record("after joint phase")

@@ -58,7 +58,8 @@ def run_variant(name, subject, tune_set, holdout, sets, mean, std, args) -> dict
     model = copy.deepcopy(subject.model)
     teacher = frozen_copy(subject.model)
     base_holdout = accuracy(model, holdout, mean, std)
-    params = DefenseParams(lr=args.lr, epochs=args.epochs, alpha=alpha, seed=args.seed, **extra).validate()
+    own = {"alpha": alpha} if "alpha" in get_defense(defense_name).own_params else {}  # ft, ft-init: no alpha
+    params = DefenseParams.of(defense_name, lr=args.lr, epochs=args.epochs, seed=args.seed, **own, **extra).validate()
     curve, snapshots = [], []
 
     def on_epoch(log):

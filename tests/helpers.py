@@ -212,7 +212,7 @@ def run_tiny(name: str, model=None, **overrides):
 
     torch.manual_seed(0)
     model = model or Tiny()
-    params = DefenseParams(**{"lr": 0.05, "epochs": 2, "batch_size": 16, **overrides})
+    params = DefenseParams.of(name, **{"lr": 0.05, "epochs": 2, "batch_size": 16, **overrides})
     outcome = get_defense(name).run(model, "fc", tiny_data(), MEAN, STD, params, torch.device("cpu"), flip=True)
     return model, outcome
 

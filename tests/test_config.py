@@ -78,21 +78,29 @@ def test_the_library_parameters_check_the_flags_ranges_declared_once():
     """DefenseParams and RetuneSettings check themselves against config.RANGES: one table, one message."""
     import dataclasses
 
+    from backdoor_cli.defenses import DEFENSES
     from backdoor_cli.defenses.base import DefenseParams
-    from backdoor_cli.verdicts.retune import RetuneSettings
+    from backdoor_cli.tuning.sgd import SgdSettings
+    from backdoor_cli.verdicts.retune import PROTOCOL, RetuneSettings
 
-    checked = [f.name for f in dataclasses.fields(DefenseParams) if f.name in C.RANGES]
-    assert {"lr", "epochs", "momentum", "distill", "unlearn_fraction", "sau_eps", "nad_beta"} <= set(checked)
-    for name in checked:
+    # every method's own parameters (declared beside it), the SGD settings and the label smoothing
+    declared = {(d.name, n) for d in DEFENSES.values() for n in d.own_params}
+    declared |= {("ft", f.name) for f in dataclasses.fields(SgdSettings)} | {("ft", "label_smoothing")}
+    checked = sorted((method, name) for method, name in declared if name in C.RANGES)
+    names = {name for _, name in checked}
+    assert {"lr", "epochs", "momentum", "distill", "unlearn_fraction", "sau_eps", "nad_beta", "alpha"} <= names
+    for method, name in checked:
         bad = _out_of_range(name)
         value = (bad,) if name in ("nad_beta", "sau_lambda") else bad
         if name == "sau_lambda":
             value = (1.0, 1.0, bad)
         with pytest.raises(C.ConfigError, match=f"--{name.replace('_', '-')} must be in"):
-            DefenseParams(**{name: value}).validate()
-    for field, flag in (("poisoned", "retune_poisoned"), ("epochs", "retune_epochs"), ("lr", "retune_lr")):
+            DefenseParams.of(method, **{name: value}).validate()
+    with pytest.raises(C.ConfigError, match="--retune-poisoned must be in"):
+        RetuneSettings(poisoned=_out_of_range("retune_poisoned")).validate()
+    for field, flag in (("epochs", "retune_epochs"), ("lr", "retune_lr")):
         with pytest.raises(C.ConfigError, match=f"--{flag.replace('_', '-')} must be in"):
-            RetuneSettings(**{field: _out_of_range(flag)}).validate()
+            RetuneSettings(sgd=dataclasses.replace(PROTOCOL, **{field: _out_of_range(flag)})).validate()
 
 
 def test_a_list_option_has_each_item_range_checked():

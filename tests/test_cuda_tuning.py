@@ -15,7 +15,7 @@ from backdoor_cli.defenses.fst import project_to_norm
 from backdoor_cli.evaluation.measure import predict
 from backdoor_cli.models import build_model
 from backdoor_cli.tuning.loop import EpochLog, TuneSettings, execution_status, tune, use_cuda_graphs
-from backdoor_cli.tuning.sgd import Sgd
+from backdoor_cli.tuning.sgd import Sgd, SgdSettings
 
 CUDA = torch.device("cuda")
 CPU = torch.device("cpu")
@@ -23,12 +23,12 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 
 def test_graphs_are_used_on_cuda_only_and_can_be_turned_off(monkeypatch):
-    settings = TuneSettings(epochs=1, lr=0.01)
+    settings = TuneSettings(SgdSettings(epochs=1, lr=0.01))
     monkeypatch.delenv("BDCLEAN_CUDA_GRAPHS", raising=False)
     assert use_cuda_graphs(CUDA, settings, None)
     assert not use_cuda_graphs(CPU, settings, None)
     assert not use_cuda_graphs(CUDA, settings, perturb=lambda grads_here: lambda: None)  # SAM / PAM
-    assert not use_cuda_graphs(CUDA, TuneSettings(epochs=1, lr=0.01, cuda_graphs=False), None)
+    assert not use_cuda_graphs(CUDA, TuneSettings(SgdSettings(epochs=1, lr=0.01), cuda_graphs=False), None)
     monkeypatch.setenv("BDCLEAN_CUDA_GRAPHS", "0")
     assert not use_cuda_graphs(CUDA, settings, None)
 
@@ -66,7 +66,7 @@ def _tune(model, data, graphs: bool, monkeypatch, **kwargs):
     monkeypatch.setenv("BDCLEAN_CUDA_GRAPHS", "1" if graphs else "0")
     mean = torch.tensor([0.5, 0.5, 0.5], device=CUDA).view(1, 3, 1, 1)
     std = torch.tensor([0.25, 0.25, 0.25], device=CUDA).view(1, 3, 1, 1)
-    settings = TuneSettings(epochs=3, lr=0.05, batch_size=64, seed=1)
+    settings = TuneSettings(SgdSettings(epochs=3, lr=0.05, batch_size=64, seed=1))
     return tune(model, data, mean, std, settings, CUDA, precision="fp32", memory_format="contiguous", **kwargs)
 
 

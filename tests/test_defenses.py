@@ -18,7 +18,7 @@ def _run(name, model=None, **overrides):
     torch.manual_seed(0)
     model = model or Tiny()
     original = copy.deepcopy(model.state_dict())
-    params = DefenseParams(**{"lr": 0.05, "epochs": 2, "alpha": 0.2, "batch_size": 16, **overrides})
+    params = DefenseParams.of(name, **{"lr": 0.05, "epochs": 2, "batch_size": 16, **overrides})
     outcome = get_defense(name).run(model, "fc", _data(), MEAN, STD, params, torch.device("cpu"), flip=True)
     return model, original, outcome
 
@@ -83,7 +83,7 @@ def test_fst_head_norm_held_after_every_step_and_head_reinitialised():
     model = Tiny()
     target = float(model.fc.weight.norm())
     norms = []
-    params = DefenseParams(lr=0.05, epochs=2, alpha=0.2, batch_size=16)
+    params = DefenseParams.of("fst", lr=0.05, epochs=2, alpha=0.2, batch_size=16)
     outcome = get_defense("fst").run(
         model,
         "fc",
@@ -104,7 +104,7 @@ def test_fst_loss_includes_penalty():
     torch.manual_seed(0)
     model = Tiny()
     w0 = model.fc.weight.detach().clone()
-    params = DefenseParams(lr=0.05, epochs=3, alpha=50.0, batch_size=16)
+    params = DefenseParams.of("fst", lr=0.05, epochs=3, alpha=50.0, batch_size=16)
     get_defense("fst").run(model, "fc", _data(), MEAN, STD, params, torch.device("cpu"))
     cosine = float((model.fc.weight * w0).sum() / (model.fc.weight.norm() * w0.norm()))
     assert cosine < -0.5
@@ -128,7 +128,7 @@ def test_defaults_per_dataset():
 @pytest.mark.parametrize("bad", [dict(lr=0), dict(epochs=0), dict(alpha=-1), dict(momentum=1.0), dict(batch_size=0)])
 def test_invalid_params(bad):
     with pytest.raises(ConfigError):
-        DefenseParams(**bad).validate()
+        DefenseParams.of("fst", **bad).validate()
 
 
 def test_cpu_runs_are_deterministic():

@@ -30,7 +30,7 @@ def _tune(name: str, **overrides):
     with torch.no_grad():  # confident, varied predictions, so there is something to keep
         model.fc.weight.mul_(10)
     teacher = copy.deepcopy(model).eval()
-    params = DefenseParams(**{"lr": 0.05, "epochs": 3, "alpha": 0.2, "batch_size": 16, **overrides})
+    params = DefenseParams.of(name, **{"lr": 0.05, "epochs": 3, "batch_size": 16, **overrides})
     get_defense(name).run(model, "fc", _data(), MEAN, STD, params, torch.device("cpu"), flip=True)
     return model, teacher
 
@@ -103,7 +103,7 @@ def test_probabilities_are_taken_to_logits_before_distilling():
 @pytest.mark.parametrize("field, value", [("distill", -1.0), ("distill_temperature", 0.0)])
 def test_bad_values_are_refused(field, value):
     with pytest.raises(ConfigError, match=field.replace("_", "-")):
-        DefenseParams(**{field: value}).validate()
+        DefenseParams.of("fst-kd", **{field: value}).validate()
 
 
 def test_cli_runs_fst_kd_records_its_params_and_refuses_bad_values(toy, tmp_path):

@@ -14,6 +14,7 @@ from backdoor_cli.defenses.perturbations import sharpness_ascent, toward_origin
 from backdoor_cli.models import build_model
 from backdoor_cli.models.output_kind import smoothed_nll
 from backdoor_cli.tuning.loop import TuneSettings, _augment, tune
+from backdoor_cli.tuning.sgd import SgdSettings
 from helpers import MEAN, STD, Tiny, train_ended_toy
 from helpers import purify_with_arch_file as purify
 from helpers import run_purify_ok as run_ok
@@ -67,7 +68,7 @@ def _one_full_batch_step(model, perturb_with):
         data,
         MEAN,
         STD,
-        TuneSettings(epochs=1, lr=0.1, batch_size=16, momentum=0.0, augment=False),
+        TuneSettings(SgdSettings(epochs=1, lr=0.1, batch_size=16, momentum=0.0, augment=False)),
         CPU,
         perturb=perturb_with(params),
     )
@@ -159,7 +160,14 @@ def test_images_marked_no_augment_stay_as_they_are():
 
 
 def test_constant_schedule_keeps_the_learning_rate():
-    history = tune(Tiny(), _data(), MEAN, STD, TuneSettings(epochs=3, lr=0.02, batch_size=16, schedule="constant"), CPU)
+    history = tune(
+        Tiny(),
+        _data(),
+        MEAN,
+        STD,
+        TuneSettings(SgdSettings(epochs=3, lr=0.02, batch_size=16, schedule="constant")),
+        CPU,
+    )
     assert [h.lr for h in history] == [0.02, 0.02, 0.02]
 
 

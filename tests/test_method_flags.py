@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from backdoor_cli.cli import app
 from backdoor_cli.defenses import DEFENSES
-from backdoor_cli.defenses.base import METHOD_PARAMS, TUNING_PARAMS, inapplicable
+from backdoor_cli.defenses.base import TUNING_PARAMS, inapplicable, method_params
 
 runner = CliRunner()
 
@@ -76,11 +76,18 @@ def test_reports_record_only_the_parameters_the_method_read(toy_model, tmp_path)
     assert _purify(toy_model, tmp_path / "out", "--method", "ft").exit_code == 0
     params = json.loads((tmp_path / "out" / "report.json").read_text())["method"]["params"]
     assert set(params) == set(TUNING_PARAMS)
-    assert not set(params) & set(METHOD_PARAMS)
+    assert not set(params) & set(method_params())
 
 
 def test_every_method_parameter_is_read_by_some_method():
-    """A parameter no registered method reads would be refused everywhere: the lists must not drift."""
+    """Each method's own parameters are its params dataclass's fields, declared beside it; every one is a
+    purify flag, and none is also a parameter every tuning method reads."""
+    import dataclasses
+
+    from backdoor_cli.config import PurifyOptions
+
     read = {name for defense in DEFENSES.values() for name in defense.own_params}
-    assert read == set(METHOD_PARAMS)
+    assert read == set(method_params())
+    assert read <= {f.name for f in dataclasses.fields(PurifyOptions)} and not read & set(TUNING_PARAMS)
+    assert DEFENSES["nad"].own_params == ("nad_beta", "nad_p", "nad_layers", "teacher_epochs")
     assert inapplicable(DEFENSES["fst"], {"alpha": 0.1, "distill": None}) == []

@@ -16,6 +16,7 @@ from backdoor_cli.data.datasets import ImageSet
 from backdoor_cli.errors import ConfigError
 from backdoor_cli.models import build_model
 from backdoor_cli.tuning.loop import TuneSettings, tune
+from backdoor_cli.tuning.sgd import SgdSettings
 from helpers import train_toy_model
 
 runner = CliRunner()
@@ -240,7 +241,9 @@ def test_bf16_tuning_runs_the_forward_in_bf16_and_keeps_fp32_weights():
     x = torch.randint(0, 256, (32, 8, 8, 3), dtype=torch.uint8)
     data = ImageSet(x, torch.arange(32) % 3)
     mean, std = torch.full((1, 3, 1, 1), 0.5), torch.full((1, 3, 1, 1), 0.25)
-    history = tune(model, data, mean, std, TuneSettings(epochs=1, lr=0.01, batch_size=16), CPU, precision="bf16")
+    history = tune(
+        model, data, mean, std, TuneSettings(SgdSettings(epochs=1, lr=0.01, batch_size=16)), CPU, precision="bf16"
+    )
     assert seen and set(seen) == {torch.bfloat16}
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert history[0].loss == history[0].loss  # finite (the loss is computed in fp32)

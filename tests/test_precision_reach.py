@@ -1,6 +1,7 @@
 """--precision fp32 reaches every forward pass of a purify: the output-kind probe, both evaluations, the
-tuning steps, the held-out selection along the path and the retuning check. The model itself checks:
-its forward refuses to run under autocast or on a non-fp32 input while the test asks it to."""
+tuning steps, the held-out selection along the path and the retuning check; of evaluate and compare (the
+evaluations, the retuning check and its clean reference); and of train. The model itself checks: its
+forward refuses to run under autocast or on a non-fp32 input while the test asks it to."""
 
 from __future__ import annotations
 
@@ -129,3 +130,31 @@ def test_the_model_does_refuse_a_bf16_forward(subject, tmp_path, monkeypatch):
     result = _purify(subject, tmp_path / "bf16", "bf16", monkeypatch)
     assert result.exit_code != 0
     assert "non-fp32 forward" in result.output or "non-fp32 forward" in repr(result.exception)
+
+
+def _run(monkeypatch, *args):
+    monkeypatch.setenv("BDCLEAN_TEST_REQUIRE_FP32", "1")
+    return runner.invoke(app, [*args, "--precision", "fp32", "--device", "cpu", "--json", "--quiet"])
+
+
+RETUNE = ["--trigger", "badnets", "--target", "0", "--retune-check", "--retune-poisoned", "4", "--retune-epochs", "1"]
+
+
+def test_fp32_reaches_every_forward_of_evaluate_and_compare(subject, monkeypatch):
+    """The evaluation, the retuning check and its clean reference: in evaluate, and in compare for each checkpoint."""
+    common = ["--arch", subject["arch"], "--data", subject["data"], *RETUNE, "--retune-clean-count", "60"]
+    evaluate = _run(monkeypatch, "evaluate", subject["model"], *common, "--clean-reference", subject["model"])
+    assert evaluate.exit_code in (0, 1), evaluate.output
+    assert json.loads(evaluate.stdout)["retune_check"]["reference_asr_after_retuning"] is not None
+    compare = _run(monkeypatch, "compare", subject["model"], subject["model"], *common)
+    assert compare.exit_code in (0, 1), compare.output
+    assert all(row["retune_check"] is not None for row in json.loads(compare.stdout)["rows"])
+
+
+def test_fp32_reaches_every_forward_of_train(subject, tmp_path, monkeypatch):
+    """train --init: the evaluation before and after, and the tuning steps."""
+    out = tmp_path / "trained.safetensors"
+    args = ["--init", subject["model"], "--arch", subject["arch"], "--data", subject["data"], "--epochs", "1"]
+    result = _run(monkeypatch, "train", *args, "--out", str(out))
+    assert result.exit_code == 0, result.output
+    assert out.is_file()

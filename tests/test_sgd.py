@@ -101,10 +101,11 @@ def test_tuning_does_not_import_dynamo():
         "from backdoor_cli.data.datasets import ImageSet\n"
         "from backdoor_cli.models import build_model\n"
         "from backdoor_cli.tuning.loop import TuneSettings, tune\n"
+        "from backdoor_cli.tuning.sgd import SgdSettings\n"
         "m = build_model('test_tiny', 3)\n"
         "x = torch.randint(0, 256, (16, 8, 8, 3), dtype=torch.uint8); y = torch.randint(0, 3, (16,))\n"
         "mean = torch.zeros(1, 3, 1, 1); std = torch.ones(1, 3, 1, 1)\n"
-        "tune(m, ImageSet(x, y), mean, std, TuneSettings(epochs=2, lr=0.01, batch_size=8), torch.device('cpu'))\n"
+        "tune(m, ImageSet(x, y), mean, std, TuneSettings(SgdSettings(epochs=2, lr=0.01, batch_size=8)), torch.device('cpu'))\n"
         "print('torch._dynamo' in sys.modules)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -108,7 +108,8 @@ def accuracy(model: nn.Module, images: ImageSet) -> float:
 def test_a_short_distilled_run_keeps_a_softmax_model_like_its_twin(ending, run):
     train, test = learnable_images(), learnable_images(80, seed=1)
     soft, _ = twins(ending)
-    params = DefenseParams(lr=0.05, epochs=30, alpha=0.0, batch_size=32, augment=False, distill=2.0)
+    method, own = ("fst-kd", {"alpha": 0.0}) if run is run_fst_kd else ("ft-kd", {})
+    params = DefenseParams.of(method, lr=0.05, epochs=30, batch_size=32, augment=False, distill=2.0, **own)
     with attach_loss(soft, ADAPTERS[ending]) as loss_fn:  # a learnt input model: plain tuning first
         opt = torch.optim.SGD(soft.parameters(), lr=0.5)
         for _ in range(200):

@@ -1,7 +1,8 @@
 """Tuning defenses behind one registry: `--method NAME` -> a Defense.
 
 Importing this package registers the built-in methods (ft, lp, fe-tuning, ft-init, fst, fst-kd, ft-kd,
-pam, ft-sam, nad, clp, d3, sau).
+pam, ft-sam, nad, clp, d3, sau). Each method declares its own hyper-parameters beside it, as a small
+frozen dataclass (FstParams, NadParams, ...: its `params_type`); DefenseParams holds one, with the SGD settings.
 """
 
 from .base import DEFENSES, Defense, DefenseOutcome, DefenseParams, default_params, get_defense

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import ClassVar
 
 import torch
 
 from ..config import check_fields
 from ..errors import ConfigError
+from ..tuning.sgd import SgdSettings
 
 # The FST paper's defaults (Min et al., NeurIPS 2023, Appendix): lr, epochs, alpha, clean fraction.
 DATASET_DEFAULTS: dict[str, dict] = {
@@ -22,70 +25,91 @@ FALLBACK_DATASET = "cifar10"
 
 
 @dataclass(frozen=True)
+class MethodParams:
+    """A method's own hyper-parameters: each method declares a small frozen dataclass of them beside its
+    code (FstParams, NadParams, ...; a method with none uses this empty one). A field left None takes the
+    method's default from DEFAULTS (reports record the None: the default applied); DEFAULTS may also
+    give the method's label smoothing."""
+
+    DEFAULTS: ClassVar[dict[str, object]] = {}
+
+    def validate(self) -> MethodParams:
+        # the ranges are config.RANGES's, the flags' own: declared once
+        check_fields(dataclasses.asdict(self))
+        return self
+
+
+@dataclass(frozen=True)
 class DefenseParams:
-    """Every hyper-parameter of a tuning defense; all are recorded in the report and metadata."""
+    """Every hyper-parameter of a run of one defense: its SGD settings (always the cosine schedule), the
+    label smoothing every tuning method reads, and the method's own parameters (`own`, an instance of
+    the method's `params_type`). Reports record those the method read (Defense.used_params), flat (to_dict)."""
 
-    lr: float = 0.01
-    epochs: int = 10
-    alpha: float = 0.2  # FST only: weight of the <W, W_orig> penalty
-    batch_size: int = 128
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    augment: bool = True
-    seed: int = 0
-    distill: float = 1.0  # fst-kd only: weight of the distillation term (measured: docs/purification.md)
-    distill_temperature: float = 2.0  # fst-kd only: softmax temperature of the distillation
-    rho: float | None = None  # pam / ft-sam: perturbation radius (None: the method's default, METHOD_DEFAULTS)
+    sgd: SgdSettings = field(default_factory=lambda: SgdSettings(epochs=10, lr=0.01))
     label_smoothing: float | None = None  # every tuning method (None: the method's default: ft-sam 0.1, others 0)
-    nad_beta: tuple[float, ...] | None = None  # nad: attention-loss weight per layer (None: 500, 1000, 1000)
-    nad_p: float = 2.0  # nad: power of the attention map, mean over channels of |a|^p
-    nad_layers: tuple[str, ...] | None = None  # nad: module paths (None: the last block of each stage)
-    teacher_epochs: int | None = None  # nad: epochs of the teacher's fine-tuning (None: --epochs)
-    clp_u: float | None = None  # clp: prune channels more than u std above their layer's mean bound (None: 3)
-    unlearn_fraction: float = 0.2  # unlearn: share of each tuning batch stamped with a reconstructed trigger
-    d3_lambda: float | None = None  # d3: weight of the clean-loss hinge against the distance term (None: 10)
-    d3_eps: float | None = None  # d3: clean-loss budget of the hinge, per image (None: 0.1)
-    sau_eps: float | None = (
-        None  # sau: L-inf radius of the shared adversarial examples, in [0, 1] pixel units (None: 0.2)
-    )
-    sau_steps: int | None = None  # sau: PGD steps per batch (None: 5)
-    sau_lambda: tuple[float, ...] | None = (
-        None  # sau: weights of clean CE, adversarial CE, shared unlearning (None: 1, 0, 1)
-    )
+    own: MethodParams = field(default_factory=MethodParams)
 
-    def method_value(self, method: str, name: str):
-        """A per-method hyper-parameter: the given value, else the method's default."""
-        value = getattr(self, name)
-        return value if value is not None else METHOD_DEFAULTS.get(method, {}).get(name)
+    @classmethod
+    def of(cls, method: str | None = None, **values) -> DefenseParams:
+        """Built from flat names, as the flags and reports name them (lr=0.05, alpha=0.1), for `method`
+        (None: a method without parameters of its own): the SGD settings go to `sgd` over the defaults,
+        the method's own to its `params_type`; a name the method does not read is refused."""
+        defense = get_defense(method) if method is not None else None
+        sgd_names = {f.name for f in fields(SgdSettings)}
+        own_type = defense.params_type if defense is not None else MethodParams
+        own_names = {f.name for f in fields(own_type)}
+        unread = {k: v for k, v in values.items() if k not in sgd_names | own_names | {"label_smoothing"}}
+        if unread:
+            raise ConfigError(f"{', '.join(sorted(unread))}: not a parameter of {method or 'a method without its own'}")
+        sgd = dataclasses.replace(cls().sgd, **{k: v for k, v in values.items() if k in sgd_names})
+        own = own_type(**{k: v for k, v in values.items() if k in own_names})
+        return cls(sgd=sgd, label_smoothing=values.get("label_smoothing"), own=own)
+
+    def value(self, name: str):
+        """A parameter the method reads (its own, or label_smoothing): the given value, else the method's default."""
+        value = self.label_smoothing if name == "label_smoothing" else getattr(self.own, name)
+        return value if value is not None else type(self.own).DEFAULTS.get(name)
 
     def validate(self) -> DefenseParams:
         # the ranges are config.RANGES's, the flags' own: declared once
-        check_fields(asdict(self))
-        if self.nad_beta is not None and not self.nad_beta:
-            raise ConfigError("--nad-beta must be one or more weights in [0, 1e6], got none")
-        if self.sau_lambda is not None and len(self.sau_lambda) != 3:
-            raise ConfigError(
-                "--sau-lambda must be three weights in [0, 1e6] (clean CE, adversarial CE, shared "
-                f"unlearning), got {self.sau_lambda}"
-            )
+        check_fields(self.to_dict())
+        self.own.validate()  # and what the method checks beyond the ranges
         return self
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """Flat, in the order reports have always listed them (REPORT_ORDER; the schedule is not a choice here)."""
+        sgd = self.sgd
+        flat = {
+            "lr": sgd.lr,
+            "epochs": sgd.epochs,
+            "batch_size": sgd.batch_size,
+            "momentum": sgd.momentum,
+            "weight_decay": sgd.weight_decay,
+            "augment": sgd.augment,
+            "seed": sgd.seed,
+            "label_smoothing": self.label_smoothing,
+            **dataclasses.asdict(self.own),
+        }
+        rank = {name: i for i, name in enumerate(REPORT_ORDER)}
+        return dict(sorted(flat.items(), key=lambda item: rank.get(item[0], len(rank))))
 
 
-# Hyper-parameters only some methods have. PAM: the paper's ρ; FT-SAM: BackdoorBench's adaptive-SAM
-# setting (ρ 2.0, label smoothing 0.1); NAD: its CIFAR weights for the three attention layers.
-METHOD_DEFAULTS: dict[str, dict] = {
-    "pam": {"rho": 0.5, "label_smoothing": 0.0},
-    "ft-sam": {"rho": 2.0, "label_smoothing": 0.1},
-    "nad": {"nad_beta": (500.0, 1000.0, 1000.0)},
-    "clp": {"clp_u": 3.0},
-    # D3: the paper's lambda 10 and epsilon 0.1 (the authors' repo config has lambda 0.5; see d3.py).
-    "d3": {"d3_lambda": 10.0, "d3_eps": 0.1, "label_smoothing": 0.0},
-    # SAU: BackdoorBench's CIFAR-10 config: L-inf 0.2 in [0, 1] pixels, 5 PGD steps, weights 1, 0, 1.
-    "sau": {"sau_eps": 0.2, "sau_steps": 5, "sau_lambda": (1.0, 0.0, 1.0), "label_smoothing": 0.0},
-}
+# The order reports have listed the parameters in since before each method declared its own; a method's
+# parameters not named here follow label_smoothing in their declaration order.
+REPORT_ORDER: tuple[str, ...] = (
+    "lr",
+    "epochs",
+    "alpha",
+    "batch_size",
+    "momentum",
+    "weight_decay",
+    "augment",
+    "seed",
+    "distill",
+    "distill_temperature",
+    "rho",
+    "label_smoothing",
+)
 
 
 def default_params(dataset: str | None) -> dict:
@@ -100,36 +124,20 @@ class DefenseOutcome:
     head_norm: float | None = None  # FST: the Frobenius norm the head was held to
 
 
-# Hyper-parameters only some methods read (each Defense names its own in `own_params`), and the ones
-# every tuning method reads. A flag of the first kind given to a method that does not read it is
-# refused by name (`inapplicable`), and reports record only the parameters the method used.
-METHOD_PARAMS: tuple[str, ...] = (
-    "alpha",
-    "distill",
-    "distill_temperature",
-    "rho",
-    "nad_beta",
-    "nad_p",
-    "nad_layers",
-    "teacher_epochs",
-    "clp_u",
-    "unlearn_fraction",
-    "d3_lambda",
-    "d3_eps",
-    "sau_eps",
-    "sau_steps",
-    "sau_lambda",
-)
-TUNING_PARAMS: tuple[str, ...] = (
-    "lr",
-    "epochs",
-    "batch_size",
-    "momentum",
-    "weight_decay",
-    "augment",
-    "seed",
+# The hyper-parameters every tuning method reads; each method's own are the fields of its `params_type`.
+# A flag of a method's own given to a method that does not read it is refused by name (`inapplicable`),
+# and reports record only the parameters the method used.
+TUNING_PARAMS: tuple[str, ...] = tuple(f.name for f in fields(SgdSettings) if f.name != "schedule") + (
     "label_smoothing",
 )
+
+
+def method_params() -> tuple[str, ...]:
+    """Every registered method's own parameters, in registration order: the flags a method may refuse."""
+    names: list[str] = []
+    for defense in DEFENSES.values():
+        names += [name for name in defense.own_params if name not in names]
+    return tuple(names)
 
 
 @dataclass(frozen=True)
@@ -142,10 +150,15 @@ class Defense:
     trains: str  # 'all' | 'head' | 'body' | 'none' (clp prunes, it does not tune)
     uses_alpha: bool
     run: Callable[..., DefenseOutcome]
-    own_params: tuple[str, ...] = ()  # the METHOD_PARAMS this method reads
+    params_type: type[MethodParams] = MethodParams  # its own hyper-parameters, declared beside the method
     # True for a method that removes what a trigger inversion found (unlearn): purify scans first and
     # passes the reconstructed triggers to `run` as `triggers=`.
     needs_triggers: bool = False
+
+    @property
+    def own_params(self) -> tuple[str, ...]:
+        """The hyper-parameters only this method reads: its params_type's fields."""
+        return tuple(f.name for f in fields(self.params_type))
 
     @property
     def used_params(self) -> tuple[str, ...]:

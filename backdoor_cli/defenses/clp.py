@@ -16,6 +16,7 @@ without it are refused with a clear error rather than left unchanged.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -23,9 +24,16 @@ from torch import nn
 from ..data.datasets import normalize
 from ..errors import ConfigError
 from ..models.probing import probe_forward
-from .base import Defense, DefenseOutcome, register
+from .base import Defense, DefenseOutcome, MethodParams, register
 
 PAPER_U = 3.0
+
+
+@dataclass(frozen=True)
+class ClpParams(MethodParams):
+    clp_u: float | None = None  # prune channels more than u std above their layer's mean bound (None: PAPER_U)
+
+    DEFAULTS: ClassVar[dict[str, object]] = {"clp_u": PAPER_U}
 
 
 @dataclass
@@ -105,7 +113,7 @@ def lipschitz_bounds(model: nn.Module, example: torch.Tensor) -> list[ChannelBou
 def run_clp(model, head_name, clean, mean, std, params, device, flip=True, **options) -> DefenseOutcome:
     """Prune at u (params.clp_u, the paper's 3 by default). `clean` is used only for the probe batch
     that finds the conv -> BatchNorm pairs (its values do not matter)."""
-    u = params.method_value("clp", "clp_u")
+    u = params.value("clp_u")
     example = normalize(clean.x[:2].to(device), mean, std)
     bounds = lipschitz_bounds(model, example)
     pruned = prune(model, bounds, u)
@@ -124,6 +132,6 @@ CLP = register(
         trains="none",
         uses_alpha=False,
         run=run_clp,
-        own_params=("clp_u",),
+        params_type=ClpParams,
     )
 )

@@ -24,12 +24,24 @@ only the distance term acts: it pushes the head away from W₀ along the unit ve
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 
 from ..models.output_kind import LOGITS, sample_losses
-from .base import Defense, DefenseOutcome, get_head, register
+from .base import Defense, DefenseOutcome, MethodParams, get_head, register
 from .finetune import run_tuning
 from .fst import project_to_norm
+
+
+@dataclass(frozen=True)
+class D3Params(MethodParams):
+    d3_lambda: float | None = None  # weight of the clean-loss hinge against the distance term (None: 10)
+    d3_eps: float | None = None  # clean-loss budget of the hinge, per image (None: 0.1)
+
+    # the paper's lambda 10 and epsilon 0.1 (the authors' repo config has lambda 0.5; module docstring)
+    DEFAULTS: ClassVar[dict[str, object]] = {"d3_lambda": 10.0, "d3_eps": 0.1, "label_smoothing": 0.0}
 
 
 def hinge_term(losses: torch.Tensor, lmd: float, eps: float) -> torch.Tensor:
@@ -64,9 +76,9 @@ def run_d3(model, head_name, clean, mean, std, params, device, flip=True, **opti
     head = get_head(model, head_name)
     original = head.weight.detach().clone()
     target_norm = original.norm()
-    lmd = params.method_value("d3", "d3_lambda")
-    eps = params.method_value("d3", "d3_eps")
-    smoothing = params.method_value("d3", "label_smoothing") or 0.0
+    lmd = params.value("d3_lambda")
+    eps = params.value("d3_eps")
+    smoothing = params.value("label_smoothing") or 0.0
     scale = loss_scale(lmd)
     adapter = options.get("loss_adapter", LOGITS)
 
@@ -108,6 +120,6 @@ D3 = register(
         trains="all",
         uses_alpha=False,
         run=run_d3,
-        own_params=("d3_lambda", "d3_eps"),
+        params_type=D3Params,
     )
 )

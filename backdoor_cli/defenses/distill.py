@@ -13,13 +13,27 @@ trigger is used.
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from ..models.output_kind import LOGITS, LossAdapter
-from .base import Defense, DefenseOutcome, register
-from .fst import run_fst
+from .base import Defense, DefenseOutcome, MethodParams, register
+from .fst import FstParams, run_fst
+
+
+@dataclass(frozen=True)
+class KdParams(MethodParams):
+    """ft-kd's own: the distillation term (its weight measured: docs/purification.md)."""
+
+    distill: float = 1.0  # weight of the distillation term
+    distill_temperature: float = 2.0  # softmax temperature of the distillation
+
+
+@dataclass(frozen=True)
+class FstKdParams(KdParams, FstParams):
+    """fst-kd's own: FST's alpha, then the distillation's (fields: alpha, distill, distill_temperature)."""
 
 
 def distillation_term(teacher: torch.nn.Module, weight: float, temperature: float, adapter: LossAdapter = LOGITS):
@@ -57,7 +71,7 @@ def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
 def run_fst_kd(model, head_name, clean, mean, std, params, device, flip=True, **options) -> DefenseOutcome:
     """FST with the distillation term; `options` as for run_fst (callbacks, loss_adapter)."""
     term = distillation_term(
-        frozen_copy(model), params.distill, params.distill_temperature, options.get("loss_adapter", LOGITS)
+        frozen_copy(model), params.own.distill, params.own.distill_temperature, options.get("loss_adapter", LOGITS)
     )
     return run_fst(model, head_name, clean, mean, std, params, device, flip, batch_penalty=term, **options)
 
@@ -70,7 +84,7 @@ FST_KD = register(
         trains="all",
         uses_alpha=True,
         run=run_fst_kd,
-        own_params=("alpha", "distill", "distill_temperature"),
+        params_type=FstKdParams,
     )
 )
 
@@ -80,7 +94,7 @@ def run_ft_kd(model, head_name, clean, mean, std, params, device, flip=True, **o
     from .finetune import FT, run_tuning
 
     term = distillation_term(
-        frozen_copy(model), params.distill, params.distill_temperature, options.get("loss_adapter", LOGITS)
+        frozen_copy(model), params.own.distill, params.own.distill_temperature, options.get("loss_adapter", LOGITS)
     )
     return run_tuning(FT, model, head_name, clean, mean, std, params, device, flip, batch_penalty=term, **options)
 
@@ -93,6 +107,6 @@ FT_KD = register(
         trains="all",
         uses_alpha=False,
         run=run_ft_kd,
-        own_params=("distill", "distill_temperature"),
+        params_type=KdParams,
     )
 )

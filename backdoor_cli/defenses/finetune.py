@@ -80,23 +80,12 @@ def run_tuning(
     re-initialises it; `cuda_graphs` False keeps every step eager on CUDA."""
     head = get_head(model, head_name)
     if label_smoothing is None:  # the user's --label-smoothing applies to every tuning method, not only ft-sam's
-        label_smoothing = params.method_value(defense.name, "label_smoothing") or 0.0
+        label_smoothing = params.value("label_smoothing") or 0.0
     if defense.reinit_head:
-        (init_head or reinitialise_head)(head, params.seed)
+        (init_head or reinitialise_head)(head, params.sgd.seed)
     trainable, frozen = select_trainable(model, head, defense.trains)
     perturb = perturb_with(trainable) if perturb_with is not None else None
-    settings = TuneSettings(
-        epochs=params.epochs,
-        lr=params.lr,
-        batch_size=params.batch_size,
-        momentum=params.momentum,
-        weight_decay=params.weight_decay,
-        augment=params.augment,
-        flip=flip,
-        seed=params.seed,
-        label_smoothing=label_smoothing,
-        cuda_graphs=cuda_graphs,
-    )
+    settings = TuneSettings(params.sgd, flip=flip, label_smoothing=label_smoothing, cuda_graphs=cuda_graphs)
     try:
         history = tune(
             model,

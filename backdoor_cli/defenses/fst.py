@@ -15,10 +15,17 @@ The bias is neither penalised nor rescaled.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from .base import Defense, DefenseOutcome, get_head, register
+from .base import Defense, DefenseOutcome, MethodParams, get_head, register
 from .finetune import run_tuning
+
+
+@dataclass(frozen=True)
+class FstParams(MethodParams):
+    alpha: float = 0.2  # weight of the <W, W_orig> penalty (purify: the paper's value for the dataset)
 
 
 def feature_shift_penalty(weight: torch.Tensor, original: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -47,7 +54,7 @@ def run_fst(model, head_name, clean, mean, std, params, device, flip=True, **opt
         params,
         device,
         flip,
-        penalty=lambda: feature_shift_penalty(head.weight, original, params.alpha),
+        penalty=lambda: feature_shift_penalty(head.weight, original, params.own.alpha),
         after_step=lambda: project_to_norm(head.weight, target_norm),
         **options,
     )
@@ -63,6 +70,6 @@ FST = register(
         trains="all",
         uses_alpha=True,
         run=run_fst,
-        own_params=("alpha",),
+        params_type=FstParams,
     )
 )

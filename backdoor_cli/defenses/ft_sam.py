@@ -9,14 +9,24 @@ costs two forward and backward passes.
 
 from __future__ import annotations
 
-from .base import Defense, DefenseOutcome, register
+from dataclasses import dataclass
+from typing import ClassVar
+
+from .base import Defense, DefenseOutcome, MethodParams, register
 from .finetune import run_tuning
 from .perturbations import sharpness_ascent
 
 
+@dataclass(frozen=True)
+class FtSamParams(MethodParams):
+    rho: float | None = None  # SAM's perturbation radius (None: BackdoorBench's adaptive-SAM 2.0)
+
+    DEFAULTS: ClassVar[dict[str, object]] = {"rho": 2.0, "label_smoothing": 0.1}
+
+
 def run_ft_sam(model, head_name, clean, mean, std, params, device, flip=True, **options) -> DefenseOutcome:
-    rho = params.method_value("ft-sam", "rho")
-    smoothing = params.method_value("ft-sam", "label_smoothing")
+    rho = params.value("rho")
+    smoothing = params.value("label_smoothing")
     outcome = run_tuning(
         FT_SAM,
         model,
@@ -43,6 +53,6 @@ FT_SAM = register(
         trains="all",
         uses_alpha=False,
         run=run_ft_sam,
-        own_params=("rho",),
+        params_type=FtSamParams,
     )
 )

@@ -19,14 +19,34 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
 from ..models.probing import probe_forward
-from .base import Defense, DefenseOutcome, register
+from .base import Defense, DefenseOutcome, MethodParams, register
 from .finetune import FT, run_tuning
+
+
+@dataclass(frozen=True)
+class NadParams(MethodParams):
+    nad_beta: tuple[float, ...] | None = None  # attention-loss weight per layer (None: 500, 1000, 1000)
+    nad_p: float = 2.0  # power of the attention map, mean over channels of |a|^p
+    nad_layers: tuple[str, ...] | None = None  # module paths (None: the last block of each stage)
+    teacher_epochs: int | None = None  # epochs of the teacher's fine-tuning (None: --epochs)
+
+    # NAD's CIFAR weights for its three attention layers
+    DEFAULTS: ClassVar[dict[str, object]] = {"nad_beta": (500.0, 1000.0, 1000.0)}
+
+    def validate(self) -> NadParams:
+        super().validate()
+        if self.nad_beta is not None and not self.nad_beta:
+            raise ConfigError("--nad-beta must be one or more weights in [0, 1e6], got none")
+        return self
 
 
 def attention_map(features: torch.Tensor, p: float) -> torch.Tensor:
@@ -105,7 +125,8 @@ def run_nad(model, head_name, clean, mean, std, params, device, flip=True, **opt
     from ..data.datasets import normalize  # local: keeps the defense module light to import
 
     teacher = copy.deepcopy(model)
-    teacher_params = type(params)(**{**params.to_dict(), "epochs": params.teacher_epochs or params.epochs})
+    teacher_sgd = dataclasses.replace(params.sgd, epochs=params.own.teacher_epochs or params.sgd.epochs)
+    teacher_params = dataclasses.replace(params, sgd=teacher_sgd)
     quiet = {k: v for k, v in options.items() if k in ("loss_adapter", "precision", "memory_format")}
     run_tuning(FT, teacher, head_name, clean, mean, std, teacher_params, device, flip, **quiet)
     teacher.eval()
@@ -113,24 +134,24 @@ def run_nad(model, head_name, clean, mean, std, params, device, flip=True, **opt
         p.requires_grad_(False)
 
     sample = normalize(clean.x[: min(8, clean.num_images)], mean, std)
-    layers = list(params.nad_layers) if params.nad_layers else stage_ends(model, sample)
-    betas = layer_weights(params.nad_beta, params.method_value("nad", "nad_beta"), layers)
+    layers = list(params.own.nad_layers) if params.own.nad_layers else stage_ends(model, sample)
+    betas = layer_weights(params.own.nad_beta, params.value("nad_beta"), layers)
     with capture(model, layers) as student_maps, capture(teacher, layers) as teacher_maps:
 
         def attention_term(inputs: torch.Tensor, _scores: torch.Tensor) -> torch.Tensor:
             with torch.no_grad():
                 teacher(inputs)
             return sum(
-                b * attention_loss(student_maps[n], teacher_maps[n], params.nad_p) for b, n in zip(betas, layers)
+                b * attention_loss(student_maps[n], teacher_maps[n], params.own.nad_p) for b, n in zip(betas, layers)
             )
 
         outcome = run_tuning(
             NAD, model, head_name, clean, mean, std, params, device, flip, batch_penalty=attention_term, **options
         )
     outcome.notes.append(
-        f"nad: teacher fine-tuned {teacher_params.epochs} epochs; attention at "
+        f"nad: teacher fine-tuned {teacher_params.sgd.epochs} epochs; attention at "
         + ", ".join(f"{n} (beta {b:g})" for n, b in zip(layers, betas))
-        + f", p {params.nad_p:g}"
+        + f", p {params.own.nad_p:g}"
     )
     return outcome
 
@@ -143,6 +164,6 @@ NAD = register(
         trains="all",
         uses_alpha=False,
         run=run_nad,
-        own_params=("nad_beta", "nad_p", "nad_layers", "teacher_epochs"),
+        params_type=NadParams,
     )
 )

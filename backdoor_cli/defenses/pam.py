@@ -10,15 +10,25 @@ whether it still survives the retuning check.
 
 from __future__ import annotations
 
-from .base import Defense, DefenseOutcome, register
+from dataclasses import dataclass
+from typing import ClassVar
+
+from .base import Defense, DefenseOutcome, MethodParams, register
 from .finetune import run_tuning
 from .perturbations import toward_origin
+
+
+@dataclass(frozen=True)
+class PamParams(MethodParams):
+    rho: float | None = None  # perturbation radius toward the suspect weights (None: the paper's 0.5)
+
+    DEFAULTS: ClassVar[dict[str, object]] = {"rho": 0.5, "label_smoothing": 0.0}
 
 
 def run_pam(model, head_name, clean, mean, std, params, device, flip=True, **options) -> DefenseOutcome:
     """`options`: run_tuning's callbacks and loss_adapter, passed through."""
     origin = {id(p): p.detach().clone() for p in model.parameters()}
-    rho = params.method_value("pam", "rho")
+    rho = params.value("rho")
     outcome = run_tuning(
         PAM,
         model,
@@ -30,7 +40,7 @@ def run_pam(model, head_name, clean, mean, std, params, device, flip=True, **opt
         device,
         flip,
         perturb_with=lambda trainable: toward_origin(trainable, [origin[id(p)] for p in trainable], rho),
-        label_smoothing=params.method_value("pam", "label_smoothing"),
+        label_smoothing=params.value("label_smoothing"),
         **options,
     )
     outcome.notes.append(
@@ -47,6 +57,6 @@ PAM = register(
         trains="all",
         uses_alpha=False,
         run=run_pam,
-        own_params=("rho",),
+        params_type=PamParams,
     )
 )

@@ -51,18 +51,47 @@ Cost per batch: up to `steps` forward+backward passes of both models on the batc
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
+from ..errors import ConfigError
 from ..models.output_kind import LOGITS
 from ..precision import autocast, default_precision
-from .base import Defense, DefenseOutcome, register
+from .base import Defense, DefenseOutcome, MethodParams, register
 from .distill import as_logits, frozen_copy
 from .finetune import run_tuning
 
 ADV_WEIGHT = 0.01  # β₁: weight of the attack's misclassification term (BackdoorBench's CIFAR-10 config)
 SHARE_WEIGHT = 1.0  # β₂: weight of the attack's agreement term
+
+
+@dataclass(frozen=True)
+class SauParams(MethodParams):
+    sau_eps: float | None = None  # L-inf radius of the shared adversarial examples, in [0, 1] pixel units (None: 0.2)
+    sau_steps: int | None = None  # PGD steps per batch (None: 5)
+    sau_lambda: tuple[float, ...] | None = (
+        None  # weights of clean CE, adversarial CE, shared unlearning (None: 1, 0, 1)
+    )
+
+    # BackdoorBench's CIFAR-10 config: L-inf 0.2 in [0, 1] pixels, 5 PGD steps, weights 1, 0, 1
+    DEFAULTS: ClassVar[dict[str, object]] = {
+        "sau_eps": 0.2,
+        "sau_steps": 5,
+        "sau_lambda": (1.0, 0.0, 1.0),
+        "label_smoothing": 0.0,
+    }
+
+    def validate(self) -> SauParams:
+        super().validate()
+        if self.sau_lambda is not None and len(self.sau_lambda) != 3:
+            raise ConfigError(
+                "--sau-lambda must be three weights in [0, 1e6] (clean CE, adversarial CE, shared "
+                f"unlearning), got {self.sau_lambda}"
+            )
+        return self
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -196,9 +225,9 @@ def unlearning_objective(
 
 def run_sau(model, head_name, clean, mean, std, params, device, flip=True, **options) -> DefenseOutcome:
     """`options`: run_tuning's callbacks, loss_adapter and precision, passed through."""
-    eps = params.method_value("sau", "sau_eps")
-    steps = params.method_value("sau", "sau_steps")
-    weights = tuple(params.method_value("sau", "sau_lambda"))
+    eps = params.value("sau_eps")
+    steps = params.value("sau_steps")
+    weights = tuple(params.value("sau_lambda"))
     adapter = options.get("loss_adapter", LOGITS)
     precision = options.get("precision") or default_precision(device)
     reference = frozen_copy(model)
@@ -215,7 +244,7 @@ def run_sau(model, head_name, clean, mean, std, params, device, flip=True, **opt
         flip,
         objective=objective,
         cuda_graphs=False,
-        label_smoothing=params.method_value("sau", "label_smoothing"),
+        label_smoothing=params.value("label_smoothing"),
         **options,
     )
     outcome.notes.append(
@@ -234,6 +263,6 @@ SAU = register(
         trains="all",
         uses_alpha=False,
         run=run_sau,
-        own_params=("sau_eps", "sau_steps", "sau_lambda"),
+        params_type=SauParams,
     )
 )

@@ -15,12 +15,18 @@ The stamp is applied after augmentation, in the normalised space: ((1-m)x + m p 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
 from ..errors import ConfigError
-from .base import Defense, DefenseOutcome, register
+from .base import Defense, DefenseOutcome, MethodParams, register
 from .finetune import run_tuning
+
+
+@dataclass(frozen=True)
+class UnlearnParams(MethodParams):
+    unlearn_fraction: float = 0.2  # share of each tuning batch stamped with a reconstructed trigger
 
 
 def trigger_stamp(triggers: Sequence, fraction: float, mean: torch.Tensor, std: torch.Tensor, device: torch.device):
@@ -57,11 +63,11 @@ def run_unlearn(
     """Fine-tune all layers with `triggers` stamped on params.unlearn_fraction of each batch (labels kept)."""
     if not triggers:
         raise ConfigError("--method unlearn needs a reconstructed trigger, and none was passed")
-    stamp = trigger_stamp(triggers, params.unlearn_fraction, mean, std, device)
+    stamp = trigger_stamp(triggers, params.own.unlearn_fraction, mean, std, device)
     outcome = run_tuning(UNLEARN, model, head_name, clean, mean, std, params, device, flip, stamp=stamp, **options)
     classes = ", ".join(str(t.target) for t in triggers)
     outcome.notes.append(
-        f"unlearnt the reconstructed trigger of class {classes} on {params.unlearn_fraction:.0%} "
+        f"unlearnt the reconstructed trigger of class {classes} on {params.own.unlearn_fraction:.0%} "
         "of each batch, labels kept"
     )
     return outcome
@@ -75,7 +81,7 @@ UNLEARN = register(
         trains="all",
         uses_alpha=False,
         run=run_unlearn,
-        own_params=("unlearn_fraction",),
+        params_type=UnlearnParams,
         needs_triggers=True,
     )
 )

@@ -21,26 +21,37 @@ from ..errors import ConfigError
 from ..models.output_kind import LOGITS, LossAdapter, attach_loss
 from ..precision import as_format, autocast, default_precision
 from .graphed_step import GraphedStep
-from .sgd import Schedule, Sgd
+from .sgd import Schedule, Sgd, SgdSettings
 
 
 @dataclass(frozen=True)
 class TuneSettings:
-    """Optimiser and schedule for one tuning run (SGD; cosine annealing stepped per epoch, or constant)."""
+    """One tuning run: its SGD settings (optimiser, schedule, batch, augmentation, seed) and what the
+    loop adds to them."""
 
-    epochs: int
-    lr: float
-    batch_size: int = 128
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    augment: bool = True
-    flip: bool = True
-    seed: int = 0
-    schedule: str = "cosine"  # 'cosine' | 'constant' (the retuning check's protocol has no schedule)
+    sgd: SgdSettings
+    flip: bool = True  # with sgd.augment: random horizontal flips too
     label_smoothing: float = 0.0
     # CUDA only: replay each full batch's step as a captured graph (graphed_step.py); the environment
     # variable BDCLEAN_CUDA_GRAPHS=0 turns it off for a run. The report's history says what ran.
     cuda_graphs: bool = True
+
+    def to_dict(self) -> dict:
+        """Flat, in the order `train`'s metadata has always recorded them."""
+        sgd = self.sgd
+        return {
+            "epochs": sgd.epochs,
+            "lr": sgd.lr,
+            "batch_size": sgd.batch_size,
+            "momentum": sgd.momentum,
+            "weight_decay": sgd.weight_decay,
+            "augment": sgd.augment,
+            "flip": self.flip,
+            "seed": sgd.seed,
+            "schedule": sgd.schedule,
+            "label_smoothing": self.label_smoothing,
+            "cuda_graphs": self.cuda_graphs,
+        }
 
 
 @dataclass
@@ -110,14 +121,15 @@ def tune(
     parameters and the loss stay fp32. `memory_format` is the one the model is in (precision.py).
     """
     precision = precision or default_precision(device)
-    if settings.epochs < 1 or settings.batch_size < 1 or settings.lr <= 0:
+    sgd = settings.sgd
+    if sgd.epochs < 1 or sgd.batch_size < 1 or sgd.lr <= 0:
         raise ConfigError("epochs and batch size must be >= 1 and lr > 0")
     trainable = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
     if not trainable:
         raise ConfigError("nothing to train: every parameter is frozen")
-    optimizer = Sgd(trainable, settings.lr, settings.momentum, settings.weight_decay, device)
-    scheduler = Schedule(optimizer, settings.schedule, settings.epochs)
-    generator = torch.Generator(device=device).manual_seed(settings.seed)
+    optimizer = Sgd(trainable, sgd.lr, sgd.momentum, sgd.weight_decay, device)
+    scheduler = Schedule(optimizer, sgd.schedule, sgd.epochs)
+    generator = torch.Generator(device=device).manual_seed(sgd.seed)
     frozen_modules = list(frozen_modules)
     n = data.num_images
     history: list[EpochLog] = []
@@ -153,13 +165,11 @@ def tune(
             return None
         return f"the fused SGD kernel was unavailable ({optimizer.fallback}), so the rate is not a device tensor"
 
-    graphed = (
-        GraphedStep(train_step, settings.batch_size, refusal) if use_cuda_graphs(device, settings, perturb) else None
-    )
+    graphed = GraphedStep(train_step, sgd.batch_size, refusal) if use_cuda_graphs(device, settings, perturb) else None
     run_step = graphed or train_step
     # The adapter's hook (a trailing softmax's input) lives exactly as long as the run.
     with attach_loss(model, loss_adapter, settings.label_smoothing) as loss_fn:
-        for epoch in range(settings.epochs):
+        for epoch in range(sgd.epochs):
             start = time.perf_counter()
             model.train()
             for module in frozen_modules:
@@ -168,11 +178,11 @@ def tune(
             correct = torch.zeros((), device=device, dtype=torch.long)
             seen = 0
             lr = scheduler.lr  # the schedule's float: no device read, the same figure on every machine
-            for idx in iterate_minibatches(n, settings.batch_size, generator, shuffle=True):
+            for idx in iterate_minibatches(n, sgd.batch_size, generator, shuffle=True):
                 if len(idx) < 2 and n >= 2:  # BatchNorm cannot train on a batch of one
                     continue
                 xb, yb = data.x[idx], data.y[idx]
-                if settings.augment:
+                if sgd.augment:
                     xb = _augment(xb, generator, settings.flip, None if no_augment is None else no_augment[idx])
                 inputs = normalize(xb, mean, std)
                 if stamp is not None:

@@ -14,10 +14,28 @@ The schedules compute the learning rate as torch's CosineAnnealingLR and a const
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
 from ..errors import ConfigError
+
+
+@dataclass(frozen=True)
+class SgdSettings:
+    """One SGD run's settings, declared once for every tuning (defenses, `train`, the retuning check):
+    the optimiser (lr, momentum, weight decay), its schedule over `epochs` (cosine annealing stepped
+    per epoch, or constant), the batch, whether the tuning images are augmented, and the seed of the
+    data order and augmentation."""
+
+    epochs: int
+    lr: float
+    batch_size: int = 128
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    augment: bool = True
+    seed: int = 0
+    schedule: str = "cosine"  # 'cosine' | 'constant' (the retuning check's protocol has no schedule)
 
 
 class Sgd:

@@ -32,7 +32,7 @@ from ..errors import BdcleanError, ConfigError, InputError
 from ..evaluation.cache import EvalCache, data_fingerprint, eval_key, file_sha256, measured, trigger_fingerprint
 from ..evaluation.gates import check_gates
 from ..evaluation.measure import EvalSets, build_eval_sets, evaluate_model
-from ..precision import resolve_precision
+from ..precision import PrecisionPlan, resolve_precision
 from ..progress import Reporter
 from ..reports.audit_log import EXIT_GATE, EXIT_INTERNAL, EXIT_OK, AuditLog, AuditRow, completed, read_rows, sort_rows
 from ..runtime import environment, prepare_model, resolve_device, seed_everything
@@ -103,6 +103,7 @@ class _Run:
     reporter: Reporter
     out_names: dict[str, str]
     sets: dict  # trigger fingerprint -> EvalSets: each distinct trigger's images are built once
+    plan: PrecisionPlan  # resolved once for the whole audit
 
 
 def audit_checkpoints(
@@ -125,6 +126,7 @@ def audit_checkpoints(
                 "--purify needs --out", hint="a folder; each purified checkpoint gets its own folder in it"
             )
     device = resolve_device(shard_device(opts.device))
+    plan = resolve_precision(opts.precision, device)
     seed_everything(opts.seed)
     reporter.stage(f"auditing {len(paths)} checkpoint(s)" + (f" (shard {shard} of {len(everything)})" if shard else ""))
     reporter.stage(f"loading data {opts.data}")
@@ -140,6 +142,7 @@ def audit_checkpoints(
         reporter,
         output_names(everything),
         {},
+        plan,
     )
     log = AuditLog(opts.jsonl) if opts.jsonl else None
     done = completed(read_rows(opts.jsonl)) if opts.jsonl and Path(opts.jsonl).is_file() else {}
@@ -205,7 +208,7 @@ def _measure(run: _Run, path: str, sha: str) -> AuditRow:
     sets = _sets_for(run, trigger)
     model = prepare_model(subject.model, run.device)
     mean, std = normalization_tensors(subject, run.device)
-    precision = resolve_precision(opts.precision, run.device).evaluate
+    precision = run.plan.evaluate
     key = eval_key(
         subject.checkpoint.sha256,
         subject,

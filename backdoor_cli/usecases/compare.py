@@ -64,7 +64,7 @@ def compare_checkpoints(opts: CompareOptions, reporter: Reporter | None = None) 
 
     ref = measure(reference_path, reference)
     ref_state = reference.checkpoint.state_dict
-    retune = _retune_checker(opts, bundle, reference, trigger, sets, device, reporter)
+    retune = _retune_checker(opts, bundle, reference, trigger, sets, device, reporter, plan)
     rows = []
     for path in opts.checkpoints:
         subject = reference if path == reference_path else open_subject(opts, path, bundle, reporter)
@@ -104,19 +104,19 @@ def compare_checkpoints(opts: CompareOptions, reporter: Reporter | None = None) 
     )
 
 
-def _retune_checker(opts, bundle, first: Subject, trigger, sets, device, reporter):
+def _retune_checker(opts, bundle, first: Subject, trigger, sets, device, reporter, plan):
     """compare --retune-check: a function (subject, its result) -> RetuneResult, or None without the flag.
     The clean reference is retuned once, here; each checkpoint while it is the one in memory."""
     if not opts.retune_check:
         return None
     settings = retune_settings(opts)
     clean = retune_clean_set(opts, bundle, first)
-    reference = reference_check(opts, bundle, clean, trigger, sets, settings, device, reporter)
+    reference = reference_check(opts, bundle, clean, trigger, sets, settings, device, reporter, plan)
 
     def check(subject: Subject, result) -> RetuneResult:
         reporter.stage(f"retuning check on {subject.checkpoint.path}")
         return judge(
-            retune_one(subject, result, clean, bundle, trigger, sets, settings, device, opts, reporter), reference
+            retune_one(subject, result, clean, bundle, trigger, sets, settings, device, opts, reporter, plan), reference
         )
 
     return check

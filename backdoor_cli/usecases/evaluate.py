@@ -91,6 +91,7 @@ def evaluate_checkpoint(opts: EvaluateOptions, reporter: Reporter | None = None,
                 result.asr,
                 probed_adapter(model, clean, mean, std, device, reporter),
                 reporter,
+                plan,
             )
     gates = check_gates(
         result.asr.value if result.asr else None, result.clean_acc.value, max_asr=opts.max_asr, min_acc=opts.min_acc

@@ -19,7 +19,7 @@ from ..config import PurifyOptions, to_yaml_dict
 from ..data.augmentation import decide_augmentation
 from ..data.datasets import DatasetBundle, ImageSet, indices_sha256
 from ..defenses import DefenseParams, default_params, get_defense
-from ..defenses.base import METHOD_PARAMS, DefenseOutcome, inapplicable
+from ..defenses.base import Defense, DefenseOutcome, inapplicable, method_params
 from ..errors import ConfigError
 from ..evaluation.cache import measured
 from ..evaluation.gates import GateResult, check_gates
@@ -31,6 +31,7 @@ from ..outputs import OutputSet
 from ..precision import (
     FORMAT_TIMED_STEPS,
     Compute,
+    PrecisionPlan,
     choose_memory_format,
     example_batch,
     resolve_precision,
@@ -46,6 +47,7 @@ from ..selection.path_select import memorised_warning, select_on_path
 from ..selection.recipe import CAVEAT, Recipe, fit_to_clean_data, resolve_recipe
 from ..subject import Subject, normalization_tensors
 from ..tuning.loop import steps_per_epoch
+from ..tuning.sgd import SgdSettings
 from ..verdicts.removal import combine_verdicts, judge_removal, judge_removal_by_scan
 from .retuning import retune_checked
 from .setup import (
@@ -75,40 +77,25 @@ PURIFY_OUTPUTS = ("purified.safetensors", "report.json", "report.md", "config.ya
 ALPHA_ADVICE_DROP = 0.10
 
 
-def _defense_params(opts: PurifyOptions, dataset: str | None, recipe: Recipe) -> tuple[DefenseParams, float | None]:
+def _defense_params(
+    opts: PurifyOptions, dataset: str | None, recipe: Recipe, defense: Defense
+) -> tuple[DefenseParams, float | None]:
     defaults = default_params(dataset)
-    given = {
-        k: v
-        for k, v in (
-            ("distill", opts.distill),
-            ("distill_temperature", opts.distill_temperature),
-            ("rho", opts.rho),
-            ("label_smoothing", opts.label_smoothing),
-            ("nad_beta", opts.nad_beta),
-            ("nad_p", opts.nad_p),
-            ("nad_layers", opts.nad_layers),
-            ("teacher_epochs", opts.teacher_epochs),
-            ("clp_u", opts.clp_u),
-            ("unlearn_fraction", opts.unlearn_fraction),
-            ("d3_lambda", opts.d3_lambda),
-            ("d3_eps", opts.d3_eps),
-            ("sau_eps", opts.sau_eps),
-            ("sau_steps", opts.sau_steps),
-            ("sau_lambda", opts.sau_lambda),
-        )
-        if v is not None
-    }
-    params = DefenseParams(
+    sgd = SgdSettings(
         lr=opts.lr if opts.lr is not None else defaults["lr"],
         epochs=opts.epochs if opts.epochs is not None else defaults["epochs"],
-        alpha=opts.alpha if opts.alpha is not None else defaults["alpha"],
         batch_size=opts.batch_size,
         momentum=opts.momentum,
         weight_decay=opts.weight_decay,
-        augment=opts.augment is not False,
-        seed=opts.seed,  # the data's rule refines it (_purify_into)
-        **{**recipe.params(), **given},  # the user's values over the recipe's over the method's defaults
-    ).validate()
+        augment=opts.augment is not False,  # the data's rule refines it (_purify_into)
+        seed=opts.seed,
+    )
+    # the method's own: the user's values over the recipe's over the method's defaults (the dataset's alpha)
+    own = {name: defaults[name] for name in defense.own_params if name in defaults}
+    own.update({k: v for k, v in recipe.params().items() if k in defense.own_params})
+    own.update({name: getattr(opts, name) for name in defense.own_params if getattr(opts, name) is not None})
+    smoothing = opts.label_smoothing if opts.label_smoothing is not None else recipe.params().get("label_smoothing")
+    params = DefenseParams(sgd=sgd, label_smoothing=smoothing, own=defense.params_type(**own)).validate()
     fraction = opts.clean_fraction
     if fraction is None and opts.clean_count is None and opts.clean_data is None:
         fraction = defaults["clean_fraction"]
@@ -119,7 +106,7 @@ def refuse_inapplicable(opts: PurifyOptions, defense) -> None:
     """A method-specific flag (or config key) the chosen method would ignore is an error that names it:
     a run must never record a value it did not use. lr/epochs/label-smoothing mean nothing to a method
     that does not tune (clp)."""
-    names = METHOD_PARAMS + (("lr", "epochs", "label_smoothing") if defense.trains == "none" else ())
+    names = method_params() + (("lr", "epochs", "label_smoothing") if defense.trains == "none" else ())
     problems = inapplicable(
         defense, {name: getattr(opts, name) for name in names}, chosen_by=None if opts.method else "the default method"
     )
@@ -158,22 +145,30 @@ def purify_checkpoint(opts: PurifyOptions, reporter: Reporter | None = None, cac
     if not opts.out:
         raise ConfigError("--out is required", hint="a directory for purified.safetensors and the report")
     device = resolve_device(opts.device)
-    resolve_precision(opts.precision, device)  # a bad --precision: exit 2 before any work
+    plan = resolve_precision(opts.precision, device)  # once per run (a bad --precision: exit 2 before any work)
     out = Path(opts.out)
-    params, fraction = _defense_params(opts, None, recipe)  # range errors before any work; dataset defaults below
+    params, fraction = _defense_params(
+        opts, None, recipe, defense
+    )  # range errors before any work; dataset defaults below
     parse_output_kind(opts.output_kind)  # a bad --output-kind: exit 2 before any work
     names = PURIFY_OUTPUTS + ("report.png",) + hub.OUTPUTS  # the hub layout is written for hub models only
     with OutputSet(out, names, input_paths(opts, opts.checkpoint), opts.force) as outputs:
-        report = _purify_into(opts, recipe, defense, device, outputs, reporter, cache)
+        report = _purify_into(opts, recipe, defense, device, plan, outputs, reporter, cache)
         reporter.stage(f"writing outputs to {out}")
         outputs.commit()
     return report
 
 
 def _purify_into(
-    opts: PurifyOptions, recipe: Recipe, defense, device, outputs: OutputSet, reporter: Reporter, cache=None
+    opts: PurifyOptions,
+    recipe: Recipe,
+    defense,
+    device,
+    plan: PrecisionPlan,
+    outputs: OutputSet,
+    reporter: Reporter,
+    cache=None,
 ) -> PurifyReport:
-    plan = resolve_precision(opts.precision, device)
     seed_everything(opts.seed)
     timer = Stopwatch(device)
     with timer.stage("load"):
@@ -182,17 +177,17 @@ def _purify_into(
         subject = open_subject(opts, opts.checkpoint, bundle, reporter)
         trigger = resolve_trigger(opts.trigger, opts.target, subject, bundle.test.image_shape, subject.num_classes)
         check_gate_inputs(opts, trigger)
-        params, fraction = _defense_params(opts, bundle.name, recipe)
+        params, fraction = _defense_params(opts, bundle.name, recipe, defense)
         augmentation = decide_augmentation(opts.augment, bundle)
-        params = dataclasses.replace(params, augment=augmentation.enabled)
+        params = dataclasses.replace(params, sgd=dataclasses.replace(params.sgd, augment=augmentation.enabled))
         clean, clean_indices = select_clean_set(opts, bundle, fraction, subject)
         recipe, warning = fit_to_clean_data(recipe, clean.num_images, subject.num_classes)
         if warning:
             reporter.warn(warning)
         reporter.info(
             f"{recipe.describe()}: {clean.num_images} clean images"
-            + (f", lr {params.lr}, {params.epochs} epochs" if defense.trains != "none" else ", no training")
-            + (f", alpha {params.alpha}" if defense.uses_alpha else "")
+            + (f", lr {params.sgd.lr}, {params.sgd.epochs} epochs" if defense.trains != "none" else ", no training")
+            + (f", alpha {params.own.alpha}" if defense.uses_alpha else "")
         )
         if defense.trains != "none":
             reporter.info(f"augmentation: {augmentation.describe()}")
@@ -223,7 +218,7 @@ def _purify_into(
         shape = bundle.test.image_shape
         formats = {"evaluate": choose_eval_format(opts, model, shape, device, plan, reporter, 2 * eval_images(sets))}
         steps = (
-            params.epochs * steps_per_epoch(tune_set.num_images, params.batch_size)
+            params.sgd.epochs * steps_per_epoch(tune_set.num_images, params.sgd.batch_size)
             if defense.trains != "none" and not unchanged  # no tuning to run: no format timing to repay
             else 0
         )
@@ -231,7 +226,7 @@ def _purify_into(
             opts, model, device, steps, 2 * (1 + FORMAT_TIMED_STEPS["train"]), "steps"
         ) or choose_memory_format(
             model,
-            example_batch(shape, min(params.batch_size, tune_set.num_images), device),
+            example_batch(shape, min(params.sgd.batch_size, tune_set.num_images), device),
             device,
             plan.tune,
             train=True,
@@ -276,7 +271,7 @@ def _purify_into(
                 triggers=evidence.chosen if evidence is not None else None,
             )
         )
-        selection = monitor.restore(model, params.epochs) if recipe.select == "epoch" and not unchanged else None
+        selection = monitor.restore(model, params.sgd.epochs) if recipe.select == "epoch" and not unchanged else None
         if selection:
             reporter.info(f"held-out selection: {selection}")
         path_choice = None
@@ -318,9 +313,10 @@ def _purify_into(
                 after.asr,
                 output_kind.adapter,
                 reporter,
+                plan,
             )
     acc_drop = before.clean_acc.value - after.clean_acc.value
-    advice = alpha_advice(defense.uses_alpha, params.alpha, acc_drop)
+    advice = alpha_advice(defense.uses_alpha, getattr(params.own, "alpha", None), acc_drop)
     if advice:
         reporter.warn(advice)
     gates = check_gates(
@@ -570,14 +566,16 @@ def _run_defense(
     compute: Compute | None = None,
     triggers=None,
 ):
-    total = params.epochs * steps_per_epoch(clean.num_images, params.batch_size) if defense.trains != "none" else 0
+    total = (
+        params.sgd.epochs * steps_per_epoch(clean.num_images, params.sgd.batch_size) if defense.trains != "none" else 0
+    )
     reporter.start_steps(f"{defense.name} tuning", total)
     on_step = step_callback(reporter, "tuning", total)
 
     def on_epoch(log) -> None:
         held = f", held-out acc {monitor.observe(model, log.epoch, mean, std):.2%}" if monitor is not None else ""
         reporter.epoch(
-            f"epoch {log.epoch}/{params.epochs}: loss {log.loss:.4f}, "
+            f"epoch {log.epoch}/{params.sgd.epochs}: loss {log.loss:.4f}, "
             f"train acc {log.train_acc:.2%}{held}, lr {log.lr:.4g}, {log.seconds:.1f}s"
         )
 

@@ -5,6 +5,8 @@ The check itself (a copy retuned with a few poisoned images, and its verdict) is
 
 from __future__ import annotations
 
+import dataclasses
+
 from ..config import EvaluateOptions
 from ..data.datasets import DatasetBundle, ImageSet, select_clean_subset
 from ..data.streaming import materialize
@@ -13,11 +15,11 @@ from ..errors import ConfigError, InputError
 from ..evaluation.measure import EvalSets, evaluate_model
 from ..evaluation.metrics import Rate
 from ..models.output_kind import LossAdapter
-from ..precision import resolve_precision
+from ..precision import PrecisionPlan
 from ..progress import Reporter
 from ..runtime import prepare_model
 from ..subject import Subject, normalization_tensors
-from ..verdicts.retune import RetuneResult, RetuneSettings, check_retuning, judge
+from ..verdicts.retune import PROTOCOL, RetuneResult, RetuneSettings, check_retuning, judge
 from .setup import open_subject, probed_adapter
 
 
@@ -35,9 +37,9 @@ def retune_clean_set(opts: EvaluateOptions, bundle: DatasetBundle, subject: Subj
 
 
 def retune_settings(opts: EvaluateOptions) -> RetuneSettings:
-    return RetuneSettings(
-        poisoned=opts.retune_poisoned, epochs=opts.retune_epochs, lr=opts.retune_lr, seed=opts.seed
-    ).validate()
+    """The protocol's SGD settings with the run's --retune-epochs, --retune-lr and --seed."""
+    sgd = dataclasses.replace(PROTOCOL, epochs=opts.retune_epochs, lr=opts.retune_lr, seed=opts.seed)
+    return RetuneSettings(poisoned=opts.retune_poisoned, sgd=sgd).validate()
 
 
 def retune_checked(
@@ -53,12 +55,16 @@ def retune_checked(
     asr: Rate | None,
     adapter: LossAdapter,
     reporter: Reporter,
+    plan: PrecisionPlan,
 ) -> RetuneResult:
-    """The retuning check on `model` and, with --clean-reference, on that model with the same images."""
+    """The retuning check on `model` and, with --clean-reference, on that model with the same images;
+    `plan` is the run's precision, resolved once by the use case."""
     if trigger is None or asr is None:
         raise ConfigError("--retune-check needs a trigger", hint="pass --trigger (a built-in name or a spec file)")
     settings = retune_settings(opts)
-    reporter.stage(f"retuning check: a copy tuned {settings.epochs} epochs with {settings.poisoned} poisoned images")
+    reporter.stage(
+        f"retuning check: a copy tuned {settings.sgd.epochs} epochs with {settings.poisoned} poisoned images"
+    )
     result = check_retuning(
         model,
         clean,
@@ -72,9 +78,9 @@ def retune_checked(
         _eval_batch(opts),
         bundle.augment_flip,
         adapter,
-        resolve_precision(opts.precision, device),
+        plan,
     )
-    judge(result, reference_check(opts, bundle, clean, trigger, sets, settings, device, reporter))
+    judge(result, reference_check(opts, bundle, clean, trigger, sets, settings, device, reporter, plan))
     reporter.info(f"retuning check: {result.verdict}")
     return result
 
@@ -83,19 +89,19 @@ def _eval_batch(opts) -> int:
     return getattr(opts, "eval_batch_size", opts.batch_size)
 
 
-def reference_check(opts, bundle, clean, trigger, sets, settings, device, reporter) -> RetuneResult | None:
+def reference_check(opts, bundle, clean, trigger, sets, settings, device, reporter, plan) -> RetuneResult | None:
     if not opts.clean_reference:
         return None
     reporter.stage(f"retuning check on the clean reference {opts.clean_reference}")
     subject = open_subject(opts, opts.clean_reference, bundle, reporter)
-    return retune_one(subject, None, clean, bundle, trigger, sets, settings, device, opts, reporter)
+    return retune_one(subject, None, clean, bundle, trigger, sets, settings, device, opts, reporter, plan)
 
 
-def retune_one(subject: Subject, result, clean, bundle, trigger, sets, settings, device, opts, reporter):
-    """The check on one checkpoint's model (its ASR measured here unless `result` has it)."""
+def retune_one(subject: Subject, result, clean, bundle, trigger, sets, settings, device, opts, reporter, plan):
+    """The check on one checkpoint's model (its ASR measured here unless `result` has it), in the run's
+    precision `plan`."""
     model = prepare_model(subject.model, device)
     mean, std = normalization_tensors(subject, device)
-    plan = resolve_precision(opts.precision, device)
     asr = (result or evaluate_model(model, sets, mean, std, device, _eval_batch(opts), precision=plan.evaluate)).asr
     adapter = probed_adapter(model, clean, mean, std, device, reporter)
     return check_retuning(

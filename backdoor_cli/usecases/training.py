@@ -18,12 +18,21 @@ from ..errors import ConfigError, InputError, OutputError
 from ..evaluation.measure import build_eval_sets, evaluate_model
 from ..models import arch_file_source
 from ..outputs import OutputSet
-from ..precision import Compute, choose_memory_format, eval_timing_batch, example_batch, resolve_precision, torch_format
+from ..precision import (
+    Compute,
+    PrecisionPlan,
+    choose_memory_format,
+    eval_timing_batch,
+    example_batch,
+    resolve_precision,
+    torch_format,
+)
 from ..progress import Reporter, step_callback
 from ..reports.report import TrainReport
 from ..runtime import Stopwatch, environment, prepare_model, resolve_device, seed_everything
 from ..triggers import poison_training_set
 from ..tuning.loop import TuneSettings, steps_per_epoch, tune
+from ..tuning.sgd import SgdSettings
 from .setup import base_metadata, describe_trigger, input_paths, replayable_metrics, require_data, resolve_trigger
 
 DEFAULT_ARCH = "simple_cnn"
@@ -42,21 +51,23 @@ def train_model(opts: TrainOptions, reporter: Reporter | None = None) -> TrainRe
     if not 0.0 <= opts.holdout_fraction < 1.0:
         raise ConfigError(f"--holdout-fraction must be in [0, 1), got {opts.holdout_fraction}")
     settings = TuneSettings(
-        epochs=opts.epochs,
-        lr=opts.lr,
-        batch_size=opts.batch_size,
-        momentum=opts.momentum,
-        weight_decay=opts.weight_decay,
-        augment=opts.augment,
-        seed=opts.seed,
+        SgdSettings(
+            epochs=opts.epochs,
+            lr=opts.lr,
+            batch_size=opts.batch_size,
+            momentum=opts.momentum,
+            weight_decay=opts.weight_decay,
+            augment=opts.augment,
+            seed=opts.seed,
+        )
     )
     device = resolve_device(opts.device)
-    resolve_precision(opts.precision, device)  # a bad --precision: exit 2 before any work
+    plan = resolve_precision(opts.precision, device)  # once per run (a bad --precision: exit 2 before any work)
     out = Path(opts.out)
     if out.is_dir():
         raise OutputError(f"--out {out} is a directory; give a file name such as model.safetensors")
     with OutputSet(out.parent, [out.name], input_paths(opts, opts.init), opts.force) as outputs:
-        report = _train_into(opts, settings, device, out, outputs, reporter)
+        report = _train_into(opts, settings, device, plan, out, outputs, reporter)
         outputs.commit()
     return report
 
@@ -73,7 +84,13 @@ def default_model_name(opts: TrainOptions) -> str:
 
 
 def _train_into(
-    opts: TrainOptions, settings: TuneSettings, device, out: Path, outputs: OutputSet, reporter: Reporter
+    opts: TrainOptions,
+    settings: TuneSettings,
+    device,
+    plan: PrecisionPlan,
+    out: Path,
+    outputs: OutputSet,
+    reporter: Reporter,
 ) -> TrainReport:
     seed_everything(opts.seed)
     timer = Stopwatch(device)
@@ -101,7 +118,6 @@ def _train_into(
             x, y, poison_idx = poison_training_set(trigger, x, y, opts.poison_rate, opts.seed)
         start, arch, model, head, mean, std = _starting_model(opts, bundle, reporter)
         model = prepare_model(model, device)
-        plan = resolve_precision(opts.precision, device)
         h, w, c = bundle.test.image_shape
         shape = (1, c, 1, 1)
         mean_t = torch.tensor(mean, device=device).view(shape)
@@ -121,7 +137,7 @@ def _train_into(
             ),
             "tune": choose_memory_format(
                 model,
-                example_batch(shape, min(settings.batch_size, data.num_images), device),
+                example_batch(shape, min(settings.sgd.batch_size, data.num_images), device),
                 device,
                 plan.tune,
                 train=True,
@@ -144,7 +160,7 @@ def _train_into(
         + (f" from {opts.init}" if start else "")
         + (f" ({len(poison_idx)} poisoned, target {trigger.target})" if len(poison_idx) else "")
     )
-    total = settings.epochs * steps_per_epoch(data.num_images, settings.batch_size)
+    total = settings.sgd.epochs * steps_per_epoch(data.num_images, settings.sgd.batch_size)
     reporter.start_steps("training", total)
     on_step = step_callback(reporter, "training", total)
 
@@ -162,7 +178,7 @@ def _train_into(
                 precision=plan.tune,
                 memory_format=train_format,
                 on_epoch=lambda log: reporter.epoch(
-                    f"epoch {log.epoch}/{settings.epochs}: loss {log.loss:.4f}, train acc {log.train_acc:.2%}, "
+                    f"epoch {log.epoch}/{settings.sgd.epochs}: loss {log.loss:.4f}, train acc {log.train_acc:.2%}, "
                     f"{log.seconds:.1f}s"
                 ),
             )
@@ -196,7 +212,7 @@ def _train_into(
                 else None
             ),
             "holdout_indices": holdout.tolist() if holdout is not None else None,
-            "training": {**dataclasses.asdict(settings), "compute": compute.replayable()},
+            "training": {**settings.to_dict(), "compute": compute.replayable()},
             "test_metrics": replayable_metrics(result),
         }
     )

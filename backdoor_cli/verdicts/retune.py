@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 
@@ -28,6 +28,7 @@ from ..evaluation.metrics import Rate
 from ..models.output_kind import LOGITS, LossAdapter
 from ..reports.report import pct
 from ..tuning.loop import TuneSettings, tune
+from ..tuning.sgd import SgdSettings
 
 # Without a clean reference, a retuned ASR at or above this reads as a dormant backdoor. In the paper a
 # model trained without the backdoor stays at a few percent under the same 5-image treatment.
@@ -37,27 +38,36 @@ DORMANT_WITHOUT_REFERENCE = 0.20
 DORMANT_MARGIN = 0.10
 # Above this ASR before retuning, the backdoor is plainly active; the check adds nothing to that.
 ACTIVE_ASR = 0.50
+# The authors' protocol (module docstring); `augment` applies to the clean images only, the poisoned
+# ones never are.
+PROTOCOL = SgdSettings(epochs=5, lr=0.01, batch_size=128, momentum=0.9, augment=True, schedule="constant")
 
 
 @dataclass(frozen=True)
 class RetuneSettings:
     poisoned: int = 5
-    epochs: int = 5
-    lr: float = 0.01
-    momentum: float = 0.9
-    batch_size: int = 128
-    augment: bool = True  # the clean images only; the poisoned ones never are
-    seed: int = 0
+    sgd: SgdSettings = PROTOCOL  # its seed also chooses the poisoned images
 
     def validate(self) -> RetuneSettings:
         check_fields(
-            {"poisoned": self.poisoned, "epochs": self.epochs, "lr": self.lr},
+            {"poisoned": self.poisoned, "epochs": self.sgd.epochs, "lr": self.sgd.lr},
             {"poisoned": "retune_poisoned", "epochs": "retune_epochs", "lr": "retune_lr"},
         )
         return self
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "schedule": "constant", "poisoned_augmented": False}
+        sgd = self.sgd
+        return {
+            "poisoned": self.poisoned,
+            "epochs": sgd.epochs,
+            "lr": sgd.lr,
+            "momentum": sgd.momentum,
+            "batch_size": sgd.batch_size,
+            "augment": sgd.augment,
+            "seed": sgd.seed,
+            "schedule": sgd.schedule,
+            "poisoned_augmented": False,
+        }
 
 
 @dataclass
@@ -97,7 +107,7 @@ def poisoned_tuning_set(clean: ImageSet, trigger, settings: RetuneSettings) -> t
             f"the retuning check needs {settings.poisoned} clean images outside the target class; "
             f"the tuning set has {len(candidates)}"
         )
-    generator = torch.Generator().manual_seed(settings.seed)
+    generator = torch.Generator().manual_seed(settings.sgd.seed)
     chosen = candidates[torch.randperm(len(candidates), generator=generator)[: settings.poisoned]].to(clean.x.device)
     x, y = clean.x.clone(), clean.y.clone()
     x[chosen] = trigger.apply(x[chosen])
@@ -128,16 +138,7 @@ def retuned_copy(
         tuning,
         mean,
         std,
-        TuneSettings(
-            epochs=settings.epochs,
-            lr=settings.lr,
-            batch_size=settings.batch_size,
-            momentum=settings.momentum,
-            augment=settings.augment,
-            flip=flip,
-            seed=settings.seed,
-            schedule="constant",
-        ),
+        TuneSettings(settings.sgd, flip=flip),
         device,
         loss_adapter=loss_adapter,
         no_augment=poisoned_mask,
