@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import os
 import time
 from collections.abc import Callable
@@ -220,6 +221,9 @@ class FormatChoice:
     format: str  # channels_last | contiguous
     reason: str
     seconds: dict[str, float] | None = None
+    # a timed training step: each format's forward half alone (what an evaluation of the same
+    # precision runs), so the evaluation's format can be chosen without timing it again
+    forward_seconds: dict[str, float] | None = None
 
     def to_dict(self) -> dict:
         return {
@@ -258,6 +262,7 @@ def choose_memory_format(
     subject.train(train)
     inputs = {name: as_format(example, name) for name in ("channels_last", "contiguous")}
     seconds = {name: float("inf") for name in inputs}
+    forward = {name: float("inf") for name in inputs}
     try:
         # One untimed step per format (oneDNN builds its primitives on the first call of each shape and
         # format), then timed rounds that alternate the formats, keeping each one's best: on a shared
@@ -266,18 +271,37 @@ def choose_memory_format(
             _time_format(subject, x, device, precision, train, name, loss)
         for _ in range(FORMAT_TIMED_STEPS["train" if train else "eval"]):
             for name, x in inputs.items():
-                seconds[name] = min(seconds[name], _time_format(subject, x, device, precision, train, name, loss))
+                step, ahead = _time_format(subject, x, device, precision, train, name, loss)
+                seconds[name], forward[name] = min(seconds[name], step), min(forward[name], ahead)
     except Exception as exc:  # a model that cannot run a plain step here: keep the default, say why
         return _apply(model, FormatChoice("channels_last", f"default (not timed: {type(exc).__name__})"))
     finally:
         subject.train(was_training)
-    if seconds["contiguous"] < seconds["channels_last"] * (1 - FORMAT_MARGIN):
-        choice = FormatChoice("contiguous", f"measured: faster by more than {FORMAT_MARGIN:.0%}", seconds)
-    else:
-        choice = FormatChoice(
-            "channels_last", f"measured: contiguous not faster by more than {FORMAT_MARGIN:.0%}", seconds
-        )
+    choice = _faster(seconds, "measured")
+    if train:
+        choice = dataclasses.replace(choice, forward_seconds=forward)
     return _apply(model, choice)
+
+
+def _faster(seconds: dict[str, float], how: str) -> FormatChoice:
+    if seconds["contiguous"] < seconds["channels_last"] * (1 - FORMAT_MARGIN):
+        return FormatChoice("contiguous", f"{how}: faster by more than {FORMAT_MARGIN:.0%}", dict(seconds))
+    return FormatChoice(
+        "channels_last", f"{how}: contiguous not faster by more than {FORMAT_MARGIN:.0%}", dict(seconds)
+    )
+
+
+def evaluation_format_from_tuning(tune: FormatChoice, model: torch.nn.Module) -> FormatChoice | None:
+    """The evaluation's format from a timed training step's forward halves (same precision: the caller
+    checks), so the evaluation is not timed again; None when the training step was not timed."""
+    if tune.forward_seconds is None:
+        return None
+    return _apply(model, _faster(tune.forward_seconds, "measured on the tuning step's forward pass"))
+
+
+def working_precision(precision: str) -> str:
+    """The arithmetic most of a stage runs in: a checked bf16 evaluation runs bf16 (fp32 for a few images)."""
+    return "bf16" if precision in ("bf16", CHECKED_BF16) else "fp32"
 
 
 def conv_macs(model: torch.nn.Module, x: torch.Tensor) -> int:
@@ -310,20 +334,24 @@ def _scores(output) -> torch.Tensor:
     return logits if isinstance(logits, torch.Tensor) else output[0]
 
 
-def _time_format(model, x, device, precision: str, train: bool, name: str, loss) -> float:
-    """Seconds of one step in format `name`: forward + backward when `train`, else a forward pass."""
+def _time_format(model, x, device, precision: str, train: bool, name: str, loss) -> tuple[float, float]:
+    """(seconds of one step, seconds of its forward pass) in format `name`: forward + backward when
+    `train`, else a forward pass (both figures the same)."""
     model.to(memory_format=torch_format(name))
+    precision = working_precision(precision)
     start = time.perf_counter()
     if train:
         with autocast(device, precision):
             out = model(x)
         value = loss(out) if loss is not None else _scores(out).float().logsumexp(1).mean()
+        ahead = time.perf_counter() - start  # on CPU the forward has run by now (no asynchronous queue)
         value.backward()
         model.zero_grad(set_to_none=True)
-    else:
-        with torch.inference_mode(), autocast(device, precision):
-            model(x)
-    return time.perf_counter() - start
+        return time.perf_counter() - start, ahead
+    with torch.inference_mode(), autocast(device, precision):
+        model(x)
+    seconds = time.perf_counter() - start
+    return seconds, seconds
 
 
 def eval_timing_batch(image_shape: tuple[int, int, int]) -> int:

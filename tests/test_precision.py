@@ -278,7 +278,9 @@ def test_small_models_keep_channels_last_untimed(monkeypatch):
     ],
 )
 def test_measured_choice_needs_a_clear_margin(monkeypatch, times, expected):
-    monkeypatch.setattr(P, "_time_format", lambda model, x, device, precision, train, name, loss: times[name])
+    monkeypatch.setattr(
+        P, "_time_format", lambda model, x, device, precision, train, name, loss: (times[name], times[name] / 3)
+    )
     model = build_model("simple_cnn", 10, 3)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     choice = P.choose_memory_format(model, torch.randn(4, 3, 32, 32), CPU, "fp32", train=True)
@@ -287,6 +289,22 @@ def test_measured_choice_needs_a_clear_margin(monkeypatch, times, expected):
     conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
     assert conv.weight.is_contiguous(memory_format=P.torch_format(expected))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # timing ran on a copy
+    assert choice.forward_seconds == {name: t / 3 for name, t in times.items()}
+
+
+def test_evaluation_format_comes_from_the_timed_tuning_steps_forward_half(monkeypatch):
+    """One timing decides both stages when they run in the same precision: the forward halves of the
+    training steps decide the evaluation (here the other way round from the whole step)."""
+    halves = {"channels_last": (1.0, 0.5), "contiguous": (0.8, 0.6)}
+    monkeypatch.setattr(P, "_time_format", lambda model, x, device, precision, train, name, loss: halves[name])
+    model = build_model("simple_cnn", 10, 3)
+    tune = P.choose_memory_format(model, torch.randn(4, 3, 32, 32), CPU, "bf16", train=True)
+    evaluate = P.evaluation_format_from_tuning(tune, model)
+    assert tune.format == "contiguous" and evaluate.format == "channels_last"
+    assert evaluate.reason.startswith("measured on the tuning step's forward pass")
+    assert evaluate.to_dict()["seconds_per_step"] == {"channels_last": 0.5, "contiguous": 0.6}
+    assert P.evaluation_format_from_tuning(P.FormatChoice("channels_last", "requested"), model) is None
+    assert P.working_precision(P.CHECKED_BF16) == "bf16" and P.working_precision("fp32") == "fp32"
 
 
 def test_training_timing_leaves_the_model_untouched(monkeypatch):

@@ -33,9 +33,11 @@ from ..precision import (
     Compute,
     PrecisionPlan,
     choose_memory_format,
+    evaluation_format_from_tuning,
     example_batch,
     resolve_precision,
     torch_format,
+    working_precision,
 )
 from ..progress import Reporter, step_callback
 from ..reports.report import PurifyReport, stage_purify_report
@@ -216,13 +218,12 @@ def _purify_into(
     unchanged = evidence is not None and not evidence.chosen
     with timer.stage("choose_format"):
         shape = bundle.test.image_shape
-        formats = {"evaluate": choose_eval_format(opts, model, shape, device, plan, reporter, 2 * eval_images(sets))}
         steps = (
             params.sgd.epochs * steps_per_epoch(tune_set.num_images, params.sgd.batch_size)
             if defense.trains != "none" and not unchanged  # no tuning to run: no format timing to repay
             else 0
         )
-        formats["tune"] = untimed_format(
+        tune_format = untimed_format(
             opts, model, device, steps, 2 * (1 + FORMAT_TIMED_STEPS["train"]), "steps"
         ) or choose_memory_format(
             model,
@@ -232,6 +233,15 @@ def _purify_into(
             train=True,
             spec=opts.memory_format,
         )
+        # Same arithmetic in both stages: the timed training steps' forward halves decide the evaluation too.
+        eval_format = (
+            evaluation_format_from_tuning(tune_format, model) if working_precision(plan.evaluate) == plan.tune else None
+        )
+        if eval_format is not None:
+            reporter.info(f"evaluation: {plan.evaluate}, {eval_format.format} ({eval_format.reason})")
+        else:
+            eval_format = choose_eval_format(opts, model, shape, device, plan, reporter, 2 * eval_images(sets))
+        formats = {"evaluate": eval_format, "tune": tune_format}
         compute = Compute(device, plan, formats)
         reporter.info(f"tuning: {plan.tune}, {formats['tune'].format} ({formats['tune'].reason})")
     eval_format = formats["evaluate"].format
