@@ -60,7 +60,7 @@ def test_checked_bf16_gives_fp32s_predictions_where_plain_bf16_does_not():
         assert int((bf16 != fp32).sum()) > 0 and stats.changed > 0
     assert torch.equal(checked, fp32) and len(fp32.unique()) > 1
     assert stats.images == 96 and stats.sampled == 32  # the first batch of the call is the error sample
-    assert stats.rechecked > 0 and 0 < stats.worst_error < 0.1
+    assert stats.rechecked + stats.direct > 0 and 0 < stats.worst_error < 0.1
     record = stats.to_dict()
     assert record["fp32_images"] == stats.sampled + stats.rechecked and record["safety_factor"] == C.CHECK_SAFETY
 
@@ -100,6 +100,25 @@ def test_a_tie_in_bf16_is_always_re_run_and_the_floor_holds_without_any_sampled_
     pred = predict_checked(torch.arange(20), 4, prepare, low, high, stats)
     assert stats.worst_error == 0.0  # the sample saw no error; the floor (bf16's roundoff) still re-runs ties
     assert pred[12] == 1 and stats.rechecked >= 1
+
+
+def test_a_mostly_near_tied_first_batch_switches_the_rest_to_fp32_alone():
+    logits = torch.tensor([[1.0, 0.99, 0.0]]).repeat(30, 1)  # every image is near-tied
+    logits[::3, 1] = 1.01  # fp32 says class 1 for a third of them
+    noise = torch.zeros_like(logits)
+    noise[:, 0] = 0.02  # bf16 would say class 0 for all
+    calls = {"bf16": 0}
+    prepare, low, high = _fake_forwards(logits, noise)
+
+    def counted_low(rows):
+        calls["bf16"] += 1
+        return low(rows)
+
+    stats = CheckedStats()
+    pred = predict_checked(torch.arange(30), 10, prepare, counted_low, high, stats)
+    assert torch.equal(pred, logits.argmax(1)) and calls["bf16"] == 1  # only the first batch ran bf16
+    assert stats.sampled == 10 and stats.direct == 20 and stats.rechecked == 0
+    assert stats.to_dict()["fp32_images"] == 30 and stats.to_dict()["fp32_only"] == 20
 
 
 def test_one_class_models_and_empty_inputs():

@@ -8,7 +8,9 @@ prediction only where the top two logits are closer than that error. So:
 2. the first batch of each call and every CHECK_EVERY-th after it also run in fp32: there the answer
    is fp32's, and the worst relative error of bf16's logit differences is measured;
 3. at the end every image whose bf16 margin is at most CHECK_SAFETY x that worst error x its own
-   scale (never less than bf16's unit roundoff) is re-run in fp32, and takes fp32's answer.
+   scale (never less than bf16's unit roundoff) is re-run in fp32, and takes fp32's answer;
+4. when most of the first batch would be re-run (DIRECT_SHARE), the rest of the call runs in fp32
+   alone: a near-tied model gets fp32's answers at fp32's cost, not more.
 
 An image keeps its bf16 answer only when its margin is CHECK_SAFETY times larger than any error seen
 on the sampled images. This is a measured bound, not a proof: the study in docs/performance.md
@@ -30,6 +32,10 @@ CHECK_EVERY = 16
 # the closest image kept had a bf16 error of 0.29 of its margin (3.4x headroom), and 12-15% of a
 # ResNet-20's images ran in fp32 (53% for a weak simple_cnn, whose logits are close together).
 CHECK_SAFETY = 4.0
+# When more than this share of the first (sampled) batch would be re-run in fp32, the rest of the call
+# runs in fp32 directly: a bf16 pass plus re-runs of most images would cost more than fp32 alone (a
+# weak or near-tied model, e.g. the make-bench subject after FST at 34% accuracy).
+DIRECT_SHARE = 0.4
 # The relative error bound never goes below bf16's unit roundoff (2^-8): a sample that happened to
 # show no error does not switch the re-check off.
 ERROR_FLOOR = 2.0**-8
@@ -42,6 +48,7 @@ class CheckedStats:
     images: int = 0
     sampled: int = 0  # images of the fp32 error-sample batches
     rechecked: int = 0  # near-ties re-run in fp32 after the bf16 pass
+    direct: int = 0  # images run in fp32 only (after a first batch of mostly near-ties: DIRECT_SHARE)
     worst_error: float = 0.0  # largest relative error of bf16's logit differences on the sample
     changed: int = 0  # images where fp32 gave another class than bf16 (sample + re-checked)
 
@@ -49,9 +56,10 @@ class CheckedStats:
         return {
             "mode": "bf16, near-ties re-run in fp32",
             "images": self.images,
-            "fp32_images": self.sampled + self.rechecked,
+            "fp32_images": self.sampled + self.rechecked + self.direct,
             "sampled": self.sampled,
             "rechecked": self.rechecked,
+            "fp32_only": self.direct,
             "bf16_answers_changed_by_fp32": self.changed,
             "worst_relative_error": round(self.worst_error, 6),
             "safety_factor": CHECK_SAFETY,
@@ -71,9 +79,20 @@ def predict_checked(
     the sampled batches and for the near-ties. `prepare` turns a slice of `x` into the model's input
     batch; `forward_*` map an input batch to logits; `on_batch(n)` counts the images of the bf16 pass."""
     preds, margins, scales, sampled = [], [], [], []
-    worst = 0.0
+    worst, direct = 0.0, False
+    direct_before = stats.direct if stats is not None else 0
     for index, begin in enumerate(range(0, len(x), batch_size)):
         batch = prepare(x[begin : begin + batch_size])
+        if direct:  # most images would be re-run anyway: fp32 alone is cheaper than bf16 plus re-runs
+            preds.append(forward_fp32(batch).float().argmax(1))
+            margins.append(torch.zeros(len(batch), device=preds[-1].device))
+            scales.append(torch.ones(len(batch), device=preds[-1].device))
+            sampled.append(torch.ones(len(batch), dtype=torch.bool, device=preds[-1].device))
+            if stats is not None:
+                stats.direct += len(batch)
+            if on_batch is not None:
+                on_batch(len(batch))
+            continue
         low = forward_bf16(batch).float()
         scale = low.abs().amax(dim=1)
         if low.shape[1] > 1:
@@ -93,6 +112,9 @@ def predict_checked(
         margins.append(margin)
         scales.append(scale)
         sampled.append(torch.full_like(margin, is_sample, dtype=torch.bool))
+        if index == 0:
+            near_share = float((margin <= CHECK_SAFETY * max(worst, ERROR_FLOOR) * scale).float().mean())
+            direct = near_share > DIRECT_SHARE
         if on_batch is not None:
             on_batch(len(batch))
     if not preds:
@@ -109,7 +131,7 @@ def predict_checked(
         pred[rows] = high
     if stats is not None:
         stats.images += len(pred)
-        stats.sampled += int(was_sampled.sum())
+        stats.sampled += int(was_sampled.sum()) - (stats.direct - direct_before)
         stats.rechecked += len(near)
         stats.worst_error = max(stats.worst_error, worst)
     return pred
