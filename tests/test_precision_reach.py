@@ -151,6 +151,17 @@ def test_fp32_reaches_every_forward_of_evaluate_and_compare(subject, monkeypatch
     assert all(row["retune_check"] is not None for row in json.loads(compare.stdout)["rows"])
 
 
+def test_the_linear_path_evaluates_in_the_runs_precision(subject, monkeypatch):
+    """compare A B --path N: each point's evaluation in fp32 when asked (the model refuses anything else),
+    and the report records the precision it ran in."""
+    args = ["--arch", subject["arch"], "--data", subject["data"], "--path", "3"]
+    path = _run(monkeypatch, "compare", subject["model"], subject["model"], *args)
+    assert path.exit_code == 0, path.output
+    report = json.loads(path.stdout)
+    assert len(report["points"]) == 3
+    assert report["environment"]["compute"]["precision"]["evaluate"] == "fp32"
+
+
 def test_fp32_reaches_every_forward_of_train(subject, tmp_path, monkeypatch):
     """train --init: the evaluation before and after, and the tuning steps."""
     out = tmp_path / "trained.safetensors"

@@ -67,13 +67,16 @@ def walk_path(
     device,
     batch_size: int,
     on_point=None,
+    precision: str | None = None,
 ) -> list[PathPoint]:
     """Evaluate `model` loaded with each interpolated state (t = 0 is `start`, t = 1 is `end`);
-    `on_point(done)` after each, with the number of points done so far."""
+    `on_point(done)` after each, with the number of points done so far. `precision`: the evaluation's
+    (None: exact fp32)."""
     points = []
     for t in path_points(count):
         model.load_state_dict(interpolate_states(start, end, t))
-        points.append(PathPoint(t, evaluate_model(model.eval(), sets, mean, std, device, batch_size)))
+        result = evaluate_model(model.eval(), sets, mean, std, device, batch_size, precision=precision)
+        points.append(PathPoint(t, result))
         if on_point is not None:
             on_point(len(points))
     return points

@@ -129,6 +129,7 @@ def trace_linear_path(opts: CompareOptions, reporter: Reporter | None = None) ->
         raise ConfigError(f"--path needs exactly two checkpoints, got {len(opts.checkpoints)}")
     path_points(opts.path)  # checks the count before anything is loaded
     device = resolve_device(opts.device)
+    plan = resolve_precision(opts.precision, device)
     seed_everything(opts.seed)
     reporter.stage(f"loading data {opts.data}")
     bundle, image_size = load_run_data(opts, opts.checkpoints, need_train=False)
@@ -147,7 +148,17 @@ def trace_linear_path(opts: CompareOptions, reporter: Reporter | None = None) ->
     reporter.start_steps("linear path", opts.path)
     try:
         points = walk_path(
-            model, states[0], states[1], opts.path, sets, mean, std, device, opts.batch_size, on_point=reporter.advance
+            model,
+            states[0],
+            states[1],
+            opts.path,
+            sets,
+            mean,
+            std,
+            device,
+            opts.batch_size,
+            on_point=reporter.advance,
+            precision=plan.evaluate,
         )
     finally:
         reporter.finish_steps()
@@ -165,7 +176,8 @@ def trace_linear_path(opts: CompareOptions, reporter: Reporter | None = None) ->
         points=points,
         data=describe_data(bundle, sets, image_size),
         trigger=describe_trigger(trigger),
-        environment=environment(device),
+        # no memory format is chosen for the path: its points run in the model's default (channels_last)
+        environment=environment(device, Compute(device, plan, {})),
         options=to_yaml_dict(opts),
         outputs=outputs,
     )
