@@ -219,6 +219,10 @@ def test_models_that_cannot_be_folded_are_evaluated_as_they_are(monkeypatch):
     shared = SharedConvOutput().eval()
     result = fold_batchnorm(shared)
     assert result.model is shared and "no convolution -> BatchNorm pair" in result.reason
+    hooked = ARCHITECTURES["simple_cnn"](10).eval()
+    handle = hooked.fc.register_forward_hook(lambda *_: None)
+    assert fold_batchnorm(hooked).model is hooked and "hooks" in fold_batchnorm(hooked).reason
+    handle.remove()
     plain = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 2))
     assert fold_batchnorm(plain).reason == "no BatchNorm2d to fold"
     monkeypatch.setenv("BDCLEAN_FOLD_BN", "0")

@@ -46,6 +46,10 @@ def fold_batchnorm(model: torch.nn.Module) -> FoldedModel:
         return FoldedModel(model, 0, f"not folded ({FOLD_ENV}=0)")
     if not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()):
         return FoldedModel(model, 0, "no BatchNorm2d to fold")
+    if any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()):
+        # a hook (e.g. the loss reading a softmax's input) must see the modules the model calls; a
+        # traced copy may inline a custom module and never call it
+        return FoldedModel(model, 0, "not folded (forward hooks are attached)")
     try:
         traced = torch.fx.symbolic_trace(model)
     except Exception as exc:  # data-dependent control flow, unsupported ops: evaluate the model as it is
