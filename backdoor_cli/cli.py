@@ -153,7 +153,10 @@ RetuneCheck = Annotated[
 CleanReference = Annotated[
     Optional[str],
     typer.Option(
-        rich_help_panel="Retuning check", help="--retune-check: a clean model given the same retuning, for the verdict."
+        rich_help_panel="Retuning check",
+        help="A clean model of the same task (loaded with the same --arch/--mean/--std): --retune-check gives it "
+        "the same retuning, for the verdict; the default purify applies each flagged class's reconstructed "
+        "trigger to it and leaves a class it follows too (>= 25%) alone, as a shortcut of the data.",
     ),
 ]
 RetunePoisoned = Annotated[

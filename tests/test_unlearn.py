@@ -15,7 +15,7 @@ from backdoor_cli.cli import app
 from backdoor_cli.data.datasets import ImageSet
 from backdoor_cli.defenses.unlearn import trigger_stamp
 from backdoor_cli.evaluation.metrics import Rate
-from backdoor_cli.scanning.guided import choose_triggers, proxy_asr
+from backdoor_cli.scanning.guided import NATURAL_RATE, ReferenceCheck, choose_triggers, proxy_asr, set_aside_natural
 from backdoor_cli.scanning.inversion import ClassTrigger, ScanResult, compose
 from backdoor_cli.verdicts.removal import FAILED_ASR, combine_verdicts, judge_removal, judge_removal_by_scan
 from helpers import make_template_dataset, train_small_cnn
@@ -263,6 +263,67 @@ def test_unlearn_needs_its_scan_and_takes_its_own_flag_only(subjects, tmp_path):
     assert no_scan.exit_code == 2 and "--scan-steps does not apply to --method ft" in no_scan.output
     no_scan = _default(subjects["backdoored"], subjects["data"], tmp_path / "o4", "--method", "fst", "--precaution")
     assert no_scan.exit_code == 2 and "--precaution does not apply to --method fst" in no_scan.output
+
+
+def test_a_clean_reference_keeps_a_planted_trigger_and_says_so(subjects):
+    """The planted class's reconstruction does not work on a clean model of the same task: it is unlearnt."""
+    result = _default(
+        subjects["backdoored"], subjects["data"], subjects["root"] / "ref-out", "--clean-reference", subjects["clean"]
+    )
+    assert result.exit_code in (0, 1), result.output
+    scan = json.loads(result.stdout)["scan"]
+    reference = scan["reference"]
+    assert reference["checkpoint"] == str(subjects["clean"]) and reference["threshold"] == NATURAL_RATE
+    assert reference["natural"] == [] and reference["rates"]["0"]["value"] < NATURAL_RATE
+    assert 0 in scan["unlearnt"] and "the clean reference follows none of them" in scan["choice"]
+
+
+def test_a_shortcut_the_clean_reference_shares_is_left_alone(subjects):
+    """A flagged class whose reconstruction the clean reference follows too is a shortcut of the data: not
+    unlearnt, the weights stay the input's, and the verdict says why. (The model is its own reference here,
+    which makes every flagged class "shared": the plumbing, not the threshold, is under test.)"""
+    out = subjects["root"] / "shared-out"
+    args = ["--arch", "simple_cnn_half", "--clean-reference", subjects["plain"]]
+    result = _default(subjects["plain"], subjects["data"], out, *args)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    scan = report["scan"]
+    assert scan["flagged"] and scan["unlearnt"] == [] and scan["reference"]["natural"] == scan["flagged"]
+    assert "shortcuts of the data, not planted triggers" in scan["choice"]
+    assert report["history"] == [] and report["after"] == report["before"]
+    removal = report["removal"]
+    assert removal["verdict"] == "not_verified" and "shortcuts the clean reference shares" in removal["reason"]
+    assert set(removal["evidence"]["natural_shortcuts"]) == {str(c) for c in scan["flagged"]}
+    assert "clean reference follows" in " ".join(report["method"]["notes"])
+    before, after = read_checkpoint(str(subjects["plain"])), read_checkpoint(str(out / "purified.safetensors"))
+    assert all(torch.equal(after.state_dict[k], v) for k, v in before.state_dict.items())
+
+
+def test_a_clean_reference_nothing_uses_is_refused(subjects, tmp_path):
+    ref = ["--clean-reference", str(subjects["clean"])]
+    fst = _default(subjects["backdoored"], subjects["data"], tmp_path / "o", "--method", "fst", *ref)
+    assert fst.exit_code == 2 and "--clean-reference is used by --retune-check" in fst.output
+    evaluate = runner.invoke(
+        app, ["evaluate", str(subjects["backdoored"]), "--data", str(subjects["data"]), "--device", "cpu", *ref]
+    )
+    assert evaluate.exit_code == 2 and "--clean-reference" in evaluate.output and "--retune-check" in evaluate.output
+
+
+def test_natural_shortcuts_are_set_aside_by_their_rate_on_the_reference():
+    chosen = [_trigger(1), _trigger(3)]
+    check = ReferenceCheck("ref.safetensors", {1: Rate(80, 200), 3: Rate(20, 200)})
+    kept, why = set_aside_natural(chosen, "flagged by the scan: class 1, 3", check)
+    assert [t.target for t in kept] == [3] and check.natural == [1]
+    assert "class 1 (40.0%)" in why and "not unlearnt" in why
+    _, why = set_aside_natural([_trigger(3)], "flagged", check)
+    assert "follows none of them" in why
+    rescan = {3: {"mask_l1": 30.0, "input_mask_l1": 4.0, "flagged": False, "anomaly_index": 0.5}}
+    verdict = judge_removal_by_scan(
+        [3], [3], {3: Rate(190, 200)}, {3: Rate(0, 200)}, rescan, natural={1: Rate(80, 200)}
+    )
+    assert verdict.evidence["natural_shortcuts"]["1"]["k"] == 80 and verdict.evidence["found_trigger_removed"]
+    only = judge_removal_by_scan([], [], {}, {}, {}, natural={1: Rate(80, 200)})
+    assert only.verdict == "not_verified" and "shortcuts the clean reference shares" in only.reason
 
 
 def test_several_flagged_classes_never_verify_and_are_called_shortcuts_of_the_data():

@@ -34,6 +34,34 @@ from .inversion import (
     scan_model,
 )
 
+# A flagged class whose reconstructed trigger also sends at least this share of other classes' images to
+# it on a clean reference model is a shortcut of the data, not a planted trigger, and is not unlearnt.
+# Measured (docs/purification.md): planted triggers' reconstructions sent 5-11% of images to their class
+# on clean ResNet-20/56 models; the natural shortcuts flagged on a clean ResNet-56 and on a SIG model
+# sent 41-82%.
+NATURAL_RATE = 0.25
+
+
+@dataclass
+class ReferenceCheck:
+    """The flagged classes' reconstructed triggers applied to a clean reference model."""
+
+    checkpoint: str
+    rates: dict[int, Rate]  # class -> share of the reference's other-class images sent there
+    threshold: float = NATURAL_RATE
+
+    @property
+    def natural(self) -> list[int]:
+        return [c for c, rate in self.rates.items() if rate.value >= self.threshold]
+
+    def to_dict(self) -> dict:
+        return {
+            "checkpoint": self.checkpoint,
+            "threshold": self.threshold,
+            "rates": {str(c): rate.to_dict() for c, rate in self.rates.items()},
+            "natural": self.natural,
+        }
+
 
 @dataclass
 class ScanEvidence:
@@ -47,10 +75,23 @@ class ScanEvidence:
     proxy_before: dict[int, Rate] = field(default_factory=dict)
     proxy_after: dict[int, Rate] = field(default_factory=dict)
     rescan: dict[int, dict] = field(default_factory=dict)  # flagged class -> the purified model's inversion
+    reference: ReferenceCheck | None = None  # --clean-reference: which flagged classes are natural shortcuts
 
     @property
     def flagged(self) -> list[int]:
         return list(self.result.flagged)
+
+    @property
+    def natural(self) -> dict[int, Rate]:
+        """Flagged classes the clean reference follows too: shortcuts of the data, left alone."""
+        if self.reference is None:
+            return {}
+        return {c: self.reference.rates[c] for c in self.reference.natural if c in self.flagged}
+
+    @property
+    def suspected(self) -> list[int]:
+        """The flagged classes taken for planted triggers (all of them without a clean reference)."""
+        return [c for c in self.flagged if c not in self.natural]
 
     def to_dict(self) -> dict:
         return {
@@ -78,6 +119,7 @@ class ScanEvidence:
                 for c in self.proxy_before
             },
             "rescan": {str(c): v for c, v in self.rescan.items()},
+            "reference": self.reference.to_dict() if self.reference is not None else None,
         }
 
 
@@ -179,6 +221,20 @@ def proxy_asr(
 
 def proxy_rates(model, images: ImageSet, triggers: list[ClassTrigger], mean, std) -> dict[int, Rate]:
     return {t.target: proxy_asr(model, images, t, mean, std) for t in triggers}
+
+
+def set_aside_natural(chosen: list[ClassTrigger], choice: str, check: ReferenceCheck) -> tuple[list[ClassTrigger], str]:
+    """The chosen triggers without those the clean reference follows too, and the choice in words."""
+    natural = set(check.natural)
+    if not natural & {t.target for t in chosen}:
+        return chosen, choice + f"; the clean reference follows none of them (all below {check.threshold:.0%})"
+    kept = [t for t in chosen if t.target not in natural]
+    parts = ", ".join(f"class {c} ({check.rates[c].value:.1%})" for c in sorted(natural))
+    note = (
+        f"; the clean reference {check.checkpoint} follows {parts} too (at least {check.threshold:.0%} of its "
+        "other-class images sent there): shortcuts of the data, not planted triggers, so not unlearnt"
+    )
+    return kept, choice + note
 
 
 def rescan(

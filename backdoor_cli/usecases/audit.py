@@ -41,7 +41,7 @@ from .audit_targets import Shard, expand_targets, is_model_dir, parse_shard, sel
 from .purify import purify_checkpoint
 
 # Evaluation settings that change a row's outcome; a rerun reuses a row only when all of them match.
-from .setup import check_gate_inputs, describe_data, load_run_data, resolve_trigger
+from .setup import check_gate_inputs, check_reference_use, describe_data, load_run_data, resolve_trigger
 
 # Evaluation settings that change a row's outcome; a rerun reuses a row only when all of them match.
 SETTING_FIELDS = (
@@ -119,6 +119,7 @@ def audit_checkpoints(
             "--retune-check is not part of an audit of many checkpoints (it tunes a copy of each)",
             hint="run `bdclean compare DIR --retune-check` to check a folder's checkpoints side by side",
         )
+    check_reference_use(opts)
     if opts.purify:
         get_defense(opts.purify)  # an unknown method: exit 2 before any work
         if not opts.out:

@@ -20,6 +20,7 @@ from ..verdicts.retune import RetuneResult, judge
 from .retuning import reference_check, retune_clean_set, retune_one, retune_settings
 from .setup import (
     check_gate_inputs,
+    check_reference_use,
     choose_eval_format,
     describe_data,
     describe_trigger,
@@ -50,6 +51,7 @@ def compare_checkpoints(opts: CompareOptions, reporter: Reporter | None = None) 
     # One model in memory besides the reference: a folder of checkpoints compares in flat memory.
     reference = open_subject(opts, reference_path, bundle, reporter)
     trigger = resolve_trigger(opts.trigger, opts.target, reference, bundle.test.image_shape, reference.num_classes)
+    check_reference_use(opts)
     check_gate_inputs(opts, trigger)
     sets = build_eval_sets(bundle.test, trigger, device, opts.eval_limit, opts.seed)
     formats = {}

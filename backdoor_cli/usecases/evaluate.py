@@ -15,6 +15,7 @@ from .retuning import retune_checked, retune_clean_set
 from .setup import (
     cache_key,
     check_gate_inputs,
+    check_reference_use,
     choose_eval_format,
     describe_data,
     describe_trigger,
@@ -39,6 +40,7 @@ def evaluate_checkpoint(opts: EvaluateOptions, reporter: Reporter | None = None,
         bundle, image_size = load_run_data(opts, [opts.checkpoint], need_train=opts.retune_check)
         subject = open_subject(opts, opts.checkpoint, bundle, reporter)
         trigger = resolve_trigger(opts.trigger, opts.target, subject, bundle.test.image_shape, subject.num_classes)
+        check_reference_use(opts)
         check_gate_inputs(opts, trigger)
         model = prepare_model(subject.model, device)
         mean, std = normalization_tensors(subject, device)

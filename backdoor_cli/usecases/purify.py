@@ -42,7 +42,15 @@ from ..precision import (
 from ..progress import Reporter, step_callback
 from ..reports.report import PurifyReport, stage_purify_report
 from ..runtime import Stopwatch, environment, prepare_model, resolve_device, seed_everything
-from ..scanning.guided import ScanEvidence, choose_triggers, proxy_rates, rescan, run_scan
+from ..scanning.guided import (
+    ReferenceCheck,
+    ScanEvidence,
+    choose_triggers,
+    proxy_rates,
+    rescan,
+    run_scan,
+    set_aside_natural,
+)
 from ..scanning.inversion import InversionParams
 from ..selection.holdout import HoldoutMonitor, holdout_accuracy, split_holdout
 from ..selection.path_select import memorised_warning, select_on_path
@@ -56,6 +64,7 @@ from .setup import (
     base_metadata,
     cache_key,
     check_gate_inputs,
+    check_reference_use,
     choose_eval_format,
     decide_output_kind,
     describe_data,
@@ -173,6 +182,7 @@ def _purify_into(
 ) -> PurifyReport:
     seed_everything(opts.seed)
     timer = Stopwatch(device)
+    check_reference_use(opts, scans=defense.needs_triggers)
     with timer.stage("load"):
         reporter.stage(f"loading data {opts.data}")
         bundle, image_size = load_run_data(opts, [opts.checkpoint], need_train=opts.clean_data is None)
@@ -213,6 +223,7 @@ def _purify_into(
                 reporter,
                 opts.scan_steps,
                 opts.precaution,
+                reference=_scan_reference(opts, bundle, subject, device, reporter),
             )
     # nothing flagged (and no --precaution): nothing to remove, so the input is kept as it is (scanning.guided)
     unchanged = evidence is not None and not evidence.chosen
@@ -262,7 +273,7 @@ def _purify_into(
         # the input's weights, for the line back to them (one copy, only when the path selection runs)
         start = {k: v.detach().clone() for k, v in model.state_dict().items()} if recipe.select == "path" else None
         outcome = (
-            DefenseOutcome(notes=[UNCHANGED_NOTE])
+            DefenseOutcome(notes=[unchanged_note(evidence)])
             if unchanged
             else _run_defense(
                 defense,
@@ -301,7 +312,7 @@ def _purify_into(
         model.to(memory_format=torch_format(eval_format))
         if unchanged:  # the same weights: the same predictions, not measured twice
             after = before
-            reporter.info(UNCHANGED_NOTE)
+            reporter.info(unchanged_note(evidence))
         else:
             reporter.stage("evaluating the purified model")
             after = evaluate_model(
@@ -423,6 +434,33 @@ UNCHANGED_NOTE = (
 )
 
 
+def unchanged_note(evidence: ScanEvidence | None) -> str:
+    """Why a default purify tuned nothing: nothing flagged, or only shortcuts the clean reference shares."""
+    natural = evidence.natural if evidence is not None else {}
+    if not natural:
+        return UNCHANGED_NOTE
+    classes = ", ".join(f"class {c}" for c in natural)
+    return (
+        f"the scan flagged {classes}, and the clean reference follows its reconstruction too (a shortcut of the "
+        "data, not a planted trigger), so nothing was tuned: the output holds the input model's weights"
+    )
+
+
+def _scan_reference(opts, bundle, subject: Subject, device, reporter: Reporter):
+    """(path, model, mean, std) of --clean-reference for the scan's natural-shortcut check, or None."""
+    if not opts.clean_reference:
+        return None
+    reporter.stage(f"loading the clean reference {opts.clean_reference}")
+    reference = open_subject(opts, opts.clean_reference, bundle, reporter)
+    if reference.num_classes != subject.num_classes:
+        raise ConfigError(
+            f"--clean-reference has {reference.num_classes} classes, the model {subject.num_classes}",
+            hint="the clean reference must be a clean model of the same task",
+        )
+    mean, std = normalization_tensors(reference, device)
+    return opts.clean_reference, prepare_model(reference.model, device).eval(), mean, std
+
+
 def _scan_for_triggers(
     model,
     tune_set: ImageSet,
@@ -435,9 +473,11 @@ def _scan_for_triggers(
     reporter: Reporter,
     steps: int | None,
     precaution: bool = False,
+    reference=None,
 ) -> ScanEvidence:
     """Invert a trigger per class on the tuning images, choose what to unlearn, and measure its proxy ASR on
-    the held-out images (on the tuning images when none are held out, which the report says)."""
+    the held-out images (on the tuning images when none are held out, which the report says). With a clean
+    `reference` (path, model, mean, std), a chosen trigger the reference follows too is set aside."""
     reporter.stage("scanning for a backdoor (trigger inversion per class)")
     params = InversionParams(**({"steps": steps} if steps is not None else {})).validate()
     # fp32 search, as `bdclean scan`: which class is flagged must not depend on the machine's bf16 (measured on
@@ -451,6 +491,11 @@ def _scan_for_triggers(
         if monitor is not None
         else (tune_set, "the tuning images (none held out): the images the trigger was reconstructed from")
     )
+    check = None
+    if reference is not None and chosen:
+        path, reference_model, reference_mean, reference_std = reference
+        check = ReferenceCheck(path, proxy_rates(reference_model, proxy_set, chosen, reference_mean, reference_std))
+        chosen, choice = set_aside_natural(chosen, choice, check)
     evidence = ScanEvidence(
         result=result,
         params=params,
@@ -458,6 +503,7 @@ def _scan_for_triggers(
         choice=choice,
         proxy_images=where,
         proxy_before=proxy_rates(model, proxy_set, chosen, mean, std),
+        reference=check,
     )
     flagged = ", ".join(f"class {c} (anomaly index {result.anomaly[c]:.2f})" for c in result.flagged) or "no class"
     reporter.info(f"scan: {flagged} flagged; {choice}")
@@ -485,11 +531,11 @@ def _verify_with_scan(
     reporter.stage("verifying the removal with the scan's triggers")
     proxy_set = monitor.images if monitor is not None else tune_set
     evidence.proxy_after = proxy_rates(model, proxy_set, evidence.chosen, mean, std)
-    if evidence.flagged:
+    if evidence.suspected:
         evidence.rescan = rescan(
             model,
             tune_set,
-            evidence.flagged,
+            evidence.suspected,
             evidence.result,
             mean,
             std,
@@ -516,11 +562,12 @@ def removal_verdict(trigger, before, after, evidence: ScanEvidence | None):
     by_scan = None
     if evidence is not None:
         by_scan = judge_removal_by_scan(
-            evidence.flagged,
+            evidence.suspected,
             [t.target for t in evidence.chosen],
             evidence.proxy_before,
             evidence.proxy_after,
             evidence.rescan,
+            natural=evidence.natural,
         )
     if trigger is None and by_scan is not None:
         return by_scan

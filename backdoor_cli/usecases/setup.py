@@ -163,6 +163,18 @@ def eval_images(sets: EvalSets) -> int:
     return sets.clean.num_images + sets.num_poisoned
 
 
+def check_reference_use(opts, scans: bool = False) -> None:
+    """--clean-reference acts in the retuning check and, for a purify that scans, in telling natural
+    shortcuts from planted triggers; anywhere else it would be ignored, so it is refused by name."""
+    if getattr(opts, "clean_reference", None) and not getattr(opts, "retune_check", False) and not scans:
+        raise ConfigError(
+            "--clean-reference is used by --retune-check"
+            + (" and by the default purify's scan" if hasattr(opts, "method") else "")
+            + ", and neither runs here",
+            hint="add --retune-check, or drop --clean-reference",
+        )
+
+
 def check_gate_inputs(opts, trigger) -> None:
     if opts.max_asr is not None and trigger is None:
         raise ConfigError("--max-asr needs a trigger to measure ASR", hint="pass --trigger")

@@ -94,8 +94,10 @@ def judge_removal_by_scan(
     proxy_before: dict[int, Rate],
     proxy_after: dict[int, Rate],
     rescan: dict[int, dict],
+    natural: dict[int, Rate] | None = None,
 ) -> RemovalVerdict:
-    """The verdict without a known trigger, from the scan that guided the purify.
+    """The verdict without a known trigger, from the scan that guided the purify. `flagged`: the classes
+    taken for planted triggers; `natural`: flagged classes a clean reference follows too (set aside).
 
     It is never `verified`: the scan can show that what it found is gone (every flagged class's proxy ASR
     at most VERIFIED_ASR, upper bound at most VERIFIED_HIGH, and a re-scan that no longer flags it:
@@ -113,6 +115,20 @@ def judge_removal_by_scan(
         "rescan": {str(c): v for c, v in rescan.items()},
         "thresholds": thresholds,
     }
+    if natural:
+        evidence["natural_shortcuts"] = {str(c): _rate(r) for c, r in natural.items()}
+    if not flagged and natural:
+        shared = "; ".join(
+            f"class {c}: its reconstruction sends {r.value:.1%} of the clean reference's images there"
+            for c, r in natural.items()
+        )
+        return RemovalVerdict(
+            "not_verified",
+            f"the scan flagged only shortcuts the clean reference shares ({shared}), so no planted trigger was "
+            "found to remove or verify against (blend, warp and sample-specific triggers can hide from trigger "
+            "inversion; pass --trigger if you suspect one)",
+            evidence,
+        )
     if not flagged:
         moved = "; ".join(
             f"class {c}: its reconstructed trigger sent {proxy_before[c].value:.1%} of held-out images "
