@@ -36,10 +36,10 @@ from .inversion import (
 
 # A flagged class whose reconstructed trigger also sends at least this share of other classes' images to
 # it on a clean reference model is a shortcut of the data, not a planted trigger, and is not unlearnt.
-# Measured (docs/purification.md): planted triggers' reconstructions sent 5-11% of images to their class
-# on clean ResNet-20/56 models; the natural shortcuts flagged on a clean ResNet-56 and on a SIG model
-# sent 41-82%.
-NATURAL_RATE = 0.25
+# Measured (docs/purification.md): planted triggers' reconstructions sent 5-11% of 2,000 test images to
+# their class on clean ResNet-20/56 models, and one 21.1% of 180 held-out images inside a purify; the
+# natural shortcuts flagged on a clean ResNet-56 and on a SIG model sent 41-82%. 35% lies between.
+NATURAL_RATE = 0.35
 
 
 @dataclass
