@@ -309,6 +309,19 @@ def test_a_clean_reference_nothing_uses_is_refused(subjects, tmp_path):
     assert evaluate.exit_code == 2 and "--clean-reference" in evaluate.output and "--retune-check" in evaluate.output
 
 
+def test_a_clean_reference_of_another_architecture_says_how_it_is_loaded(subjects, tmp_path):
+    """The reference is loaded with the model's --arch: the usual hint (change --arch) would break the model."""
+    from backdoor_cli.models.architectures import ARCHITECTURES
+
+    other = tmp_path / "tiny.safetensors"
+    save_file(ARCHITECTURES["test_tiny"](4).state_dict(), str(other))
+    args = ["--arch", "simple_cnn_half", "--clean-reference", str(other)]
+    result = _default(subjects["plain"], subjects["data"], tmp_path / "o", *args)
+    assert result.exit_code == 2
+    said = " ".join(result.output.split())
+    assert f"--clean-reference {other}" in said and "same architecture" in said and "leave those flags out" in said
+
+
 def test_natural_shortcuts_are_set_aside_by_their_rate_on_the_reference():
     chosen = [_trigger(1), _trigger(3)]
     check = ReferenceCheck("ref.safetensors", {1: Rate(80, 200), 3: Rate(20, 200)})

@@ -78,18 +78,17 @@ def predict_checked(
     """Class predictions equal to `forward_fp32`'s for the images `x`: bf16 for every batch, fp32 for
     the sampled batches and for the near-ties. `prepare` turns a slice of `x` into the model's input
     batch; `forward_*` map an input batch to logits; `on_batch(n)` counts the images of the bf16 pass."""
-    preds, margins, scales, sampled = [], [], [], []
+    preds, margins, scales, settled = [], [], [], []  # settled: the answer is already fp32's
     worst, direct = 0.0, False
-    direct_before = stats.direct if stats is not None else 0
+    counts = {"sampled": 0, "direct": 0}
     for index, begin in enumerate(range(0, len(x), batch_size)):
         batch = prepare(x[begin : begin + batch_size])
         if direct:  # most images would be re-run anyway: fp32 alone is cheaper than bf16 plus re-runs
             preds.append(forward_fp32(batch).float().argmax(1))
             margins.append(torch.zeros(len(batch), device=preds[-1].device))
             scales.append(torch.ones(len(batch), device=preds[-1].device))
-            sampled.append(torch.ones(len(batch), dtype=torch.bool, device=preds[-1].device))
-            if stats is not None:
-                stats.direct += len(batch)
+            settled.append(torch.ones(len(batch), dtype=torch.bool, device=preds[-1].device))
+            counts["direct"] += len(batch)
             if on_batch is not None:
                 on_batch(len(batch))
             continue
@@ -111,18 +110,16 @@ def predict_checked(
             preds.append(low.argmax(1))
         margins.append(margin)
         scales.append(scale)
-        sampled.append(torch.full_like(margin, is_sample, dtype=torch.bool))
+        settled.append(torch.full_like(margin, is_sample, dtype=torch.bool))
+        counts["sampled"] += len(batch) if is_sample else 0
         if index == 0:
-            near_share = float((margin <= CHECK_SAFETY * max(worst, ERROR_FLOOR) * scale).float().mean())
-            direct = near_share > DIRECT_SHARE
+            direct = float(_near(margin, scale, worst).float().mean()) > DIRECT_SHARE
         if on_batch is not None:
             on_batch(len(batch))
     if not preds:
         return torch.empty(0, dtype=torch.long, device=x.device)
-    pred, margin, scale, was_sampled = torch.cat(preds), torch.cat(margins), torch.cat(scales), torch.cat(sampled)
-    bound = CHECK_SAFETY * max(worst, ERROR_FLOOR)
-    # <=: a zero margin (a tie in bf16) is always re-run, whatever the scale
-    near = ((margin <= bound * scale) & ~was_sampled).nonzero().flatten()
+    pred, margin, scale, was_settled = torch.cat(preds), torch.cat(margins), torch.cat(scales), torch.cat(settled)
+    near = (_near(margin, scale, worst) & ~was_settled).nonzero().flatten()
     for begin in range(0, len(near), batch_size):
         rows = near[begin : begin + batch_size]
         high = forward_fp32(prepare(x[rows.to(x.device)])).float().argmax(1).to(pred.device)
@@ -131,10 +128,17 @@ def predict_checked(
         pred[rows] = high
     if stats is not None:
         stats.images += len(pred)
-        stats.sampled += int(was_sampled.sum()) - (stats.direct - direct_before)
+        stats.sampled += counts["sampled"]
+        stats.direct += counts["direct"]
         stats.rechecked += len(near)
         stats.worst_error = max(stats.worst_error, worst)
     return pred
+
+
+def _near(margin: torch.Tensor, scale: torch.Tensor, worst: float) -> torch.Tensor:
+    """The images whose bf16 answer bf16's error could have changed. `<=`: a zero margin (a tie in bf16)
+    is always re-run, whatever the scale."""
+    return margin <= CHECK_SAFETY * max(worst, ERROR_FLOOR) * scale
 
 
 def _relative_error(low: torch.Tensor, high: torch.Tensor, scale: torch.Tensor) -> float:

@@ -72,6 +72,7 @@ from .setup import (
     eval_images,
     input_paths,
     load_run_data,
+    open_reference,
     open_subject,
     replayable_metrics,
     resolve_trigger,
@@ -451,7 +452,7 @@ def _scan_reference(opts, bundle, subject: Subject, device, reporter: Reporter):
     if not opts.clean_reference:
         return None
     reporter.stage(f"loading the clean reference {opts.clean_reference}")
-    reference = open_subject(opts, opts.clean_reference, bundle, reporter)
+    reference = open_reference(opts, bundle, reporter)
     if reference.num_classes != subject.num_classes:
         raise ConfigError(
             f"--clean-reference has {reference.num_classes} classes, the model {subject.num_classes}",

@@ -20,7 +20,7 @@ from ..progress import Reporter
 from ..runtime import prepare_model
 from ..subject import Subject, normalization_tensors
 from ..verdicts.retune import PROTOCOL, RetuneResult, RetuneSettings, check_retuning, judge
-from .setup import open_subject, probed_adapter
+from .setup import open_reference, probed_adapter
 
 
 def retune_clean_set(opts: EvaluateOptions, bundle: DatasetBundle, subject: Subject) -> ImageSet:
@@ -93,7 +93,7 @@ def reference_check(opts, bundle, clean, trigger, sets, settings, device, report
     if not opts.clean_reference:
         return None
     reporter.stage(f"retuning check on the clean reference {opts.clean_reference}")
-    subject = open_subject(opts, opts.clean_reference, bundle, reporter)
+    subject = open_reference(opts, bundle, reporter)
     return retune_one(subject, None, clean, bundle, trigger, sets, settings, device, opts, reporter, plan)
 
 

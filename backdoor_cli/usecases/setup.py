@@ -25,7 +25,7 @@ from ..data.datasets import (
 )
 from ..data.imagefolder import TRANSFORM
 from ..data.streaming import materialize
-from ..errors import ConfigError, InputError
+from ..errors import BdcleanError, ConfigError, InputError, UnsafeInputError
 from ..evaluation.cache import data_fingerprint, eval_key
 from ..evaluation.measure import EvalSets
 from ..models.output_kind import (
@@ -90,6 +90,22 @@ def open_subject(opts: EvaluateOptions, checkpoint: str, bundle: DatasetBundle, 
     for note in subject.notes:
         reporter.warn(note)
     return subject
+
+
+def open_reference(opts: EvaluateOptions, bundle: DatasetBundle, reporter: Reporter) -> Subject:
+    """--clean-reference, loaded with the model's own --arch/--num-classes/--head/--mean/--std. A load that
+    fails says so: the usual hint (change --arch) would break the model's own load."""
+    try:
+        return open_subject(opts, opts.clean_reference, bundle, reporter)
+    except UnsafeInputError:
+        raise
+    except BdcleanError as exc:
+        raise type(exc)(
+            f"--clean-reference {opts.clean_reference}: {exc.message}",
+            hint="the clean reference is loaded with the same --arch, --num-classes, --head, --mean and --std as "
+            "the model: give a clean model of the same architecture, or, when both are bdclean .safetensors "
+            "(they record their own architecture and normalisation), leave those flags out",
+        ) from None
 
 
 def _image_size(opts, checkpoints) -> tuple[int, int] | None:
