@@ -220,7 +220,7 @@ def test_without_a_trigger_the_scan_verdict_stands_and_gates(subjects):
     removal = report["removal"]
     # without a trigger the scan can say what it removed, never `verified`, so --require-verified fails the run
     assert removal["evidence"]["source"] == "scan" and removal["verdict"] in ("not_verified", "failed")
-    assert removal["evidence"]["found_trigger_removed"] and "pass --trigger to verify" in removal["reason"]
+    assert removal["evidence"]["found_trigger_removed"] and "pass --trigger, or --clean-reference" in removal["reason"]
     assert result.exit_code == 1
     md = (subjects["root"] / "plain-out" / "report.md").read_text()
     assert "Scan" in md and "proxy" in md
@@ -309,6 +309,57 @@ def test_a_clean_reference_nothing_uses_is_refused(subjects, tmp_path):
     assert evaluate.exit_code == 2 and "--clean-reference" in evaluate.output and "--retune-check" in evaluate.output
 
 
+def test_with_a_clean_reference_the_scan_alone_verifies_a_removed_planted_trigger(subjects):
+    """No trigger known: the single flagged class's reconstruction is ignored by a clean model of the task
+    (the model's own trigger), its proxy ASR is gone and the re-scan no longer flags it: `verified`, and the
+    true trigger, measured afterwards, is gone too (never `verified` above 20%)."""
+    out = subjects["root"] / "ref-verified"
+    args = ["--arch", "simple_cnn_half", "--clean-reference", subjects["clean"], "--require-verified"]
+    result = _default(subjects["plain"], subjects["data"], out, *args)
+    report = json.loads(result.stdout)
+    removal = report["removal"]
+    assert report["trigger"] is None and report["scan"]["flagged"] == [0], report["scan"]
+    assert removal["verdict"] == "verified" and result.exit_code == 0, removal
+    assert removal["evidence"]["reference_rates"]["0"]["value"] < NATURAL_RATE
+    assert "planted trigger, not a shortcut of the data" in removal["reason"]
+    assert "hides from inversion" in removal["reason"]  # what the verdict does not cover, said
+    assert report["scan"]["reference"]["usable"] is True
+    truth = runner.invoke(
+        app,
+        [
+            "evaluate",
+            str(out / "purified.safetensors"),
+            "--data",
+            str(subjects["data"]),
+            "--trigger",
+            "badnets",
+            "--device",
+            "cpu",
+            "--json",
+        ],
+    )
+    assert truth.exit_code == 0, truth.output
+    assert json.loads(truth.stdout)["metrics"]["asr"]["value"] <= FAILED_ASR
+
+
+def test_a_reference_far_weaker_than_the_model_is_reported_and_not_used(subjects):
+    """A wrongly normalised or weak reference follows no shortcut of the data, so every reconstruction would
+    look planted to it: with random weights (chance accuracy) it is not used, and nothing verifies."""
+    weak = subjects["root"] / "weak.safetensors"
+    generator = torch.Generator().manual_seed(0)
+    state = read_checkpoint(str(subjects["plain"])).state_dict
+    save_file({k: torch.randn(v.shape, generator=generator) * 0.01 for k, v in state.items()}, str(weak))
+    args = ["--arch", "simple_cnn_half", "--clean-reference", weak]
+    result = _default(subjects["plain"], subjects["data"], subjects["root"] / "weak-out", *args)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    reference = report["scan"]["reference"]
+    assert reference["usable"] is False and reference["accuracy"] < reference["input_accuracy"] - 0.15
+    assert reference["natural"] == [] and 0 in report["scan"]["unlearnt"]
+    assert "too weak a model of the task" in " ".join(report["scan"]["choice"].split())
+    assert report["removal"]["verdict"] != "verified" and "reference_rates" not in report["removal"]["evidence"]
+
+
 def test_a_clean_reference_of_another_architecture_says_how_it_is_loaded(subjects, tmp_path):
     """The reference is loaded with the model's --arch: the usual hint (change --arch) would break the model."""
     from backdoor_cli.models.architectures import ARCHITECTURES
@@ -324,7 +375,7 @@ def test_a_clean_reference_of_another_architecture_says_how_it_is_loaded(subject
 
 def test_natural_shortcuts_are_set_aside_by_their_rate_on_the_reference():
     chosen = [_trigger(1), _trigger(3)]
-    check = ReferenceCheck("ref.safetensors", {1: Rate(80, 200), 3: Rate(20, 200)})
+    check = ReferenceCheck("ref.safetensors", {1: Rate(80, 200), 3: Rate(20, 200)}, accuracy=0.9, input_accuracy=0.95)
     kept, why = set_aside_natural(chosen, "flagged by the scan: class 1, 3", check)
     assert [t.target for t in kept] == [3] and check.natural == [1]
     assert "class 1 (40.0%)" in why and "not unlearnt" in why
@@ -337,6 +388,44 @@ def test_natural_shortcuts_are_set_aside_by_their_rate_on_the_reference():
     assert verdict.evidence["natural_shortcuts"]["1"]["k"] == 80 and verdict.evidence["found_trigger_removed"]
     only = judge_removal_by_scan([], [], {}, {}, {}, natural={1: Rate(80, 200)})
     assert only.verdict == "not_verified" and "shortcuts the clean reference shares" in only.reason
+
+
+def test_the_scan_verifies_only_one_flagged_class_the_reference_shows_to_be_planted_and_gone():
+    gone = {"mask_l1": 30.0, "input_mask_l1": 4.0, "flagged": False, "anomaly_index": 0.5}
+    planted = {0: Rate(12, 180)}
+    verdict = judge_removal_by_scan([0], [0], {0: Rate(190, 200)}, {0: Rate(1, 200)}, {0: gone}, planted=planted)
+    assert verdict.verdict == "verified" and verdict.evidence["reference_rates"]["0"]["k"] == 12
+    # still working, or still flagged by the re-scan: failed, reference or not
+    works = judge_removal_by_scan([0], [0], {0: Rate(190, 200)}, {0: Rate(90, 200)}, {0: gone}, planted=planted)
+    assert works.verdict == "failed"
+    flagged = {0: {**gone, "flagged": True}}
+    assert judge_removal_by_scan(
+        [0], [0], {0: Rate(190, 200)}, {0: Rate(1, 200)}, flagged, planted=planted
+    ).verdict == ("failed")
+    # between the bounds, another class checked by the reference, or several flagged: not verified
+    for after, rates in ((Rate(14, 200), planted), (Rate(1, 200), {3: Rate(12, 180)})):
+        assert judge_removal_by_scan([0], [0], {0: Rate(190, 200)}, {0: after}, {0: gone}, planted=rates).verdict == (
+            "not_verified"
+        )
+    both = {c: gone for c in (0, 3)}
+    proxies = {c: Rate(1, 200) for c in (0, 3)}
+    several = judge_removal_by_scan(
+        [0, 3],
+        [0, 3],
+        {0: Rate(190, 200), 3: Rate(150, 200)},
+        proxies,
+        both,
+        planted={0: Rate(12, 180), 3: Rate(9, 180)},
+    )
+    assert several.verdict == "not_verified" and "2 classes were flagged" in several.reason
+
+
+def test_a_weak_reference_sets_nothing_aside_and_vouches_for_nothing():
+    check = ReferenceCheck("ref.safetensors", {1: Rate(80, 200), 3: Rate(20, 200)}, accuracy=0.3, input_accuracy=0.9)
+    assert not check.usable and check.natural == [] and check.planted == {}
+    kept, why = set_aside_natural([_trigger(1), _trigger(3)], "flagged by the scan: class 1, 3", check)
+    assert [t.target for t in kept] == [1, 3] and "too weak a model of the task" in why and "30.0%" in why
+    assert check.to_dict()["usable"] is False
 
 
 def test_several_flagged_classes_never_verify_and_are_called_shortcuts_of_the_data():

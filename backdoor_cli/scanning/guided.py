@@ -42,22 +42,53 @@ from .inversion import (
 NATURAL_RATE = 0.35
 
 
+# The reference must be a competent model of the task: a weak or wrongly normalised one follows no shortcut
+# of the data, and every reconstruction would look planted to it. Its accuracy on the same held-out images
+# may be at most this far below the input model's, or the check is reported and not used.
+REFERENCE_MARGIN = 0.15
+
+
 @dataclass
 class ReferenceCheck:
     """The flagged classes' reconstructed triggers applied to a clean reference model."""
 
     checkpoint: str
     rates: dict[int, Rate]  # class -> share of the reference's other-class images sent there
+    accuracy: float  # the reference's accuracy on the images the rates were measured on
+    input_accuracy: float  # the input model's on the same images
     threshold: float = NATURAL_RATE
 
     @property
+    def usable(self) -> bool:
+        return self.accuracy >= self.input_accuracy - REFERENCE_MARGIN
+
+    @property
     def natural(self) -> list[int]:
+        if not self.usable:
+            return []
         return [c for c, rate in self.rates.items() if rate.value >= self.threshold]
+
+    @property
+    def planted(self) -> dict[int, Rate]:
+        """Classes whose reconstruction the (usable) reference ignores: the model's own, planted triggers."""
+        if not self.usable:
+            return {}
+        return {c: rate for c, rate in self.rates.items() if rate.value < self.threshold}
+
+    def unusable_reason(self) -> str:
+        return (
+            f"the clean reference {self.checkpoint} gets {self.accuracy:.1%} of these images right against the "
+            f"model's {self.input_accuracy:.1%} (more than {REFERENCE_MARGIN:.0%} below): too weak a model of the "
+            "task to tell shortcuts of the data from planted triggers, so it was not used"
+        )
 
     def to_dict(self) -> dict:
         return {
             "checkpoint": self.checkpoint,
             "threshold": self.threshold,
+            "accuracy": round(self.accuracy, 4),
+            "input_accuracy": round(self.input_accuracy, 4),
+            "usable": self.usable,
             "rates": {str(c): rate.to_dict() for c, rate in self.rates.items()},
             "natural": self.natural,
         }
@@ -225,6 +256,8 @@ def proxy_rates(model, images: ImageSet, triggers: list[ClassTrigger], mean, std
 
 def set_aside_natural(chosen: list[ClassTrigger], choice: str, check: ReferenceCheck) -> tuple[list[ClassTrigger], str]:
     """The chosen triggers without those the clean reference follows too, and the choice in words."""
+    if not check.usable:
+        return chosen, choice + "; " + check.unusable_reason()
     natural = set(check.natural)
     if not natural & {t.target for t in chosen}:
         return chosen, choice + f"; the clean reference follows none of them (all below {check.threshold:.0%})"

@@ -495,7 +495,12 @@ def _scan_for_triggers(
     check = None
     if reference is not None and chosen:
         path, reference_model, reference_mean, reference_std = reference
-        check = ReferenceCheck(path, proxy_rates(reference_model, proxy_set, chosen, reference_mean, reference_std))
+        check = ReferenceCheck(
+            path,
+            proxy_rates(reference_model, proxy_set, chosen, reference_mean, reference_std),
+            accuracy=holdout_accuracy(reference_model, proxy_set, reference_mean, reference_std),
+            input_accuracy=holdout_accuracy(model, proxy_set, mean, std),
+        )
         chosen, choice = set_aside_natural(chosen, choice, check)
     evidence = ScanEvidence(
         result=result,
@@ -569,6 +574,7 @@ def removal_verdict(trigger, before, after, evidence: ScanEvidence | None):
             evidence.proxy_after,
             evidence.rescan,
             natural=evidence.natural,
+            planted=evidence.reference.planted if evidence.reference is not None else None,
         )
     if trigger is None and by_scan is not None:
         return by_scan

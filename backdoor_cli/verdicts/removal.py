@@ -4,7 +4,8 @@ A purify that exits 0 must not read as "the backdoor is gone" when nothing check
 one of three, each with the evidence it rests on (report.json `removal`, report.md, the terminal):
 - `verified`: a trigger that worked on the input (ASR above FAILED_ASR before) no longer does: its ASR
   after is at most VERIFIED_ASR with the upper 95% bound at most VERIFIED_HIGH. This speaks for that
-  trigger only, which the reason says.
+  trigger only, which the reason says. Without a known trigger, the scan's single flagged class whose
+  reconstruction a clean reference ignores (the model's own trigger) stands for it (judge_removal_by_scan).
 - `failed`: the trigger still works: ASR after above FAILED_ASR. Never `verified` above it.
 - `not_verified`: nothing to check against (no trigger was given or recorded; blend, warp and
   sample-specific triggers can also hide from trigger inversion), or the trigger did not work on the
@@ -95,15 +96,19 @@ def judge_removal_by_scan(
     proxy_after: dict[int, Rate],
     rescan: dict[int, dict],
     natural: dict[int, Rate] | None = None,
+    planted: dict[int, Rate] | None = None,
 ) -> RemovalVerdict:
     """The verdict without a known trigger, from the scan that guided the purify. `flagged`: the classes
-    taken for planted triggers; `natural`: flagged classes a clean reference follows too (set aside).
+    taken for planted triggers; `natural`: flagged classes a clean reference follows too (set aside);
+    `planted`: flagged classes whose reconstruction a (competent) clean reference ignores, with its rate.
 
-    It is never `verified`: the scan can show that what it found is gone (every flagged class's proxy ASR
-    at most VERIFIED_ASR, upper bound at most VERIFIED_HIGH, and a re-scan that no longer flags it:
-    evidence["found_trigger_removed"]), not that no trigger it cannot see is left (a SIG backdoor was).
-    `failed` when the reconstruction still works (above FAILED_ASR) or the re-scan still flags the class;
-    `not_verified` otherwise, with the reason."""
+    The scan can show that what it found is gone: every flagged class's proxy ASR at most VERIFIED_ASR,
+    upper bound at most VERIFIED_HIGH, and a re-scan that no longer flags it (evidence
+    ["found_trigger_removed"]). That is `verified` only when exactly one class was flagged and a clean
+    reference showed its reconstruction to be the model's own (in `planted`): without a reference the scan
+    cannot tell a planted trigger from a shortcut of the data, and a SIG backdoor hid behind a removed
+    shortcut. `failed` when the reconstruction still works (above FAILED_ASR) or the re-scan still flags the
+    class; `not_verified` otherwise, with the reason."""
     thresholds = {"verified_asr": VERIFIED_ASR, "verified_high": VERIFIED_HIGH, "failed_asr": FAILED_ASR}
     evidence = {
         "source": "scan",
@@ -117,6 +122,8 @@ def judge_removal_by_scan(
     }
     if natural:
         evidence["natural_shortcuts"] = {str(c): _rate(r) for c, r in natural.items()}
+    if planted:
+        evidence["reference_rates"] = {str(c): _rate(r) for c, r in planted.items()}
     if not flagged and natural:
         shared = "; ".join(
             f"class {c}: its reconstruction sends {r.value:.1%} of the clean reference's images there"
@@ -172,11 +179,6 @@ def judge_removal_by_scan(
         and not rescan[c]["flagged"]
     ]
     if len(gone) == len(flagged):
-        # Everything the scan found is gone, and still the scan alone never says `verified`: measured on a
-        # SIG-trigger ResNet-20 (target 0) with fresh clean data, the scan flagged class 6 only, its
-        # reconstruction was unlearnt (proxy ASR 3.9%, the re-scan no longer flagged it), and the true
-        # trigger still worked on 83.3% of images. A trigger that hides from inversion cannot be ruled out
-        # by it; only a known trigger (--trigger, or the one recorded in the checkpoint) verifies.
         evidence["found_trigger_removed"] = True
         parts = [
             f"class {c}: proxy ASR {proxy_before[c].value:.1%} -> {proxy_after[c].value:.1%} (upper bound "
@@ -184,11 +186,28 @@ def judge_removal_by_scan(
             f"{rescan[c]['mask_l1']:g}, no longer an outlier"
             for c in flagged
         ]
+        found = "the trigger the scan found is gone (" + "; ".join(parts) + ")"
+        if len(flagged) == 1 and planted and flagged[0] in planted:
+            # One flagged class, and a clean model of the task ignores its reconstruction: the model's own
+            # trigger, not a shortcut of the data. The SIG failure below needed a shortcut to be taken for the
+            # backdoor; the reference sets shortcuts aside (the SIG model's flags sent 72-82% of a clean
+            # model's images to their class, planted triggers' reconstructions 5-21%).
+            rate = planted[flagged[0]]
+            return RemovalVerdict(
+                "verified",
+                f"{found}; the clean reference sends only {rate.value:.1%} of its images there with it, so it was "
+                "this model's planted trigger, not a shortcut of the data; a second trigger that hides from "
+                "inversion (blend, SIG, warp, sample-specific) was not tested",
+                evidence,
+            )
+        # Without a reference the scan alone never says `verified`: measured on a SIG-trigger ResNet-20 (target
+        # 0) with fresh clean data, the scan flagged class 6 only, its reconstruction was unlearnt (proxy ASR
+        # 3.9%, the re-scan no longer flagged it), and the true trigger still worked on 83.3% of images.
         return RemovalVerdict(
             "not_verified",
-            "the trigger the scan found is gone (" + "; ".join(parts) + ")" + several + "; but a trigger that "
-            "hides from inversion (blend, SIG, warp, sample-specific) cannot be ruled out without it: pass "
-            "--trigger to verify",
+            found + several + "; but without a clean reference the scan cannot tell a planted trigger from a "
+            "shortcut of the data, and a trigger that hides from inversion (blend, SIG, warp, sample-specific) "
+            "cannot be ruled out: pass --trigger, or --clean-reference (a clean model of the same task), to verify",
             evidence,
         )
     return RemovalVerdict(
