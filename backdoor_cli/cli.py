@@ -1005,7 +1005,21 @@ def scan(
         ),
     ] = None,
     fail_on_detect: Annotated[
-        Optional[bool], typer.Option("--fail-on-detect", help="Gate: exit 1 if any class is flagged.")
+        Optional[bool],
+        typer.Option(
+            "--fail-on-detect",
+            help="Gate: exit 1 if a backdoor is suspected (a flagged class the --clean-reference, if given, does "
+            "not follow too).",
+        ),
+    ] = None,
+    clean_reference: Annotated[
+        Optional[str],
+        typer.Option(
+            rich_help_panel="Model and data",
+            help="A clean model of the same task (loaded with the same --arch/--mean/--std): each flagged class's "
+            "reconstructed trigger is applied to it, and a class it follows too (>= 35% of its images) is a "
+            "shortcut of the data, not a planted trigger.",
+        ),
     ] = None,
     force: Force = None,
     config: Config = None,
@@ -1036,6 +1050,7 @@ def scan(
         "anomaly_threshold": anomaly_threshold,
         "output_kind": output_kind,
         "fail_on_detect": fail_on_detect,
+        "clean_reference": clean_reference,
         "force": force,
         "config": config,
     }
@@ -1051,9 +1066,10 @@ def scan(
         return opts, report
 
     opts, report = _guard(body)
-    if opts.fail_on_detect and report.flagged:
+    if opts.fail_on_detect and report.suspected:
         _stderr().print(
-            f"[bold red]gate fail-on-detect FAILED: class(es) {', '.join(map(str, report.flagged))} flagged[/bold red]",
+            f"[bold red]gate fail-on-detect FAILED: class(es) {', '.join(map(str, report.suspected))} "
+            "flagged[/bold red]",
             highlight=False,
         )
         raise typer.Exit(EXIT_GATE)

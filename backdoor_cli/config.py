@@ -203,6 +203,7 @@ class ScanOptions(SubjectOptions):
     anomaly_threshold: float = 2.0
     output_kind: str = "auto"
     fail_on_detect: bool = False
+    clean_reference: str | None = None  # a clean model of the task: tells shortcuts of the data from planted triggers
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from backdoor_cli.data.datasets import normalize, select_clean_subset  # noqa: E402
 from backdoor_cli.defenses.clp import lipschitz_bounds, prune  # noqa: E402
-from backdoor_cli.evaluation.measure import evaluate_model  # noqa: E402
-from backdoor_cli.selection.holdout import holdout_accuracy  # noqa: E402
+from backdoor_cli.evaluation.measure import (
+    evaluate_model,  # noqa: E402
+    top1_accuracy,  # noqa: E402
+)
 from split_setup import load_split_setup  # noqa: E402
 
 
@@ -49,7 +51,7 @@ def main() -> None:
             "subject": Path(args.subject).stem,
             "u": u,
             "pruned": n,
-            "holdout": holdout_accuracy(model, held, mean, std),
+            "holdout": top1_accuracy(model, held, mean, std),
             "c_acc": res.clean_acc.value,
             "asr": res.asr.value,
         }

@@ -23,9 +23,12 @@ from backdoor_cli.defenses.base import Defense, get_head  # noqa: E402
 from backdoor_cli.defenses.distill import distillation_term, frozen_copy  # noqa: E402
 from backdoor_cli.defenses.finetune import reinitialise_head, run_tuning  # noqa: E402
 from backdoor_cli.defenses.fst import feature_shift_penalty, project_to_norm  # noqa: E402
-from backdoor_cli.evaluation.measure import evaluate_model  # noqa: E402
+from backdoor_cli.evaluation.measure import (
+    evaluate_model,  # noqa: E402
+    top1_accuracy,  # noqa: E402
+)
 from backdoor_cli.runtime import seed_everything  # noqa: E402
-from backdoor_cli.selection.holdout import holdout_accuracy, split_holdout  # noqa: E402
+from backdoor_cli.selection.holdout import split_holdout  # noqa: E402
 from split_setup import load_split_setup  # noqa: E402
 
 HEAD_ONLY = Defense("lp-phase", "", reinit_head=False, trains="head", uses_alpha=True, run=None)
@@ -67,7 +70,7 @@ def main() -> None:
         penalty=lambda: feature_shift_penalty(head.weight, original, args.alpha),
         after_step=lambda: project_to_norm(head.weight, norm),
     )
-    base_held = holdout_accuracy(subject.model, held, mean, std)
+    base_held = top1_accuracy(subject.model, held, mean, std)
     rows = []
 
     def record(phase):
@@ -79,7 +82,7 @@ def main() -> None:
             "lp_lr": args.lp_lr,
             "phase": phase,
             "held_input": base_held,
-            "held": holdout_accuracy(model, held, mean, std),
+            "held": top1_accuracy(model, held, mean, std),
             "c_acc": res.clean_acc.value,
             "asr": res.asr.value,
         }

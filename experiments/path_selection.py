@@ -26,8 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from backdoor_cli.data.datasets import ImageSet, normalize, select_clean_subset  # noqa: E402
-from backdoor_cli.evaluation.measure import evaluate_model  # noqa: E402
-from backdoor_cli.selection.holdout import holdout_accuracy  # noqa: E402
+from backdoor_cli.evaluation.measure import (
+    evaluate_model,  # noqa: E402
+    top1_accuracy,  # noqa: E402
+)
 from backdoor_cli.selection.linear_path import interpolate_states, path_points  # noqa: E402
 from backdoor_cli.subject import load_subject  # noqa: E402
 from split_setup import load_split_setup  # noqa: E402
@@ -103,8 +105,8 @@ def main() -> None:
                     "purified": path,
                     "t": round(t, 4),
                     "recalibrated": args.recalibrate,
-                    "holdout_all": holdout_accuracy(subject.model, pool, mean, std),
-                    "holdout_small": holdout_accuracy(subject.model, small, mean, std),
+                    "holdout_all": top1_accuracy(subject.model, pool, mean, std),
+                    "holdout_small": top1_accuracy(subject.model, small, mean, std),
                     "c_acc": res.clean_acc.value,
                     "asr": res.asr.value if res.asr else None,
                 }

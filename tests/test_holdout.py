@@ -14,7 +14,8 @@ from backdoor_cli.checkpoint import read_checkpoint
 from backdoor_cli.cli import app
 from backdoor_cli.data.datasets import ImageSet
 from backdoor_cli.errors import ConfigError
-from backdoor_cli.selection.holdout import HoldoutMonitor, holdout_accuracy, split_holdout
+from backdoor_cli.evaluation.measure import top1_accuracy
+from backdoor_cli.selection.holdout import HoldoutMonitor, split_holdout
 from helpers import train_toy_model
 
 MEAN, STD = torch.zeros(1, 1, 1, 1), torch.ones(1, 1, 1, 1)
@@ -54,7 +55,7 @@ def test_split_is_class_balanced_disjoint_and_seeded():
 
 def test_latest_epoch_within_the_budget_is_kept_and_restored():
     images, model = _images(), Lookup()
-    monitor = HoldoutMonitor(images, holdout_accuracy(model, images, MEAN, STD), budget=0.1)
+    monitor = HoldoutMonitor(images, top1_accuracy(model, images, MEAN, STD), budget=0.1)
     assert monitor.base_acc == 1.0
     for epoch, right in ((1, 1.0), (2, 1.0), (3, 0.0)):  # epoch 3 collapses to class 0 (25%)
         with torch.no_grad():

@@ -173,3 +173,49 @@ def test_clean_data_replaces_the_training_split(subjects):
     doc = json.loads(result.stdout)
     assert doc["data"]["scan_source"].endswith("train.npz") and doc["data"]["scan_images"] == 1600
     assert doc["data"]["indices_sha256"] is None
+
+
+# --- --clean-reference: a shortcut of the data or a planted trigger --------------------------------------
+
+
+def test_a_clean_reference_that_ignores_the_reconstruction_keeps_the_backdoor_suspected(subjects):
+    ref = ["--clean-reference", str(subjects["clean"])]
+    result = run_scan(subjects["backdoored"], subjects["data"], "--json", "--fail-on-detect", *ref, *SCAN_FLAGS)
+    assert result.exit_code == 1, result.output  # the gate fails on a suspected backdoor
+    doc = json.loads(result.stdout)
+    reference = doc["reference"]
+    assert doc["suspected_classes"] == [0] and doc["backdoor_suspected"]
+    assert reference["usable"] and reference["natural"] == [] and reference["rates"]["0"]["value"] < 0.35
+    assert "the clean reference ignores its reconstruction" in doc["verdict"]
+
+
+def test_a_class_the_clean_reference_follows_too_is_a_shortcut_not_a_backdoor(subjects):
+    """The model is its own reference here, so its flagged class is "followed" by the reference: the
+    plumbing, not the threshold, is under test (the threshold's measurements are in docs/purification.md)."""
+    ref = ["--clean-reference", str(subjects["backdoored"])]
+    result = run_scan(subjects["backdoored"], subjects["data"], "--json", "--fail-on-detect", *ref, *SCAN_FLAGS)
+    assert result.exit_code == 0, result.output  # nothing suspected: the gate passes
+    doc = json.loads(result.stdout)
+    assert doc["flagged_classes"] == [0] and doc["suspected_classes"] == [] and not doc["backdoor_suspected"]
+    assert doc["reference"]["natural"] == [0]
+    assert doc["verdict"].startswith("no backdoor suspected") and "shortcut of the data" in doc["verdict"]
+    assert "shortcut of the data" in doc["classes"][0]["verdict"] and doc["classes"][0]["flagged"]
+    text = run_scan(subjects["backdoored"], subjects["data"], *ref, *SCAN_FLAGS)
+    assert (
+        text.exit_code == 0 and "shortcut" in text.stdout and "no backdoor suspected" in " ".join(text.stdout.split())
+    )
+
+
+def test_a_clean_reference_with_nothing_flagged_is_recorded_unused(subjects):
+    ref = ["--clean-reference", str(subjects["backdoored"])]
+    result = run_scan(subjects["clean"], subjects["data"], "--json", *ref, *SCAN_FLAGS)
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["flagged_classes"] == [] and doc["reference"] == {"checkpoint": ref[1], "rates": {}}
+
+
+def test_a_missing_clean_reference_is_named_before_the_scan(subjects, tmp_path):
+    missing = tmp_path / "nope.safetensors"
+    result = run_scan(subjects["backdoored"], subjects["data"], "--clean-reference", str(missing), *QUICK_FLAGS)
+    assert result.exit_code == 2, result.output
+    assert "--clean-reference" in result.output and "nope.safetensors" in result.output

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ..scanning.guided import ReferenceCheck
 from ..scanning.inversion import ClassTrigger, ScanResult
 from .report import SCHEMA_VERSION
 
@@ -25,27 +26,58 @@ class ScanReport:
     options: dict
     outputs: dict = field(default_factory=dict)
     output_kind: dict | None = None
+    reference: ReferenceCheck | None = None  # --clean-reference applied to the flagged classes' reconstructions
+    reference_path: str | None = None  # --clean-reference as given (also when nothing was flagged to check)
 
     @property
     def flagged(self) -> list[int]:
         return list(self.result.flagged)
 
+    @property
+    def natural(self) -> dict:
+        """Flagged classes whose reconstruction the clean reference follows too: shortcuts of the data."""
+        if self.reference is None:
+            return {}
+        return {c: self.reference.rates[c] for c in self.reference.natural}
+
+    @property
+    def suspected(self) -> list[int]:
+        """The flagged classes taken for planted triggers (every flagged class without a usable reference)."""
+        return [c for c in self.flagged if c not in self.natural]
+
     def class_verdicts(self) -> list[str]:
-        return [class_verdict(self.result, i) for i in range(len(self.result.triggers))]
+        return [class_verdict(self.result, i, self.natural) for i in range(len(self.result.triggers))]
 
     def verdict(self) -> str:
         r = self.result
-        if r.flagged:
-            names = ", ".join(str(c) for c in r.flagged)
+        shortcuts = "; ".join(
+            f"class {c} set aside: the clean reference follows its reconstruction too ({rate.value:.1%} of its "
+            "images), a shortcut of the data, not a planted trigger"
+            for c, rate in self.natural.items()
+        )
+        if self.suspected:
+            names = ", ".join(str(c) for c in self.suspected)
+            planted = (
+                "; the clean reference ignores its reconstruction"
+                if self.reference is not None and self.reference.usable
+                else ""
+            )
             return (
                 f"BACKDOOR SUSPECTED: class {names} needs a far smaller trigger than the other classes "
-                f"(anomaly index {', '.join(f'{r.anomaly[c]:.2f}' for c in r.flagged)} > {r.threshold:g})"
+                f"(anomaly index {', '.join(f'{r.anomaly[c]:.2f}' for c in self.suspected)} > {r.threshold:g})"
+                + planted
+                + (f"; {shortcuts}" if shortcuts else "")
             )
+        limits = (
+            "This finds patch-like all-to-one backdoors; it does not rule out warping, sample-specific or "
+            "full-image blended triggers"
+        )
+        if shortcuts:
+            return f"no backdoor suspected: {shortcuts}. {limits}"
         top = max((i for i in range(len(r.anomaly)) if r.searched_in_full(i)), key=lambda i: r.anomaly[i])
         return (
             f"no class flagged: the smallest trigger (class {top}, anomaly index {r.anomaly[top]:.2f}) is within "
-            f"{r.threshold:g} robust standard deviations of the median. This finds patch-like all-to-one "
-            f"backdoors; it does not rule out warping, sample-specific or full-image blended triggers"
+            f"{r.threshold:g} robust standard deviations of the median. {limits}"
         )
 
     def to_dict(self) -> dict:
@@ -72,7 +104,13 @@ class ScanReport:
             "median_mask_l1": round(r.median_l1, 3),
             "mad_log_mask_l1": round(r.mad, 4),
             "flagged_classes": self.flagged,
-            "backdoor_suspected": bool(r.flagged),
+            "suspected_classes": self.suspected,
+            "backdoor_suspected": bool(self.suspected),
+            "reference": (
+                self.reference.to_dict()
+                if self.reference is not None
+                else ({"checkpoint": self.reference_path, "rates": {}} if self.reference_path else None)
+            ),
             "screen": ({"candidates": list(r.candidates), "reference": list(r.reference)} if r.screened else None),
             "verdict": self.verdict(),
             "decision_rule": r.rule,
@@ -83,10 +121,17 @@ class ScanReport:
         }
 
 
-def class_verdict(result: ScanResult, index: int) -> str:
-    """One sentence per class, in pixels and percentages."""
+def class_verdict(result: ScanResult, index: int, natural: dict | None = None) -> str:
+    """One sentence per class, in pixels and percentages; `natural`: flagged classes the clean reference
+    follows too (class -> Rate)."""
     t = result.triggers[index]
     others = [o.l1 for o in result.triggers if o.target != t.target]
+    if natural and t.target in natural:
+        return (
+            f"class {t.target}: a {t.l1:.0f}-pixel pattern sends {t.success:.0%} of clean images there (flagged), "
+            f"but it sends {natural[t.target].value:.0%} of a clean model's images there too: a shortcut of the "
+            "data, not a planted trigger"
+        )
     if t.target in result.flagged:
         return (
             f"class {t.target} is a likely backdoor target: a {t.l1:.0f}-pixel pattern sends {t.success:.0%} of "
@@ -179,12 +224,13 @@ def render_scan(report: ScanReport, console) -> None:
         if not r.searched_in_full(t.target):
             continue  # screened out: listed in the JSON, not in the table (a 1,000-row table helps nobody)
         flagged = t.target in r.flagged
+        shortcut = t.target in report.natural
         table.add_row(
             str(t.target),
             f"{t.l1:.1f}" + ("" if t.reached else "*"),
             f"{t.success:.0%}",
             f"{a:.2f}",
-            "[bold red]yes[/bold red]" if flagged else "no",
+            "shortcut" if shortcut else ("[bold red]yes[/bold red]" if flagged else "no"),
         )
     console.print(table)
     if not all(t.reached for t in r.triggers):
@@ -193,11 +239,18 @@ def render_scan(report: ScanReport, console) -> None:
             markup=False,
             highlight=False,
         )
-    for verdict in (v for t, v in zip(r.triggers, report.class_verdicts()) if t.target in r.flagged):
-        console.print(verdict, style="bold red", markup=False, highlight=False)
+    for t, verdict in zip(r.triggers, report.class_verdicts()):
+        if t.target in r.flagged:
+            style = "yellow" if t.target in report.natural else "bold red"
+            console.print(verdict, style=style, markup=False, highlight=False)
+    if report.reference is not None and not report.reference.usable:
+        console.print(report.reference.unusable_reason(), style="yellow", markup=False, highlight=False)
     console.print(f"median mask L1 {r.median_l1:.1f} pixels, MAD of log L1 {r.mad:.3f}", markup=False, highlight=False)
     console.print(
-        f"verdict: {report.verdict()}", style="bold red" if r.flagged else "bold green", markup=False, highlight=False
+        f"verdict: {report.verdict()}",
+        style="bold red" if report.suspected else "bold green",
+        markup=False,
+        highlight=False,
     )
     console.print(f"rule: {r.rule}", markup=False, highlight=False)
     if report.outputs:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..data.datasets import ImageSet
+from ..evaluation.measure import top1_accuracy
 from ..evaluation.metrics import Rate
 from ..models.output_kind import LossAdapter, attach_loss
 from ..progress import Reporter, step_callback
@@ -252,6 +253,34 @@ def proxy_asr(
 
 def proxy_rates(model, images: ImageSet, triggers: list[ClassTrigger], mean, std) -> dict[int, Rate]:
     return {t.target: proxy_asr(model, images, t, mean, std) for t in triggers}
+
+
+@dataclass(frozen=True)
+class CleanReference:
+    """A loaded --clean-reference: its path, model (on the run's device, eval mode) and normalisation."""
+
+    path: str
+    model: torch.nn.Module
+    mean: torch.Tensor
+    std: torch.Tensor
+
+
+def check_reference(
+    reference: CleanReference,
+    images: ImageSet,
+    triggers: list[ClassTrigger],
+    model: torch.nn.Module,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+) -> ReferenceCheck:
+    """Each trigger's rate on the clean reference over `images`, and both models' accuracy on them (whether
+    the reference is competent enough to be evidence)."""
+    return ReferenceCheck(
+        reference.path,
+        proxy_rates(reference.model, images, triggers, reference.mean, reference.std),
+        accuracy=top1_accuracy(reference.model, images, reference.mean, reference.std),
+        input_accuracy=top1_accuracy(model, images, mean, std),
+    )
 
 
 def set_aside_natural(chosen: list[ClassTrigger], choice: str, check: ReferenceCheck) -> tuple[list[ClassTrigger], str]:

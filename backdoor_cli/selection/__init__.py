@@ -6,7 +6,7 @@
 - linear_path: C-Acc and ASR along the line between two checkpoints
 """
 
-from .holdout import HoldoutMonitor, holdout_accuracy, split_holdout
+from .holdout import HoldoutMonitor, split_holdout
 from .linear_path import PathReport, path_markdown, path_plot_png, path_points, render_path, walk_path
 from .path_select import memorised_warning, select_on_path
 from .recipe import CAVEAT, RECOMMENDED_METHOD, Recipe, fit_to_clean_data, resolve_recipe
@@ -18,7 +18,6 @@ __all__ = [
     "RECOMMENDED_METHOD",
     "Recipe",
     "fit_to_clean_data",
-    "holdout_accuracy",
     "memorised_warning",
     "path_markdown",
     "path_plot_png",

@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..data.datasets import ImageSet, normalize, select_clean_subset
+from ..data.datasets import ImageSet, select_clean_subset
 from ..errors import ConfigError
-from ..precision import exact_fp32
+from ..evaluation.measure import top1_accuracy
 
 
 @dataclass
@@ -31,7 +31,7 @@ class HoldoutMonitor:
     _snapshot: dict | None = None
 
     def observe(self, model: torch.nn.Module, epoch: int, mean: torch.Tensor, std: torch.Tensor) -> float:
-        acc = holdout_accuracy(model, self.images, mean, std)
+        acc = top1_accuracy(model, self.images, mean, std)
         within = self.budget is not None and self.base_acc - acc <= self.budget + 1e-9  # ratios of counts
         self.curve.append({"epoch": epoch, "holdout_acc": round(acc, 6), "within_budget": within})
         if within:  # only the latest acceptable epoch is kept: one copy of the weights, not one per epoch
@@ -78,22 +78,3 @@ def split_holdout(clean: ImageSet, fraction: float, seed: int, num_classes: int)
     keep = torch.ones(clean.num_images, dtype=torch.bool)
     keep[held] = False
     return clean.subset(torch.nonzero(keep).flatten()), clean.subset(held)
-
-
-@torch.no_grad()
-def holdout_accuracy(
-    model: torch.nn.Module, images: ImageSet, mean: torch.Tensor, std: torch.Tensor, batch_size: int = 512
-) -> float:
-    """Top-1 accuracy in eval mode; the model's train/eval modes are restored afterwards."""
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    correct = 0
-    try:
-        for i in range(0, images.num_images, batch_size):
-            x, y = images.x[i : i + batch_size], images.y[i : i + batch_size]
-            with exact_fp32(x.device):  # the model's own fp32 predictions (no TF32 on CUDA)
-                correct += int((model(normalize(x, mean, std)).argmax(1) == y).sum())
-    finally:
-        for module, training in modes.items():
-            module.training = training
-    return correct / max(images.num_images, 1)

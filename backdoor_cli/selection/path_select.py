@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..data.datasets import ImageSet
-from .holdout import holdout_accuracy
+from ..evaluation.measure import top1_accuracy
 from .linear_path import interpolate_states
 
 FLOOR = 0.8  # the smallest t chosen by default (see the module docstring and docs/purification.md)
@@ -89,7 +89,7 @@ def select_on_path(
     choice = PathSelection(budget=budget, base_acc=base_acc, floor=floor, warning=memorised_warning(base_acc))
     for t in grid(floor, step):
         model.load_state_dict(interpolate_states(start, end, t) if t < 1 else end)
-        acc = holdout_accuracy(model, held, mean, std)
+        acc = top1_accuracy(model, held, mean, std)
         within = base_acc - acc <= budget + TOLERANCE
         choice.curve.append({"t": t, "holdout_acc": round(acc, 6), "within_budget": within})
     picked = next((row for row in choice.curve if row["within_budget"]), None)

@@ -23,7 +23,7 @@ from ..defenses.base import Defense, DefenseOutcome, inapplicable, method_params
 from ..errors import ConfigError
 from ..evaluation.cache import measured
 from ..evaluation.gates import GateResult, check_gates
-from ..evaluation.measure import build_eval_sets, evaluate_model
+from ..evaluation.measure import build_eval_sets, evaluate_model, top1_accuracy
 from ..evaluation.metrics import defense_effectiveness_rating
 from ..models import hub
 from ..models.output_kind import OutputKind, parse_output_kind
@@ -43,8 +43,9 @@ from ..progress import Reporter, step_callback
 from ..reports.report import PurifyReport, stage_purify_report
 from ..runtime import Stopwatch, environment, prepare_model, resolve_device, seed_everything
 from ..scanning.guided import (
-    ReferenceCheck,
+    CleanReference,
     ScanEvidence,
+    check_reference,
     choose_triggers,
     proxy_rates,
     rescan,
@@ -52,7 +53,7 @@ from ..scanning.guided import (
     set_aside_natural,
 )
 from ..scanning.inversion import InversionParams
-from ..selection.holdout import HoldoutMonitor, holdout_accuracy, split_holdout
+from ..selection.holdout import HoldoutMonitor, split_holdout
 from ..selection.path_select import memorised_warning, select_on_path
 from ..selection.recipe import CAVEAT, Recipe, fit_to_clean_data, resolve_recipe
 from ..subject import Subject, normalization_tensors
@@ -72,7 +73,7 @@ from .setup import (
     eval_images,
     input_paths,
     load_run_data,
-    open_reference,
+    open_clean_reference,
     open_subject,
     replayable_metrics,
     resolve_trigger,
@@ -224,7 +225,7 @@ def _purify_into(
                 reporter,
                 opts.scan_steps,
                 opts.precaution,
-                reference=_scan_reference(opts, bundle, subject, device, reporter),
+                reference=open_clean_reference(opts, bundle, subject, device, reporter),
             )
     # nothing flagged (and no --precaution): nothing to remove, so the input is kept as it is (scanning.guided)
     unchanged = evidence is not None and not evidence.chosen
@@ -447,21 +448,6 @@ def unchanged_note(evidence: ScanEvidence | None) -> str:
     )
 
 
-def _scan_reference(opts, bundle, subject: Subject, device, reporter: Reporter):
-    """(path, model, mean, std) of --clean-reference for the scan's natural-shortcut check, or None."""
-    if not opts.clean_reference:
-        return None
-    reporter.stage(f"loading the clean reference {opts.clean_reference}")
-    reference = open_reference(opts, bundle, reporter)
-    if reference.num_classes != subject.num_classes:
-        raise ConfigError(
-            f"--clean-reference has {reference.num_classes} classes, the model {subject.num_classes}",
-            hint="the clean reference must be a clean model of the same task",
-        )
-    mean, std = normalization_tensors(reference, device)
-    return opts.clean_reference, prepare_model(reference.model, device).eval(), mean, std
-
-
 def _scan_for_triggers(
     model,
     tune_set: ImageSet,
@@ -474,11 +460,11 @@ def _scan_for_triggers(
     reporter: Reporter,
     steps: int | None,
     precaution: bool = False,
-    reference=None,
+    reference: CleanReference | None = None,
 ) -> ScanEvidence:
     """Invert a trigger per class on the tuning images, choose what to unlearn, and measure its proxy ASR on
     the held-out images (on the tuning images when none are held out, which the report says). With a clean
-    `reference` (path, model, mean, std), a chosen trigger the reference follows too is set aside."""
+    `reference`, a chosen trigger the reference follows too is set aside."""
     reporter.stage("scanning for a backdoor (trigger inversion per class)")
     params = InversionParams(**({"steps": steps} if steps is not None else {})).validate()
     # fp32 search, as `bdclean scan`: which class is flagged must not depend on the machine's bf16 (measured on
@@ -494,13 +480,7 @@ def _scan_for_triggers(
     )
     check = None
     if reference is not None and chosen:
-        path, reference_model, reference_mean, reference_std = reference
-        check = ReferenceCheck(
-            path,
-            proxy_rates(reference_model, proxy_set, chosen, reference_mean, reference_std),
-            accuracy=holdout_accuracy(reference_model, proxy_set, reference_mean, reference_std),
-            input_accuracy=holdout_accuracy(model, proxy_set, mean, std),
-        )
+        check = check_reference(reference, proxy_set, chosen, model, mean, std)
         chosen, choice = set_aside_natural(chosen, choice, check)
     evidence = ScanEvidence(
         result=result,
@@ -602,7 +582,7 @@ def _holdout(
     tune_set, held = split_holdout(clean, recipe.holdout_fraction, seed, subject.num_classes)
     held = held.to(device)
     monitor = HoldoutMonitor(
-        held, holdout_accuracy(model, held, mean, std), budget=recipe.budget if recipe.select == "epoch" else None
+        held, top1_accuracy(model, held, mean, std), budget=recipe.budget if recipe.select == "epoch" else None
     )
     reporter.info(
         f"held out {held.num_images} of the {clean.num_images} clean images (input model: "

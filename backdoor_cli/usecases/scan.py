@@ -3,8 +3,9 @@ flag outliers, and write the reconstructed triggers as bdclean trigger specs.
 
     scan_checkpoint(opts)
       read checkpoint -> build + load strictly -> clean scan images (training split or --clean-data)
-      -> probe the output kind -> scan.scan_model -> report (+ --out: per flagged class a preview PNG,
-      the pattern and mask PNGs and a `type: image` spec YAML, and scan.json)
+      -> probe the output kind -> scan.scan_model -> [--clean-reference: the flagged classes'
+      reconstructions on a clean model: shortcuts of the data or planted] -> report (+ --out: per
+      flagged class a preview PNG, the pattern and mask PNGs and a `type: image` spec YAML, and scan.json)
 
 The test split is loaded only because the model loader reads the image shape from it; no test image
 and no recorded trigger is used by the scan.
@@ -25,10 +26,17 @@ from ..progress import Reporter
 from ..reports.report import to_json
 from ..reports.scan_report import ScanReport, png_bytes, preview_png, trigger_pixels, trigger_spec_yaml
 from ..runtime import Stopwatch, environment, prepare_model, resolve_device, seed_everything
-from ..scanning.guided import run_scan
+from ..scanning.guided import check_reference, run_scan
 from ..scanning.inversion import InversionParams
 from ..subject import normalization_tensors
-from .setup import decide_output_kind, input_paths, load_run_data, open_subject, select_clean_set
+from .setup import (
+    decide_output_kind,
+    input_paths,
+    load_run_data,
+    open_clean_reference,
+    open_subject,
+    select_clean_set,
+)
 
 DEFAULT_IMAGES = 200  # class-balanced scan images when neither --clean-count nor --clean-data is given
 METHOD = "neural-cleanse"
@@ -88,6 +96,7 @@ def _scan(
         model = prepare_model(subject.model, device)
         mean, std = normalization_tensors(subject, device)
         output_kind = decide_output_kind(opts.output_kind, model, clean, mean, std, device, reporter)
+        reference = open_clean_reference(opts, bundle, subject, device, reporter)
     reporter.info(
         f"{METHOD}: {clean.num_images} clean images, {params.steps} steps x {subject.num_classes} classes "
         f"({params.group} at a time), batch {params.batch_size} per class"
@@ -105,6 +114,17 @@ def _scan(
             opts.seed,
             reporter,
             precision="fp32",
+        )
+    check = None
+    if reference is not None and result.flagged:
+        # the scan's own images: the reference never saw the reconstruction, so they are as good as any
+        with timer.stage("reference"):
+            check = check_reference(reference, clean, [result.triggers[c] for c in result.flagged], model, mean, std)
+        reporter.info(
+            "clean reference: "
+            + ", ".join(f"class {c} {rate.value:.1%}" for c, rate in check.rates.items())
+            + f" of its other-class scan images sent there (a shortcut of the data at >= {check.threshold:.0%})"
+            + ("" if check.usable else "; " + check.unusable_reason())
         )
     report = ScanReport(
         subject=subject.describe(),
@@ -130,6 +150,8 @@ def _scan(
         environment=environment(device),
         options=to_yaml_dict(opts),
         output_kind=output_kind.to_dict(),
+        reference=check,
+        reference_path=opts.clean_reference,
     )
     if outputs is not None:
         with timer.stage("write"):

@@ -48,7 +48,9 @@ from ..precision import (
     torch_format,
 )
 from ..progress import Reporter
-from ..subject import Subject, load_subject
+from ..runtime import prepare_model
+from ..scanning.guided import CleanReference
+from ..subject import Subject, load_subject, normalization_tensors
 from ..triggers import build_trigger, load_trigger_spec, parse_trigger_spec
 
 
@@ -106,6 +108,21 @@ def open_reference(opts: EvaluateOptions, bundle: DatasetBundle, reporter: Repor
             "the model: give a clean model of the same architecture, or, when both are bdclean .safetensors "
             "(they record their own architecture and normalisation), leave those flags out",
         ) from None
+
+
+def open_clean_reference(opts, bundle: DatasetBundle, subject: Subject, device, reporter: Reporter):
+    """--clean-reference for the scan's natural-shortcut check, on the run's device in eval mode, or None."""
+    if not opts.clean_reference:
+        return None
+    reporter.stage(f"loading the clean reference {opts.clean_reference}")
+    reference = open_reference(opts, bundle, reporter)
+    if reference.num_classes != subject.num_classes:
+        raise ConfigError(
+            f"--clean-reference has {reference.num_classes} classes, the model {subject.num_classes}",
+            hint="the clean reference must be a clean model of the same task",
+        )
+    mean, std = normalization_tensors(reference, device)
+    return CleanReference(opts.clean_reference, prepare_model(reference.model, device).eval(), mean, std)
 
 
 def _image_size(opts, checkpoints) -> tuple[int, int] | None:
