@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -31,6 +32,7 @@ def test_demo_runs_end_to_end_with_tiny_settings(tmp_path, monkeypatch):
     assert result.stdout.count("; removal ") == 3  # each purify line carries its removal verdict
     for name in (
         "backdoored.safetensors",
+        "clean.safetensors",
         "compare.md",
         "compare.json",
         "ft/purified.safetensors",
@@ -40,14 +42,19 @@ def test_demo_runs_end_to_end_with_tiny_settings(tmp_path, monkeypatch):
         "recommended/report.md",
     ):
         assert (tmp_path / "d" / name).is_file(), name
+    recommended = json.loads((tmp_path / "d" / "recommended" / "report.json").read_text())
+    assert recommended["options"]["clean-reference"] == str(tmp_path / "d" / "clean.safetensors")
+    fst = json.loads((tmp_path / "d" / "fst" / "report.json").read_text())
+    assert fst["options"]["clean-reference"] is None  # only the default reads it; fst would refuse it
 
 
-def _report(acc_before, acc_after, asr_after, flagged=(0,), verdict="verified"):
+def _report(acc_before, acc_after, asr_after, flagged=(0,), verdict="verified", unlearnt=None, own=None):
+    evidence = {"source": "scan"} if not flagged else ({"scan": own} if own else {})
     return SimpleNamespace(
         before=SimpleNamespace(clean_acc=Rate(int(acc_before * 100), 100)),
         after=SimpleNamespace(clean_acc=Rate(int(acc_after * 100), 100), asr=Rate(int(asr_after * 100), 100)),
-        scan={"flagged": list(flagged), "unlearnt": list(flagged) or [3]},
-        removal={"verdict": verdict, "evidence": {"source": "scan"} if not flagged else {}},
+        scan={"flagged": list(flagged), "unlearnt": list(flagged) if unlearnt is None else list(unlearnt)},
+        removal={"verdict": verdict, "evidence": evidence},
     )
 
 
@@ -69,10 +76,20 @@ def test_story_tells_the_default_from_its_own_figures():
         0.9,
         _report(0.98, 0.95, 0.20),
         _report(0.98, 0.87, 0.01),
-        _report(0.98, 0.95, 0.02, flagged=(), verdict="not_verified"),
+        _report(0.98, 0.95, 0.02, flagged=(), verdict="not_verified", unlearnt=[3]),
     )
     assert "flagged no class" in lines[3] and "(class 3) was unlearnt" in lines[3]
     assert "not verified (from the scan's evidence alone)" in lines[3]
+    nothing = _report(0.98, 0.98, 0.90, flagged=(), verdict="not_verified", unlearnt=[])
+    assert "flagged no class, so nothing was unlearnt" in demo.story(0.98, 0.9, nothing, nothing, nothing)[3]
+    shortcut = _report(0.98, 0.98, 0.90, flagged=(2,), verdict="failed", unlearnt=[])
+    assert "a shortcut the clean reference shares, so nothing was unlearnt" in demo.story(0.98, 0.9, *[shortcut] * 3)[3]
+    own = {"verdict": "verified", "reason": "the trigger the scan found is gone"}
+    lines = demo.story(0.98, 0.9, *[_report(0.98, 0.95, 0.02, own=own)] * 3)
+    assert (
+        lines[4].startswith("Without the recorded trigger, the default's own verdict")
+        and "is verified: the" in lines[4]
+    )
     lines = demo.story(0.98, 0.9, _report(0.98, 0.95, 0.20), _report(0.98, 0.87, 0.01), _report(0.98, 0.97, 0.50))
     assert "did not remove the backdoor (ASR 50.0%)" in lines[3]
     lines = demo.story(0.98, 0.9, _report(0.98, 0.95, 0.20), _report(0.98, 0.87, 0.01), _report(0.98, 0.97, 0.08))
