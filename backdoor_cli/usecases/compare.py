@@ -17,7 +17,7 @@ from ..runtime import environment, prepare_model, resolve_device, seed_everythin
 from ..selection.linear_path import PathReport, path_plot_png, path_points, walk_path
 from ..subject import Subject, normalization_tensors
 from ..verdicts.retune import RetuneResult, judge
-from .retuning import reference_check, retune_clean_set, retune_one, retune_settings
+from .retuning import reference_check, retune_clean_set, retune_one, retune_run
 from .setup import (
     check_gate_inputs,
     check_reference_use,
@@ -111,15 +111,12 @@ def _retune_checker(opts, bundle, first: Subject, trigger, sets, device, reporte
     The clean reference is retuned once, here; each checkpoint while it is the one in memory."""
     if not opts.retune_check:
         return None
-    settings = retune_settings(opts)
-    clean = retune_clean_set(opts, bundle, first)
-    reference = reference_check(opts, bundle, clean, trigger, sets, settings, device, reporter, plan)
+    run = retune_run(opts, bundle, retune_clean_set(opts, bundle, first), trigger, sets, device, plan)
+    reference = reference_check(opts, bundle, run, reporter)
 
     def check(subject: Subject, result) -> RetuneResult:
         reporter.stage(f"retuning check on {subject.checkpoint.path}")
-        return judge(
-            retune_one(subject, result, clean, bundle, trigger, sets, settings, device, opts, reporter, plan), reference
-        )
+        return judge(retune_one(subject, result, run, reporter), reference)
 
     return check
 

@@ -6,6 +6,7 @@ The check itself (a copy retuned with a few poisoned images, and its verdict) is
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 
 from ..config import EvaluateOptions
 from ..data.datasets import DatasetBundle, ImageSet, select_clean_subset
@@ -42,6 +43,45 @@ def retune_settings(opts: EvaluateOptions) -> RetuneSettings:
     return RetuneSettings(poisoned=opts.retune_poisoned, sgd=sgd).validate()
 
 
+@dataclass(frozen=True)
+class RetuneRun:
+    """What every model of one run's retuning check shares: the clean images, the trigger, the evaluation
+    sets, the protocol and the run's precision."""
+
+    clean: ImageSet
+    trigger: object
+    sets: EvalSets
+    settings: RetuneSettings
+    device: object
+    eval_batch: int
+    augment_flip: bool
+    plan: PrecisionPlan
+
+    def check(self, model, mean, std, asr: Rate, adapter: LossAdapter) -> RetuneResult:
+        """The check on one model whose ASR before retuning is `asr`."""
+        return check_retuning(
+            model,
+            self.clean,
+            self.trigger,
+            self.sets,
+            mean,
+            std,
+            self.settings,
+            self.device,
+            asr,
+            self.eval_batch,
+            self.augment_flip,
+            adapter,
+            self.plan,
+        )
+
+
+def retune_run(opts: EvaluateOptions, bundle: DatasetBundle, clean: ImageSet, trigger, sets: EvalSets, device, plan):
+    """The run's RetuneRun: the protocol with its --retune-* flags, the evaluation batch and the flip rule."""
+    eval_batch = getattr(opts, "eval_batch_size", opts.batch_size)
+    return RetuneRun(clean, trigger, sets, retune_settings(opts), device, eval_batch, bundle.augment_flip, plan)
+
+
 def retune_checked(
     opts: EvaluateOptions,
     bundle: DatasetBundle,
@@ -61,61 +101,29 @@ def retune_checked(
     `plan` is the run's precision, resolved once by the use case."""
     if trigger is None or asr is None:
         raise ConfigError("--retune-check needs a trigger", hint="pass --trigger (a built-in name or a spec file)")
-    settings = retune_settings(opts)
+    run = retune_run(opts, bundle, clean, trigger, sets, device, plan)
     reporter.stage(
-        f"retuning check: a copy tuned {settings.sgd.epochs} epochs with {settings.poisoned} poisoned images"
+        f"retuning check: a copy tuned {run.settings.sgd.epochs} epochs with {run.settings.poisoned} poisoned images"
     )
-    result = check_retuning(
-        model,
-        clean,
-        trigger,
-        sets,
-        mean,
-        std,
-        settings,
-        device,
-        asr,
-        _eval_batch(opts),
-        bundle.augment_flip,
-        adapter,
-        plan,
-    )
-    judge(result, reference_check(opts, bundle, clean, trigger, sets, settings, device, reporter, plan))
+    result = run.check(model, mean, std, asr, adapter)
+    judge(result, reference_check(opts, bundle, run, reporter))
     reporter.info(f"retuning check: {result.verdict}")
     return result
 
 
-def _eval_batch(opts) -> int:
-    return getattr(opts, "eval_batch_size", opts.batch_size)
-
-
-def reference_check(opts, bundle, clean, trigger, sets, settings, device, reporter, plan) -> RetuneResult | None:
+def reference_check(opts, bundle: DatasetBundle, run: RetuneRun, reporter: Reporter) -> RetuneResult | None:
+    """The check on --clean-reference, or None without one."""
     if not opts.clean_reference:
         return None
     reporter.stage(f"retuning check on the clean reference {opts.clean_reference}")
-    subject = open_reference(opts, bundle, reporter)
-    return retune_one(subject, None, clean, bundle, trigger, sets, settings, device, opts, reporter, plan)
+    return retune_one(open_reference(opts, bundle, reporter), None, run, reporter)
 
 
-def retune_one(subject: Subject, result, clean, bundle, trigger, sets, settings, device, opts, reporter, plan):
-    """The check on one checkpoint's model (its ASR measured here unless `result` has it), in the run's
-    precision `plan`."""
-    model = prepare_model(subject.model, device)
-    mean, std = normalization_tensors(subject, device)
-    asr = (result or evaluate_model(model, sets, mean, std, device, _eval_batch(opts), precision=plan.evaluate)).asr
-    adapter = probed_adapter(model, clean, mean, std, device, reporter)
-    return check_retuning(
-        model,
-        clean,
-        trigger,
-        sets,
-        mean,
-        std,
-        settings,
-        device,
-        asr,
-        _eval_batch(opts),
-        bundle.augment_flip,
-        adapter,
-        plan,
-    )
+def retune_one(subject: Subject, result, run: RetuneRun, reporter: Reporter) -> RetuneResult:
+    """The check on one checkpoint's model (its ASR measured here unless `result` has it)."""
+    model = prepare_model(subject.model, run.device)
+    mean, std = normalization_tensors(subject, run.device)
+    if result is None:
+        result = evaluate_model(model, run.sets, mean, std, run.device, run.eval_batch, precision=run.plan.evaluate)
+    adapter = probed_adapter(model, run.clean, mean, std, run.device, reporter)
+    return run.check(model, mean, std, result.asr, adapter)
