@@ -1,7 +1,11 @@
 #!/usr/bin/env python3
 """How large must checked bf16 evaluation's safety factor be? (evaluation/checked.py, CHECK_SAFETY)
 
-    .venv/bin/python benchmarks/checked_safety.py
+    .venv/bin/python benchmarks/checked_safety.py [--data DIR] [--subject CKPT ...]
+
+--data is the CIFAR-10 directory (default ../shared/data/cifar10 beside the repository); each --subject
+adds a bdclean .safetensors (e.g. a patch-trigger ResNet-20 made with `bdclean train --init`; the study in
+benchmarks/results/checked-study.md used one). A model whose file is missing is skipped with its path.
 
 For each model it computes the full CIFAR-10 test set's logits in fp32 and in bf16 autocast (channels_last,
 batches of 128), the relative error of bf16's logit differences per image, and the error sample the
@@ -12,6 +16,7 @@ images run in fp32, and the worst error/margin ratio among the images kept (the 
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -38,7 +43,6 @@ MODELS = (
         None,
     ),
     ("resnet20 (clean, shared)", SHARED / "checkpoints" / "resnet20-12fca82f.th", "resnet20", IMAGENET_NORM),
-    ("resnet20 patch 4x4 subject", Path("/work/subjects/r20-patch4.safetensors"), None, None),
 )
 
 
@@ -53,11 +57,16 @@ def logits_both(model, x, mean, std, device):
     return torch.cat(low), torch.cat(high)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=SHARED / "cifar10", help="CIFAR-10 directory (test.npz)")
+    parser.add_argument("--subject", type=Path, action="append", default=[], help="a bdclean .safetensors to add")
+    args = parser.parse_args(argv)
     torch.set_num_threads(2)
     device = torch.device("cpu")
-    bundle = load_dataset(str(SHARED / "cifar10"), None, need_train=False)
-    for name, path, arch, norm in MODELS:
+    bundle = load_dataset(str(args.data), None, need_train=False)
+    models = (*MODELS, *((f"{path.stem} (--subject)", path, None, None) for path in args.subject))
+    for name, path, arch, norm in models:
         if not path.exists():
             print(f"{name}: skipped, {path} not found")
             continue
