@@ -25,6 +25,13 @@ def row(path: Path, walls: dict) -> str:
         proxy = "; ".join(
             f"{c}: {p['before']['value']:.1%} → {p['after']['value']:.1%}" for c, p in scan["proxy_asr"].items()
         )
+    reference = "-"
+    if scan and scan.get("reference"):
+        ref = scan["reference"]
+        natural = set(ref.get("natural", []))
+        reference = "; ".join(
+            f"{c}: {r['value']:.1%} ({'shortcut' if int(c) in natural else 'planted'})" for c, r in ref["rates"].items()
+        ) + ("" if ref.get("usable", True) else " (reference too weak: unused)")
     cost = (before["clean_acc"]["value"] - after["clean_acc"]["value"]) * 100
     removal = report["removal"]
     # the scan's own verdict (what the default concluded without the trigger), where a trigger was known too
@@ -37,7 +44,8 @@ def row(path: Path, walls: dict) -> str:
         again = f"{retune['asr_after_retuning']['value']:.1%}" + (f" (clean {ref['value']:.1%})" if ref else "")
     return (
         f"| {path.stem} | {before['clean_acc']['value']:.2%} → {after['clean_acc']['value']:.2%} | {cost:.2f} | "
-        f"{asr} | {flagged} | {proxy} | {removal['verdict']} | {alone} | {again} | {walls.get(path.stem, '-')} |"
+        f"{asr} | {flagged} | {reference} | {proxy} | {removal['verdict']} | {alone} | {again} | "
+        f"{walls.get(path.stem, '-')} |"
     )
 
 
@@ -51,9 +59,10 @@ def main(folder: str) -> None:
             if m:
                 walls[f"{m[1]}-{m[2]}"] = f"{float(m[3]):.0f} s"
     print(
-        "| run | C-Acc | cost (points) | ASR | flagged | proxy ASR | verdict | scan's verdict | ASR after retuning | wall |"
+        "| run | C-Acc | cost (points) | ASR | flagged | on the clean reference | proxy ASR | verdict | scan's verdict | "
+        "ASR after retuning | wall |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for path in sorted(root.glob("*.json")):
         if path.stat().st_size:  # a run still going has an empty file
             print(row(path, walls))
