@@ -15,8 +15,17 @@ from backdoor_cli.cli import app
 from backdoor_cli.data.datasets import ImageSet
 from backdoor_cli.defenses.unlearn import trigger_stamp
 from backdoor_cli.evaluation.metrics import Rate
-from backdoor_cli.scanning.guided import NATURAL_RATE, ReferenceCheck, choose_triggers, proxy_asr, set_aside_natural
-from backdoor_cli.scanning.inversion import ClassTrigger, ScanResult, compose
+from backdoor_cli.models.output_kind import LOGITS
+from backdoor_cli.scanning.guided import (
+    NATURAL_RATE,
+    CleanReference,
+    ReferenceCheck,
+    choose_triggers,
+    proxy_asr,
+    rescan,
+    set_aside_natural,
+)
+from backdoor_cli.scanning.inversion import ClassTrigger, InversionParams, ScanResult, compose
 from backdoor_cli.verdicts.removal import FAILED_ASR, combine_verdicts, judge_removal, judge_removal_by_scan
 from helpers import make_template_dataset, train_small_cnn
 
@@ -111,8 +120,10 @@ def _by_scan(after: Rate, rescanned_flag: bool, flagged=(0,)):
 @pytest.mark.parametrize("still_flagged", [False, True])
 def test_the_scan_verdict_is_never_verified_while_the_reconstruction_works_or_the_class_is_flagged(k, still_flagged):
     verdict = _by_scan(Rate(k, 200), still_flagged)
-    if k / 200 > FAILED_ASR or still_flagged:
+    if k / 200 > FAILED_ASR:
         assert verdict.verdict == "failed"
+    elif still_flagged:  # no reference tested the re-scanned trigger: the backdoor or the data's shortcut
+        assert verdict.verdict == "not_verified" and "only a clean reference" in verdict.reason
     # the scan alone never verifies (a SIG backdoor hid behind a removed false positive); it says what it saw
     assert verdict.verdict != "verified"
     removed = verdict.evidence["found_trigger_removed"]
@@ -395,13 +406,13 @@ def test_the_scan_verifies_only_one_flagged_class_the_reference_shows_to_be_plan
     planted = {0: Rate(12, 180)}
     verdict = judge_removal_by_scan([0], [0], {0: Rate(190, 200)}, {0: Rate(1, 200)}, {0: gone}, planted=planted)
     assert verdict.verdict == "verified" and verdict.evidence["reference_rates"]["0"]["k"] == 12
-    # still working, or still flagged by the re-scan: failed, reference or not
+    # still working: failed; re-flagged with a trigger nobody tested on the reference: never verified
     works = judge_removal_by_scan([0], [0], {0: Rate(190, 200)}, {0: Rate(90, 200)}, {0: gone}, planted=planted)
     assert works.verdict == "failed"
     flagged = {0: {**gone, "flagged": True}}
     assert judge_removal_by_scan(
         [0], [0], {0: Rate(190, 200)}, {0: Rate(1, 200)}, flagged, planted=planted
-    ).verdict == ("failed")
+    ).verdict == ("not_verified")
     # between the bounds, another class checked by the reference, or several flagged: not verified
     for after, rates in ((Rate(14, 200), planted), (Rate(1, 200), {3: Rate(12, 180)})):
         assert judge_removal_by_scan([0], [0], {0: Rate(190, 200)}, {0: after}, {0: gone}, planted=rates).verdict == (
@@ -418,6 +429,55 @@ def test_the_scan_verifies_only_one_flagged_class_the_reference_shows_to_be_plan
         planted={0: Rate(12, 180), 3: Rate(9, 180)},
     )
     assert several.verdict == "not_verified" and "2 classes were flagged" in several.reason
+
+
+def test_a_re_scan_flag_counts_by_what_the_clean_reference_makes_of_the_re_scanned_trigger():
+    """Re-flagged after unlearning: a trigger the reference ignores is the backdoor still there (failed); one it
+    follows too is the data's shortcut to the class (a patch ResNet-56 whose true ASR fell to 2.1% re-flagged
+    its airplane class at 2.20), which does not stand in the way of `verified`."""
+    again = {"mask_l1": 35.6, "input_mask_l1": 14.5, "flagged": True, "anomaly_index": 2.2}
+    planted = {0: Rate(0, 180)}
+
+    def judge(entry):
+        return judge_removal_by_scan([0], [0], {0: Rate(180, 180)}, {0: Rate(0, 180)}, {0: entry}, planted=planted)
+
+    left = judge({**again, "reference_rate": Rate(20, 180).to_dict(), "shortcut": False})
+    assert left.verdict == "failed" and "the clean reference ignores the re-scanned trigger" in left.reason
+    shortcut = judge({**again, "reference_rate": Rate(120, 180).to_dict(), "shortcut": True})
+    assert shortcut.verdict == "verified" and shortcut.evidence["found_trigger_removed"]
+    assert "the data's shortcut to the class" in shortcut.reason and "66.7%" in shortcut.reason
+    untested = judge(again)
+    assert untested.verdict == "not_verified" and "only a clean reference (--clean-reference)" in untested.reason
+    assert not untested.evidence["found_trigger_removed"]
+
+
+class CornerModel(torch.nn.Module):
+    """Class 2's logit grows with the bottom-right corner's brightness (differentiable, so the inversion finds
+    a tiny corner mask for class 2); the other classes' logits are constant."""
+
+    def forward(self, x):
+        corner = x[:, :, -2:, -2:].mean((1, 2, 3))
+        flat = torch.zeros_like(corner)
+        return torch.stack([flat + 1.0, flat, 8.0 * corner, flat], 1)
+
+
+def test_the_re_scanned_trigger_is_tried_on_the_clean_reference_when_still_flagged():
+    """guided.rescan: a class still flagged gets the clean reference's rate for its re-scanned trigger, and is a
+    shortcut when the reference follows it too (here the reference is the same corner-reading model)."""
+    images = ImageSet(torch.full((40, 8, 8, 3), 10, dtype=torch.uint8), torch.arange(40) % 4)
+    # the input scan's other classes needed ~40 pixels: the re-scanned tiny corner mask is an outlier
+    result = ScanResult(
+        triggers=[_trigger(c, l1=40.0) for c in range(4)], anomaly=[0.0] * 4, median_l1=40.0, mad=0.1, threshold=2.0
+    )
+    params = InversionParams(steps=40, batch_size=8)
+    model = CornerModel()
+    reference = CleanReference("ref.safetensors", CornerModel(), MEAN, STD)
+    args = (model, images, [2], result, MEAN, STD, LOGITS, params, 0)
+    found = rescan(*args, reference=reference, reference_images=images)[2]
+    assert found["flagged"] and found["mask_l1"] < 20, found
+    assert found["reference_rate"]["n"] == 30 and found["reference_rate"]["value"] >= NATURAL_RATE
+    assert found["shortcut"] is True
+    assert "reference_rate" not in rescan(*args)[2]  # without a reference nothing is claimed
 
 
 def test_a_weak_reference_sets_nothing_aside_and_vouches_for_nothing():

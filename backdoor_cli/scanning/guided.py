@@ -108,6 +108,7 @@ class ScanEvidence:
     proxy_after: dict[int, Rate] = field(default_factory=dict)
     rescan: dict[int, dict] = field(default_factory=dict)  # flagged class -> the purified model's inversion
     reference: ReferenceCheck | None = None  # --clean-reference: which flagged classes are natural shortcuts
+    clean_reference: CleanReference | None = None  # the loaded reference (not reported): tests the re-scan too
 
     @property
     def flagged(self) -> list[int]:
@@ -310,8 +311,16 @@ def rescan(
     params: InversionParams,
     seed: int,
     precision: str = "fp32",
+    reference: CleanReference | None = None,
+    reference_images: ImageSet | None = None,
 ) -> dict[int, dict]:
-    """Invert each class again on `model`; its anomaly index against the input scan's log-L1 median and MAD."""
+    """Invert each class again on `model`; its anomaly index against the input scan's log-L1 median and MAD.
+
+    A class still flagged may have found the data's own shortcut to it rather than the backdoor (measured: a
+    patch-trigger ResNet-56 planted from a clean ResNet-56 whose airplane class is flagged by every scan; after
+    unlearning, true ASR 2.1%, the re-scan of class 0 found a 36-pixel mask, anomaly index 2.20). With a
+    clean `reference`, its re-scanned trigger is applied to the reference on `reference_images`:
+    `reference_rate`, and `shortcut` when the reference follows it too (NATURAL_RATE)."""
     generator = torch.Generator().manual_seed(seed + 7919)  # not the first scan's draws
     frozen = [p for p in model.parameters() if p.requires_grad]
     for p in frozen:
@@ -337,6 +346,10 @@ def rescan(
                     "anomaly_index": round(index, 3),
                     "flagged": bool(trigger.reached and index > result.threshold),
                 }
+                if found[target]["flagged"] and reference is not None and reference_images is not None:
+                    rate = proxy_asr(reference.model, reference_images, trigger, reference.mean, reference.std)
+                    found[target]["reference_rate"] = rate.to_dict()
+                    found[target]["shortcut"] = rate.value >= NATURAL_RATE
     finally:
         for p in frozen:
             p.requires_grad_(True)

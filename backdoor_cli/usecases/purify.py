@@ -490,6 +490,7 @@ def _scan_for_triggers(
         proxy_images=where,
         proxy_before=proxy_rates(model, proxy_set, chosen, mean, std),
         reference=check,
+        clean_reference=reference,
     )
     flagged = ", ".join(f"class {c} (anomaly index {result.anomaly[c]:.2f})" for c in result.flagged) or "no class"
     reporter.info(f"scan: {flagged} flagged; {choice}")
@@ -529,6 +530,8 @@ def _verify_with_scan(
             evidence.params,
             seed,
             precision,
+            reference=evidence.clean_reference if evidence.reference and evidence.reference.usable else None,
+            reference_images=proxy_set,
         )
     for target, rate in evidence.proxy_after.items():
         again = evidence.rescan.get(target)
@@ -536,7 +539,14 @@ def _verify_with_scan(
             f"class {target}: proxy ASR {evidence.proxy_before[target].value:.1%} -> {rate.value:.1%}"
             + (
                 f"; re-scan mask L1 {again['input_mask_l1']:g} -> {again['mask_l1']:g} (anomaly index "
-                f"{again['anomaly_index']:.2f}{', still flagged' if again['flagged'] else ''})"
+                f"{again['anomaly_index']:.2f}{', still flagged' if again['flagged'] else ''}"
+                + (
+                    f"; the clean reference follows it on {again['reference_rate']['value']:.1%}"
+                    + (": a shortcut of the data" if again["shortcut"] else "")
+                    if "reference_rate" in again
+                    else ""
+                )
+                + ")"
                 if again
                 else ""
             )

@@ -103,12 +103,13 @@ def judge_removal_by_scan(
     `planted`: flagged classes whose reconstruction a (competent) clean reference ignores, with its rate.
 
     The scan can show that what it found is gone: every flagged class's proxy ASR at most VERIFIED_ASR,
-    upper bound at most VERIFIED_HIGH, and a re-scan that no longer flags it (evidence
-    ["found_trigger_removed"]). That is `verified` only when exactly one class was flagged and a clean
-    reference showed its reconstruction to be the model's own (in `planted`): without a reference the scan
+    upper bound at most VERIFIED_HIGH, and a re-scan that no longer flags it or finds a trigger the clean
+    reference follows too, the data's shortcut to the class (evidence["found_trigger_removed"]). That is
+    `verified` only when exactly one class was flagged and a clean reference showed its reconstruction to be the model's own (in `planted`): without a reference the scan
     cannot tell a planted trigger from a shortcut of the data, and a SIG backdoor hid behind a removed
     shortcut. `failed` when the reconstruction still works (above FAILED_ASR) or the re-scan still flags the
-    class; `not_verified` otherwise, with the reason."""
+    class with a trigger the clean reference ignores; a re-scan flag no reference tested is `not_verified`
+    (the backdoor or the data's shortcut); `not_verified` otherwise, with the reason."""
     thresholds = {"verified_asr": VERIFIED_ASR, "verified_high": VERIFIED_HIGH, "failed_asr": FAILED_ASR}
     evidence = {
         "source": "scan",
@@ -160,15 +161,37 @@ def judge_removal_by_scan(
         if len(flagged) > 1
         else ""
     )
-    still = [c for c in flagged if proxy_after[c].value > FAILED_ASR or rescan.get(c, {}).get("flagged")]
+    # The re-scan's flag is evidence of a trigger left only when a clean reference ignores the re-scanned
+    # trigger; one it follows too is the data's shortcut to the class (shortcut: true), and without a reference
+    # the two cannot be told apart (measured: a patch-trigger ResNet-56 whose true ASR fell to 2.1% had class 0
+    # re-flagged at anomaly index 2.20, the airplane shortcut its clean parent is flagged for by every scan).
+    planted_again = [c for c in flagged if rescan.get(c, {}).get("flagged") and rescan[c].get("shortcut") is False]
+    still = [c for c in flagged if proxy_after[c].value > FAILED_ASR or c in planted_again]
     if still:
         parts = [
             f"class {c}: proxy ASR {proxy_after[c].value:.1%}"
-            + (", the re-scan still flags it" if rescan.get(c, {}).get("flagged") else "")
+            + (
+                ", the re-scan still flags it and the clean reference ignores the re-scanned trigger"
+                if c in planted_again
+                else ""
+            )
             for c in still
         ]
         return RemovalVerdict(
             "failed", "the backdoor the scan found is still there (" + "; ".join(parts) + ")" + several, evidence
+        )
+    untested = [c for c in flagged if rescan.get(c, {}).get("flagged") and "shortcut" not in rescan[c]]
+    if untested:
+        parts = [
+            f"class {c}: proxy ASR {proxy_after[c].value:.1%}, but the re-scan still finds a small trigger "
+            f"(mask L1 {rescan[c]['mask_l1']:g}, anomaly index {rescan[c]['anomaly_index']:.2f})"
+            for c in untested
+        ]
+        return RemovalVerdict(
+            "not_verified",
+            "; ".join(parts) + ": the backdoor, or the data's own shortcut to the class, which only a clean "
+            "reference (--clean-reference) can tell apart" + several,
+            evidence,
         )
     gone = [
         c
@@ -176,14 +199,20 @@ def judge_removal_by_scan(
         if proxy_after[c].value <= VERIFIED_ASR
         and proxy_after[c].high <= VERIFIED_HIGH
         and c in rescan
-        and not rescan[c]["flagged"]
+        and (not rescan[c]["flagged"] or rescan[c].get("shortcut") is True)
     ]
     if len(gone) == len(flagged):
         evidence["found_trigger_removed"] = True
         parts = [
             f"class {c}: proxy ASR {proxy_before[c].value:.1%} -> {proxy_after[c].value:.1%} (upper bound "
             f"{proxy_after[c].high:.1%}), re-scanned mask L1 {rescan[c]['input_mask_l1']:g} -> "
-            f"{rescan[c]['mask_l1']:g}, no longer an outlier"
+            f"{rescan[c]['mask_l1']:g}, "
+            + (
+                "no longer an outlier"
+                if not rescan[c]["flagged"]
+                else f"still small, but the clean reference follows it too ({rescan[c]['reference_rate']['value']:.1%}):"
+                " the data's shortcut to the class"
+            )
             for c in flagged
         ]
         found = "the trigger the scan found is gone (" + "; ".join(parts) + ")"
