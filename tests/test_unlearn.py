@@ -334,6 +334,7 @@ def test_with_a_clean_reference_the_scan_alone_verifies_a_removed_planted_trigge
     assert removal["evidence"]["reference_rates"]["0"]["value"] < NATURAL_RATE
     assert "planted trigger, not a shortcut of the data" in removal["reason"]
     assert "hides from inversion" in removal["reason"]  # what the verdict does not cover, said
+    assert "approximates the trigger" in removal["reason"]
     assert report["scan"]["reference"]["usable"] is True
     truth = runner.invoke(
         app,
