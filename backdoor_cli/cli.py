@@ -156,7 +156,8 @@ CleanReference = Annotated[
         rich_help_panel="Retuning check",
         help="A clean model of the same task (loaded with the same --arch/--mean/--std): --retune-check gives it "
         "the same retuning, for the verdict; the default purify applies each flagged class's reconstructed "
-        "trigger to it and leaves a class it follows too (>= 35%) alone, as a shortcut of the data.",
+        "trigger to it, leaves a class it follows too (>= 35%) alone as a shortcut of the data, and can verify "
+        "the removal of a single planted trigger without --trigger.",
     ),
 ]
 RetunePoisoned = Annotated[
