@@ -226,7 +226,7 @@ def judge_removal_by_scan(
                 "verified",
                 f"{found}; the clean reference sends only {rate.value:.1%} of its images there with it, so it was "
                 "this model's planted trigger, not a shortcut of the data. This speaks for the reconstruction, "
-                "which approximates the trigger: a blend trigger's true ASR stayed at 9.2% on a ResNet-56 whose "
+                "which approximates the trigger: a blend trigger's true ASR stayed at 9-12% on a ResNet-56 whose "
                 "reconstruction was gone (pass --trigger when you know it), and a second trigger that hides from "
                 "inversion (blend, SIG, warp, sample-specific) was not tested",
                 evidence,
