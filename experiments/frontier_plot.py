@@ -27,6 +27,7 @@ def main() -> None:
     )
     ap.add_argument("--only", nargs="*", default=None, help="draw only lines whose purified path contains one of these")
     ap.add_argument("--xmax", type=float, default=12.0)
+    ap.add_argument("--xmin", type=float, default=-0.5, help="below 0 when a method gained accuracy")
     ap.add_argument(
         "--xlabel",
         default="clean-accuracy cost (points; lines: 3,000-4,000 evaluation images, stars: 9,000)",
@@ -116,7 +117,7 @@ def main() -> None:
     ax.set_xlabel(args.xlabel)
     ax.set_ylabel("ASR (%)")
     ax.set_yscale("symlog", linthresh=1)
-    ax.set_xlim(-0.5, args.xmax)
+    ax.set_xlim(args.xmin, args.xmax)
     ax.set_ylim(0, 100)
     ax.set_title(args.title)
     ax.legend(fontsize=7, loc="upper right")

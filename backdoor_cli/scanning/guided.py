@@ -38,8 +38,9 @@ from .inversion import (
 # A flagged class whose reconstructed trigger also sends at least this share of other classes' images to
 # it on a clean reference model is a shortcut of the data, not a planted trigger, and is not unlearnt.
 # Measured (docs/purification.md): planted triggers' reconstructions sent 5-11% of 2,000 test images to
-# their class on clean ResNet-20/56 models, and one 21.1% of 180 held-out images inside a purify; the
-# natural shortcuts flagged on a clean ResNet-56 and on a SIG model sent 41-82%. 35% lies between.
+# their class on clean ResNet-20/56 models, and 0-21.1% of 180 held-out images inside a purify (13 cells,
+# patch and blend subjects); the natural shortcuts flagged on a clean ResNet-56 and on SIG models sent
+# 41-82% (45.0% the closest, inside a purify). 35% lies between.
 NATURAL_RATE = 0.35
 
 
