@@ -219,3 +219,24 @@ def test_a_missing_clean_reference_is_named_before_the_scan(subjects, tmp_path):
     result = run_scan(subjects["backdoored"], subjects["data"], "--clean-reference", str(missing), *QUICK_FLAGS)
     assert result.exit_code == 2, result.output
     assert "--clean-reference" in result.output and "nope.safetensors" in result.output
+
+
+def test_a_clean_reference_of_another_task_is_refused_by_name(subjects, tmp_path):
+    """A reference with one class more (its head and its recorded class count): not a model of this task."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(subjects["clean"]), "pt") as f:
+        meta = f.metadata()
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    bdclean = json.loads(meta["bdclean"])
+    bdclean["num_classes"] = CLASSES + 1
+    head = [k for k, v in state.items() if v.shape[:1] == (CLASSES,)]
+    for key in head:  # the head's weight and bias grow by one class
+        state[key] = torch.cat([state[key], state[key][:1]])
+    other = tmp_path / "other-task.safetensors"
+    save_file(state, str(other), metadata={**meta, "bdclean": json.dumps(bdclean)})
+    result = run_scan(subjects["backdoored"], subjects["data"], "--clean-reference", str(other), *QUICK_FLAGS)
+    assert result.exit_code == 2, result.output
+    said = " ".join(result.output.split())
+    assert "the model has 9 classes but the data has 8" in said and "a clean model of the same task" in said, said

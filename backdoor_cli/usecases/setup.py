@@ -104,9 +104,10 @@ def open_reference(opts: EvaluateOptions, bundle: DatasetBundle, reporter: Repor
     except BdcleanError as exc:
         raise type(exc)(
             f"--clean-reference {opts.clean_reference}: {exc.message}",
-            hint="the clean reference is loaded with the same --arch, --num-classes, --head, --mean and --std as "
-            "the model: give a clean model of the same architecture, or, when both are bdclean .safetensors "
-            "(they record their own architecture and normalisation), leave those flags out",
+            hint="the clean reference must be a clean model of the same task (the same classes), and it is loaded "
+            "with the same --arch, --num-classes, --head, --mean and --std as the model: give a clean model of the "
+            "same architecture, or, when both are bdclean .safetensors (they record their own architecture and "
+            "normalisation), leave those flags out",
         ) from None
 
 
