@@ -287,6 +287,8 @@ def test_a_clean_reference_keeps_a_planted_trigger_and_says_so(subjects):
     assert reference["checkpoint"] == str(subjects["clean"]) and reference["threshold"] == NATURAL_RATE
     assert reference["natural"] == [] and reference["rates"]["0"]["value"] < NATURAL_RATE
     assert 0 in scan["unlearnt"] and "the clean reference follows none of them" in scan["choice"]
+    md = (subjects["root"] / "ref-out" / "report.md").read_text()
+    assert f"Clean reference `{subjects['clean']}`" in md and "| 0 |" in md and "| planted |" in md
 
 
 def test_a_shortcut_the_clean_reference_shares_is_left_alone(subjects):
@@ -370,6 +372,8 @@ def test_a_reference_far_weaker_than_the_model_is_reported_and_not_used(subjects
     assert reference["natural"] == [] and 0 in report["scan"]["unlearnt"]
     assert "too weak a model of the task" in " ".join(report["scan"]["choice"].split())
     assert report["removal"]["verdict"] != "verified" and "reference_rates" not in report["removal"]["evidence"]
+    md = (subjects["root"] / "weak-out" / "report.md").read_text()
+    assert "more than 15 points below the model, so it was not used as evidence" in md and "| not used |" in md
 
 
 def test_a_clean_reference_of_another_architecture_says_how_it_is_loaded(subjects, tmp_path):
@@ -533,3 +537,36 @@ def test_guessed_values_are_said_on_the_terminal_in_one_line_each(subjects):
         ],
     )
     assert recorded.exit_code == 0 and "guessed" not in recorded.stderr
+
+
+def test_report_md_shows_what_the_clean_reference_made_of_the_re_scan():
+    """The evidence behind a verdict is in report.md: the reference's rates and the re-scan's judgement."""
+    from backdoor_cli.reports.report import scan_markdown
+
+    rate = {"k": 0, "n": 180, "value": 0.0, "ci95": [0.0, 0.021]}
+    again = {"mask_l1": 34.7, "input_mask_l1": 14.5, "anomaly_index": 2.35, "flagged": True}
+    scan = {
+        "flagged": [0],
+        "choice": "flagged by the scan: class 0",
+        "rule": "the rule",
+        "classes": [{"class": 0, "mask_l1": 14.5, "anomaly_index": 7.8, "success": 0.99}],
+        "proxy_images": "held-out clean images",
+        "proxy_asr": {"0": {"before": {**rate, "k": 180, "value": 1.0}, "after": rate}},
+        "rescan": {"0": {**again, "reference_rate": {**rate, "k": 115, "value": 0.639}, "shortcut": True}},
+        "reference": {
+            "checkpoint": "clean.safetensors",
+            "threshold": 0.35,
+            "accuracy": 0.92,
+            "input_accuracy": 0.95,
+            "margin": 0.15,
+            "usable": True,
+            "rates": {"0": rate},
+            "natural": [],
+        },
+    }
+    md = "\n".join(scan_markdown(scan))
+    assert "2.35 (still flagged); on the clean reference 63.9%: the data's shortcut |" in md
+    assert "Clean reference `clean.safetensors`: 92.0% of the held-out images right (the model: 95.0%)" in md
+    assert "| 0 | 0.00%" in md and "| planted |" in md
+    scan["rescan"]["0"]["shortcut"] = False
+    assert "63.9%: the backdoor |" in "\n".join(scan_markdown(scan))

@@ -411,11 +411,48 @@ def scan_markdown(scan: dict | None) -> list[str]:
             f"| {cls} | {_rate_dict_md(proxy['before'])} | {after} | "
             + (
                 f"{again['input_mask_l1']:g} -> {again['mask_l1']:g} | {again['anomaly_index']:.2f}"
-                f"{' (still flagged)' if again['flagged'] else ''} |"
+                f"{' (still flagged)' if again['flagged'] else ''}"
+                + (
+                    f"; on the clean reference {again['reference_rate']['value']:.1%}"
+                    + (": the data's shortcut" if again["shortcut"] else ": the backdoor")
+                    if "reference_rate" in again
+                    else ""
+                )
+                + " |"
                 if again
                 else "- (not flagged) | - |"
             )
         )
+    return lines + [""] + reference_markdown(scan.get("reference"))
+
+
+def _reference_call(reference: dict, cls: int) -> str:
+    if not reference["usable"]:
+        return "not used"
+    return "shortcut of the data" if cls in reference["natural"] else "planted"
+
+
+def reference_markdown(reference: dict | None) -> list[str]:
+    """--clean-reference: each flagged class's reconstruction on the clean model, and whether it was used."""
+    if not reference:
+        return []
+    lines = [
+        f"Clean reference `{reference['checkpoint']}`: {reference['accuracy']:.1%} of the held-out images right "
+        f"(the model: {reference['input_accuracy']:.1%})"
+        + (
+            "; a flagged class whose reconstruction sends at least "
+            f"{reference['threshold']:.0%} of its other-class images there is a shortcut of the data."
+            if reference["usable"]
+            else f"; more than {reference['margin'] * 100:.0f} points below the model, so it was not used as evidence."
+        ),
+        "",
+        "| class | on the clean reference | |",
+        "|---|---|---|",
+    ]
+    lines += [
+        f"| {cls} | {_rate_dict_md(rate)} | {_reference_call(reference, int(cls))} |"
+        for cls, rate in reference["rates"].items()
+    ]
     return lines + [""]
 
 

@@ -90,6 +90,7 @@ class ReferenceCheck:
             "threshold": self.threshold,
             "accuracy": round(self.accuracy, 4),
             "input_accuracy": round(self.input_accuracy, 4),
+            "margin": REFERENCE_MARGIN,
             "usable": self.usable,
             "rates": {str(c): rate.to_dict() for c, rate in self.rates.items()},
             "natural": self.natural,
