@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 
 def make_npz_dataset(
@@ -307,3 +310,10 @@ def run_purify_ok(toy: dict, out: Path, factory: str, *args) -> tuple[dict, dict
     result = purify_with_arch_file(toy, out, factory, "--quiet", *args)
     assert result.exit_code == 0, result.output
     return json.loads(result.stdout), read_checkpoint(out / "purified.safetensors").state_dict
+
+
+# The installed console script, for tests that run bdclean as a CI step would (a bash script, a subprocess).
+BDCLEAN = Path(sys.executable).parent / "bdclean"
+NEEDS_BDCLEAN_AND_BASH = pytest.mark.skipif(
+    not BDCLEAN.exists() or not shutil.which("bash"), reason="needs the installed bdclean console script and bash"
+)

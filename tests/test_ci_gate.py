@@ -4,24 +4,18 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 from backdoor_cli.cli import app
-from helpers import make_npz_dataset
+from helpers import BDCLEAN, NEEDS_BDCLEAN_AND_BASH, make_npz_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 GATE = REPO / "examples" / "ci" / "gate.sh"
-BDCLEAN = Path(sys.executable).parent / "bdclean"
-
-pytestmark = pytest.mark.skipif(
-    not BDCLEAN.exists() or not shutil.which("bash"), reason="needs the installed bdclean console script and bash"
-)
+pytestmark = NEEDS_BDCLEAN_AND_BASH
 
 
 @pytest.fixture(scope="module")

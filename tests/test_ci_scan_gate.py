@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,15 +13,11 @@ import torch
 from safetensors.torch import save_file
 
 from backdoor_cli.checkpoint import read_checkpoint
-from helpers import make_template_dataset, train_small_cnn
+from helpers import BDCLEAN, NEEDS_BDCLEAN_AND_BASH, make_template_dataset, train_small_cnn
 
 REPO = Path(__file__).resolve().parents[1]
 GATE = REPO / "examples" / "ci" / "scan_gate.sh"
-BDCLEAN = Path(sys.executable).parent / "bdclean"
-
-pytestmark = pytest.mark.skipif(
-    not BDCLEAN.exists() or not shutil.which("bash"), reason="needs the installed bdclean console script and bash"
-)
+pytestmark = NEEDS_BDCLEAN_AND_BASH
 
 
 @pytest.fixture(scope="module")

@@ -58,6 +58,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
+from ..evaluation.measure import eval_mode
 from ..models.output_kind import LOGITS
 from ..precision import autocast, default_precision
 from .base import Defense, DefenseOutcome, MethodParams, register
@@ -112,19 +113,6 @@ def log_one_minus_prob(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tens
     """log(1 − softmax(logits)[label]) per row, stably: logsumexp over the other classes − logsumexp."""
     others = logits.masked_fill(F.one_hot(labels, logits.shape[1]).bool(), float("-inf"))
     return torch.logsumexp(others, 1) - torch.logsumexp(logits, 1)
-
-
-@contextlib.contextmanager
-def eval_mode(model: torch.nn.Module):
-    """The model in eval mode for the block (BatchNorm reads its running statistics and updates none); every
-    module's own mode is put back after."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for module, training in modes:
-            module.train(training)
 
 
 @contextlib.contextmanager

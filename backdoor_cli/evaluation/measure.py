@@ -114,17 +114,12 @@ def top1_accuracy(
     model: torch.nn.Module, images: ImageSet, mean: torch.Tensor, std: torch.Tensor, batch_size: int = 512
 ) -> float:
     """Top-1 accuracy on `images` in exact fp32 and eval mode; the model's train/eval modes are restored afterwards."""
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
     correct = 0
-    try:
+    with eval_mode(model):
         for i in range(0, images.num_images, batch_size):
             x, y = images.x[i : i + batch_size], images.y[i : i + batch_size]
             with exact_fp32(x.device):  # the model's own fp32 predictions (no TF32 on CUDA)
                 correct += int((model(normalize(x, mean, std)).argmax(1) == y).sum())
-    finally:
-        for module, training in modes.items():
-            module.training = training
     return correct / max(images.num_images, 1)
 
 

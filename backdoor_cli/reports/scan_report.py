@@ -36,9 +36,7 @@ class ScanReport:
     @property
     def natural(self) -> dict:
         """Flagged classes whose reconstruction the clean reference follows too: shortcuts of the data."""
-        if self.reference is None:
-            return {}
-        return {c: self.reference.rates[c] for c in self.reference.natural}
+        return self.reference.shortcuts(self.flagged) if self.reference is not None else {}
 
     @property
     def suspected(self) -> list[int]:

@@ -77,6 +77,10 @@ class ReferenceCheck:
             return {}
         return {c: rate for c, rate in self.rates.items() if rate.value < self.threshold}
 
+    def shortcuts(self, flagged: list[int]) -> dict[int, Rate]:
+        """The flagged classes this (usable) reference follows too, with its rate: shortcuts of the data."""
+        return {c: self.rates[c] for c in self.natural if c in flagged}
+
     def unusable_reason(self) -> str:
         return (
             f"the clean reference {self.checkpoint} gets {self.accuracy:.1%} of these images right against the "
@@ -119,9 +123,7 @@ class ScanEvidence:
     @property
     def natural(self) -> dict[int, Rate]:
         """Flagged classes the clean reference follows too: shortcuts of the data, left alone."""
-        if self.reference is None:
-            return {}
-        return {c: self.reference.rates[c] for c in self.reference.natural if c in self.flagged}
+        return self.reference.shortcuts(self.flagged) if self.reference is not None else {}
 
     @property
     def suspected(self) -> list[int]:
