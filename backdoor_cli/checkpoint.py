@@ -68,7 +68,13 @@ class Checkpoint:
 def read_checkpoint(path: str | Path) -> Checkpoint:
     """Read a checkpoint without executing anything in it; raise InputError/UnsafeInputError when bad."""
     path = Path(path)
-    data = _read_bytes(path)
+    return parse_checkpoint(_read_bytes(path), path)
+
+
+def parse_checkpoint(data: bytes, path: str | Path) -> Checkpoint:
+    """A checkpoint from its bytes (`path` names it in messages): what read_checkpoint does after reading, so
+    bytes about to be written can be read back by the same code every command uses (bdclean convert)."""
+    path = Path(path)
     digest = hashlib.sha256(data).hexdigest()
     fmt = sniff_format(data, path)
     if fmt == "safetensors":

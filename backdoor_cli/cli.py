@@ -154,7 +154,7 @@ CleanReference = Annotated[
     Optional[str],
     typer.Option(
         rich_help_panel="Retuning check",
-        help="A clean model of the same task (loaded with the same --arch/--mean/--std): --retune-check gives it "
+        help="A clean model of the same task (a bdclean .safetensors loads as it records, any other with the model's --arch/--mean/--std; `bdclean convert` writes one): --retune-check gives it "
         "the same retuning, for the verdict; the default purify applies each flagged class's reconstructed "
         "trigger to it, leaves a class it follows too (>= 35%) alone as a shortcut of the data, and can verify "
         "the removal of a single planted trigger without --trigger.",
@@ -1017,7 +1017,7 @@ def scan(
         Optional[str],
         typer.Option(
             rich_help_panel="Model and data",
-            help="A clean model of the same task (loaded with the same --arch/--mean/--std): each flagged class's "
+            help="A clean model of the same task (a bdclean .safetensors loads as it records, any other with the model's --arch/--mean/--std; `bdclean convert` writes one): each flagged class's "
             "reconstructed trigger is applied to it, and a class it follows too (>= 35% of its images) is a "
             "shortcut of the data, not a planted trigger.",
         ),
@@ -1181,6 +1181,86 @@ def train(
         opts = resolve_options(TrainOptions, flags, flags.pop("config") and str(config))
         report = train_model(opts, _reporter(quiet, json_output))
         _emit(report, json_output, render_train)
+
+    _guard(body)
+
+
+@app.command()
+def convert(
+    checkpoint: Annotated[str, typer.Argument(help="Checkpoint to convert (never modified).")],
+    data: Data = None,
+    out: Annotated[
+        Optional[str],
+        typer.Option(
+            rich_help_panel="Output",
+            help="The .safetensors file to write (default: INPUT-STEM.bdclean.safetensors here).",
+        ),
+    ] = None,
+    arch: Arch = None,
+    num_classes: NumClasses = None,
+    head: Head = None,
+    data_dir: DataDir = None,
+    mean: Mean = None,
+    std: Std = None,
+    image_size: ImageSize = None,
+    eval_limit: Annotated[
+        Optional[int],
+        typer.Option(
+            rich_help_panel="Model and data",
+            help="Check the conversion on a seeded, stratified subset of N test images (default 2000).",
+        ),
+    ] = None,
+    batch_size: Annotated[
+        Optional[int],
+        typer.Option(rich_help_panel="Compute", help="Evaluation batch size (default: 128 on CPU, 1024 on CUDA)."),
+    ] = None,
+    min_acc: Annotated[
+        Optional[str],
+        typer.Option(
+            rich_help_panel="Gates (exit 1 when one fails)",
+            help="Write only if clean accuracy is at least this (0.9 or 90%); exit 1 otherwise. Default: refuse "
+            "a model at chance level (wrong --arch/--mean/--std).",
+        ),
+    ] = None,
+    device: Device = None,
+    seed: Seed = None,
+    force: Force = None,
+    config: Config = None,
+    json_output: Json = False,
+    quiet: Quiet = False,
+):
+    """Write a checkpoint as a bdclean .safetensors that records its own architecture and normalisation, checked
+    on the test split and read back before it is written (e.g. a clean model of another architecture for
+    --clean-reference)."""
+    flags = {
+        "checkpoint": checkpoint,
+        "data": data,
+        "out": out,
+        "arch": arch,
+        "num_classes": num_classes,
+        "head": head,
+        "data_dir": data_dir,
+        "mean": mean,
+        "std": std,
+        "image_size": image_size,
+        "eval_limit": eval_limit,
+        "batch_size": batch_size,
+        "min_acc": min_acc,
+        "device": device,
+        "seed": seed,
+        "force": force,
+        "config": config,
+    }
+
+    def body():
+        from .config import ConvertOptions, resolve_options
+        from .reports.convert_report import render_convert
+        from .usecases.conversion import convert_checkpoint
+
+        opts = resolve_options(ConvertOptions, flags, flags.pop("config") and str(config))
+        report = convert_checkpoint(opts, _reporter(quiet, json_output))
+        _emit(report, json_output, render_convert)
+        _exit_for_gates(report.gates)
 
     _guard(body)
 

@@ -207,6 +207,18 @@ class ScanOptions(SubjectOptions):
 
 
 @dataclass(frozen=True)
+class ConvertOptions(SubjectOptions):
+    """`bdclean convert`: write a checkpoint bdclean can read (with flags) as a bdclean .safetensors that
+    records its own architecture and normalisation (usecases/conversion.py)."""
+
+    out: str | None = None  # default: INPUT-STEM.bdclean.safetensors in the current directory
+    force: bool = False
+    eval_limit: int | None = 2000  # test images the conversion is checked on (stratified)
+    batch_size: int | None = None  # evaluation batch (None: 128 on CPU, 1024 on CUDA)
+    min_acc: float | None = None  # refuse below this accuracy (default: refuse at chance level)
+
+
+@dataclass(frozen=True)
 class TrainOptions:
     arch: str | None = None  # default simple_cnn; with --init, the starting checkpoint's architecture
     init: str | None = None  # start from this checkpoint's weights (fine-tune) instead of a fresh model

@@ -333,3 +333,12 @@ def normalization_tensors(subject: Subject, device: torch.device) -> tuple[torch
     mean = torch.tensor(subject.mean, dtype=torch.float32, device=device).view(shape)
     std = torch.tensor(subject.std, dtype=torch.float32, device=device).view(shape)
     return mean, std
+
+
+def export_weights(model: torch.nn.Module, subject: Subject) -> dict[str, torch.Tensor]:
+    """The model's weights under the input checkpoint's own keys, shapes and dtypes (nothing added or
+    dropped), on the CPU: what bdclean writes, so the file loads wherever the input did."""
+    current = model.state_dict()
+    return {
+        key: current[key].detach().to("cpu", original.dtype) for key, original in subject.checkpoint.state_dict.items()
+    }

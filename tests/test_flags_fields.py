@@ -20,6 +20,7 @@ COMMANDS = {
     "compare": C.CompareOptions,
     "scan": C.ScanOptions,
     "train": C.TrainOptions,
+    "convert": C.ConvertOptions,
 }
 # Flags that steer the command line itself, not the run: how results are printed and cached.
 CLI_ONLY = {"json_output", "quiet", "cache_dir", "markdown"}

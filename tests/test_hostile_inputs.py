@@ -714,6 +714,14 @@ def test_hostile_checkpoint_through_purify_and_compare(toy, tmp_path):
     check_refused(result2, 3, "refused")
     assert changed == changed2 == [] and not (tmp_path / "out").exists()
     assert not (tmp_path / "PWNED").exists()
+    converted = tmp_path / "converted.safetensors"
+    result3, changed3 = invoke("convert", evil, "--data", toy["data"], "--out", converted, "--quiet", root=tmp_path)
+    check_refused(result3, 3, "refused")
+    # A hostile --clean-reference is read by the same reader before anything runs in it.
+    as_reference = ("scan", toy["model"], "--data", toy["data"], "--clean-reference", evil, "--quiet")
+    result4, changed4 = invoke(*as_reference, root=tmp_path)
+    check_refused(result4, 3, "refused")
+    assert changed3 == changed4 == [] and not converted.exists() and not (tmp_path / "PWNED").exists()
 
 
 # ---------------------------------------------------------------- run configs (--config)

@@ -206,6 +206,19 @@ def test_purified_dir_loads_in_timm_with_purified_safetensors_predictions(models
     assert set(load_file(out / "purified-hf" / "model.safetensors")) == set(_timm_model(models[name]).state_dict())
 
 
+def test_a_converted_timm_dir_is_one_file_with_timms_predictions(models, tmp_path):
+    """`bdclean convert` of a hub directory: one .safetensors carrying the hub configuration, read back by the
+    same loader, with timm's own predictions (a random model is at chance: --min-acc 0 writes it anyway)."""
+    out = tmp_path / "vit.safetensors"
+    args = ("--data", models["data"], "--out", out, "--device", "cpu", "--quiet", "--json")
+    result = invoke("convert", models["vit"], *args, "--min-acc", "0")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["written"] and report["round_trip"]["logits_equal"] and report["checkpoint"]["hub"]
+    ours, theirs = bdclean_logits(out, models["data"]), _timm_logits(models["vit"], models["data"])
+    assert torch.equal(ours.argmax(1), theirs.argmax(1)) and torch.allclose(ours, theirs, atol=1e-5)
+
+
 def test_compare_timm_dirs_and_purified_file(models, purified):
     check_compare_of_purified_dir(models["vit"], purified("vit")["out"], models["data"], "timm:test_vit")
 

@@ -386,7 +386,7 @@ def test_a_clean_reference_of_another_architecture_says_how_it_is_loaded(subject
     result = _default(subjects["plain"], subjects["data"], tmp_path / "o", *args)
     assert result.exit_code == 2
     said = " ".join(result.output.split())
-    assert f"--clean-reference {other}" in said and "same architecture" in said and "leave those flags out" in said
+    assert f"--clean-reference {other}" in said and "same architecture" in said and "bdclean convert" in said
 
 
 def test_natural_shortcuts_are_set_aside_by_their_rate_on_the_reference():

@@ -56,13 +56,12 @@ from ..scanning.inversion import InversionParams
 from ..selection.holdout import HoldoutMonitor, split_holdout
 from ..selection.path_select import memorised_warning, select_on_path
 from ..selection.recipe import CAVEAT, Recipe, fit_to_clean_data, resolve_recipe
-from ..subject import Subject, normalization_tensors
+from ..subject import Subject, export_weights, normalization_tensors
 from ..tuning.loop import steps_per_epoch
 from ..tuning.sgd import SgdSettings
 from ..verdicts.removal import combine_verdicts, judge_removal, judge_removal_by_scan
 from .retuning import retune_checked
 from .setup import (
-    base_metadata,
     cache_key,
     check_gate_inputs,
     check_reference_use,
@@ -78,6 +77,7 @@ from .setup import (
     replayable_metrics,
     resolve_trigger,
     select_clean_set,
+    subject_metadata,
     untimed_format,
 )
 
@@ -409,7 +409,7 @@ def _purify_into(
     with timer.stage("write"):
         import yaml
 
-        state = _matching_state_dict(model, subject)
+        state = export_weights(model, subject)
         meta = _purified_metadata(subject, bundle, trigger, report, compute)
         blob = safetensors_bytes(state, meta)
         outputs.stage("purified.safetensors", blob)
@@ -657,25 +657,12 @@ def _run_defense(
         reporter.finish_steps()
 
 
-def _matching_state_dict(model: torch.nn.Module, subject: Subject) -> dict[str, torch.Tensor]:
-    """The tuned weights under the input's own keys, shapes and dtypes (nothing added or dropped)."""
-    tuned = model.state_dict()
-    state = {}
-    for key, original in subject.checkpoint.state_dict.items():
-        state[key] = tuned[key].detach().to("cpu", original.dtype)
-    return state
-
-
 def _purified_metadata(
     subject: Subject, bundle: DatasetBundle, trigger, report: PurifyReport, compute: Compute | None = None
 ) -> dict:
     from .. import __version__
 
-    meta = base_metadata(
-        subject.arch, subject.num_classes, subject.in_channels, subject.head, subject.mean, subject.std, bundle
-    )
-    if subject.arch_source:
-        meta["arch_source"] = subject.arch_source  # which file and factory built it (see subject._arch_notes)
+    meta = subject_metadata(subject, bundle)
     meta.update(
         {
             "tool_version": __version__,
@@ -698,6 +685,4 @@ def _purified_metadata(
             },
         }
     )
-    if subject.hub is not None:  # what rebuilds the model from purified.safetensors alone
-        meta[hub.METADATA_KEY] = subject.hub.to_metadata()
     return meta

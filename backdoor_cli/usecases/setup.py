@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint import read_checkpoint
 from ..config import EvaluateOptions, PurifyOptions
 from ..data.datasets import (
     DatasetBundle,
@@ -95,19 +96,29 @@ def open_subject(opts: EvaluateOptions, checkpoint: str, bundle: DatasetBundle, 
 
 
 def open_reference(opts: EvaluateOptions, bundle: DatasetBundle, reporter: Reporter) -> Subject:
-    """--clean-reference, loaded with the model's own --arch/--num-classes/--head/--mean/--std. A load that
-    fails says so: the usual hint (change --arch) would break the model's own load."""
+    """--clean-reference. A reference that records its own architecture (a bdclean .safetensors: trained,
+    purified or converted by `bdclean convert`) is loaded from that record alone, so it may be of another
+    architecture than the model; any other is loaded with the model's own --arch/--num-classes/--head/--mean/
+    --std. A load that fails says so: the usual hint (change --arch) would break the model's own load."""
+    path = opts.clean_reference
     try:
-        return open_subject(opts, opts.clean_reference, bundle, reporter)
+        recorded = None if Path(path).is_dir() else read_checkpoint(path)
+        if recorded is not None and recorded.metadata.get("arch"):
+            reporter.stage(f"loading checkpoint {path} (its recorded architecture and normalisation)")
+            reference = load_subject(path, bundle, checkpoint=recorded)
+            for note in reference.notes:
+                reporter.warn(note)
+            return reference
+        return open_subject(opts, path, bundle, reporter)
     except UnsafeInputError:
         raise
     except BdcleanError as exc:
         raise type(exc)(
-            f"--clean-reference {opts.clean_reference}: {exc.message}",
-            hint="the clean reference must be a clean model of the same task (the same classes), and it is loaded "
-            "with the same --arch, --num-classes, --head, --mean and --std as the model: give a clean model of the "
-            "same architecture, or, when both are bdclean .safetensors (they record their own architecture and "
-            "normalisation), leave those flags out",
+            f"--clean-reference {path}: {exc.message}",
+            hint="the clean reference must be a clean model of the same task (the same classes). Without bdclean "
+            "metadata it is loaded with the same --arch, --num-classes, --head, --mean and --std as the model: "
+            "give a clean model of the same architecture, or write it once with `bdclean convert REFERENCE --data "
+            "... --arch ... --mean ... --std ...`, which records its own",
         ) from None
 
 
@@ -329,6 +340,21 @@ def base_metadata(arch, num_classes, in_channels, head, mean, std, bundle: Datas
         "normalization": {"mean": list(mean), "std": list(std)},
         "dataset": bundle.name,
     }
+
+
+def subject_metadata(subject: Subject, bundle: DatasetBundle) -> dict:
+    """The metadata that lets a written copy of `subject` load with no flags: its architecture (and the
+    file that built it), classes, head, normalisation, input size, and for a hub model its configuration."""
+    from ..models import hub
+
+    meta = base_metadata(
+        subject.arch, subject.num_classes, subject.in_channels, subject.head, subject.mean, subject.std, bundle
+    )
+    if subject.arch_source:
+        meta["arch_source"] = subject.arch_source  # which file and factory built it (see subject._arch_notes)
+    if subject.hub is not None:  # what rebuilds the model from the .safetensors alone
+        meta[hub.METADATA_KEY] = subject.hub.to_metadata()
+    return meta
 
 
 def replayable_metrics(result) -> dict:
