@@ -409,8 +409,13 @@ def test_natural_shortcuts_are_set_aside_by_their_rate_on_the_reference():
 def test_the_scan_verifies_only_one_flagged_class_the_reference_shows_to_be_planted_and_gone():
     gone = {"mask_l1": 30.0, "input_mask_l1": 4.0, "flagged": False, "anomaly_index": 0.5}
     planted = {0: Rate(12, 180)}
-    verdict = judge_removal_by_scan([0], [0], {0: Rate(190, 200)}, {0: Rate(1, 200)}, {0: gone}, planted=planted)
+    local = {0: Rate(180, 200)}  # cut to its densest window it keeps 95% of its proxy ASR: a local trigger
+    verdict = judge_removal_by_scan(
+        [0], [0], {0: Rate(190, 200)}, {0: Rate(1, 200)}, {0: gone}, planted=planted, local=local
+    )
     assert verdict.verdict == "verified" and verdict.evidence["reference_rates"]["0"]["k"] == 12
+    assert verdict.evidence["local_share"]["0"] == pytest.approx(180 / 190, abs=1e-4)
+    assert "a local one (its densest window keeps 95% of its proxy ASR)" in verdict.reason
     # still working: failed; re-flagged with a trigger nobody tested on the reference: never verified
     works = judge_removal_by_scan([0], [0], {0: Rate(190, 200)}, {0: Rate(90, 200)}, {0: gone}, planted=planted)
     assert works.verdict == "failed"
@@ -436,6 +441,33 @@ def test_the_scan_verifies_only_one_flagged_class_the_reference_shows_to_be_plan
     assert several.verdict == "not_verified" and "2 classes were flagged" in several.reason
 
 
+def test_a_spread_out_reconstruction_is_never_verified_without_the_trigger():
+    """Gone, planted by the reference, but its densest window keeps too little of its effect (a blend's
+    approximation: a blend ResNet-20 kept 22.2% true ASR): not_verified, the share said; unmeasured: the same."""
+    gone = {"mask_l1": 30.0, "input_mask_l1": 4.0, "flagged": False, "anomaly_index": 0.5}
+    args = ([0], [0], {0: Rate(160, 180)}, {0: Rate(3, 180)}, {0: gone})
+    spread = judge_removal_by_scan(*args, planted={0: Rate(18, 180)}, local={0: Rate(60, 180)})
+    assert spread.verdict == "not_verified" and spread.evidence["found_trigger_removed"]
+    said = " ".join(spread.reason.split())
+    assert "its densest window keeps only 38% of its proxy ASR, below 60%" in said and "--trigger" in said
+    unmeasured = judge_removal_by_scan(*args, planted={0: Rate(18, 180)})
+    assert unmeasured.verdict == "not_verified" and "was not measured" in unmeasured.reason
+
+
+def test_localize_keeps_the_densest_window_of_a_quarter_side():
+    from backdoor_cli.scanning.guided import localize
+    from backdoor_cli.scanning.inversion import ClassTrigger
+
+    mask = torch.zeros(32, 32)
+    mask[28:32, 28:32] = 1.0  # a 4x4 patch in the corner
+    mask[0, :] = 0.25  # and a faint line along the top
+    trigger = ClassTrigger(2, mask, torch.rand(32, 32, 3), float(mask.sum()), 0.99, True, 10)
+    core = localize(trigger)
+    assert core.target == 2 and torch.equal(core.pattern, trigger.pattern)
+    assert core.mask[28:32, 28:32].sum() == 16 and core.mask.sum() == 16 and core.l1 == 16
+    assert core.mask[0].sum() == 0  # the line lies outside the 8x8 window
+
+
 def test_a_re_scan_flag_counts_by_what_the_clean_reference_makes_of_the_re_scanned_trigger():
     """Re-flagged after unlearning: a trigger the reference ignores is the backdoor still there (failed); one it
     follows too is the data's shortcut to the class (a patch ResNet-56 whose true ASR fell to 2.1% re-flagged
@@ -444,7 +476,9 @@ def test_a_re_scan_flag_counts_by_what_the_clean_reference_makes_of_the_re_scann
     planted = {0: Rate(0, 180)}
 
     def judge(entry):
-        return judge_removal_by_scan([0], [0], {0: Rate(180, 180)}, {0: Rate(0, 180)}, {0: entry}, planted=planted)
+        return judge_removal_by_scan(
+            [0], [0], {0: Rate(180, 180)}, {0: Rate(0, 180)}, {0: entry}, planted=planted, local={0: Rate(175, 180)}
+        )
 
     left = judge({**again, "reference_rate": Rate(20, 180).to_dict(), "shortcut": False})
     assert left.verdict == "failed" and "the clean reference ignores the re-scanned trigger" in left.reason

@@ -49,6 +49,16 @@ NATURAL_RATE = 0.35
 # may be at most this far below the input model's, or the check is reported and not used.
 REFERENCE_MARGIN = 0.15
 
+# A mask-and-pattern inversion reproduces a local trigger (a patch) exactly; a trigger spread over the image
+# (a blend, a signal, a warp) it can only approximate, and unlearning the approximation does not remove the
+# trigger: measured, a blend ResNet-20 whose reconstruction was gone (proxy ASR 1.7%, re-scan not flagged)
+# kept 22.2% true ASR (docs/purification.md, sixth session). So the trigger-free `verified` also asks that the
+# reconstruction be local: cut to its densest square window of a quarter of the image's side, it must still
+# send at least LOCAL_SHARE as many held-out images to its class as whole (measured on the input model: patch
+# subjects kept 80-97%, blend subjects 4-36%).
+LOCAL_WINDOW_FRACTION = 4  # the window's side: the image's shorter side // this
+LOCAL_SHARE = 0.6
+
 
 @dataclass
 class ReferenceCheck:
@@ -112,6 +122,8 @@ class ScanEvidence:
     proxy_images: str  # which images the proxy ASR was measured on
     proxy_before: dict[int, Rate] = field(default_factory=dict)
     proxy_after: dict[int, Rate] = field(default_factory=dict)
+    # the reconstruction cut to its densest window, on the input model (local_rates): is it a local trigger?
+    proxy_local: dict[int, Rate] = field(default_factory=dict)
     rescan: dict[int, dict] = field(default_factory=dict)  # flagged class -> the purified model's inversion
     reference: ReferenceCheck | None = None  # --clean-reference: which flagged classes are natural shortcuts
     clean_reference: CleanReference | None = None  # the loaded reference (not reported): tests the re-scan too
@@ -152,6 +164,14 @@ class ScanEvidence:
                 str(c): {
                     "before": self.proxy_before[c].to_dict(),
                     "after": self.proxy_after[c].to_dict() if c in self.proxy_after else None,
+                    **(
+                        {
+                            "local": self.proxy_local[c].to_dict(),
+                            "local_share": round(local_share(self.proxy_local[c], self.proxy_before[c]), 4),
+                        }
+                        if c in self.proxy_local
+                        else {}
+                    ),
                 }
                 for c in self.proxy_before
             },
@@ -258,6 +278,30 @@ def proxy_asr(
 
 def proxy_rates(model, images: ImageSet, triggers: list[ClassTrigger], mean, std) -> dict[int, Rate]:
     return {t.target: proxy_asr(model, images, t, mean, std) for t in triggers}
+
+
+def localize(trigger: ClassTrigger) -> ClassTrigger:
+    """The reconstruction cut to its densest square window of side min(H, W) // LOCAL_WINDOW_FRACTION (the
+    window holding the most mask mass; ties: the first in row order); the pattern is kept as it is."""
+    mask = trigger.mask.float()
+    side = max(1, min(mask.shape) // LOCAL_WINDOW_FRACTION)
+    sums = torch.nn.functional.avg_pool2d(mask[None, None], side, stride=1)[0, 0]  # mean mass of each window
+    top, left = divmod(int(sums.flatten().argmax()), sums.shape[1])
+    core = torch.zeros_like(mask)
+    core[top : top + side, left : left + side] = mask[top : top + side, left : left + side]
+    return ClassTrigger(
+        trigger.target, core, trigger.pattern, float(core.sum()), trigger.success, trigger.reached, trigger.steps
+    )
+
+
+def local_rates(model, images: ImageSet, triggers: list[ClassTrigger], mean, std) -> dict[int, Rate]:
+    """Each reconstruction's proxy ASR when cut to its densest window (localize): how local the trigger is."""
+    return {t.target: proxy_asr(model, images, localize(t), mean, std) for t in triggers}
+
+
+def local_share(local: Rate, whole: Rate) -> float:
+    """The share of the whole reconstruction's proxy ASR its densest window keeps (1.0 when both are 0)."""
+    return 1.0 if whole.value == 0 else local.value / whole.value
 
 
 @dataclass(frozen=True)

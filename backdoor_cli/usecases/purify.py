@@ -47,6 +47,7 @@ from ..scanning.guided import (
     ScanEvidence,
     check_reference,
     choose_triggers,
+    local_rates,
     proxy_rates,
     rescan,
     run_scan,
@@ -489,6 +490,7 @@ def _scan_for_triggers(
         choice=choice,
         proxy_images=where,
         proxy_before=proxy_rates(model, proxy_set, chosen, mean, std),
+        proxy_local=local_rates(model, proxy_set, chosen, mean, std),
         reference=check,
         clean_reference=reference,
     )
@@ -565,6 +567,7 @@ def removal_verdict(trigger, before, after, evidence: ScanEvidence | None):
             evidence.rescan,
             natural=evidence.natural,
             planted=evidence.reference.planted if evidence.reference is not None else None,
+            local=evidence.proxy_local,
         )
     if trigger is None and by_scan is not None:
         return by_scan

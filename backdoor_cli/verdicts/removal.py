@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..evaluation.metrics import Rate
+from ..scanning.guided import LOCAL_SHARE, local_share
 
 VERIFIED_ASR = 0.05
 VERIFIED_HIGH = 0.10
@@ -97,10 +98,13 @@ def judge_removal_by_scan(
     rescan: dict[int, dict],
     natural: dict[int, Rate] | None = None,
     planted: dict[int, Rate] | None = None,
+    local: dict[int, Rate] | None = None,
 ) -> RemovalVerdict:
     """The verdict without a known trigger, from the scan that guided the purify. `flagged`: the classes
     taken for planted triggers; `natural`: flagged classes a clean reference follows too (set aside);
-    `planted`: flagged classes whose reconstruction a (competent) clean reference ignores, with its rate.
+    `planted`: flagged classes whose reconstruction a (competent) clean reference ignores, with its rate;
+    `local`: each unlearnt reconstruction's proxy ASR on the input when cut to its densest window
+    (scanning.guided.localize): a trigger-free `verified` also needs the reconstruction to be local.
 
     The scan can show that what it found is gone: every flagged class's proxy ASR at most VERIFIED_ASR,
     upper bound at most VERIFIED_HIGH, and a re-scan that no longer flags it or finds a trigger the clean
@@ -125,6 +129,11 @@ def judge_removal_by_scan(
         evidence["natural_shortcuts"] = {str(c): _rate(r) for c, r in natural.items()}
     if planted:
         evidence["reference_rates"] = {str(c): _rate(r) for c, r in planted.items()}
+    if local:
+        evidence["local_share"] = {
+            str(c): round(local_share(r, proxy_before[c]), 4) for c, r in local.items() if c in proxy_before
+        }
+        evidence["thresholds"]["local_share"] = LOCAL_SHARE
     if not flagged and natural:
         shared = "; ".join(
             f"class {c}: its reconstruction sends {r.value:.1%} of the clean reference's images there"
@@ -221,14 +230,35 @@ def judge_removal_by_scan(
             # trigger, not a shortcut of the data. The SIG failure below needed a shortcut to be taken for the
             # backdoor; the reference sets shortcuts aside (the SIG model's flags sent 72-82% of a clean
             # model's images to their class, planted triggers' reconstructions 5-21%).
-            rate = planted[flagged[0]]
+            c = flagged[0]
+            rate = planted[c]
+            planted_found = (
+                f"{found}; the clean reference sends only {rate.value:.1%} of its images there with it, so it was "
+                "this model's planted trigger, not a shortcut of the data"
+            )
+            share = local_share(local[c], proxy_before[c]) if local and c in local and c in proxy_before else None
+            if share is None or share < LOCAL_SHARE:
+                # A spread-out reconstruction approximates a trigger the inversion cannot represent (a blend,
+                # a signal, a warp): removing it left a blend ResNet-20's true trigger at 22.2%.
+                measured = (
+                    f"its densest window keeps only {share:.0%} of its proxy ASR, below {LOCAL_SHARE:.0%}"
+                    if share is not None
+                    else "how local it is was not measured"
+                )
+                return RemovalVerdict(
+                    "not_verified",
+                    f"{planted_found}. But the reconstruction is spread over the image ({measured}): it "
+                    "approximates a trigger that trigger inversion cannot represent exactly (a blend, a signal, a "
+                    "warp), and removing the approximation does not show the trigger is gone (a blend ResNet-20 "
+                    "kept 22.2% true ASR after its reconstruction was gone). Pass --trigger when you know it",
+                    evidence,
+                )
             return RemovalVerdict(
                 "verified",
-                f"{found}; the clean reference sends only {rate.value:.1%} of its images there with it, so it was "
-                "this model's planted trigger, not a shortcut of the data. This speaks for the reconstruction, "
-                "which approximates the trigger: a blend trigger's true ASR stayed at 9-12% on a ResNet-56 whose "
-                "reconstruction was gone (pass --trigger when you know it), and a second trigger that hides from "
-                "inversion (blend, SIG, warp, sample-specific) was not tested",
+                f"{planted_found}, and a local one (its densest window keeps {share:.0%} of its proxy ASR), which "
+                "trigger inversion reproduces. This speaks for the reconstruction, which approximates the trigger "
+                "(pass --trigger when you know it); a second trigger that hides from inversion (blend, SIG, warp, "
+                "sample-specific) was not tested",
                 evidence,
             )
         # Without a reference the scan alone never says `verified`: measured on a SIG-trigger ResNet-20 (target
