@@ -1,5 +1,6 @@
 """Tabulate experiments/default_grid.sh's runs as Markdown: per subject and method, clean accuracy and
-ASR before and after, the scan's flagged classes and proxy ASR, the removal verdict and the time.
+ASR before and after, the scan's flagged classes and proxy ASR (with the share its densest window keeps,
+where measured), the removal verdict and the time.
     python experiments/default_table.py runs/grid"""
 
 from __future__ import annotations
@@ -23,7 +24,10 @@ def row(path: Path, walls: dict) -> str:
     proxy = "-"
     if scan:
         proxy = "; ".join(
-            f"{c}: {p['before']['value']:.1%} → {p['after']['value']:.1%}" for c, p in scan["proxy_asr"].items()
+            f"{c}: {p['before']['value']:.1%} → {p['after']['value']:.1%}"
+            # the share of it the reconstruction's densest window keeps (local triggers only verify), when measured
+            + (f" (local {p['local_share']:.2f})" if "local_share" in p else "")
+            for c, p in scan["proxy_asr"].items()
         )
     reference = "-"
     if scan and scan.get("reference"):
