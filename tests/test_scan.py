@@ -76,6 +76,22 @@ def test_planted_patch_is_found_and_the_gate_fails(backdoored_scan):
         found["verdict"].startswith("class 0 is a likely backdoor target") and "pixel pattern sends" in found["verdict"]
     )
     assert doc["backdoor_suspected"] and "flagged when" in doc["decision_rule"]
+    # how local the flagged reconstruction is: measured for flagged classes only, and said in words
+    assert 0 <= found["local_share"] <= 1.5 and all("local_share" not in c for c in others)
+    assert ("; local: its densest window keeps" in found["verdict"]) != ("spread over the image" in found["verdict"])
+    assert "locality" in doc["timings"]
+
+
+def test_locality_is_said_in_words_for_a_flagged_class():
+    from backdoor_cli.reports.scan_report import locality_words
+
+    assert locality_words(None, 0) == "" and locality_words({1: 0.9}, 0) == ""
+    assert (
+        locality_words({0: 0.97}, 0) == "; local: its densest window keeps 97% of its effect, as a patch trigger's does"
+    )
+    spread = locality_words({0: 0.2}, 0)
+    assert "spread over the image: its densest window keeps only 20% of its effect" in spread
+    assert "blend, signal or warp" in spread
 
 
 def test_reconstruction_is_a_compact_bright_patch(backdoored_scan):
@@ -141,6 +157,7 @@ def test_text_report_states_verdicts_and_the_rule(subjects):
     assert result.exit_code == 0, result.output  # no --fail-on-detect: a finding is not a failure
     assert "trigger inversion per class" in result.stdout
     assert "verdict:" in result.stdout and "rule:" in result.stdout and "anomaly index" in result.stdout
+    assert "local" in result.stdout  # the table's locality column
 
 
 @pytest.mark.parametrize(

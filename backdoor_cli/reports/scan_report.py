@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..scanning.guided import ReferenceCheck
+from ..scanning.guided import LOCAL_SHARE, ReferenceCheck
 from ..scanning.inversion import ClassTrigger, ScanResult
 from .report import SCHEMA_VERSION
 
@@ -28,6 +28,8 @@ class ScanReport:
     output_kind: dict | None = None
     reference: ReferenceCheck | None = None  # --clean-reference applied to the flagged classes' reconstructions
     reference_path: str | None = None  # --clean-reference as given (also when nothing was flagged to check)
+    # flagged class -> the share of its reconstruction's effect on the scan images its densest window keeps
+    local: dict[int, float] = field(default_factory=dict)
 
     @property
     def flagged(self) -> list[int]:
@@ -44,7 +46,7 @@ class ScanReport:
         return [c for c in self.flagged if c not in self.natural]
 
     def class_verdicts(self) -> list[str]:
-        return [class_verdict(self.result, i, self.natural) for i in range(len(self.result.triggers))]
+        return [class_verdict(self.result, i, self.natural, self.local) for i in range(len(self.result.triggers))]
 
     def verdict(self) -> str:
         r = self.result
@@ -86,6 +88,7 @@ class ScanReport:
                 "anomaly_index": round(a, 4),
                 "anomaly_index_raw_l1": round(raw, 4),
                 "flagged": t.target in r.flagged,
+                **({"local_share": round(self.local[t.target], 4)} if t.target in self.local else {}),
                 "verdict": v,
                 "searched": "full" if r.searched_in_full(t.target) else "screen",
             }
@@ -119,9 +122,9 @@ class ScanReport:
         }
 
 
-def class_verdict(result: ScanResult, index: int, natural: dict | None = None) -> str:
+def class_verdict(result: ScanResult, index: int, natural: dict | None = None, local: dict | None = None) -> str:
     """One sentence per class, in pixels and percentages; `natural`: flagged classes the clean reference
-    follows too (class -> Rate)."""
+    follows too (class -> Rate); `local`: flagged class -> the share of its effect its densest window keeps."""
     t = result.triggers[index]
     others = [o.l1 for o in result.triggers if o.target != t.target]
     if natural and t.target in natural:
@@ -133,7 +136,7 @@ def class_verdict(result: ScanResult, index: int, natural: dict | None = None) -
     if t.target in result.flagged:
         return (
             f"class {t.target} is a likely backdoor target: a {t.l1:.0f}-pixel pattern sends {t.success:.0%} of "
-            f"clean images there; the other classes need >= {min(others):.0f}"
+            f"clean images there; the other classes need >= {min(others):.0f}" + locality_words(local, t.target)
         )
     if not result.searched_in_full(t.target):
         return (
@@ -144,6 +147,19 @@ def class_verdict(result: ScanResult, index: int, natural: dict | None = None) -
     return (
         f"class {t.target}: a {t.l1:.0f}-pixel pattern sends {t.success:.0%} of clean images there "
         f"(anomaly index {result.anomaly[index]:.2f}, not an outlier){tail}"
+    )
+
+
+def locality_words(local: dict | None, target: int) -> str:
+    """How local a flagged reconstruction is, in words (scanning.guided.localize), or nothing unmeasured."""
+    if not local or target not in local:
+        return ""
+    share = local[target]
+    if share >= LOCAL_SHARE:
+        return f"; local: its densest window keeps {share:.0%} of its effect, as a patch trigger's does"
+    return (
+        f"; spread over the image: its densest window keeps only {share:.0%} of its effect, so it may approximate "
+        "a blend, signal or warp trigger, which unlearning this reconstruction may only partly remove"
     )
 
 
@@ -216,7 +232,7 @@ def render_scan(report: ScanReport, console) -> None:
             markup=False,
         )
     table = Table(title="trigger inversion per class", title_justify="left")
-    for col in ("class", "mask L1 (pixels)", "success", "anomaly index", "flagged"):
+    for col in ("class", "mask L1 (pixels)", "success", "anomaly index", "flagged", "local"):
         table.add_column(col, justify="right")
     for t, a in zip(r.triggers, r.anomaly):
         if not r.searched_in_full(t.target):
@@ -229,6 +245,7 @@ def render_scan(report: ScanReport, console) -> None:
             f"{t.success:.0%}",
             f"{a:.2f}",
             "shortcut" if shortcut else ("[bold red]yes[/bold red]" if flagged else "no"),
+            f"{report.local[t.target]:.0%}" if t.target in report.local else "-",
         )
     console.print(table)
     if not all(t.reached for t in r.triggers):

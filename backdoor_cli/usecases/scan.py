@@ -26,7 +26,7 @@ from ..progress import Reporter
 from ..reports.report import to_json
 from ..reports.scan_report import ScanReport, png_bytes, preview_png, trigger_pixels, trigger_spec_yaml
 from ..runtime import Stopwatch, environment, prepare_model, resolve_device, seed_everything
-from ..scanning.guided import check_reference, run_scan
+from ..scanning.guided import check_reference, local_rates, local_share, proxy_rates, run_scan
 from ..scanning.inversion import InversionParams
 from ..subject import normalization_tensors
 from .setup import (
@@ -126,6 +126,16 @@ def _scan(
             + f" of its other-class scan images sent there (a shortcut of the data at >= {check.threshold:.0%})"
             + ("" if check.usable else "; " + check.unusable_reason())
         )
+    local = {}
+    if result.flagged:
+        # How local each flagged reconstruction is (scanning.guided.localize): a spread-out one approximates a
+        # blend-, signal- or warp-like trigger, and removing the approximation may leave part of it.
+        with timer.stage("locality"):
+            flagged = [result.triggers[c] for c in result.flagged]
+            whole = proxy_rates(model, clean, flagged, mean, std)
+            local = {
+                c: local_share(rate, whole[c]) for c, rate in local_rates(model, clean, flagged, mean, std).items()
+            }
     report = ScanReport(
         subject=subject.describe(),
         data={
@@ -152,6 +162,7 @@ def _scan(
         output_kind=output_kind.to_dict(),
         reference=check,
         reference_path=opts.clean_reference,
+        local=local,
     )
     if outputs is not None:
         with timer.stage("write"):
