@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from ..evaluation.gates import GateResult
 from ..evaluation.measure import EvalResult
-from .report import DEFINITIONS, SCHEMA_VERSION, counts, interval, metric_table, pct
+from .report import DEFINITIONS, SCHEMA_VERSION, counts, interval, metric_table, pct, render_gates
 
 
 @dataclass
@@ -58,9 +58,7 @@ def render_convert(report: ConvertReport, console) -> None:
     acc = report.result.clean_acc
     table.add_row("C-Acc", f"{pct(acc)} {interval(acc)}", f"{counts(acc)} test images")
     console.print(table)
-    for gate in report.gates:
-        style = "green" if gate.passed else "bold red"
-        console.print(f"[{style}]{gate.describe()}[/{style}]")
+    render_gates(report.gates, console)
     if report.written:
         console.print(
             f"wrote [bold]{report.out}[/bold] (sha256 {report.sha256[:12]}): read back with no flags, it gave "

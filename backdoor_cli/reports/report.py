@@ -604,7 +604,7 @@ def render_evaluate(report: EvaluateReport, console) -> None:
     console.print(table)
     if report.retune:
         console.print(f"retuning check: {report.retune['verdict']}", highlight=False, markup=False)
-    _render_gates(report.gates, console)
+    render_gates(report.gates, console)
 
 
 def render_purify(report: PurifyReport, console) -> None:
@@ -654,7 +654,7 @@ def render_purify(report: PurifyReport, console) -> None:
         )
     if report.outputs:
         console.print("outputs: " + ", ".join(sorted(report.outputs)))
-    _render_gates(report.gates, console)
+    render_gates(report.gates, console)
 
 
 def render_retune(retune: dict, console) -> None:
@@ -704,7 +704,7 @@ def render_compare(report: CompareReport, console) -> None:
             cells.append(row.drift["most_changed"] or "-")
         table.add_row(*cells)
     console.print(table)
-    _render_gates([g for row in report.rows for g in row.gates], console)
+    render_gates([g for row in report.rows for g in row.gates], console)
 
 
 def render_train(report: TrainReport, console) -> None:
@@ -729,7 +729,7 @@ def render_train(report: TrainReport, console) -> None:
     console.print(table)
 
 
-def _render_gates(gates: list[GateResult], console) -> None:
+def render_gates(gates: list[GateResult], console) -> None:
     for gate in gates:
         style = "green" if gate.passed else "bold red"
         console.print(f"[{style}]{gate.describe()}[/{style}]")

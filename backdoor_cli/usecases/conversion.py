@@ -14,6 +14,7 @@ A conversion is only written when it is checked:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from pathlib import Path
 
@@ -48,7 +49,7 @@ def convert_checkpoint(opts: ConvertOptions, reporter: Reporter | None = None) -
     """Load `opts.checkpoint` with its flags, check it, and write it with the metadata that replaces them."""
     reporter = reporter or Reporter()
     if not opts.out:
-        opts = _with_out(opts, default_converted_name(opts.checkpoint))
+        opts = dataclasses.replace(opts, out=default_converted_name(opts.checkpoint))
         reporter.info(f"no --out given: writing {opts.out}")
     out = Path(opts.out)
     if out.is_dir():
@@ -98,12 +99,6 @@ def convert_checkpoint(opts: ConvertOptions, reporter: Reporter | None = None) -
         environment=environment(device, None),
         options=to_yaml_dict(opts),
     )
-
-
-def _with_out(opts: ConvertOptions, out: str) -> ConvertOptions:
-    import dataclasses
-
-    return dataclasses.replace(opts, out=out)
 
 
 def _refuse_chance_level(result: EvalResult, subject: Subject) -> None:

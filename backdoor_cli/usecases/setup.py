@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import read_checkpoint
+from ..checkpoint import Checkpoint, read_checkpoint
 from ..config import EvaluateOptions, PurifyOptions
 from ..data.datasets import (
     DatasetBundle,
@@ -85,10 +85,20 @@ def resolve_trigger(spec_text: str | None, target: int | None, subject: Subject 
     return build_trigger(spec, tuple(image_shape))
 
 
-def open_subject(opts: EvaluateOptions, checkpoint: str, bundle: DatasetBundle, reporter: Reporter) -> Subject:
+def open_subject(
+    opts: EvaluateOptions, checkpoint: str, bundle: DatasetBundle, reporter: Reporter, read: Checkpoint | None = None
+) -> Subject:
+    """`checkpoint` loaded with the run's flags; `read`: its file, when the caller has already read it."""
     reporter.stage(f"loading checkpoint {checkpoint}")
     subject = load_subject(
-        checkpoint, bundle, arch=opts.arch, num_classes=opts.num_classes, head=opts.head, mean=opts.mean, std=opts.std
+        checkpoint,
+        bundle,
+        arch=opts.arch,
+        num_classes=opts.num_classes,
+        head=opts.head,
+        mean=opts.mean,
+        std=opts.std,
+        checkpoint=read,
     )
     for note in subject.notes:
         reporter.warn(note)
@@ -109,7 +119,7 @@ def open_reference(opts: EvaluateOptions, bundle: DatasetBundle, reporter: Repor
             for note in reference.notes:
                 reporter.warn(note)
             return reference
-        return open_subject(opts, path, bundle, reporter)
+        return open_subject(opts, path, bundle, reporter, read=recorded)
     except UnsafeInputError:
         raise
     except BdcleanError as exc:
