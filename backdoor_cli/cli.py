@@ -1121,6 +1121,14 @@ def train(
             help="Random crop + flip while training (default off: short runs then miss the backdoor).",
         ),
     ] = None,
+    warmup_epochs: Annotated[
+        Optional[float],
+        typer.Option(
+            rich_help_panel="Tuning (SGD)",
+            help="Raise the rate linearly from near 0 to --lr over this many epochs' steps (default 0: none). "
+            "Deep nets without residual connections trained from scratch need it (vgg16_bn at lr 0.05: 1).",
+        ),
+    ] = None,
     holdout_fraction: Annotated[
         Optional[float],
         typer.Option(
@@ -1160,6 +1168,7 @@ def train(
         "momentum": momentum,
         "weight_decay": weight_decay,
         "augment": augment,
+        "warmup_epochs": warmup_epochs,
         "holdout_fraction": holdout_fraction,
         "train_limit": train_limit,
         "mean": mean,

@@ -239,6 +239,7 @@ class TrainOptions:
     # not take (CIFAR-10, 5% BadNets, 6 epochs: ASR 11.6% with, see docs/results-cpu.md); turn it on
     # (--augment) for long runs, where it improves clean accuracy.
     augment: bool = False
+    warmup_epochs: float = 0.0  # linear warm-up of the rate over these epochs' steps (tuning.sgd.SgdSettings)
     holdout_fraction: float = 0.0
     train_limit: int | None = None
     mean: tuple[float, ...] | None = None

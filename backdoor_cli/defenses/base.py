@@ -127,9 +127,10 @@ class DefenseOutcome:
 # The hyper-parameters every tuning method reads; each method's own are the fields of its `params_type`.
 # A flag of a method's own given to a method that does not read it is refused by name (`inapplicable`),
 # and reports record only the parameters the method used.
-TUNING_PARAMS: tuple[str, ...] = tuple(f.name for f in fields(SgdSettings) if f.name != "schedule") + (
-    "label_smoothing",
-)
+# The schedule and its warm-up are not choices of a defense (cosine, no warm-up: `train` alone sets them).
+TUNING_PARAMS: tuple[str, ...] = tuple(
+    f.name for f in fields(SgdSettings) if f.name not in ("schedule", "warmup_epochs")
+) + ("label_smoothing",)
 
 
 def method_params() -> tuple[str, ...]:

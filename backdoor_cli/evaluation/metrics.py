@@ -63,6 +63,17 @@ class Rate:
         }
 
 
+# Below this multiple of chance (its 95% upper bound), an accuracy says the model does not do the task at all:
+# a model fed the wrong way (convert refuses it), or a training run that did not learn (train warns).
+CHANCE_MULTIPLE = 1.5
+
+
+def at_chance(accuracy: Rate, num_classes: int) -> bool:
+    """Whether `accuracy` is indistinguishable from guessing: even its 95% upper bound is within
+    CHANCE_MULTIPLE x chance (1 / num_classes)."""
+    return accuracy.high <= CHANCE_MULTIPLE / num_classes
+
+
 def defense_effectiveness_rating(acc_before: float, acc_after: float, asr_before: float, asr_after: float) -> float:
     """DER = [max(0, dASR) - max(0, dACC) + 1] / 2 in [0, 1] (BackdoorBench's definition):
     1 is a perfect defense (ASR removed, no accuracy lost), 0.5 changed nothing."""

@@ -202,6 +202,7 @@ class TrainReport:
     timings: dict
     environment: dict
     init: dict | None = None  # --init: {"path", "sha256", "metrics": EvalResult of the starting model}
+    warnings: list[str] = field(default_factory=list)  # e.g. a run that did not learn (usecases.training)
 
     def to_dict(self) -> dict:
         init = None if self.init is None else {**self.init, "metrics": self.init["metrics"].to_dict()}
@@ -217,6 +218,7 @@ class TrainReport:
             "init": init,
             "metrics": self.result.to_dict(),
             "history": self.history,
+            "warnings": self.warnings,
             "timings": _round(self.timings),
             "environment": self.environment,
             "definitions": DEFINITIONS,
@@ -727,6 +729,8 @@ def render_train(report: TrainReport, console) -> None:
                 counts(rate),
             )
     console.print(table)
+    for warning in report.warnings:
+        console.print(f"[bold yellow]warning: {warning}[/bold yellow]", highlight=False)
 
 
 def render_gates(gates: list[GateResult], console) -> None:

@@ -51,6 +51,7 @@ class TuneSettings:
             "schedule": sgd.schedule,
             "label_smoothing": self.label_smoothing,
             "cuda_graphs": self.cuda_graphs,
+            "warmup_epochs": sgd.warmup_epochs,
         }
 
 
@@ -124,6 +125,8 @@ def tune(
     sgd = settings.sgd
     if sgd.epochs < 1 or sgd.batch_size < 1 or sgd.lr <= 0:
         raise ConfigError("epochs and batch size must be >= 1 and lr > 0")
+    if not 0 <= sgd.warmup_epochs <= sgd.epochs:
+        raise ConfigError(f"warm-up epochs must be in [0, epochs = {sgd.epochs}], got {sgd.warmup_epochs:g}")
     trainable = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
     if not trainable:
         raise ConfigError("nothing to train: every parameter is frozen")
@@ -134,6 +137,7 @@ def tune(
     n = data.num_images
     history: list[EpochLog] = []
     step = 0
+    warm_steps = round(sgd.warmup_epochs * steps_per_epoch(n, sgd.batch_size))
     # The autocast cache cannot outlive a graph capture; it saves nothing here (each weight is cast once a step).
     cast_cache = device.type != "cuda"
 
@@ -188,6 +192,10 @@ def tune(
                 if stamp is not None:
                     inputs = stamp(inputs, generator)
                 inputs = as_format(inputs, memory_format)
+                if step < warm_steps:  # the rate ramps up to the schedule's (set_lr fills a captured graph's tensor)
+                    optimizer.set_lr(lr * (step + 1) / warm_steps)
+                elif step == warm_steps and warm_steps:
+                    optimizer.set_lr(lr)
                 if perturb is not None:  # SAM / PAM: the gradient at the moved point, applied at the original
                     restore = perturb(functools.partial(forward_backward, inputs, yb))
                     loss, logits = forward_backward(inputs, yb)

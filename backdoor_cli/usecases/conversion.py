@@ -25,6 +25,7 @@ from ..config import ConvertOptions, to_yaml_dict
 from ..errors import InputError, OutputError
 from ..evaluation.gates import check_gates
 from ..evaluation.measure import EvalResult, build_eval_sets, eval_mode, evaluate_model
+from ..evaluation.metrics import at_chance
 from ..outputs import OutputSet
 from ..precision import exact_fp32, resolve_precision
 from ..progress import Reporter
@@ -33,9 +34,6 @@ from ..runtime import Stopwatch, environment, prepare_model, resolve_device, see
 from ..subject import Subject, export_weights, load_subject, normalization_tensors
 from .setup import describe_data, input_paths, load_run_data, open_subject, replayable_metrics, subject_metadata
 
-# Below this multiple of chance (its 95% upper bound), an accuracy says the model is not being fed the way
-# it was trained: refused unless --min-acc is given.
-CHANCE_MULTIPLE = 1.5
 ROUND_TRIP_IMAGES = 16  # seeded random images both copies must give identical logits on
 
 
@@ -104,7 +102,7 @@ def convert_checkpoint(opts: ConvertOptions, reporter: Reporter | None = None) -
 def _refuse_chance_level(result: EvalResult, subject: Subject) -> None:
     chance = 1.0 / subject.num_classes
     acc = result.clean_acc
-    if acc.high <= CHANCE_MULTIPLE * chance:
+    if at_chance(acc, subject.num_classes):  # the model is not fed as it was trained: refused (--min-acc 0 overrides)
         sources = subject.sources
         raise InputError(
             f"the model scores {acc.value:.2%} on {acc.n} test images, chance level ({chance:.1%}): it is not being "

@@ -15,7 +15,8 @@ from ..config import TrainOptions
 from ..data.datasets import ImageSet, load_dataset, select_clean_subset
 from ..data.streaming import materialize
 from ..errors import ConfigError, InputError, OutputError
-from ..evaluation.measure import build_eval_sets, evaluate_model
+from ..evaluation.measure import EvalResult, build_eval_sets, evaluate_model
+from ..evaluation.metrics import at_chance
 from ..models import arch_file_source
 from ..outputs import OutputSet
 from ..precision import (
@@ -48,6 +49,11 @@ def train_model(opts: TrainOptions, reporter: Reporter | None = None) -> TrainRe
         raise ConfigError(f"--poison-rate must be in [0, 1], got {opts.poison_rate}")
     if opts.poison_rate > 0 and not opts.trigger:
         raise ConfigError("--poison-rate needs --trigger", hint="e.g. --trigger badnets")
+    if not 0.0 <= opts.warmup_epochs <= opts.epochs:
+        raise ConfigError(
+            f"--warmup-epochs must be in [0, --epochs = {opts.epochs}], got {opts.warmup_epochs:g}",
+            hint="e.g. --warmup-epochs 1: the rate rises over the first epoch, then follows the cosine schedule",
+        )
     if not 0.0 <= opts.holdout_fraction < 1.0:
         raise ConfigError(f"--holdout-fraction must be in [0, 1), got {opts.holdout_fraction}")
     settings = TuneSettings(
@@ -59,6 +65,7 @@ def train_model(opts: TrainOptions, reporter: Reporter | None = None) -> TrainRe
             weight_decay=opts.weight_decay,
             augment=opts.augment,
             seed=opts.seed,
+            warmup_epochs=opts.warmup_epochs,
         )
     )
     device = resolve_device(opts.device)
@@ -189,6 +196,9 @@ def _train_into(
         result = evaluate_model(
             model, sets, mean_t, std_t, device, opts.eval_batch_size, reporter, plan.evaluate, eval_format
         )
+    warnings = training_warnings(result, history, bundle.num_classes, settings)
+    for warning in warnings:
+        reporter.warn(warning)
     from .. import __version__
 
     meta = base_metadata(arch, bundle.num_classes, c, head, mean, std, bundle)
@@ -229,6 +239,7 @@ def _train_into(
         history=[h.to_dict() for h in history],
         poisoned=int(len(poison_idx)),
         trigger=describe_trigger(trigger),
+        warnings=warnings,
         timings=dict(timer.stages),
         environment=environment(device, compute),
         init=(
@@ -237,6 +248,24 @@ def _train_into(
             else None
         ),
     )
+
+
+def training_warnings(result: EvalResult, history: list, num_classes: int, settings: TuneSettings) -> list[str]:
+    """What the user must know before using the model: a run that did not learn the task still writes its
+    weights (the report and the metadata show the figures), but says so rather than pass for a subject."""
+    acc = result.clean_acc
+    if not at_chance(acc, num_classes):
+        return []
+    last = history[-1] if history else None
+    sgd = settings.sgd
+    return [
+        f"the trained model scores {acc.value:.2%} on {acc.n} test images, chance level ({1 / num_classes:.1%}): "
+        "training did not learn the task"
+        + (f" (last epoch: loss {last.loss:.3f}, train accuracy {last.train_acc:.1%})" if last else "")
+        + f"; lower --lr (it was {sgd.lr:g})"
+        + ("" if sgd.warmup_epochs else " or add --warmup-epochs 1")
+        + ", or train longer"
+    ]
 
 
 def _starting_model(opts: TrainOptions, bundle, reporter: Reporter):
