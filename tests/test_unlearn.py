@@ -312,6 +312,57 @@ def test_a_shortcut_the_clean_reference_shares_is_left_alone(subjects):
     assert all(torch.equal(after.state_dict[k], v) for k, v in before.state_dict.items())
 
 
+def _nothing_flagged(monkeypatch) -> None:
+    """Purify's scan with a flagging threshold nothing reaches: the planted class becomes a sub-threshold candidate."""
+    import functools
+
+    from backdoor_cli.usecases import purify
+
+    monkeypatch.setattr(purify, "InversionParams", functools.partial(InversionParams, threshold=50.0))
+
+
+def test_a_candidate_below_the_threshold_the_reference_vouches_for_is_unlearnt(subjects, monkeypatch):
+    """Nothing flagged, but the smallest mask's reconstruction is ignored by the clean reference: it is
+    unlearnt, the true trigger goes, and the scan's verdict stays `not_verified` (a candidate, not a finding)."""
+    _nothing_flagged(monkeypatch)
+    out = subjects["root"] / "candidate-out"
+    args = ["--arch", "simple_cnn_half", "--clean-reference", subjects["clean"]]
+    result = _default(subjects["plain"], subjects["data"], out, *args)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    scan = report["scan"]
+    assert scan["flagged"] == [] and scan["unlearnt"] == [0]
+    assert "taken for this model's own trigger and unlearnt" in scan["choice"]
+    assert scan["reference"]["rates"]["0"]["value"] < NATURAL_RATE
+    assert report["history"]  # tuned
+    removal = report["removal"]
+    assert removal["verdict"] == "not_verified" and "a candidate, not a finding" in removal["reason"]
+    # the recorded trigger, measured on the written weights, is gone: the candidate was the backdoor
+    measured = runner.invoke(
+        app,
+        ["evaluate", str(out / "purified.safetensors"), "--data", str(subjects["data"]), "--device", "cpu"]
+        + ["--trigger", "badnets", "--json", "--quiet"],
+    )
+    assert measured.exit_code == 0, measured.output
+    assert json.loads(measured.stdout)["metrics"]["asr"]["value"] < 0.2
+
+
+def test_a_candidate_the_reference_follows_is_left_alone(subjects, monkeypatch):
+    """The model as its own reference follows every reconstruction: the candidate is a "shortcut", nothing is
+    tuned and the weights are the input's."""
+    _nothing_flagged(monkeypatch)
+    out = subjects["root"] / "candidate-shared"
+    result = _default(
+        subjects["plain"], subjects["data"], out, "--arch", "simple_cnn_half", "--clean-reference", subjects["plain"]
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["scan"]["unlearnt"] == [] and "follows its reconstruction too" in report["scan"]["choice"]
+    assert report["history"] == [] and report["removal"]["verdict"] == "not_verified"
+    before, after = read_checkpoint(str(subjects["plain"])), read_checkpoint(str(out / "purified.safetensors"))
+    assert all(torch.equal(after.state_dict[k], v) for k, v in before.state_dict.items())
+
+
 def test_a_clean_reference_nothing_uses_is_refused(subjects, tmp_path):
     ref = ["--clean-reference", str(subjects["clean"])]
     fst = _default(subjects["backdoored"], subjects["data"], tmp_path / "o", "--method", "fst", *ref)

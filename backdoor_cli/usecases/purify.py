@@ -45,6 +45,7 @@ from ..runtime import Stopwatch, environment, prepare_model, resolve_device, see
 from ..scanning.guided import (
     CleanReference,
     ScanEvidence,
+    candidate_below_threshold,
     check_reference,
     choose_triggers,
     local_rates,
@@ -52,6 +53,7 @@ from ..scanning.guided import (
     rescan,
     run_scan,
     set_aside_natural,
+    vouch_for_candidate,
 )
 from ..scanning.inversion import InversionParams
 from ..selection.holdout import HoldoutMonitor, split_holdout
@@ -480,9 +482,13 @@ def _scan_for_triggers(
         else (tune_set, "the tuning images (none held out): the images the trigger was reconstructed from")
     )
     check = None
+    candidate = candidate_below_threshold(result) if reference is not None and not chosen else None
     if reference is not None and chosen:
         check = check_reference(reference, proxy_set, chosen, model, mean, std)
         chosen, choice = set_aside_natural(chosen, choice, check)
+    elif candidate is not None:  # nothing flagged: the reference may vouch for the smallest mask (scanning.guided)
+        check = check_reference(reference, proxy_set, [candidate], model, mean, std)
+        chosen, choice = vouch_for_candidate(candidate, result, check)
     evidence = ScanEvidence(
         result=result,
         params=params,

@@ -153,11 +153,18 @@ def judge_removal_by_scan(
             for c in unlearnt
             if c in proxy_before and c in proxy_after
         )
+        # A class unlearnt without a flag (--precaution, or a candidate the clean reference vouched for) is a
+        # guess below the outlier test: its reconstruction going away cannot show that a backdoor is gone.
         return RemovalVerdict(
             "not_verified",
             "the scan flagged no class, so there was nothing to verify the removal "
             "against (blend, warp and sample-specific triggers can hide from trigger inversion; "
-            f"pass --trigger if you suspect one){': ' + moved if moved else ''}",
+            "pass --trigger if you suspect one)"
+            + (
+                f"; the class unlearnt below the flagging threshold is a candidate, not a finding: {moved}"
+                if moved
+                else ""
+            ),
             evidence,
         )
     # An all-to-one backdoor has one target: with several classes flagged, some are shortcuts of the data or
