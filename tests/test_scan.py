@@ -223,12 +223,36 @@ def test_a_class_the_clean_reference_follows_too_is_a_shortcut_not_a_backdoor(su
     )
 
 
-def test_a_clean_reference_with_nothing_flagged_is_recorded_unused(subjects):
+def test_a_clean_reference_with_nothing_flagged_is_used_only_on_a_candidate(subjects):
     ref = ["--clean-reference", str(subjects["backdoored"])]
     result = run_scan(subjects["clean"], subjects["data"], "--json", *ref, *SCAN_FLAGS)
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
-    assert doc["flagged_classes"] == [] and doc["reference"] == {"checkpoint": ref[1], "rates": {}}
+    assert doc["flagged_classes"] == []
+    top = max(doc["classes"], key=lambda c: c["anomaly_index"])
+    if top["anomaly_index"] < 1.0:  # nothing stands out: the reference is recorded and not used
+        assert doc["candidate"] is None and doc["reference"] == {"checkpoint": ref[1], "rates": {}}
+    else:  # the smallest mask is the candidate, tried on the reference alone
+        assert doc["candidate"]["class"] == top["class"] and list(doc["reference"]["rates"]) == [str(top["class"])]
+
+
+def test_a_candidate_below_the_threshold_the_reference_ignores_is_named_but_not_gated(subjects):
+    """With a threshold nothing reaches, the planted class is the smallest mask: the clean reference ignores its
+    reconstruction, so the verdict names it as a possible backdoor; --fail-on-detect gates on flags alone."""
+    ref = ["--clean-reference", str(subjects["clean"]), "--anomaly-threshold", "50"]
+    result = run_scan(subjects["backdoored"], subjects["data"], "--json", "--fail-on-detect", *ref, *SCAN_FLAGS)
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["flagged_classes"] == [] and not doc["backdoor_suspected"]
+    assert doc["candidate"]["class"] == 0 and doc["candidate"]["planted"]
+    assert doc["reference"]["rates"]["0"]["value"] < 0.35
+    assert (
+        "may be a backdoor the outlier test misses" in doc["verdict"] and "purify --clean-reference" in doc["verdict"]
+    )
+    own = ["--clean-reference", str(subjects["backdoored"]), "--anomaly-threshold", "50"]
+    followed = run_scan(subjects["backdoored"], subjects["data"], *own, *SCAN_FLAGS)
+    assert followed.exit_code == 0, followed.output
+    assert "follows its reconstruction too" in " ".join(followed.stdout.split())
 
 
 def test_a_missing_clean_reference_is_named_before_the_scan(subjects, tmp_path):

@@ -26,7 +26,14 @@ from ..progress import Reporter
 from ..reports.report import to_json
 from ..reports.scan_report import ScanReport, png_bytes, preview_png, trigger_pixels, trigger_spec_yaml
 from ..runtime import Stopwatch, environment, prepare_model, resolve_device, seed_everything
-from ..scanning.guided import check_reference, local_rates, local_share, proxy_rates, run_scan
+from ..scanning.guided import (
+    candidate_below_threshold,
+    check_reference,
+    local_rates,
+    local_share,
+    proxy_rates,
+    run_scan,
+)
 from ..scanning.inversion import InversionParams
 from ..subject import normalization_tensors
 from .setup import (
@@ -116,10 +123,14 @@ def _scan(
             precision="fp32",
         )
     check = None
-    if reference is not None and result.flagged:
+    # Nothing flagged: the smallest mask is still a candidate the reference may show to be planted (as purify's
+    # default unlearns it, scanning.guided.vouch_for_candidate)
+    candidate = candidate_below_threshold(result) if reference is not None else None
+    tried = [result.triggers[c] for c in result.flagged] or ([candidate] if candidate is not None else [])
+    if reference is not None and tried:
         # the scan's own images: the reference never saw the reconstruction, so they are as good as any
         with timer.stage("reference"):
-            check = check_reference(reference, clean, [result.triggers[c] for c in result.flagged], model, mean, std)
+            check = check_reference(reference, clean, tried, model, mean, std)
         reporter.info(
             "clean reference: "
             + ", ".join(f"class {c} {rate.value:.1%}" for c, rate in check.rates.items())
@@ -163,6 +174,7 @@ def _scan(
         reference=check,
         reference_path=opts.clean_reference,
         local=local,
+        candidate=candidate.target if candidate is not None else None,
     )
     if outputs is not None:
         with timer.stage("write"):
