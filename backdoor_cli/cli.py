@@ -1125,8 +1125,8 @@ def train(
         Optional[float],
         typer.Option(
             rich_help_panel="Tuning (SGD)",
-            help="Raise the rate linearly from near 0 to --lr over this many epochs' steps (default 0: none). "
-            "Deep nets without residual connections trained from scratch need it (vgg16_bn at lr 0.05: 1).",
+            help="Raise the rate linearly from near 0 to --lr over this many epochs' steps (default 0: none), "
+            "then follow the cosine schedule: for training from scratch at a high rate.",
         ),
     ] = None,
     holdout_fraction: Annotated[

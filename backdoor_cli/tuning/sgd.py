@@ -37,8 +37,8 @@ class SgdSettings:
     seed: int = 0
     schedule: str = "cosine"  # 'cosine' | 'constant' (the retuning check's protocol has no schedule)
     # Linear warm-up over the first `warmup_epochs` epochs' steps, scaling the schedule's rate from 1/steps
-    # to 1 (0: none). A from-scratch VGG-16-BN at lr 0.05 diverged without it (epoch-1 loss 4.8, above
-    # chance's 2.3); the first steps of an untrained deep net without residuals take the largest jumps.
+    # to 1 (0: none): the first steps of an untrained net take the largest jumps. (A from-scratch VGG-16-BN at
+    # lr 0.05 diverged without it, and did not learn with one epoch of 50 steps either: docs/training.md.)
     warmup_epochs: float = 0.0
 
 
