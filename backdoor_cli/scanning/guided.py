@@ -239,6 +239,11 @@ def run_scan(
         reporter.finish_steps()
 
 
+def smallest_mask_words(result: ScanResult, target: int) -> str:
+    """The unflagged smallest mask in words, as the choice of what to unlearn states it."""
+    return f"class {target} has the smallest mask (anomaly index {result.anomaly[target]:.2f} <= {result.threshold:g})"
+
+
 def choose_triggers(result: ScanResult, precaution: bool = False) -> tuple[list[ClassTrigger], str]:
     """Every flagged class. With none flagged, nothing - or, with `precaution`, the class of the most
     anomalous (smallest) mask anyway.
@@ -253,7 +258,7 @@ def choose_triggers(result: ScanResult, precaution: bool = False) -> tuple[list[
         chosen = [result.triggers[c] for c in result.flagged]
         return chosen, f"flagged by the scan: class {', '.join(str(c) for c in result.flagged)}"
     top = max((c for c in range(len(result.triggers)) if result.searched_in_full(c)), key=lambda c: result.anomaly[c])
-    smallest = f"class {top} has the smallest mask (anomaly index {result.anomaly[top]:.2f} <= {result.threshold:g})"
+    smallest = smallest_mask_words(result, top)
     if precaution:
         return [result.triggers[top]], f"no class flagged; {smallest} and was unlearnt as a precaution (--precaution)"
     return [], (
@@ -277,10 +282,7 @@ def vouch_for_candidate(
     """The sub-threshold candidate to unlearn when the (usable) clean reference ignores its reconstruction, and
     the choice in words either way."""
     c = candidate.target
-    smallest = (
-        f"no class flagged; class {c} has the smallest mask (anomaly index {result.anomaly[c]:.2f} <= "
-        f"{result.threshold:g})"
-    )
+    smallest = f"no class flagged; {smallest_mask_words(result, c)}"
     if not check.usable:
         return [], f"{smallest}, and {check.unusable_reason()}; nothing was unlearnt"
     rate = check.rates[c]
