@@ -154,10 +154,12 @@ CleanReference = Annotated[
     Optional[str],
     typer.Option(
         rich_help_panel="Retuning check",
-        help="A clean model of the same task (a bdclean .safetensors loads as it records, any other with the model's --arch/--mean/--std; `bdclean convert` writes one): --retune-check gives it "
-        "the same retuning, for the verdict; the default purify applies each flagged class's reconstructed "
-        "trigger to it, leaves a class it follows too (>= 35%) alone as a shortcut of the data, and can verify "
-        "the removal of a single planted trigger without --trigger.",
+        help="A clean model of the same task (a bdclean .safetensors loads as it records, any other with the model's --arch/--mean/--std; `bdclean convert` writes one), "
+        "`bundled` (bdclean's own for the built-in cifar10; `bundled:cifar10` for your own CIFAR-10 images) or `none`: "
+        "--retune-check gives it the same retuning, for the verdict; the default purify applies each flagged class's "
+        "reconstructed trigger to it, leaves a class it follows too (>= 35%) alone as a shortcut of the data, and can "
+        "verify the removal of a single planted trigger without --trigger. Unset, the default purify's scan uses the "
+        "bundled reference when the data is the built-in cifar10.",
     ),
 ]
 RetunePoisoned = Annotated[
@@ -1017,9 +1019,11 @@ def scan(
         Optional[str],
         typer.Option(
             rich_help_panel="Model and data",
-            help="A clean model of the same task (a bdclean .safetensors loads as it records, any other with the model's --arch/--mean/--std; `bdclean convert` writes one): each flagged class's "
-            "reconstructed trigger is applied to it, and a class it follows too (>= 35% of its images) is a "
-            "shortcut of the data, not a planted trigger.",
+            help="A clean model of the same task (a bdclean .safetensors loads as it records, any other with the model's --arch/--mean/--std; `bdclean convert` writes one), "
+            "`bundled` (bdclean's own for the built-in cifar10; `bundled:cifar10` for your own CIFAR-10 images) or `none`: "
+            "each flagged class's reconstructed trigger is applied to it, and a class it follows too (>= 35% of its "
+            "images) is a shortcut of the data, not a planted trigger. Unset: the bundled reference when the data is "
+            "the built-in cifar10.",
         ),
     ] = None,
     force: Force = None,

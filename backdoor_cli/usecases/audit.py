@@ -41,7 +41,8 @@ from .audit_targets import Shard, expand_targets, is_model_dir, parse_shard, sel
 from .purify import purify_checkpoint
 
 # Evaluation settings that change a row's outcome; a rerun reuses a row only when all of them match.
-from .setup import check_gate_inputs, check_reference_use, describe_data, load_run_data, resolve_trigger
+from .references import check_reference_use
+from .setup import check_gate_inputs, describe_data, load_run_data, resolve_trigger
 
 # Evaluation settings that change a row's outcome; a rerun reuses a row only when all of them match.
 SETTING_FIELDS = (

@@ -17,10 +17,10 @@ from ..runtime import environment, prepare_model, resolve_device, seed_everythin
 from ..selection.linear_path import PathReport, path_plot_png, path_points, walk_path
 from ..subject import Subject, normalization_tensors
 from ..verdicts.retune import RetuneResult, judge
+from .references import check_reference_use
 from .retuning import reference_check, retune_clean_set, retune_one, retune_run
 from .setup import (
     check_gate_inputs,
-    check_reference_use,
     choose_eval_format,
     describe_data,
     describe_trigger,

@@ -11,11 +11,11 @@ from ..progress import Reporter
 from ..reports.report import EvaluateReport
 from ..runtime import Stopwatch, environment, prepare_model, resolve_device, seed_everything
 from ..subject import normalization_tensors
+from .references import check_reference_use
 from .retuning import retune_checked, retune_clean_set
 from .setup import (
     cache_key,
     check_gate_inputs,
-    check_reference_use,
     choose_eval_format,
     describe_data,
     describe_trigger,

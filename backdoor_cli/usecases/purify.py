@@ -63,11 +63,11 @@ from ..subject import Subject, export_weights, normalization_tensors
 from ..tuning.loop import steps_per_epoch
 from ..tuning.sgd import SgdSettings
 from ..verdicts.removal import combine_verdicts, judge_removal, judge_removal_by_scan
+from .references import check_reference_use, open_clean_reference
 from .retuning import retune_checked
 from .setup import (
     cache_key,
     check_gate_inputs,
-    check_reference_use,
     choose_eval_format,
     decide_output_kind,
     describe_data,
@@ -75,7 +75,6 @@ from .setup import (
     eval_images,
     input_paths,
     load_run_data,
-    open_clean_reference,
     open_subject,
     replayable_metrics,
     resolve_trigger,

@@ -21,7 +21,8 @@ from ..progress import Reporter
 from ..runtime import prepare_model
 from ..subject import Subject, normalization_tensors
 from ..verdicts.retune import PROTOCOL, RetuneResult, RetuneSettings, check_retuning, judge
-from .setup import open_reference, probed_adapter
+from .references import open_reference, reference_named
+from .setup import probed_adapter
 
 
 def retune_clean_set(opts: EvaluateOptions, bundle: DatasetBundle, subject: Subject) -> ImageSet:
@@ -113,7 +114,7 @@ def retune_checked(
 
 def reference_check(opts, bundle: DatasetBundle, run: RetuneRun, reporter: Reporter) -> RetuneResult | None:
     """The check on --clean-reference, or None without one."""
-    if not opts.clean_reference:
+    if not reference_named(opts.clean_reference):
         return None
     reporter.stage(f"retuning check on the clean reference {opts.clean_reference}")
     return retune_one(open_reference(opts, bundle, reporter), None, run, reporter)

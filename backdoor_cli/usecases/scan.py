@@ -36,11 +36,11 @@ from ..scanning.guided import (
 )
 from ..scanning.inversion import InversionParams
 from ..subject import normalization_tensors
+from .references import open_clean_reference
 from .setup import (
     decide_output_kind,
     input_paths,
     load_run_data,
-    open_clean_reference,
     open_subject,
     select_clean_set,
 )
@@ -172,7 +172,7 @@ def _scan(
         options=to_yaml_dict(opts),
         output_kind=output_kind.to_dict(),
         reference=check,
-        reference_path=opts.clean_reference,
+        reference_path=reference.path if reference is not None else None,
         local=local,
         candidate=candidate.target if candidate is not None else None,
     )

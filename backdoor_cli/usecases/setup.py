@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import Checkpoint, read_checkpoint
+from ..checkpoint import Checkpoint
 from ..config import EvaluateOptions, PurifyOptions
 from ..data.datasets import (
     DatasetBundle,
@@ -26,7 +26,7 @@ from ..data.datasets import (
 )
 from ..data.imagefolder import TRANSFORM
 from ..data.streaming import materialize
-from ..errors import BdcleanError, ConfigError, InputError, UnsafeInputError
+from ..errors import ConfigError, InputError
 from ..evaluation.cache import data_fingerprint, eval_key
 from ..evaluation.measure import EvalSets
 from ..models.output_kind import (
@@ -49,9 +49,7 @@ from ..precision import (
     torch_format,
 )
 from ..progress import Reporter
-from ..runtime import prepare_model
-from ..scanning.guided import CleanReference
-from ..subject import Subject, load_subject, normalization_tensors
+from ..subject import Subject, load_subject
 from ..triggers import build_trigger, load_trigger_spec, parse_trigger_spec
 
 
@@ -103,48 +101,6 @@ def open_subject(
     for note in subject.notes:
         reporter.warn(note)
     return subject
-
-
-def open_reference(opts: EvaluateOptions, bundle: DatasetBundle, reporter: Reporter) -> Subject:
-    """--clean-reference. A reference that records its own architecture (a bdclean .safetensors: trained,
-    purified or converted by `bdclean convert`) is loaded from that record alone, so it may be of another
-    architecture than the model; any other is loaded with the model's own --arch/--num-classes/--head/--mean/
-    --std. A load that fails says so: the usual hint (change --arch) would break the model's own load."""
-    path = opts.clean_reference
-    try:
-        recorded = None if Path(path).is_dir() else read_checkpoint(path)
-        if recorded is not None and recorded.metadata.get("arch"):
-            reporter.stage(f"loading checkpoint {path} (its recorded architecture and normalisation)")
-            reference = load_subject(path, bundle, checkpoint=recorded)
-            for note in reference.notes:
-                reporter.warn(note)
-            return reference
-        return open_subject(opts, path, bundle, reporter, read=recorded)
-    except UnsafeInputError:
-        raise
-    except BdcleanError as exc:
-        raise type(exc)(
-            f"--clean-reference {path}: {exc.message}",
-            hint="the clean reference must be a clean model of the same task (the same classes). Without bdclean "
-            "metadata it is loaded with the same --arch, --num-classes, --head, --mean and --std as the model: "
-            "give a clean model of the same architecture, or write it once with `bdclean convert REFERENCE --data "
-            "... --arch ... --mean ... --std ...`, which records its own",
-        ) from None
-
-
-def open_clean_reference(opts, bundle: DatasetBundle, subject: Subject, device, reporter: Reporter):
-    """--clean-reference for the scan's natural-shortcut check, on the run's device in eval mode, or None."""
-    if not opts.clean_reference:
-        return None
-    reporter.stage(f"loading the clean reference {opts.clean_reference}")
-    reference = open_reference(opts, bundle, reporter)
-    if reference.num_classes != subject.num_classes:
-        raise ConfigError(
-            f"--clean-reference has {reference.num_classes} classes, the model {subject.num_classes}",
-            hint="the clean reference must be a clean model of the same task",
-        )
-    mean, std = normalization_tensors(reference, device)
-    return CleanReference(opts.clean_reference, prepare_model(reference.model, device).eval(), mean, std)
 
 
 def _image_size(opts, checkpoints) -> tuple[int, int] | None:
@@ -216,18 +172,6 @@ def choose_eval_format(opts, model, image_shape, device, plan, reporter: Reporte
 
 def eval_images(sets: EvalSets) -> int:
     return sets.clean.num_images + sets.num_poisoned
-
-
-def check_reference_use(opts, scans: bool = False) -> None:
-    """--clean-reference acts in the retuning check and, for a purify that scans, in telling natural
-    shortcuts from planted triggers; anywhere else it would be ignored, so it is refused by name."""
-    if getattr(opts, "clean_reference", None) and not getattr(opts, "retune_check", False) and not scans:
-        raise ConfigError(
-            "--clean-reference is used by --retune-check"
-            + (" and by the default purify's scan" if hasattr(opts, "method") else "")
-            + ", and neither runs here",
-            hint="add --retune-check, or drop --clean-reference",
-        )
 
 
 def check_gate_inputs(opts, trigger) -> None:

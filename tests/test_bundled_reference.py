@@ -1,0 +1,151 @@
+"""The clean reference bdclean ships for CIFAR-10: when a scan uses it on its own, how it is named or refused,
+and that the shipped file is the one recorded."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from backdoor_cli.checkpoint import read_checkpoint
+from backdoor_cli.cli import app
+from backdoor_cli.models import bundled_references
+from backdoor_cli.models.bundled_references import BUNDLED_REFERENCES
+from helpers import make_template_dataset
+from helpers import train_small_cnn as train
+
+QUICK = ["--steps", "10", "--batch-size", "16", "--clean-count", "40", "--device", "cpu"]
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10"
+
+
+def _cifar_like(root: Path) -> Path:
+    """Random 32x32x3 images in 10 classes, in a folder named cifar10: the built-in dataset's name and shape."""
+    rng = np.random.default_rng(0)
+    data = root / "cifar10"
+    data.mkdir(parents=True)
+    for split, n in (("train", 200), ("test", 100)):
+        x = rng.integers(0, 256, size=(n, 32, 32, 3), dtype=np.uint8)
+        np.savez(data / f"{split}.npz", x=x, y=np.arange(n, dtype=np.uint8) % 10)
+    return data
+
+
+@pytest.fixture(scope="module")
+def cifar_like(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("ships")
+    data = _cifar_like(root)
+    model = root / "tiny.safetensors"
+    result = CliRunner().invoke(
+        app,
+        ["train", "--arch", "test_tiny", "--data", str(data), "--out", str(model), "--epochs", "1", "--quiet"],
+    )
+    assert result.exit_code == 0, result.output
+    return {"root": root, "data": data, "model": model}
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("template")
+    data = make_template_dataset(root / "data", n_train=320, n_test=80)
+    return {"data": data, "model": train(data, root / "clean.safetensors")}
+
+
+def scan(model: Path, data: Path, *args: str):
+    return CliRunner().invoke(app, ["scan", str(model), "--data", str(data), *QUICK, *args])
+
+
+def test_the_shipped_file_is_the_recorded_one_and_a_cifar10_resnet20():
+    ref = BUNDLED_REFERENCES["cifar10"]
+    checkpoint = read_checkpoint(ref.path)
+    assert checkpoint.sha256 == ref.sha256
+    assert checkpoint.metadata["arch"] == "resnet20" and checkpoint.metadata["num_classes"] == 10
+    assert "akamaster" in checkpoint.metadata["converted_from"]  # its provenance, not a local path
+    assert (ref.path.parent / "README.md").read_text().count("Yerlan Idelbayev") == 1  # the BSD-2 notice
+
+
+@pytest.mark.skipif(not (SHARED / "test.npz").exists(), reason="needs ../shared/data/cifar10 (the real CIFAR-10)")
+def test_the_bundled_reference_is_a_strong_model_of_real_cifar10(tmp_path):
+    """On the first 1,000 real test images; its published figure on all 10,000 is 91.73%."""
+    path = BUNDLED_REFERENCES["cifar10"].path
+    result = CliRunner().invoke(
+        app,
+        ["evaluate", str(path), "--data", str(SHARED), "--eval-limit", "1000", "--device", "cpu", "--json"],
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["metrics"]["clean_acc"]["value"] >= 0.88
+
+
+def test_a_scan_of_cifar10_images_uses_the_bundled_reference_and_says_so(cifar_like):
+    result = scan(cifar_like["model"], cifar_like["data"], "--json")
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["reference"]["checkpoint"] == "bundled:cifar10"
+    assert "bundled clean CIFAR-10 ResNet-20" in " ".join(result.stderr.split())
+
+
+def test_none_goes_without_the_bundled_reference(cifar_like):
+    result = scan(cifar_like["model"], cifar_like["data"], "--json", "--clean-reference", "none")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["reference"] is None
+    assert "clean reference" not in result.stderr
+
+
+def test_other_data_gets_no_reference_unasked(template):
+    result = scan(template["model"], template["data"], "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["reference"] is None
+
+
+@pytest.mark.parametrize(
+    ("value", "said"),
+    [
+        ("bundled", "bdclean ships no clean reference for 'data'"),
+        ("bundled:cifar10", "takes 10-class 32x32x3 images; these are 8-class 16x16x3"),
+        ("bundled:imagenet", "bdclean ships no clean reference for 'imagenet'"),
+    ],
+)
+def test_a_bundled_reference_that_does_not_fit_is_refused_by_name(template, value, said):
+    result = scan(template["model"], template["data"], "--clean-reference", value)
+    assert result.exit_code == 2, result.output
+    assert said in " ".join(result.output.split())
+
+
+def test_a_bundled_reference_can_be_named_for_data_of_another_name(cifar_like, tmp_path):
+    renamed = tmp_path / "my-images"
+    renamed.mkdir()
+    for split in ("train", "test"):
+        (renamed / f"{split}.npz").write_bytes((cifar_like["data"] / f"{split}.npz").read_bytes())
+    assert json.loads(scan(cifar_like["model"], renamed, "--json").stdout)["reference"] is None
+    result = scan(cifar_like["model"], renamed, "--json", "--clean-reference", "bundled:cifar10")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["reference"]["checkpoint"] == "bundled:cifar10"
+
+
+def test_a_bundled_file_that_is_not_the_shipped_one_is_refused(cifar_like, monkeypatch):
+    changed = dataclasses.replace(BUNDLED_REFERENCES["cifar10"], sha256="0" * 64)
+    monkeypatch.setitem(bundled_references.BUNDLED_REFERENCES, "cifar10", changed)
+    result = scan(cifar_like["model"], cifar_like["data"])
+    assert result.exit_code == 2, result.output
+    assert "is not the file bdclean shipped" in " ".join(result.output.split())
+
+
+def test_the_default_purify_uses_it_and_a_method_without_a_scan_refuses_it(cifar_like, tmp_path):
+    out = tmp_path / "purified"
+    base = ["purify", str(cifar_like["model"]), "--data", str(cifar_like["data"]), "--device", "cpu"]
+    result = CliRunner().invoke(app, [*base, "--scan-steps", "5", "--epochs", "1", "--out", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert "bundled clean CIFAR-10 ResNet-20" in " ".join(result.stderr.split())
+    assert "bundled:cifar10" in json.dumps(report["scan"])
+    refused = CliRunner().invoke(
+        app, [*base, "--method", "fst", "--clean-reference", "bundled", "--out", str(tmp_path / "o2")]
+    )
+    assert refused.exit_code == 2 and "--clean-reference is used by --retune-check" in refused.output
+    # `none` names no reference, so it is not refused where none is read
+    kept = CliRunner().invoke(
+        app, [*base, "--method", "fst", "--epochs", "1", "--clean-reference", "none", "--out", str(tmp_path / "o3")]
+    )
+    assert kept.exit_code == 0, kept.output
