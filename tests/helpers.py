@@ -317,3 +317,30 @@ BDCLEAN = Path(sys.executable).parent / "bdclean"
 NEEDS_BDCLEAN_AND_BASH = pytest.mark.skipif(
     not BDCLEAN.exists() or not shutil.which("bash"), reason="needs the installed bdclean console script and bash"
 )
+
+
+def class_trigger(target: int, size: int = 8, l1: float = 4.0):
+    """A reconstructed trigger for unit tests: a 2x2 bottom-right mask and a pattern seeded by the class."""
+    import torch
+
+    from backdoor_cli.scanning.inversion import ClassTrigger
+
+    mask = torch.zeros(size, size)
+    mask[-2:, -2:] = 1.0
+    pattern = torch.rand(size, size, 3, generator=torch.Generator().manual_seed(target))
+    return ClassTrigger(target=target, mask=mask, pattern=pattern, l1=l1, success=1.0, reached=True, steps=10)
+
+
+def scan_result(anomaly: list[float], flagged: list[int] | None = None, **screen):
+    """A scan's result with these anomaly indices (median mask 20, MAD 0.3, threshold 2) for unit tests."""
+    from backdoor_cli.scanning.inversion import ScanResult
+
+    return ScanResult(
+        triggers=[class_trigger(c) for c in range(len(anomaly))],
+        anomaly=anomaly,
+        median_l1=20.0,
+        mad=0.3,
+        threshold=2.0,
+        flagged=flagged or [],
+        **screen,
+    )

@@ -4,8 +4,6 @@ when the reference follows it, and never makes a scan-only `verified`."""
 
 from __future__ import annotations
 
-import torch
-
 from backdoor_cli.evaluation.metrics import Rate
 from backdoor_cli.scanning.guided import (
     CANDIDATE_INDEX,
@@ -14,24 +12,8 @@ from backdoor_cli.scanning.guided import (
     candidate_below_threshold,
     vouch_for_candidate,
 )
-from backdoor_cli.scanning.inversion import ClassTrigger, ScanResult
 from backdoor_cli.verdicts.removal import judge_removal_by_scan
-
-
-def _trigger(target: int) -> ClassTrigger:
-    return ClassTrigger(target, torch.zeros(8, 8), torch.zeros(8, 8, 3), l1=4.0, success=1.0, reached=True, steps=10)
-
-
-def _result(anomaly: list[float], flagged: list[int] | None = None, **screen) -> ScanResult:
-    return ScanResult(
-        triggers=[_trigger(c) for c in range(len(anomaly))],
-        anomaly=anomaly,
-        median_l1=20.0,
-        mad=0.3,
-        threshold=2.0,
-        flagged=flagged or [],
-        **screen,
-    )
+from helpers import scan_result as _result
 
 
 def _check(rate: Rate, accuracy: float = 0.9) -> ReferenceCheck:

@@ -27,18 +27,13 @@ from backdoor_cli.scanning.guided import (
 )
 from backdoor_cli.scanning.inversion import ClassTrigger, InversionParams, ScanResult, compose
 from backdoor_cli.verdicts.removal import FAILED_ASR, combine_verdicts, judge_removal, judge_removal_by_scan
+from helpers import class_trigger as _trigger
 from helpers import make_template_dataset, train_small_cnn
+from helpers import scan_result as _result
 
 runner = CliRunner()
 MEAN = torch.tensor([0.5, 0.4, 0.3]).view(1, 3, 1, 1)
 STD = torch.tensor([0.2, 0.25, 0.3]).view(1, 3, 1, 1)
-
-
-def _trigger(target: int, size: int = 8, l1: float = 4.0) -> ClassTrigger:
-    mask = torch.zeros(size, size)
-    mask[-2:, -2:] = 1.0
-    pattern = torch.rand(size, size, 3, generator=torch.Generator().manual_seed(target))
-    return ClassTrigger(target=target, mask=mask, pattern=pattern, l1=l1, success=1.0, reached=True, steps=10)
 
 
 def test_the_stamp_is_the_composed_trigger_in_normalised_space_on_about_the_fraction():
@@ -67,17 +62,6 @@ def test_several_triggers_share_the_stamped_images():
     first = (out[:, :, -2:, -2:] != 0).flatten(1).any(1)
     second = (out[:, :, :2, :2] != 0).flatten(1).any(1)
     assert first.sum() > 100 and second.sum() > 100 and not (first & second).any()
-
-
-def _result(anomaly: list[float], flagged: list[int]) -> ScanResult:
-    return ScanResult(
-        triggers=[_trigger(c) for c in range(len(anomaly))],
-        anomaly=anomaly,
-        median_l1=20.0,
-        mad=0.3,
-        threshold=2.0,
-        flagged=flagged,
-    )
 
 
 def test_flagged_classes_are_unlearnt_and_otherwise_nothing_unless_as_a_precaution():
@@ -507,7 +491,6 @@ def test_a_spread_out_reconstruction_is_never_verified_without_the_trigger():
 
 def test_localize_keeps_the_densest_window_of_a_quarter_side():
     from backdoor_cli.scanning.guided import localize
-    from backdoor_cli.scanning.inversion import ClassTrigger
 
     mask = torch.zeros(32, 32)
     mask[28:32, 28:32] = 1.0  # a 4x4 patch in the corner
