@@ -149,3 +149,15 @@ def test_the_default_purify_uses_it_and_a_method_without_a_scan_refuses_it(cifar
         app, [*base, "--method", "fst", "--epochs", "1", "--clean-reference", "none", "--out", str(tmp_path / "o3")]
     )
     assert kept.exit_code == 0, kept.output
+
+
+def test_the_retuning_check_compares_with_the_bundled_reference_only_where_named(cifar_like):
+    base = ["evaluate", str(cifar_like["model"]), "--data", str(cifar_like["data"]), "--trigger", "badnets"]
+    args = [*base, "--device", "cpu", "--json", "--retune-check", "--retune-epochs", "1", "--retune-poisoned", "4"]
+    named = CliRunner().invoke(app, [*args, "--clean-reference", "bundled"])
+    assert named.exit_code == 0, named.output
+    assert "retuning check on the clean reference bundled:cifar10" in " ".join(named.stderr.split())
+    assert json.loads(named.stdout)["retune_check"]["reference_asr_after_retuning"] is not None
+    unnamed = CliRunner().invoke(app, args)
+    assert unnamed.exit_code == 0, unnamed.output
+    assert json.loads(unnamed.stdout)["retune_check"]["reference_asr_after_retuning"] is None

@@ -21,7 +21,7 @@ from ..progress import Reporter
 from ..runtime import prepare_model
 from ..subject import Subject, normalization_tensors
 from ..verdicts.retune import PROTOCOL, RetuneResult, RetuneSettings, check_retuning, judge
-from .references import open_reference, reference_named
+from .references import open_reference, resolve_reference
 from .setup import probed_adapter
 
 
@@ -114,10 +114,11 @@ def retune_checked(
 
 def reference_check(opts, bundle: DatasetBundle, run: RetuneRun, reporter: Reporter) -> RetuneResult | None:
     """The check on --clean-reference, or None without one."""
-    if not reference_named(opts.clean_reference):
+    choice = resolve_reference(opts.clean_reference, bundle, bundle.num_classes)
+    if choice is None:
         return None
-    reporter.stage(f"retuning check on the clean reference {opts.clean_reference}")
-    return retune_one(open_reference(opts, bundle, reporter), None, run, reporter)
+    reporter.stage(f"retuning check on the clean reference {choice.label}")
+    return retune_one(open_reference(opts, bundle, reporter, choice), None, run, reporter)
 
 
 def retune_one(subject: Subject, result, run: RetuneRun, reporter: Reporter) -> RetuneResult:
