@@ -39,7 +39,7 @@ from ..precision import (
     torch_format,
     working_precision,
 )
-from ..progress import Reporter, step_callback
+from ..progress import Reporter
 from ..reports.report import PurifyReport, stage_purify_report
 from ..runtime import Stopwatch, environment, prepare_model, resolve_device, seed_everything
 from ..scanning.guided import (
@@ -56,6 +56,7 @@ from ..scanning.guided import (
     vouch_for_candidate,
 )
 from ..scanning.inversion import InversionParams
+from ..selection.gentler import needs_gentler
 from ..selection.holdout import HoldoutMonitor, split_holdout
 from ..selection.path_select import memorised_warning, select_on_path
 from ..selection.recipe import CAVEAT, Recipe, fit_to_clean_data, resolve_recipe
@@ -63,6 +64,7 @@ from ..subject import Subject, export_weights, normalization_tensors
 from ..tuning.loop import steps_per_epoch
 from ..tuning.sgd import SgdSettings
 from ..verdicts.removal import combine_verdicts, judge_removal, judge_removal_by_scan
+from .defense_run import run_defense, unlearn_gentler
 from .references import check_reference_use, open_clean_reference
 from .retuning import retune_checked
 from .setup import (
@@ -274,12 +276,20 @@ def _purify_into(
             reporter.info("the input model's evaluation was read from the evaluation cache")
     with timer.stage("tune"):
         model.to(memory_format=torch_format(formats["tune"].format))
-        # the input's weights, for the line back to them (one copy, only when the path selection runs)
-        start = {k: v.detach().clone() for k, v in model.state_dict().items()} if recipe.select == "path" else None
+        # a gentler run when the default's unlearning costs the held-out images too much (selection/gentler.py)
+        may_soften = (
+            recipe.recommended and recipe.select == "last" and monitor is not None and evidence is not None
+        ) and not unchanged
+        # the input's weights, for the line back to them or the gentler run (one copy, only when either can run)
+        start = (
+            {k: v.detach().clone() for k, v in model.state_dict().items()}
+            if recipe.select == "path" or may_soften
+            else None
+        )
         outcome = (
             DefenseOutcome(notes=[unchanged_note(evidence)])
             if unchanged
-            else _run_defense(
+            else run_defense(
                 defense,
                 model,
                 subject,
@@ -296,6 +306,26 @@ def _purify_into(
                 triggers=evidence.chosen if evidence is not None else None,
             )
         )
+        gentler = None
+        if may_soften and monitor.curve and needs_gentler(monitor.base_acc, monitor.curve[-1]["holdout_acc"]):
+            outcome, params, gentler = unlearn_gentler(
+                defense,
+                model,
+                start,
+                subject,
+                tune_set.to(device),
+                mean,
+                std,
+                params,
+                device,
+                augmentation.flip,
+                reporter,
+                output_kind,
+                monitor,
+                compute,
+                evidence,
+                outcome,
+            )
         selection = monitor.restore(model, params.sgd.epochs) if recipe.select == "epoch" and not unchanged else None
         if selection:
             reporter.info(f"held-out selection: {selection}")
@@ -380,6 +410,7 @@ def _purify_into(
                     **monitor.to_dict(),
                     "selection": selection,
                     "path": path_choice.to_dict() if path_choice is not None else None,
+                    "gentler": gentler.to_dict() if gentler is not None else None,
                 }
                 if monitor is not None
                 else None
@@ -610,59 +641,6 @@ def _holdout(
     if warning:
         reporter.warn(warning)
     return tune_set, monitor
-
-
-def _run_defense(
-    defense,
-    model,
-    subject: Subject,
-    clean: ImageSet,
-    mean,
-    std,
-    params: DefenseParams,
-    device,
-    flip: bool,
-    reporter: Reporter,
-    output_kind: OutputKind,
-    monitor: HoldoutMonitor | None = None,
-    compute: Compute | None = None,
-    triggers=None,
-):
-    total = (
-        params.sgd.epochs * steps_per_epoch(clean.num_images, params.sgd.batch_size) if defense.trains != "none" else 0
-    )
-    reporter.start_steps(f"{defense.name} tuning", total)
-    on_step = step_callback(reporter, "tuning", total)
-
-    def on_epoch(log) -> None:
-        held = f", held-out acc {monitor.observe(model, log.epoch, mean, std):.2%}" if monitor is not None else ""
-        reporter.epoch(
-            f"epoch {log.epoch}/{params.sgd.epochs}: loss {log.loss:.4f}, "
-            f"train acc {log.train_acc:.2%}{held}, lr {log.lr:.4g}, {log.seconds:.1f}s"
-        )
-
-    try:
-        return defense.run(
-            model,
-            subject.head,
-            clean,
-            mean,
-            std,
-            params,
-            device,
-            flip=flip,
-            on_step=on_step,
-            on_epoch=on_epoch,
-            loss_adapter=output_kind.adapter,
-            **(
-                {"precision": compute.plan.tune, "memory_format": compute.formats["tune"].format}
-                if compute is not None
-                else {}
-            ),
-            **({"triggers": triggers} if defense.needs_triggers else {}),
-        )
-    finally:
-        reporter.finish_steps()
 
 
 def _purified_metadata(

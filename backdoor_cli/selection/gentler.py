@@ -1,0 +1,82 @@
+"""A gentler second unlearning when the first cost the held-out images too much (the default only).
+
+The default unlearns at the dataset's rate (lr 0.01 for CIFAR-10) and keeps the last epoch: on clean
+images drawn from the training split the held-out accuracy is that of memorised images and cannot pick
+an epoch (selection/recipe.py). It can still see a collapse. A VGG-16-BN (85.9%, trained at lr 0.01 with a
+warm-up; planting at 0.01 diverged) lost 11.5 points of held-out accuracy (91.0% -> 79.5%) and 6.25 of
+test accuracy under the default's unlearning; on every ResNet cell measured before, the held-out images
+moved by -4.0 to +5.5 points (docs/purification.md). So a fall of more than GENTLER_DROP asks for one more
+run from the input's weights at a third of the rate, and the gentler result is kept when it still removes
+what the scan found (the reconstruction's proxy ASR on the held-out images within the removal verdict's
+5%, 95% upper bound within 10%) and costs the held-out images less; otherwise the first is kept and
+the report says why. The test set and the true trigger play no part.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..evaluation.metrics import Rate
+
+GENTLER_DROP = 0.08  # held-out accuracy fall (input minus last epoch) that asks for a gentler run
+GENTLER_FACTOR = 1 / 3  # the gentler run's rate, as a share of the first's
+PROXY_REMOVED = 0.05  # the removal verdict's bounds (verdicts/removal.py), on the reconstruction's proxy ASR
+PROXY_REMOVED_HIGH = 0.10
+
+
+def needs_gentler(input_acc: float, last_acc: float) -> bool:
+    return input_acc - last_acc > GENTLER_DROP + 1e-9  # accuracies are ratios of counts
+
+
+def removed(proxy: dict[int, Rate]) -> bool:
+    """Whether every reconstruction's proxy ASR is within the removal verdict's bounds."""
+    return all(r.value <= PROXY_REMOVED and r.high <= PROXY_REMOVED_HIGH for r in proxy.values())
+
+
+@dataclass
+class GentlerRun:
+    """The first unlearning and the gentler one, both measured on the held-out images, and which was kept."""
+
+    input_acc: float
+    first_lr: float
+    first_acc: float
+    first_proxy: dict[int, Rate]
+    lr: float
+    acc: float
+    proxy: dict[int, Rate]
+    curve: list[dict] = field(default_factory=list)
+
+    @property
+    def kept_gentler(self) -> bool:
+        return removed(self.proxy) and self.acc > self.first_acc
+
+    def reason(self) -> str:
+        head = (
+            f"the unlearning at lr {self.first_lr:g} cost the held-out images {self.input_acc - self.first_acc:.1%} "
+            f"({self.input_acc:.1%} -> {self.first_acc:.1%}, more than {GENTLER_DROP:.0%}), so it was run again "
+            f"from the input at lr {self.lr:g}: {self.acc:.1%}, proxy ASR "
+            + ", ".join(f"class {c} {r.value:.1%}" for c, r in sorted(self.proxy.items()))
+        )
+        if self.kept_gentler:
+            return head + "; the gentler run is kept (what the scan found is still removed, at less cost)"
+        why = "it did not remove what the scan found" if not removed(self.proxy) else "it cost no less"
+        return head + f"; the first run is kept ({why})"
+
+    def to_dict(self) -> dict:
+        return {
+            "threshold": GENTLER_DROP,
+            "input_acc": round(self.input_acc, 6),
+            "first": {
+                "lr": self.first_lr,
+                "holdout_acc": round(self.first_acc, 6),
+                "proxy_asr": {str(c): r.to_dict() for c, r in self.first_proxy.items()},
+            },
+            "gentler": {
+                "lr": self.lr,
+                "holdout_acc": round(self.acc, 6),
+                "proxy_asr": {str(c): r.to_dict() for c, r in self.proxy.items()},
+                "curve": self.curve,
+            },
+            "kept": "gentler" if self.kept_gentler else "first",
+            "reason": self.reason(),
+        }

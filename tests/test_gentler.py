@@ -1,0 +1,141 @@
+"""The default's gentler rerun (selection/gentler.py, usecases/defense_run.py): when the unlearning costs the
+held-out images more than GENTLER_DROP, it runs again from the input at a third of the rate and keeps the
+gentler weights only when they still remove what the scan found and cost less; otherwise the first run's
+weights are restored exactly."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from backdoor_cli.cli import app
+from backdoor_cli.evaluation.metrics import Rate
+from backdoor_cli.selection import gentler
+from backdoor_cli.selection.gentler import GENTLER_DROP, GentlerRun, needs_gentler, removed
+from helpers import make_template_dataset, train_small_cnn
+
+
+def _run(first_acc=0.79, acc=0.88, proxy: Rate | None = None) -> GentlerRun:
+    return GentlerRun(
+        input_acc=0.91,
+        first_lr=0.01,
+        first_acc=first_acc,
+        first_proxy={0: Rate(3, 180)},
+        lr=0.01 / 3,
+        acc=acc,
+        proxy={0: proxy or Rate(2, 180)},
+    )
+
+
+def test_only_a_fall_beyond_the_threshold_asks_for_a_gentler_run():
+    assert not needs_gentler(0.91, 0.91 - GENTLER_DROP)  # exactly the threshold: not beyond it
+    assert needs_gentler(0.91, 0.91 - GENTLER_DROP - 0.005)
+    assert not needs_gentler(0.80, 0.85)  # a rise is no cost
+
+
+def test_removed_needs_every_class_within_both_bounds():
+    assert removed({0: Rate(2, 180), 3: Rate(0, 180)})
+    assert not removed({0: Rate(2, 180), 3: Rate(12, 180)})  # 6.7% > 5%
+    assert not removed({0: Rate(1, 10)})  # 10% on 10 images: the upper bound is far above 10%
+
+
+def test_the_gentler_run_is_kept_only_when_it_removes_and_costs_less():
+    kept = _run()
+    assert kept.kept_gentler and "the gentler run is kept" in kept.reason()
+    assert kept.to_dict()["kept"] == "gentler" and kept.to_dict()["gentler"]["lr"] == pytest.approx(0.01 / 3)
+    left = _run(proxy=Rate(40, 180))
+    assert not left.kept_gentler and "did not remove what the scan found" in left.reason()
+    costly = _run(acc=0.78)
+    assert not costly.kept_gentler and "it cost no less" in costly.reason()
+    doc = costly.to_dict()
+    assert doc["first"]["holdout_acc"] == 0.79 and doc["first"]["proxy_asr"]["0"]["k"] == 3
+    assert doc["threshold"] == GENTLER_DROP and doc["kept"] == "first"
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("gentler")
+    data = make_template_dataset(root / "data")
+    model = train_small_cnn(data, root / "bd.safetensors", "--trigger", "badnets", "--poison-rate", "0.1")
+    return {"root": root, "data": data, "model": model}
+
+
+def _default(planted, out, *args):
+    return CliRunner().invoke(
+        app,
+        [
+            "purify",
+            str(planted["model"]),
+            "--data",
+            str(planted["data"]),
+            "--out",
+            str(out),
+            "--clean-count",
+            "400",
+            "--epochs",
+            "3",
+            "--device",
+            "cpu",
+            "--json",
+            *args,
+        ],
+    )
+
+
+@pytest.fixture(scope="module")
+def plain_run(planted) -> dict:
+    """The default with a threshold no fall reaches: one unlearning run, the reference for the forced ones."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(gentler, "GENTLER_DROP", 1.0)
+        result = _default(planted, planted["root"] / "plain")
+    assert result.exit_code in (0, 1), result.output
+    return json.loads(result.stdout)
+
+
+def test_no_fall_beyond_the_threshold_no_rerun(plain_run):
+    holdout = plain_run["clean_data"]["holdout"]
+    assert holdout["gentler"] is None and len(holdout["curve"]) == 3
+    assert not any("again" in note for note in plain_run["method"]["notes"])
+
+
+def test_a_kept_first_run_is_restored_exactly(planted, plain_run, monkeypatch, tmp_path):
+    monkeypatch.setattr(gentler, "GENTLER_DROP", -1.0)  # every run "falls"
+    monkeypatch.setattr(gentler, "PROXY_REMOVED", -1.0)  # and no gentler run removes anything: the first is kept
+    result = _default(planted, tmp_path / "o")
+    assert result.exit_code in (0, 1), result.output
+    report = json.loads(result.stdout)
+    retry = report["clean_data"]["holdout"]["gentler"]
+    assert retry["kept"] == "first" and retry["gentler"]["lr"] == pytest.approx(retry["first"]["lr"] / 3)
+    assert len(retry["gentler"]["curve"]) == 3  # the gentler run's own held-out curve, epoch by epoch
+    assert "running it again from the input at lr" in " ".join(result.stderr.split())
+    assert any("the first run is kept" in note for note in report["method"]["notes"])
+    assert report["method"]["params"]["lr"] == retry["first"]["lr"]
+    ours = load_file(str(tmp_path / "o" / "purified.safetensors"))
+    theirs = load_file(str(planted["root"] / "plain" / "purified.safetensors"))
+    assert ours.keys() == theirs.keys() and all((ours[k] == theirs[k]).all() for k in ours)
+    assert report["after"]["clean_acc"] == plain_run["after"]["clean_acc"]
+
+
+def test_a_kept_gentler_run_records_the_rate_it_was_tuned_at(planted, monkeypatch, tmp_path):
+    monkeypatch.setattr(gentler, "GENTLER_DROP", -1.0)
+    monkeypatch.setattr(gentler, "PROXY_REMOVED", 1.0)  # anything counts as removed
+    monkeypatch.setattr(gentler, "PROXY_REMOVED_HIGH", 1.0)
+    monkeypatch.setattr(GentlerRun, "kept_gentler", property(lambda self: True))  # and it always costs less
+    result = _default(planted, tmp_path / "o")
+    assert result.exit_code in (0, 1), result.output
+    report = json.loads(result.stdout)
+    retry = report["clean_data"]["holdout"]["gentler"]
+    assert retry["kept"] == "gentler"
+    assert report["method"]["params"]["lr"] == pytest.approx(retry["gentler"]["lr"])
+    assert any("the gentler run is kept" in note for note in report["method"]["notes"])
+
+
+def test_a_named_method_is_never_rerun(planted, monkeypatch, tmp_path):
+    monkeypatch.setattr(gentler, "GENTLER_DROP", -1.0)
+    result = _default(planted, tmp_path / "o", "--method", "fst", "--holdout-fraction", "0.2")
+    assert result.exit_code in (0, 1), result.output
+    holdout = json.loads(result.stdout)["clean_data"]["holdout"]
+    assert holdout is None or holdout.get("gentler") is None
