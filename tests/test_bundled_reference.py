@@ -57,19 +57,32 @@ def scan(model: Path, data: Path, *args: str):
     return CliRunner().invoke(app, ["scan", str(model), "--data", str(data), *QUICK, *args])
 
 
-def test_the_shipped_file_is_the_recorded_one_and_a_cifar10_resnet20():
-    ref = BUNDLED_REFERENCES["cifar10"]
-    checkpoint = read_checkpoint(ref.path)
-    assert checkpoint.sha256 == ref.sha256
-    assert checkpoint.metadata["arch"] == "resnet20" and checkpoint.metadata["num_classes"] == 10
-    assert "akamaster" in checkpoint.metadata["converted_from"]  # its provenance, not a local path
-    assert (ref.path.parent / "README.md").read_text().count("Yerlan Idelbayev") == 1  # the BSD-2 notice
+def test_the_shipped_files_are_the_recorded_ones_a_cifar10_resnet20_and_resnet56():
+    refs = BUNDLED_REFERENCES["cifar10"]
+    for ref, arch in zip(refs, ("resnet20", "resnet56"), strict=True):
+        checkpoint = read_checkpoint(ref.path)
+        assert checkpoint.sha256 == ref.sha256 and ref.label == f"bundled:cifar10-{arch}"
+        assert checkpoint.metadata["arch"] == arch and checkpoint.metadata["num_classes"] == 10
+        assert "akamaster" in checkpoint.metadata["converted_from"]  # its provenance, not a local path
+    assert (refs[0].path.parent / "README.md").read_text().count("Yerlan Idelbayev") == 1  # the BSD-2 notice
+
+
+@pytest.mark.parametrize(
+    ("arch", "chosen"),
+    [("resnet20", "resnet56"), ("resnet56", "resnet20"), ("resnet32", "resnet20"), (None, "resnet20")],
+)
+def test_the_reference_is_of_another_architecture_than_the_model_so_never_its_parent(arch, chosen):
+    from backdoor_cli.models.architectures import ARCHITECTURES
+
+    model = ARCHITECTURES[arch](10) if arch else None
+    assert bundled_references.bundled_reference("cifar10", model).file == f"cifar10-{chosen}.safetensors"
+    assert bundled_references.bundled_reference("mnist", model) is None
 
 
 @pytest.mark.skipif(not (SHARED / "test.npz").exists(), reason="needs ../shared/data/cifar10 (the real CIFAR-10)")
 def test_the_bundled_reference_is_a_strong_model_of_real_cifar10(tmp_path):
     """On the first 1,000 real test images; its published figure on all 10,000 is 91.73%."""
-    path = BUNDLED_REFERENCES["cifar10"].path
+    path = BUNDLED_REFERENCES["cifar10"][0].path
     result = CliRunner().invoke(
         app,
         ["evaluate", str(path), "--data", str(SHARED), "--eval-limit", "1000", "--device", "cpu", "--json"],
@@ -82,8 +95,9 @@ def test_a_scan_of_cifar10_images_uses_the_bundled_reference_and_says_so(cifar_l
     result = scan(cifar_like["model"], cifar_like["data"], "--json")
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
-    assert doc["reference"]["checkpoint"] == "bundled:cifar10"
-    assert "bundled clean CIFAR-10 ResNet-20" in " ".join(result.stderr.split())
+    assert doc["reference"]["checkpoint"] == "bundled:cifar10-resnet20"
+    said = " ".join(result.stderr.split())
+    assert "bundled clean CIFAR-10 ResNet-20" in said and "of another architecture than the model's" in said
 
 
 def test_none_goes_without_the_bundled_reference(cifar_like):
@@ -121,11 +135,11 @@ def test_a_bundled_reference_can_be_named_for_data_of_another_name(cifar_like, t
     assert json.loads(scan(cifar_like["model"], renamed, "--json").stdout)["reference"] is None
     result = scan(cifar_like["model"], renamed, "--json", "--clean-reference", "bundled:cifar10")
     assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout)["reference"]["checkpoint"] == "bundled:cifar10"
+    assert json.loads(result.stdout)["reference"]["checkpoint"] == "bundled:cifar10-resnet20"
 
 
 def test_a_bundled_file_that_is_not_the_shipped_one_is_refused(cifar_like, monkeypatch):
-    changed = dataclasses.replace(BUNDLED_REFERENCES["cifar10"], sha256="0" * 64)
+    changed = tuple(dataclasses.replace(ref, sha256="0" * 64) for ref in BUNDLED_REFERENCES["cifar10"])
     monkeypatch.setitem(bundled_references.BUNDLED_REFERENCES, "cifar10", changed)
     result = scan(cifar_like["model"], cifar_like["data"])
     assert result.exit_code == 2, result.output
@@ -139,7 +153,7 @@ def test_the_default_purify_uses_it_and_a_method_without_a_scan_refuses_it(cifar
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
     assert "bundled clean CIFAR-10 ResNet-20" in " ".join(result.stderr.split())
-    assert "bundled:cifar10" in json.dumps(report["scan"])
+    assert "bundled:cifar10-resnet20" in json.dumps(report["scan"])
     refused = CliRunner().invoke(
         app, [*base, "--method", "fst", "--clean-reference", "bundled", "--out", str(tmp_path / "o2")]
     )
@@ -156,7 +170,7 @@ def test_the_retuning_check_compares_with_the_bundled_reference_only_where_named
     args = [*base, "--device", "cpu", "--json", "--retune-check", "--retune-epochs", "1", "--retune-poisoned", "4"]
     named = CliRunner().invoke(app, [*args, "--clean-reference", "bundled"])
     assert named.exit_code == 0, named.output
-    assert "retuning check on the clean reference bundled:cifar10" in " ".join(named.stderr.split())
+    assert "retuning check on the clean reference bundled:cifar10-resnet20" in " ".join(named.stderr.split())
     assert json.loads(named.stdout)["retune_check"]["reference_asr_after_retuning"] is not None
     unnamed = CliRunner().invoke(app, args)
     assert unnamed.exit_code == 0, unnamed.output

@@ -41,15 +41,16 @@ def reference_named(value: str | None) -> bool:
     return bool(value) and value.strip().lower() != NONE
 
 
-def resolve_reference(value: str | None, bundle: DatasetBundle, num_classes: int) -> ReferenceChoice | None:
-    """The reference `value` names for this data, or None (unset or `none`). `bundled` that does not fit
-    the data is refused by name: a reference of another task would read every trigger as planted."""
+def resolve_reference(value: str | None, bundle: DatasetBundle, num_classes: int, model=None) -> ReferenceChoice | None:
+    """The reference `value` names for this data, or None (unset or `none`); for `bundled`, the one chosen for
+    `model` (models/bundled_references.py). `bundled` that does not fit the data is refused by name: a
+    reference of another task would read every trigger as planted."""
     if not reference_named(value):
         return None
     if value.strip().lower().split(":")[0] != BUNDLED:
         return ReferenceChoice(Path(value), value)
     name = value.split(":", 1)[1].strip().lower() if ":" in value else bundle.name
-    ref = bundled_reference(name)
+    ref = bundled_reference(name, model)
     shipped = ", ".join(BUNDLED_REFERENCES)
     if ref is None:
         raise ConfigError(
@@ -64,16 +65,16 @@ def resolve_reference(value: str | None, bundle: DatasetBundle, num_classes: int
             f"{'x'.join(map(str, bundle.test.image_shape))}",
             hint="give a clean model of this task, or --clean-reference none",
         )
-    return ReferenceChoice(ref.path, f"{BUNDLED}:{ref.dataset}", ref)
+    return ReferenceChoice(ref.path, ref.label, ref)
 
 
-def automatic_reference(bundle: DatasetBundle, num_classes: int) -> ReferenceChoice | None:
-    """The bundled reference a scan uses when --clean-reference is unset: the data's built-in dataset's, if it
-    fits the images and classes; else None."""
-    ref = bundled_reference(bundle.name)
+def automatic_reference(bundle: DatasetBundle, num_classes: int, model=None) -> ReferenceChoice | None:
+    """The bundled reference a scan uses when --clean-reference is unset: the data's built-in dataset's (the one
+    chosen for `model`), if it fits the images and classes; else None."""
+    ref = bundled_reference(bundle.name, model)
     if ref is None or not ref.fits(bundle.test.image_shape, num_classes):
         return None
-    return ReferenceChoice(ref.path, f"{BUNDLED}:{ref.dataset}", ref)
+    return ReferenceChoice(ref.path, ref.label, ref)
 
 
 def open_reference(
@@ -115,13 +116,13 @@ def open_reference(
 def open_clean_reference(opts, bundle: DatasetBundle, subject: Subject, device, reporter: Reporter):
     """The clean reference for the scan's shortcut test, on the run's device in eval mode, or None: the one
     --clean-reference names, else the bundled one that fits the data (announced), else None."""
-    choice = resolve_reference(opts.clean_reference, bundle, subject.num_classes)
+    choice = resolve_reference(opts.clean_reference, bundle, subject.num_classes, subject.model)
     if choice is None and opts.clean_reference is None:
-        choice = automatic_reference(bundle, subject.num_classes)
+        choice = automatic_reference(bundle, subject.num_classes, subject.model)
         if choice is not None:
             reporter.info(
-                f"clean reference for the scan's shortcut test: {choice.bundled.description} "
-                "(--clean-reference none goes without)"
+                f"clean reference for the scan's shortcut test: {choice.bundled.description}, bundled, of another "
+                "architecture than the model's, so not its parent (--clean-reference none goes without)"
             )
     if choice is None:
         return None

@@ -107,14 +107,15 @@ def retune_checked(
         f"retuning check: a copy tuned {run.settings.sgd.epochs} epochs with {run.settings.poisoned} poisoned images"
     )
     result = run.check(model, mean, std, asr, adapter)
-    judge(result, reference_check(opts, bundle, run, reporter))
+    judge(result, reference_check(opts, bundle, run, reporter, model))
     reporter.info(f"retuning check: {result.verdict}")
     return result
 
 
-def reference_check(opts, bundle: DatasetBundle, run: RetuneRun, reporter: Reporter) -> RetuneResult | None:
-    """The check on --clean-reference, or None without one."""
-    choice = resolve_reference(opts.clean_reference, bundle, bundle.num_classes)
+def reference_check(opts, bundle: DatasetBundle, run: RetuneRun, reporter: Reporter, model=None) -> RetuneResult | None:
+    """The check on --clean-reference, or None without one (`model`: the checked model, for which `bundled`
+    picks a reference of another architecture)."""
+    choice = resolve_reference(opts.clean_reference, bundle, bundle.num_classes, model)
     if choice is None:
         return None
     reporter.stage(f"retuning check on the clean reference {choice.label}")
