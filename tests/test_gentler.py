@@ -14,7 +14,14 @@ from typer.testing import CliRunner
 from backdoor_cli.cli import app
 from backdoor_cli.evaluation.metrics import Rate
 from backdoor_cli.selection import gentler
-from backdoor_cli.selection.gentler import GENTLER_DROP, GentlerRun, needs_gentler, removed
+from backdoor_cli.selection.gentler import (
+    CANDIDATE_COST,
+    GENTLER_DROP,
+    GentlerRun,
+    candidate_too_costly,
+    needs_gentler,
+    removed,
+)
 from helpers import make_template_dataset, train_small_cnn
 
 
@@ -34,6 +41,12 @@ def test_only_a_fall_beyond_the_threshold_asks_for_a_gentler_run():
     assert not needs_gentler(0.91, 0.91 - GENTLER_DROP)  # exactly the threshold: not beyond it
     assert needs_gentler(0.91, 0.91 - GENTLER_DROP - 0.005)
     assert not needs_gentler(0.80, 0.85)  # a rise is no cost
+
+
+def test_a_candidate_may_cost_the_held_out_images_at_most_candidate_cost():
+    assert not candidate_too_costly(0.905, 0.905 - CANDIDATE_COST)
+    assert candidate_too_costly(0.905, 0.87)  # the clean VGG-16-BN's candidate: 3.5 points
+    assert not candidate_too_costly(0.96, 0.965)  # the planted ResNet-20's: none
 
 
 def test_removed_needs_every_class_within_both_bounds():

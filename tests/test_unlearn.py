@@ -308,7 +308,11 @@ def _nothing_flagged(monkeypatch) -> None:
 def test_a_candidate_below_the_threshold_the_reference_vouches_for_is_unlearnt(subjects, monkeypatch):
     """Nothing flagged, but the smallest mask's reconstruction is ignored by the clean reference: it is
     unlearnt, the true trigger goes, and the scan's verdict stays `not_verified` (a candidate, not a finding)."""
+    from backdoor_cli.selection import gentler
+
     _nothing_flagged(monkeypatch)
+    # a 4-epoch toy moves under tuning far more than a converged model: its candidate's cost is not the point here
+    monkeypatch.setattr(gentler, "CANDIDATE_COST", 1.0)
     out = subjects["root"] / "candidate-out"
     args = ["--arch", "simple_cnn_half", "--clean-reference", subjects["clean"]]
     result = _default(subjects["plain"], subjects["data"], out, *args)
@@ -329,6 +333,27 @@ def test_a_candidate_below_the_threshold_the_reference_vouches_for_is_unlearnt(s
     )
     assert measured.exit_code == 0, measured.output
     assert json.loads(measured.stdout)["metrics"]["asr"]["value"] < 0.2
+
+
+def test_a_candidate_that_costs_the_held_out_images_too_much_is_undone(subjects, monkeypatch):
+    """selection.gentler.CANDIDATE_COST: a guess below the threshold must be cheap; here any cost is too much, so
+    the unlearnt candidate is undone and the input's weights are written back, said in the report."""
+    from backdoor_cli.selection import gentler
+
+    _nothing_flagged(monkeypatch)
+    monkeypatch.setattr(gentler, "CANDIDATE_COST", -1.0)
+    out = subjects["root"] / "candidate-undone"
+    args = ["--arch", "simple_cnn_half", "--clean-reference", subjects["clean"]]
+    result = _default(subjects["plain"], subjects["data"], out, *args)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    scan = report["scan"]
+    assert scan["flagged"] == [] and scan["unlearnt"] == [] and "so it was undone" in scan["choice"]
+    assert any("so it was undone" in note for note in report["method"]["notes"])
+    assert report["after"]["clean_acc"] == report["before"]["clean_acc"]
+    assert report["removal"]["verdict"] == "not_verified"
+    before, after = read_checkpoint(str(subjects["plain"])), read_checkpoint(str(out / "purified.safetensors"))
+    assert all(torch.equal(after.state_dict[k], v) for k, v in before.state_dict.items())
 
 
 def test_a_candidate_the_reference_follows_is_left_alone(subjects, monkeypatch):

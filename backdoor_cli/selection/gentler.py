@@ -80,3 +80,16 @@ class GentlerRun:
             "kept": "gentler" if self.kept_gentler else "first",
             "reason": self.reason(),
         }
+
+
+# A class unlearnt without a flag (the candidate a clean reference vouched for) is a guess below the outlier
+# test; a guess must be cheap. Measured: the three backdoors found this way cost the held-out images nothing
+# (held-out accuracy +0.5, 0.0 and +2.0 points after unlearning), while a clean VGG-16-BN's candidate (anomaly
+# index 1.02, which the clean ResNet-20 ignored: 19.4%) cost them 3.5 points even after the gentler rerun, and
+# 2.95 points of test accuracy. So unlearning a candidate that costs the held-out images more than this is
+# undone, and the input is written back unchanged. Fit to these four cells (eighth session).
+CANDIDATE_COST = 0.02
+
+
+def candidate_too_costly(input_acc: float, acc: float) -> bool:
+    return input_acc - acc > CANDIDATE_COST + 1e-9

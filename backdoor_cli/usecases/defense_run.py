@@ -16,7 +16,7 @@ from ..models.output_kind import OutputKind
 from ..precision import Compute
 from ..progress import Reporter, step_callback
 from ..scanning.guided import ScanEvidence, proxy_rates
-from ..selection.gentler import GENTLER_FACTOR, GentlerRun
+from ..selection.gentler import CANDIDATE_COST, GENTLER_FACTOR, GentlerRun
 from ..selection.holdout import HoldoutMonitor
 from ..subject import Subject
 from ..tuning.loop import steps_per_epoch
@@ -140,3 +140,19 @@ def run_defense(
         )
     finally:
         reporter.finish_steps()
+
+
+def undo_costly_candidate(model, start: dict, evidence: ScanEvidence, input_acc: float, acc: float) -> str:
+    """Restore the input's weights after unlearning a candidate (a class below the flagging threshold) that cost
+    the held-out images more than CANDIDATE_COST, and record in `evidence` that nothing was unlearnt.
+    Returns the sentence the report and the terminal give."""
+    model.load_state_dict(start)
+    classes = ", ".join(str(t.target) for t in evidence.chosen)
+    note = (
+        f"unlearning the candidate class {classes} (below the flagging threshold) cost the held-out images "
+        f"{input_acc - acc:.1%} ({input_acc:.1%} -> {acc:.1%}), more than the {CANDIDATE_COST:.0%} a guess may "
+        "cost, so it was undone: the output holds the input model's weights"
+    )
+    evidence.chosen = []
+    evidence.choice += "; " + note
+    return note

@@ -56,7 +56,7 @@ from ..scanning.guided import (
     vouch_for_candidate,
 )
 from ..scanning.inversion import InversionParams
-from ..selection.gentler import needs_gentler
+from ..selection.gentler import candidate_too_costly, needs_gentler
 from ..selection.holdout import HoldoutMonitor, split_holdout
 from ..selection.path_select import memorised_warning, select_on_path
 from ..selection.recipe import CAVEAT, Recipe, fit_to_clean_data, resolve_recipe
@@ -64,7 +64,7 @@ from ..subject import Subject, export_weights, normalization_tensors
 from ..tuning.loop import steps_per_epoch
 from ..tuning.sgd import SgdSettings
 from ..verdicts.removal import combine_verdicts, judge_removal, judge_removal_by_scan
-from .defense_run import run_defense, unlearn_gentler
+from .defense_run import run_defense, undo_costly_candidate, unlearn_gentler
 from .references import check_reference_use, open_clean_reference
 from .retuning import retune_checked
 from .setup import (
@@ -326,6 +326,12 @@ def _purify_into(
                 evidence,
                 outcome,
             )
+        if may_soften and not evidence.flagged and not opts.precaution:  # a candidate the reference vouched for
+            kept_acc = gentler.acc if gentler is not None and gentler.kept_gentler else monitor.curve[-1]["holdout_acc"]
+            if candidate_too_costly(monitor.base_acc, kept_acc):
+                note = undo_costly_candidate(model, start, evidence, monitor.base_acc, kept_acc)
+                reporter.warn(note)
+                outcome, unchanged = DefenseOutcome(notes=[note]), True
         selection = monitor.restore(model, params.sgd.epochs) if recipe.select == "epoch" and not unchanged else None
         if selection:
             reporter.info(f"held-out selection: {selection}")
@@ -346,7 +352,7 @@ def _purify_into(
         model.to(memory_format=torch_format(eval_format))
         if unchanged:  # the same weights: the same predictions, not measured twice
             after = before
-            reporter.info(unchanged_note(evidence))
+            reporter.info(outcome.notes[-1] if outcome.notes else unchanged_note(evidence))
         else:
             reporter.stage("evaluating the purified model")
             after = evaluate_model(
