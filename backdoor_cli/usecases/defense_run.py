@@ -8,6 +8,7 @@ when the first run cost the held-out images too much (selection/gentler.py) and 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 from ..data.datasets import ImageSet
 from ..defenses import DefenseParams
@@ -23,26 +24,21 @@ from ..tuning.loop import steps_per_epoch
 
 
 def unlearn_gentler(
-    defense,
+    tune: Callable[[DefenseParams, HoldoutMonitor], DefenseOutcome],
     model,
     start: dict,
-    subject: Subject,
-    tune_set: ImageSet,
+    params: DefenseParams,
     mean,
     std,
-    params: DefenseParams,
-    device,
-    flip: bool,
     reporter: Reporter,
-    output_kind: OutputKind,
     monitor: HoldoutMonitor,
-    compute: Compute | None,
     evidence: ScanEvidence,
     first: DefenseOutcome,
 ) -> tuple[DefenseOutcome, DefenseParams, GentlerRun]:
-    """The unlearning again from the input's weights at GENTLER_FACTOR of the rate; the gentler model is kept
-    when it still removes the scan's reconstructions and costs the held-out images less (selection/gentler.py).
-    Returns the kept run's outcome and params (the report records the rate the kept weights were tuned at)."""
+    """The unlearning again from the input's weights at GENTLER_FACTOR of the rate (`tune(params, monitor)` runs
+    it on `model`, as the first run did); the gentler model is kept when it still removes the scan's
+    reconstructions and costs the held-out images less (selection/gentler.py). Returns the kept run's outcome
+    and params (the report records the rate the kept weights were tuned at)."""
     first_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     first_acc = monitor.curve[-1]["holdout_acc"]
     first_proxy = proxy_rates(model, monitor.images, evidence.chosen, mean, std)
@@ -53,22 +49,7 @@ def unlearn_gentler(
     )
     model.load_state_dict(start)
     again = HoldoutMonitor(monitor.images, monitor.base_acc)
-    outcome = run_defense(
-        defense,
-        model,
-        subject,
-        tune_set,
-        mean,
-        std,
-        softer,
-        device,
-        flip,
-        reporter,
-        output_kind,
-        again,
-        compute,
-        triggers=evidence.chosen,
-    )
+    outcome = tune(softer, again)
     run = GentlerRun(
         input_acc=monitor.base_acc,
         first_lr=params.sgd.lr,

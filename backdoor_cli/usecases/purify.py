@@ -286,45 +286,30 @@ def _purify_into(
             if recipe.select == "path" or may_soften
             else None
         )
-        outcome = (
-            DefenseOutcome(notes=[unchanged_note(evidence)])
-            if unchanged
-            else run_defense(
+
+        def tune(run_params, run_monitor):
+            return run_defense(
                 defense,
                 model,
                 subject,
                 tune_set.to(device),
                 mean,
                 std,
-                params,
+                run_params,
                 device,
                 augmentation.flip,
                 reporter,
                 output_kind,
-                monitor,
+                run_monitor,
                 compute,
                 triggers=evidence.chosen if evidence is not None else None,
             )
-        )
+
+        outcome = DefenseOutcome(notes=[unchanged_note(evidence)]) if unchanged else tune(params, monitor)
         gentler = None
         if may_soften and monitor.curve and needs_gentler(monitor.base_acc, monitor.curve[-1]["holdout_acc"]):
             outcome, params, gentler = unlearn_gentler(
-                defense,
-                model,
-                start,
-                subject,
-                tune_set.to(device),
-                mean,
-                std,
-                params,
-                device,
-                augmentation.flip,
-                reporter,
-                output_kind,
-                monitor,
-                compute,
-                evidence,
-                outcome,
+                tune, model, start, params, mean, std, reporter, monitor, evidence, outcome
             )
         if may_soften and not evidence.flagged and not opts.precaution:  # a candidate the reference vouched for
             kept_acc = gentler.acc if gentler is not None and gentler.kept_gentler else monitor.curve[-1]["holdout_acc"]
