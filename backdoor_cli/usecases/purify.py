@@ -56,7 +56,7 @@ from ..scanning.guided import (
     vouch_for_candidate,
 )
 from ..scanning.inversion import InversionParams
-from ..selection.gentler import candidate_too_costly, needs_gentler
+from ..selection.gentler import candidate_too_costly
 from ..selection.holdout import HoldoutMonitor, split_holdout
 from ..selection.path_select import memorised_warning, select_on_path
 from ..selection.recipe import CAVEAT, Recipe, fit_to_clean_data, resolve_recipe
@@ -64,7 +64,8 @@ from ..subject import Subject, export_weights, normalization_tensors
 from ..tuning.loop import steps_per_epoch
 from ..tuning.sgd import SgdSettings
 from ..verdicts.removal import combine_verdicts, judge_removal, judge_removal_by_scan
-from .defense_run import run_defense, undo_costly_candidate, unlearn_gentler
+from .default_unlearning import undo_costly_candidate, unlearn_default
+from .defense_run import run_defense
 from .references import check_reference_use, open_clean_reference
 from .retuning import retune_checked
 from .setup import (
@@ -287,7 +288,7 @@ def _purify_into(
             else None
         )
 
-        def tune(run_params, run_monitor):
+        def tune(run_params, run_monitor, stop_first_epoch=None):
             return run_defense(
                 defense,
                 model,
@@ -303,16 +304,20 @@ def _purify_into(
                 run_monitor,
                 compute,
                 triggers=evidence.chosen if evidence is not None else None,
+                stop_first_epoch=stop_first_epoch,
             )
 
-        outcome = DefenseOutcome(notes=[unchanged_note(evidence)]) if unchanged else tune(params, monitor)
         gentler = None
-        if may_soften and monitor.curve and needs_gentler(monitor.base_acc, monitor.curve[-1]["holdout_acc"]):
-            outcome, params, gentler = unlearn_gentler(
-                tune, model, start, params, mean, std, reporter, monitor, evidence, outcome
+        if unchanged:
+            outcome = DefenseOutcome(notes=[unchanged_note(evidence)])
+        elif may_soften:
+            outcome, params, gentler = unlearn_default(
+                tune, model, start, params, mean, std, reporter, monitor, evidence
             )
+        else:
+            outcome = tune(params, monitor)
         if may_soften and not evidence.flagged and not opts.precaution:  # a candidate the reference vouched for
-            kept_acc = gentler.acc if gentler is not None and gentler.kept_gentler else monitor.curve[-1]["holdout_acc"]
+            kept_acc = monitor.curve[-1]["holdout_acc"]  # the kept run's (default_unlearning keeps it so)
             if candidate_too_costly(monitor.base_acc, kept_acc):
                 note = undo_costly_candidate(model, start, evidence, monitor.base_acc, kept_acc)
                 reporter.warn(note)

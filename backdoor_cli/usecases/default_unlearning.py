@@ -1,0 +1,175 @@
+"""The default's unlearning and what it may undo (selection/gentler.py has the rules and their measurements).
+
+`unlearn_default` runs the scan-guided unlearning at the default's rate, stopping it after the first epoch for
+a gentler rate when that epoch cost the held-out images too much, and running it again gentler when the whole
+run did (`unlearn_gentler`), keeping the better of the two; `undo_costly_candidate` writes the input back when
+a class unlearnt without a flag cost the held-out images more than a guess may.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+from ..defenses import DefenseParams
+from ..defenses.base import DefenseOutcome
+from ..progress import Reporter
+from ..scanning.guided import ScanEvidence, proxy_rates
+from ..selection.gentler import CANDIDATE_COST, GENTLER_FACTOR, GentlerRun, needs_gentler, too_hot
+from ..selection.holdout import HoldoutMonitor
+from .defense_run import FirstEpochTooCostly
+
+Tune = Callable[..., DefenseOutcome]  # tune(params, monitor, stop_first_epoch=None): one run on purify's model
+
+
+def unlearn_default(
+    tune: Tune,
+    model,
+    start: dict,
+    params: DefenseParams,
+    mean,
+    std,
+    reporter: Reporter,
+    monitor: HoldoutMonitor,
+    evidence: ScanEvidence,
+) -> tuple[DefenseOutcome, DefenseParams, GentlerRun | None]:
+    """The default's unlearning at its own rate, watched by `monitor`: stopped after the first epoch for a
+    gentler run when that epoch cost the held-out images more than FIRST_EPOCH_DROP, run again gentler when the
+    whole run cost more than GENTLER_DROP (selection/gentler.py). Returns the kept run's outcome and params, and
+    the record of the gentler run when there was one."""
+    probe = (lambda acc: too_hot(monitor.base_acc, acc)) if params.sgd.epochs > 1 else None
+    try:
+        first = tune(params, monitor, stop_first_epoch=probe)
+    except FirstEpochTooCostly as stop:
+        return _restart_gentler(tune, model, start, params, mean, std, reporter, monitor, evidence, stop.acc)
+    if monitor.curve and needs_gentler(monitor.base_acc, monitor.curve[-1]["holdout_acc"]):
+        return unlearn_gentler(tune, model, start, params, mean, std, reporter, monitor, evidence, first)
+    return first, params, None
+
+
+def _run_gentler(
+    tune: Tune, model, start: dict, params: DefenseParams, mean, std, monitor: HoldoutMonitor, evidence: ScanEvidence
+) -> tuple[DefenseOutcome, DefenseParams, HoldoutMonitor, dict]:
+    """The unlearning from the input's weights at GENTLER_FACTOR of the rate, watched on the same held-out
+    images: (outcome, its params, its monitor, its proxy ASR per class)."""
+    softer = dataclasses.replace(params, sgd=dataclasses.replace(params.sgd, lr=params.sgd.lr * GENTLER_FACTOR))
+    model.load_state_dict(start)
+    again = HoldoutMonitor(monitor.images, monitor.base_acc)
+    outcome = tune(softer, again)
+    return outcome, softer, again, proxy_rates(model, monitor.images, evidence.chosen, mean, std)
+
+
+def _keep_gentler(run: GentlerRun, outcome: DefenseOutcome, monitor: HoldoutMonitor, gentler: HoldoutMonitor, reporter):
+    """Say so, and make the kept run's curve the report's (its epochs are the tuning history's)."""
+    reporter.info(run.reason())
+    outcome.notes.append(run.reason())
+    monitor.curve[:] = gentler.curve
+
+
+def _restart_gentler(
+    tune: Tune,
+    model,
+    start: dict,
+    params: DefenseParams,
+    mean,
+    std,
+    reporter: Reporter,
+    monitor: HoldoutMonitor,
+    evidence: ScanEvidence,
+    stopped_acc: float,
+) -> tuple[DefenseOutcome, DefenseParams, GentlerRun]:
+    """The run was stopped after its first epoch: the gentler rate from the input's weights, kept when it removes
+    the scan's reconstructions at less cost than that epoch; otherwise the default's rate is run in full (what the
+    default did before the stop existed) and kept."""
+    reporter.warn(
+        f"the unlearning's first epoch cost the held-out images {monitor.base_acc - stopped_acc:.1%} "
+        f"({monitor.base_acc:.1%} -> {stopped_acc:.1%}): stopping it and running from the input at lr "
+        f"{params.sgd.lr * GENTLER_FACTOR:g}"
+    )
+    outcome, softer, again, proxy = _run_gentler(tune, model, start, params, mean, std, monitor, evidence)
+    run = GentlerRun(
+        input_acc=monitor.base_acc,
+        first_lr=params.sgd.lr,
+        first_acc=None,
+        first_proxy=None,
+        lr=softer.sgd.lr,
+        acc=again.curve[-1]["holdout_acc"],
+        proxy=proxy,
+        curve=again.curve,
+        cause="first_epoch",
+        stopped_acc=stopped_acc,
+        first_curve=list(monitor.curve),
+    )
+    if run.kept_gentler:
+        _keep_gentler(run, outcome, monitor, again, reporter)
+        return outcome, softer, run
+    reporter.warn(f"the gentler run is not kept; running the unlearning in full at lr {params.sgd.lr:g}")
+    model.load_state_dict(start)
+    monitor.curve.clear()  # the stopped epoch is computed again, identically, as the full run's first
+    first = tune(params, monitor)
+    run.first_acc = monitor.curve[-1]["holdout_acc"]
+    run.first_proxy = proxy_rates(model, monitor.images, evidence.chosen, mean, std)
+    run.first_curve = list(monitor.curve)
+    reporter.warn(run.reason())
+    first.notes.append(run.reason())
+    return first, params, run
+
+
+def unlearn_gentler(
+    tune: Tune,
+    model,
+    start: dict,
+    params: DefenseParams,
+    mean,
+    std,
+    reporter: Reporter,
+    monitor: HoldoutMonitor,
+    evidence: ScanEvidence,
+    first: DefenseOutcome,
+) -> tuple[DefenseOutcome, DefenseParams, GentlerRun]:
+    """The unlearning again from the input's weights at GENTLER_FACTOR of the rate (`tune(params, monitor)` runs
+    it on `model`, as the first run did); the gentler model is kept when it still removes the scan's
+    reconstructions and costs the held-out images less (selection/gentler.py). Returns the kept run's outcome
+    and params (the report records the rate the kept weights were tuned at)."""
+    first_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    first_acc = monitor.curve[-1]["holdout_acc"]
+    first_proxy = proxy_rates(model, monitor.images, evidence.chosen, mean, std)
+    reporter.warn(
+        f"the unlearning cost the held-out images {monitor.base_acc - first_acc:.1%} ({monitor.base_acc:.1%} -> "
+        f"{first_acc:.1%}): running it again from the input at lr {params.sgd.lr * GENTLER_FACTOR:g}"
+    )
+    outcome, softer, again, proxy = _run_gentler(tune, model, start, params, mean, std, monitor, evidence)
+    run = GentlerRun(
+        input_acc=monitor.base_acc,
+        first_lr=params.sgd.lr,
+        first_acc=first_acc,
+        first_proxy=first_proxy,
+        lr=softer.sgd.lr,
+        acc=again.curve[-1]["holdout_acc"],
+        proxy=proxy,
+        curve=again.curve,
+        first_curve=list(monitor.curve),
+    )
+    if run.kept_gentler:
+        _keep_gentler(run, outcome, monitor, again, reporter)
+        return outcome, softer, run
+    model.load_state_dict(first_state)
+    reporter.warn(run.reason())
+    first.notes.append(run.reason())
+    return first, params, run
+
+
+def undo_costly_candidate(model, start: dict, evidence: ScanEvidence, input_acc: float, acc: float) -> str:
+    """Restore the input's weights after unlearning a candidate (a class below the flagging threshold) that cost
+    the held-out images more than CANDIDATE_COST, and record in `evidence` that nothing was unlearnt.
+    Returns the sentence the report and the terminal give."""
+    model.load_state_dict(start)
+    classes = ", ".join(str(t.target) for t in evidence.chosen)
+    note = (
+        f"unlearning the candidate class {classes} (below the flagging threshold) cost the held-out images "
+        f"{input_acc - acc:.1%} ({input_acc:.1%} -> {acc:.1%}), more than the {CANDIDATE_COST:.0%} a guess may "
+        "cost, so it was undone: the output holds the input model's weights"
+    )
+    evidence.chosen = []
+    evidence.choice += "; " + note
+    return note
