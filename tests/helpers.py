@@ -164,6 +164,22 @@ def train_small_cnn(data: Path, out: Path, *trigger: str) -> Path:
     return out
 
 
+def planted_scan_subject(root: Path) -> dict:
+    """A simple_cnn_half with a BadNets backdoor (target 0) on the template data, loaded for a scan:
+    {"model", "images" (160 training images), "mean", "std"}."""
+    import torch
+
+    from backdoor_cli.data.datasets import load_dataset
+    from backdoor_cli.subject import load_subject, normalization_tensors
+
+    data = make_template_dataset(root / "data")
+    path = train_small_cnn(data, root / "bd.safetensors", "--trigger", "badnets", "--poison-rate", "0.1")
+    bundle = load_dataset(str(data))
+    subject = load_subject(str(path), bundle)
+    mean, std = normalization_tensors(subject, torch.device("cpu"))
+    return {"model": subject.model, "images": bundle.train.subset(torch.arange(160)), "mean": mean, "std": std}
+
+
 # --- a tiny model and data for the defenses' mechanics tests (one definition for every test file) ---
 
 

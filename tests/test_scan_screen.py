@@ -5,32 +5,24 @@ they and a random reference sample are searched in full (scan.InversionParams.sc
 from __future__ import annotations
 
 import pytest
-import torch
 
-from backdoor_cli.data.datasets import load_dataset
 from backdoor_cli.models.output_kind import LossAdapter, attach_loss
 from backdoor_cli.reports.scan_report import class_verdict
 from backdoor_cli.scanning.guided import screen_summary
 from backdoor_cli.scanning.inversion import InversionParams, scan_model
-from backdoor_cli.subject import load_subject, normalization_tensors
-from helpers import CLASSES, make_template_dataset, train_small_cnn
+from helpers import CLASSES, planted_scan_subject
 
 FORCED = InversionParams(steps=100, batch_size=32, screen_above=4, screen_steps=20, screen_keep=2, screen_reference=4)
 
 
 @pytest.fixture(scope="module")
 def screened(tmp_path_factory):
-    root = tmp_path_factory.mktemp("screen")
-    data = make_template_dataset(root / "data")
-    path = train_small_cnn(data, root / "bd.safetensors", "--trigger", "badnets", "--poison-rate", "0.1")
-    bundle = load_dataset(str(data))
-    subject = load_subject(str(path), bundle)
-    mean, std = normalization_tensors(subject, torch.device("cpu"))
-    images = bundle.train.subset(torch.arange(160))
+    planted = planted_scan_subject(tmp_path_factory.mktemp("screen"))
+    model, images, mean, std = planted["model"], planted["images"], planted["mean"], planted["std"]
     steps = []
-    with attach_loss(subject.model, LossAdapter()) as loss_fn:
+    with attach_loss(model, LossAdapter()) as loss_fn:
         result = scan_model(
-            subject.model, images.x, images.y, CLASSES, mean, std, loss_fn, FORCED, seed=0, on_step=steps.append
+            model, images.x, images.y, CLASSES, mean, std, loss_fn, FORCED, seed=0, on_step=steps.append
         )
     return result, steps
 
@@ -63,12 +55,23 @@ def test_the_progress_bar_length_is_the_work_planned(screened):
 def test_the_screen_is_off_up_to_its_class_count_and_cuts_the_work_above_it():
     params = InversionParams()
     assert not params.screens(10) and params.planned_steps(10) == params.steps
-    # 1,000 classes: 63 groups of the short search, then 2 groups (8 candidates + 24 references) in full
-    assert params.planned_steps(1000) == 63 * params.screen_steps + 2 * params.steps
-    assert params.planned_steps(1000) * 3 < -(-1000 // params.group) * params.steps
+    # 1,000 classes: 16 batches of 64 classes in the short search, then 2 groups (8 candidates + 24 references)
+    assert params.planned_steps(1000) == 16 * params.screen_steps + 2 * params.steps
+    assert params.planned_steps(1000) * 10 < -(-1000 // params.group) * params.steps  # 720 against 7,560
 
 
-@pytest.mark.parametrize("field,value", [("screen_keep", 0), ("screen_reference", 2), ("screen_steps", 0)])
+def test_the_short_search_draws_fewer_images_per_class_in_larger_batches_of_the_same_size():
+    params = InversionParams()
+    short = params.screening()
+    assert (short.steps, short.batch_size, short.group) == (params.screen_steps, 8, 64)
+    assert short.batch_size * short.group == params.batch_size * params.group  # images a step: unchanged
+    assert (short.lr, short.success, short.threshold) == (params.lr, params.success, params.threshold)
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [("screen_keep", 0), ("screen_reference", 2), ("screen_steps", 0), ("screen_batch", 0), ("screen_group", 0)],
+)
 def test_screen_parameters_out_of_range_are_refused(field, value):
     from backdoor_cli.errors import ConfigError
 

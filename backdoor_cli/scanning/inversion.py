@@ -58,12 +58,16 @@ class InversionParams:
     # Many classes (a 100- or 1,000-class hub model): a short search of every class ranks them, and only
     # the `screen_keep` smallest masks (the candidates) and `screen_reference` other classes drawn at
     # random are searched in full. The median and MAD come from the random sample, an unbiased draw of
-    # the classes, and only a fully searched candidate can be flagged. Cost for C classes (in group-steps):
-    # ceil(C / group) x screen_steps + ceil((keep + reference) / group) x steps instead of ceil(C / group) x steps.
+    # the classes, and only a fully searched candidate can be flagged. The short search only ranks, so it
+    # draws fewer images per class (`screen_batch`) and puts more classes in a batch (`screen_group`): the
+    # same images per step as a full group-step. Cost for C classes (in group-steps): ceil(C / screen_group)
+    # x screen_steps + ceil((keep + reference) / group) x steps instead of ceil(C / group) x steps.
     screen_above: int = 32  # more classes than this are pre-screened; up to it every class is searched in full
     screen_steps: int = 30
     screen_keep: int = 8
     screen_reference: int = 24
+    screen_batch: int = 8  # images per class in each step of the short search
+    screen_group: int = 64  # classes per batch in the short search (64 x 8 = 16 x 32 images a step)
 
     def validate(self) -> InversionParams:
         checks = (
@@ -81,6 +85,8 @@ class InversionParams:
             ("screen_steps", self.screen_steps >= 1),
             ("screen_keep", self.screen_keep >= 1),
             ("screen_reference", self.screen_reference >= 3),
+            ("screen_batch", self.screen_batch >= 1),
+            ("screen_group", self.screen_group >= 1),
         )
         for name, ok in checks:
             if not ok:
@@ -95,11 +101,15 @@ class InversionParams:
 
     def planned_steps(self, num_classes: int) -> int:
         """Group-steps of a scan of `num_classes` classes at most (its progress bar's length)."""
-        groups = lambda count: -(-count // self.group)  # noqa: E731 - ceil division, said once
+        groups = lambda count, size: -(-count // size)  # noqa: E731 - ceil division, said once
         if not self.screens(num_classes):
-            return groups(num_classes) * self.steps
+            return groups(num_classes, self.group) * self.steps
         full = min(num_classes, self.screen_keep + self.screen_reference)
-        return groups(num_classes) * self.screen_steps + groups(full) * self.steps
+        return groups(num_classes, self.screen_group) * self.screen_steps + groups(full, self.group) * self.steps
+
+    def screening(self) -> InversionParams:
+        """The short search's parameters: fewer steps, fewer images per class, more classes per batch."""
+        return replace(self, steps=self.screen_steps, batch_size=self.screen_batch, group=self.screen_group)
 
 
 @dataclass
@@ -388,7 +398,7 @@ def scan_model(
         if not params.screens(num_classes):
             triggers = search(list(range(num_classes)), params, announce=True)
         else:
-            triggers = search(list(range(num_classes)), replace(params, steps=params.screen_steps), announce=False)
+            triggers = search(list(range(num_classes)), params.screening(), announce=False)
             order = sorted(range(num_classes), key=lambda c: (triggers[c].l1, c))
             candidates = sorted(order[: params.screen_keep])
             rest = order[params.screen_keep :]
