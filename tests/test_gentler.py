@@ -211,6 +211,8 @@ def test_a_run_stopped_after_its_first_epoch_keeps_a_gentler_run_that_removes(pl
     assert retry["first"]["holdout_acc"] is None  # the default's rate was never run in full
     assert report["method"]["params"]["lr"] == pytest.approx(retry["first"]["lr"] / 3)
     assert "stopping it and running from the input at lr" in " ".join(result.stderr.split())
+    md = (tmp_path / "o" / "report.md").read_text()  # the report says why its rate is not the default's
+    assert "- Tuning: the unlearning at lr 0.01 cost the held-out images" in md and "in its first epoch" in md
 
 
 def test_a_stopped_run_whose_gentler_run_fails_is_run_in_full_at_the_default_rate(

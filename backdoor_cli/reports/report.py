@@ -274,6 +274,9 @@ def purify_markdown(report: PurifyReport) -> str:
         *([f"- Recipe: {recipe_line(method['recipe'])}"] if method.get("recipe") else []),
         *([f"- **Note:** {method['recipe']['caveat']}"] if (method.get("recipe") or {}).get("caveat") else []),
         "- Hyper-parameters: " + ", ".join(f"{k}={v}" for k, v in method["params"].items()),
+        # what the run did beyond its parameters (a stopped or rerun unlearning, an undone candidate): the
+        # terminal said it; the report must too
+        *[f"- Tuning: {note}" for note in method.get("notes") or []],
         f"- Model output: {output_kind_line(report.output_kind)}",
         *([f"- **Warning:** {report.output_kind['warning']}"] if (report.output_kind or {}).get("warning") else []),
         f"- Clean data: {report.clean['images']} images from {report.clean['source']}"
