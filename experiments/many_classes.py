@@ -1,9 +1,10 @@
-"""The scan's pre-screen on a 100-class model (issue 21, item 4): time and outcome against the full scan.
+"""The scan's pre-screen on a 100- or 1,000-class model (issue 21, item 4): time and outcome against the full scan.
 
-No 100-class image dataset is available offline, so the subject is a simple_cnn trained by `bdclean train`
-on 100 synthetic classes (a smooth random 32x32 template per class plus noise), with a 3x3 BadNets patch
-on 5% of the training images, target 37. The scans run on the same 1,000 training images, seed 0, fp32:
-    python experiments/many_classes.py runs/many-classes [screened] [screened-32x16] [full]
+No 100- or 1,000-class image dataset is available offline, so the subject is a simple_cnn trained by `bdclean
+train` on synthetic classes (a smooth random 32x32 template per class plus noise; 150 training images per
+class for 100 classes, 40 for 1,000), with a 3x3 BadNets patch on 5% of the training images, target 37. The
+scans run on the same 1,000 training images, seed 0, fp32:
+    python experiments/many_classes.py runs/many-classes [--classes 1000] [screened] [screened-32x16] [full]
 screened: the default pre-screen (8 images per class, 64 classes a batch); screened-32x16: the pre-screen of
 the sixth session (32 images per class, 16 classes a batch, as the full search); full: every class in full.
 """
@@ -19,12 +20,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-CLASSES, TARGET, PER_CLASS_TRAIN, PER_CLASS_TEST = 100, 37, 150, 20
+TARGET = 37
+PER_CLASS = {100: (150, 20), 1000: (40, 5)}  # training and test images per class
 
 
-def make_data(root: Path) -> None:
+def make_data(root: Path, classes: int) -> None:
+    per_train, per_test = PER_CLASS[classes]
     rng = np.random.default_rng(0)
-    coarse = rng.uniform(40, 215, (CLASSES, 4, 4, 3))
+    coarse = rng.uniform(40, 215, (classes, 4, 4, 3))
     templates = (
         torch.nn.functional.interpolate(
             torch.tensor(coarse).permute(0, 3, 1, 2), size=(32, 32), mode="bilinear", align_corners=False
@@ -33,8 +36,8 @@ def make_data(root: Path) -> None:
         .numpy()
     )
     root.mkdir(parents=True, exist_ok=True)
-    for split, per in (("train", PER_CLASS_TRAIN), ("test", PER_CLASS_TEST)):
-        y = np.arange(CLASSES * per) % CLASSES
+    for split, per in (("train", per_train), ("test", per_test)):
+        y = np.arange(classes * per) % classes
         x = np.clip(templates[y] + rng.normal(0, 25, (len(y), 32, 32, 3)), 0, 255).astype(np.uint8)
         np.savez(root / f"{split}.npz", x=x, y=y.astype(np.uint8))
 
@@ -46,12 +49,12 @@ SCANS = {
 }
 
 
-def main(out: str, names: list[str]) -> None:
+def main(out: str, names: list[str], classes: int = 100) -> None:
     root = Path(out)
-    data = root / "data"
-    ckpt = root / "bd100.safetensors"
+    data = root / ("data" if classes == 100 else f"data{classes}")
+    ckpt = root / f"bd{classes}.safetensors"
     if not ckpt.exists():
-        make_data(data)
+        make_data(data, classes)
         subprocess.run(
             [
                 sys.executable,
@@ -78,8 +81,10 @@ def main(out: str, names: list[str]) -> None:
                 str(ckpt),
                 "--force",
                 "--quiet",
+                "--json",
             ],
             check=True,
+            stdout=(root / f"train{classes}.json").open("w"),
         )
     from backdoor_cli.data.datasets import load_dataset
     from backdoor_cli.models.output_kind import LossAdapter, attach_loss
@@ -97,9 +102,9 @@ def main(out: str, names: list[str]) -> None:
         params = InversionParams(**SCANS[name])
         start = time.perf_counter()
         with attach_loss(subject.model, LossAdapter()) as loss_fn:
-            result = scan_model(subject.model, images.x, images.y, CLASSES, mean, std, loss_fn, params, seed=0)
+            result = scan_model(subject.model, images.x, images.y, classes, mean, std, loss_fn, params, seed=0)
         seconds = time.perf_counter() - start
-        order = sorted(range(CLASSES), key=lambda c: result.triggers[c].l1)
+        order = sorted(range(classes), key=lambda c: result.triggers[c].l1)
         rows[name] = {
             "seconds": round(seconds, 1),
             "flagged": result.flagged,
@@ -107,15 +112,21 @@ def main(out: str, names: list[str]) -> None:
             "target_rank_by_mask": order.index(TARGET),
             "candidates": result.candidates,
             "target_screened_in": TARGET in result.candidates,
-            "planned_group_steps": params.planned_steps(CLASSES),
+            "planned_group_steps": params.planned_steps(classes),
         }
         print(name, json.dumps(rows[name]), flush=True)
     for slower in ("full", "screened-32x16"):
         if slower in rows and "screened" in rows:
             rows[f"speedup_over_{slower}"] = round(rows[slower]["seconds"] / rows["screened"]["seconds"], 2)
-    (root / "result.json").write_text(json.dumps(rows, indent=2))
+    (root / f"result{classes}.json").write_text(json.dumps(rows, indent=2))
     print(json.dumps(rows, indent=2))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2:])
+    args = sys.argv[2:]
+    count = 100
+    if "--classes" in args:
+        at = args.index("--classes")
+        count = int(args[at + 1])
+        del args[at : at + 2]
+    main(sys.argv[1], args, count)

@@ -20,8 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..data.datasets import ImageSet
-from ..evaluation.folding import fold_batchnorm
-from ..evaluation.measure import eval_mode, top1_accuracy
+from ..evaluation.measure import top1_accuracy
 from ..evaluation.metrics import Rate
 from ..models.output_kind import LossAdapter, attach_loss
 from ..progress import Reporter, step_callback
@@ -221,9 +220,9 @@ def run_scan(
         )
 
     try:
-        with eval_mode(model), attach_loss(searched := searchable(model), adapter) as loss_fn:
+        with attach_loss(model, adapter) as loss_fn:
             return scan_model(
-                searched,
+                model,
                 images.x,
                 images.y,
                 num_classes,
@@ -238,14 +237,6 @@ def run_scan(
             )
     finally:
         reporter.finish_steps()
-
-
-def searchable(model: torch.nn.Module) -> torch.nn.Module:
-    """The model a search runs: an eval-mode copy with BatchNorm folded into its convolutions
-    (evaluation/folding.py), the same fp32 function up to rounding as the evaluation uses, with a memory pass
-    fewer per layer in every step's forward and backward (measured: see docs/scan.md); the model itself
-    where nothing folds. The weights are frozen during a search, so the fold is exact for its length."""
-    return fold_batchnorm(model.eval()).model
 
 
 def smallest_mask_words(result: ScanResult, target: int) -> str:
@@ -426,12 +417,13 @@ def rescan(
     frozen = [p for p in model.parameters() if p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)
+    model.eval()
     log_median = math.log(max(result.median_l1, MIN_L1))
     found: dict[int, dict] = {}
     try:
-        with eval_mode(model), attach_loss(searched := searchable(model), adapter) as loss_fn:
+        with attach_loss(model, adapter) as loss_fn:
             for trigger in invert_classes(
-                searched, images.x, images.y, list(classes), mean, std, loss_fn, params, generator, precision=precision
+                model, images.x, images.y, list(classes), mean, std, loss_fn, params, generator, precision=precision
             ):
                 target = trigger.target
                 if result.mad > 1e-12:
