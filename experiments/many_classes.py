@@ -39,7 +39,7 @@ def make_data(root: Path, classes: int) -> None:
     for split, per in (("train", per_train), ("test", per_test)):
         y = np.arange(classes * per) % classes
         x = np.clip(templates[y] + rng.normal(0, 25, (len(y), 32, 32, 3)), 0, 255).astype(np.uint8)
-        np.savez(root / f"{split}.npz", x=x, y=y.astype(np.uint8))
+        np.savez(root / f"{split}.npz", x=x, y=y.astype(np.uint8 if classes <= 256 else np.int64))
 
 
 SCANS = {
