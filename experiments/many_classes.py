@@ -3,8 +3,8 @@
 No 100- or 1,000-class image dataset is available offline, so the subject is a simple_cnn trained by `bdclean
 train` on synthetic classes (a smooth random 32x32 template per class plus noise; 150 training images per
 class for 100 classes, 40 for 1,000), with a 3x3 BadNets patch on 5% of the training images, target 37. The
-scans run on the same 1,000 training images, seed 0, fp32:
-    python experiments/many_classes.py runs/many-classes [--classes 1000] [screened] [screened-32x16] [full]
+scans run on the same 1,000 training images, fp32, with the scan's seed (default 0):
+    python experiments/many_classes.py runs/many-classes [--classes 1000] [--seed S] [screened] [screened-32x16] [full]
 screened: the default pre-screen (8 images per class, 64 classes a batch); screened-32x16: the pre-screen of
 the sixth session (32 images per class, 16 classes a batch, as the full search); full: every class in full.
 """
@@ -49,7 +49,7 @@ SCANS = {
 }
 
 
-def main(out: str, names: list[str], classes: int = 100) -> None:
+def main(out: str, names: list[str], classes: int = 100, seed: int = 0) -> None:
     root = Path(out)
     data = root / ("data" if classes == 100 else f"data{classes}")
     ckpt = root / f"bd{classes}.safetensors"
@@ -102,7 +102,7 @@ def main(out: str, names: list[str], classes: int = 100) -> None:
         params = InversionParams(**SCANS[name])
         start = time.perf_counter()
         with attach_loss(subject.model, LossAdapter()) as loss_fn:
-            result = scan_model(subject.model, images.x, images.y, classes, mean, std, loss_fn, params, seed=0)
+            result = scan_model(subject.model, images.x, images.y, classes, mean, std, loss_fn, params, seed=seed)
         seconds = time.perf_counter() - start
         order = sorted(range(classes), key=lambda c: result.triggers[c].l1)
         rows[name] = {
@@ -118,15 +118,16 @@ def main(out: str, names: list[str], classes: int = 100) -> None:
     for slower in ("full", "screened-32x16"):
         if slower in rows and "screened" in rows:
             rows[f"speedup_over_{slower}"] = round(rows[slower]["seconds"] / rows["screened"]["seconds"], 2)
-    (root / f"result{classes}.json").write_text(json.dumps(rows, indent=2))
+    (root / f"result{classes}-seed{seed}.json").write_text(json.dumps(rows, indent=2))
     print(json.dumps(rows, indent=2))
 
 
 if __name__ == "__main__":
     args = sys.argv[2:]
-    count = 100
-    if "--classes" in args:
-        at = args.index("--classes")
-        count = int(args[at + 1])
-        del args[at : at + 2]
-    main(sys.argv[1], args, count)
+    options = {"--classes": 100, "--seed": 0}
+    for flag in options:
+        if flag in args:
+            at = args.index(flag)
+            options[flag] = int(args[at + 1])
+            del args[at : at + 2]
+    main(sys.argv[1], args, options["--classes"], options["--seed"])
