@@ -48,15 +48,34 @@ def unlearn_default(
 
 
 def _run_gentler(
-    tune: Tune, model, start: dict, params: DefenseParams, mean, std, monitor: HoldoutMonitor, evidence: ScanEvidence
-) -> tuple[DefenseOutcome, DefenseParams, HoldoutMonitor, dict]:
+    tune: Tune,
+    model,
+    start: dict,
+    params: DefenseParams,
+    mean,
+    std,
+    monitor: HoldoutMonitor,
+    evidence: ScanEvidence,
+    **first,
+) -> tuple[DefenseOutcome, DefenseParams, HoldoutMonitor, GentlerRun]:
     """The unlearning from the input's weights at GENTLER_FACTOR of the rate, watched on the same held-out
-    images: (outcome, its params, its monitor, its proxy ASR per class)."""
+    images: (outcome, its params, its monitor, its record). `first`: what the record says of the first run
+    (GentlerRun's first_acc, first_proxy and, after a stop, cause and stopped_acc)."""
     softer = dataclasses.replace(params, sgd=dataclasses.replace(params.sgd, lr=params.sgd.lr * GENTLER_FACTOR))
     model.load_state_dict(start)
     again = HoldoutMonitor(monitor.images, monitor.base_acc)
     outcome = tune(softer, again)
-    return outcome, softer, again, proxy_rates(model, monitor.images, evidence.chosen, mean, std)
+    run = GentlerRun(
+        input_acc=monitor.base_acc,
+        first_lr=params.sgd.lr,
+        lr=softer.sgd.lr,
+        acc=again.curve[-1]["holdout_acc"],
+        proxy=proxy_rates(model, monitor.images, evidence.chosen, mean, std),
+        curve=again.curve,
+        first_curve=list(monitor.curve),
+        **first,
+    )
+    return outcome, softer, again, run
 
 
 def _keep_gentler(run: GentlerRun, outcome: DefenseOutcome, monitor: HoldoutMonitor, gentler: HoldoutMonitor, reporter):
@@ -86,19 +105,19 @@ def _restart_gentler(
         f"({monitor.base_acc:.1%} -> {stopped_acc:.1%}): stopping it and running from the input at lr "
         f"{params.sgd.lr * GENTLER_FACTOR:g}"
     )
-    outcome, softer, again, proxy = _run_gentler(tune, model, start, params, mean, std, monitor, evidence)
-    run = GentlerRun(
-        input_acc=monitor.base_acc,
-        first_lr=params.sgd.lr,
+    outcome, softer, again, run = _run_gentler(
+        tune,
+        model,
+        start,
+        params,
+        mean,
+        std,
+        monitor,
+        evidence,
         first_acc=None,
         first_proxy=None,
-        lr=softer.sgd.lr,
-        acc=again.curve[-1]["holdout_acc"],
-        proxy=proxy,
-        curve=again.curve,
         cause="first_epoch",
         stopped_acc=stopped_acc,
-        first_curve=list(monitor.curve),
     )
     if run.kept_gentler:
         _keep_gentler(run, outcome, monitor, again, reporter)
@@ -138,17 +157,8 @@ def unlearn_gentler(
         f"the unlearning cost the held-out images {monitor.base_acc - first_acc:.1%} ({monitor.base_acc:.1%} -> "
         f"{first_acc:.1%}): running it again from the input at lr {params.sgd.lr * GENTLER_FACTOR:g}"
     )
-    outcome, softer, again, proxy = _run_gentler(tune, model, start, params, mean, std, monitor, evidence)
-    run = GentlerRun(
-        input_acc=monitor.base_acc,
-        first_lr=params.sgd.lr,
-        first_acc=first_acc,
-        first_proxy=first_proxy,
-        lr=softer.sgd.lr,
-        acc=again.curve[-1]["holdout_acc"],
-        proxy=proxy,
-        curve=again.curve,
-        first_curve=list(monitor.curve),
+    outcome, softer, again, run = _run_gentler(
+        tune, model, start, params, mean, std, monitor, evidence, first_acc=first_acc, first_proxy=first_proxy
     )
     if run.kept_gentler:
         _keep_gentler(run, outcome, monitor, again, reporter)
