@@ -577,6 +577,15 @@ def purify(
             "with the scan's reconstructed trigger, labels kept (default 0.2).",
         ),
     ] = None,
+    window_step: Annotated[
+        Optional[float],
+        typer.Option(
+            rich_help_panel="Method",
+            help="unlearn: half of the stamped images get the reconstruction's densest window, opaque, with a "
+            "pattern moved this far (pixel units) toward the target before each step (default 0.05; 0: stamp "
+            "the reconstruction only).",
+        ),
+    ] = None,
     scan_steps: Annotated[
         Optional[int],
         typer.Option(
@@ -763,6 +772,7 @@ def purify(
         "nad_layers": nad_layers,
         "clp_u": clp_u,
         "unlearn_fraction": unlearn_fraction,
+        "window_step": window_step,
         "scan_steps": scan_steps,
         "precaution": precaution or None,
         "teacher_epochs": teacher_epochs,

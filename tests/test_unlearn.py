@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -190,6 +191,9 @@ def test_the_default_scans_unlearns_the_planted_class_and_removes_the_backdoor(p
     assert proxy["before"]["value"] > 0.5 and proxy["after"]["value"] < proxy["before"]["value"]
     assert scan["proxy_images"] == "held-out clean images" and scan["rescan"]["0"]["mask_l1"] > 0
     assert purified["timings"]["scan"] > 0 and purified["timings"]["verify"] > 0
+    # the planted patch is local, so its window was searched as well (defenses/window_search.py)
+    assert scan["proxy_asr"]["0"]["local_share"] >= 0.6
+    assert any(re.search(r"densest \d+x\d+ window of class 0", note) for note in purified["method"]["notes"])
 
 
 def test_the_verdict_agrees_with_the_true_trigger(purified):

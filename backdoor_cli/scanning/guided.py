@@ -136,6 +136,17 @@ class ScanEvidence:
     reference: ReferenceCheck | None = None  # --clean-reference: which flagged classes are natural shortcuts
     clean_reference: CleanReference | None = None  # the loaded reference (not reported): tests the re-scan too
 
+    def local_triggers(self) -> list[ClassTrigger]:
+        """The chosen reconstructions the locality test calls local: their densest window keeps at least
+        LOCAL_SHARE of their proxy ASR on the input model (what the unlearning's window search needs)."""
+        return [
+            t
+            for t in self.chosen
+            if t.target in self.proxy_local
+            and t.target in self.proxy_before
+            and local_share(self.proxy_local[t.target], self.proxy_before[t.target]) >= LOCAL_SHARE
+        ]
+
     @property
     def flagged(self) -> list[int]:
         return list(self.result.flagged)
@@ -324,13 +335,25 @@ def proxy_rates(model, images: ImageSet, triggers: list[ClassTrigger], mean, std
     return {t.target: proxy_asr(model, images, t, mean, std) for t in triggers}
 
 
+def window_side(height: int, width: int) -> int:
+    """The side of the locality test's window: the image's shorter side // LOCAL_WINDOW_FRACTION."""
+    return max(1, min(height, width) // LOCAL_WINDOW_FRACTION)
+
+
+def densest_window(mask: torch.Tensor, side: int) -> tuple[int, int]:
+    """(top, left) of the side x side window holding the most mass of an (H, W) mask; ties: the first in row
+    order."""
+    sums = torch.nn.functional.avg_pool2d(mask.float()[None, None], side, stride=1)[0, 0]  # mean mass of each
+    top, left = divmod(int(sums.flatten().argmax()), sums.shape[1])
+    return top, left
+
+
 def localize(trigger: ClassTrigger) -> ClassTrigger:
     """The reconstruction cut to its densest square window of side min(H, W) // LOCAL_WINDOW_FRACTION (the
     window holding the most mask mass; ties: the first in row order); the pattern is kept as it is."""
     mask = trigger.mask.float()
-    side = max(1, min(mask.shape) // LOCAL_WINDOW_FRACTION)
-    sums = torch.nn.functional.avg_pool2d(mask[None, None], side, stride=1)[0, 0]  # mean mass of each window
-    top, left = divmod(int(sums.flatten().argmax()), sums.shape[1])
+    side = window_side(*mask.shape)
+    top, left = densest_window(mask, side)
     core = torch.zeros_like(mask)
     core[top : top + side, left : left + side] = mask[top : top + side, left : left + side]
     return ClassTrigger(

@@ -43,10 +43,12 @@ def run_defense(
     monitor: HoldoutMonitor | None = None,
     compute: Compute | None = None,
     triggers=None,
+    windows=None,
     stop_first_epoch: Callable[[float], bool] | None = None,
 ):
-    """One run of `defense` on `model`. `stop_first_epoch(held-out accuracy)` returning True after the first
-    epoch stops the run there (FirstEpochTooCostly); it needs a monitor."""
+    """One run of `defense` on `model`. A scan-guided defense gets the reconstructed `triggers` and the local ones
+    whose `windows` it searches (defenses/window_search.py). `stop_first_epoch(held-out accuracy)` returning True
+    after the first epoch stops the run there (FirstEpochTooCostly); it needs a monitor."""
     total = (
         params.sgd.epochs * steps_per_epoch(clean.num_images, params.sgd.batch_size) if defense.trains != "none" else 0
     )
@@ -81,7 +83,7 @@ def run_defense(
                 if compute is not None
                 else {}
             ),
-            **({"triggers": triggers} if defense.needs_triggers else {}),
+            **({"triggers": triggers, "windows": windows or []} if defense.needs_triggers else {}),
         )
     finally:
         reporter.finish_steps()

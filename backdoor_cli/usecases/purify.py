@@ -304,6 +304,7 @@ def _purify_into(
                 run_monitor,
                 compute,
                 triggers=evidence.chosen if evidence is not None else None,
+                windows=evidence.local_triggers() if evidence is not None else None,
                 stop_first_epoch=stop_first_epoch,
             )
 
