@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from ..defenses import DefenseParams
 from ..defenses.base import DefenseOutcome
@@ -22,55 +23,60 @@ from .defense_run import FirstEpochTooCostly
 Tune = Callable[..., DefenseOutcome]  # tune(params, monitor, stop_first_epoch=None): one run on purify's model
 
 
+@dataclass(frozen=True)
+class UnlearningSetup:
+    """What every run of the default's unlearning shares: `tune` runs it on `model` (whose input weights are
+    `start`), `monitor` watches the held-out images, and `evidence` holds the scan's reconstructions."""
+
+    tune: Tune
+    model: object
+    start: dict
+    mean: object
+    std: object
+    reporter: Reporter
+    monitor: HoldoutMonitor
+    evidence: ScanEvidence
+
+    def proxy(self):
+        """The reconstructions' proxy ASR on the held-out images, for the model as it is now."""
+        return proxy_rates(self.model, self.monitor.images, self.evidence.chosen, self.mean, self.std)
+
+
 def unlearn_default(
-    tune: Tune,
-    model,
-    start: dict,
-    params: DefenseParams,
-    mean,
-    std,
-    reporter: Reporter,
-    monitor: HoldoutMonitor,
-    evidence: ScanEvidence,
+    setup: UnlearningSetup, params: DefenseParams
 ) -> tuple[DefenseOutcome, DefenseParams, GentlerRun | None]:
-    """The default's unlearning at its own rate, watched by `monitor`: stopped after the first epoch for a
+    """The default's unlearning at its own rate, watched by `setup.monitor`: stopped after the first epoch for a
     gentler run when that epoch cost the held-out images more than FIRST_EPOCH_DROP, run again gentler when the
     whole run cost more than GENTLER_DROP (selection/gentler.py). Returns the kept run's outcome and params, and
     the record of the gentler run when there was one."""
+    monitor = setup.monitor
     probe = (lambda acc: too_hot(monitor.base_acc, acc)) if params.sgd.epochs > 1 else None
     try:
-        first = tune(params, monitor, stop_first_epoch=probe)
+        first = setup.tune(params, monitor, stop_first_epoch=probe)
     except FirstEpochTooCostly as stop:
-        return _restart_gentler(tune, model, start, params, mean, std, reporter, monitor, evidence, stop.acc)
+        return _restart_gentler(setup, params, stop.acc)
     if monitor.curve and needs_gentler(monitor.base_acc, monitor.curve[-1]["holdout_acc"]):
-        return unlearn_gentler(tune, model, start, params, mean, std, reporter, monitor, evidence, first)
+        return unlearn_gentler(setup, params, first)
     return first, params, None
 
 
 def _run_gentler(
-    tune: Tune,
-    model,
-    start: dict,
-    params: DefenseParams,
-    mean,
-    std,
-    monitor: HoldoutMonitor,
-    evidence: ScanEvidence,
-    **first,
+    setup: UnlearningSetup, params: DefenseParams, **first
 ) -> tuple[DefenseOutcome, DefenseParams, HoldoutMonitor, GentlerRun]:
     """The unlearning from the input's weights at GENTLER_FACTOR of the rate, watched on the same held-out
     images: (outcome, its params, its monitor, its record). `first`: what the record says of the first run
     (GentlerRun's first_acc, first_proxy and, after a stop, cause and stopped_acc)."""
+    monitor = setup.monitor
     softer = dataclasses.replace(params, sgd=dataclasses.replace(params.sgd, lr=params.sgd.lr * GENTLER_FACTOR))
-    model.load_state_dict(start)
+    setup.model.load_state_dict(setup.start)
     again = HoldoutMonitor(monitor.images, monitor.base_acc)
-    outcome = tune(softer, again)
+    outcome = setup.tune(softer, again)
     run = GentlerRun(
         input_acc=monitor.base_acc,
         first_lr=params.sgd.lr,
         lr=softer.sgd.lr,
         acc=again.curve[-1]["holdout_acc"],
-        proxy=proxy_rates(model, monitor.images, evidence.chosen, mean, std),
+        proxy=setup.proxy(),
         curve=again.curve,
         first_curve=list(monitor.curve),
         **first,
@@ -86,48 +92,29 @@ def _keep_gentler(run: GentlerRun, outcome: DefenseOutcome, monitor: HoldoutMoni
 
 
 def _restart_gentler(
-    tune: Tune,
-    model,
-    start: dict,
-    params: DefenseParams,
-    mean,
-    std,
-    reporter: Reporter,
-    monitor: HoldoutMonitor,
-    evidence: ScanEvidence,
-    stopped_acc: float,
+    setup: UnlearningSetup, params: DefenseParams, stopped_acc: float
 ) -> tuple[DefenseOutcome, DefenseParams, GentlerRun]:
     """The run was stopped after its first epoch: the gentler rate from the input's weights, kept when it removes
     the scan's reconstructions at less cost than that epoch; otherwise the default's rate is run in full (what the
     default did before the stop existed) and kept."""
+    monitor, reporter = setup.monitor, setup.reporter
     reporter.warn(
         f"the unlearning's first epoch cost the held-out images {monitor.base_acc - stopped_acc:.1%} "
         f"({monitor.base_acc:.1%} -> {stopped_acc:.1%}): stopping it and running from the input at lr "
         f"{params.sgd.lr * GENTLER_FACTOR:g}"
     )
     outcome, softer, again, run = _run_gentler(
-        tune,
-        model,
-        start,
-        params,
-        mean,
-        std,
-        monitor,
-        evidence,
-        first_acc=None,
-        first_proxy=None,
-        cause="first_epoch",
-        stopped_acc=stopped_acc,
+        setup, params, first_acc=None, first_proxy=None, cause="first_epoch", stopped_acc=stopped_acc
     )
     if run.kept_gentler:
         _keep_gentler(run, outcome, monitor, again, reporter)
         return outcome, softer, run
     reporter.warn(f"the gentler run is not kept; running the unlearning in full at lr {params.sgd.lr:g}")
-    model.load_state_dict(start)
+    setup.model.load_state_dict(setup.start)
     monitor.curve.clear()  # the stopped epoch is computed again, identically, as the full run's first
-    first = tune(params, monitor)
+    first = setup.tune(params, monitor)
     run.first_acc = monitor.curve[-1]["holdout_acc"]
-    run.first_proxy = proxy_rates(model, monitor.images, evidence.chosen, mean, std)
+    run.first_proxy = setup.proxy()
     run.first_curve = list(monitor.curve)
     reporter.warn(run.reason())
     first.notes.append(run.reason())
@@ -135,35 +122,25 @@ def _restart_gentler(
 
 
 def unlearn_gentler(
-    tune: Tune,
-    model,
-    start: dict,
-    params: DefenseParams,
-    mean,
-    std,
-    reporter: Reporter,
-    monitor: HoldoutMonitor,
-    evidence: ScanEvidence,
-    first: DefenseOutcome,
+    setup: UnlearningSetup, params: DefenseParams, first: DefenseOutcome
 ) -> tuple[DefenseOutcome, DefenseParams, GentlerRun]:
-    """The unlearning again from the input's weights at GENTLER_FACTOR of the rate (`tune(params, monitor)` runs
-    it on `model`, as the first run did); the gentler model is kept when it still removes the scan's
+    """The unlearning again from the input's weights at GENTLER_FACTOR of the rate (`setup.tune(params, monitor)`
+    runs it on the model, as the first run did); the gentler model is kept when it still removes the scan's
     reconstructions and costs the held-out images less (selection/gentler.py). Returns the kept run's outcome
     and params (the report records the rate the kept weights were tuned at)."""
-    first_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    monitor, reporter = setup.monitor, setup.reporter
+    first_state = {k: v.detach().clone() for k, v in setup.model.state_dict().items()}
     first_acc = monitor.curve[-1]["holdout_acc"]
-    first_proxy = proxy_rates(model, monitor.images, evidence.chosen, mean, std)
+    first_proxy = setup.proxy()
     reporter.warn(
         f"the unlearning cost the held-out images {monitor.base_acc - first_acc:.1%} ({monitor.base_acc:.1%} -> "
         f"{first_acc:.1%}): running it again from the input at lr {params.sgd.lr * GENTLER_FACTOR:g}"
     )
-    outcome, softer, again, run = _run_gentler(
-        tune, model, start, params, mean, std, monitor, evidence, first_acc=first_acc, first_proxy=first_proxy
-    )
+    outcome, softer, again, run = _run_gentler(setup, params, first_acc=first_acc, first_proxy=first_proxy)
     if run.kept_gentler:
         _keep_gentler(run, outcome, monitor, again, reporter)
         return outcome, softer, run
-    model.load_state_dict(first_state)
+    setup.model.load_state_dict(first_state)
     reporter.warn(run.reason())
     first.notes.append(run.reason())
     return first, params, run

@@ -64,7 +64,7 @@ from ..subject import Subject, export_weights, normalization_tensors
 from ..tuning.loop import steps_per_epoch
 from ..tuning.sgd import SgdSettings
 from ..verdicts.removal import combine_verdicts, judge_removal, judge_removal_by_scan
-from .default_unlearning import undo_costly_candidate, unlearn_default
+from .default_unlearning import UnlearningSetup, undo_costly_candidate, unlearn_default
 from .defense_run import run_defense
 from .references import check_reference_use, open_clean_reference
 from .retuning import retune_checked
@@ -312,9 +312,8 @@ def _purify_into(
         if unchanged:
             outcome = DefenseOutcome(notes=[unchanged_note(evidence)])
         elif may_soften:
-            outcome, params, gentler = unlearn_default(
-                tune, model, start, params, mean, std, reporter, monitor, evidence
-            )
+            setup = UnlearningSetup(tune, model, start, mean, std, reporter, monitor, evidence)
+            outcome, params, gentler = unlearn_default(setup, params)
         else:
             outcome = tune(params, monitor)
         if may_soften and not evidence.flagged and not opts.precaution:  # a candidate the reference vouched for
