@@ -167,12 +167,16 @@ def result_from_dict(metrics: dict) -> EvalResult:
     def rate(value):
         return None if value is None else Rate(value["k"], value["n"])
 
+    if metrics.get("asr") is not None and metrics.get("asr_no_trigger") is None:
+        # written before the untriggered rate was counted: a miss, so a report never lacks a figure it shows
+        raise KeyError("asr_no_trigger")
     return EvalResult(
         rate(metrics["clean_acc"]),
         rate(metrics.get("asr")),
         rate(metrics.get("ra")),
         float(metrics.get("seconds", 0.0)),
         int(metrics["images"]),
+        asr_no_trigger=rate(metrics.get("asr_no_trigger")),
     )
 
 

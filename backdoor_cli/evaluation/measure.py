@@ -63,11 +63,23 @@ class EvalResult:
     seconds: float
     images: int
     checked: CheckedStats | None = None  # a checked bf16 evaluation: what ran in fp32 (checked.py)
+    # The share of the same non-target images the model sends to the target WITHOUT the trigger: the part of
+    # the ASR its own errors give. A weak or target-biased model has a floor here (a purified ResNet-32 that
+    # kept a 5.6% ASR sent 3.6% there untriggered), so the trigger's own effect is asr - asr_no_trigger.
+    asr_no_trigger: Rate | None = None
+
+    @property
+    def trigger_lift(self) -> float | None:
+        """What the trigger adds to the model's own rate into the target (fraction; negative: it repels)."""
+        if self.asr is None or self.asr_no_trigger is None:
+            return None
+        return self.asr.value - self.asr_no_trigger.value
 
     def to_dict(self) -> dict:
         out = {
             "clean_acc": self.clean_acc.to_dict(),
             "asr": self.asr.to_dict() if self.asr else None,
+            "asr_no_trigger": self.asr_no_trigger.to_dict() if self.asr_no_trigger else None,
             "ra": self.ra.to_dict() if self.ra else None,
             "seconds": round(self.seconds, 4),
             "images": self.images,
@@ -241,29 +253,35 @@ def evaluate_model(
         seconds,
         n_clean + n_poison,
         checked,
+        asr_no_trigger=Rate(counts[3], n_poison),
     )
 
 
 def _resident_counts(model, sets: EvalSets, mean, std, device, batch_size: int, on_batch, predict) -> torch.Tensor:
-    """[clean correct, target hits, robust] on the device, for sets held in memory."""
-    counts = torch.zeros(3, dtype=torch.long, device=device)
-    counts[0] = (predict(model, sets.clean.x, mean, std, device, batch_size, on_batch) == sets.clean.y).sum()
+    """[clean correct, target hits, robust, untriggered target hits] on the device, for sets held in memory."""
+    counts = torch.zeros(4, dtype=torch.long, device=device)
+    clean = predict(model, sets.clean.x, mean, std, device, batch_size, on_batch)
+    counts[0] = (clean == sets.clean.y).sum()
     if sets.poisoned is not None:
         preds = predict(model, sets.poisoned.x, mean, std, device, batch_size, on_batch)
         counts[1] = (preds == sets.target).sum()
         counts[2] = (preds == sets.poisoned.y).sum()
+        # the triggered set is exactly the clean set's non-target images (build_eval_sets)
+        counts[3] = ((clean == sets.target) & (sets.clean.y != sets.target)).sum()
     return counts
 
 
 def _streamed_counts(model, sets: EvalSets, mean, std, device, batch_size: int, on_batch, predict) -> torch.Tensor:
     """The same counts for a FolderStream: each decoded batch is predicted clean, then its non-target
     images with the trigger applied, and dropped before the next batch is taken."""
-    counts = torch.zeros(3, dtype=torch.long, device=device)
+    counts = torch.zeros(4, dtype=torch.long, device=device)
     for x, y in sets.clean.batches(batch_size):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        counts[0] += (predict(model, x, mean, std, device, batch_size, on_batch) == y).sum()
+        clean = predict(model, x, mean, std, device, batch_size, on_batch)
+        counts[0] += (clean == y).sum()
         if sets.trigger is not None:
             keep = y != sets.target
+            counts[3] += (clean[keep] == sets.target).sum()
             preds = predict(model, sets.trigger.apply(x[keep]), mean, std, device, batch_size, on_batch)
             counts[1] += (preds == sets.target).sum()
             counts[2] += (preds == y[keep]).sum()

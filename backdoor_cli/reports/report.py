@@ -19,10 +19,41 @@ SCHEMA_VERSION = "bdclean.report/1"
 DEFINITIONS = {
     "clean_acc": "accuracy on the clean test set",
     "asr": "fraction of non-target-class test images classified as the target when the trigger is applied",
+    "asr_no_trigger": (
+        "fraction of the same non-target-class test images classified as the target WITHOUT the trigger: the part "
+        "of the ASR the model's own errors give; the trigger's own effect is ASR minus this"
+    ),
     "ra": "fraction of the same triggered images classified as their true class (robust accuracy)",
     "der": "defense effectiveness rating (BackdoorBench): (max(0, dASR) - max(0, dC-Acc) + 1) / 2",
     "ci95": "95% Wilson score interval",
 }
+
+
+# The rates every results table shows, in order: (label, EvalResult attribute).
+RATE_ROWS = (("C-Acc", "clean_acc"), ("ASR", "asr"), ("ASR without trigger", "asr_no_trigger"), ("RA", "ra"))
+
+
+def trigger_lift_line(result: EvalResult, target) -> str | None:
+    """What the trigger itself does, beside the model's own rate into the target; None without both rates."""
+    lift = result.trigger_lift
+    if lift is None:
+        return None
+    where = f"class {target}" if target is not None else "the target"
+    effect = (
+        f"the trigger adds {lift * 100:.2f} points"
+        if lift >= 0
+        else f"the trigger lowers it by {-lift * 100:.2f} points"
+    )
+    return (
+        f"without the trigger the model sends {result.asr_no_trigger.value:.2%} of the non-target images to {where}; "
+        + effect
+    )
+
+
+def _lift_lines(before: EvalResult, after: EvalResult, trigger: dict | None) -> list[tuple[str, str]]:
+    target = (trigger or {}).get("target")
+    pairs = (("before", trigger_lift_line(before, target)), ("after", trigger_lift_line(after, target)))
+    return [(when, line) for when, line in pairs if line is not None]
 
 
 def pct(rate) -> str:
@@ -299,11 +330,15 @@ def purify_markdown(report: PurifyReport) -> str:
         "| metric | before | after | change |",
         "|---|---|---|---|",
     ]
-    for name, key in (("C-Acc", "clean_acc"), ("ASR", "asr"), ("RA", "ra")):
+    for name, key in RATE_ROWS:
         b, a = getattr(report.before, key), getattr(report.after, key)
+        if b is None and a is None:
+            continue
         change = signed_points(a.value - b.value) if a is not None and b is not None else "-"
         lines.append(f"| {name} | {_rate_md(b)} | {_rate_md(a)} | {change} |")
     lines += ["", f"DER: {report.der:.4f}" if report.der is not None else "DER: - (no trigger)", ""]
+    lines += [f"- {when}: {line}." for when, line in _lift_lines(report.before, report.after, report.trigger)]
+    lines += [""] if report.before.asr_no_trigger is not None else []
     if report.removal:
         lines += [
             "## Removal verdict",
@@ -600,13 +635,15 @@ def render_evaluate(report: EvaluateReport, console) -> None:
     console.print(f"[bold]{s['path']}[/bold]  {s['arch']}, {s['num_classes']} classes, sha256 {s['sha256'][:12]}")
     console.print(f"trigger: {_trigger_line(report.trigger)}")
     table = metric_table("evaluation", ["metric", "value", "95% CI", "k/n"])
-    for name, rate in (("C-Acc", report.result.clean_acc), ("ASR", report.result.asr), ("RA", report.result.ra)):
-        if rate is not None:
+    for name, key in RATE_ROWS:
+        if (rate := getattr(report.result, key)) is not None:
             table.add_row(name, pct(rate), interval(rate), counts(rate))
     if report.retune:
         after = _rate_of(report.retune["asr_after_retuning"])
         table.add_row("ASR after retuning", pct(after), interval(after), counts(after))
     console.print(table)
+    if (line := trigger_lift_line(report.result, (report.trigger or {}).get("target"))) is not None:
+        console.print(line, highlight=False, markup=False)
     if report.retune:
         console.print(f"retuning check: {report.retune['verdict']}", highlight=False, markup=False)
     render_gates(report.gates, console)
@@ -625,9 +662,9 @@ def render_purify(report: PurifyReport, console) -> None:
     if report.output_kind and report.output_kind.get("warning"):
         console.print(f"warning: {report.output_kind['warning']}", style="bold yellow", highlight=False, markup=False)
     table = metric_table("before / after", ["metric", "before", "95% CI", "after", "95% CI", "change"])
-    for name, key in (("C-Acc", "clean_acc"), ("ASR", "asr"), ("RA", "ra")):
+    for name, key in RATE_ROWS:
         b, a = getattr(report.before, key), getattr(report.after, key)
-        if b is None:
+        if b is None or a is None:
             continue
         table.add_row(
             name,
@@ -638,6 +675,8 @@ def render_purify(report: PurifyReport, console) -> None:
             signed_points(a.value - b.value),
         )
     console.print(table)
+    for when, line in _lift_lines(report.before, report.after, report.trigger):
+        console.print(f"{when}: {line}", highlight=False, markup=False)
     if report.der is not None:
         console.print(
             f"DER {report.der:.3f}   ΔC-Acc {signed_points(report.acc_delta)}   ΔASR {signed_points(report.asr_delta)}"
