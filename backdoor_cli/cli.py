@@ -1135,6 +1135,15 @@ def train(
             help="Random crop + flip while training (default off: short runs then miss the backdoor).",
         ),
     ] = None,
+    stamp_after_augment: Annotated[
+        Optional[bool],
+        typer.Option(
+            "--stamp-after-augment",
+            rich_help_panel="Tuning (SGD)",
+            help="With --augment: keep the poisoned images clean and stamp the trigger on them in each batch "
+            "after crop + flip, so it never moves (default: stamped once, then augmented with the image).",
+        ),
+    ] = None,
     warmup_epochs: Annotated[
         Optional[float],
         typer.Option(
@@ -1182,6 +1191,7 @@ def train(
         "momentum": momentum,
         "weight_decay": weight_decay,
         "augment": augment,
+        "stamp_after_augment": stamp_after_augment,
         "warmup_epochs": warmup_epochs,
         "holdout_fraction": holdout_fraction,
         "train_limit": train_limit,

@@ -241,6 +241,11 @@ class TrainOptions:
     # not take (CIFAR-10, 5% BadNets, 6 epochs: ASR 11.6% with, see docs/results-cpu.md); turn it on
     # (--augment) for long runs, where it improves clean accuracy.
     augment: bool = False
+    # With --augment: poisoned images are kept clean and stamped in each batch after crop+flip, so the trigger
+    # sits at its place in every step (an attacker who controls the training pipeline, as the planted subjects
+    # of BackdoorBench and issue 21). Off: stamped once in the data, then cropped and flipped with the image
+    # (an attacker who only supplies images).
+    stamp_after_augment: bool = False
     warmup_epochs: float = 0.0  # linear warm-up of the rate over these epochs' steps (tuning.sgd.SgdSettings)
     holdout_fraction: float = 0.0
     train_limit: int | None = None

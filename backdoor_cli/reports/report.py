@@ -234,6 +234,7 @@ class TrainReport:
     environment: dict
     init: dict | None = None  # --init: {"path", "sha256", "metrics": EvalResult of the starting model}
     warnings: list[str] = field(default_factory=list)  # e.g. a run that did not learn (usecases.training)
+    stamped_after_augment: bool = False  # --stamp-after-augment: the trigger stamped in each batch after crop+flip
 
     def to_dict(self) -> dict:
         init = None if self.init is None else {**self.init, "metrics": self.init["metrics"].to_dict()}
@@ -245,6 +246,7 @@ class TrainReport:
             "arch": self.arch,
             "data": self.data,
             "poisoned_images": self.poisoned,
+            "stamped_after_augment": self.stamped_after_augment,
             "trigger": self.trigger,
             "init": init,
             "metrics": self.result.to_dict(),

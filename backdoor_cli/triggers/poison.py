@@ -24,9 +24,10 @@ def make_poisoned_eval_set(trigger: Trigger, x: torch.Tensor, y: torch.Tensor):
     return trigger.apply(x[keep.to(x.device)]), y[keep], keep
 
 
-def poison_training_set(trigger: Trigger, x: torch.Tensor, y: torch.Tensor, rate: float, seed: int):
+def poison_training_set(trigger: Trigger, x: torch.Tensor, y: torch.Tensor, rate: float, seed: int, stamp: bool = True):
     """Dirty-label all-to-one poisoning: round(rate * N) images chosen uniformly (seeded) among ALL
-    classes get the trigger and the target label. Returns new (x, y) and the sorted int64 indices."""
+    classes get the trigger and the target label. Returns new (x, y) and the sorted int64 indices.
+    `stamp` False relabels only (the same images): the caller stamps them later, after augmentation."""
     if not is_number(rate) or not math.isfinite(rate) or not 0 <= rate <= 1:
         raise ConfigError(f"poison rate must be a number in [0, 1], got {show(rate)}")
     if not is_int(seed) or not 0 <= seed <= MAX_SEED:
@@ -37,9 +38,10 @@ def poison_training_set(trigger: Trigger, x: torch.Tensor, y: torch.Tensor, rate
     generator = torch.Generator(device="cpu").manual_seed(int(seed))
     indices = torch.randperm(n, generator=generator)[:count].sort().values
     x_new, y_new = x.clone(), y.clone()
-    if count:
+    if count and stamp:
         on_x = indices.to(x.device)
         x_new[on_x] = trigger.apply(x[on_x])
+    if count:
         y_new[indices.to(y.device)] = trigger.target
     return x_new, y_new, indices
 

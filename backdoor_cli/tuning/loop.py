@@ -96,6 +96,7 @@ def tune(
     objective: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     no_augment: torch.Tensor | None = None,
     stamp: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
+    after_augment: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     precision: str | None = None,
     memory_format: str = "channels_last",
 ) -> list[EpochLog]:
@@ -118,6 +119,8 @@ def tune(
     `no_augment` (bool per image of `data`) marks images that are used as they are, never augmented.
     `stamp(inputs, generator)` edits each normalised batch after augmentation and before the step (the
     unlearning defense stamps reconstructed triggers on part of it); it runs outside a captured graph.
+    `after_augment(xb, idx)` edits each uint8 batch after augmentation (if any) and before normalisation, given
+    its images' indices in `data` (training stamps a poisoned image's trigger there, so crop+flip never move it).
     `precision` (fp32 | bf16; None: the device's default) is the forward pass's autocast; the
     parameters and the loss stay fp32. `memory_format` is the one the model is in (precision.py).
     """
@@ -188,6 +191,8 @@ def tune(
                 xb, yb = data.x[idx], data.y[idx]
                 if sgd.augment:
                     xb = _augment(xb, generator, settings.flip, None if no_augment is None else no_augment[idx])
+                if after_augment is not None:
+                    xb = after_augment(xb, idx)
                 inputs = normalize(xb, mean, std)
                 if stamp is not None:
                     inputs = stamp(inputs, generator)

@@ -54,6 +54,17 @@ def train_model(opts: TrainOptions, reporter: Reporter | None = None) -> TrainRe
             f"--warmup-epochs must be in [0, --epochs = {opts.epochs}], got {opts.warmup_epochs:g}",
             hint="e.g. --warmup-epochs 1: the rate rises over the first epoch, then follows the cosine schedule",
         )
+    if opts.stamp_after_augment and (opts.poison_rate <= 0 or not opts.trigger):
+        raise ConfigError(
+            "--stamp-after-augment stamps poisoned images, and this run poisons none",
+            hint="give --trigger and --poison-rate, or leave --stamp-after-augment out",
+        )
+    if opts.stamp_after_augment and not opts.augment:
+        raise ConfigError(
+            "--stamp-after-augment changes nothing without --augment (without augmentation every poisoned image "
+            "is stamped once and never moved)",
+            hint="add --augment, or leave --stamp-after-augment out",
+        )
     if not 0.0 <= opts.holdout_fraction < 1.0:
         raise ConfigError(f"--holdout-fraction must be in [0, 1), got {opts.holdout_fraction}")
     settings = TuneSettings(
@@ -77,6 +88,19 @@ def train_model(opts: TrainOptions, reporter: Reporter | None = None) -> TrainRe
         report = _train_into(opts, settings, device, plan, out, outputs, reporter)
         outputs.commit()
     return report
+
+
+def stamp_after_augment(trigger, poison_idx: torch.Tensor, count: int, device):
+    """after_augment(xb, idx) for the tuning loop: the trigger on the batch's poisoned images, applied to the
+    whole batch and kept where poisoned (no data-dependent shape: nothing waits on the device)."""
+    poisoned = torch.zeros(count, dtype=torch.bool)
+    poisoned[poison_idx] = True
+    poisoned = poisoned.to(device)
+
+    def stamp(xb: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        return torch.where(poisoned[idx.to(device)][:, None, None, None], trigger.apply(xb), xb)
+
+    return stamp
 
 
 def default_model_name(opts: TrainOptions) -> str:
@@ -122,7 +146,9 @@ def _train_into(
         poison_idx = torch.empty(0, dtype=torch.long)
         x, y = train.x, train.y
         if trigger is not None and opts.poison_rate > 0:
-            x, y, poison_idx = poison_training_set(trigger, x, y, opts.poison_rate, opts.seed)
+            x, y, poison_idx = poison_training_set(
+                trigger, x, y, opts.poison_rate, opts.seed, stamp=not opts.stamp_after_augment
+            )
         start, arch, model, head, mean, std = _starting_model(opts, bundle, reporter)
         model = prepare_model(model, device)
         h, w, c = bundle.test.image_shape
@@ -166,6 +192,7 @@ def _train_into(
         f"training {arch} on {data.num_images} images"
         + (f" from {opts.init}" if start else "")
         + (f" ({len(poison_idx)} poisoned, target {trigger.target})" if len(poison_idx) else "")
+        + (", the trigger stamped after crop+flip" if opts.stamp_after_augment else "")
     )
     total = settings.sgd.epochs * steps_per_epoch(data.num_images, settings.sgd.batch_size)
     reporter.start_steps("training", total)
@@ -184,6 +211,11 @@ def _train_into(
                 on_step=on_step,
                 precision=plan.tune,
                 memory_format=train_format,
+                after_augment=(
+                    stamp_after_augment(trigger, poison_idx, data.num_images, device)
+                    if opts.stamp_after_augment
+                    else None
+                ),
                 on_epoch=lambda log: reporter.epoch(
                     f"epoch {log.epoch}/{settings.sgd.epochs}: loss {log.loss:.4f}, train acc {log.train_acc:.2%}, "
                     f"{log.seconds:.1f}s"
@@ -212,6 +244,7 @@ def _train_into(
             "poison_rate": opts.poison_rate if trigger is not None else 0.0,
             "seed": opts.seed,
             "poisoned_count": int(len(poison_idx)),
+            "stamped_after_augment": bool(opts.stamp_after_augment),
             "init": (
                 {
                     "path": str(opts.init),
@@ -238,6 +271,7 @@ def _train_into(
         result=result,
         history=[h.to_dict() for h in history],
         poisoned=int(len(poison_idx)),
+        stamped_after_augment=bool(opts.stamp_after_augment),
         trigger=describe_trigger(trigger),
         warnings=warnings,
         timings=dict(timer.stages),
