@@ -120,3 +120,15 @@ def test_require_verified_without_a_trigger_exits_1(tmp_path):
     report = json.loads(result.stdout)
     assert report["removal"]["verdict"] == "not_verified" and report["trigger"] is None
     assert (tmp_path / "o" / "report.json").exists()  # a failed gate still writes everything
+
+
+@pytest.mark.parametrize("untriggered", [0, 30, 60])
+def test_the_untriggered_rate_is_evidence_and_never_changes_the_verdict(untriggered):
+    """A purified model that sends 6.7% of the images to the target untriggered and 7.8% triggered: the reason
+    says what the trigger adds, and the verdict is the same as without the figure (the bounds are on the ASR)."""
+    plain = judge_removal(TRIGGER, Rate(880, 900), Rate(70, 900))
+    shown = judge_removal(TRIGGER, Rate(880, 900), Rate(70, 900), Rate(untriggered, 900))
+    assert shown.verdict == plain.verdict == "not_verified"
+    assert shown.evidence["asr_no_trigger_after"]["k"] == untriggered
+    assert f"the trigger itself adds {(70 - untriggered) / 9:.1f} points" in shown.reason
+    assert "asr_no_trigger_after" not in plain.evidence

@@ -606,7 +606,9 @@ def removal_verdict(trigger, before, after, evidence: ScanEvidence | None):
         )
     if trigger is None and by_scan is not None:
         return by_scan
-    return combine_verdicts(judge_removal(describe_trigger(trigger), before.asr, after.asr), by_scan)
+    return combine_verdicts(
+        judge_removal(describe_trigger(trigger), before.asr, after.asr, after.asr_no_trigger), by_scan
+    )
 
 
 def alpha_advice(uses_alpha: bool, alpha: float | None, acc_drop: float) -> str | None:

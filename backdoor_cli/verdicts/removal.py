@@ -40,8 +40,12 @@ def _rate(rate: Rate) -> dict:
     return {"k": rate.k, "n": rate.n, "value": rate.value, "ci95": [rate.low, rate.high]}
 
 
-def judge_removal(trigger: dict | None, asr_before: Rate | None, asr_after: Rate | None) -> RemovalVerdict:
-    """The verdict from the trigger's ASR before and after (the test set's triggered images)."""
+def judge_removal(
+    trigger: dict | None, asr_before: Rate | None, asr_after: Rate | None, untriggered_after: Rate | None = None
+) -> RemovalVerdict:
+    """The verdict from the trigger's ASR before and after (the test set's triggered images). `untriggered_after`
+    (the same images without the trigger, on the purified model) decides nothing: it is shown as evidence and,
+    where the ASR is between the bounds, says how much of it the trigger itself adds."""
     thresholds = {"verified_asr": VERIFIED_ASR, "verified_high": VERIFIED_HIGH, "failed_asr": FAILED_ASR}
     if trigger is None or asr_before is None or asr_after is None:
         return RemovalVerdict(
@@ -57,6 +61,8 @@ def judge_removal(trigger: dict | None, asr_before: Rate | None, asr_after: Rate
         "asr_after": _rate(asr_after),
         "thresholds": thresholds,
     }
+    if untriggered_after is not None:
+        evidence["asr_no_trigger_after"] = _rate(untriggered_after)
     target = trigger.get("target")
     if asr_before.value <= FAILED_ASR:
         return RemovalVerdict(
@@ -85,8 +91,19 @@ def judge_removal(trigger: dict | None, asr_before: Rate | None, asr_after: Rate
         "not_verified",
         f"ASR {asr_after.value:.1%} after purification (upper bound "
         f"{asr_after.high:.1%}) is neither clearly gone (<= {VERIFIED_ASR:.0%}, bound <= "
-        f"{VERIFIED_HIGH:.0%}) nor clearly there (> {FAILED_ASR:.0%})",
+        f"{VERIFIED_HIGH:.0%}) nor clearly there (> {FAILED_ASR:.0%})"
+        + _untriggered_words(asr_after, untriggered_after),
         evidence,
+    )
+
+
+def _untriggered_words(asr_after: Rate, untriggered_after: Rate | None) -> str:
+    if untriggered_after is None:
+        return ""
+    lift = (asr_after.value - untriggered_after.value) * 100
+    return (
+        f"; without the trigger the purified model sends {untriggered_after.value:.1%} of the same images there, "
+        f"so the trigger itself adds {lift:.1f} points"
     )
 
 
