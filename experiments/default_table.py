@@ -1,5 +1,5 @@
 """Tabulate experiments/default_grid.sh's runs as Markdown: per subject and method, clean accuracy and
-ASR before and after, the scan's flagged classes and proxy ASR (with the share its densest window keeps,
+ASR before and after (with the ASR without the trigger after, where recorded), the scan's flagged classes and proxy ASR (with the share its densest window keeps,
 where measured), the removal verdict and the time.
     python experiments/default_table.py runs/grid"""
 
@@ -15,6 +15,8 @@ def row(path: Path, walls: dict) -> str:
     report = json.loads(path.read_text())
     before, after = report["before"], report["after"]
     asr = f"{before['asr']['value']:.2%} → {after['asr']['value']:.2%}" if before.get("asr") else "-"
+    if after.get("asr_no_trigger"):  # what the purified model sends to the target untriggered (since 3fdd44f)
+        asr += f" ({after['asr_no_trigger']['value']:.2%} untriggered)"
     scan = report.get("scan")
     if scan:
         unlearnt = ", ".join(map(str, scan["unlearnt"])) or "nothing"
