@@ -346,6 +346,8 @@ def test_compare_table_json_markdown(toy, tmp_path):
     assert report["rows"][0]["drift"]["total_l2"] == 0 and report["rows"][1]["drift"]["total_l2"] > 0
     md = invoke("compare", toy["model"], purified, "--data", toy["data"], "--markdown", "--quiet")
     assert md.exit_code == 0 and md.stdout.startswith("| checkpoint")
+    assert "| ASR without trigger |" in md.stdout.splitlines()[0]
+    assert report["rows"][1]["metrics"]["asr_no_trigger"]["n"] == report["rows"][1]["metrics"]["asr"]["n"]
     table = invoke("compare", toy["model"], purified, "--data", toy["data"], "--quiet")
     assert "DER" in table.stdout
     gated = invoke("compare", toy["model"], purified, "--data", toy["data"], "--min-acc", "100%", "--quiet")

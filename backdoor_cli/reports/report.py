@@ -566,10 +566,10 @@ def _trigger_line(trigger: dict | None) -> str:
 def compare_markdown(report: CompareReport) -> str:
     retuned = any(row.retune for row in report.rows)
     lines = [
-        "| checkpoint | method | C-Acc | ASR | RA |"
+        "| checkpoint | method | C-Acc | ASR | ASR without trigger | RA |"
         + (" ASR after retuning | retuning verdict |" if retuned else "")
         + " DER | drift (L2) |",
-        "|---|---|---|---|---|" + ("---|---|" if retuned else "") + "---|---|",
+        "|---|---|---|---|---|---|" + ("---|---|" if retuned else "") + "---|---|",
     ]
     for row in report.rows:
         r = row.result
@@ -584,7 +584,8 @@ def compare_markdown(report: CompareReport) -> str:
             else ""
         )
         lines.append(
-            f"| {name} | {row.method or '-'} | {_rate_md(r.clean_acc)} | {_rate_md(r.asr)} | {_rate_md(r.ra)} |"
+            f"| {name} | {row.method or '-'} | {_rate_md(r.clean_acc)} | {_rate_md(r.asr)} | "
+            f"{_rate_md(r.asr_no_trigger)} | {_rate_md(r.ra)} |"
             f"{check} {'-' if row.der is None else f'{row.der:.3f}'} | {row.drift['total_l2']:.3f} |"
         )
     return "\n".join(lines) + "\n"
