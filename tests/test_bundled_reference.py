@@ -132,10 +132,19 @@ def test_a_bundled_reference_can_be_named_for_data_of_another_name(cifar_like, t
     renamed.mkdir()
     for split in ("train", "test"):
         (renamed / f"{split}.npz").write_bytes((cifar_like["data"] / f"{split}.npz").read_bytes())
-    assert json.loads(scan(cifar_like["model"], renamed, "--json").stdout)["reference"] is None
+    unnamed = scan(cifar_like["model"], renamed, "--json")
+    assert json.loads(unnamed.stdout)["reference"] is None
+    # the run says which flag would use the bundled reference, and why it was not assumed
+    said = " ".join(unnamed.stderr.split())
+    assert "these images are not the built-in cifar10" in said and "--clean-reference bundled:cifar10" in said
     result = scan(cifar_like["model"], renamed, "--json", "--clean-reference", "bundled:cifar10")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["reference"]["checkpoint"] == "bundled:cifar10-resnet20"
+    assert "these images are not the built-in" not in result.stderr
+    # data no bundled reference fits (8 classes of 16x16 images) gets no such line
+    other = make_template_dataset(tmp_path / "other", n_train=80, n_test=40)
+    model = train(other, tmp_path / "other.safetensors")
+    assert "bundled:" not in scan(model, other, "--json").stderr
 
 
 def test_a_bundled_file_that_is_not_the_shipped_one_is_refused(cifar_like, monkeypatch):

@@ -77,6 +77,20 @@ def automatic_reference(bundle: DatasetBundle, num_classes: int, model=None) -> 
     return ReferenceChoice(ref.path, ref.label, ref)
 
 
+def bundled_hint(bundle: DatasetBundle, num_classes: int) -> str | None:
+    """When no reference was given and none is picked automatically (the data is not a built-in dataset), but a
+    bundled one takes images and classes of this shape: the flag that would use it, with why it was not assumed
+    (a folder of 32x32 colour images in 10 classes need not be CIFAR-10's classes)."""
+    for dataset, shipped in BUNDLED_REFERENCES.items():
+        if any(ref.fits(bundle.test.image_shape, num_classes) for ref in shipped):
+            return (
+                f"no clean reference: these images are not the built-in {dataset}, so bdclean's bundled {dataset} "
+                f"reference was not assumed; if they are {dataset}'s classes, --clean-reference bundled:{dataset} "
+                "lets the scan tell a planted trigger from a shortcut of the data (and verify without the trigger)"
+            )
+    return None
+
+
 def open_reference(
     opts: EvaluateOptions, bundle: DatasetBundle, reporter: Reporter, choice: ReferenceChoice | None = None
 ) -> Subject:
@@ -125,6 +139,8 @@ def open_clean_reference(opts, bundle: DatasetBundle, subject: Subject, device, 
                 "architecture than the model's, so not its parent (--clean-reference none goes without)"
             )
     if choice is None:
+        if opts.clean_reference is None and (hint := bundled_hint(bundle, subject.num_classes)) is not None:
+            reporter.info(hint)
         return None
     reporter.stage(f"loading the clean reference {choice.label}")
     reference = open_reference(opts, bundle, reporter, choice)
