@@ -339,8 +339,8 @@ def purify_markdown(report: PurifyReport) -> str:
         change = signed_points(a.value - b.value) if a is not None and b is not None else "-"
         lines.append(f"| {name} | {_rate_md(b)} | {_rate_md(a)} | {change} |")
     lines += ["", f"DER: {report.der:.4f}" if report.der is not None else "DER: - (no trigger)", ""]
-    lines += [f"- {when}: {line}." for when, line in _lift_lines(report.before, report.after, report.trigger)]
-    lines += [""] if report.before.asr_no_trigger is not None else []
+    if lifts := _lift_lines(report.before, report.after, report.trigger):
+        lines += [f"- {when}: {line}." for when, line in lifts] + [""]
     if report.removal:
         lines += [
             "## Removal verdict",

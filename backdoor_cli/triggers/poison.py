@@ -38,10 +38,10 @@ def poison_training_set(trigger: Trigger, x: torch.Tensor, y: torch.Tensor, rate
     generator = torch.Generator(device="cpu").manual_seed(int(seed))
     indices = torch.randperm(n, generator=generator)[:count].sort().values
     x_new, y_new = x.clone(), y.clone()
-    if count and stamp:
-        on_x = indices.to(x.device)
-        x_new[on_x] = trigger.apply(x[on_x])
     if count:
+        if stamp:
+            on_x = indices.to(x.device)
+            x_new[on_x] = trigger.apply(x[on_x])
         y_new[indices.to(y.device)] = trigger.target
     return x_new, y_new, indices
 
