@@ -150,6 +150,8 @@ def test_clean_model_flags_nothing_and_passes_the_gate(clean_scan):
     doc = json.loads(clean_scan.stdout)
     assert doc["flagged_classes"] == [], [(c["mask_l1"], c["anomaly_index"]) for c in doc["classes"]]
     assert not doc["backdoor_suspected"] and doc["verdict"].startswith("no class flagged")
+    # what a clean verdict cannot rule out, the SIG family among it (docs/purification.md, twelfth session)
+    assert "does not rule out warping, signal (SIG), sample-specific or full-image blended triggers" in doc["verdict"]
 
 
 def test_text_report_states_verdicts_and_the_rule(subjects):

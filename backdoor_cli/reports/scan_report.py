@@ -76,7 +76,7 @@ class ScanReport:
                 + (f"; {shortcuts}" if shortcuts else "")
             )
         limits = (
-            "This finds patch-like all-to-one backdoors; it does not rule out warping, sample-specific or "
+            "This finds patch-like all-to-one backdoors; it does not rule out warping, signal (SIG), sample-specific or "
             "full-image blended triggers"
         )
         if shortcuts:

@@ -27,7 +27,7 @@ RECOMMENDED_PARAMS: dict = {}
 # Said with every run of the default, because it is true of the method: it removes what the trigger
 # inversion finds, and some triggers hide from inversion.
 CAVEAT = (
-    "the default removes the trigger a scan reconstructs; blend, warp and sample-specific triggers can "
+    "the default removes the trigger a scan reconstructs; blend, SIG, warp and sample-specific triggers can "
     "hide from that scan, and the removal verdict below says when nothing could be verified: pass "
     "--trigger if you know or suspect one, or add --retune-check (docs/purification.md)"
 )

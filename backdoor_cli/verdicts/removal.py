@@ -7,7 +7,7 @@ one of three, each with the evidence it rests on (report.json `removal`, report.
   trigger only, which the reason says. Without a known trigger, the scan's single flagged class whose
   reconstruction a clean reference ignores (the model's own trigger) stands for it (judge_removal_by_scan).
 - `failed`: the trigger still works: ASR after above FAILED_ASR. Never `verified` above it.
-- `not_verified`: nothing to check against (no trigger was given or recorded; blend, warp and
+- `not_verified`: nothing to check against (no trigger was given or recorded; blend, SIG, warp and
   sample-specific triggers can also hide from trigger inversion), or the trigger did not work on the
   input to begin with, or the ASR after lies between the two bounds.
 `--require-verified` turns anything but `verified` into exit 1.
@@ -159,7 +159,7 @@ def judge_removal_by_scan(
         return RemovalVerdict(
             "not_verified",
             f"the scan flagged only shortcuts the clean reference shares ({shared}), so no planted trigger was "
-            "found to remove or verify against (blend, warp and sample-specific triggers can hide from trigger "
+            "found to remove or verify against (blend, SIG, warp and sample-specific triggers can hide from trigger "
             "inversion; pass --trigger if you suspect one)",
             evidence,
         )
@@ -175,7 +175,7 @@ def judge_removal_by_scan(
         return RemovalVerdict(
             "not_verified",
             "the scan flagged no class, so there was nothing to verify the removal "
-            "against (blend, warp and sample-specific triggers can hide from trigger inversion; "
+            "against (blend, SIG, warp and sample-specific triggers can hide from trigger inversion; "
             "pass --trigger if you suspect one)"
             + (
                 f"; the class unlearnt below the flagging threshold is a candidate, not a finding: {moved}"
