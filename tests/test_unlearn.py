@@ -121,7 +121,7 @@ def test_with_nothing_flagged_the_scan_cannot_verify_and_says_why():
     verdict = judge_removal_by_scan([], [4], {4: Rate(30, 180)}, {4: Rate(2, 180)}, {})
     assert verdict.verdict == "not_verified" and "flagged no class" in verdict.reason and "--trigger" in verdict.reason
     assert verdict.evidence["source"] == "scan" and verdict.evidence["unlearnt"] == [4]
-    # the families measured to hide from the inversion are named (SIG: every cell of the twelfth session's grid)
+    # the families measured to hide from the inversion are named (SIG: 12 of 12 runs of the twelfth session's grid)
     assert "blend, SIG, warp and sample-specific triggers can hide" in verdict.reason
 
 
