@@ -184,3 +184,37 @@ def test_the_retuning_check_compares_with_the_bundled_reference_only_where_named
     unnamed = CliRunner().invoke(app, args)
     assert unnamed.exit_code == 0, unnamed.output
     assert json.loads(unnamed.stdout)["retune_check"]["reference_asr_after_retuning"] is None
+
+
+def quick_purify(model: Path, data: Path, out: Path, *args: str) -> dict:
+    """A default purify of a few steps; its report.json."""
+    argv = ["purify", str(model), "--data", str(data), "--device", "cpu", "--scan-steps", "5", "--epochs", "1"]
+    result = CliRunner().invoke(app, [*argv, *args, "--out", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    return json.loads((out / "report.json").read_text())
+
+
+HINT = "--clean-reference bundled:cifar10 fits these images"
+
+
+def test_the_scan_verdict_of_a_purify_without_a_reference_names_the_bundled_one_that_fits(cifar_like, tmp_path):
+    renamed = tmp_path / "my-images"
+    renamed.mkdir()
+    for split in ("train", "test"):
+        (renamed / f"{split}.npz").write_bytes((cifar_like["data"] / f"{split}.npz").read_bytes())
+    removal = quick_purify(cifar_like["model"], renamed, tmp_path / "a")["removal"]
+    scan_reason = removal["evidence"]["scan"]["reason"] if "scan" in removal["evidence"] else removal["reason"]
+    assert removal["verdict"] != "verified"
+    assert f"({HINT}, if they are cifar10's classes)" in scan_reason
+    # the report.md says it too, where the user reads the verdict
+    assert HINT in (tmp_path / "a" / "report.md").read_text()
+    # a user who said `none` chose to go without: no hint
+    declined = quick_purify(cifar_like["model"], renamed, tmp_path / "b", "--clean-reference", "none")
+    assert HINT not in json.dumps(declined)
+
+
+def test_the_hint_is_not_added_where_a_reference_was_used_or_none_fits(cifar_like, template, tmp_path):
+    used = quick_purify(cifar_like["model"], cifar_like["data"], tmp_path / "c")
+    assert used["scan"]["reference"] is not None and HINT not in json.dumps(used)
+    other = quick_purify(template["model"], template["data"], tmp_path / "d")
+    assert "fits these images" not in json.dumps(other)

@@ -66,7 +66,7 @@ from ..tuning.sgd import SgdSettings
 from ..verdicts.removal import combine_verdicts, judge_removal, judge_removal_by_scan
 from .default_unlearning import UnlearningSetup, undo_costly_candidate, unlearn_default
 from .defense_run import run_defense
-from .references import check_reference_use, open_clean_reference
+from .references import check_reference_use, open_clean_reference, verdict_hint
 from .retuning import retune_checked
 from .setup import (
     cache_key,
@@ -381,7 +381,9 @@ def _purify_into(
         opts.min_acc,
         opts.max_acc_drop,
     )
-    removal = removal_verdict(trigger, before, after, evidence)
+    removal = removal_verdict(
+        trigger, before, after, evidence, reference_hint=verdict_hint(opts, bundle, subject.num_classes)
+    )
     if opts.require_verified:
         verified = removal.verdict == "verified"
         gates.append(GateResult("require-verified", 1.0, float(verified), verified))
@@ -590,8 +592,10 @@ def _verify_with_scan(
         )
 
 
-def removal_verdict(trigger, before, after, evidence: ScanEvidence | None):
-    """The given trigger's verdict, the scan's, or both combined (verdicts/removal.py)."""
+def removal_verdict(trigger, before, after, evidence: ScanEvidence | None, reference_hint: str | None = None):
+    """The given trigger's verdict, the scan's, or both combined (verdicts/removal.py). `reference_hint`: the
+    flag of a bundled reference that fits the data (references.verdict_hint), added to the scan's reason when the
+    scan ran without any reference, which alone keeps it from saying `verified`."""
     by_scan = None
     if evidence is not None:
         by_scan = judge_removal_by_scan(
@@ -604,6 +608,8 @@ def removal_verdict(trigger, before, after, evidence: ScanEvidence | None):
             planted=evidence.reference.planted if evidence.reference is not None else None,
             local=evidence.proxy_local,
         )
+        if reference_hint and evidence.clean_reference is None:
+            by_scan = dataclasses.replace(by_scan, reason=f"{by_scan.reason} ({reference_hint})")
     if trigger is None and by_scan is not None:
         return by_scan
     return combine_verdicts(

@@ -77,18 +77,36 @@ def automatic_reference(bundle: DatasetBundle, num_classes: int, model=None) -> 
     return ReferenceChoice(ref.path, ref.label, ref)
 
 
+def bundled_fit(bundle: DatasetBundle, num_classes: int) -> str | None:
+    """The built-in dataset whose bundled reference takes images and classes of this shape, or None."""
+    for dataset, shipped in BUNDLED_REFERENCES.items():
+        if any(ref.fits(bundle.test.image_shape, num_classes) for ref in shipped):
+            return dataset
+    return None
+
+
 def bundled_hint(bundle: DatasetBundle, num_classes: int) -> str | None:
     """When no reference was given and none is picked automatically (the data is not a built-in dataset), but a
     bundled one takes images and classes of this shape: the flag that would use it, with why it was not assumed
     (a folder of 32x32 colour images in 10 classes need not be CIFAR-10's classes)."""
-    for dataset, shipped in BUNDLED_REFERENCES.items():
-        if any(ref.fits(bundle.test.image_shape, num_classes) for ref in shipped):
-            return (
-                f"no clean reference: these images are not the built-in {dataset}, so bdclean's bundled {dataset} "
-                f"reference was not assumed; if they are {dataset}'s classes, --clean-reference bundled:{dataset} "
-                "lets the scan tell a planted trigger from a shortcut of the data (and verify without the trigger)"
-            )
-    return None
+    dataset = bundled_fit(bundle, num_classes)
+    if dataset is None:
+        return None
+    return (
+        f"no clean reference: these images are not the built-in {dataset}, so bdclean's bundled {dataset} "
+        f"reference was not assumed; if they are {dataset}'s classes, --clean-reference bundled:{dataset} "
+        "lets the scan tell a planted trigger from a shortcut of the data (and verify without the trigger)"
+    )
+
+
+def verdict_hint(opts: EvaluateOptions, bundle: DatasetBundle, num_classes: int) -> str | None:
+    """For a scan that ran with no reference (none named, none picked automatically) where a bundled one fits: the
+    flag, for the removal verdict's reason (measured: with it, fresh-image patch runs were verified without the
+    trigger and the data's shortcuts set aside). None when --clean-reference was given, `none` included."""
+    dataset = bundled_fit(bundle, num_classes) if opts.clean_reference is None else None
+    if dataset is None:
+        return None
+    return f"--clean-reference bundled:{dataset} fits these images, if they are {dataset}'s classes"
 
 
 def open_reference(
