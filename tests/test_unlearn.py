@@ -123,6 +123,8 @@ def test_with_nothing_flagged_the_scan_cannot_verify_and_says_why():
     assert verdict.evidence["source"] == "scan" and verdict.evidence["unlearnt"] == [4]
     # the families measured to hide from the inversion are named (SIG: 12 of 12 runs of the twelfth session's grid)
     assert "blend, SIG, warp and sample-specific triggers can hide" in verdict.reason
+    # and the way to remove one the scan cannot find, at its price
+    assert "--method fst" in verdict.reason and "points of clean accuracy" in verdict.reason
 
 
 def test_a_failed_scan_overrides_a_verified_trigger_and_nothing_else():
@@ -470,6 +472,7 @@ def test_natural_shortcuts_are_set_aside_by_their_rate_on_the_reference():
     assert verdict.evidence["natural_shortcuts"]["1"]["k"] == 80 and verdict.evidence["found_trigger_removed"]
     only = judge_removal_by_scan([], [], {}, {}, {}, natural={1: Rate(80, 200)})
     assert only.verdict == "not_verified" and "shortcuts the clean reference shares" in only.reason
+    assert "--method fst" in only.reason  # the SIG subjects' case: a trigger-free method is the way left
 
 
 def test_the_scan_verifies_only_one_flagged_class_the_reference_shows_to_be_planted_and_gone():

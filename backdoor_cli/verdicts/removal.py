@@ -26,6 +26,15 @@ FAILED_ASR = 0.20
 VERDICTS = ("verified", "not_verified", "failed")
 
 
+# When the scan found nothing to remove, the one way bdclean has to remove a trigger it cannot reconstruct: a
+# trigger-free method, at its price. Measured (docs/purification.md, twelfth session): FST removed the SIG and
+# WaNet subjects the default left, at 6.8-25.4 points of clean accuracy (2,000 test images).
+TRIGGER_FREE_FALLBACK = (
+    ", or run a method that needs no trigger, such as --method fst (it removed the SIG and WaNet backdoors the "
+    "scan missed, at 7-25 points of clean accuracy)"
+)
+
+
 @dataclass(frozen=True)
 class RemovalVerdict:
     verdict: str  # one of VERDICTS
@@ -160,7 +169,7 @@ def judge_removal_by_scan(
             "not_verified",
             f"the scan flagged only shortcuts the clean reference shares ({shared}), so no planted trigger was "
             "found to remove or verify against (blend, SIG, warp and sample-specific triggers can hide from trigger "
-            "inversion; pass --trigger if you suspect one)",
+            f"inversion; pass --trigger if you suspect one{TRIGGER_FREE_FALLBACK})",
             evidence,
         )
     if not flagged:
@@ -176,7 +185,7 @@ def judge_removal_by_scan(
             "not_verified",
             "the scan flagged no class, so there was nothing to verify the removal "
             "against (blend, SIG, warp and sample-specific triggers can hide from trigger inversion; "
-            "pass --trigger if you suspect one)"
+            f"pass --trigger if you suspect one{TRIGGER_FREE_FALLBACK})"
             + (
                 f"; the class unlearnt below the flagging threshold is a candidate, not a finding: {moved}"
                 if moved
