@@ -137,9 +137,14 @@ def test_a_bundled_reference_can_be_named_for_data_of_another_name(cifar_like, t
     # the run says which flag would use the bundled reference, and why it was not assumed
     said = " ".join(unnamed.stderr.split())
     assert "these images are not the built-in cifar10" in said and "--clean-reference bundled:cifar10" in said
+    # and the verdict itself, which is what a report keeps
+    assert json.loads(unnamed.stdout)["verdict"].endswith(
+        "(--clean-reference bundled:cifar10 fits these images, if they are cifar10's classes)"
+    )
     result = scan(cifar_like["model"], renamed, "--json", "--clean-reference", "bundled:cifar10")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["reference"]["checkpoint"] == "bundled:cifar10-resnet20"
+    assert "fits these images" not in json.loads(result.stdout)["verdict"]
     assert "these images are not the built-in" not in result.stderr
     # data no bundled reference fits (8 classes of 16x16 images) gets no such line
     other = make_template_dataset(tmp_path / "other", n_train=80, n_test=40)

@@ -32,6 +32,8 @@ class ScanReport:
     local: dict[int, float] = field(default_factory=dict)
     # With --clean-reference and no class flagged: the smallest mask's class, tried on the reference too
     candidate: int | None = None
+    # Without any reference, where a bundled one fits the data: its flag (usecases.references.verdict_hint)
+    reference_hint: str | None = None
 
     @property
     def flagged(self) -> list[int]:
@@ -56,6 +58,14 @@ class ScanReport:
         return [class_verdict(self.result, i, self.natural, self.local) for i in range(len(self.result.triggers))]
 
     def verdict(self) -> str:
+        """The verdict in words; a scan that had no reference where a bundled one fits names its flag, since only a
+        reference tells a planted trigger from a shortcut of the data."""
+        text = self.findings()
+        if self.reference_path is None and self.reference_hint:
+            text += f" ({self.reference_hint})"
+        return text
+
+    def findings(self) -> str:
         r = self.result
         shortcuts = "; ".join(
             f"class {c} set aside: the clean reference follows its reconstruction too ({rate.value:.1%} of its "
