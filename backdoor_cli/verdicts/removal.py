@@ -33,6 +33,11 @@ TRIGGER_FREE_FALLBACK = (
     ", or run a method that needs no trigger, such as --method fst (it removed the SIG and WaNet backdoors the "
     "scan missed, at 7-25 points of clean accuracy)"
 )
+# What a verdict with nothing found to check against says of the triggers the scan cannot see, and what to do.
+HIDDEN_TRIGGERS = (
+    "(blend, SIG, warp and sample-specific triggers can hide from trigger inversion; pass --trigger if you suspect "
+    f"one{TRIGGER_FREE_FALLBACK})"
+)
 
 
 @dataclass(frozen=True)
@@ -168,8 +173,7 @@ def judge_removal_by_scan(
         return RemovalVerdict(
             "not_verified",
             f"the scan flagged only shortcuts the clean reference shares ({shared}), so no planted trigger was "
-            "found to remove or verify against (blend, SIG, warp and sample-specific triggers can hide from trigger "
-            f"inversion; pass --trigger if you suspect one{TRIGGER_FREE_FALLBACK})",
+            f"found to remove or verify against {HIDDEN_TRIGGERS}",
             evidence,
         )
     if not flagged:
@@ -183,9 +187,7 @@ def judge_removal_by_scan(
         # guess below the outlier test: its reconstruction going away cannot show that a backdoor is gone.
         return RemovalVerdict(
             "not_verified",
-            "the scan flagged no class, so there was nothing to verify the removal "
-            "against (blend, SIG, warp and sample-specific triggers can hide from trigger inversion; "
-            f"pass --trigger if you suspect one{TRIGGER_FREE_FALLBACK})"
+            f"the scan flagged no class, so there was nothing to verify the removal against {HIDDEN_TRIGGERS}"
             + (
                 f"; the class unlearnt below the flagging threshold is a candidate, not a finding: {moved}"
                 if moved
