@@ -586,6 +586,15 @@ def purify(
             "the reconstruction only).",
         ),
     ] = None,
+    frozen_depth: Annotated[
+        Optional[float],
+        typer.Option(
+            rich_help_panel="Method",
+            help="unlearn: share of the weight layers, first in forward order, held at the input's weights "
+            "and BatchNorm statistics when every reconstruction is local, a patch (default 0.667: a CIFAR ResNet's "
+            "first two stages; 0: tune every layer).",
+        ),
+    ] = None,
     scan_steps: Annotated[
         Optional[int],
         typer.Option(
@@ -773,6 +782,7 @@ def purify(
         "clp_u": clp_u,
         "unlearn_fraction": unlearn_fraction,
         "window_step": window_step,
+        "frozen_depth": frozen_depth,
         "scan_steps": scan_steps,
         "precaution": precaution or None,
         "teacher_epochs": teacher_epochs,

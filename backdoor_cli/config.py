@@ -51,6 +51,7 @@ RANGES: dict[str, tuple] = {
     "clp_u": (0, 100, False, False),
     "unlearn_fraction": (0, 1, True, True),
     "window_step": (0, 1, False, False),
+    "frozen_depth": (0, 1, False, True),
     "d3_lambda": (0, 1e6, True, False),
     "d3_eps": (0, 100, False, False),
     "sau_eps": (0, 1, True, False),
@@ -157,6 +158,7 @@ class PurifyOptions(EvaluateOptions):
     clp_u: float | None = None  # clp: the outlier threshold u (default 3)
     unlearn_fraction: float | None = None  # unlearn: share of each batch stamped with the reconstructed trigger (0.2)
     window_step: float | None = None  # unlearn: step of the pattern searched in the trigger's window (0.05; 0 off)
+    frozen_depth: float | None = None  # unlearn: share of the weight layers held for a local trigger (2/3; 0 none)
     # unlearn: the trigger inversion's steps per class at most (scan.InversionParams: 120)
     scan_steps: int | None = None
     precaution: bool = False  # unlearn: with no class flagged, unlearn the smallest-mask class anyway (scan_guided.py)

@@ -335,6 +335,19 @@ NEEDS_BDCLEAN_AND_BASH = pytest.mark.skipif(
 )
 
 
+def purify_toy_one_epoch(toy_model: dict, out: Path, *args: str):
+    """`bdclean purify --json` of the toy_model fixture's model for one epoch on the CPU; the CliRunner result."""
+    from typer.testing import CliRunner
+
+    from backdoor_cli.cli import app
+
+    return CliRunner().invoke(
+        app,
+        ["purify", toy_model["model"], "--data", toy_model["data"], "--out", str(out), "--epochs", "1"]
+        + ["--device", "cpu", "--quiet", "--json", *args],
+    )
+
+
 def class_trigger(target: int, size: int = 8, l1: float = 4.0):
     """A reconstructed trigger for unit tests: a 2x2 bottom-right mask and a pattern seeded by the class."""
     import torch

@@ -7,20 +7,17 @@ import json
 import pytest
 import torch
 from torch import nn
-from typer.testing import CliRunner
 
-from backdoor_cli.cli import app
 from backdoor_cli.defenses.unlearn import UnlearnParams, trigger_stamp, window_words
 from backdoor_cli.defenses.window_search import DEFAULT_STEP, search_share, window_searches
 from backdoor_cli.errors import ConfigError
 from backdoor_cli.evaluation.metrics import Rate
 from backdoor_cli.scanning.guided import ScanEvidence, densest_window, localize, window_side
-from helpers import class_trigger
+from helpers import class_trigger, purify_toy_one_epoch
 
 MEAN = torch.tensor([0.4, 0.5, 0.6])
 STD = torch.tensor([0.2, 0.25, 0.3])
 CPU = torch.device("cpu")
-runner = CliRunner()
 
 
 def _model() -> nn.Module:
@@ -129,20 +126,12 @@ def test_the_search_looks_at_the_share_of_the_batch_it_stamps():
     assert search_share(128, 0.2) == 13 and search_share(10, 0.2) == 1 and search_share(1, 0.01) == 1
 
 
-def _purify(toy_model, out, *args):
-    return runner.invoke(
-        app,
-        ["purify", toy_model["model"], "--data", toy_model["data"], "--out", str(out), "--epochs", "1"]
-        + ["--device", "cpu", "--quiet", "--json", *args],
-    )
-
-
 def test_the_default_reads_window_step_and_records_it(toy_model, tmp_path):
-    result = _purify(toy_model, tmp_path / "out", "--window-step", "0.1")
+    result = purify_toy_one_epoch(toy_model, tmp_path / "out", "--window-step", "0.1")
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["method"]["params"]["window_step"] == 0.1
-    default = _purify(toy_model, tmp_path / "out2")
+    default = purify_toy_one_epoch(toy_model, tmp_path / "out2")
     assert json.loads(default.stdout)["method"]["params"]["window_step"] == DEFAULT_STEP
 
 
@@ -155,6 +144,6 @@ def test_the_default_reads_window_step_and_records_it(toy_model, tmp_path):
     ],
 )
 def test_a_window_step_that_cannot_act_is_refused_by_name(toy_model, tmp_path, args, message):
-    result = _purify(toy_model, tmp_path / "out", *args)
+    result = purify_toy_one_epoch(toy_model, tmp_path / "out", *args)
     assert result.exit_code == 2 and message in result.output
     assert not (tmp_path / "out").exists()

@@ -14,6 +14,8 @@ LP silently shifts BN statistics; we consider that a bug, not part of the method
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from ..data.datasets import ImageSet
@@ -34,15 +36,18 @@ def reinitialise_head(head: torch.nn.Linear, seed: int) -> None:
             head.bias.copy_(bias.to(head.bias))
 
 
-def select_trainable(model: torch.nn.Module, head: torch.nn.Linear, trains: str):
-    """Return (params to train, modules to hold in eval mode) and set requires_grad to match."""
+def select_trainable(model: torch.nn.Module, head: torch.nn.Linear, trains: str, held: Sequence[torch.nn.Module] = ()):
+    """Return (params to train, modules to hold in eval mode) and set requires_grad to match. The `held` modules
+    (a defense's choice, e.g. the unlearning's early layers) neither train nor update their statistics."""
     head_params = set(map(id, head.parameters()))
+    held_params = {id(p) for m in held for p in m.parameters()}
     for p in model.parameters():
         in_head = id(p) in head_params
-        p.requires_grad_(trains == "all" or (trains == "head") == in_head)
+        p.requires_grad_((trains == "all" or (trains == "head") == in_head) and id(p) not in held_params)
     frozen: list[torch.nn.Module] = []
     if trains == "head":
         frozen = [m for m in model.modules() if m is not model and m is not head and not list(m.children())]
+    frozen += [m for m in held if all(m is not f for f in frozen)]
     return [p for p in model.parameters() if p.requires_grad], frozen
 
 
@@ -70,6 +75,7 @@ def run_tuning(
     objective=None,
     init_head=None,
     cuda_graphs: bool = True,
+    held: Sequence[torch.nn.Module] = (),
 ) -> DefenseOutcome:
     """Tune per the defense's recipe; `loss_adapter` says how the loss is formed from the model's output;
     `precision`, `memory_format` and `stamp` as for tuning.tune.
@@ -77,13 +83,14 @@ def run_tuning(
     `perturb_with(trainable)` makes the step's weight perturbation (defenses.perturbations) once the
     trainable parameters are known. `objective` is tuning.tune's (a data term in place of the loss).
     `init_head(head, seed)` re-initialises the head in place of PyTorch's default init when the defense
-    re-initialises it; `cuda_graphs` False keeps every step eager on CUDA."""
+    re-initialises it; `cuda_graphs` False keeps every step eager on CUDA; `held` modules keep the input's weights
+    and statistics (select_trainable)."""
     head = get_head(model, head_name)
     if label_smoothing is None:  # the user's --label-smoothing applies to every tuning method, not only ft-sam's
         label_smoothing = params.value("label_smoothing") or 0.0
     if defense.reinit_head:
         (init_head or reinitialise_head)(head, params.sgd.seed)
-    trainable, frozen = select_trainable(model, head, defense.trains)
+    trainable, frozen = select_trainable(model, head, defense.trains, held)
     perturb = perturb_with(trainable) if perturb_with is not None else None
     settings = TuneSettings(params.sgd, flip=flip, label_smoothing=label_smoothing, cuda_graphs=cuda_graphs)
     try:
