@@ -9,13 +9,14 @@ head is kept and no term pulls toward the input model's outputs: distilling the 
 stamped images would teach the backdoor back (measured, issue 21).
 
 When every reconstruction is local (a patch), the early layers stay at the input's weights (`frozen_depth`,
-models/depth.py: the first two thirds of the weight layers in forward order, BatchNorm statistics included). On the
-defender's own fresh images, tuning every layer cost a strong ResNet-32 3.85 points; holding its first two stages
-cost 2.35 and left less of the backdoor (docs/purification.md, thirteenth session). The reading: a few hundred images have little to teach the early,
-generic features but forgetting, and a patch's shortcut can be unlearnt in the layers after them. A spread-out
-trigger (blend, warp, signal) changes every pixel a little, which the early layers see: with them held a WaNet
-subject kept twice the backdoor, so a spread-out reconstruction is unlearnt with every layer. A network too shallow to
-keep six weight layers training behind the held ones is tuned whole.
+models/depth.py: the first two thirds of the weight layers in forward order, BatchNorm statistics included). On
+the defender's own fresh images, tuning every layer cost a strong ResNet-32 3.85 points; holding its first two
+stages cost 2.35 and left less of the backdoor (docs/purification.md, thirteenth session). The reading: a few
+hundred images have little to teach the early, generic features but forgetting, and a patch's shortcut can be
+unlearnt in the layers after them. A spread-out trigger (blend, warp, signal) changes every pixel a little, which
+the early layers see: with them held a WaNet subject kept twice the backdoor, so a spread-out reconstruction is
+unlearnt with every layer. A network too shallow to keep six weight layers training behind the held ones is tuned
+whole.
 
 The stamp is applied after augmentation, in the normalised space: ((1-m)x + m p - mean) / std equals
 (1-m) x_n + m (p - mean) / std, so no un-normalising is needed.

@@ -1,8 +1,8 @@
 """A model's early layers: the first share of its weight layers in forward order.
 
 The default's unlearning holds them at the input's weights (defenses/unlearn.py): on the defender's own fresh
-images, tuning the whole network cost a strong ResNet-32 3-4 points, and holding its first stage cost less and
-removed as much (docs/purification.md, thirteenth session). A weight layer is a leaf module with a weight of two
+images, tuning the whole network cost a strong ResNet-32 3-4 points, and holding its first two stages cost less
+and removed as much (docs/purification.md, thirteenth session). A weight layer is a leaf module with a weight of two
 or more dimensions (convolutions, linear layers, embeddings); the leaf modules called before the first weight
 layer left to train are held with them, so the BatchNorm layers among them keep the input's statistics too.
 
