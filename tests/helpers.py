@@ -373,3 +373,19 @@ def scan_result(anomaly: list[float], flagged: list[int] | None = None, **screen
         flagged=flagged or [],
         **screen,
     )
+
+
+def corner_labelled_eval_sets():
+    """Evaluation sets of 40 8x8 images of 4 classes whose class is written in the top-left pixel, with a 2x2
+    white bottom-right patch to class 0 as the trigger: models that read the pixel have known answers."""
+    import torch
+
+    from backdoor_cli.data.datasets import ImageSet
+    from backdoor_cli.evaluation.measure import build_eval_sets
+    from backdoor_cli.triggers import build_trigger, parse_trigger_spec
+
+    y = torch.arange(40) % 4
+    x = torch.zeros(40, 8, 8, 3, dtype=torch.uint8)
+    x[:, 0, 0, 0] = y.to(torch.uint8)
+    spec = parse_trigger_spec({"type": "patch", "size": 2, "target": 0}, None, source="test")
+    return build_eval_sets(ImageSet(x, y), build_trigger(spec, (8, 8, 3)), torch.device("cpu"))

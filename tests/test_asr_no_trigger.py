@@ -16,8 +16,7 @@ from backdoor_cli.evaluation.cache import EvalCache, EvalKey, result_from_dict
 from backdoor_cli.evaluation.measure import EvalResult, build_eval_sets, evaluate_model
 from backdoor_cli.evaluation.metrics import Rate
 from backdoor_cli.reports.report import trigger_lift_line
-from backdoor_cli.triggers import build_trigger, parse_trigger_spec
-from helpers import make_npz_dataset
+from helpers import corner_labelled_eval_sets, make_npz_dataset
 
 CPU = torch.device("cpu")
 MEAN, STD = torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1)
@@ -35,16 +34,8 @@ class BiasedToZero(nn.Module):
         return torch.nn.functional.one_hot(out, 4).float()
 
 
-def _sets():
-    y = torch.arange(40) % 4
-    x = torch.zeros(40, 8, 8, 3, dtype=torch.uint8)
-    x[:, 0, 0, 0] = y.to(torch.uint8)
-    spec = parse_trigger_spec({"type": "patch", "size": 2, "target": 0}, None, source="test")
-    return build_eval_sets(ImageSet(x, y), build_trigger(spec, (8, 8, 3)), CPU)
-
-
 def test_untriggered_rate_counts_the_same_non_target_images_without_the_trigger():
-    result = evaluate_model(BiasedToZero(), _sets(), MEAN, STD, CPU, batch_size=7)
+    result = evaluate_model(BiasedToZero(), corner_labelled_eval_sets(), MEAN, STD, CPU, batch_size=7)
     # 30 non-target images; class 1 (10) goes to 0 untriggered, classes 1 and 2 (20) with the trigger
     assert (result.asr_no_trigger.k, result.asr_no_trigger.n) == (10, 30)
     assert (result.asr.k, result.asr.n) == (20, 30)
@@ -67,14 +58,18 @@ def test_no_trigger_no_untriggered_rate():
 
 
 def test_cache_round_trip_keeps_it_and_an_entry_without_it_is_a_miss(tmp_path):
-    result = evaluate_model(BiasedToZero(), _sets(), MEAN, STD, CPU)
+    result = evaluate_model(BiasedToZero(), corner_labelled_eval_sets(), MEAN, STD, CPU)
     back = result_from_dict(json.loads(json.dumps(result.to_dict())))
     assert (back.asr_no_trigger.k, back.asr_no_trigger.n) == (10, 30)
     key = EvalKey("k" * 64, {})
     old = result.to_dict()
     del old["asr_no_trigger"]  # an entry written before the rate was counted
-    (tmp_path / f"{key.digest}.json").write_text(json.dumps({"schema": "bdclean.eval-cache/1", "metrics": old}))
+    entry = {"schema": "bdclean.eval-cache/1", "metrics": old, "outcomes": result.outcomes.to_dict()}
+    (tmp_path / f"{key.digest}.json").write_text(json.dumps(entry))
     assert EvalCache(tmp_path).get(key) is None
+    entry["metrics"] = result.to_dict()  # the same entry with the rate is read
+    (tmp_path / f"{key.digest}.json").write_text(json.dumps(entry))
+    assert EvalCache(tmp_path).get(key).asr_no_trigger.k == 10
 
 
 def test_evaluate_and_purify_report_it(tmp_path):

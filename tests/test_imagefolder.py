@@ -243,6 +243,9 @@ def test_streamed_compare_and_purify(folder_model, monkeypatch, tmp_path):
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["data"]["streamed"] is True and (out / "purified.safetensors").exists()
+    paired = report["delta"]["paired"]["clean_acc"]  # the streamed evaluation keeps its images' outcomes too
+    assert paired["n"] == report["before"]["clean_acc"]["n"]
+    assert paired["gained"] - paired["lost"] == report["after"]["clean_acc"]["k"] - report["before"]["clean_acc"]["k"]
     assert yaml.safe_load((out / "config.yaml").read_text())["image-size"] == [16, 16]
 
 

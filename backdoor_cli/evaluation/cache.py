@@ -25,6 +25,7 @@ import torch
 
 from .measure import EvalResult
 from .metrics import Rate
+from .paired import Outcomes
 
 CACHE_ENV = "BDCLEAN_CACHE_DIR"
 CACHE_SCHEMA = "bdclean.eval-cache/1"
@@ -53,7 +54,8 @@ class EvalCache:
             return None
         try:
             entry = json.loads((self.root / f"{key.digest}.json").read_text("utf-8"))
-            result = result_from_dict(entry["metrics"]) if entry.get("schema") == CACHE_SCHEMA else None
+            current = entry.get("schema") == CACHE_SCHEMA
+            result = result_from_dict(entry["metrics"], entry["outcomes"]) if current else None
         except (OSError, ValueError, KeyError, TypeError):
             return None
         if result is not None:
@@ -67,6 +69,8 @@ class EvalCache:
         from ..outputs import atomic_write_bytes
 
         entry = {"schema": CACHE_SCHEMA, "key": key.fields, "metrics": result.to_dict()}
+        if result.outcomes is not None:
+            entry["outcomes"] = result.outcomes.to_dict()
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             atomic_write_bytes(self.root / f"{key.digest}.json", json.dumps(entry, indent=1).encode())
@@ -161,8 +165,10 @@ def measured(cache: EvalCache | None, key: EvalKey | None, evaluate) -> tuple[Ev
     return result, False
 
 
-def result_from_dict(metrics: dict) -> EvalResult:
-    """EvalResult.to_dict() read back (the counts are the truth; intervals are recomputed from them)."""
+def result_from_dict(metrics: dict, outcomes: dict | None = None) -> EvalResult:
+    """EvalResult.to_dict() read back (the counts are the truth; intervals are recomputed from them), with its
+    per-image outcomes (Outcomes.to_dict()). An entry written before the outcomes were kept has none and is read
+    as a miss by EvalCache.get, so a paired change is never left out for want of them."""
 
     def rate(value):
         return None if value is None else Rate(value["k"], value["n"])
@@ -177,7 +183,22 @@ def result_from_dict(metrics: dict) -> EvalResult:
         float(metrics.get("seconds", 0.0)),
         int(metrics["images"]),
         asr_no_trigger=rate(metrics.get("asr_no_trigger")),
+        outcomes=None if outcomes is None else checked_outcomes(Outcomes.from_dict(outcomes), metrics),
     )
+
+
+def checked_outcomes(outcomes: Outcomes, metrics: dict) -> Outcomes:
+    """Outcomes that add up to the entry's counts; anything else is a damaged entry (ValueError: a miss)."""
+
+    def adds_up(bits, rate: dict) -> bool:
+        return bits is not None and bits.numel() == rate["n"] and int(bits.sum()) == rate["k"]
+
+    hits = metrics.get("asr")
+    if not adds_up(outcomes.clean_correct, metrics["clean_acc"]) or (
+        hits is not None and not adds_up(outcomes.target_hits, hits)
+    ):
+        raise ValueError("cached outcomes do not add up to the cached counts")
+    return outcomes
 
 
 def _update_tensor(hasher, tensor: torch.Tensor) -> None:

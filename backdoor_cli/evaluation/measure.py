@@ -25,6 +25,7 @@ from ..runtime import synchronize
 from .checked import CheckedStats, predict_checked
 from .folding import fold_batchnorm
 from .metrics import Rate
+from .paired import Outcomes
 
 APPLY_CHUNK = 4096  # trigger application is chunked to bound float temporaries (WaNet's grid_sample)
 
@@ -67,6 +68,9 @@ class EvalResult:
     # the ASR its own errors give. A weak or target-biased model has a floor here (a purified ResNet-32 that
     # kept a 5.6% ASR sent 3.6% there untriggered), so the trigger's own effect is asr - asr_no_trigger.
     asr_no_trigger: Rate | None = None
+    # Image by image, what the counts above add up: lets two evaluations of the same images be compared
+    # pairwise (paired.py). None for a result read from an evaluation cache written before it was kept.
+    outcomes: Outcomes | None = None
 
     @property
     def trigger_lift(self) -> float | None:
@@ -239,13 +243,15 @@ def evaluate_model(
             runnable = fold_batchnorm(model).model
             count = _streamed_counts if sets.streamed else _resident_counts
             run = functools.partial(predict, precision=precision, memory_format=memory_format, stats=checked)
-            counts = count(runnable, sets, mean, std, device, batch_size, on_batch, run).tolist()  # one host read
+            counts, correct, hits = count(runnable, sets, mean, std, device, batch_size, on_batch, run)
+            counts = counts.tolist()  # one host read
+            outcomes = Outcomes(correct.cpu(), None if hits is None else hits.cpu())
     finally:
         if reporter is not None:
             reporter.finish_steps()
     seconds = time.perf_counter() - start
     if not sets.has_trigger:
-        return EvalResult(Rate(counts[0], n_clean), None, None, seconds, n_clean, checked)
+        return EvalResult(Rate(counts[0], n_clean), None, None, seconds, n_clean, checked, outcomes=outcomes)
     return EvalResult(
         Rate(counts[0], n_clean),
         Rate(counts[1], n_poison),
@@ -254,35 +260,45 @@ def evaluate_model(
         n_clean + n_poison,
         checked,
         asr_no_trigger=Rate(counts[3], n_poison),
+        outcomes=outcomes,
     )
 
 
-def _resident_counts(model, sets: EvalSets, mean, std, device, batch_size: int, on_batch, predict) -> torch.Tensor:
-    """[clean correct, target hits, robust, untriggered target hits] on the device, for sets held in memory."""
+def _resident_counts(model, sets: EvalSets, mean, std, device, batch_size: int, on_batch, predict):
+    """([clean correct, target hits, robust, untriggered target hits], per-image clean correctness, per-image
+    target hits of the triggered images or None) on the device, for sets held in memory."""
     counts = torch.zeros(4, dtype=torch.long, device=device)
     clean = predict(model, sets.clean.x, mean, std, device, batch_size, on_batch)
-    counts[0] = (clean == sets.clean.y).sum()
+    correct = clean == sets.clean.y
+    counts[0] = correct.sum()
+    hits = None
     if sets.poisoned is not None:
         preds = predict(model, sets.poisoned.x, mean, std, device, batch_size, on_batch)
-        counts[1] = (preds == sets.target).sum()
+        hits = preds == sets.target
+        counts[1] = hits.sum()
         counts[2] = (preds == sets.poisoned.y).sum()
         # the triggered set is exactly the clean set's non-target images (build_eval_sets)
         counts[3] = ((clean == sets.target) & (sets.clean.y != sets.target)).sum()
-    return counts
+    return counts, correct, hits
 
 
-def _streamed_counts(model, sets: EvalSets, mean, std, device, batch_size: int, on_batch, predict) -> torch.Tensor:
-    """The same counts for a FolderStream: each decoded batch is predicted clean, then its non-target
-    images with the trigger applied, and dropped before the next batch is taken."""
+def _streamed_counts(model, sets: EvalSets, mean, std, device, batch_size: int, on_batch, predict):
+    """The same counts and per-image results for a FolderStream: each decoded batch is predicted clean, then its
+    non-target images with the trigger applied, and dropped before the next batch is taken."""
     counts = torch.zeros(4, dtype=torch.long, device=device)
+    correct, hits = [], []
     for x, y in sets.clean.batches(batch_size):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         clean = predict(model, x, mean, std, device, batch_size, on_batch)
-        counts[0] += (clean == y).sum()
+        correct.append(clean == y)
+        counts[0] += correct[-1].sum()
         if sets.trigger is not None:
             keep = y != sets.target
             counts[3] += (clean[keep] == sets.target).sum()
             preds = predict(model, sets.trigger.apply(x[keep]), mean, std, device, batch_size, on_batch)
-            counts[1] += (preds == sets.target).sum()
+            hits.append(preds == sets.target)
+            counts[1] += hits[-1].sum()
             counts[2] += (preds == y[keep]).sum()
-    return counts
+    empty = torch.zeros(0, dtype=torch.bool, device=device)
+    target_hits = (torch.cat(hits) if hits else empty) if sets.trigger is not None else None
+    return counts, (torch.cat(correct) if correct else empty), target_hits

@@ -14,6 +14,7 @@ import torch
 
 from ..evaluation.gates import GateResult
 from ..evaluation.measure import EvalResult
+from ..evaluation.paired import PairedChange, outcome_changes
 
 SCHEMA_VERSION = "bdclean.report/1"
 DEFINITIONS = {
@@ -70,6 +71,23 @@ def counts(rate) -> str:
 
 def signed_points(delta: float | None) -> str:
     return "-" if delta is None else f"{delta * 100:+.2f} pp"
+
+
+def change_interval(change: PairedChange | None) -> str:
+    """A paired change's 95% interval in points ("-" without per-image outcomes)."""
+    if change is None:
+        return "-"
+    low, high = change.interval
+    return f"[{low * 100:+.2f}, {high * 100:+.2f}]"
+
+
+def paired_words(name: str, change: PairedChange) -> str:
+    """A paired change, its interval and what it is made of, e.g.
+    "C-Acc -3.45 pp, 95% CI [-4.68, -2.25] (112 of 2000 images lost, 43 gained)"."""
+    return (
+        f"{name} {signed_points(change.value)}, 95% CI {change_interval(change)} "
+        f"({change.lost} of {change.n} images lost, {change.gained} gained)"
+    )
 
 
 @dataclass
@@ -133,6 +151,12 @@ class PurifyReport:
     def asr_delta(self) -> float | None:
         return self.after.asr.value - self.before.asr.value if self.before.asr and self.after.asr else None
 
+    @property
+    def paired(self) -> dict[str, PairedChange]:
+        """The changes of C-Acc and ASR image by image (the same images before and after), with their intervals;
+        empty where an evaluation kept no per-image outcomes."""
+        return outcome_changes(self.before.outcomes, self.after.outcomes) or {}
+
     def to_dict(self) -> dict:
         return {
             "schema": SCHEMA_VERSION,
@@ -145,7 +169,11 @@ class PurifyReport:
             "clean_data": self.clean,
             "before": self.before.to_dict(),
             "after": self.after.to_dict(),
-            "delta": {"clean_acc": self.acc_delta, "asr": self.asr_delta},
+            "delta": {
+                "clean_acc": self.acc_delta,
+                "asr": self.asr_delta,
+                "paired": {name: change.to_dict() for name, change in self.paired.items()} or None,
+            },
             "der": self.der,
             "removal": self.removal,
             "scan": self.scan,
@@ -329,15 +357,24 @@ def purify_markdown(report: PurifyReport) -> str:
         "",
         "## Results",
         "",
-        "| metric | before | after | change |",
-        "|---|---|---|---|",
+        "| metric | before | after | change | change, 95% CI (paired) |",
+        "|---|---|---|---|---|",
     ]
+    paired = report.paired
     for name, key in RATE_ROWS:
         b, a = getattr(report.before, key), getattr(report.after, key)
         if b is None and a is None:
             continue
         change = signed_points(a.value - b.value) if a is not None and b is not None else "-"
-        lines.append(f"| {name} | {_rate_md(b)} | {_rate_md(a)} | {change} |")
+        lines.append(f"| {name} | {_rate_md(b)} | {_rate_md(a)} | {change} | {change_interval(paired.get(key))} |")
+    if paired:
+        lines += [
+            "",
+            "The same images were scored before and after, so a change is counted image by image (Newcombe's paired"
+            " interval): "
+            + "; ".join(paired_words(name, paired[key]) for name, key in RATE_ROWS if key in paired)
+            + ".",
+        ]
     lines += ["", f"DER: {report.der:.4f}" if report.der is not None else "DER: - (no trigger)", ""]
     if lifts := _lift_lines(report.before, report.after, report.trigger):
         lines += [f"- {when}: {line}." for when, line in lifts] + [""]
@@ -678,6 +715,10 @@ def render_purify(report: PurifyReport, console) -> None:
             signed_points(a.value - b.value),
         )
     console.print(table)
+    paired = report.paired
+    for name, key in RATE_ROWS:
+        if key in paired:  # the same images before and after: the change's own interval, much tighter than two
+            console.print(f"paired change: {paired_words(name, paired[key])}", highlight=False, markup=False)
     for when, line in _lift_lines(report.before, report.after, report.trigger):
         console.print(f"{when}: {line}", highlight=False, markup=False)
     if report.der is not None:
