@@ -348,8 +348,15 @@ def test_compare_table_json_markdown(toy, tmp_path):
     assert md.exit_code == 0 and md.stdout.startswith("| checkpoint")
     assert "| ASR without trigger |" in md.stdout.splitlines()[0]
     assert report["rows"][1]["metrics"]["asr_no_trigger"]["n"] == report["rows"][1]["metrics"]["asr"]["n"]
+    # the change from the reference, counted on the same images, for every compared row
+    ref, row = report["rows"][0], report["rows"][1]
+    assert ref["paired"] is None
+    acc = row["paired"]["clean_acc"]
+    assert acc["gained"] - acc["lost"] == row["metrics"]["clean_acc"]["k"] - ref["metrics"]["clean_acc"]["k"]
+    assert row["paired"]["asr"]["n"] == row["metrics"]["asr"]["n"] and acc["ci95"][0] <= acc["value"]
+    assert "Against the reference, image by image" in md.stdout and "purified.safetensors: C-Acc " in md.stdout
     table = invoke("compare", toy["model"], purified, "--data", toy["data"], "--quiet")
-    assert "DER" in table.stdout
+    assert "DER" in table.stdout and "purified.safetensors: C-Acc " in table.stdout
     gated = invoke("compare", toy["model"], purified, "--data", toy["data"], "--min-acc", "100%", "--quiet")
     assert gated.exit_code == 1
     assert invoke("compare", toy["model"], "--data", toy["data"]).exit_code == 2

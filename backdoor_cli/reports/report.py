@@ -202,6 +202,8 @@ class CompareRow:
     gates: list[GateResult]
     is_reference: bool
     retune: dict | None = None  # retune.RetuneResult.to_dict(), with --retune-check
+    # the change from the reference image by image (the same images): {"clean_acc", "asr"}; empty for the reference
+    paired: dict[str, PairedChange] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {
@@ -213,6 +215,7 @@ class CompareRow:
             "metrics": self.result.to_dict(),
             "retune_check": self.retune,
             "acc_drop": self.acc_drop,
+            "paired": {name: change.to_dict() for name, change in self.paired.items()} or None,
             "der": self.der,
             "drift": self.drift,
             "gates": [g.to_dict() for g in self.gates],
@@ -625,7 +628,18 @@ def compare_markdown(report: CompareReport) -> str:
             f"{_rate_md(r.asr_no_trigger)} | {_rate_md(r.ra)} |"
             f"{check} {'-' if row.der is None else f'{row.der:.3f}'} | {row.drift['total_l2']:.3f} |"
         )
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _paired_against_reference(report)) + "\n"
+
+
+def _paired_against_reference(report: CompareReport) -> list[str]:
+    """One line per compared checkpoint: its change from the reference, counted on the same images."""
+    names = display_names([row.path for row in report.rows])
+    lines = [
+        f"- {name}: " + "; ".join(paired_words(label, row.paired[key]) for label, key in RATE_ROWS if key in row.paired)
+        for name, row in zip(names, report.rows)
+        if row.paired
+    ]
+    return ["", "Against the reference, image by image (paired 95% intervals):", *lines] if lines else []
 
 
 # ---------------------------------------------------------------- files
@@ -792,6 +806,8 @@ def render_compare(report: CompareReport, console) -> None:
             cells.append(row.drift["most_changed"] or "-")
         table.add_row(*cells)
     console.print(table)
+    for line in _paired_against_reference(report)[1:]:
+        console.print(line, highlight=False, markup=False)
     render_gates([g for row in report.rows for g in row.gates], console)
 
 

@@ -9,6 +9,7 @@ from ..errors import ConfigError, InputError
 from ..evaluation.gates import check_gates
 from ..evaluation.measure import build_eval_sets, evaluate_model
 from ..evaluation.metrics import defense_effectiveness_rating
+from ..evaluation.paired import outcome_changes
 from ..outputs import OutputSet
 from ..precision import Compute, resolve_precision
 from ..progress import Reporter
@@ -93,6 +94,7 @@ def compare_checkpoints(opts: CompareOptions, reporter: Reporter | None = None) 
                 gates=gates,
                 is_reference=path == reference_path,
                 retune=retune(subject, res).to_dict() if retune is not None else None,
+                paired={} if path == reference_path else outcome_changes(ref.outcomes, res.outcomes) or {},
             )
         )
         del subject  # the next checkpoint's model replaces this one
