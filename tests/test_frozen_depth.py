@@ -13,7 +13,14 @@ from torch import nn
 from backdoor_cli.data.datasets import ImageSet
 from backdoor_cli.defenses.base import DefenseParams
 from backdoor_cli.defenses.finetune import select_trainable
-from backdoor_cli.defenses.unlearn import FROZEN_DEPTH, SPREAD_OUT, UNLEARN, UnlearnParams, holds_early_layers
+from backdoor_cli.defenses.unlearn import (
+    DORMANCY_RISK,
+    FROZEN_DEPTH,
+    SPREAD_OUT,
+    UNLEARN,
+    UnlearnParams,
+    holds_early_layers,
+)
 from backdoor_cli.models.building import build_model
 from backdoor_cli.models.depth import MIN_TRAINED, early_layers
 from backdoor_cli.models.head import find_head
@@ -121,6 +128,7 @@ def test_a_local_trigger_leaves_the_early_layers_byte_identical_and_tunes_the_re
         elif name.endswith("weight"):
             assert not torch.equal(value, start[name]), name
     assert any("the first 3 of 10 weight layers in forward order held" in note and "(0 to 7)" in note for note in notes)
+    assert DORMANCY_RISK in notes  # what holding layers risks, and how to measure or avoid it, in the report
 
 
 @pytest.mark.parametrize(
@@ -131,7 +139,7 @@ def test_a_spread_out_trigger_or_frozen_depth_zero_tunes_every_layer(local, valu
     assert not torch.equal(model[0].weight, start["0.weight"]) and not torch.equal(
         model[1].running_mean, start["1.running_mean"]
     )
-    assert any(note.endswith(said) for note in notes)
+    assert any(note.endswith(said) for note in notes) and DORMANCY_RISK not in notes
     assert UnlearnParams().frozen_depth == FROZEN_DEPTH == 2 / 3
 
 

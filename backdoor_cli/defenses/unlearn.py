@@ -126,7 +126,18 @@ def run_unlearn(
         f"{own.unlearn_fraction:.0%} of each batch, labels kept{window_words(searches, triggers, own.window_step)}; "
         + (early.describe() if hold or own.frozen_depth <= 0 else SPREAD_OUT)
     )
+    if early.names:
+        outcome.notes.append(DORMANCY_RISK)
     return outcome
+
+
+# What holding layers was measured to risk (docs/purification.md, fourteenth session): the removal verdict reads the
+# trigger's ASR now, which says nothing about how fast the held features let retuning bring it back.
+DORMANCY_RISK = (
+    "holding the early layers can leave the backdoor dormant: on a VGG-16-BN it came back to 28% after retuning with "
+    "5 poisoned images (its clean parent: 1%), against 2% with every layer trained; --retune-check with the trigger "
+    "measures it, --frozen-depth 0 trains every layer"
+)
 
 
 SPREAD_OUT = (
