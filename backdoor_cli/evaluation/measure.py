@@ -69,7 +69,8 @@ class EvalResult:
     # kept a 5.6% ASR sent 3.6% there untriggered), so the trigger's own effect is asr - asr_no_trigger.
     asr_no_trigger: Rate | None = None
     # Image by image, what the counts above add up: lets two evaluations of the same images be compared
-    # pairwise (paired.py). None for a result read from an evaluation cache written before it was kept.
+    # pairwise (paired.py). None for a result rebuilt from counts alone (the cache reads an entry without it as a
+    # miss, so purify and compare always have it).
     outcomes: Outcomes | None = None
 
     @property

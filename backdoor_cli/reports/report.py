@@ -83,7 +83,7 @@ def change_interval(change: PairedChange | None) -> str:
 
 def paired_words(name: str, change: PairedChange) -> str:
     """A paired change, its interval and what it is made of, e.g.
-    "C-Acc -3.45 pp, 95% CI [-4.68, -2.25] (112 of 2000 images lost, 43 gained)"."""
+    "C-Acc -3.45 pp, 95% CI [-4.64, -2.29] (107 of 2000 images lost, 38 gained)"."""
     return (
         f"{name} {signed_points(change.value)}, 95% CI {change_interval(change)} "
         f"({change.lost} of {change.n} images lost, {change.gained} gained)"
