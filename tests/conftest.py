@@ -26,3 +26,15 @@ def toy_model(tmp_path_factory) -> dict:
 
     made = train_toy_model(tmp_path_factory.mktemp("toy"), epochs=2)
     return {k: str(v) for k, v in made.items()}
+
+
+@pytest.fixture(scope="session")
+def planted_template(tmp_path_factory) -> dict:
+    """A simple_cnn_half with a BadNets backdoor (target 0) on the template data (tests/helpers.py), trained once per
+    session through the CLI: {"root", "data", "model"} (paths). The default's scan flags its target."""
+    from helpers import make_template_dataset, train_small_cnn
+
+    root = tmp_path_factory.mktemp("planted-template")
+    data = make_template_dataset(root / "data")
+    model = train_small_cnn(data, root / "bd.safetensors", "--trigger", "badnets", "--poison-rate", "0.1")
+    return {"root": root, "data": data, "model": model}

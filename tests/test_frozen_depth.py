@@ -14,7 +14,6 @@ from backdoor_cli.data.datasets import ImageSet
 from backdoor_cli.defenses.base import DefenseParams
 from backdoor_cli.defenses.finetune import select_trainable
 from backdoor_cli.defenses.unlearn import (
-    DORMANCY_RISK,
     FROZEN_DEPTH,
     SPREAD_OUT,
     UNLEARN,
@@ -90,7 +89,7 @@ def test_held_modules_neither_train_nor_update_their_statistics():
     }
 
 
-def unlearn_deep_cnn(local: bool, **values) -> tuple[nn.Sequential, dict, list[str]]:
+def unlearn_deep_cnn(local: bool, **values) -> tuple[nn.Sequential, dict, list[str], list[str]]:
     """One epoch of the unlearning on a nine-convolution CNN: (model, its weights before, the run's notes). `local`:
     the scan's locality test called the reconstruction local (it is passed as a window, whose search is off here)."""
     torch.manual_seed(0)
@@ -116,11 +115,11 @@ def unlearn_deep_cnn(local: bool, **values) -> tuple[nn.Sequential, dict, list[s
         windows=[trigger] if local else [],
     )
     assert all(p.requires_grad for p in model.parameters())  # the run gives every parameter back
-    return model, start, outcome.notes
+    return model, start, outcome.notes, (outcome.held.names if outcome.held is not None else [])
 
 
 def test_a_local_trigger_leaves_the_early_layers_byte_identical_and_tunes_the_rest():
-    model, start, notes = unlearn_deep_cnn(local=True)
+    model, start, notes, held_names = unlearn_deep_cnn(local=True)
     held = {"0", "1", "3", "4", "6", "7"}  # the first three conv + BatchNorm pairs of nine
     for name, value in model.state_dict().items():
         if name.split(".")[0] in held:
@@ -128,18 +127,19 @@ def test_a_local_trigger_leaves_the_early_layers_byte_identical_and_tunes_the_re
         elif name.endswith("weight"):
             assert not torch.equal(value, start[name]), name
     assert any("the first 3 of 10 weight layers in forward order held" in note and "(0 to 7)" in note for note in notes)
-    assert DORMANCY_RISK in notes  # what holding layers risks, and how to measure or avoid it, in the report
+    # purify's dormancy check runs on the output of a run that held layers (tests/test_dormancy.py): it reads them here
+    assert held_names == ["0", "1", "3", "4", "6", "7"]
 
 
 @pytest.mark.parametrize(
     ("local", "values", "said"), [(False, {}, SPREAD_OUT), (True, {"frozen_depth": 0.0}, "every layer trained")]
 )
 def test_a_spread_out_trigger_or_frozen_depth_zero_tunes_every_layer(local, values, said):
-    model, start, notes = unlearn_deep_cnn(local=local, **values)
+    model, start, notes, held_names = unlearn_deep_cnn(local=local, **values)
     assert not torch.equal(model[0].weight, start["0.weight"]) and not torch.equal(
         model[1].running_mean, start["1.running_mean"]
     )
-    assert any(note.endswith(said) for note in notes) and DORMANCY_RISK not in notes
+    assert any(note.endswith(said) for note in notes) and held_names == []
     assert UnlearnParams().frozen_depth == FROZEN_DEPTH == 2 / 3
 
 

@@ -26,7 +26,6 @@ from backdoor_cli.selection.gentler import (
     removed,
     too_hot,
 )
-from helpers import make_template_dataset, train_small_cnn
 
 
 def _run(first_acc=0.79, acc=0.88, proxy: Rate | None = None) -> GentlerRun:
@@ -109,11 +108,8 @@ def test_the_gentler_run_is_kept_only_when_it_removes_and_costs_less():
 
 
 @pytest.fixture(scope="module")
-def planted(tmp_path_factory) -> dict:
-    root = tmp_path_factory.mktemp("gentler")
-    data = make_template_dataset(root / "data")
-    model = train_small_cnn(data, root / "bd.safetensors", "--trigger", "badnets", "--poison-rate", "0.1")
-    return {"root": root, "data": data, "model": model}
+def planted(planted_template) -> dict:
+    return planted_template  # conftest.py: trained once per session
 
 
 def _default(planted, out, *args):

@@ -11,6 +11,7 @@ import torch
 
 from ..config import check_fields
 from ..errors import ConfigError
+from ..models.depth import EarlyLayers
 from ..tuning.sgd import SgdSettings
 
 # The FST paper's defaults (Min et al., NeurIPS 2023, Appendix): lr, epochs, alpha, clean fraction.
@@ -122,6 +123,7 @@ class DefenseOutcome:
     history: list = field(default_factory=list)  # EpochLog per epoch
     notes: list[str] = field(default_factory=list)
     head_norm: float | None = None  # FST: the Frobenius norm the head was held to
+    held: EarlyLayers | None = None  # unlearn: the early layers held at the input's weights (None: none held)
 
 
 # The hyper-parameters every tuning method reads; each method's own are the fields of its `params_type`.

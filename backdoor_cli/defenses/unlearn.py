@@ -16,7 +16,8 @@ hundred images have little to teach the early, generic features but forgetting, 
 unlearnt in the layers after them. A spread-out trigger (blend, warp, signal) changes every pixel a little, which
 the early layers see: with them held a WaNet subject kept twice the backdoor, so a spread-out reconstruction is
 unlearnt with every layer. A network too shallow to keep six weight layers training behind the held ones is tuned
-whole.
+whole. Held layers can keep a backdoor dormant (a VGG-16-BN's came back after retuning): the outcome names them
+(`DefenseOutcome.held`), and purify checks such an output with the scan's reconstruction (verdicts/dormancy.py).
 
 The stamp is applied after augmentation, in the normalised space: ((1-m)x + m p - mean) / std equals
 (1-m) x_n + m (p - mean) / std, so no un-normalising is needed.
@@ -126,18 +127,8 @@ def run_unlearn(
         f"{own.unlearn_fraction:.0%} of each batch, labels kept{window_words(searches, triggers, own.window_step)}; "
         + (early.describe() if hold or own.frozen_depth <= 0 else SPREAD_OUT)
     )
-    if early.names:
-        outcome.notes.append(DORMANCY_RISK)
+    outcome.held = early if early.names else None
     return outcome
-
-
-# What holding layers was measured to risk (docs/purification.md, fourteenth session): the removal verdict reads the
-# trigger's ASR now, which says nothing about how fast the held features let retuning bring it back.
-DORMANCY_RISK = (
-    "holding the early layers can leave the backdoor dormant: on a VGG-16-BN it came back to 28% after retuning with "
-    "5 poisoned images (its clean parent: 1%), against 2% with every layer trained; --retune-check with the trigger "
-    "measures it, --frozen-depth 0 trains every layer"
-)
 
 
 SPREAD_OUT = (

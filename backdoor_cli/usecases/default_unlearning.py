@@ -2,8 +2,10 @@
 
 `unlearn_default` runs the scan-guided unlearning at the default's rate, stopping it after the first epoch for
 a gentler rate when that epoch cost the held-out images too much, and running it again gentler when the whole
-run did (`unlearn_gentler`), keeping the better of the two; `undo_costly_candidate` writes the input back when
-a class unlearnt without a flag cost the held-out images more than a guess may.
+run did (`unlearn_gentler`), keeping the better of the two; `unlearn_unless_dormant` checks a run that held the
+early layers for a dormant backdoor with the scan's own reconstruction (verdicts/dormancy.py) and unlearns again
+with every layer when it comes back; `undo_costly_candidate` writes the input back when a class unlearnt without
+a flag cost the held-out images more than a guess may.
 """
 
 from __future__ import annotations
@@ -18,9 +20,11 @@ from ..progress import Reporter
 from ..scanning.guided import ScanEvidence, proxy_rates
 from ..selection.gentler import CANDIDATE_COST, GENTLER_FACTOR, GentlerRun, needs_gentler, too_hot
 from ..selection.holdout import HoldoutMonitor
+from ..verdicts.dormancy import DormancyCheck, DormancyRecord
 from .defense_run import FirstEpochTooCostly
 
 Tune = Callable[..., DefenseOutcome]  # tune(params, monitor, stop_first_epoch=None): one run on purify's model
+CheckDormancy = Callable[[], list[DormancyCheck]]  # the dormancy check on purify's model as it is now
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,90 @@ def unlearn_default(
     if monitor.curve and needs_gentler(monitor.base_acc, monitor.curve[-1]["holdout_acc"]):
         return unlearn_gentler(setup, params, first)
     return first, params, None
+
+
+def unlearn_unless_dormant(
+    setup: UnlearningSetup, params: DefenseParams, check: CheckDormancy, may_rerun: bool
+) -> tuple[DefenseOutcome, DefenseParams, GentlerRun | None, DormancyRecord | None]:
+    """`unlearn_default`; when that run held early layers, the trigger-free dormancy check on its output
+    (verdicts/dormancy.py: a copy retuned with the scan's reconstruction). When a reconstruction comes back and
+    `may_rerun` (the user did not choose --frozen-depth), the unlearning again from the input's weights with every
+    layer trained, checked the same way, and kept: holding layers was measured to leave a VGG-16-BN's backdoor
+    dormant, and training every layer removed it (docs/purification.md). Returns the kept run's outcome, params
+    and gentler record, and the checks (None when no layer was held, so there was nothing to check)."""
+    outcome, kept, gentler = unlearn_default(setup, params)
+    if outcome.held is None:
+        return outcome, kept, gentler, None
+    reporter = setup.reporter
+    record = _check_held(outcome, check, reporter)
+    if not record.dormant or not may_rerun:
+        _note_without_rerun(record, outcome, reporter, "--frozen-depth" if record.dormant else None)
+        return outcome, kept, gentler, record
+    held_words = _held_words(record)
+    classes = ", ".join(str(c) for c in record.dormant)
+    reporter.warn(
+        f"{held_words}, and the backdoor of class {classes} is dormant there (retuning brings its reconstruction "
+        "back): unlearning again from the input with every layer trained"
+    )
+    setup.model.load_state_dict(setup.start)
+    setup.monitor.curve.clear()
+    every = dataclasses.replace(params, own=dataclasses.replace(params.own, frozen_depth=0.0))
+    outcome, kept, gentler = unlearn_default(setup, every)
+    record.every_layer = check()
+    record.kept = "every_layer"
+    for line in record.every_layer:
+        reporter.info(f"dormancy check, every layer trained: {line.describe()}")
+    record.note = (
+        f"{held_words}, but the backdoor of class {classes} was dormant there (retuning with {record.poisoned} images "
+        "stamped with its reconstruction brought it back), so the unlearning was run again from the input with every layer "
+        "trained, and that run is the output"
+        + (
+            f"; it is still dormant there for class {', '.join(str(c) for c in record.dormant)}"
+            if record.dormant
+            else "; retuning does not bring it back there"
+        )
+    )
+    outcome.notes.append(record.note)
+    return outcome, kept, gentler, record
+
+
+def held_layers_checked(outcome: DefenseOutcome, check: CheckDormancy, reporter: Reporter) -> DormancyRecord:
+    """The dormancy check on a run that held early layers and cannot be run again (--method unlearn keeps no copy
+    of the input): the checks, and a note that says what they showed and what to do."""
+    record = _check_held(outcome, check, reporter)
+    _note_without_rerun(record, outcome, reporter, "--method unlearn" if record.dormant else None)
+    return record
+
+
+def _check_held(outcome: DefenseOutcome, check: CheckDormancy, reporter: Reporter) -> DormancyRecord:
+    reporter.stage("dormancy check: retuning a copy of the output with the scan's reconstruction")
+    record = DormancyRecord(held_layers=outcome.held.held, held=check())
+    for line in record.held:
+        reporter.info(f"dormancy check: {line.describe()}")
+    return record
+
+
+def _held_words(record: DormancyRecord) -> str:
+    return f"the unlearning held the first {record.held_layers} weight layers at the input's weights"
+
+
+def _note_without_rerun(record: DormancyRecord, outcome: DefenseOutcome, reporter: Reporter, why: str | None) -> None:
+    """The note of a held-layer output that is kept as it is: not revived, or dormant where `why` (the flag that
+    kept it from being run again with every layer) says why it was not."""
+    if why is None:
+        record.note = (
+            f"{_held_words(record)}; retuned with {record.poisoned} images stamped with the scan's reconstruction, the "
+            "output did not "
+            "take the backdoor back (the dormancy check)"
+        )
+    else:
+        record.note = (
+            f"{_held_words(record)} ({why}), and the backdoor of class "
+            f"{', '.join(str(c) for c in record.dormant)} is dormant: retuning with {record.poisoned} images stamped with its "
+            "reconstruction brings it back; --frozen-depth 0 trains every layer"
+        )
+        reporter.warn(record.note)
+    outcome.notes.append(record.note)
 
 
 def _run_gentler(

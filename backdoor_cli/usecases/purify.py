@@ -63,8 +63,9 @@ from ..selection.recipe import CAVEAT, Recipe, fit_to_clean_data, resolve_recipe
 from ..subject import Subject, export_weights, normalization_tensors
 from ..tuning.loop import steps_per_epoch
 from ..tuning.sgd import SgdSettings
+from ..verdicts.dormancy import DormancyRecord, check_dormancy, dormancy_settings
 from ..verdicts.removal import combine_verdicts, judge_removal, judge_removal_by_scan
-from .default_unlearning import UnlearningSetup, undo_costly_candidate, unlearn_default
+from .default_unlearning import UnlearningSetup, held_layers_checked, undo_costly_candidate, unlearn_unless_dormant
 from .defense_run import run_defense
 from .references import check_reference_use, open_clean_reference, verdict_hint
 from .retuning import retune_checked
@@ -308,14 +309,35 @@ def _purify_into(
                 stop_first_epoch=stop_first_epoch,
             )
 
-        gentler = None
+        def check_dormancy_now():
+            return check_dormancy(
+                model,
+                tune_set.to(device),
+                monitor.images if monitor is not None else tune_set.to(device),
+                evidence.chosen,
+                mean,
+                std,
+                dormancy_settings(opts.seed, augmentation.enabled),
+                device,
+                augmentation.flip,
+                output_kind.adapter,
+                plan.tune,
+            )
+
+        gentler, dormancy = None, None
         if unchanged:
             outcome = DefenseOutcome(notes=[unchanged_note(evidence)])
         elif may_soften:
             setup = UnlearningSetup(tune, model, start, mean, std, reporter, monitor, evidence)
-            outcome, params, gentler = unlearn_default(setup, params)
+            outcome, params, gentler, dormancy = unlearn_unless_dormant(
+                setup, params, check_dormancy_now, may_rerun=opts.frozen_depth is None
+            )
         else:
             outcome = tune(params, monitor)
+            if (
+                outcome.held is not None and evidence is not None
+            ):  # --method unlearn: checked, never rerun (no input copy kept)
+                dormancy = held_layers_checked(outcome, check_dormancy_now, reporter)
         if may_soften and not evidence.flagged and not opts.precaution:  # a candidate the reference vouched for
             kept_acc = monitor.curve[-1]["holdout_acc"]  # the kept run's (default_unlearning keeps it so)
             if candidate_too_costly(monitor.base_acc, kept_acc):
@@ -382,7 +404,12 @@ def _purify_into(
         opts.max_acc_drop,
     )
     removal = removal_verdict(
-        trigger, before, after, evidence, reference_hint=verdict_hint(opts, bundle, subject.num_classes)
+        trigger,
+        before,
+        after,
+        evidence,
+        reference_hint=verdict_hint(opts, bundle, subject.num_classes),
+        dormancy=dormancy,
     )
     if opts.require_verified:
         verified = removal.verdict == "verified"
@@ -438,7 +465,11 @@ def _purify_into(
         output_kind=output_kind.to_dict(),
         retune=retune.to_dict() if retune is not None else None,
         removal=removal.to_dict(),
-        scan=evidence.to_dict() if evidence is not None else None,
+        scan=(
+            {**evidence.to_dict(), "dormancy": dormancy.to_dict() if dormancy is not None else None}
+            if evidence is not None
+            else None
+        ),
     )
     with timer.stage("write"):
         import yaml
@@ -592,10 +623,18 @@ def _verify_with_scan(
         )
 
 
-def removal_verdict(trigger, before, after, evidence: ScanEvidence | None, reference_hint: str | None = None):
+def removal_verdict(
+    trigger,
+    before,
+    after,
+    evidence: ScanEvidence | None,
+    reference_hint: str | None = None,
+    dormancy: DormancyRecord | None = None,
+):
     """The given trigger's verdict, the scan's, or both combined (verdicts/removal.py). `reference_hint`: the
     flag of a bundled reference that fits the data (references.verdict_hint), added to the scan's reason when the
-    scan ran without any reference, which alone keeps it from saying `verified`."""
+    scan ran without any reference, which alone keeps it from saying `verified`. `dormancy`: the dormancy check
+    of a held-layer unlearning; a reconstruction that comes back on the output fails the scan's verdict."""
     by_scan = None
     if evidence is not None:
         by_scan = judge_removal_by_scan(
@@ -607,6 +646,8 @@ def removal_verdict(trigger, before, after, evidence: ScanEvidence | None, refer
             natural=evidence.natural,
             planted=evidence.reference.planted if evidence.reference is not None else None,
             local=evidence.proxy_local,
+            dormant=dormancy.dormant if dormancy is not None else None,
+            dormancy=dormancy.to_dict() if dormancy is not None else None,
         )
         if reference_hint and evidence.clean_reference is None:
             by_scan = dataclasses.replace(by_scan, reason=f"{by_scan.reason} ({reference_hint})")

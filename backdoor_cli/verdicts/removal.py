@@ -130,12 +130,16 @@ def judge_removal_by_scan(
     natural: dict[int, Rate] | None = None,
     planted: dict[int, Rate] | None = None,
     local: dict[int, Rate] | None = None,
+    dormant: dict[int, Rate] | None = None,
+    dormancy: dict | None = None,
 ) -> RemovalVerdict:
     """The verdict without a known trigger, from the scan that guided the purify. `flagged`: the classes
     taken for planted triggers; `natural`: flagged classes a clean reference follows too (set aside);
     `planted`: flagged classes whose reconstruction a (competent) clean reference ignores, with its rate;
     `local`: each unlearnt reconstruction's proxy ASR on the input when cut to its densest window
-    (scanning.guided.localize): a trigger-free `verified` also needs the reconstruction to be local.
+    (scanning.guided.localize): a trigger-free `verified` also needs the reconstruction to be local. `dormant`:
+    unlearnt classes whose reconstruction retuning brings back on the output (verdicts/dormancy.py), with the
+    rate it comes back to: a backdoor that comes back is still there, so `failed`; `dormancy`: that check's record.
 
     The scan can show that what it found is gone: every flagged class's proxy ASR at most VERIFIED_ASR,
     upper bound at most VERIFIED_HIGH, and a re-scan that no longer flags it or finds a trigger the clean
@@ -156,6 +160,8 @@ def judge_removal_by_scan(
         "rescan": {str(c): v for c, v in rescan.items()},
         "thresholds": thresholds,
     }
+    if dormancy is not None:
+        evidence["dormancy"] = dormancy
     if natural:
         evidence["natural_shortcuts"] = {str(c): _rate(r) for c, r in natural.items()}
     if planted:
@@ -210,13 +216,20 @@ def judge_removal_by_scan(
     # the two cannot be told apart (measured: a patch-trigger ResNet-56 whose true ASR fell to 2.1% had class 0
     # re-flagged at anomaly index 2.20, the airplane shortcut its clean parent is flagged for by every scan).
     planted_again = [c for c in flagged if rescan.get(c, {}).get("flagged") and rescan[c].get("shortcut") is False]
-    still = [c for c in flagged if proxy_after[c].value > FAILED_ASR or c in planted_again]
+    dormant = dormant or {}
+    still = [c for c in flagged if proxy_after[c].value > FAILED_ASR or c in planted_again or c in dormant]
     if still:
         parts = [
             f"class {c}: proxy ASR {proxy_after[c].value:.1%}"
             + (
                 ", the re-scan still flags it and the clean reference ignores the re-scanned trigger"
                 if c in planted_again
+                else ""
+            )
+            + (
+                f", and retuning with 5 images stamped with its reconstruction brings it back to "
+                f"{dormant[c].value:.1%} (dormant)"
+                if c in dormant
                 else ""
             )
             for c in still

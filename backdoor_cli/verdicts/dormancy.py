@@ -1,0 +1,152 @@
+"""The trigger-free dormancy check: does the scan's own reconstruction come back when the output is retuned?
+
+Holding the early layers while unlearning a patch costs the clean images less, but it can leave the backdoor
+dormant: on a VGG-16-BN planted as issue 21 asks, the held-layer output's true-trigger ASR was 1-2%, and retuning
+with 5 poisoned images (verdicts/retune.py) brought it to 28% (its clean parent: 1%); with every layer trained,
+2% (docs/purification.md, fourteenth session). The user's trigger is not needed to see it: the scan's
+reconstruction, used as the retuning trigger, came back the same way (33% on that output, 1.6% with every layer
+trained, 1.5-6.0% on four ResNet outputs where the true trigger did not come back either).
+
+So the check is the retuning attack with the reconstruction in the trigger's place: a *copy* of the output is
+tuned on the tuning images with `poisoned` of them stamped with the reconstruction and labelled its class (the
+authors' protocol, retune.PROTOCOL), and the reconstruction's proxy ASR is measured on the held-out images before
+and after. With no clean model to compare with, the output's own proxy ASR before retuning stands for the
+reference: dormant when retuning raises it by more than retune.DORMANT_MARGIN (the issue's 10 points) with
+non-overlapping 95% intervals. That reference is lower than a clean model's after retuning (which learns a
+little from five images), so the rule errs toward calling a removal dormant: its price is the every-layer rerun's
+cost in accuracy, never a dormant backdoor called removed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ..data.datasets import ImageSet
+from ..evaluation.metrics import Rate
+from ..models.output_kind import LOGITS, LossAdapter
+from ..scanning.guided import proxy_asr
+from ..scanning.inversion import ClassTrigger
+from .retune import DORMANT_MARGIN, PROTOCOL, RetuneSettings, is_dormant, poisoned_tuning_set, retuned_copy
+
+
+class ReconstructionStamp:
+    """A scan reconstruction as the retuning check's trigger: `apply` stamps uint8 (N, H, W, C) batches,
+    x' = round((1 - m) x + m * 255 p), as the built blend-like triggers round (triggers/apply.py)."""
+
+    def __init__(self, trigger: ClassTrigger):
+        self.target = trigger.target
+        self._mask = trigger.mask.to(torch.float32)[None, :, :, None]
+        self._pattern = trigger.pattern.to(torch.float32)[None] * 255.0
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        mask, pattern = self._mask.to(x.device), self._pattern.to(x.device)
+        y = x.to(torch.float32) * (1 - mask) + mask * pattern
+        return y.round_().clamp_(0, 255).to(torch.uint8)
+
+
+@dataclass(frozen=True)
+class DormancyCheck:
+    """One reconstruction's retuning on one output: its proxy ASR before and after, and whether that is dormant."""
+
+    target: int
+    proxy: Rate  # the output's, before retuning (the stand-in reference: module docstring)
+    proxy_retuned: Rate
+    settings: RetuneSettings
+    seconds: float
+
+    @property
+    def dormant(self) -> bool:
+        return is_dormant(self.proxy_retuned, self.proxy)
+
+    def describe(self) -> str:
+        state = "dormant: it comes back" if self.dormant else "not revived"
+        return (
+            f"class {self.target}: retuning a copy with {self.settings.poisoned} images stamped with the "
+            f"reconstruction takes its proxy ASR from {self.proxy.value:.1%} to {self.proxy_retuned.value:.1%} "
+            f"({state}; dormant means more than {DORMANT_MARGIN:.0%} up, intervals apart)"
+        )
+
+    def to_dict(self) -> dict:
+        return {
+            "class": self.target,
+            "proxy_asr": self.proxy.to_dict(),
+            "proxy_asr_after_retuning": self.proxy_retuned.to_dict(),
+            "dormant": self.dormant,
+            "margin": DORMANT_MARGIN,
+            "settings": self.settings.to_dict(),
+            "seconds": round(self.seconds, 3),
+        }
+
+
+def dormancy_settings(seed: int, augment: bool) -> RetuneSettings:
+    """The authors' protocol (5 poisoned images, 5 epochs, lr 0.01), seeded by the run, augmenting the clean
+    images only where the run's own tuning does (digits are never flipped: `flip` is the caller's)."""
+    return RetuneSettings(sgd=dataclasses.replace(PROTOCOL, seed=seed, augment=augment))
+
+
+def check_dormancy(
+    model: torch.nn.Module,
+    tuning: ImageSet,
+    proxy_images: ImageSet,
+    triggers: Sequence[ClassTrigger],
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    settings: RetuneSettings,
+    device,
+    flip: bool = True,
+    loss_adapter: LossAdapter = LOGITS,
+    precision: str | None = None,
+) -> list[DormancyCheck]:
+    """Each reconstruction's retuning on a copy of `model` (`model` is untouched): tuned on `tuning` with
+    `settings.poisoned` images stamped and relabelled, measured on `proxy_images` (the held-out images)."""
+    checks = []
+    for trigger in triggers:
+        start = time.perf_counter()
+        before = proxy_asr(model, proxy_images, trigger, mean, std)
+        poisoned, mask = poisoned_tuning_set(tuning, ReconstructionStamp(trigger), settings)
+        attacked = retuned_copy(model, poisoned, mask, mean, std, settings, device, flip, loss_adapter, precision)
+        after = proxy_asr(attacked, proxy_images, trigger, mean, std)
+        del attacked
+        checks.append(DormancyCheck(trigger.target, before, after, settings, time.perf_counter() - start))
+    return checks
+
+
+@dataclass
+class DormancyRecord:
+    """The check on the held-layer output, and, when it was dormant, on the output unlearnt with every layer.
+    `kept`: which of the two the run wrote ('held' or 'every_layer'); `note`: why, in words."""
+
+    held_layers: int
+    held: list[DormancyCheck]
+    every_layer: list[DormancyCheck] | None = None
+    kept: str = "held"
+    note: str = ""
+
+    @property
+    def poisoned(self) -> int:
+        """How many stamped images the retuning used (the protocol's, the same for every check)."""
+        return self.held[0].settings.poisoned if self.held else RetuneSettings().poisoned
+
+    @property
+    def kept_checks(self) -> list[DormancyCheck]:
+        return self.every_layer if self.kept == "every_layer" and self.every_layer is not None else self.held
+
+    @property
+    def dormant(self) -> dict[int, Rate]:
+        """The classes whose reconstruction comes back on the kept output, with the rate it comes back to."""
+        return {c.target: c.proxy_retuned for c in self.kept_checks if c.dormant}
+
+    def to_dict(self) -> dict:
+        return {
+            "held_layers": self.held_layers,
+            "held": [c.to_dict() for c in self.held],
+            "every_layer": [c.to_dict() for c in self.every_layer] if self.every_layer is not None else None,
+            "kept": self.kept,
+            "dormant": sorted(self.dormant),
+            "note": self.note,
+        }
