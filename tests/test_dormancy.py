@@ -179,6 +179,11 @@ def test_no_layer_held_means_no_check():
     assert record is None and runs.checked == 0
 
 
+def test_an_undone_unlearning_leaves_no_dormant_class_on_the_output():
+    record = DormancyRecord(2, [_check((10, 900), (300, 900))], kept="input")
+    assert record.dormant == {} and record.to_dict()["kept"] == "input"  # the output holds the input's weights
+
+
 def test_method_unlearn_is_checked_and_never_rerun():
     outcome = DefenseOutcome(held=EarlyLayers(["0"], 1, 3, 0.5))
     record = held_layers_checked(outcome, lambda: [_check((10, 900), (300, 900))], Reporter())

@@ -334,15 +334,16 @@ def _purify_into(
             )
         else:
             outcome = tune(params, monitor)
-            if (
-                outcome.held is not None and evidence is not None
-            ):  # --method unlearn: checked, never rerun (no input copy kept)
+            # --method unlearn: checked, never rerun (no copy of the input's weights is kept for it)
+            if outcome.held is not None and evidence is not None:
                 dormancy = held_layers_checked(outcome, check_dormancy_now, reporter)
         if may_soften and not evidence.flagged and not opts.precaution:  # a candidate the reference vouched for
             kept_acc = monitor.curve[-1]["holdout_acc"]  # the kept run's (default_unlearning keeps it so)
             if candidate_too_costly(monitor.base_acc, kept_acc):
                 note = undo_costly_candidate(model, start, evidence, monitor.base_acc, kept_acc)
                 reporter.warn(note)
+                if dormancy is not None:  # neither checked output is written: the input is
+                    dormancy.kept = "input"
                 outcome, unchanged = DefenseOutcome(notes=[note]), True
         selection = monitor.restore(model, params.sgd.epochs) if recipe.select == "epoch" and not unchanged else None
         if selection:

@@ -119,7 +119,8 @@ def check_dormancy(
 @dataclass
 class DormancyRecord:
     """The check on the held-layer output, and, when it was dormant, on the output unlearnt with every layer.
-    `kept`: which of the two the run wrote ('held' or 'every_layer'); `note`: why, in words."""
+    `kept`: which of the two the run wrote ('held' or 'every_layer'; 'input' when the unlearning of a candidate was
+    undone afterwards, so neither checked output was written); `note`: why, in words."""
 
     held_layers: int
     held: list[DormancyCheck]
@@ -134,6 +135,8 @@ class DormancyRecord:
 
     @property
     def kept_checks(self) -> list[DormancyCheck]:
+        if self.kept == "input":
+            return []
         return self.every_layer if self.kept == "every_layer" and self.every_layer is not None else self.held
 
     @property
