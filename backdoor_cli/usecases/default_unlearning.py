@@ -135,8 +135,7 @@ def _note_without_rerun(record: DormancyRecord, outcome: DefenseOutcome, reporte
     if why is None:
         record.note = (
             f"{_held_words(record)}; retuned with {record.poisoned} images stamped with the scan's reconstruction, the "
-            "output did not "
-            "take the backdoor back (the dormancy check)"
+            "output did not take the backdoor back (the dormancy check)"
         )
     else:
         record.note = (
