@@ -17,13 +17,21 @@ from backdoor_cli.checkpoint import read_checkpoint
 from backdoor_cli.cli import app
 from backdoor_cli.defenses import unlearn
 from backdoor_cli.defenses.base import DefenseOutcome, DefenseParams
+from backdoor_cli.defenses.unlearn import FROZEN_DEPTH
 from backdoor_cli.evaluation.metrics import Rate
+from backdoor_cli.models import depth
 from backdoor_cli.models.depth import EarlyLayers, early_layers
 from backdoor_cli.progress import Reporter
 from backdoor_cli.scanning.guided import ScanEvidence
 from backdoor_cli.scanning.inversion import InversionParams
 from backdoor_cli.selection.holdout import HoldoutMonitor
-from backdoor_cli.usecases.default_unlearning import UnlearningSetup, held_layers_checked, unlearn_unless_dormant
+from backdoor_cli.usecases.default_unlearning import (
+    RERUN_DEPTHS,
+    UnlearningSetup,
+    held_layers_checked,
+    rerun_depths,
+    unlearn_unless_dormant,
+)
 from backdoor_cli.verdicts import dormancy
 from backdoor_cli.verdicts.dormancy import (
     DormancyCheck,
@@ -130,27 +138,53 @@ def _setup(runs: FakeRuns, model: torch.nn.Module) -> UnlearningSetup:
     )
 
 
-def test_a_dormant_held_layer_output_is_unlearnt_again_from_the_input_with_every_layer():
+def test_a_dormant_held_layer_output_is_unlearnt_again_from_the_input_holding_a_third():
     runs = FakeRuns([[_check((10, 900), (300, 900))], [_check((10, 900), (20, 900))]])
     model = Tiny()
     params = DefenseParams.of("unlearn", epochs=3)
     outcome, kept, gentler, record = unlearn_unless_dormant(_setup(runs, model), params, runs.check, may_rerun=True)
-    assert runs.depths == [params.own.frozen_depth, 0.0] and runs.checked == 2
-    assert kept.own.frozen_depth == 0.0 and gentler is None and outcome.held is None
+    assert runs.depths == [FROZEN_DEPTH, FROZEN_DEPTH / 2] and runs.checked == 2  # a third not dormant: no more
+    assert kept.own.frozen_depth == FROZEN_DEPTH / 2 and gentler is None and outcome.held is not None
     assert all(not v.any() for v in model.state_dict().values() if v.is_floating_point())  # from the input's weights
-    assert record.kept == "every_layer" and record.held_layers == 2 and record.dormant == {}
-    assert "run again from the input with every layer" in record.note and record.note in outcome.notes
+    assert record.kept == "rerun" and record.held_layers == 2 and record.dormant == {}
+    assert [r.held_layers for r in record.reruns] == [2]
+    assert "run again from the input holding the first 2 weight layers" in record.note
+    assert record.note in outcome.notes and "retuning does not bring it back there" in record.note
     doc = record.to_dict()
-    assert doc["held"][0]["dormant"] and not doc["every_layer"][0]["dormant"] and doc["dormant"] == []
+    assert doc["held"][0]["dormant"] and doc["reruns"][0]["dormant"] == [] and doc["dormant"] == []
+    assert doc["reruns"][0]["frozen_depth"] == round(FROZEN_DEPTH / 2, 4) and doc["kept"] == "rerun"
+    assert doc["every_layer"] is None  # no rerun trained every layer
+
+
+def test_a_third_that_is_dormant_too_is_unlearnt_again_with_every_layer():
+    answers = [[_check((10, 900), (300, 900))], [_check((10, 900), (200, 900))], [_check((10, 900), (20, 900))]]
+    runs = FakeRuns(answers)
+    outcome, kept, _, record = unlearn_unless_dormant(
+        _setup(runs, Tiny()), DefenseParams.of("unlearn", epochs=3), runs.check, may_rerun=True
+    )
+    assert runs.depths == [FROZEN_DEPTH, FROZEN_DEPTH / 2, 0.0] and outcome.held is None
+    assert [r.held_layers for r in record.reruns] == [2, 0] and [r.dormant for r in record.reruns] == [True, False]
+    assert record.kept == "every_layer" and record.dormant == {} and kept.own.frozen_depth == 0.0
+    doc = record.to_dict()
+    assert doc["every_layer"] == doc["reruns"][1]["checks"]  # schema 1's field: the every-layer rerun's checks
+    assert "holding the first 2 weight layers (dormant too), then with every layer trained" in record.note
 
 
 def test_an_output_that_stays_dormant_with_every_layer_says_so():
-    runs = FakeRuns([[_check((10, 900), (300, 900))], [_check((10, 900), (250, 900))]])
+    runs = FakeRuns([[_check((10, 900), (300, 900))]] + [[_check((10, 900), (250, 900))]] * 2)
     _, _, _, record = unlearn_unless_dormant(
         _setup(runs, Tiny()), DefenseParams.of("unlearn", epochs=3), runs.check, may_rerun=True
     )
-    assert record.kept == "every_layer" and set(record.dormant) == {0}
+    assert record.kept == "every_layer" and set(record.dormant) == {0} and len(record.reruns) == 2
     assert "still dormant there for class 0" in record.note
+
+
+def test_a_rerun_must_hold_fewer_layers_than_the_run_before_it():
+    assert rerun_depths(7, {FROZEN_DEPTH / 2: 4, 0.0: 0}.get) == [FROZEN_DEPTH / 2, 0.0]  # the VGG-16-BN: 7, 4, 0
+    # a network whose six-layer floor holds as many at a third as at two thirds goes straight to every layer
+    assert rerun_depths(3, {FROZEN_DEPTH / 2: 3, 0.0: 0}.get) == [0.0]
+    assert rerun_depths(2, None) == [FROZEN_DEPTH / 2, 0.0]  # without a count, each is taken to hold fewer
+    assert RERUN_DEPTHS[-1] == 0.0  # the last rerun trains every layer
 
 
 def test_a_held_layer_output_that_does_not_come_back_is_kept():
@@ -158,7 +192,7 @@ def test_a_held_layer_output_that_does_not_come_back_is_kept():
     outcome, kept, _, record = unlearn_unless_dormant(
         _setup(runs, Tiny()), DefenseParams.of("unlearn", epochs=3), runs.check, may_rerun=True
     )
-    assert len(runs.depths) == 1 and record.kept == "held" and record.every_layer is None
+    assert len(runs.depths) == 1 and record.kept == "held" and record.reruns == []
     assert kept.own.frozen_depth > 0 and "did not take the backdoor back" in outcome.notes[-1]
 
 
@@ -221,7 +255,9 @@ def planted(planted_template) -> dict:
 
 
 def _held_default(planted, out, monkeypatch, dormant: bool, *args):
-    monkeypatch.setattr(unlearn, "early_layers", functools.partial(early_layers, keep=2))
+    lowered = functools.partial(early_layers, keep=2)
+    monkeypatch.setattr(unlearn, "early_layers", lowered)
+    monkeypatch.setattr(depth, "early_layers", lowered)  # the count purify gives the reruns
     monkeypatch.setattr(dormancy, "is_dormant", lambda after, reference: dormant)
     return CliRunner().invoke(
         app,
@@ -241,7 +277,12 @@ def test_the_default_checks_a_held_layer_output_and_keeps_it_when_nothing_comes_
     assert result.exit_code in (0, 1), result.output
     report = json.loads(result.stdout)
     record = report["scan"]["dormancy"]
-    assert record["held_layers"] == 3 and record["kept"] == "held" and record["every_layer"] is None
+    assert (
+        record["held_layers"] == 3
+        and record["kept"] == "held"
+        and record["reruns"] == []
+        and record["every_layer"] is None
+    )
     assert [c["class"] for c in record["held"]] == report["scan"]["unlearnt"] and record["dormant"] == []
     assert record["held"][0]["settings"]["poisoned"] == 5 and record["held"][0]["proxy_asr_after_retuning"]["n"] > 0
     assert record["note"] in report["method"]["notes"] and "did not take the backdoor back" in record["note"]
@@ -250,17 +291,23 @@ def test_the_default_checks_a_held_layer_output_and_keeps_it_when_nothing_comes_
     assert report["removal"]["evidence"]["scan"]["dormancy"] == record
 
 
-def test_a_dormant_output_is_unlearnt_again_with_every_layer_and_fails_the_verdict(planted, monkeypatch, tmp_path):
+def test_a_dormant_output_is_unlearnt_again_with_fewer_layers_held_and_fails_the_verdict(
+    planted, monkeypatch, tmp_path
+):
     result = _held_default(planted, tmp_path / "o", monkeypatch, True, "--require-verified")
     assert result.exit_code == 1, result.output  # `failed`: --require-verified exits 1
     report = json.loads(result.stdout)
     record = report["scan"]["dormancy"]
-    assert record["kept"] == "every_layer" and len(record["every_layer"]) == len(record["held"])
+    assert record["kept"] == "every_layer" and [r["held_layers"] for r in record["reruns"]] == [2, 0]  # a third, none
+    assert record["every_layer"] == record["reruns"][1]["checks"]
+    assert all(len(r["checks"]) == len(record["held"]) for r in record["reruns"])
     assert record["dormant"] == report["scan"]["unlearnt"]  # still "dormant" (forced): said, and failed
     by_scan = report["removal"]["evidence"]["scan"]  # the toy's checkpoint records its trigger, which decides
     assert by_scan["verdict"] == "failed" and "(dormant)" in by_scan["reason"] and by_scan["dormancy"] == record
     assert report["removal"]["verdict"] == "failed"
-    assert "unlearning again from the input with every layer trained" in " ".join(result.stderr.split())
+    said = " ".join(result.stderr.split())
+    assert "unlearning again from the input holding the first 2 weight layers" in said
+    assert "unlearning again from the input with every layer trained" in said
     assert not _first_conv_unchanged(planted, tmp_path / "o")  # every layer was trained
     assert report["method"]["params"]["frozen_depth"] == 0.0  # the kept run's parameters
     assert "still dormant there" in report["method"]["notes"][-1]
@@ -271,6 +318,6 @@ def test_a_chosen_frozen_depth_is_kept_and_the_dormancy_said(planted, monkeypatc
     assert result.exit_code in (0, 1), result.output
     report = json.loads(result.stdout)
     record = report["scan"]["dormancy"]
-    assert record["kept"] == "held" and record["every_layer"] is None and record["dormant"]
+    assert record["kept"] == "held" and record["reruns"] == [] and record["every_layer"] is None and record["dormant"]
     assert "(--frozen-depth)" in record["note"] and report["removal"]["evidence"]["scan"]["verdict"] == "failed"
     assert _first_conv_unchanged(planted, tmp_path / "o")

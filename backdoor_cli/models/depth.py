@@ -68,3 +68,10 @@ def early_layers(
         if n != head and (any(True for _ in leaves[n].parameters()) or any(True for _ in leaves[n].buffers()))
     ]
     return EarlyLayers(names, count, total, share)
+
+
+def layers_held_at(model: nn.Module, image_shape: tuple[int, int, int], head: str, share: float) -> int:
+    """How many weight layers `early_layers` holds at `share` for images of `image_shape` (H, W, C), the head `head`
+    excluded (usecases/default_unlearning.py: a rerun after a dormant output must hold fewer)."""
+    height, width, channels = image_shape
+    return early_layers(model, (channels, height, width), share, head).held

@@ -4,7 +4,7 @@
 a gentler rate when that epoch cost the held-out images too much, and running it again gentler when the whole
 run did (`unlearn_gentler`), keeping the better of the two; `unlearn_unless_dormant` checks a run that held the
 early layers for a dormant backdoor with the scan's own reconstruction (verdicts/dormancy.py) and unlearns again
-with every layer when it comes back; `undo_costly_candidate` writes the input back when a class unlearnt without
+with fewer layers held when it comes back; `undo_costly_candidate` writes the input back when a class unlearnt without
 a flag cost the held-out images more than a guess may.
 """
 
@@ -16,15 +16,22 @@ from dataclasses import dataclass
 
 from ..defenses import DefenseParams
 from ..defenses.base import DefenseOutcome
+from ..defenses.unlearn import FROZEN_DEPTH
 from ..progress import Reporter
 from ..scanning.guided import ScanEvidence, proxy_rates
 from ..selection.gentler import CANDIDATE_COST, GENTLER_FACTOR, GentlerRun, needs_gentler, too_hot
 from ..selection.holdout import HoldoutMonitor
-from ..verdicts.dormancy import DormancyCheck, DormancyRecord
+from ..verdicts.dormancy import DormancyCheck, DormancyRecord, DormancyRerun
 from .defense_run import FirstEpochTooCostly
 
 Tune = Callable[..., DefenseOutcome]  # tune(params, monitor, stop_first_epoch=None): one run on purify's model
 CheckDormancy = Callable[[], list[DormancyCheck]]  # the dormancy check on purify's model as it is now
+LayersHeld = Callable[[float], int]  # how many weight layers an unlearning at a frozen depth holds on purify's model
+
+# After a dormant held-layer output: a third of the weight layers held (half the default's FROZEN_DEPTH), then none.
+# On the VGG-16-BN whose two-thirds output was dormant, a third was not, and cost 2.00 points with fresh images
+# where every layer cost 3.23 (docs/purification.md, sixteenth session).
+RERUN_DEPTHS = (FROZEN_DEPTH / 2, 0.0)
 
 
 @dataclass(frozen=True)
@@ -40,6 +47,7 @@ class UnlearningSetup:
     reporter: Reporter
     monitor: HoldoutMonitor
     evidence: ScanEvidence
+    layers_held: LayersHeld | None = None  # how many layers a frozen depth holds (None: only the runs tell)
 
     def proxy(self):
         """The reconstructions' proxy ASR on the held-out images, for the model as it is now."""
@@ -64,15 +72,31 @@ def unlearn_default(
     return first, params, None
 
 
+def rerun_depths(held: int, layers_held: LayersHeld | None) -> list[float]:
+    """The RERUN_DEPTHS to try after an output that held `held` weight layers was dormant, in order: each must hold
+    fewer layers than the run before it (a network whose six-layer floor holds as many at a third as at two thirds
+    goes straight to every layer). `layers_held` says how many a depth holds; without it, each is taken to hold
+    fewer."""
+    depths, last = [], held
+    for depth in RERUN_DEPTHS:
+        count = layers_held(depth) if layers_held is not None else (0 if depth <= 0 else last - 1)
+        if count < last:
+            depths.append(depth)
+            last = count
+    return depths
+
+
 def unlearn_unless_dormant(
     setup: UnlearningSetup, params: DefenseParams, check: CheckDormancy, may_rerun: bool
 ) -> tuple[DefenseOutcome, DefenseParams, GentlerRun | None, DormancyRecord | None]:
     """`unlearn_default`; when that run held early layers, the trigger-free dormancy check on its output
     (verdicts/dormancy.py: a copy retuned with the scan's reconstruction). When a reconstruction comes back and
-    `may_rerun` (the user did not choose --frozen-depth), the unlearning again from the input's weights with every
-    layer trained, checked the same way, and kept: holding layers was measured to leave a VGG-16-BN's backdoor
-    dormant, and training every layer removed it (docs/purification.md). Returns the kept run's outcome, params
-    and gentler record, and the checks (None when no layer was held, so there was nothing to check)."""
+    `may_rerun` (the user did not choose --frozen-depth), the unlearning again from the input's weights with fewer
+    layers held (RERUN_DEPTHS: a third of them, then none), each run checked the same way, until one does not come
+    back or every layer was trained; the last run is kept. Holding two thirds of a VGG-16-BN's layers left its
+    backdoor dormant, and holding a third or none removed it (docs/purification.md). Returns the kept run's
+    outcome, params and gentler record, and the checks (None when no layer was held, so there was nothing to
+    check)."""
     outcome, kept, gentler = unlearn_default(setup, params)
     if outcome.held is None:
         return outcome, kept, gentler, None
@@ -81,32 +105,66 @@ def unlearn_unless_dormant(
     if not record.dormant or not may_rerun:
         _note_without_rerun(record, outcome, reporter, "--frozen-depth" if record.dormant else None)
         return outcome, kept, gentler, record
-    held_words = _held_words(record)
-    classes = ", ".join(str(c) for c in record.dormant)
-    reporter.warn(
-        f"{held_words}, and the backdoor of class {classes} is dormant there (retuning brings its reconstruction "
-        "back): unlearning again from the input with every layer trained"
-    )
-    setup.model.load_state_dict(setup.start)
-    setup.monitor.curve.clear()
-    every = dataclasses.replace(params, own=dataclasses.replace(params.own, frozen_depth=0.0))
-    outcome, kept, gentler = unlearn_default(setup, every)
-    record.every_layer = check()
-    record.kept = "every_layer"
-    for line in record.every_layer:
-        reporter.info(f"dormancy check, every layer trained: {line.describe()}")
+    first_dormant = _classes(record.dormant)
+    for depth in rerun_depths(record.held_layers, setup.layers_held):
+        reporter.warn(
+            f"{_where(record)}, and the backdoor of class {_classes(record.dormant)} is dormant there (retuning "
+            f"brings its reconstruction back): unlearning again from the input {_holding(setup, depth)}"
+        )
+        setup.model.load_state_dict(setup.start)
+        setup.monitor.curve.clear()
+        fewer = dataclasses.replace(params, own=dataclasses.replace(params.own, frozen_depth=depth))
+        outcome, kept, gentler = unlearn_default(setup, fewer)
+        rerun = DormancyRerun(depth, outcome.held.held if outcome.held is not None else 0, check())
+        record.reruns.append(rerun)
+        record.kept = rerun.kept_as
+        for line in rerun.checks:
+            reporter.info(f"dormancy check, {_layers(rerun.held_layers)}: {line.describe()}")
+        if not rerun.dormant or rerun.held_layers == 0:
+            break
     record.note = (
-        f"{held_words}, but the backdoor of class {classes} was dormant there (retuning with {record.poisoned} images "
-        "stamped with its reconstruction brought it back), so the unlearning was run again from the input with every layer "
-        "trained, and that run is the output"
+        f"{_held_words(record)}, but the backdoor of class {first_dormant} was dormant there (retuning with "
+        f"{record.poisoned} images stamped with its reconstruction brought it back), so the unlearning was run again "
+        f"from the input {_rerun_story(record)}, and the last run is the output"
         + (
-            f"; it is still dormant there for class {', '.join(str(c) for c in record.dormant)}"
+            f"; it is still dormant there for class {_classes(record.dormant)}"
             if record.dormant
             else "; retuning does not bring it back there"
         )
     )
     outcome.notes.append(record.note)
     return outcome, kept, gentler, record
+
+
+def _classes(classes) -> str:
+    return ", ".join(str(c) for c in classes)
+
+
+def _layers(held: int) -> str:
+    return "every layer trained" if held == 0 else f"the first {held} weight layers held"
+
+
+def _holding(setup: UnlearningSetup, depth: float) -> str:
+    if depth <= 0:
+        return "with every layer trained"
+    if setup.layers_held is None:
+        return f"holding {depth:.0%} of the weight layers"
+    return f"holding the first {setup.layers_held(depth)} weight layers"
+
+
+def _where(record: DormancyRecord) -> str:
+    """The run whose check said dormant: the first (held) one or the last rerun."""
+    return _held_words(record) if not record.reruns else f"the run with {_layers(record.reruns[-1].held_layers)}"
+
+
+def _rerun_story(record: DormancyRecord) -> str:
+    """'holding the first 4 weight layers (dormant too), then with every layer trained', in the runs' order."""
+    steps = [
+        ("with every layer trained" if r.held_layers == 0 else f"holding the first {r.held_layers} weight layers")
+        + (" (dormant too)" if r.dormant and r is not record.reruns[-1] else "")
+        for r in record.reruns
+    ]
+    return ", then ".join(steps)
 
 
 def held_layers_checked(outcome: DefenseOutcome, check: CheckDormancy, reporter: Reporter) -> DormancyRecord:

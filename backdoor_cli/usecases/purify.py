@@ -9,6 +9,7 @@ purify_checkpoint(opts)
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from ..evaluation.gates import GateResult, check_gates
 from ..evaluation.measure import build_eval_sets, evaluate_model, top1_accuracy
 from ..evaluation.metrics import defense_effectiveness_rating
 from ..models import hub
+from ..models.depth import layers_held_at
 from ..models.output_kind import OutputKind, parse_output_kind
 from ..outputs import OutputSet
 from ..precision import (
@@ -328,7 +330,17 @@ def _purify_into(
         if unchanged:
             outcome = DefenseOutcome(notes=[unchanged_note(evidence)])
         elif may_soften:
-            setup = UnlearningSetup(tune, model, start, mean, std, reporter, monitor, evidence)
+            setup = UnlearningSetup(
+                tune,
+                model,
+                start,
+                mean,
+                std,
+                reporter,
+                monitor,
+                evidence,
+                layers_held=functools.partial(layers_held_at, model, tune_set.image_shape, subject.head),
+            )
             outcome, params, gentler, dormancy = unlearn_unless_dormant(
                 setup, params, check_dormancy_now, may_rerun=opts.frozen_depth is None
             )

@@ -13,8 +13,9 @@ authors' protocol, retune.PROTOCOL), and the reconstruction's proxy ASR is measu
 and after. With no clean model to compare with, the output's own proxy ASR before retuning stands for the
 reference: dormant when retuning raises it by more than retune.DORMANT_MARGIN (the issue's 10 points) with
 non-overlapping 95% intervals. That reference is lower than a clean model's after retuning (which learns a
-little from five images), so the rule errs toward calling a removal dormant: its price is the every-layer rerun's
-cost in accuracy, never a dormant backdoor called removed.
+little from five images), so the rule errs toward calling a removal dormant: its price is a rerun's cost in
+accuracy and time (usecases/default_unlearning.py unlearns again with fewer layers held), never a dormant backdoor
+called removed.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -116,15 +117,46 @@ def check_dormancy(
     return checks
 
 
+RERUN_KEPT = ("rerun", "every_layer")  # DormancyRecord.kept when a rerun is the output
+
+
+@dataclass(frozen=True)
+class DormancyRerun:
+    """An unlearning run again from the input after a dormant output: the share of weight layers it was asked to
+    hold, how many it held (0: every layer trained), and the check on its output."""
+
+    frozen_depth: float
+    held_layers: int
+    checks: list[DormancyCheck]
+
+    @property
+    def dormant(self) -> bool:
+        return any(c.dormant for c in self.checks)
+
+    def to_dict(self) -> dict:
+        return {
+            "frozen_depth": round(self.frozen_depth, 4),
+            "held_layers": self.held_layers,
+            "checks": [c.to_dict() for c in self.checks],
+            "dormant": sorted(c.target for c in self.checks if c.dormant),
+        }
+
+    @property
+    def kept_as(self) -> str:
+        """What DormancyRecord.kept says when this rerun is the output."""
+        return "every_layer" if self.held_layers == 0 else "rerun"
+
+
 @dataclass
 class DormancyRecord:
-    """The check on the held-layer output, and, when it was dormant, on the output unlearnt with every layer.
-    `kept`: which of the two the run wrote ('held' or 'every_layer'; 'input' when the unlearning of a candidate was
-    undone afterwards, so neither checked output was written); `note`: why, in words."""
+    """The check on the held-layer output, and, when it was dormant, on each run again from the input with fewer
+    layers held (`reruns`, in order). `kept`: which output the run wrote ('held'; the last rerun: 'every_layer' when
+    it held none, 'rerun' when it held some; or 'input' when the unlearning of a candidate was undone afterwards,
+    so no checked output was written); `note`: why, in words."""
 
     held_layers: int
     held: list[DormancyCheck]
-    every_layer: list[DormancyCheck] | None = None
+    reruns: list[DormancyRerun] = field(default_factory=list)
     kept: str = "held"
     note: str = ""
 
@@ -137,7 +169,7 @@ class DormancyRecord:
     def kept_checks(self) -> list[DormancyCheck]:
         if self.kept == "input":
             return []
-        return self.every_layer if self.kept == "every_layer" and self.every_layer is not None else self.held
+        return self.reruns[-1].checks if self.kept in RERUN_KEPT and self.reruns else self.held
 
     @property
     def dormant(self) -> dict[int, Rate]:
@@ -148,7 +180,9 @@ class DormancyRecord:
         return {
             "held_layers": self.held_layers,
             "held": [c.to_dict() for c in self.held],
-            "every_layer": [c.to_dict() for c in self.every_layer] if self.every_layer is not None else None,
+            "reruns": [r.to_dict() for r in self.reruns],
+            # report schema 1 had only the every-layer rerun: kept for its readers (fields are only added within it)
+            "every_layer": next(([c.to_dict() for c in r.checks] for r in self.reruns if r.held_layers == 0), None),
             "kept": self.kept,
             "dormant": sorted(self.dormant),
             "note": self.note,
