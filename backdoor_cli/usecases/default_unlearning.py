@@ -144,12 +144,14 @@ def _layers(held: int) -> str:
     return "every layer trained" if held == 0 else f"the first {held} weight layers held"
 
 
+def _rerun_words(held: int) -> str:
+    return "with every layer trained" if held == 0 else f"holding the first {held} weight layers"
+
+
 def _holding(setup: UnlearningSetup, depth: float) -> str:
-    if depth <= 0:
-        return "with every layer trained"
-    if setup.layers_held is None:
+    if depth > 0 and setup.layers_held is None:
         return f"holding {depth:.0%} of the weight layers"
-    return f"holding the first {setup.layers_held(depth)} weight layers"
+    return _rerun_words(setup.layers_held(depth) if depth > 0 else 0)
 
 
 def _where(record: DormancyRecord) -> str:
@@ -160,8 +162,7 @@ def _where(record: DormancyRecord) -> str:
 def _rerun_story(record: DormancyRecord) -> str:
     """'holding the first 4 weight layers (dormant too), then with every layer trained', in the runs' order."""
     steps = [
-        ("with every layer trained" if r.held_layers == 0 else f"holding the first {r.held_layers} weight layers")
-        + (" (dormant too)" if r.dormant and r is not record.reruns[-1] else "")
+        _rerun_words(r.held_layers) + (" (dormant too)" if r.dormant and r is not record.reruns[-1] else "")
         for r in record.reruns
     ]
     return ", then ".join(steps)
