@@ -153,7 +153,7 @@ def subjects(tmp_path_factory) -> dict:
     return {"root": root, "data": data, "backdoored": backdoored, "plain": plain, "clean": clean}
 
 
-def _default(path, data, out, *args):
+def _default(path, data, out, *args, quiet: bool = True):
     return runner.invoke(
         app,
         [
@@ -167,7 +167,7 @@ def _default(path, data, out, *args):
             "400",
             "--device",
             "cpu",
-            "--quiet",
+            *(["--quiet"] if quiet else []),
             "--json",
             *args,
         ],
@@ -352,8 +352,9 @@ def test_a_candidate_that_costs_the_held_out_images_too_much_is_undone(subjects,
     monkeypatch.setattr(gentler, "CANDIDATE_COST", -1.0)
     out = subjects["root"] / "candidate-undone"
     args = ["--arch", "simple_cnn_half", "--clean-reference", subjects["clean"]]
-    result = _default(subjects["plain"], subjects["data"], out, *args)
+    result = _default(subjects["plain"], subjects["data"], out, *args, quiet=False)
     assert result.exit_code == 0, result.output
+    assert " ".join(result.stderr.split()).count("so it was undone") == 1  # the warning, not repeated after it
     report = json.loads(result.stdout)
     scan = report["scan"]
     assert scan["flagged"] == [] and scan["unlearnt"] == [] and "so it was undone" in scan["choice"]

@@ -326,7 +326,7 @@ def _purify_into(
                 plan.tune,
             )
 
-        gentler, dormancy = None, None
+        gentler, dormancy, undone = None, None, False
         if unchanged:
             outcome = DefenseOutcome(notes=[unchanged_note(evidence)])
         elif may_soften:
@@ -356,7 +356,7 @@ def _purify_into(
                 reporter.warn(note)
                 if dormancy is not None:  # neither checked output is written: the input is
                     dormancy.kept = "input"
-                outcome, unchanged = DefenseOutcome(notes=[note]), True
+                outcome, unchanged, undone = DefenseOutcome(notes=[note]), True, True
         selection = monitor.restore(model, params.sgd.epochs) if recipe.select == "epoch" and not unchanged else None
         if selection:
             reporter.info(f"held-out selection: {selection}")
@@ -380,7 +380,8 @@ def _purify_into(
         model.to(memory_format=torch_format(eval_format))
         if unchanged:  # the same weights: the same predictions, not measured twice
             after = before
-            reporter.info(outcome.notes[-1] if outcome.notes else unchanged_note(evidence))
+            if not undone:  # an undone candidate was said in its warning; not twice
+                reporter.info(outcome.notes[-1] if outcome.notes else unchanged_note(evidence))
         else:
             reporter.stage("evaluating the purified model")
             after = evaluate_model(
