@@ -193,7 +193,10 @@ def test_a_held_layer_output_that_does_not_come_back_is_kept():
         _setup(runs, Tiny()), DefenseParams.of("unlearn", epochs=3), runs.check, may_rerun=True
     )
     assert len(runs.depths) == 1 and record.kept == "held" and record.reruns == []
-    assert kept.own.frozen_depth > 0 and "did not take the backdoor back" in outcome.notes[-1]
+    assert (
+        kept.own.frozen_depth > 0
+        and "did not take the reconstruction back (the dormancy check, a proxy" in outcome.notes[-1]
+    )
 
 
 def test_a_frozen_depth_the_user_chose_is_not_overridden_but_the_dormancy_is_said():
@@ -285,7 +288,10 @@ def test_the_default_checks_a_held_layer_output_and_keeps_it_when_nothing_comes_
     )
     assert [c["class"] for c in record["held"]] == report["scan"]["unlearnt"] and record["dormant"] == []
     assert record["held"][0]["settings"]["poisoned"] == 5 and record["held"][0]["proxy_asr_after_retuning"]["n"] > 0
-    assert record["note"] in report["method"]["notes"] and "did not take the backdoor back" in record["note"]
+    assert (
+        record["note"] in report["method"]["notes"]
+        and "did not take the reconstruction back (the dormancy check, a proxy" in record["note"]
+    )
     assert "dormancy check: class" in " ".join(result.stderr.split())
     assert _first_conv_unchanged(planted, tmp_path / "o")  # the held layers are the input's
     assert report["removal"]["evidence"]["scan"]["dormancy"] == record

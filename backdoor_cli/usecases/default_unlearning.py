@@ -194,7 +194,8 @@ def _note_without_rerun(record: DormancyRecord, outcome: DefenseOutcome, reporte
     if why is None:
         record.note = (
             f"{_held_words(record)}; retuned with {record.poisoned} images stamped with the scan's reconstruction, the "
-            "output did not take the backdoor back (the dormancy check)"
+            "output did not take the reconstruction back (the dormancy check, a proxy: on a VGG-16-BN the true trigger "
+            "came back where its reconstruction did not; --retune-check with --trigger measures a known trigger)"
         )
     else:
         record.note = (
