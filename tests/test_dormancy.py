@@ -1,6 +1,6 @@
 """The trigger-free dormancy check (verdicts/dormancy.py) and what the default does with it
 (usecases/default_unlearning.py `unlearn_unless_dormant`): a held-layer output is retuned, on a copy, with the
-scan's reconstruction stamped on 5 images; when the reconstruction comes back, the unlearning is run again from
+scan's reconstruction, made opaque, stamped on 5 images; when that stamp comes back, the unlearning is run again from
 the input with every layer, and a reconstruction that still comes back fails the removal verdict."""
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from backdoor_cli.evaluation.metrics import Rate
 from backdoor_cli.models import depth
 from backdoor_cli.models.depth import EarlyLayers, early_layers
 from backdoor_cli.progress import Reporter
-from backdoor_cli.scanning.guided import ScanEvidence
+from backdoor_cli.scanning.guided import ScanEvidence, proxy_asr
 from backdoor_cli.scanning.inversion import InversionParams
 from backdoor_cli.selection.holdout import HoldoutMonitor
 from backdoor_cli.usecases.default_unlearning import (
@@ -39,6 +39,7 @@ from backdoor_cli.verdicts.dormancy import (
     ReconstructionStamp,
     check_dormancy,
     dormancy_settings,
+    make_opaque,
 )
 from backdoor_cli.verdicts.removal import judge_removal_by_scan
 from backdoor_cli.verdicts.retune import DORMANT_MARGIN, PROTOCOL
@@ -60,6 +61,25 @@ def test_a_half_mask_blends_and_rounds_as_the_built_triggers_do():
     trigger.pattern.fill_(1.0)
     x = torch.full((1, 4, 4, 3), 101, dtype=torch.uint8)
     assert torch.equal(ReconstructionStamp(trigger).apply(x), torch.full((1, 4, 4, 3), 178, dtype=torch.uint8))
+
+
+def test_the_opaque_copy_puts_the_reconstructions_mass_on_its_heaviest_pixels():
+    soft = torch.tensor([[0.9, 0.1, 0.0, 0.0], [0.6, 0.7, 0.05, 0.0], [0.0, 0.0, 0.3, 0.0], [0.0, 0.0, 0.0, 0.2]])
+    trigger = dataclasses.replace(class_trigger(3, size=4), mask=soft, l1=float(soft.sum()))  # 3.05
+    copy = make_opaque(trigger)
+    expected = torch.zeros(4, 4)
+    expected[0, 0] = expected[1, 0] = expected[1, 1] = 1.0  # the 3 heaviest: 0.9, 0.7, 0.6
+    assert torch.equal(copy.mask, expected) and copy.l1 == 3.0
+    assert copy.pattern is trigger.pattern and copy.target == 3 and torch.equal(trigger.mask, soft)  # input untouched
+
+
+def test_the_opaque_copy_breaks_ties_by_position_and_keeps_at_least_one_pixel():
+    flat = dataclasses.replace(class_trigger(0, size=4), mask=torch.full((4, 4), 0.125), l1=2.0)
+    assert make_opaque(flat).mask.flatten().tolist() == [1.0, 1.0] + [0.0] * 14  # the first two in row order
+    faint = dataclasses.replace(class_trigger(0, size=4), mask=torch.full((4, 4), 0.01), l1=0.16)
+    assert make_opaque(faint).mask.sum() == 1 and make_opaque(faint).l1 == 1.0
+    whole = dataclasses.replace(class_trigger(0, size=2), l1=9.0)  # more mass than pixels: every pixel
+    assert make_opaque(whole).mask.sum() == 4
 
 
 def _check(before: tuple[int, int], after: tuple[int, int], target: int = 0) -> DormancyCheck:
@@ -95,6 +115,9 @@ def test_the_check_retunes_a_copy_and_leaves_the_model_untouched():
     assert [c.target for c in checks] == [1, 2]
     assert all(torch.equal(v, start[k]) for k, v in model.state_dict().items())
     assert all(c.proxy.n == 40 and c.proxy_retuned.n == 40 and c.seconds > 0 for c in checks)  # other-class images
+    for check, trigger in zip(checks, triggers):  # the stamp is the opaque copy, measured the same way
+        assert check.pixels == 4 and check.to_dict()["stamp"] == {"opaque_pixels": 4}
+        assert check.proxy == proxy_asr(model, images, make_opaque(trigger), MEAN, STD)
     again = check_dormancy(model, images, images, triggers, MEAN, STD, settings, torch.device("cpu"), flip=True)
     assert [c.to_dict()["proxy_asr_after_retuning"] for c in again] == [
         c.to_dict()["proxy_asr_after_retuning"] for c in checks
@@ -195,7 +218,7 @@ def test_a_held_layer_output_that_does_not_come_back_is_kept():
     assert len(runs.depths) == 1 and record.kept == "held" and record.reruns == []
     assert (
         kept.own.frozen_depth > 0
-        and "did not take the reconstruction back (the dormancy check, a proxy" in outcome.notes[-1]
+        and "did not take that stamp back (the dormancy check: a proxy for the trigger, which can miss" in outcome.notes[-1]
     )
 
 
@@ -290,7 +313,7 @@ def test_the_default_checks_a_held_layer_output_and_keeps_it_when_nothing_comes_
     assert record["held"][0]["settings"]["poisoned"] == 5 and record["held"][0]["proxy_asr_after_retuning"]["n"] > 0
     assert (
         record["note"] in report["method"]["notes"]
-        and "did not take the reconstruction back (the dormancy check, a proxy" in record["note"]
+        and "did not take that stamp back (the dormancy check: a proxy for the trigger, which can miss" in record["note"]
     )
     assert "dormancy check: class" in " ".join(result.stderr.split())
     assert _first_conv_unchanged(planted, tmp_path / "o")  # the held layers are the input's

@@ -90,7 +90,7 @@ def unlearn_unless_dormant(
     setup: UnlearningSetup, params: DefenseParams, check: CheckDormancy, may_rerun: bool
 ) -> tuple[DefenseOutcome, DefenseParams, GentlerRun | None, DormancyRecord | None]:
     """`unlearn_default`; when that run held early layers, the trigger-free dormancy check on its output
-    (verdicts/dormancy.py: a copy retuned with the scan's reconstruction). When a reconstruction comes back and
+    (verdicts/dormancy.py: a copy retuned with the scan's reconstruction made opaque). When it comes back and
     `may_rerun` (the user did not choose --frozen-depth), the unlearning again from the input's weights with fewer
     layers held (RERUN_DEPTHS: a third of them, then none), each run checked the same way, until one does not come
     back or every layer was trained; the last run is kept. Holding two thirds of a VGG-16-BN's layers left its
@@ -124,8 +124,8 @@ def unlearn_unless_dormant(
             break
     record.note = (
         f"{_held_words(record)}, but the backdoor of class {first_dormant} was dormant there (retuning with "
-        f"{record.poisoned} images stamped with its reconstruction brought it back), so the unlearning was run again "
-        f"from the input {_rerun_story(record)}, and the last run is the output"
+        f"{record.poisoned} images stamped with its reconstruction, made opaque, brought it back), so the unlearning "
+        f"was run again from the input {_rerun_story(record)}, and the last run is the output"
         + (
             f"; it is still dormant there for class {_classes(record.dormant)}"
             if record.dormant
@@ -177,7 +177,7 @@ def held_layers_checked(outcome: DefenseOutcome, check: CheckDormancy, reporter:
 
 
 def _check_held(outcome: DefenseOutcome, check: CheckDormancy, reporter: Reporter) -> DormancyRecord:
-    reporter.stage("dormancy check: retuning a copy of the output with the scan's reconstruction")
+    reporter.stage("dormancy check: retuning a copy of the output with the scan's reconstruction, made opaque")
     record = DormancyRecord(held_layers=outcome.held.held, held=check())
     for line in record.held:
         reporter.info(f"dormancy check: {line.describe()}")
@@ -193,15 +193,15 @@ def _note_without_rerun(record: DormancyRecord, outcome: DefenseOutcome, reporte
     kept it from being run again with every layer) says why it was not."""
     if why is None:
         record.note = (
-            f"{_held_words(record)}; retuned with {record.poisoned} images stamped with the scan's reconstruction, the "
-            "output did not take the reconstruction back (the dormancy check, a proxy: on a VGG-16-BN the true trigger "
-            "came back where its reconstruction did not; --retune-check with --trigger measures a known trigger)"
+            f"{_held_words(record)}; retuned with {record.poisoned} images stamped with the scan's reconstruction made "
+            "opaque, the output did not take that stamp back (the dormancy check: a proxy for the trigger, which can "
+            "miss; --retune-check with --trigger measures a known trigger)"
         )
     else:
         record.note = (
             f"{_held_words(record)} ({why}), and the backdoor of class "
             f"{', '.join(str(c) for c in record.dormant)} is dormant: retuning with {record.poisoned} images stamped with its "
-            "reconstruction brings it back; --frozen-depth 0 trains every layer"
+            "reconstruction, made opaque, brings it back; --frozen-depth 0 trains every layer"
         )
         reporter.warn(record.note)
     outcome.notes.append(record.note)

@@ -1,4 +1,4 @@
-"""The trigger-free dormancy check: does the scan's own reconstruction come back when the output is retuned?
+"""The trigger-free dormancy check: does the scan's reconstruction, made opaque, come back when the output is retuned?
 
 Holding the early layers while unlearning a patch costs the clean images less, but it can leave the backdoor
 dormant: on a VGG-16-BN planted as issue 21 asks, the held-layer output's true-trigger ASR was 1-2%, and retuning
@@ -8,14 +8,21 @@ reconstruction, used as the retuning trigger, came back the same way (33% on tha
 trained, 1.5-6.0% on four ResNet outputs where the true trigger did not come back either).
 
 So the check is the retuning attack with the reconstruction in the trigger's place: a *copy* of the output is
-tuned on the tuning images with `poisoned` of them stamped with the reconstruction and labelled its class (the
-authors' protocol, retune.PROTOCOL), and the reconstruction's proxy ASR is measured on the held-out images before
-and after. With no clean model to compare with, the output's own proxy ASR before retuning stands for the
-reference: dormant when retuning raises it by more than retune.DORMANT_MARGIN (the issue's 10 points) with
-non-overlapping 95% intervals. That reference is lower than a clean model's after retuning (which learns a
-little from five images), so the rule errs toward calling a removal dormant: its price is a rerun's cost in
-accuracy and time (usecases/default_unlearning.py unlearns again with fewer layers held), never a dormant backdoor
-called removed.
+tuned on the tuning images with `poisoned` of them stamped and labelled the reconstruction's class (the authors'
+protocol, retune.PROTOCOL), and the stamp's proxy ASR is measured on the held-out images before and after. With
+no clean model to compare with, the output's own proxy ASR before retuning stands for the reference: dormant when
+retuning raises it by more than retune.DORMANT_MARGIN (the issue's 10 points) with non-overlapping 95% intervals.
+That reference is lower than a clean model's after retuning (which learns a little from five images), so the rule
+errs toward calling a removal dormant: its price is a rerun's cost in accuracy and time
+(usecases/default_unlearning.py unlearns again with fewer layers held), never a dormant backdoor called removed.
+
+The stamp is the reconstruction made opaque (`make_opaque`): its round(L1) heaviest pixels replaced by its
+pattern, the rest of the image left as it is. The soft reconstruction itself is what the unlearning stamped for
+ten epochs, so the output is drilled against exactly it, and it missed: on a second VGG-16-BN it rose 2.8 and 10.0
+points while the true trigger came back to 22.0% and 18.9% after retuning (its clean parent: 7.1%). A patch
+trigger is opaque, and so is this copy of the reconstruction's mass: on the same two outputs it rose 11.1 and 31.6
+points, on the first VGG-16-BN's dormant output 34.4 (the soft one: 17.8), and on the outputs whose true trigger
+did not come back it fired where the soft one fired and nowhere else (docs/purification.md, eighteenth session).
 """
 
 from __future__ import annotations
@@ -33,6 +40,18 @@ from ..models.output_kind import LOGITS, LossAdapter
 from ..scanning.guided import proxy_asr
 from ..scanning.inversion import ClassTrigger
 from .retune import DORMANT_MARGIN, PROTOCOL, RetuneSettings, is_dormant, poisoned_tuning_set, retuned_copy
+
+
+def make_opaque(trigger: ClassTrigger) -> ClassTrigger:
+    """The reconstruction as a patch: a mask of 1 on its round(L1) heaviest pixels (at least one; ties broken by
+    position, so every run picks the same) and 0 elsewhere, its pattern kept. The mask's L1 is unchanged up to
+    rounding: the copy carries the same mass, all of it opaque."""
+    flat = trigger.mask.flatten().to(torch.float32)
+    count = min(flat.numel(), max(1, round(trigger.l1)))
+    heaviest = torch.sort(flat, descending=True, stable=True).indices[:count]
+    mask = torch.zeros_like(flat)
+    mask[heaviest] = 1.0
+    return dataclasses.replace(trigger, mask=mask.view(trigger.mask.shape), l1=float(count))
 
 
 class ReconstructionStamp:
@@ -55,10 +74,11 @@ class DormancyCheck:
     """One reconstruction's retuning on one output: its proxy ASR before and after, and whether that is dormant."""
 
     target: int
-    proxy: Rate  # the output's, before retuning (the stand-in reference: module docstring)
+    proxy: Rate  # the opaque stamp's, on the output before retuning (the stand-in reference: module docstring)
     proxy_retuned: Rate
     settings: RetuneSettings
     seconds: float
+    pixels: int = 0  # how many of the reconstruction's pixels the opaque stamp covers (make_opaque)
 
     @property
     def dormant(self) -> bool:
@@ -68,7 +88,8 @@ class DormancyCheck:
         state = "dormant: it comes back" if self.dormant else "not revived"
         return (
             f"class {self.target}: retuning a copy with {self.settings.poisoned} images stamped with the "
-            f"reconstruction takes its proxy ASR from {self.proxy.value:.1%} to {self.proxy_retuned.value:.1%} "
+            f"reconstruction's {self.pixels} heaviest pixels, opaque, takes that stamp's proxy ASR from "
+            f"{self.proxy.value:.1%} to {self.proxy_retuned.value:.1%} "
             f"({state}; dormant means more than {DORMANT_MARGIN:.0%} up, intervals apart)"
         )
 
@@ -79,6 +100,7 @@ class DormancyCheck:
             "proxy_asr_after_retuning": self.proxy_retuned.to_dict(),
             "dormant": self.dormant,
             "margin": DORMANT_MARGIN,
+            "stamp": {"opaque_pixels": self.pixels},
             "settings": self.settings.to_dict(),
             "seconds": round(self.seconds, 3),
         }
@@ -104,16 +126,19 @@ def check_dormancy(
     precision: str | None = None,
 ) -> list[DormancyCheck]:
     """Each reconstruction's retuning on a copy of `model` (`model` is untouched): tuned on `tuning` with
-    `settings.poisoned` images stamped and relabelled, measured on `proxy_images` (the held-out images)."""
+    `settings.poisoned` images stamped with its opaque copy (make_opaque) and relabelled, that stamp measured on
+    `proxy_images` (the held-out images) before and after."""
     checks = []
-    for trigger in triggers:
+    for reconstruction in triggers:
         start = time.perf_counter()
-        before = proxy_asr(model, proxy_images, trigger, mean, std)
-        poisoned, mask = poisoned_tuning_set(tuning, ReconstructionStamp(trigger), settings)
+        stamp = make_opaque(reconstruction)
+        before = proxy_asr(model, proxy_images, stamp, mean, std)
+        poisoned, mask = poisoned_tuning_set(tuning, ReconstructionStamp(stamp), settings)
         attacked = retuned_copy(model, poisoned, mask, mean, std, settings, device, flip, loss_adapter, precision)
-        after = proxy_asr(attacked, proxy_images, trigger, mean, std)
+        after = proxy_asr(attacked, proxy_images, stamp, mean, std)
         del attacked
-        checks.append(DormancyCheck(trigger.target, before, after, settings, time.perf_counter() - start))
+        elapsed = time.perf_counter() - start
+        checks.append(DormancyCheck(stamp.target, before, after, settings, elapsed, pixels=int(stamp.l1)))
     return checks
 
 

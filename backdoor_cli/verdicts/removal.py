@@ -227,7 +227,7 @@ def judge_removal_by_scan(
                 else ""
             )
             + (
-                f", and retuning with 5 images stamped with its reconstruction brings it back to "
+                f", and retuning with 5 images stamped with its reconstruction, made opaque, brings it back to "
                 f"{dormant[c].value:.1%} (dormant)"
                 if c in dormant
                 else ""
