@@ -218,7 +218,8 @@ def test_a_held_layer_output_that_does_not_come_back_is_kept():
     assert len(runs.depths) == 1 and record.kept == "held" and record.reruns == []
     assert (
         kept.own.frozen_depth > 0
-        and "did not take that stamp back (the dormancy check: a proxy for the trigger, which can miss" in outcome.notes[-1]
+        and "did not take that stamp back (the dormancy check: a proxy for the trigger, which can miss"
+        in outcome.notes[-1]
     )
 
 
@@ -313,7 +314,8 @@ def test_the_default_checks_a_held_layer_output_and_keeps_it_when_nothing_comes_
     assert record["held"][0]["settings"]["poisoned"] == 5 and record["held"][0]["proxy_asr_after_retuning"]["n"] > 0
     assert (
         record["note"] in report["method"]["notes"]
-        and "did not take that stamp back (the dormancy check: a proxy for the trigger, which can miss" in record["note"]
+        and "did not take that stamp back (the dormancy check: a proxy for the trigger, which can miss"
+        in record["note"]
     )
     assert "dormancy check: class" in " ".join(result.stderr.split())
     assert _first_conv_unchanged(planted, tmp_path / "o")  # the held layers are the input's
