@@ -109,7 +109,7 @@ def unlearn_unless_dormant(
     for depth in rerun_depths(record.held_layers, setup.layers_held):
         reporter.warn(
             f"{_where(record)}, and the backdoor of class {_classes(record.dormant)} is dormant there (retuning "
-            f"brings its reconstruction back): unlearning again from the input {_holding(setup, depth)}"
+            f"brings its reconstruction, made opaque, back): unlearning again from the input {_holding(setup, depth)}"
         )
         setup.model.load_state_dict(setup.start)
         setup.monitor.curve.clear()

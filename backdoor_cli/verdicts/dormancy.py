@@ -21,8 +21,9 @@ pattern, the rest of the image left as it is. The soft reconstruction itself is 
 ten epochs, so the output is drilled against exactly it, and it missed: on a second VGG-16-BN it rose 2.8 and 10.0
 points while the true trigger came back to 22.0% and 18.9% after retuning (its clean parent: 7.1%). A patch
 trigger is opaque, and so is this copy of the reconstruction's mass: on the same two outputs it rose 11.1 and 31.6
-points, on the first VGG-16-BN's dormant output 34.4 (the soft one: 17.8), and on the outputs whose true trigger
-did not come back it fired where the soft one fired and nowhere else (docs/purification.md, eighteenth session).
+points, on the first VGG-16-BN's dormant output 34.4 (the soft one: 17.8). Of seven outputs whose true trigger did
+not come back it fired on two (the soft one on one of them), both VGG-16-BN outputs holding a third of the layers:
+those cost a rerun with every layer, the check's price (docs/purification.md, eighteenth session).
 """
 
 from __future__ import annotations
@@ -198,7 +199,7 @@ class DormancyRecord:
 
     @property
     def dormant(self) -> dict[int, Rate]:
-        """The classes whose reconstruction comes back on the kept output, with the rate it comes back to."""
+        """The classes whose reconstruction (made opaque) comes back on the kept output, with the rate it comes back to."""
         return {c.target: c.proxy_retuned for c in self.kept_checks if c.dormant}
 
     def to_dict(self) -> dict:
