@@ -25,10 +25,10 @@ import torch
 
 from backdoor_cli.checkpoint import read_checkpoint
 from backdoor_cli.models.building import build_model
-from backdoor_cli.scanning.guided import densest_window, proxy_asr, window_side
+from backdoor_cli.scanning.guided import densest_window, window_side
 from backdoor_cli.scanning.inversion import ClassTrigger
 from backdoor_cli.verdicts import dormancy
-from backdoor_cli.verdicts.retune import RetuneSettings, poisoned_tuning_set, retuned_copy
+from backdoor_cli.verdicts.retune import RetuneSettings
 
 
 def dump(out: str, stop: bool, args: list[str]) -> None:
@@ -77,19 +77,6 @@ def load(path: str) -> torch.nn.Module:
     return model.eval()
 
 
-def stamp_checks(model, tune, hold, stamps, mean, std, settings, device, flip, precision):
-    """check_dormancy's steps with each stamp as given (no opaque copy made)."""
-    checks = []
-    for stamp in stamps:
-        start = time.perf_counter()
-        before = proxy_asr(model, hold, stamp, mean, std)
-        poisoned, mask = poisoned_tuning_set(tune, dormancy.ReconstructionStamp(stamp), settings)
-        attacked = retuned_copy(model, poisoned, mask, mean, std, settings, device, flip, precision=precision)
-        after = proxy_asr(attacked, hold, stamp, mean, std)
-        checks.append(dormancy.DormancyCheck(stamp.target, before, after, settings, time.perf_counter() - start))
-    return checks
-
-
 def probe(dump_path: str, ckpts: list[str]) -> None:
     from backdoor_cli.data.image_set import ImageSet
 
@@ -110,19 +97,18 @@ def probe(dump_path: str, ckpts: list[str]) -> None:
                     poisoned=poisoned, sgd=dormancy.dormancy_settings(int(os.environ.get("SEED", "0")), True).sgd
                 )
                 start = time.perf_counter()
-                # check_dormancy makes its stamp opaque: the soft and window stamps are measured through the steps
-                # it runs (stamp, retune a copy, measure), called here on the stamp itself
-                checks = stamp_checks(
+                checks = dormancy.check_dormancy(
                     model,
                     tune,
                     hold,
-                    [make(t) for t in triggers],
+                    triggers,
                     mean,
                     std,
                     settings,
                     torch.device("cpu"),
                     True,
                     precision="bf16",
+                    make_stamp=make,
                 )
                 for c in checks:
                     print(

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -53,6 +53,11 @@ def make_opaque(trigger: ClassTrigger) -> ClassTrigger:
     mask = torch.zeros_like(flat)
     mask[heaviest] = 1.0
     return dataclasses.replace(trigger, mask=mask.view(trigger.mask.shape), l1=float(count))
+
+
+def opaque_pixels(stamp: ClassTrigger) -> int:
+    """How many of a stamp's pixels are fully opaque (mask 1): all of an opaque copy's, few of a soft one's."""
+    return int((stamp.mask >= 1).sum())
 
 
 class ReconstructionStamp:
@@ -125,21 +130,23 @@ def check_dormancy(
     flip: bool = True,
     loss_adapter: LossAdapter = LOGITS,
     precision: str | None = None,
+    make_stamp: Callable[[ClassTrigger], ClassTrigger] = make_opaque,
 ) -> list[DormancyCheck]:
     """Each reconstruction's retuning on a copy of `model` (`model` is untouched): tuned on `tuning` with
     `settings.poisoned` images stamped with its opaque copy (make_opaque) and relabelled, that stamp measured on
-    `proxy_images` (the held-out images) before and after."""
+    `proxy_images` (the held-out images) before and after. `make_stamp` is for measuring other stamps
+    (experiments/dormancy_probe.py); purify keeps the opaque copy."""
     checks = []
     for reconstruction in triggers:
         start = time.perf_counter()
-        stamp = make_opaque(reconstruction)
+        stamp = make_stamp(reconstruction)
         before = proxy_asr(model, proxy_images, stamp, mean, std)
         poisoned, mask = poisoned_tuning_set(tuning, ReconstructionStamp(stamp), settings)
         attacked = retuned_copy(model, poisoned, mask, mean, std, settings, device, flip, loss_adapter, precision)
         after = proxy_asr(attacked, proxy_images, stamp, mean, std)
         del attacked
         elapsed = time.perf_counter() - start
-        checks.append(DormancyCheck(stamp.target, before, after, settings, elapsed, pixels=int(stamp.l1)))
+        checks.append(DormancyCheck(stamp.target, before, after, settings, elapsed, pixels=opaque_pixels(stamp)))
     return checks
 
 
