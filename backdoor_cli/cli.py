@@ -520,11 +520,16 @@ def purify(
         Optional[float],
         typer.Option(
             rich_help_panel="Method",
-            help="fst-kd: weight of the distillation of the input model's clean-data outputs (default 1).",
+            help=(
+                "fst-kd, ft-kd: weight of the distillation of the input model's clean-data outputs (default 1); "
+                "unlearn and the default: on the images not stamped (default 0, and 1 in the default's reruns after "
+                "a dormant output; a value given applies to every run)."
+            ),
         ),
     ] = None,
     distill_temperature: Annotated[
-        Optional[float], typer.Option(rich_help_panel="Method", help="fst-kd: distillation temperature (default 2).")
+        Optional[float],
+        typer.Option(rich_help_panel="Method", help="fst-kd, ft-kd, unlearn: distillation temperature (default 2)."),
     ] = None,
     rho: Annotated[
         Optional[float],

@@ -27,6 +27,7 @@ from backdoor_cli.scanning.inversion import InversionParams
 from backdoor_cli.selection.holdout import HoldoutMonitor
 from backdoor_cli.usecases.default_unlearning import (
     RERUN_DEPTHS,
+    RERUN_DISTILL,
     UnlearningSetup,
     held_layers_checked,
     rerun_depths,
@@ -133,11 +134,13 @@ class FakeRuns:
 
     def __init__(self, answers: list[list[DormancyCheck]]):
         self.depths: list[float] = []
+        self.distills: list[float] = []
         self.answers = answers
         self.checked = 0
 
     def tune(self, params, monitor, stop_first_epoch=None):
         self.depths.append(params.own.frozen_depth)
+        self.distills.append(params.own.distill)
         monitor.curve.append({"epoch": params.sgd.epochs, "holdout_acc": monitor.base_acc, "within_budget": True})
         held = EarlyLayers(["0", "1"], 2, 3, params.own.frozen_depth)
         return DefenseOutcome(held=held if params.own.frozen_depth > 0 else None)
@@ -177,6 +180,33 @@ def test_a_dormant_held_layer_output_is_unlearnt_again_from_the_input_holding_a_
     assert doc["held"][0]["dormant"] and doc["reruns"][0]["dormant"] == [] and doc["dormant"] == []
     assert doc["reruns"][0]["frozen_depth"] == round(FROZEN_DEPTH / 2, 4) and doc["kept"] == "rerun"
     assert doc["every_layer"] is None  # no rerun trained every layer
+
+
+def test_the_reruns_distil_the_inputs_clean_outputs_and_the_first_run_does_not():
+    answers = [[_check((10, 900), (300, 900))], [_check((10, 900), (200, 900))], [_check((10, 900), (20, 900))]]
+    runs = FakeRuns(answers)
+    _, kept, _, record = unlearn_unless_dormant(
+        _setup(runs, Tiny()), DefenseParams.of("unlearn", epochs=3), runs.check, may_rerun=True
+    )
+    assert runs.distills == [0.0, RERUN_DISTILL, RERUN_DISTILL] and kept.own.distill == RERUN_DISTILL
+    assert [r["distill"] for r in record.to_dict()["reruns"]] == [RERUN_DISTILL, RERUN_DISTILL]
+    assert f"distilling the input model's outputs on the images it does not stamp (weight {RERUN_DISTILL:g})" in (
+        record.note
+    )
+
+
+def test_a_distillation_weight_the_user_chose_is_kept_in_every_run():
+    runs = FakeRuns([[_check((10, 900), (300, 900))], [_check((10, 900), (20, 900))]])
+    params = DefenseParams.of("unlearn", epochs=3, distill=0.5)
+    _, kept, _, record = unlearn_unless_dormant(
+        _setup(runs, Tiny()), params, runs.check, may_rerun=True, rerun_distill=None
+    )
+    assert runs.distills == [0.5, 0.5] and kept.own.distill == 0.5 and record.reruns[0].distill == 0.5
+    runs = FakeRuns([[_check((10, 900), (300, 900))], [_check((10, 900), (20, 900))]])
+    _, _, _, record = unlearn_unless_dormant(
+        _setup(runs, Tiny()), DefenseParams.of("unlearn", epochs=3), runs.check, may_rerun=True, rerun_distill=0.0
+    )
+    assert runs.distills == [0.0, 0.0] and "distilling" not in record.note  # 0: none, and none said
 
 
 def test_a_third_that_is_dormant_too_is_unlearnt_again_with_every_layer():
@@ -341,6 +371,9 @@ def test_a_dormant_output_is_unlearnt_again_with_fewer_layers_held_and_fails_the
     assert "unlearning again from the input with every layer trained" in said
     assert not _first_conv_unchanged(planted, tmp_path / "o")  # every layer was trained
     assert report["method"]["params"]["frozen_depth"] == 0.0  # the kept run's parameters
+    assert report["method"]["params"]["distill"] == RERUN_DISTILL  # the reruns distil the input's clean outputs
+    assert [r["distill"] for r in record["reruns"]] == [RERUN_DISTILL, RERUN_DISTILL]
+    assert "distilling the input model's outputs on the images it does not stamp" in said
     assert "still dormant there" in report["method"]["notes"][-1]
 
 

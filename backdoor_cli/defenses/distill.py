@@ -13,6 +13,7 @@ trigger is used.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -36,11 +37,20 @@ class FstKdParams(KdParams, FstParams):
     """fst-kd's own: FST's alpha, then the distillation's (fields: alpha, distill, distill_temperature)."""
 
 
-def distillation_term(teacher: torch.nn.Module, weight: float, temperature: float, adapter: LossAdapter = LOGITS):
+def distillation_term(
+    teacher: torch.nn.Module,
+    weight: float,
+    temperature: float,
+    adapter: LossAdapter = LOGITS,
+    rows: Callable[[int], torch.Tensor] | None = None,
+):
     """batch_penalty(inputs, scores) = weight * T^2 * KL(softmax(teacher/T) || softmax(student/T)).
 
     Softmax is shift-invariant, so log-probabilities serve as logits; probabilities are taken to
-    their log first. `adapter` says what the model returns and what `scores` tuning hands over."""
+    their log first. `adapter` says what the model returns and what `scores` tuning hands over.
+    `rows(n)` (a bool tensor of the batch's n rows) limits the term to those rows, still divided by n: the
+    unlearning distils only the images it did not stamp, since the input's outputs on a stamped image are the
+    backdoor's."""
     teacher_kind = adapter.kind  # the teacher's forward returns the model's own output
     student_kind = "probs" if adapter.kind == "probs" and adapter.source == "log-of-output" else "logits"
 
@@ -48,7 +58,11 @@ def distillation_term(teacher: torch.nn.Module, weight: float, temperature: floa
         with torch.no_grad():
             target = F.log_softmax(as_logits(teacher(inputs), teacher_kind) / temperature, dim=1)
         student = F.log_softmax(as_logits(scores, student_kind) / temperature, dim=1)
-        return weight * temperature**2 * F.kl_div(student, target, log_target=True, reduction="batchmean")
+        if rows is None:
+            return weight * temperature**2 * F.kl_div(student, target, log_target=True, reduction="batchmean")
+        n = scores.shape[0]
+        per_row = F.kl_div(student, target, log_target=True, reduction="none").sum(1)
+        return weight * temperature**2 * (per_row * rows(n)).sum() / n
 
     return term
 

@@ -35,6 +35,7 @@ from ..models.depth import early_layers
 from ..models.output_kind import LOGITS, LossAdapter
 from ..scanning.guided import window_side
 from .base import Defense, DefenseOutcome, MethodParams, register
+from .distill import distillation_term, frozen_copy
 from .finetune import run_tuning
 from .window_search import DEFAULT_STEP, WindowSearch, search_share, window_searches
 
@@ -50,6 +51,45 @@ class UnlearnParams(MethodParams):
     # share of the weight layers, first in forward order, held at the input's weights (and statistics) when every
     # reconstruction is local; 0: tune every layer
     frozen_depth: float = FROZEN_DEPTH
+    # weight of the input model's outputs distilled on the images of each batch that carry no stamp (T^2 KL at
+    # distill_temperature, as fst-kd's); 0: none. The default's reruns after a dormant output use RERUN_DISTILL
+    # (usecases/default_unlearning.py).
+    distill: float = 0.0
+    distill_temperature: float = 2.0
+
+
+class TriggerStamp:
+    """stamp(inputs, generator): a random `fraction` of a normalised NCHW batch gets one of the reconstructions or of
+    the window searches (built by trigger_stamp). `unstamped(n)` says which of the last batch's n rows carry no stamp,
+    from a buffer filled in place (a captured CUDA graph reads the current batch's rows)."""
+
+    def __init__(self, masks, patterns, fraction, searches, model, adapter):
+        self.masks, self.patterns, self.fraction = masks, patterns, fraction
+        self.searches, self.model, self.adapter = searches, model, adapter
+        self.clean_rows: torch.Tensor | None = None
+
+    def __call__(self, inputs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        n = inputs.shape[0]
+        chosen = torch.rand(n, generator=generator, device=inputs.device) < self.fraction
+        which = torch.randint(len(self.masks) + len(self.searches), (n,), generator=generator, device=inputs.device)
+        out = inputs
+        for i, (mask, pattern) in enumerate(zip(self.masks, self.patterns)):
+            pick = (chosen & (which == i))[:, None, None, None]
+            out = torch.where(pick, inputs * (1 - mask) + mask * pattern, out)
+        for j, search in enumerate(self.searches):
+            search.advance(self.model, inputs[: search_share(n, self.fraction)], self.adapter)
+            pick = (chosen & (which == len(self.masks) + j))[:, None, None, None]
+            out = torch.where(pick, search.stamp(inputs), out)
+        if self.clean_rows is None or self.clean_rows.shape[0] < n:
+            self.clean_rows = torch.zeros(n, device=inputs.device)
+        self.clean_rows[:n].copy_(~chosen)
+        return out
+
+    def unstamped(self, n: int) -> torch.Tensor:
+        """1.0 for each of the last batch's first n rows that carries no stamp, 0.0 for the others."""
+        if self.clean_rows is None:
+            raise RuntimeError("unstamped() asked before the first batch was stamped")
+        return self.clean_rows[:n]
 
 
 def trigger_stamp(
@@ -61,7 +101,7 @@ def trigger_stamp(
     searches: Sequence[WindowSearch] = (),
     model: torch.nn.Module | None = None,
     adapter: LossAdapter = LOGITS,
-):
+) -> TriggerStamp:
     """stamp(inputs, generator): a random `fraction` of a normalised NCHW batch gets one of `triggers`
     (scan.ClassTrigger: mask (H, W), pattern (H, W, C) in [0, 1]) or of the window `searches`, each stamped image
     one drawn at random. The draws come from the tuning generator, so a run is reproducible from its seed.
@@ -78,22 +118,7 @@ def trigger_stamp(
         )
         for t in triggers
     ]
-
-    def stamp(inputs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        n = inputs.shape[0]
-        chosen = torch.rand(n, generator=generator, device=inputs.device) < fraction
-        which = torch.randint(len(masks) + len(searches), (n,), generator=generator, device=inputs.device)
-        out = inputs
-        for i, (mask, pattern) in enumerate(zip(masks, patterns)):
-            pick = (chosen & (which == i))[:, None, None, None]
-            out = torch.where(pick, inputs * (1 - mask) + mask * pattern, out)
-        for j, search in enumerate(searches):
-            search.advance(model, inputs[: search_share(n, fraction)], adapter)
-            pick = (chosen & (which == len(masks) + j))[:, None, None, None]
-            out = torch.where(pick, search.stamp(inputs), out)
-        return out
-
-    return stamp
+    return TriggerStamp(masks, patterns, fraction, list(searches), model, adapter)
 
 
 def run_unlearn(
@@ -109,23 +134,23 @@ def run_unlearn(
     hold = holds_early_layers(triggers, windows)
     early = early_layers(model, (c, h, w), own.frozen_depth if hold else 0.0, head_name)
     searches = window_searches(windows, mean, std, device, own.window_step) if own.window_step > 0 else []
+    adapter = options.get("loss_adapter", LOGITS)
     stamp = trigger_stamp(
-        triggers,
-        own.unlearn_fraction,
-        mean,
-        std,
-        device,
-        searches=searches,
-        model=model,
-        adapter=options.get("loss_adapter", LOGITS),
+        triggers, own.unlearn_fraction, mean, std, device, searches=searches, model=model, adapter=adapter
     )
     modules = dict(model.named_modules())
     options["held"] = [modules[n] for n in early.names]
+    if own.distill > 0:
+        # The teacher is the model as the run starts (the input's weights); only unstamped rows are distilled.
+        options["batch_penalty"] = distillation_term(
+            frozen_copy(model), own.distill, own.distill_temperature, adapter, rows=stamp.unstamped
+        )
     outcome = run_tuning(UNLEARN, model, head_name, clean, mean, std, params, device, flip, stamp=stamp, **options)
     outcome.notes.append(
         f"unlearnt the reconstructed trigger of class {', '.join(str(t.target) for t in triggers)} on "
         f"{own.unlearn_fraction:.0%} of each batch, labels kept{window_words(searches, triggers, own.window_step)}; "
         + (early.describe() if hold or own.frozen_depth <= 0 else SPREAD_OUT)
+        + distill_words(own)
     )
     outcome.held = early if early.names else None
     return outcome
@@ -135,6 +160,16 @@ SPREAD_OUT = (
     "every layer trained: a reconstruction is spread out (a blend-, warp- or signal-like trigger, which changes "
     "every pixel a little and reaches the early layers)"
 )
+
+
+def distill_words(own: UnlearnParams) -> str:
+    """What the note says of the distillation (nothing when there was none)."""
+    if own.distill <= 0:
+        return ""
+    return (
+        f"; the input model's outputs distilled on the unstamped images (weight {own.distill:g}, temperature "
+        f"{own.distill_temperature:g}), so the layers trained keep what it says of clean images"
+    )
 
 
 def holds_early_layers(triggers: Sequence, windows: Sequence) -> bool:

@@ -156,11 +156,13 @@ RERUN_KEPT = ("rerun", "every_layer")  # DormancyRecord.kept when a rerun is the
 @dataclass(frozen=True)
 class DormancyRerun:
     """An unlearning run again from the input after a dormant output: the share of weight layers it was asked to
-    hold, how many it held (0: every layer trained), and the check on its output."""
+    hold, how many it held (0: every layer trained), the weight of the input's clean outputs it distilled (0: none)
+    and the check on its output."""
 
     frozen_depth: float
     held_layers: int
     checks: list[DormancyCheck]
+    distill: float = 0.0
 
     @property
     def dormant(self) -> bool:
@@ -170,6 +172,7 @@ class DormancyRerun:
         return {
             "frozen_depth": round(self.frozen_depth, 4),
             "held_layers": self.held_layers,
+            "distill": self.distill,
             "checks": [c.to_dict() for c in self.checks],
             "dormant": sorted(c.target for c in self.checks if c.dormant),
         }
