@@ -16,7 +16,9 @@ gives the cost, the true trigger's ASR and its return after retuning. Variants (
                stamped image, which would teach the backdoor back)
   l2sp:w       + w/2 ||theta - theta_input||^2 over the trained parameters (L2-SP)
 
-An experiment's instrument, not an option of the package.
+An experiment's instrument, not an option of the package (whose `--distill` for unlearn is `kd`'s term, taken from
+here; as the reruns' default it was measured on whole runs and not adopted). Measured in docs/purification.md
+(nineteenth session).
 """
 
 from __future__ import annotations

@@ -27,7 +27,6 @@ from backdoor_cli.scanning.inversion import InversionParams
 from backdoor_cli.selection.holdout import HoldoutMonitor
 from backdoor_cli.usecases.default_unlearning import (
     RERUN_DEPTHS,
-    RERUN_DISTILL,
     UnlearningSetup,
     held_layers_checked,
     rerun_depths,
@@ -182,31 +181,19 @@ def test_a_dormant_held_layer_output_is_unlearnt_again_from_the_input_holding_a_
     assert doc["every_layer"] is None  # no rerun trained every layer
 
 
-def test_the_reruns_distil_the_inputs_clean_outputs_and_the_first_run_does_not():
+def test_the_reruns_do_not_distil_unless_asked_and_then_every_run_does():
     answers = [[_check((10, 900), (300, 900))], [_check((10, 900), (200, 900))], [_check((10, 900), (20, 900))]]
     runs = FakeRuns(answers)
     _, kept, _, record = unlearn_unless_dormant(
         _setup(runs, Tiny()), DefenseParams.of("unlearn", epochs=3), runs.check, may_rerun=True
     )
-    assert runs.distills == [0.0, RERUN_DISTILL, RERUN_DISTILL] and kept.own.distill == RERUN_DISTILL
-    assert [r["distill"] for r in record.to_dict()["reruns"]] == [RERUN_DISTILL, RERUN_DISTILL]
-    assert f"distilling the input model's outputs on the images it does not stamp (weight {RERUN_DISTILL:g})" in (
-        record.note
-    )
-
-
-def test_a_distillation_weight_the_user_chose_is_kept_in_every_run():
+    assert runs.distills == [0.0, 0.0, 0.0] and kept.own.distill == 0.0  # measured: distilling reruns cost more
+    assert [r["distill"] for r in record.to_dict()["reruns"]] == [0.0, 0.0] and "distilling" not in record.note
     runs = FakeRuns([[_check((10, 900), (300, 900))], [_check((10, 900), (20, 900))]])
     params = DefenseParams.of("unlearn", epochs=3, distill=0.5)
-    _, kept, _, record = unlearn_unless_dormant(
-        _setup(runs, Tiny()), params, runs.check, may_rerun=True, rerun_distill=None
-    )
+    _, kept, _, record = unlearn_unless_dormant(_setup(runs, Tiny()), params, runs.check, may_rerun=True)
     assert runs.distills == [0.5, 0.5] and kept.own.distill == 0.5 and record.reruns[0].distill == 0.5
-    runs = FakeRuns([[_check((10, 900), (300, 900))], [_check((10, 900), (20, 900))]])
-    _, _, _, record = unlearn_unless_dormant(
-        _setup(runs, Tiny()), DefenseParams.of("unlearn", epochs=3), runs.check, may_rerun=True, rerun_distill=0.0
-    )
-    assert runs.distills == [0.0, 0.0] and "distilling" not in record.note  # 0: none, and none said
+    assert "distilling the input model's outputs on the images it does not stamp (weight 0.5)" in record.note
 
 
 def test_a_third_that_is_dormant_too_is_unlearnt_again_with_every_layer():
@@ -371,9 +358,7 @@ def test_a_dormant_output_is_unlearnt_again_with_fewer_layers_held_and_fails_the
     assert "unlearning again from the input with every layer trained" in said
     assert not _first_conv_unchanged(planted, tmp_path / "o")  # every layer was trained
     assert report["method"]["params"]["frozen_depth"] == 0.0  # the kept run's parameters
-    assert report["method"]["params"]["distill"] == RERUN_DISTILL  # the reruns distil the input's clean outputs
-    assert [r["distill"] for r in record["reruns"]] == [RERUN_DISTILL, RERUN_DISTILL]
-    assert "distilling the input model's outputs on the images it does not stamp" in said
+    assert report["method"]["params"]["distill"] == 0.0 and [r["distill"] for r in record["reruns"]] == [0.0, 0.0]
     assert "still dormant there" in report["method"]["notes"][-1]
 
 

@@ -268,6 +268,28 @@ def test_unlearn_needs_its_scan_and_takes_its_own_flag_only(subjects, tmp_path):
     assert no_scan.exit_code == 2 and "--precaution does not apply to --method fst" in no_scan.output
 
 
+def test_method_unlearn_distils_the_inputs_clean_outputs_when_asked(subjects, tmp_path):
+    result = _default(
+        subjects["backdoored"],
+        subjects["data"],
+        tmp_path / "o",
+        "--method",
+        "unlearn",
+        "--distill",
+        "2",
+        "--epochs",
+        "2",
+    )
+    assert result.exit_code in (0, 1), result.output
+    report = json.loads(result.stdout)
+    assert report["method"]["params"]["distill"] == 2.0 and report["method"]["params"]["distill_temperature"] == 2.0
+    assert "the input model's outputs distilled on the unstamped images (weight 2, temperature 2)" in " ".join(
+        report["method"]["notes"]
+    )
+    bad = _default(subjects["backdoored"], subjects["data"], tmp_path / "o2", "--method", "unlearn", "--distill", "-1")
+    assert bad.exit_code == 2 and "distill" in bad.output
+
+
 def test_a_clean_reference_keeps_a_planted_trigger_and_says_so(subjects):
     """The planted class's reconstruction does not work on a clean model of the same task: it is unlearnt."""
     result = _default(

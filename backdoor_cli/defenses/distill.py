@@ -48,7 +48,7 @@ def distillation_term(
 
     Softmax is shift-invariant, so log-probabilities serve as logits; probabilities are taken to
     their log first. `adapter` says what the model returns and what `scores` tuning hands over.
-    `rows(n)` (a bool tensor of the batch's n rows) limits the term to those rows, still divided by n: the
+    `rows(n)` (a 0/1 weight for each of the batch's n rows) limits the term to those rows, still divided by n: the
     unlearning distils only the images it did not stamp, since the input's outputs on a stamped image are the
     backdoor's."""
     teacher_kind = adapter.kind  # the teacher's forward returns the model's own output

@@ -32,11 +32,6 @@ LayersHeld = Callable[[float], int]  # how many weight layers an unlearning at a
 # On the VGG-16-BN whose two-thirds output was dormant, a third was not, and cost 2.00 points with fresh images
 # where every layer cost 3.23 (docs/purification.md, sixteenth session).
 RERUN_DEPTHS = (FROZEN_DEPTH / 2, 0.0)
-# A rerun trains more layers than the run before it, and forgets more of what a few hundred images cannot teach
-# again: it distils the input's outputs on the images it did not stamp (weight 1, fst-kd's). On the second VGG-16-BN
-# a third held cost 3.89 points without it and 3.07 with it, and the true trigger came back less after retuning
-# (7.6% against 11.4%; clean parent 7.1%) (docs/purification.md, nineteenth session).
-RERUN_DISTILL = 1.0
 
 
 @dataclass(frozen=True)
@@ -96,7 +91,6 @@ def unlearn_unless_dormant(
     params: DefenseParams,
     check: CheckDormancy,
     may_rerun: bool,
-    rerun_distill: float | None = RERUN_DISTILL,
 ) -> tuple[DefenseOutcome, DefenseParams, GentlerRun | None, DormancyRecord | None]:
     """`unlearn_default`; when that run held early layers, the trigger-free dormancy check on its output
     (verdicts/dormancy.py: a copy retuned with the scan's reconstruction made opaque). When it comes back and
@@ -105,8 +99,8 @@ def unlearn_unless_dormant(
     back or every layer was trained; the last run is kept. Holding two thirds of a VGG-16-BN's layers left its
     backdoor dormant, and holding a third or none removed it (docs/purification.md). Returns the kept run's
     outcome, params and gentler record, and the checks (None when no layer was held, so there was nothing to
-    check). Each rerun distils the input's clean outputs at `rerun_distill` (None: the params' own, which the
-    user set with --distill)."""
+    check). Each rerun keeps the params' distillation weight (--distill; 0 by default: distilling reruns lost the
+    gentler rate on a VGG-16-BN, docs/purification.md, nineteenth session)."""
     outcome, kept, gentler = unlearn_default(setup, params)
     if outcome.held is None:
         return outcome, kept, gentler, None
@@ -116,7 +110,7 @@ def unlearn_unless_dormant(
         _note_without_rerun(record, outcome, reporter, "--frozen-depth" if record.dormant else None)
         return outcome, kept, gentler, record
     first_dormant = _classes(record.dormant)
-    distill = params.own.distill if rerun_distill is None else rerun_distill
+    distill = params.own.distill
     for depth in rerun_depths(record.held_layers, setup.layers_held):
         reporter.warn(
             f"{_where(record)}, and the backdoor of class {_classes(record.dormant)} is dormant there (retuning "
@@ -125,7 +119,7 @@ def unlearn_unless_dormant(
         )
         setup.model.load_state_dict(setup.start)
         setup.monitor.curve.clear()
-        own = dataclasses.replace(params.own, frozen_depth=depth, distill=distill)
+        own = dataclasses.replace(params.own, frozen_depth=depth)
         outcome, kept, gentler = unlearn_default(setup, dataclasses.replace(params, own=own))
         rerun = DormancyRerun(depth, outcome.held.held if outcome.held is not None else 0, check(), distill=distill)
         record.reruns.append(rerun)
