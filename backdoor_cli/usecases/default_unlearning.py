@@ -87,10 +87,7 @@ def rerun_depths(held: int, layers_held: LayersHeld | None) -> list[float]:
 
 
 def unlearn_unless_dormant(
-    setup: UnlearningSetup,
-    params: DefenseParams,
-    check: CheckDormancy,
-    may_rerun: bool,
+    setup: UnlearningSetup, params: DefenseParams, check: CheckDormancy, may_rerun: bool
 ) -> tuple[DefenseOutcome, DefenseParams, GentlerRun | None, DormancyRecord | None]:
     """`unlearn_default`; when that run held early layers, the trigger-free dormancy check on its output
     (verdicts/dormancy.py: a copy retuned with the scan's reconstruction made opaque). When it comes back and

@@ -342,10 +342,7 @@ def _purify_into(
                 layers_held=functools.partial(layers_held_at, model, tune_set.image_shape, subject.head),
             )
             outcome, params, gentler, dormancy = unlearn_unless_dormant(
-                setup,
-                params,
-                check_dormancy_now,
-                may_rerun=opts.frozen_depth is None,
+                setup, params, check_dormancy_now, may_rerun=opts.frozen_depth is None
             )
         else:
             outcome = tune(params, monitor)
