@@ -24,9 +24,12 @@ from backdoor_cli.models.depth import EarlyLayers, early_layers
 from backdoor_cli.progress import Reporter
 from backdoor_cli.scanning.guided import ScanEvidence, proxy_asr
 from backdoor_cli.scanning.inversion import InversionParams
+from backdoor_cli.selection.gentler import GENTLER_FACTOR
 from backdoor_cli.selection.holdout import HoldoutMonitor
 from backdoor_cli.usecases.default_unlearning import (
     RERUN_DEPTHS,
+    RERUN_DISTILL,
+    RERUN_RATE,
     UnlearningSetup,
     held_layers_checked,
     rerun_depths,
@@ -134,12 +137,14 @@ class FakeRuns:
     def __init__(self, answers: list[list[DormancyCheck]]):
         self.depths: list[float] = []
         self.distills: list[float] = []
+        self.rates: list[float] = []
         self.answers = answers
         self.checked = 0
 
     def tune(self, params, monitor, stop_first_epoch=None):
         self.depths.append(params.own.frozen_depth)
         self.distills.append(params.own.distill)
+        self.rates.append(params.sgd.lr)
         monitor.curve.append({"epoch": params.sgd.epochs, "holdout_acc": monitor.base_acc, "within_budget": True})
         held = EarlyLayers(["0", "1"], 2, 3, params.own.frozen_depth)
         return DefenseOutcome(held=held if params.own.frozen_depth > 0 else None)
@@ -181,17 +186,28 @@ def test_a_dormant_held_layer_output_is_unlearnt_again_from_the_input_holding_a_
     assert doc["every_layer"] is None  # no rerun trained every layer
 
 
-def test_the_reruns_do_not_distil_unless_asked_and_then_every_run_does():
+def test_the_reruns_start_gentler_and_distil_and_a_given_distill_applies_to_every_run():
     answers = [[_check((10, 900), (300, 900))], [_check((10, 900), (200, 900))], [_check((10, 900), (20, 900))]]
     runs = FakeRuns(answers)
-    _, kept, _, record = unlearn_unless_dormant(
-        _setup(runs, Tiny()), DefenseParams.of("unlearn", epochs=3), runs.check, may_rerun=True
+    params = DefenseParams.of("unlearn", epochs=3)
+    lr = params.sgd.lr
+    _, kept, _, record = unlearn_unless_dormant(_setup(runs, Tiny()), params, runs.check, may_rerun=True)
+    assert runs.distills == [0.0, RERUN_DISTILL, RERUN_DISTILL] and kept.own.distill == RERUN_DISTILL == 1.0
+    assert runs.rates == pytest.approx([lr, lr * RERUN_RATE, lr * RERUN_RATE]) and RERUN_RATE == GENTLER_FACTOR
+    assert kept.sgd.lr == pytest.approx(lr * RERUN_RATE)  # the report records the rate the output was tuned at
+    doc = record.to_dict()
+    assert [r["distill"] for r in doc["reruns"]] == [1.0, 1.0]
+    assert [r["lr"] for r in doc["reruns"]] == pytest.approx([lr * RERUN_RATE] * 2)
+    assert (
+        f"holding the first 2 weight layers (dormant too), then with every layer trained, at lr {lr * RERUN_RATE:g}, "
+        "distilling" in record.note
     )
-    assert runs.distills == [0.0, 0.0, 0.0] and kept.own.distill == 0.0  # measured: distilling reruns cost more
-    assert [r["distill"] for r in record.to_dict()["reruns"]] == [0.0, 0.0] and "distilling" not in record.note
+    assert "distilling the input model's outputs on the images it does not stamp (weight 1)" in record.note
     runs = FakeRuns([[_check((10, 900), (300, 900))], [_check((10, 900), (20, 900))]])
     params = DefenseParams.of("unlearn", epochs=3, distill=0.5)
-    _, kept, _, record = unlearn_unless_dormant(_setup(runs, Tiny()), params, runs.check, may_rerun=True)
+    _, kept, _, record = unlearn_unless_dormant(
+        _setup(runs, Tiny()), params, runs.check, may_rerun=True, rerun_distill=None
+    )  # purify passes None when the user gave --distill: their weight, in every run
     assert runs.distills == [0.5, 0.5] and kept.own.distill == 0.5 and record.reruns[0].distill == 0.5
     assert "distilling the input model's outputs on the images it does not stamp (weight 0.5)" in record.note
 
@@ -358,7 +374,8 @@ def test_a_dormant_output_is_unlearnt_again_with_fewer_layers_held_and_fails_the
     assert "unlearning again from the input with every layer trained" in said
     assert not _first_conv_unchanged(planted, tmp_path / "o")  # every layer was trained
     assert report["method"]["params"]["frozen_depth"] == 0.0  # the kept run's parameters
-    assert report["method"]["params"]["distill"] == 0.0 and [r["distill"] for r in record["reruns"]] == [0.0, 0.0]
+    assert report["method"]["params"]["distill"] == 1.0 and [r["distill"] for r in record["reruns"]] == [1.0, 1.0]
+    assert [r["lr"] for r in record["reruns"]] == [report["method"]["params"]["lr"]] * 2  # a third of the first's
     assert "still dormant there" in report["method"]["notes"][-1]
 
 

@@ -32,6 +32,14 @@ LayersHeld = Callable[[float], int]  # how many weight layers an unlearning at a
 # On the VGG-16-BN whose two-thirds output was dormant, a third was not, and cost 2.00 points with fresh images
 # where every layer cost 3.23 (docs/purification.md, sixteenth session).
 RERUN_DEPTHS = (FROZEN_DEPTH / 2, 0.0)
+# A rerun trains more layers than the dormant run before it on the same few hundred images, and at the first run's
+# rate it forgot more: the second VGG-16-BN lost 3.86 and 3.10 points. So a rerun starts at a third of the rate
+# (GENTLER_FACTOR) and distils the input's outputs on the images it does not stamp (weight 1, fst-kd's): on saved
+# inputs of both VGGs a third held cost 0.26-0.49 points this way, where the plain rerun cost 1.30-3.89
+# (docs/purification.md, twentieth session). The gentler-rate rules still watch it (a first epoch that costs
+# too much goes gentler again).
+RERUN_RATE = GENTLER_FACTOR
+RERUN_DISTILL = 1.0
 
 
 @dataclass(frozen=True)
@@ -87,7 +95,11 @@ def rerun_depths(held: int, layers_held: LayersHeld | None) -> list[float]:
 
 
 def unlearn_unless_dormant(
-    setup: UnlearningSetup, params: DefenseParams, check: CheckDormancy, may_rerun: bool
+    setup: UnlearningSetup,
+    params: DefenseParams,
+    check: CheckDormancy,
+    may_rerun: bool,
+    rerun_distill: float | None = RERUN_DISTILL,
 ) -> tuple[DefenseOutcome, DefenseParams, GentlerRun | None, DormancyRecord | None]:
     """`unlearn_default`; when that run held early layers, the trigger-free dormancy check on its output
     (verdicts/dormancy.py: a copy retuned with the scan's reconstruction made opaque). When it comes back and
@@ -96,8 +108,8 @@ def unlearn_unless_dormant(
     back or every layer was trained; the last run is kept. Holding two thirds of a VGG-16-BN's layers left its
     backdoor dormant, and holding a third or none removed it (docs/purification.md). Returns the kept run's
     outcome, params and gentler record, and the checks (None when no layer was held, so there was nothing to
-    check). Each rerun keeps the params' distillation weight (--distill; 0 by default: distilling reruns lost the
-    gentler rate on a VGG-16-BN, docs/purification.md, nineteenth session)."""
+    check). Each rerun starts at RERUN_RATE of the params' rate and distils the input's clean outputs at
+    `rerun_distill` (None: the params' own, which the user set with --distill)."""
     outcome, kept, gentler = unlearn_default(setup, params)
     if outcome.held is None:
         return outcome, kept, gentler, None
@@ -107,18 +119,20 @@ def unlearn_unless_dormant(
         _note_without_rerun(record, outcome, reporter, "--frozen-depth" if record.dormant else None)
         return outcome, kept, gentler, record
     first_dormant = _classes(record.dormant)
-    distill = params.own.distill
+    distill = params.own.distill if rerun_distill is None else rerun_distill
+    sgd = dataclasses.replace(params.sgd, lr=params.sgd.lr * RERUN_RATE)
     for depth in rerun_depths(record.held_layers, setup.layers_held):
         reporter.warn(
             f"{_where(record)}, and the backdoor of class {_classes(record.dormant)} is dormant there (retuning "
             f"brings its reconstruction, made opaque, back): unlearning again from the input {_holding(setup, depth)}"
-            + _distilling(distill)
+            f" at lr {sgd.lr:g}" + _distilling(distill)
         )
         setup.model.load_state_dict(setup.start)
         setup.monitor.curve.clear()
-        own = dataclasses.replace(params.own, frozen_depth=depth)
-        outcome, kept, gentler = unlearn_default(setup, dataclasses.replace(params, own=own))
-        rerun = DormancyRerun(depth, outcome.held.held if outcome.held is not None else 0, check(), distill=distill)
+        own = dataclasses.replace(params.own, frozen_depth=depth, distill=distill)
+        outcome, kept, gentler = unlearn_default(setup, dataclasses.replace(params, own=own, sgd=sgd))
+        held = outcome.held.held if outcome.held is not None else 0
+        rerun = DormancyRerun(depth, held, check(), distill=distill, lr=kept.sgd.lr)
         record.reruns.append(rerun)
         record.kept = rerun.kept_as
         for line in rerun.checks:
@@ -163,12 +177,18 @@ def _where(record: DormancyRecord) -> str:
 
 
 def _rerun_story(record: DormancyRecord) -> str:
-    """'holding the first 4 weight layers (dormant too), then with every layer trained', in the runs' order."""
+    """'holding the first 4 weight layers (dormant too), then with every layer trained, at lr 0.00333', in the runs'
+    order (the rate once when every rerun kept the same, else after each)."""
+    rates = {r.lr for r in record.reruns}
+    each = len(rates) > 1
     steps = [
-        _rerun_words(r.held_layers) + (" (dormant too)" if r.dormant and r is not record.reruns[-1] else "")
+        _rerun_words(r.held_layers)
+        + (f" at lr {r.lr:g}" if each and r.lr is not None else "")
+        + (" (dormant too)" if r.dormant and r is not record.reruns[-1] else "")
         for r in record.reruns
     ]
-    return ", then ".join(steps) + _distilling(record.reruns[-1].distill if record.reruns else 0.0)
+    rate = f", at lr {record.reruns[0].lr:g}" if record.reruns and not each and record.reruns[0].lr is not None else ""
+    return ", then ".join(steps) + rate + _distilling(record.reruns[-1].distill if record.reruns else 0.0)
 
 
 def _distilling(weight: float) -> str:

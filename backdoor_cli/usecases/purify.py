@@ -67,7 +67,13 @@ from ..tuning.loop import steps_per_epoch
 from ..tuning.sgd import SgdSettings
 from ..verdicts.dormancy import DormancyRecord, check_dormancy, dormancy_settings
 from ..verdicts.removal import combine_verdicts, judge_removal, judge_removal_by_scan
-from .default_unlearning import UnlearningSetup, held_layers_checked, undo_costly_candidate, unlearn_unless_dormant
+from .default_unlearning import (
+    RERUN_DISTILL,
+    UnlearningSetup,
+    held_layers_checked,
+    undo_costly_candidate,
+    unlearn_unless_dormant,
+)
 from .defense_run import run_defense
 from .references import check_reference_use, open_clean_reference, verdict_hint
 from .retuning import retune_checked
@@ -342,7 +348,11 @@ def _purify_into(
                 layers_held=functools.partial(layers_held_at, model, tune_set.image_shape, subject.head),
             )
             outcome, params, gentler, dormancy = unlearn_unless_dormant(
-                setup, params, check_dormancy_now, may_rerun=opts.frozen_depth is None
+                setup,
+                params,
+                check_dormancy_now,
+                may_rerun=opts.frozen_depth is None,
+                rerun_distill=RERUN_DISTILL if opts.distill is None else None,  # a --distill the user set is kept
             )
         else:
             outcome = tune(params, monitor)
