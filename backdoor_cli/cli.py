@@ -522,7 +522,8 @@ def purify(
             rich_help_panel="Method",
             help=(
                 "fst-kd, ft-kd: weight of the distillation of the input model's clean-data outputs (default 1); "
-                "unlearn and the default: on the images not stamped, in every run (default 0)."
+                "unlearn and the default: on the images not stamped (default 0, and 1 in the default's reruns after a "
+                "dormant output; a value given applies to every run)."
             ),
         ),
     ] = None,

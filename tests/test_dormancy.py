@@ -379,6 +379,16 @@ def test_a_dormant_output_is_unlearnt_again_with_fewer_layers_held_and_fails_the
     assert "still dormant there" in report["method"]["notes"][-1]
 
 
+def test_a_distill_the_user_gives_is_the_weight_of_every_run_reruns_included(planted, monkeypatch, tmp_path):
+    result = _held_default(planted, tmp_path / "o", monkeypatch, True, "--distill", "0.5", "--lr", "0.03")
+    assert result.exit_code in (0, 1), result.output
+    report = json.loads(result.stdout)
+    record = report["scan"]["dormancy"]
+    assert [r["distill"] for r in record["reruns"]] == [0.5, 0.5] and report["method"]["params"]["distill"] == 0.5
+    assert [r["lr"] for r in record["reruns"]] == [pytest.approx(0.01)] * 2  # a third of the --lr given
+    assert "distilling the input model's outputs on the images it does not stamp (weight 0.5)" in record["note"]
+
+
 def test_a_chosen_frozen_depth_is_kept_and_the_dormancy_said(planted, monkeypatch, tmp_path):
     result = _held_default(planted, tmp_path / "o", monkeypatch, True, "--frozen-depth", "0.6")
     assert result.exit_code in (0, 1), result.output

@@ -52,7 +52,8 @@ class UnlearnParams(MethodParams):
     # reconstruction is local; 0: tune every layer
     frozen_depth: float = FROZEN_DEPTH
     # weight of the input model's outputs distilled on the images of each batch that carry no stamp (T^2 KL at
-    # distill_temperature, as fst-kd's); 0: none (the default's: measured, docs/purification.md, nineteenth session)
+    # distill_temperature, as fst-kd's); 0: none. The default's first run does not distil (it kept a VGG's backdoor
+    # dormant); its reruns after a dormant output use RERUN_DISTILL (usecases/default_unlearning.py).
     distill: float = 0.0
     distill_temperature: float = 2.0
 
