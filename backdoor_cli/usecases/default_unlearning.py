@@ -34,10 +34,10 @@ LayersHeld = Callable[[float], int]  # how many weight layers an unlearning at a
 RERUN_DEPTHS = (FROZEN_DEPTH / 2, 0.0)
 # A rerun trains more layers than the dormant run before it on the same few hundred images, and at the first run's
 # rate it forgot more: the second VGG-16-BN lost 3.86 and 3.10 points. So a rerun starts at a third of the rate
-# (GENTLER_FACTOR) and distils the input's outputs on the images it does not stamp (weight 1, fst-kd's): on saved
-# inputs of both VGGs a third held cost 0.26-0.49 points this way, where the plain rerun cost 1.30-3.89
-# (docs/purification.md, twentieth session). The gentler-rate rules still watch it (a first epoch that costs
-# too much goes gentler again).
+# (GENTLER_FACTOR) and distils the input's outputs on the images it does not stamp (weight 1, fst-kd's): on six
+# saved inputs of both VGGs a third held cost -0.14 to 0.90 points this way, where plain reruns cost 1.30-5.66, and
+# whole runs on four cells 0.18-0.80 (docs/purification.md, twentieth session). The gentler-rate rules still watch
+# it (a first epoch that costs too much goes gentler again).
 RERUN_RATE = GENTLER_FACTOR
 RERUN_DISTILL = 1.0
 
