@@ -132,7 +132,7 @@ def unlearn_unless_dormant(
         own = dataclasses.replace(params.own, frozen_depth=depth, distill=distill)
         outcome, kept, gentler = unlearn_default(setup, dataclasses.replace(params, own=own, sgd=sgd))
         held = outcome.held.held if outcome.held is not None else 0
-        rerun = DormancyRerun(depth, held, check(), distill=distill, lr=kept.sgd.lr)
+        rerun = DormancyRerun(depth, held, check(), lr=kept.sgd.lr, distill=distill)
         record.reruns.append(rerun)
         record.kept = rerun.kept_as
         for line in rerun.checks:
@@ -183,11 +183,11 @@ def _rerun_story(record: DormancyRecord) -> str:
     each = len(rates) > 1
     steps = [
         _rerun_words(r.held_layers)
-        + (f" at lr {r.lr:g}" if each and r.lr is not None else "")
+        + (f" at lr {r.lr:g}" if each else "")
         + (" (dormant too)" if r.dormant and r is not record.reruns[-1] else "")
         for r in record.reruns
     ]
-    rate = f", at lr {record.reruns[0].lr:g}" if record.reruns and not each and record.reruns[0].lr is not None else ""
+    rate = f", at lr {record.reruns[0].lr:g}" if record.reruns and not each else ""
     return ", then ".join(steps) + rate + _distilling(record.reruns[-1].distill if record.reruns else 0.0)
 
 

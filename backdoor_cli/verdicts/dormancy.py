@@ -156,14 +156,14 @@ RERUN_KEPT = ("rerun", "every_layer")  # DormancyRecord.kept when a rerun is the
 @dataclass(frozen=True)
 class DormancyRerun:
     """An unlearning run again from the input after a dormant output: the share of weight layers it was asked to
-    hold, how many it held (0: every layer trained), the weight of the input's clean outputs it distilled (0: none),
-    the rate its kept weights were tuned at (None: not recorded) and the check on its output."""
+    hold, how many it held (0: every layer trained), the check on its output, the rate its kept weights were tuned
+    at and the weight of the input's clean outputs it distilled (0: none)."""
 
     frozen_depth: float
     held_layers: int
     checks: list[DormancyCheck]
+    lr: float
     distill: float = 0.0
-    lr: float | None = None
 
     @property
     def dormant(self) -> bool:
