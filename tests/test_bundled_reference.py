@@ -15,6 +15,7 @@ from backdoor_cli.checkpoint import read_checkpoint
 from backdoor_cli.cli import app
 from backdoor_cli.models import bundled_references
 from backdoor_cli.models.bundled_references import BUNDLED_REFERENCES
+from backdoor_cli.scanning.guided import TRIED_FLOOR
 from helpers import make_template_dataset
 from helpers import train_small_cnn as train
 
@@ -127,29 +128,61 @@ def test_a_bundled_reference_that_does_not_fit_is_refused_by_name(template, valu
     assert said in " ".join(result.output.split())
 
 
-def test_a_bundled_reference_can_be_named_for_data_of_another_name(cifar_like, tmp_path):
-    renamed = tmp_path / "my-images"
+def _renamed(data: Path, root: Path) -> Path:
+    """The same images under a name that is no built-in dataset's."""
+    renamed = root / "my-images"
     renamed.mkdir()
     for split in ("train", "test"):
-        (renamed / f"{split}.npz").write_bytes((cifar_like["data"] / f"{split}.npz").read_bytes())
+        (renamed / f"{split}.npz").write_bytes((data / f"{split}.npz").read_bytes())
+    return renamed
+
+
+def test_data_of_another_name_tries_the_bundled_reference_and_its_accuracy_decides(cifar_like, tmp_path):
+    renamed = _renamed(cifar_like["data"], tmp_path)
     unnamed = scan(cifar_like["model"], renamed, "--json")
-    assert json.loads(unnamed.stdout)["reference"] is None
-    # the run says which flag would use the bundled reference, and why it was not assumed
+    assert unnamed.exit_code == 0, unnamed.output
     said = " ".join(unnamed.stderr.split())
-    assert "these images are not the built-in cifar10" in said and "--clean-reference bundled:cifar10" in said
-    # and the verdict itself, which is what a report keeps
-    assert json.loads(unnamed.stdout)["verdict"].endswith(
-        "(--clean-reference bundled:cifar10 fits these images, if they are cifar10's classes)"
-    )
+    assert "these images are not the built-in cifar10" in said
+    assert "tries bdclean's bundled clean CIFAR-10 ResNet-20" in said and f"at least {TRIED_FLOOR:.0%}" in said
+    # random images are no task's: the reference gets about a tenth of their labels right, under the floor, so it
+    # is not used, and the verdict, which is what a report keeps, says why
+    doc = json.loads(unnamed.stdout)
+    reference = doc["reference"]
+    assert reference["checkpoint"] == "bundled:cifar10-resnet20" and reference["floor"] == TRIED_FLOOR
+    assert reference["accuracy"] < TRIED_FLOOR and reference["usable"] is False
+    verdict = " ".join(doc["verdict"].split())
+    assert "tried because these images are not its built-in dataset" in verdict
+    assert "not a model of their task, so it was not used" in verdict
+    # named, the bundled reference is the user's choice: no trial, no floor
     result = scan(cifar_like["model"], renamed, "--json", "--clean-reference", "bundled:cifar10")
     assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout)["reference"]["checkpoint"] == "bundled:cifar10-resnet20"
-    assert "fits these images" not in json.loads(result.stdout)["verdict"]
+    named = json.loads(result.stdout)["reference"]
+    assert named["checkpoint"] == "bundled:cifar10-resnet20" and named["floor"] == 0.0
     assert "these images are not the built-in" not in result.stderr
+    # declined, nothing is tried
+    declined = scan(cifar_like["model"], renamed, "--json", "--clean-reference", "none")
+    assert json.loads(declined.stdout)["reference"] is None and "tries" not in declined.stderr
     # data no bundled reference fits (8 classes of 16x16 images) gets no such line
     other = make_template_dataset(tmp_path / "other", n_train=80, n_test=40)
     model = train(other, tmp_path / "other.safetensors")
-    assert "bundled:" not in scan(model, other, "--json").stderr
+    assert "bundled" not in scan(model, other, "--json").stderr
+
+
+@pytest.mark.skipif(not (SHARED / "test.npz").exists(), reason="needs ../shared/data/cifar10 (the real CIFAR-10)")
+def test_real_cifar10_images_of_another_name_are_recognised_by_the_tried_reference(tmp_path):
+    """A user's own CIFAR-10 images (here 600 real ones in a folder of another name): the tried reference gets
+    their labels right, so the purify's shortcut test uses it, as it would the built-in data's."""
+    with np.load(SHARED / "test.npz") as real:
+        x, y = real["x"], real["y"]
+    mine = tmp_path / "my-cifar"
+    mine.mkdir()
+    np.savez(mine / "train.npz", x=x[:400], y=y[:400])
+    np.savez(mine / "test.npz", x=x[400:600], y=y[400:600])
+    subject = BUNDLED_REFERENCES["cifar10"][0].path  # a clean ResNet-20: the tried reference is the ResNet-56
+    report = quick_purify(subject, mine, tmp_path / "out", "--clean-count", "200", "--precaution")
+    reference = report["scan"]["reference"]
+    assert reference["checkpoint"] == "bundled:cifar10-resnet56" and reference["floor"] == TRIED_FLOOR
+    assert reference["accuracy"] >= 0.8 and reference["usable"] is True
 
 
 def test_a_bundled_file_that_is_not_the_shipped_one_is_refused(cifar_like, monkeypatch):
@@ -199,27 +232,24 @@ def quick_purify(model: Path, data: Path, out: Path, *args: str) -> dict:
     return json.loads((out / "report.json").read_text())
 
 
-HINT = "--clean-reference bundled:cifar10 fits these images"
-
-
-def test_the_scan_verdict_of_a_purify_without_a_reference_names_the_bundled_one_that_fits(cifar_like, tmp_path):
-    renamed = tmp_path / "my-images"
-    renamed.mkdir()
-    for split in ("train", "test"):
-        (renamed / f"{split}.npz").write_bytes((cifar_like["data"] / f"{split}.npz").read_bytes())
-    removal = quick_purify(cifar_like["model"], renamed, tmp_path / "a")["removal"]
+def test_a_purify_on_data_of_another_name_says_in_its_verdict_why_the_tried_reference_was_not_used(
+    cifar_like, tmp_path
+):
+    renamed = _renamed(cifar_like["data"], tmp_path)
+    report = quick_purify(cifar_like["model"], renamed, tmp_path / "a", "--precaution")
+    removal = report["removal"]
     scan_reason = removal["evidence"]["scan"]["reason"] if "scan" in removal["evidence"] else removal["reason"]
-    assert removal["verdict"] != "verified"
-    assert f"({HINT}, if they are cifar10's classes)" in scan_reason
+    assert removal["verdict"] != "verified" and report["scan"]["reference"]["usable"] is False
+    assert "tried because these images are not its built-in dataset" in scan_reason
     # the report.md says it too, where the user reads the verdict
-    assert HINT in (tmp_path / "a" / "report.md").read_text()
-    # a user who said `none` chose to go without: no hint
+    assert "not a model of their task" in " ".join((tmp_path / "a" / "report.md").read_text().split())
+    # a user who said `none` chose to go without: nothing tried, nothing said
     declined = quick_purify(cifar_like["model"], renamed, tmp_path / "b", "--clean-reference", "none")
-    assert HINT not in json.dumps(declined)
+    assert declined["scan"]["reference"] is None and "tried because" not in json.dumps(declined)
 
 
-def test_the_hint_is_not_added_where_a_reference_was_used_or_none_fits(cifar_like, template, tmp_path):
+def test_a_usable_reference_or_none_that_fits_adds_nothing_to_the_verdict(cifar_like, template, tmp_path):
     used = quick_purify(cifar_like["model"], cifar_like["data"], tmp_path / "c")
-    assert used["scan"]["reference"] is not None and HINT not in json.dumps(used)
+    assert used["scan"]["reference"] is not None and "tried because" not in json.dumps(used)
     other = quick_purify(template["model"], template["data"], tmp_path / "d")
-    assert "fits these images" not in json.dumps(other)
+    assert other["scan"]["reference"] is None and "bundled" not in json.dumps(other["removal"])

@@ -13,8 +13,10 @@ planted, so the reference of a subject is the first one of another architecture 
 cannot be its parent), which is also the grid's measured rule: the ResNet-56 for ResNet-20 subjects, the
 ResNet-20 for every other.
 
-A bundled reference is only offered where its task is certainly the data's: the built-in dataset by
-name, with its image shape and class count (a folder named cifar10 of 8x8 images is not CIFAR-10).
+A bundled reference is used outright where its task is certainly the data's: the built-in dataset by
+name, with its image shape and class count (a folder named cifar10 of 8x8 images is not CIFAR-10). Data
+of another name with that shape and class count gets it on trial: its accuracy on the labelled clean
+images decides (scanning/guided.py, TRIED_FLOOR; usecases/references.py).
 """
 
 from __future__ import annotations

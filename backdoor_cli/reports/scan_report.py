@@ -32,8 +32,6 @@ class ScanReport:
     local: dict[int, float] = field(default_factory=dict)
     # With --clean-reference and no class flagged: the smallest mask's class, tried on the reference too
     candidate: int | None = None
-    # Without any reference, where a bundled one fits the data: its flag (usecases.references.verdict_hint)
-    reference_hint: str | None = None
 
     @property
     def flagged(self) -> list[int]:
@@ -58,11 +56,11 @@ class ScanReport:
         return [class_verdict(self.result, i, self.natural, self.local) for i in range(len(self.result.triggers))]
 
     def verdict(self) -> str:
-        """The verdict in words; a scan that had no reference where a bundled one fits names its flag, since only a
-        reference tells a planted trigger from a shortcut of the data."""
+        """The verdict in words; a reference the scan could not use is named with why, since only a usable one
+        tells a planted trigger from a shortcut of the data."""
         text = self.findings()
-        if self.reference_path is None and self.reference_hint:
-            text += f" ({self.reference_hint})"
+        if self.reference is not None and not self.reference.usable:
+            text += f" ({self.reference.unusable_reason()})"
         return text
 
     def findings(self) -> str:
@@ -291,8 +289,7 @@ def render_scan(report: ScanReport, console) -> None:
         if t.target in r.flagged:
             style = "yellow" if t.target in report.natural else "bold red"
             console.print(verdict, style=style, markup=False, highlight=False)
-    if report.reference is not None and not report.reference.usable:
-        console.print(report.reference.unusable_reason(), style="yellow", markup=False, highlight=False)
+    # a reference the scan could not use is said once, in the verdict (ScanReport.verdict)
     console.print(f"median mask L1 {r.median_l1:.1f} pixels, MAD of log L1 {r.mad:.3f}", markup=False, highlight=False)
     console.print(
         f"verdict: {report.verdict()}",

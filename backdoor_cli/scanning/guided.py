@@ -48,6 +48,11 @@ NATURAL_RATE = 0.35
 # of the data, and every reconstruction would look planted to it. Its accuracy on the same held-out images
 # may be at most this far below the input model's, or the check is reported and not used.
 REFERENCE_MARGIN = 0.15
+# A bundled reference tried on images that are not its built-in dataset (a user's own held-out CIFAR-10 images)
+# must also show that they are its task's: at least this share of their labels right, five times chance for ten
+# classes. A reference of another task (SVHN digits, classes in another order) gets about chance, while a weak
+# input model would let the margin alone accept it (usecases/references.py).
+TRIED_FLOOR = 0.5
 
 # A mask-and-pattern inversion reproduces a local trigger (a patch) exactly; a trigger spread over the image
 # (a blend, a signal, a warp) it can only approximate, and unlearning the approximation does not remove the
@@ -77,10 +82,11 @@ class ReferenceCheck:
     accuracy: float  # the reference's accuracy on the images the rates were measured on
     input_accuracy: float  # the input model's on the same images
     threshold: float = NATURAL_RATE
+    floor: float = 0.0  # the accuracy it needs whatever the input model's (TRIED_FLOOR for a tried reference)
 
     @property
     def usable(self) -> bool:
-        return self.accuracy >= self.input_accuracy - REFERENCE_MARGIN
+        return self.accuracy >= self.input_accuracy - REFERENCE_MARGIN and self.accuracy >= self.floor
 
     @property
     def natural(self) -> list[int]:
@@ -100,6 +106,12 @@ class ReferenceCheck:
         return {c: self.rates[c] for c in self.natural if c in flagged}
 
     def unusable_reason(self) -> str:
+        if self.accuracy < self.floor:
+            return (
+                f"the clean reference {self.checkpoint}, tried because these images are not its built-in dataset, "
+                f"gets {self.accuracy:.1%} of their labels right (at least {self.floor:.0%} needed; the model gets "
+                f"{self.input_accuracy:.1%}): not a model of their task, so it was not used"
+            )
         return (
             f"the clean reference {self.checkpoint} gets {self.accuracy:.1%} of these images right against the "
             f"model's {self.input_accuracy:.1%} (more than {REFERENCE_MARGIN:.0%} below): too weak a model of the "
@@ -113,6 +125,7 @@ class ReferenceCheck:
             "accuracy": round(self.accuracy, 4),
             "input_accuracy": round(self.input_accuracy, 4),
             "margin": REFERENCE_MARGIN,
+            "floor": self.floor,
             "usable": self.usable,
             "rates": {str(c): rate.to_dict() for c, rate in self.rates.items()},
             "natural": self.natural,
@@ -379,6 +392,7 @@ class CleanReference:
     model: torch.nn.Module
     mean: torch.Tensor
     std: torch.Tensor
+    floor: float = 0.0  # the accuracy its check needs whatever the input model's (TRIED_FLOOR: tried, not named)
 
 
 def check_reference(
@@ -396,6 +410,7 @@ def check_reference(
         proxy_rates(reference.model, images, triggers, reference.mean, reference.std),
         accuracy=top1_accuracy(reference.model, images, reference.mean, reference.std),
         input_accuracy=top1_accuracy(model, images, mean, std),
+        floor=reference.floor,
     )
 
 

@@ -75,7 +75,7 @@ from .default_unlearning import (
     unlearn_unless_dormant,
 )
 from .defense_run import run_defense
-from .references import check_reference_use, open_clean_reference, verdict_hint
+from .references import check_reference_use, open_clean_reference
 from .retuning import retune_checked
 from .setup import (
     cache_key,
@@ -432,7 +432,6 @@ def _purify_into(
         before,
         after,
         evidence,
-        reference_hint=verdict_hint(opts, bundle, subject.num_classes),
         dormancy=dormancy,
     )
     if opts.require_verified:
@@ -652,13 +651,12 @@ def removal_verdict(
     before,
     after,
     evidence: ScanEvidence | None,
-    reference_hint: str | None = None,
     dormancy: DormancyRecord | None = None,
 ):
-    """The given trigger's verdict, the scan's, or both combined (verdicts/removal.py). `reference_hint`: the
-    flag of a bundled reference that fits the data (references.verdict_hint), added to the scan's reason when the
-    scan ran without any reference, which alone keeps it from saying `verified`. `dormancy`: the dormancy check
-    of a held-layer unlearning; a reconstruction that comes back on the output fails the scan's verdict."""
+    """The given trigger's verdict, the scan's, or both combined (verdicts/removal.py). A clean reference the
+    scan could not use (too weak, or a bundled one these images are not the task of) is named in the scan's
+    reason, since it alone keeps the scan from saying `verified`. `dormancy`: the dormancy check of a held-layer
+    unlearning; a reconstruction that comes back on the output fails the scan's verdict."""
     by_scan = None
     if evidence is not None:
         by_scan = judge_removal_by_scan(
@@ -673,8 +671,8 @@ def removal_verdict(
             dormant=dormancy.dormant if dormancy is not None else None,
             dormancy=dormancy.to_dict() if dormancy is not None else None,
         )
-        if reference_hint and evidence.clean_reference is None:
-            by_scan = dataclasses.replace(by_scan, reason=f"{by_scan.reason} ({reference_hint})")
+        if evidence.reference is not None and not evidence.reference.usable:
+            by_scan = dataclasses.replace(by_scan, reason=f"{by_scan.reason} ({evidence.reference.unusable_reason()})")
     if trigger is None and by_scan is not None:
         return by_scan
     return combine_verdicts(

@@ -36,7 +36,7 @@ from ..scanning.guided import (
 )
 from ..scanning.inversion import InversionParams
 from ..subject import normalization_tensors
-from .references import open_clean_reference, verdict_hint
+from .references import open_clean_reference
 from .setup import (
     decide_output_kind,
     input_paths,
@@ -175,7 +175,6 @@ def _scan(
         reference_path=reference.path if reference is not None else None,
         local=local,
         candidate=candidate.target if candidate is not None else None,
-        reference_hint=verdict_hint(opts, bundle, subject.num_classes),
     )
     if outputs is not None:
         with timer.stage("write"):
