@@ -28,12 +28,12 @@ from backdoor_cli.selection.gentler import (
 )
 
 
-def _run(first_acc=0.79, acc=0.88, proxy: Rate | None = None) -> GentlerRun:
+def _run(first_acc=0.79, acc=0.88, proxy: Rate | None = None, first_proxy: Rate | None = None) -> GentlerRun:
     return GentlerRun(
         input_acc=0.91,
         first_lr=0.01,
         first_acc=first_acc,
-        first_proxy={0: Rate(3, 180)},
+        first_proxy={0: first_proxy or Rate(3, 180)},
         lr=0.01 / 3,
         acc=acc,
         proxy={0: proxy or Rate(2, 180)},
@@ -53,12 +53,12 @@ def test_only_a_first_epoch_fall_beyond_its_threshold_stops_the_run():
     assert FIRST_EPOCH_DROP > GENTLER_DROP  # one epoch in, the run has not yet recovered what it will
 
 
-def _stopped(acc=0.85, proxy: Rate | None = None, first_acc=None) -> GentlerRun:
+def _stopped(acc=0.85, proxy: Rate | None = None, first_acc=None, first_proxy: Rate | None = None) -> GentlerRun:
     return GentlerRun(
         input_acc=0.86,
         first_lr=0.01,
         first_acc=first_acc,
-        first_proxy={0: Rate(3, 180)} if first_acc is not None else None,
+        first_proxy={0: first_proxy or Rate(3, 180)} if first_acc is not None else None,
         lr=0.01 / 3,
         acc=acc,
         proxy={0: proxy or Rate(2, 180)},
@@ -105,6 +105,25 @@ def test_the_gentler_run_is_kept_only_when_it_removes_and_costs_less():
     assert doc["first"]["holdout_acc"] == 0.79 and doc["first"]["proxy_asr"]["0"]["k"] == 3
     assert doc["threshold"] == GENTLER_DROP and doc["kept"] == "first" and doc["cause"] == "last_epoch"
     assert not doc["first"]["stopped_after_first_epoch"]
+
+
+def test_where_neither_run_removes_the_cheaper_gentler_one_is_kept_if_no_worse():
+    # the second VGG-16-BN's false flag: 7.2% after the gentler run, 5.6% after the full one
+    neither = _run(proxy=Rate(13, 180), first_proxy=Rate(10, 180))
+    assert neither.neither_removes and neither.kept_gentler and neither.to_dict()["kept"] == "gentler"
+    said = " ".join(neither.reason().split())
+    assert "neither run removed what the scan found (the first: 79.0%, proxy ASR class 0 5.6% (upper bound" in said
+    assert "the gentler run is kept (at less cost)" in said
+    worse = _run(proxy=Rate(30, 180), first_proxy=Rate(10, 180))  # 16.7%: above the full run's upper bound
+    assert not worse.neither_removes and not worse.kept_gentler and "did not remove" in worse.reason()
+    assert not _run(acc=0.78, proxy=Rate(13, 180), first_proxy=Rate(10, 180)).kept_gentler  # it cost more
+    assert not _run(proxy=Rate(13, 180)).neither_removes  # the full run removed it: worth its cost
+    stopped = _stopped(proxy=Rate(13, 180), first_acc=0.80, first_proxy=Rate(10, 180))
+    assert stopped.kept_gentler and stopped.to_dict()["kept"] == "gentler"
+    said = " ".join(stopped.reason().split())
+    assert "so the unlearning was run in full at lr 0.01 (80.0%, proxy ASR class 0 5.6%" in said
+    assert "which did not either: the gentler run is kept" in said
+    assert not _stopped(proxy=Rate(13, 180)).neither_removes  # not yet run in full: nothing to compare with
 
 
 @pytest.fixture(scope="module")
@@ -155,6 +174,7 @@ def test_a_kept_first_run_is_restored_exactly(planted, plain_run, monkeypatch, t
     monkeypatch.setattr(gentler, "FIRST_EPOCH_DROP", 1.0)  # no run is stopped after its first epoch
     monkeypatch.setattr(gentler, "GENTLER_DROP", -1.0)  # but every run "falls" by its last
     monkeypatch.setattr(gentler, "PROXY_REMOVED", -1.0)  # and no gentler run removes anything: the first is kept
+    monkeypatch.setattr(GentlerRun, "neither_removes", property(lambda self: False))  # as the first run removes
     result = _default(planted, tmp_path / "o")
     assert result.exit_code in (0, 1), result.output
     report = json.loads(result.stdout)
@@ -217,6 +237,7 @@ def test_a_stopped_run_whose_gentler_run_fails_is_run_in_full_at_the_default_rat
     monkeypatch.setattr(gentler, "FIRST_EPOCH_DROP", -1.0)
     monkeypatch.setattr(gentler, "GENTLER_DROP", 1.0)
     monkeypatch.setattr(gentler, "PROXY_REMOVED", -1.0)  # no gentler run removes anything
+    monkeypatch.setattr(GentlerRun, "neither_removes", property(lambda self: False))  # and the full run is worth it
     result = _default(planted, tmp_path / "o")
     assert result.exit_code in (0, 1), result.output
     report = json.loads(result.stdout)
@@ -230,6 +251,28 @@ def test_a_stopped_run_whose_gentler_run_fails_is_run_in_full_at_the_default_rat
     assert report["method"]["params"]["lr"] == retry["first"]["lr"]
     ours = load_file(str(tmp_path / "o" / "purified.safetensors"))
     theirs = load_file(str(planted["root"] / "plain" / "purified.safetensors"))
+    assert ours.keys() == theirs.keys() and all((ours[k] == theirs[k]).all() for k in ours)
+
+
+def test_a_full_run_that_removes_no_more_gives_way_to_the_gentler_run_before_it(planted, monkeypatch, tmp_path):
+    monkeypatch.setattr(gentler, "FIRST_EPOCH_DROP", -1.0)  # every first epoch "falls"
+    monkeypatch.setattr(GentlerRun, "kept_gentler", property(lambda self: True))
+    result = _default(planted, tmp_path / "at-once")  # the gentler run, kept at once
+    assert result.exit_code in (0, 1), result.output
+    # now the gentler run is kept only once the full run has been measured and removed no more
+    monkeypatch.setattr(GentlerRun, "kept_gentler", property(lambda self: self.first_proxy is not None))
+    monkeypatch.setattr(GentlerRun, "neither_removes", property(lambda self: self.first_proxy is not None))
+    result = _default(planted, tmp_path / "o")
+    assert result.exit_code in (0, 1), result.output
+    report = json.loads(result.stdout)
+    holdout = report["clean_data"]["holdout"]
+    retry = holdout["gentler"]
+    assert retry["kept"] == "gentler" and retry["first"]["holdout_acc"] is not None  # the full run was made
+    assert len(retry["first"]["curve"]) == 3 and holdout["curve"] == retry["gentler"]["curve"]
+    assert report["method"]["params"]["lr"] == pytest.approx(retry["first"]["lr"] / 3)
+    assert any("which did not either: the gentler run is kept" in note for note in report["method"]["notes"])
+    ours = load_file(str(tmp_path / "o" / "purified.safetensors"))
+    theirs = load_file(str(tmp_path / "at-once" / "purified.safetensors"))
     assert ours.keys() == theirs.keys() and all((ours[k] == theirs[k]).all() for k in ours)
 
 

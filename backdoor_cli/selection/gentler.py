@@ -18,6 +18,10 @@ stops the run there and starts the gentler one at once: the VGG on fresh images 
 first epoch but recovered to a 7.5-point fall by the last, under GENTLER_DROP, and cost 9 points of test
 accuracy; and the stopped run's nine other epochs are not spent. A gentler run that does not remove what the
 scan found (or costs more than the stopped epoch) sends the default back to its own rate, run in full.
+
+Where neither run removes what the scan found (a false flag's spread-out reconstruction, which no rate unlearns
+away), the default's rate has bought nothing the evidence shows: the gentler run is kept when it is no worse on
+any class (GentlerRun.neither_removes) and costs less.
 """
 
 from __future__ import annotations
@@ -69,9 +73,28 @@ class GentlerRun:
     first_curve: list[dict] = field(default_factory=list)  # the first run's held-out curve (one epoch if stopped)
 
     @property
+    def neither_removes(self) -> bool:
+        """Neither run removes what the scan found, and the gentler run is no worse on any class than the run at
+        the default's rate (its proxy ASR within that run's 95% upper bound): the default's rate bought no removal
+        the evidence shows. Measured: a false flag's spread-out reconstruction on the second VGG-16-BN (fresh
+        images, seed 1) read 7.2% after the gentler run and 5.6% (upper bound 9.9%) after the full one, which
+        cost the held-out images 2.5 points more and the test set 7.02 points in all (twenty-first session)."""
+        if self.first_proxy is None or removed(self.proxy) or removed(self.first_proxy):
+            return False
+        return all(c in self.first_proxy and r.value <= self.first_proxy[c].high for c, r in self.proxy.items())
+
+    @property
     def kept_gentler(self) -> bool:
-        bar = self.stopped_acc if self.cause == "first_epoch" else self.first_acc
-        return removed(self.proxy) and self.acc > bar
+        if removed(self.proxy):
+            bar = self.stopped_acc if self.cause == "first_epoch" else self.first_acc
+            return self.acc > bar
+        return self.neither_removes and self.acc > self.first_acc
+
+    def _first_words(self) -> str:
+        proxy = ", ".join(
+            f"class {c} {r.value:.1%} (upper bound {r.high:.1%})" for c, r in sorted(self.first_proxy.items())
+        )
+        return f"{self.first_acc:.1%}, proxy ASR {proxy}"
 
     def reason(self) -> str:
         proxy = ", ".join(f"class {c} {r.value:.1%}" for c, r in sorted(self.proxy.items()))
@@ -82,6 +105,12 @@ class GentlerRun:
                 f"{self.stopped_acc:.1%}, more than {FIRST_EPOCH_DROP:.0%}), so it was stopped and run from the "
                 f"input at lr {self.lr:g}: {self.acc:.1%}, proxy ASR {proxy}"
             )
+            if self.kept_gentler and self.neither_removes:
+                return head + (
+                    f"; it did not remove what the scan found, so the unlearning was run in full at lr "
+                    f"{self.first_lr:g} ({self._first_words()}), which did not either: the gentler run is kept (no "
+                    "worse on any class, at less cost)"
+                )
             if self.kept_gentler:
                 return head + "; the gentler run is kept (what the scan found is removed)"
             why = "it did not remove what the scan found" if not removed(self.proxy) else "it cost more"
@@ -92,6 +121,11 @@ class GentlerRun:
             f"({self.input_acc:.1%} -> {self.first_acc:.1%}, more than {GENTLER_DROP:.0%}), so it was run again "
             f"from the input at lr {self.lr:g}: {self.acc:.1%}, proxy ASR {proxy}"
         )
+        if self.kept_gentler and self.neither_removes:
+            return head + (
+                f"; neither run removed what the scan found (the first: {self._first_words()}), and the gentler one is "
+                "no worse on any class: the gentler run is kept (at less cost)"
+            )
         if self.kept_gentler:
             return head + "; the gentler run is kept (what the scan found is still removed, at less cost)"
         why = "it did not remove what the scan found" if not removed(self.proxy) else "it cost no less"

@@ -272,7 +272,8 @@ def _restart_gentler(
 ) -> tuple[DefenseOutcome, DefenseParams, GentlerRun]:
     """The run was stopped after its first epoch: the gentler rate from the input's weights, kept when it removes
     the scan's reconstructions at less cost than that epoch; otherwise the default's rate is run in full (what the
-    default did before the stop existed) and kept."""
+    default did before the stop existed) and kept, unless it does not remove them either and the gentler run is
+    no worse and cheaper (GentlerRun.neither_removes): then the gentler weights are written back and kept."""
     monitor, reporter = setup.monitor, setup.reporter
     reporter.warn(
         f"the unlearning's first epoch cost the held-out images {monitor.base_acc - stopped_acc:.1%} "
@@ -286,12 +287,17 @@ def _restart_gentler(
         _keep_gentler(run, outcome, monitor, again, reporter)
         return outcome, softer, run
     reporter.warn(f"the gentler run is not kept; running the unlearning in full at lr {params.sgd.lr:g}")
+    gentler_state = {k: v.detach().clone() for k, v in setup.model.state_dict().items()}
     setup.model.load_state_dict(setup.start)
     monitor.curve.clear()  # the stopped epoch is computed again, identically, as the full run's first
     first = setup.tune(params, monitor)
     run.first_acc = monitor.curve[-1]["holdout_acc"]
     run.first_proxy = setup.proxy()
     run.first_curve = list(monitor.curve)
+    if run.kept_gentler:  # the full run did not remove it either (GentlerRun.neither_removes): the cheaper is kept
+        setup.model.load_state_dict(gentler_state)
+        _keep_gentler(run, outcome, monitor, again, reporter)
+        return outcome, softer, run
     reporter.warn(run.reason())
     first.notes.append(run.reason())
     return first, params, run
