@@ -326,6 +326,12 @@ def _held_default(planted, out, monkeypatch, dormant: bool, *args):
     )
 
 
+def _started_at_a_third(rates: list[float], first: float) -> bool:
+    """Each rerun's kept rate is a third of the first run's, or a third of that where the gentler-rate rules took
+    the rerun gentler again (they watch every rerun; selection/gentler.py)."""
+    return all(min(abs(r - first / 3), abs(r - first / 9)) < 1e-12 for r in rates)
+
+
 def _first_conv_unchanged(planted, out) -> bool:
     start = read_checkpoint(str(planted["model"])).state_dict
     purified = read_checkpoint(str(out / "purified.safetensors")).state_dict
@@ -375,7 +381,9 @@ def test_a_dormant_output_is_unlearnt_again_with_fewer_layers_held_and_fails_the
     assert not _first_conv_unchanged(planted, tmp_path / "o")  # every layer was trained
     assert report["method"]["params"]["frozen_depth"] == 0.0  # the kept run's parameters
     assert report["method"]["params"]["distill"] == 1.0 and [r["distill"] for r in record["reruns"]] == [1.0, 1.0]
-    assert [r["lr"] for r in record["reruns"]] == [report["method"]["params"]["lr"]] * 2  # a third of the first's
+    rates = [r["lr"] for r in record["reruns"]]
+    assert rates[-1] == report["method"]["params"]["lr"]  # the output's rate is the last rerun's
+    assert _started_at_a_third(rates, 0.01)
     assert "still dormant there" in report["method"]["notes"][-1]
 
 
@@ -385,7 +393,7 @@ def test_a_distill_the_user_gives_is_the_weight_of_every_run_reruns_included(pla
     report = json.loads(result.stdout)
     record = report["scan"]["dormancy"]
     assert [r["distill"] for r in record["reruns"]] == [0.5, 0.5] and report["method"]["params"]["distill"] == 0.5
-    assert [r["lr"] for r in record["reruns"]] == [pytest.approx(0.01)] * 2  # a third of the --lr given
+    assert _started_at_a_third([r["lr"] for r in record["reruns"]], 0.03)  # of the --lr given
     assert "distilling the input model's outputs on the images it does not stamp (weight 0.5)" in record["note"]
 
 
