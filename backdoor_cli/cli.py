@@ -196,9 +196,12 @@ MemoryFormat = Annotated[
     Optional[str],
     typer.Option(
         rich_help_panel="Compute",
-        help="Model memory format: channels_last, contiguous, or auto "
-        "(default: on CPU, time a few steps in each at start-up and keep "
-        "the faster). Recorded in the report.",
+        help="Model memory format: auto (default: channels_last, not timed, "
+        "so a run is the same whatever the machine's load), channels_last, "
+        "contiguous, or timed (on CPU, time a few steps in each at start-up "
+        "and keep the faster: quicker on some models, but the choice, and "
+        "with it the last bits of tuned weights, can follow the load). "
+        "Recorded in the report.",
     ),
 ]
 Out = Annotated[

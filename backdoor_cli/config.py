@@ -73,7 +73,7 @@ RANGES: dict[str, tuple] = {
 # Options that take one of a few words; checked where values enter, like the ranges.
 CHOICES: dict[str, tuple[str, ...]] = {
     "precision": ("auto", "fp32", "bf16"),  # precision.resolve_precision
-    "memory_format": ("auto", "channels_last", "contiguous"),  # precision.choose_memory_format
+    "memory_format": ("auto", "timed", "channels_last", "contiguous"),  # precision.choose_memory_format
     "select": ("last", "epoch", "path"),  # recipe.SELECTIONS
 }
 
@@ -119,7 +119,9 @@ class EvaluateOptions(SubjectOptions):
     retune_lr: float = 0.01
     retune_clean_count: int | None = None  # evaluate/compare: clean images for the check (default: purify's default)
     precision: str = "auto"  # fp32 | bf16 | auto (bf16 where the device has it natively; precision.py)
-    memory_format: str = "auto"  # channels_last | contiguous | auto (timed at start-up on CPU)
+    memory_format: str = (
+        "auto"  # auto (channels_last, untimed) | timed (on CPU, at start-up) | channels_last | contiguous
+    )
 
 
 @dataclass(frozen=True)

@@ -56,7 +56,7 @@ def seed_everything(seed: int) -> None:
 def prepare_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """Move to the device in channels_last: the batches `data.normalize` builds are already NHWC in
     memory, and convolutions run faster that way on CUDA and (measured on a 2-core EPYC, simple_cnn on
-    32x32: 13% faster training steps, 40% faster evaluation) on CPU too. Where a run can choose,
+    32x32: 13% faster training steps, 40% faster evaluation) on CPU too. With --memory-format timed,
     precision.choose_memory_format then times both formats (not always faster on CPU: issue 16)."""
     return model.to(device).to(memory_format=torch.channels_last)
 

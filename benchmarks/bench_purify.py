@@ -53,7 +53,8 @@ if str(REPO) not in sys.path:  # run as a plain script from any directory
     sys.path.insert(0, str(REPO))
 
 SCHEMA = "bdclean.bench_purify/1"
-# choose_format: bdclean's start-up timing of the memory formats (precision.py); the reference has none.
+# choose_format: bdclean's start-up timing of the memory formats (precision.py; only with --memory-format timed since
+# 2026-12-06, near zero with the default auto); the reference has none.
 STAGES = ("load", "choose_format", "evaluate_before", "tune", "evaluate_after", "write")
 SHARED_CIFAR10 = REPO.parent / "shared" / "data" / "cifar10"
 MNIST_SAMPLE = REPO / "backdoor_cli" / "assets" / "mnist_sample"

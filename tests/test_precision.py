@@ -185,6 +185,31 @@ def test_bf16_purification_is_repeatable(toy, tmp_path):
     }
 
 
+def test_purify_times_the_formats_only_when_asked(toy, tmp_path, monkeypatch):
+    """A machine where contiguous times faster (here made so): the default keeps channels_last, untimed, and
+    says why; `--memory-format timed` measures and keeps contiguous."""
+    calls = []
+
+    def faster_contiguous(model, x, device, precision, train, name, loss):
+        calls.append(name)
+        return (0.5, 0.2) if name == "contiguous" else (1.0, 0.4)
+
+    monkeypatch.setattr(P, "_time_format", faster_contiguous)
+    monkeypatch.setattr(P, "FORMAT_MIN_MACS", 1)  # the toy is small enough to skip timing anyway
+    monkeypatch.setattr("backdoor_cli.usecases.setup.FORMAT_PAYBACK", 0)  # and its run too short to repay it
+    default = _purify(toy, tmp_path / "default")["environment"]["compute"]["memory_format"]
+    assert calls == []
+    assert {stage: c["format"] for stage, c in default.items()} == {
+        "evaluate": "channels_last",
+        "tune": "channels_last",
+    }
+    assert default["tune"]["reason"] == P.AUTO_FORMAT_REASON and default["tune"]["seconds_per_step"] is None
+    timed = _purify(toy, tmp_path / "timed", "--memory-format", "timed")["environment"]["compute"]["memory_format"]
+    assert calls and set(calls) == {"channels_last", "contiguous"}
+    assert timed["tune"]["format"] == "contiguous" and timed["tune"]["reason"].startswith("measured")
+    assert timed["tune"]["seconds_per_step"] == {"channels_last": 1.0, "contiguous": 0.5}
+
+
 def test_evaluate_and_train_record_compute(toy, tmp_path):
     result = runner.invoke(
         app,
@@ -261,10 +286,26 @@ def test_requested_format_is_applied_without_timing(monkeypatch):
     assert conv.weight.is_contiguous()
 
 
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("spec", [None, "auto", "AUTO"])
+def test_auto_keeps_channels_last_without_timing(monkeypatch, spec, train):
+    """The default never times: a format chosen by timing follows the machine's load, and the tuned
+    weights follow the format, so the same purify would differ from run to run on a busy machine."""
+    monkeypatch.setattr(P, "_time_format", lambda *a, **k: pytest.fail("auto timed the formats"))
+    monkeypatch.setattr(P, "FORMAT_MIN_MACS", 1)  # a model that `timed` would time
+    model = build_model("simple_cnn", 10, 3).to(memory_format=torch.contiguous_format)
+    choice = P.choose_memory_format(model, torch.randn(4, 3, 32, 32), CPU, "bf16", train=train, spec=spec)
+    assert choice.format == "channels_last" and choice.reason == P.AUTO_FORMAT_REASON and choice.seconds is None
+    assert "not timed" in choice.reason and "--memory-format timed" in choice.reason
+    conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert P.evaluation_format_from_tuning(choice, model) is None  # nothing timed to read the evaluation's from
+
+
 def test_small_models_keep_channels_last_untimed(monkeypatch):
     monkeypatch.setattr(P, "_time_format", lambda *a, **k: pytest.fail("timed a tiny model"))
     choice = P.choose_memory_format(
-        build_model("test_tiny", 10, 3), torch.randn(4, 3, 32, 32), CPU, "fp32", train=False
+        build_model("test_tiny", 10, 3), torch.randn(4, 3, 32, 32), CPU, "fp32", train=False, spec="timed"
     )
     assert choice.format == "channels_last" and "too little" in choice.reason
 
@@ -283,7 +324,7 @@ def test_measured_choice_needs_a_clear_margin(monkeypatch, times, expected):
     )
     model = build_model("simple_cnn", 10, 3)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    choice = P.choose_memory_format(model, torch.randn(4, 3, 32, 32), CPU, "fp32", train=True)
+    choice = P.choose_memory_format(model, torch.randn(4, 3, 32, 32), CPU, "fp32", train=True, spec="timed")
     assert choice.format == expected and choice.reason.startswith("measured")
     assert choice.to_dict()["seconds_per_step"] == times
     conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
@@ -298,7 +339,7 @@ def test_evaluation_format_comes_from_the_timed_tuning_steps_forward_half(monkey
     halves = {"channels_last": (1.0, 0.5), "contiguous": (0.8, 0.6)}
     monkeypatch.setattr(P, "_time_format", lambda model, x, device, precision, train, name, loss: halves[name])
     model = build_model("simple_cnn", 10, 3)
-    tune = P.choose_memory_format(model, torch.randn(4, 3, 32, 32), CPU, "bf16", train=True)
+    tune = P.choose_memory_format(model, torch.randn(4, 3, 32, 32), CPU, "bf16", train=True, spec="timed")
     evaluate = P.evaluation_format_from_tuning(tune, model)
     assert tune.format == "contiguous" and evaluate.format == "channels_last"
     assert evaluate.reason.startswith("measured on the tuning step's forward pass")
@@ -312,7 +353,7 @@ def test_training_timing_leaves_the_model_untouched(monkeypatch):
     torch.manual_seed(0)
     model = build_model("test_tiny", 10, 3)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    choice = P.choose_memory_format(model, torch.randn(4, 3, 8, 8), CPU, "fp32", train=True)
+    choice = P.choose_memory_format(model, torch.randn(4, 3, 8, 8), CPU, "fp32", train=True, spec="timed")
     assert set(choice.seconds) == {"channels_last", "contiguous"}
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(p.grad is None for p in model.parameters())

@@ -79,7 +79,7 @@ def test_an_evaluation_imports_no_dynamo_sympy_or_torchvision(tmp_path):
     assert out.stdout.strip().splitlines()[-1] == "[]"
 
 
-def _opts(memory_format=None):
+def _opts(memory_format="timed"):
     return SimpleNamespace(memory_format=memory_format)
 
 
@@ -96,6 +96,8 @@ def test_format_timing_is_skipped_when_the_run_is_too_small_to_repay_it():
         (_opts(), CPU, FORMAT_PAYBACK * 6),  # enough work: time both formats
         (_opts("contiguous"), CPU, 1),  # the user chose
         (_opts("channels-last"), CPU, 1),
+        (_opts(None), CPU, 1),  # auto: channels_last untimed (precision.choose_memory_format), whatever the work
+        (_opts("auto"), CPU, 1),
         (_opts(), torch.device("cuda"), 1),  # not timed on CUDA anyway (precision.choose_memory_format)
     ],
 )

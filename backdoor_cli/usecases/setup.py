@@ -130,7 +130,7 @@ def load_run_data(opts, checkpoints, need_train: bool) -> tuple[DatasetBundle, t
         ) from None
 
 
-# On CPU, --memory-format auto times both formats at start-up (precision.choose_memory_format). That
+# On CPU, --memory-format timed times both formats at start-up (precision.choose_memory_format). That
 # timing is work the run does not keep, and the faster format repays only a fraction of the run's own
 # work, so the formats are timed only when the work they decide is at least this many times the timing's
 # cost: a full test-set evaluation or a paper-length tuning is timed, a --eval-limit 500 check or a
@@ -139,10 +139,10 @@ FORMAT_PAYBACK = 8
 
 
 def untimed_format(opts, model, device, work: int, cost: int, unit: str) -> FormatChoice | None:
-    """The default format, untimed, when timing both (CPU, --memory-format auto) would cost more than it
+    """channels_last, untimed, when timing both (CPU, --memory-format timed) would cost more than it
     can repay: the timing runs `cost` images/steps that the run does not keep, and the faster format
     saves a fraction (10-40%, issue 16) of the run's own `work`. None: time them."""
-    if device.type != "cpu" or parse_choice(opts.memory_format, MEMORY_FORMATS, "--memory-format") != "auto":
+    if device.type != "cpu" or parse_choice(opts.memory_format, MEMORY_FORMATS, "--memory-format") != "timed":
         return None
     if work >= FORMAT_PAYBACK * cost:
         return None
