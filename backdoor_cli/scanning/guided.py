@@ -73,6 +73,16 @@ LOCAL_SHARE = 0.6
 CANDIDATE_INDEX = 1.0
 
 
+# An all-to-one backdoor has one target, so beside a strong flag a much weaker one is likelier the data's shortcut
+# to its class than a second backdoor (with nine clean classes, about one ten-class scan in five flags one near index
+# 2 by chance). Unlearning a spread-out shortcut is adversarial training against a universal perturbation of the
+# model and cost the second VGG-16-BN's fresh seed-1 cell 7.02 points (a flag at 2.47 beside its backdoor's 15.83,
+# its densest window keeping 10% of its proxy ASR). So a co-flag - a flagged class whose anomaly index is under
+# this share of the strongest flag's and whose reconstruction is spread out (local share under LOCAL_SHARE) - is
+# unlearnt only where that is cheap (selection/gentler.py CANDIDATE_COST; usecases/default_unlearning.py).
+CO_FLAG_SHARE = 1 / 3
+
+
 @dataclass
 class ReferenceCheck:
     """The flagged classes' reconstructed triggers applied to a clean reference model."""
@@ -148,6 +158,9 @@ class ScanEvidence:
     rescan: dict[int, dict] = field(default_factory=dict)  # flagged class -> the purified model's inversion
     reference: ReferenceCheck | None = None  # --clean-reference: which flagged classes are natural shortcuts
     clean_reference: CleanReference | None = None  # the loaded reference (not reported): tests the re-scan too
+    # co-flags tried without (usecases/default_unlearning.py): the record, and the classes left out of the output
+    co_flag_trial: dict | None = None
+    left: list[int] = field(default_factory=list)
 
     def local_triggers(self) -> list[ClassTrigger]:
         """The chosen reconstructions the locality test calls local: their densest window keeps at least
@@ -171,8 +184,26 @@ class ScanEvidence:
 
     @property
     def suspected(self) -> list[int]:
-        """The flagged classes taken for planted triggers (all of them without a clean reference)."""
-        return [c for c in self.flagged if c not in self.natural]
+        """The flagged classes taken for planted triggers (all of them without a clean reference), less the
+        co-flags left out of the unlearning because unlearning them was not cheap (`left`)."""
+        return [c for c in self.flagged if c not in self.natural and c not in self.left]
+
+    def co_flags(self) -> list[int]:
+        """The chosen classes that are co-flags (CO_FLAG_SHARE): flagged, spread out, and far weaker than the
+        strongest flag chosen. Empty with fewer than two flags chosen."""
+        anomaly = self.result.anomaly
+        flagged = [t.target for t in self.chosen if t.target in self.result.flagged]
+        if len(flagged) < 2:
+            return []
+        strongest = max(anomaly[c] for c in flagged)
+        return [
+            c
+            for c in flagged
+            if anomaly[c] < CO_FLAG_SHARE * strongest
+            and c in self.proxy_local
+            and c in self.proxy_before
+            and local_share(self.proxy_local[c], self.proxy_before[c]) < LOCAL_SHARE
+        ]
 
     def to_dict(self) -> dict:
         return {
@@ -209,6 +240,8 @@ class ScanEvidence:
             },
             "rescan": {str(c): v for c, v in self.rescan.items()},
             "reference": self.reference.to_dict() if self.reference is not None else None,
+            "co_flags": self.co_flag_trial,
+            "left": list(self.left),
         }
 
 

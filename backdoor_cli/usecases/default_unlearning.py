@@ -4,7 +4,8 @@
 a gentler rate when that epoch cost the held-out images too much, and running it again gentler when the whole
 run did (`unlearn_gentler`), keeping the better of the two; `unlearn_unless_dormant` checks a run that held the
 early layers for a dormant backdoor with the scan's own reconstruction (verdicts/dormancy.py) and unlearns again
-with fewer layers held when it comes back; `undo_costly_candidate` writes the input back when a class unlearnt without
+with fewer layers held when it comes back; `unlearn_cheap_co_flags` runs all that again without the scan's co-flags
+when unlearning them was costly (selection/co_flags.py); `undo_costly_candidate` writes the input back when a class unlearnt without
 a flag cost the held-out images more than a guess may.
 """
 
@@ -19,6 +20,7 @@ from ..defenses.base import DefenseOutcome
 from ..defenses.unlearn import FROZEN_DEPTH
 from ..progress import Reporter
 from ..scanning.guided import ScanEvidence, proxy_rates
+from ..selection.co_flags import CoFlagTrial, worth_trying_without
 from ..selection.gentler import CANDIDATE_COST, GENTLER_FACTOR, GentlerRun, needs_gentler, too_hot
 from ..selection.holdout import HoldoutMonitor
 from ..verdicts.dormancy import DormancyCheck, DormancyRecord, DormancyRerun
@@ -151,6 +153,63 @@ def unlearn_unless_dormant(
     )
     outcome.notes.append(record.note)
     return outcome, kept, gentler, record
+
+
+Unlearnt = tuple[DefenseOutcome, DefenseParams, GentlerRun | None, DormancyRecord | None]
+
+
+def unlearn_cheap_co_flags(
+    setup: UnlearningSetup,
+    params: DefenseParams,
+    check: CheckDormancy,
+    may_rerun: bool,
+    rerun_distill: float | None = RERUN_DISTILL,
+) -> tuple[Unlearnt, CoFlagTrial | None]:
+    """`unlearn_unless_dormant` with every chosen class; when the scan's co-flags are among them
+    (ScanEvidence.co_flags) and that run cost the held-out images more than CANDIDATE_COST, all of it again from
+    the input without them, kept (and the co-flags left out: `setup.evidence.left`) when that spares the held-out
+    images more than CANDIDATE_COST (selection/co_flags.py). Returns the kept run and the trial (None when not
+    tried)."""
+    evidence, monitor, reporter = setup.evidence, setup.monitor, setup.reporter
+    co_flags = evidence.co_flags()
+    first = unlearn_unless_dormant(setup, params, check, may_rerun, rerun_distill)
+    with_acc = monitor.curve[-1]["holdout_acc"]
+    if not co_flags or not worth_trying_without(monitor.base_acc, with_acc):
+        return first, None
+    reporter.warn(
+        f"class {_classes(co_flags)} is a co-flag (far weaker than the strongest flag, spread out), and the "
+        f"unlearning with it cost the held-out images {monitor.base_acc - with_acc:.1%}: unlearning again from the "
+        "input without it"
+    )
+    kept_state = {k: v.detach().clone() for k, v in setup.model.state_dict().items()}
+    kept_curve, chosen = list(monitor.curve), list(evidence.chosen)
+    co_triggers = [t for t in chosen if t.target in co_flags]
+    evidence.chosen = [t for t in chosen if t.target not in co_flags]
+    setup.model.load_state_dict(setup.start)
+    monitor.curve.clear()
+    without = unlearn_unless_dormant(setup, params, check, may_rerun, rerun_distill)
+    trial = CoFlagTrial(
+        classes=co_flags,
+        input_acc=monitor.base_acc,
+        with_acc=with_acc,
+        without_acc=monitor.curve[-1]["holdout_acc"],
+        proxy_without=proxy_rates(setup.model, monitor.images, co_triggers, setup.mean, setup.std),
+    )
+    reporter.warn(trial.reason())
+    evidence.co_flag_trial = trial.to_dict()
+    if trial.left_out:
+        evidence.left = list(co_flags)
+        evidence.choice += (
+            f"; class {_classes(co_flags)} then left out of the unlearning: a co-flag whose unlearning cost more than a "
+            "guess may (scan.co_flags)"
+        )
+        without[0].notes.append(trial.reason())
+        return without, trial
+    evidence.chosen = chosen
+    setup.model.load_state_dict(kept_state)
+    monitor.curve[:] = kept_curve
+    first[0].notes.append(trial.reason())
+    return first, trial
 
 
 def _classes(classes) -> str:

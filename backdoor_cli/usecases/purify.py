@@ -72,7 +72,7 @@ from .default_unlearning import (
     UnlearningSetup,
     held_layers_checked,
     undo_costly_candidate,
-    unlearn_unless_dormant,
+    unlearn_cheap_co_flags,
 )
 from .defense_run import run_defense
 from .references import check_reference_use, open_clean_reference
@@ -347,7 +347,7 @@ def _purify_into(
                 evidence,
                 layers_held=functools.partial(layers_held_at, model, tune_set.image_shape, subject.head),
             )
-            outcome, params, gentler, dormancy = unlearn_unless_dormant(
+            (outcome, params, gentler, dormancy), _ = unlearn_cheap_co_flags(
                 setup,
                 params,
                 check_dormancy_now,
@@ -670,6 +670,7 @@ def removal_verdict(
             local=evidence.proxy_local,
             dormant=dormancy.dormant if dormancy is not None else None,
             dormancy=dormancy.to_dict() if dormancy is not None else None,
+            left=evidence.co_flag_trial if evidence.left else None,
         )
         if evidence.reference is not None and not evidence.reference.usable:
             by_scan = dataclasses.replace(by_scan, reason=f"{by_scan.reason} ({evidence.reference.unusable_reason()})")
