@@ -3,6 +3,8 @@ is unlearnt only where that is cheap; left out, it keeps the scan's verdict from
 
 from __future__ import annotations
 
+import json
+
 import torch
 
 from backdoor_cli.defenses.base import DefenseOutcome, DefenseParams
@@ -155,3 +157,54 @@ def test_a_co_flag_left_out_keeps_the_scans_verdict_from_verified():
 
 def test_the_co_flag_constants_are_the_ones_documented():
     assert guided.CO_FLAG_SHARE == CO_FLAG_SHARE and LOCAL_SHARE == 0.6 and CANDIDATE_COST == 0.02
+
+
+# --- through the CLI: the planted toy (conftest.py, target 0) with a second, weak class put among the flags, and the
+# co-flag budget lowered below zero so that the trial runs and leaves it out (the logic is the real one) ---
+
+
+def _purify_with_a_co_flag(planted, out, monkeypatch, extra: int | None):
+    from typer.testing import CliRunner
+
+    from backdoor_cli.cli import app
+    from backdoor_cli.selection import co_flags
+    from backdoor_cli.usecases import purify
+
+    def with_extra(result, precaution=False):
+        if extra is not None:
+            result.flagged = sorted({*result.flagged, extra})
+        return guided.choose_triggers(result, precaution)
+
+    monkeypatch.setattr(purify, "choose_triggers", with_extra)
+    monkeypatch.setattr(ScanEvidence, "co_flags", lambda self: [extra] if extra is not None else [])
+    monkeypatch.setattr(co_flags, "CANDIDATE_COST", -1.0)
+    result = CliRunner().invoke(
+        app,
+        ["purify", str(planted["model"]), "--data", str(planted["data"]), "--out", str(out), "--clean-count", "400"]
+        + ["--epochs", "2", "--device", "cpu", "--json", "--seed", "3"],
+    )
+    assert result.exit_code in (0, 1), result.output
+    return json.loads(result.stdout), result
+
+
+def test_the_default_leaves_a_costly_co_flag_out_and_writes_the_run_without_it(planted_template, monkeypatch, tmp_path):
+    report, result = _purify_with_a_co_flag(planted_template, tmp_path / "co", monkeypatch, extra=2)
+    scan = report["scan"]
+    assert 0 in scan["flagged"] and 2 in scan["flagged"], scan["flagged"]
+    assert scan["left"] == [2] and 2 not in scan["unlearnt"] and 0 in scan["unlearnt"]
+    trial = scan["co_flags"]
+    assert trial["classes"] == [2] and trial["kept"] == "without" and "2" in trial["proxy_asr_without"]
+    assert trial["reason"] in report["method"]["notes"] and "left out of the unlearning" in scan["choice"]
+    by_scan = report["removal"]["evidence"]["scan"]
+    assert by_scan["verdict"] != "verified" and "class 2 was flagged too" in by_scan["reason"]
+    assert by_scan["co_flags_left"] == trial
+    assert "is a co-flag" in " ".join(result.stderr.split())
+    # the written weights are those of the default run that never had class 2 to unlearn, bit for bit
+    alone, _ = _purify_with_a_co_flag(planted_template, tmp_path / "alone", monkeypatch, extra=None)
+    assert alone["scan"]["co_flags"] is None and alone["scan"]["left"] == []
+    assert (tmp_path / "co" / "purified.safetensors").read_bytes() != b""
+    from backdoor_cli.checkpoint import read_checkpoint
+
+    a = read_checkpoint(str(tmp_path / "co" / "purified.safetensors")).state_dict
+    b = read_checkpoint(str(tmp_path / "alone" / "purified.safetensors")).state_dict
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
