@@ -195,6 +195,7 @@ def test_the_default_leaves_a_costly_co_flag_out_and_writes_the_run_without_it(p
     trial = scan["co_flags"]
     assert trial["classes"] == [2] and trial["kept"] == "without" and "2" in trial["proxy_asr_without"]
     assert trial["reason"] in report["method"]["notes"] and "left out of the unlearning" in scan["choice"]
+    assert any(n.startswith("unlearnt the reconstructed trigger of class 0, 2") for n in trial["with_notes"])
     by_scan = report["removal"]["evidence"]["scan"]
     assert by_scan["verdict"] != "verified" and "class 2 was flagged too" in by_scan["reason"]
     assert by_scan["co_flags_left"] == trial

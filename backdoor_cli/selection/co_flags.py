@@ -10,7 +10,7 @@ spares the held-out images more than CANDIDATE_COST. Left out, they keep the sca
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..evaluation.metrics import Rate
 from .gentler import CANDIDATE_COST
@@ -31,6 +31,9 @@ class CoFlagTrial:
     with_acc: float
     without_acc: float
     proxy_without: dict[int, Rate]
+    # what the run with the co-flags said (its gentler-rate and dormancy notes): kept in the report when its
+    # weights are not, so the evidence for leaving them out stays readable
+    with_notes: list[str] = field(default_factory=list)
 
     @property
     def left_out(self) -> bool:
@@ -61,6 +64,7 @@ class CoFlagTrial:
             "with_acc": round(self.with_acc, 6),
             "without_acc": round(self.without_acc, 6),
             "proxy_asr_without": {str(c): r.to_dict() for c, r in self.proxy_without.items()},
+            "with_notes": list(self.with_notes),
             "kept": "without" if self.left_out else "with",
             "reason": self.reason(),
         }

@@ -194,6 +194,7 @@ def unlearn_cheap_co_flags(
         with_acc=with_acc,
         without_acc=monitor.curve[-1]["holdout_acc"],
         proxy_without=proxy_rates(setup.model, monitor.images, co_triggers, setup.mean, setup.std),
+        with_notes=list(first[0].notes),
     )
     reporter.warn(trial.reason())
     evidence.co_flag_trial = trial.to_dict()
