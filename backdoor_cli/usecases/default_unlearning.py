@@ -4,9 +4,9 @@
 a gentler rate when that epoch cost the held-out images too much, and running it again gentler when the whole
 run did (`unlearn_gentler`), keeping the better of the two; `unlearn_unless_dormant` checks a run that held the
 early layers for a dormant backdoor with the scan's own reconstruction (verdicts/dormancy.py) and unlearns again
-with fewer layers held when it comes back; `unlearn_cheap_co_flags` runs all that again without the scan's co-flags
-when unlearning them was costly (selection/co_flags.py); `undo_costly_candidate` writes the input back when a class unlearnt without
-a flag cost the held-out images more than a guess may.
+with fewer layers held when it comes back; `unlearn_cheap_co_flags` runs all that again without the scan's
+co-flags when unlearning them was costly (selection/co_flags.py); `undo_costly_candidate` writes the input back
+when a class unlearnt without a flag cost the held-out images more than a guess may.
 """
 
 from __future__ import annotations

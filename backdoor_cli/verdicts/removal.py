@@ -144,7 +144,8 @@ def judge_removal_by_scan(
     if not left:
         return verdict
     evidence = {**verdict.evidence, "co_flags_left": left}
-    rates = ", ".join(f"class {c} {r['value']:.1%}" for c, r in sorted(left["proxy_asr_without"].items()))
+    without = sorted(left["proxy_asr_without"].items(), key=lambda item: int(item[0]))  # JSON keys: class numbers
+    rates = ", ".join(f"class {c} {r['value']:.1%}" for c, r in without)
     words = (
         f"; class {', '.join(str(c) for c in left['classes'])} was flagged too, weakly and spread out, and left out "
         f"of the unlearning because unlearning it cost the held-out images {left['without_acc'] - left['with_acc']:.1%} "
