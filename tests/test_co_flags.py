@@ -209,3 +209,25 @@ def test_the_default_leaves_a_costly_co_flag_out_and_writes_the_run_without_it(p
     a = read_checkpoint(str(tmp_path / "co" / "purified.safetensors")).state_dict
     b = read_checkpoint(str(tmp_path / "alone" / "purified.safetensors")).state_dict
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _scan_report(local: dict[int, float]):
+    from backdoor_cli.reports.scan_report import ScanReport
+
+    result = scan_result([0.1, 15.83, 0.2, 2.47], flagged=[1, 3])
+    result.anomaly_raw = list(result.anomaly)
+    return ScanReport({}, {}, {}, result, {}, {}, {}, local=local)
+
+
+def test_the_scan_report_marks_a_co_flag_and_says_what_purify_does_with_it():
+    report = _scan_report({1: 0.99, 3: 0.10})
+    assert report.co_flags == [3]
+    doc = report.to_dict()
+    assert doc["co_flags"] == [3] and doc["suspected_classes"] == [1, 3] and doc["backdoor_suspected"]
+    marks = {c["class"]: c["co_flag"] for c in doc["classes"]}
+    assert marks == {0: False, 1: False, 2: False, 3: True}
+    verdicts = report.class_verdicts()
+    assert "a co-flag" in verdicts[3] and "only where that is cheap" in verdicts[3]
+    assert "co-flag" not in verdicts[1]
+    # local, or its locality not measured: no co-flag
+    assert _scan_report({1: 0.99, 3: 0.9}).co_flags == [] and _scan_report({}).co_flags == []

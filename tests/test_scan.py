@@ -204,6 +204,7 @@ def test_a_clean_reference_that_ignores_the_reconstruction_keeps_the_backdoor_su
     doc = json.loads(result.stdout)
     reference = doc["reference"]
     assert doc["suspected_classes"] == [0] and doc["backdoor_suspected"]
+    assert doc["co_flags"] == [] and not any(c["co_flag"] for c in doc["classes"])  # one flag: nothing beside it
     assert reference["usable"] and reference["natural"] == [] and reference["rates"]["0"]["value"] < 0.35
     assert "the clean reference ignores its reconstruction" in doc["verdict"]
 

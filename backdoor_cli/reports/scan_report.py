@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..scanning.guided import LOCAL_SHARE, ReferenceCheck
+from ..scanning.guided import LOCAL_SHARE, ReferenceCheck, co_flag_classes
 from ..scanning.inversion import ClassTrigger, ScanResult
 from .report import SCHEMA_VERSION
 
@@ -52,8 +52,17 @@ class ScanReport:
         """The flagged classes taken for planted triggers (every flagged class without a usable reference)."""
         return [c for c in self.flagged if c not in self.natural]
 
+    @property
+    def co_flags(self) -> list[int]:
+        """Suspected classes far weaker than the strongest and spread out (scanning.guided.co_flag_classes): likelier
+        the data's shortcuts than second backdoors; purify's default unlearns them only where that is cheap."""
+        return co_flag_classes(self.result.anomaly, self.suspected, self.local)
+
     def class_verdicts(self) -> list[str]:
-        return [class_verdict(self.result, i, self.natural, self.local) for i in range(len(self.result.triggers))]
+        co_flags = self.co_flags
+        return [
+            class_verdict(self.result, i, self.natural, self.local, co_flags) for i in range(len(self.result.triggers))
+        ]
 
     def verdict(self) -> str:
         """The verdict in words; a reference the scan could not use is named with why, since only a usable one
@@ -108,12 +117,14 @@ class ScanReport:
 
     def to_dict(self) -> dict:
         r = self.result
+        co_flags = self.co_flags
         classes = [
             {
                 **t.to_dict(),
                 "anomaly_index": round(a, 4),
                 "anomaly_index_raw_l1": round(raw, 4),
                 "flagged": t.target in r.flagged,
+                "co_flag": t.target in co_flags,
                 **({"local_share": round(self.local[t.target], 4)} if t.target in self.local else {}),
                 "verdict": v,
                 "searched": "full" if r.searched_in_full(t.target) else "screen",
@@ -132,6 +143,7 @@ class ScanReport:
             "mad_log_mask_l1": round(r.mad, 4),
             "flagged_classes": self.flagged,
             "suspected_classes": self.suspected,
+            "co_flags": co_flags,
             "backdoor_suspected": bool(self.suspected),
             "candidate": (
                 {"class": self.candidate, "anomaly_index": round(r.anomaly[self.candidate], 4), "planted": self.vouched}
@@ -153,9 +165,16 @@ class ScanReport:
         }
 
 
-def class_verdict(result: ScanResult, index: int, natural: dict | None = None, local: dict | None = None) -> str:
+def class_verdict(
+    result: ScanResult,
+    index: int,
+    natural: dict | None = None,
+    local: dict | None = None,
+    co_flags: list[int] | None = None,
+) -> str:
     """One sentence per class, in pixels and percentages; `natural`: flagged classes the clean reference
-    follows too (class -> Rate); `local`: flagged class -> the share of its effect its densest window keeps."""
+    follows too (class -> Rate); `local`: flagged class -> the share of its effect its densest window keeps;
+    `co_flags`: flagged classes far weaker than the strongest and spread out (ScanReport.co_flags)."""
     t = result.triggers[index]
     others = [o.l1 for o in result.triggers if o.target != t.target]
     if natural and t.target in natural:
@@ -167,7 +186,9 @@ def class_verdict(result: ScanResult, index: int, natural: dict | None = None, l
     if t.target in result.flagged:
         return (
             f"class {t.target} is a likely backdoor target: a {t.l1:.0f}-pixel pattern sends {t.success:.0%} of "
-            f"clean images there; the other classes need >= {min(others):.0f}" + locality_words(local, t.target)
+            f"clean images there; the other classes need >= {min(others):.0f}"
+            + locality_words(local, t.target)
+            + (CO_FLAG_WORDS if co_flags and t.target in co_flags else "")
         )
     if not result.searched_in_full(t.target):
         return (
@@ -179,6 +200,13 @@ def class_verdict(result: ScanResult, index: int, natural: dict | None = None, l
         f"class {t.target}: a {t.l1:.0f}-pixel pattern sends {t.success:.0%} of clean images there "
         f"(anomaly index {result.anomaly[index]:.2f}, not an outlier){tail}"
     )
+
+
+CO_FLAG_WORDS = (
+    "; a co-flag: far weaker than the strongest flag and spread out, so likelier the data's shortcut to the class "
+    "than a second backdoor (an all-to-one backdoor has one target); purify's default unlearns it only where that "
+    "is cheap"
+)
 
 
 def locality_words(local: dict | None, target: int) -> str:

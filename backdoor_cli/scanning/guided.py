@@ -83,6 +83,16 @@ CANDIDATE_INDEX = 1.0
 CO_FLAG_SHARE = 1 / 3
 
 
+def co_flag_classes(anomaly: list[float], flagged: list[int], shares: dict[int, float]) -> list[int]:
+    """The co-flags among `flagged` (CO_FLAG_SHARE): under a third of the strongest flag's anomaly index, and spread
+    out (`shares`: class -> the share of its reconstruction's effect its densest window keeps; a class not measured
+    is not called one). Empty with fewer than two flags."""
+    if len(flagged) < 2:
+        return []
+    strongest = max(anomaly[c] for c in flagged)
+    return [c for c in flagged if anomaly[c] < CO_FLAG_SHARE * strongest and shares.get(c, 1.0) < LOCAL_SHARE]
+
+
 @dataclass
 class ReferenceCheck:
     """The flagged classes' reconstructed triggers applied to a clean reference model."""
@@ -191,19 +201,13 @@ class ScanEvidence:
     def co_flags(self) -> list[int]:
         """The chosen classes that are co-flags (CO_FLAG_SHARE): flagged, spread out, and far weaker than the
         strongest flag chosen. Empty with fewer than two flags chosen."""
-        anomaly = self.result.anomaly
         flagged = [t.target for t in self.chosen if t.target in self.result.flagged]
-        if len(flagged) < 2:
-            return []
-        strongest = max(anomaly[c] for c in flagged)
-        return [
-            c
+        shares = {
+            c: local_share(self.proxy_local[c], self.proxy_before[c])
             for c in flagged
-            if anomaly[c] < CO_FLAG_SHARE * strongest
-            and c in self.proxy_local
-            and c in self.proxy_before
-            and local_share(self.proxy_local[c], self.proxy_before[c]) < LOCAL_SHARE
-        ]
+            if c in self.proxy_local and c in self.proxy_before
+        }
+        return co_flag_classes(self.result.anomaly, flagged, shares)
 
     def to_dict(self) -> dict:
         return {
