@@ -18,7 +18,7 @@ from backdoor_cli.selection.gentler import CANDIDATE_COST
 from backdoor_cli.selection.holdout import HoldoutMonitor
 from backdoor_cli.usecases import default_unlearning
 from backdoor_cli.usecases.default_unlearning import UnlearningSetup, unlearn_cheap_co_flags
-from backdoor_cli.verdicts.removal import judge_removal_by_scan
+from backdoor_cli.verdicts.removal import judge_removal_by_scan, with_co_flags_left
 from helpers import MEAN, STD, Tiny, class_trigger, scan_result, tiny_data
 
 
@@ -147,11 +147,11 @@ def test_a_co_flag_left_out_keeps_the_scans_verdict_from_verified():
     kw = {"planted": {1: Rate(7, 180)}, "local": {1: Rate(168, 180)}}
     assert judge_removal_by_scan(*args, **kw).verdict == "verified"
     left = _trial(0.80, 0.86).to_dict()
-    verdict = judge_removal_by_scan(*args, **kw, left=left)
+    verdict = with_co_flags_left(judge_removal_by_scan(*args, **kw), left)
     assert verdict.verdict == "not_verified" and verdict.evidence["co_flags_left"] == left
     assert "class 9 was flagged too" in verdict.reason and "class 9 50.0%" in verdict.reason
     # a verdict that is not `verified` keeps its word, with the co-flag said
-    still = judge_removal_by_scan([1], [1], {1: Rate(170, 180)}, {1: Rate(120, 180)}, {}, left=left)
+    still = with_co_flags_left(judge_removal_by_scan([1], [1], {1: Rate(170, 180)}, {1: Rate(120, 180)}, {}), left)
     assert still.verdict == "failed" and "class 9 was flagged too" in still.reason
 
 

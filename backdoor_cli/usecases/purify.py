@@ -66,7 +66,7 @@ from ..subject import Subject, export_weights, normalization_tensors
 from ..tuning.loop import steps_per_epoch
 from ..tuning.sgd import SgdSettings
 from ..verdicts.dormancy import DormancyRecord, check_dormancy, dormancy_settings
-from ..verdicts.removal import combine_verdicts, judge_removal, judge_removal_by_scan
+from ..verdicts.removal import combine_verdicts, judge_removal, judge_removal_by_scan, with_co_flags_left
 from .default_unlearning import (
     RERUN_DISTILL,
     UnlearningSetup,
@@ -670,8 +670,9 @@ def removal_verdict(
             local=evidence.proxy_local,
             dormant=dormancy.dormant if dormancy is not None else None,
             dormancy=dormancy.to_dict() if dormancy is not None else None,
-            left=evidence.co_flag_trial if evidence.left else None,
         )
+        if evidence.left:
+            by_scan = with_co_flags_left(by_scan, evidence.co_flag_trial)
         if evidence.reference is not None and not evidence.reference.usable:
             by_scan = dataclasses.replace(by_scan, reason=f"{by_scan.reason} ({evidence.reference.unusable_reason()})")
     if trigger is None and by_scan is not None:

@@ -132,41 +132,6 @@ def judge_removal_by_scan(
     local: dict[int, Rate] | None = None,
     dormant: dict[int, Rate] | None = None,
     dormancy: dict | None = None,
-    left: dict | None = None,
-) -> RemovalVerdict:
-    """`judge_flagged_removal` on the classes unlearnt, and `left`: the co-flag trial (selection/co_flags.py) when
-    flagged classes were left out of the unlearning because unlearning them cost too much. A class left out is not
-    shown gone, so the scan's verdict is then never `verified`: `not_verified` where the rest was, with the classes
-    left and their proxy ASR on the output named."""
-    verdict = judge_flagged_removal(
-        flagged, unlearnt, proxy_before, proxy_after, rescan, natural, planted, local, dormant, dormancy
-    )
-    if not left:
-        return verdict
-    evidence = {**verdict.evidence, "co_flags_left": left}
-    without = sorted(left["proxy_asr_without"].items(), key=lambda item: int(item[0]))  # JSON keys: class numbers
-    rates = ", ".join(f"class {c} {r['value']:.1%}" for c, r in without)
-    words = (
-        f"; class {', '.join(str(c) for c in left['classes'])} was flagged too, weakly and spread out, and left out "
-        f"of the unlearning because unlearning it cost the held-out images {left['without_acc'] - left['with_acc']:.1%} "
-        f"more (its reconstruction's proxy ASR on the output: {rates}): the scan cannot say it was a shortcut of the "
-        "data and not a second backdoor"
-    )
-    outcome = "not_verified" if verdict.verdict == "verified" else verdict.verdict
-    return RemovalVerdict(outcome, verdict.reason + words, evidence)
-
-
-def judge_flagged_removal(
-    flagged: list[int],
-    unlearnt: list[int],
-    proxy_before: dict[int, Rate],
-    proxy_after: dict[int, Rate],
-    rescan: dict[int, dict],
-    natural: dict[int, Rate] | None = None,
-    planted: dict[int, Rate] | None = None,
-    local: dict[int, Rate] | None = None,
-    dormant: dict[int, Rate] | None = None,
-    dormancy: dict | None = None,
 ) -> RemovalVerdict:
     """The verdict without a known trigger, from the scan that guided the purify. `flagged`: the classes
     taken for planted triggers; `natural`: flagged classes a clean reference follows too (set aside);
@@ -363,6 +328,24 @@ def judge_flagged_removal(
         ),
         evidence,
     )
+
+
+def with_co_flags_left(verdict: RemovalVerdict, left: dict) -> RemovalVerdict:
+    """The scan's verdict when flagged classes were left out of the unlearning because unlearning them cost too much
+    (`left`: the co-flag trial, selection/co_flags.py). A class left out is not shown gone, so the verdict is then
+    never `verified`: `not_verified` where the rest was; any other verdict keeps its word. Either way the classes
+    left and their proxy ASR on the output are named."""
+    evidence = {**verdict.evidence, "co_flags_left": left}
+    without = sorted(left["proxy_asr_without"].items(), key=lambda item: int(item[0]))  # JSON keys: class numbers
+    rates = ", ".join(f"class {c} {r['value']:.1%}" for c, r in without)
+    words = (
+        f"; class {', '.join(str(c) for c in left['classes'])} was flagged too, weakly and spread out, and left out "
+        f"of the unlearning because unlearning it cost the held-out images {left['without_acc'] - left['with_acc']:.1%} "
+        f"more (its reconstruction's proxy ASR on the output: {rates}): the scan cannot say it was a shortcut of the "
+        "data and not a second backdoor"
+    )
+    outcome = "not_verified" if verdict.verdict == "verified" else verdict.verdict
+    return RemovalVerdict(outcome, verdict.reason + words, evidence)
 
 
 def combine_verdicts(by_trigger: RemovalVerdict, by_scan: RemovalVerdict | None) -> RemovalVerdict:
