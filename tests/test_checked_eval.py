@@ -139,6 +139,12 @@ def test_evaluation_records_what_the_checked_evaluation_ran():
     assert checked.clean_acc.k == plain.clean_acc.k
     assert checked.to_dict()["arithmetic"]["images"] == 96 and "arithmetic" not in plain.to_dict()
     assert EvalResult(Rate(1, 2), None, None, 0.0, 2).checked is None
+    # the evaluation cache reads the record back with the counts: a cached figure says how it was computed
+    from backdoor_cli.evaluation.cache import result_from_dict
+
+    back = result_from_dict(json.loads(json.dumps(checked.to_dict())), checked.outcomes.to_dict())
+    assert back.to_dict()["arithmetic"] == checked.to_dict()["arithmetic"]
+    assert result_from_dict(json.loads(json.dumps(plain.to_dict())), plain.outcomes.to_dict()).checked is None
 
 
 def test_default_evaluate_on_a_native_bf16_cpu_counts_what_the_fp32_forward_counts(tmp_path, monkeypatch):

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from .checked import CheckedStats
 from .measure import EvalResult
 from .metrics import Rate
 from .paired import Outcomes
@@ -183,6 +184,8 @@ def result_from_dict(metrics: dict, outcomes: dict | None = None) -> EvalResult:
         float(metrics.get("seconds", 0.0)),
         int(metrics["images"]),
         asr_no_trigger=rate(metrics.get("asr_no_trigger")),
+        # how a checked bf16 evaluation computed it: a report of a cached figure shows the same record
+        checked=CheckedStats.from_dict(metrics["arithmetic"]) if metrics.get("arithmetic") else None,
         outcomes=None if outcomes is None else checked_outcomes(Outcomes.from_dict(outcomes), metrics),
     )
 

@@ -65,6 +65,18 @@ class CheckedStats:
             "safety_factor": CHECK_SAFETY,
         }
 
+    @classmethod
+    def from_dict(cls, record: dict) -> CheckedStats:
+        """to_dict() read back (the evaluation cache keeps it: a cached figure says how it was computed too)."""
+        return cls(
+            images=int(record["images"]),
+            sampled=int(record["sampled"]),
+            rechecked=int(record["rechecked"]),
+            direct=int(record["fp32_only"]),
+            worst_error=float(record["worst_relative_error"]),
+            changed=int(record["bf16_answers_changed_by_fp32"]),
+        )
+
 
 def predict_checked(
     x: torch.Tensor,
