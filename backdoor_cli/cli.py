@@ -207,6 +207,14 @@ MemoryFormat = Annotated[
 Out = Annotated[
     Optional[str], typer.Option(rich_help_panel="Output", help="Output directory (purify) or file (train).")
 ]
+ScanCacheDir = Annotated[
+    Optional[str],
+    typer.Option(
+        rich_help_panel="Output",
+        help="Scan cache folder (default $BDCLEAN_CACHE_DIR; off when neither is set): a scan of the same "
+        "model, clean images and settings is read back from its scan/ folder, not searched again.",
+    ),
+]
 FromList = Annotated[Optional[str], typer.Option(help="A file of checkpoint paths, one a line (# comments allowed).")]
 CacheDir = Annotated[
     Optional[str],
@@ -214,7 +222,9 @@ CacheDir = Annotated[
         rich_help_panel="Output",
         help="Evaluation cache folder (default $BDCLEAN_CACHE_DIR; off when "
         "neither is set): an evaluation of the same bytes, data, trigger "
-        "and settings is read back, not run again (evaluate, then purify).",
+        "and settings is read back, not run again (evaluate, then purify); "
+        "so is the default purify's scan of the same model, clean images and "
+        "settings (in scan/), so a second purify skips the search.",
     ),
 ]
 
@@ -1058,6 +1068,7 @@ def scan(
     ] = None,
     force: Force = None,
     config: Config = None,
+    cache_dir: ScanCacheDir = None,
     json_output: Json = False,
     quiet: Quiet = False,
 ):
@@ -1093,10 +1104,11 @@ def scan(
     def body():
         from .config import ScanOptions, resolve_options
         from .reports.scan_report import render_scan
+        from .scanning.cache import open_scan_cache
         from .usecases.scan import scan_checkpoint
 
         opts = resolve_options(ScanOptions, flags, flags.pop("config") and str(config))
-        report = scan_checkpoint(opts, _reporter(quiet, json_output))
+        report = scan_checkpoint(opts, _reporter(quiet, json_output), open_scan_cache(cache_dir))
         _emit(report, json_output, render_scan)
         return opts, report
 

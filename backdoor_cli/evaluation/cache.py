@@ -124,7 +124,7 @@ def trigger_fingerprint(trigger) -> str | None:
     hasher = hashlib.sha256(json.dumps(trigger.to_dict(), sort_keys=True, default=str).encode())
     for name, tensor in sorted(trigger.state().items()):
         hasher.update(name.encode())
-        _update_tensor(hasher, tensor)
+        hash_tensor(hasher, tensor)
     return hasher.hexdigest()
 
 
@@ -134,14 +134,14 @@ def data_fingerprint(test) -> str:
     hasher = hashlib.sha256()
     if hasattr(test, "x"):
         hasher.update(repr(tuple(test.x.shape)).encode())
-        _update_tensor(hasher, test.x)
-        _update_tensor(hasher, test.y)
+        hash_tensor(hasher, test.x)
+        hash_tensor(hasher, test.y)
         return hasher.hexdigest()
     hasher.update(repr((test.mode, test.shape, test.image_size)).encode())
     for path in test.files:
         stat = Path(path).stat()
         hasher.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-    _update_tensor(hasher, test.y)
+    hash_tensor(hasher, test.y)
     return hasher.hexdigest()
 
 
@@ -204,7 +204,8 @@ def checked_outcomes(outcomes: Outcomes, metrics: dict) -> Outcomes:
     return outcomes
 
 
-def _update_tensor(hasher, tensor: torch.Tensor) -> None:
+def hash_tensor(hasher, tensor: torch.Tensor) -> None:
+    """Feed a tensor's dtype, shape and values (in logical order, whatever its memory format) to `hasher`."""
     tensor = tensor.detach().to("cpu").contiguous()
     hasher.update(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
     if tensor.numel():

@@ -156,6 +156,7 @@ class ScanReport:
                 else ({"checkpoint": self.reference_path, "rates": {}} if self.reference_path else None)
             ),
             "screen": ({"candidates": list(r.candidates), "reference": list(r.reference)} if r.screened else None),
+            "cached": r.cached,
             "verdict": self.verdict(),
             "decision_rule": r.rule,
             "outputs": self.outputs,

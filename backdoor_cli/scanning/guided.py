@@ -24,6 +24,7 @@ from ..evaluation.measure import top1_accuracy
 from ..evaluation.metrics import Rate
 from ..models.output_kind import LossAdapter, attach_loss
 from ..progress import Reporter, step_callback
+from .cache import ScanCache, scan_key
 from .inversion import (
     MAD_CONSISTENCY,
     MIN_L1,
@@ -223,6 +224,7 @@ class ScanEvidence:
                 for t, a in zip(self.result.triggers, self.result.anomaly)
             ],
             "screen": screen_summary(self.result),
+            "cached": self.result.cached,
             "flagged": self.flagged,
             "unlearnt": [t.target for t in self.chosen],
             "choice": self.choice,
@@ -267,12 +269,11 @@ def run_scan(
     seed: int,
     reporter: Reporter,
     precision: str = "fp32",
+    cache: ScanCache | None = None,
 ) -> ScanResult:
     """Invert a trigger per class on `images` (on the model's device) with a progress bar; `precision` is
-    the search's forward arithmetic (the tuning plan's: the search is an optimisation like tuning)."""
-    total = params.planned_steps(num_classes)
-    reporter.start_steps("trigger inversion", total)
-    on_step = step_callback(reporter, "scan", total)
+    the search's forward arithmetic (the tuning plan's: the search is an optimisation like tuning). With a
+    `cache`, a scan of the same model, images and settings is read back instead (scanning/cache.py)."""
 
     def on_class(trigger: ClassTrigger) -> None:
         reporter.epoch(
@@ -280,24 +281,46 @@ def run_scan(
             + ("" if trigger.reached else " (success target not reached)")
         )
 
-    try:
-        with attach_loss(model, adapter) as loss_fn:
-            return scan_model(
-                model,
-                images.x,
-                images.y,
-                num_classes,
-                mean,
-                std,
-                loss_fn,
-                params,
-                seed,
-                on_class=on_class,
-                on_step=on_step,
-                precision=precision,
-            )
-    finally:
-        reporter.finish_steps()
+    def search() -> ScanResult:
+        total = params.planned_steps(num_classes)
+        reporter.start_steps("trigger inversion", total)
+        try:
+            with attach_loss(model, adapter) as loss_fn:
+                return scan_model(
+                    model,
+                    images.x,
+                    images.y,
+                    num_classes,
+                    mean,
+                    std,
+                    loss_fn,
+                    params,
+                    seed,
+                    on_class=on_class,
+                    on_step=step_callback(reporter, "scan", total),
+                    precision=precision,
+                )
+        finally:
+            reporter.finish_steps()
+
+    if cache is None:
+        return search()
+    key = scan_key(model, images.x, images.y, num_classes, mean, std, adapter, params, seed, precision)
+    found = cache.get(key, images.image_shape)
+    if found is not None:
+        model.eval()  # as the search leaves it: what runs next sees the model in the same mode either way
+        reporter.info(
+            f"the scan was read from the scan cache ({cache.root}, entry {key.digest[:12]}): this model was "
+            "scanned on the same images with the same settings, software and processor before"
+        )
+        for trigger in found.triggers:
+            if found.searched_in_full(trigger.target):
+                on_class(trigger)
+        return found
+    result = search()
+    if not cache.put(key, result):
+        reporter.info("the scan was not kept in the scan cache (too large to keep, or the folder is not writable)")
+    return result
 
 
 def smallest_mask_words(result: ScanResult, target: int) -> str:

@@ -149,6 +149,8 @@ class ScanResult:
     # the random reference sample; every other class had the short search only. Empty: all in full.
     candidates: list[int] = field(default_factory=list)
     reference: list[int] = field(default_factory=list)
+    # the scan cache's entry this result was read from (scanning/cache.py); None: searched in this run
+    cached: str | None = None
 
     @property
     def screened(self) -> bool:
@@ -424,6 +426,16 @@ def scan_model(
     finally:
         for p in frozen:
             p.requires_grad_(True)
+    return score_triggers(triggers, params.threshold, candidates, reference)
+
+
+def score_triggers(
+    triggers: list[ClassTrigger], threshold: float, candidates: list[int], reference: list[int]
+) -> ScanResult:
+    """The outlier test on searched triggers (one per class, in class order): anomaly indices on log(L1) against
+    the median and MAD of `reference` (every class when it is empty), and the flagged classes (only a candidate
+    may be flagged after a pre-screen). A scan read back from the cache is scored here too, by the same rule."""
+    num_classes = len(triggers)
     logs = [math.log(max(t.l1, MIN_L1)) for t in triggers]
     population = reference or list(range(num_classes))
     _, log_median, log_mad = anomaly_indices([logs[c] for c in population])
@@ -433,20 +445,18 @@ def scan_model(
     raw = indices_against(raw_values, raw_median, raw_mad)
     eligible = set(candidates) if reference else set(range(num_classes))
     flagged = [
-        t.target
-        for t, a in zip(triggers, anomaly)
-        if t.target in eligible and a > params.threshold and math.isfinite(a)
+        t.target for t, a in zip(triggers, anomaly) if t.target in eligible and a > threshold and math.isfinite(a)
     ]
     return ScanResult(
         triggers=triggers,
         anomaly=anomaly,
         median_l1=math.exp(log_median),
         mad=log_mad,
-        threshold=params.threshold,
+        threshold=threshold,
         flagged=flagged,
         anomaly_raw=raw,
-        candidates=candidates,
-        reference=reference,
+        candidates=list(candidates),
+        reference=list(reference),
     )
 
 

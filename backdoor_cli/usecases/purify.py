@@ -44,6 +44,7 @@ from ..precision import (
 from ..progress import Reporter
 from ..reports.report import PurifyReport, stage_purify_report
 from ..runtime import Stopwatch, environment, prepare_model, resolve_device, seed_everything
+from ..scanning.cache import ScanCache, open_scan_cache
 from ..scanning.guided import (
     CleanReference,
     ScanEvidence,
@@ -240,6 +241,8 @@ def _purify_into(
                 opts.scan_steps,
                 opts.precaution,
                 reference=open_clean_reference(opts, bundle, subject, device, reporter),
+                # the scan's entries live beside the evaluation cache's (--cache-dir): off without one
+                cache=open_scan_cache(cache.root) if cache is not None and cache.root is not None else None,
             )
     # nothing flagged (and no --precaution): nothing to remove, so the input is kept as it is (scanning.guided)
     unchanged = evidence is not None and not evidence.chosen
@@ -549,6 +552,7 @@ def _scan_for_triggers(
     steps: int | None,
     precaution: bool = False,
     reference: CleanReference | None = None,
+    cache: ScanCache | None = None,
 ) -> ScanEvidence:
     """Invert a trigger per class on the tuning images, choose what to unlearn, and measure its proxy ASR on
     the held-out images (on the tuning images when none are held out, which the report says). With a clean
@@ -558,7 +562,7 @@ def _scan_for_triggers(
     # fp32 search, as `bdclean scan`: which class is flagged must not depend on the machine's bf16 (measured on
     # the clean ResNet-20: a bf16 search flagged class 0 at anomaly index 3.13, the fp32 scans of it flag nothing)
     result = run_scan(
-        model, tune_set, subject.num_classes, mean, std, output_kind.adapter, params, seed, reporter, "fp32"
+        model, tune_set, subject.num_classes, mean, std, output_kind.adapter, params, seed, reporter, "fp32", cache
     )
     chosen, choice = choose_triggers(result, precaution)
     proxy_set, where = (

@@ -26,6 +26,7 @@ from ..progress import Reporter
 from ..reports.report import to_json
 from ..reports.scan_report import ScanReport, png_bytes, preview_png, trigger_pixels, trigger_spec_yaml
 from ..runtime import Stopwatch, environment, prepare_model, resolve_device, seed_everything
+from ..scanning.cache import ScanCache
 from ..scanning.guided import (
     candidate_below_threshold,
     check_reference,
@@ -61,8 +62,9 @@ def class_output_names(target: int) -> dict[str, str]:
     }
 
 
-def scan_checkpoint(opts: ScanOptions, reporter: Reporter | None = None) -> ScanReport:
-    """Scan one checkpoint for a backdoor without knowing its trigger; write triggers to --out if given."""
+def scan_checkpoint(opts: ScanOptions, reporter: Reporter | None = None, cache: ScanCache | None = None) -> ScanReport:
+    """Scan one checkpoint for a backdoor without knowing its trigger; write triggers to --out if given. With a
+    `cache` (scanning/cache.py), a scan of the same model, images and settings is read back instead."""
     reporter = reporter or Reporter()
     device = resolve_device(opts.device)
     params = InversionParams(steps=opts.steps, batch_size=opts.batch_size, threshold=opts.anomaly_threshold).validate()
@@ -73,11 +75,11 @@ def scan_checkpoint(opts: ScanOptions, reporter: Reporter | None = None) -> Scan
         bundle, image_size = load_run_data(opts, [opts.checkpoint], need_train=opts.clean_data is None)
         subject = open_subject(opts, opts.checkpoint, bundle, reporter)
     if opts.out is None:
-        return _scan(opts, params, bundle, image_size, subject, device, timer, None, reporter)
+        return _scan(opts, params, bundle, image_size, subject, device, timer, None, reporter, cache)
     # Every class's file names are declared up front so a bad --out fails now, not after the scan.
     names = [REPORT_NAME] + [n for c in range(subject.num_classes) for n in class_output_names(c).values()]
     with OutputSet(Path(opts.out), names, input_paths(opts, opts.checkpoint), opts.force) as outputs:
-        report = _scan(opts, params, bundle, image_size, subject, device, timer, outputs, reporter)
+        report = _scan(opts, params, bundle, image_size, subject, device, timer, outputs, reporter, cache)
         reporter.stage(f"writing outputs to {opts.out}")
         outputs.commit()
     return report
@@ -93,6 +95,7 @@ def _scan(
     timer: Stopwatch,
     outputs: OutputSet | None,
     reporter: Reporter,
+    cache: ScanCache | None = None,
 ) -> ScanReport:
     with timer.stage("load"):
         clean_opts = opts
@@ -121,6 +124,7 @@ def _scan(
             opts.seed,
             reporter,
             precision="fp32",
+            cache=cache,
         )
     check = None
     # Nothing flagged: the smallest mask is still a candidate the reference may show to be planted (as purify's
