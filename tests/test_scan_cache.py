@@ -226,3 +226,14 @@ def test_bdclean_scan_reads_a_scan_back_with_cache_dir(planted_template, tmp_pat
     assert a["cached"] is None and b["cached"] and (tmp_path / "cache" / "scan" / f"{b['cached']}.json").is_file()
     assert b["classes"] == a["classes"] and b["flagged_classes"] == a["flagged_classes"]
     assert "read from the scan cache" in " ".join(second.stderr.split())
+
+
+def test_a_long_scan_that_nothing_kept_says_how_to_keep_it(planted_template, tmp_path, monkeypatch):
+    from backdoor_cli.usecases import purify
+
+    monkeypatch.delenv("BDCLEAN_CACHE_DIR", raising=False)
+    monkeypatch.setattr(purify, "CACHE_HINT_SECONDS", 0.0)  # every scan is "long"
+    _, plain = _purify(planted_template, tmp_path / "plain", None)
+    assert "with --cache-dir DIR (or BDCLEAN_CACHE_DIR) it is kept" in " ".join(plain.stderr.split())
+    _, kept = _purify(planted_template, tmp_path / "kept", tmp_path / "cache")
+    assert "--cache-dir DIR" not in " ".join(kept.stderr.split())  # it is kept already: nothing to say

@@ -211,3 +211,11 @@ def open_scan_cache(directory: str | Path | None) -> ScanCache | None:
     by default, so a plain run never writes outside its outputs."""
     directory = directory or os.environ.get(CACHE_ENV)
     return ScanCache(Path(directory) / SCAN_SUBDIR) if directory else None
+
+
+def keep_scan_hint(seconds: float) -> str:
+    """What to do so that the next run does not search again (said when a scan took long and nothing kept it)."""
+    return (
+        f"the scan took {seconds:.0f} s; with --cache-dir DIR (or BDCLEAN_CACHE_DIR) it is kept, and the next purify "
+        "of this model on these images with these settings reads it back instead of searching again"
+    )

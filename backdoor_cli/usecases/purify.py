@@ -44,7 +44,7 @@ from ..precision import (
 from ..progress import Reporter
 from ..reports.report import PurifyReport, stage_purify_report
 from ..runtime import Stopwatch, environment, prepare_model, resolve_device, seed_everything
-from ..scanning.cache import ScanCache, open_scan_cache
+from ..scanning.cache import ScanCache, keep_scan_hint, open_scan_cache
 from ..scanning.guided import (
     CleanReference,
     ScanEvidence,
@@ -96,6 +96,8 @@ from .setup import (
     untimed_format,
 )
 
+# A scan this long is worth keeping for the next run: say how (a purify of the same model is often run again).
+CACHE_HINT_SECONDS = 30.0
 PURIFY_OUTPUTS = ("purified.safetensors", "report.json", "report.md", "config.yaml", "clean_indices.txt")
 
 
@@ -226,6 +228,8 @@ def _purify_into(
         output_kind = decide_output_kind(opts.output_kind, model, clean, mean, std, device, reporter)
         tune_set, monitor = _holdout(recipe, clean, subject, model, mean, std, device, reporter, opts.seed)
     evidence = None
+    # the scan's entries live beside the evaluation cache's (--cache-dir): off without one
+    scan_cache = open_scan_cache(cache.root) if cache is not None and cache.root is not None else None
     if defense.needs_triggers:
         with timer.stage("scan"):
             evidence = _scan_for_triggers(
@@ -241,9 +245,10 @@ def _purify_into(
                 opts.scan_steps,
                 opts.precaution,
                 reference=open_clean_reference(opts, bundle, subject, device, reporter),
-                # the scan's entries live beside the evaluation cache's (--cache-dir): off without one
-                cache=open_scan_cache(cache.root) if cache is not None and cache.root is not None else None,
+                cache=scan_cache,
             )
+        if scan_cache is None and timer.stages["scan"] >= CACHE_HINT_SECONDS:
+            reporter.info(keep_scan_hint(timer.stages["scan"]))
     # nothing flagged (and no --precaution): nothing to remove, so the input is kept as it is (scanning.guided)
     unchanged = evidence is not None and not evidence.chosen
     with timer.stage("choose_format"):
