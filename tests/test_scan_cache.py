@@ -5,6 +5,7 @@ second `purify --cache-dir` skips the search and writes the first run's weights 
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -125,9 +126,11 @@ def _rewrite_tensors(path, change):
         "another schema",
         "another key",
         "not json",
+        "a record that is not a regular file",
+        "a record too large",
     ],
 )
-def test_a_damaged_entry_is_a_miss_and_is_searched_and_written_again(tmp_path, damage):
+def test_a_damaged_entry_is_a_miss_and_is_searched_and_written_again(tmp_path, damage, monkeypatch):
     cache, record, tensors = _entry(tmp_path)
     if damage == "truncated tensors":
         tensors.write_bytes(tensors.read_bytes()[:100])
@@ -143,11 +146,17 @@ def test_a_damaged_entry_is_a_miss_and_is_searched_and_written_again(tmp_path, d
         _rewrite_record(record, lambda r: r.update(schema="bdclean.scan-cache/0"))
     elif damage == "another key":
         _rewrite_record(record, lambda r: r["key"].update(seed=5))
+    elif damage == "a record that is not a regular file":
+        record.unlink()
+        os.mkfifo(record)  # a read would block forever: never opened
+    elif damage == "a record too large":
+        monkeypatch.setattr(scan_cache, "MAX_RECORD_BYTES", 10)
     else:
         record.write_text("{not json")
     said = Said()
     result = _scan(_model(), cache, reporter=said)
     assert result.cached is None and not any("read from the scan cache" in line for line in said.lines)
+    monkeypatch.undo()
     assert _scan(_model(), cache).cached is not None  # the search wrote a good entry again
 
 
@@ -212,15 +221,19 @@ def test_without_a_cache_folder_purify_keeps_no_scan(planted_template, tmp_path,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
-def test_bdclean_scan_reads_a_scan_back_with_cache_dir(planted_template, tmp_path):
+def test_bdclean_scan_reads_a_scan_back_with_cache_dir(planted_template, tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
     from backdoor_cli.cli import app
 
     args = ["scan", str(planted_template["model"]), "--data", str(planted_template["data"]), "--clean-count", "200"]
     args += ["--steps", "30", "--device", "cpu", "--json", "--cache-dir", str(tmp_path / "cache")]
+    monkeypatch.delenv("BDCLEAN_CACHE_DIR", raising=False)
+    monkeypatch.setattr(scan_cache, "CACHE_HINT_SECONDS", 0.0)
+    bare = CliRunner().invoke(app, args[:-2])  # no cache: a long scan says how to keep it
     first = CliRunner().invoke(app, args)
     second = CliRunner().invoke(app, args)
+    assert bare.exit_code == 0 and "with --cache-dir DIR" in " ".join(bare.stderr.split())
     assert first.exit_code == 0 and second.exit_code == 0, first.output + second.output
     a, b = json.loads(first.stdout), json.loads(second.stdout)
     assert a["cached"] is None and b["cached"] and (tmp_path / "cache" / "scan" / f"{b['cached']}.json").is_file()
@@ -229,11 +242,10 @@ def test_bdclean_scan_reads_a_scan_back_with_cache_dir(planted_template, tmp_pat
 
 
 def test_a_long_scan_that_nothing_kept_says_how_to_keep_it(planted_template, tmp_path, monkeypatch):
-    from backdoor_cli.usecases import purify
-
     monkeypatch.delenv("BDCLEAN_CACHE_DIR", raising=False)
-    monkeypatch.setattr(purify, "CACHE_HINT_SECONDS", 0.0)  # every scan is "long"
+    monkeypatch.setattr(scan_cache, "CACHE_HINT_SECONDS", 0.0)  # every scan is "long"
     _, plain = _purify(planted_template, tmp_path / "plain", None)
     assert "with --cache-dir DIR (or BDCLEAN_CACHE_DIR) it is kept" in " ".join(plain.stderr.split())
     _, kept = _purify(planted_template, tmp_path / "kept", tmp_path / "cache")
     assert "--cache-dir DIR" not in " ".join(kept.stderr.split())  # it is kept already: nothing to say
+    assert scan_cache.keep_scan_hint(-1.0) is None  # and a short scan is not worth a word

@@ -36,6 +36,11 @@ SCAN_CACHE_SCHEMA = "bdclean.scan-cache/1"
 SCAN_SUBDIR = "scan"
 # Masks and patterns of a 1,000-class model of 224 x 224 images take about 800 MB: not worth a disk's space.
 MAX_ENTRY_BYTES = 64 * 1024 * 1024
+MAX_RECORD_BYTES = 16 * 1024 * 1024  # the JSON record: a few hundred bytes per class
+HEADER_ALLOWANCE = 1024 * 1024  # safetensors' own header beside the tensors
+# A scan this long is worth keeping for the next run: without a cache, the run says how (scan and purify are often
+# run again on the same model: with --retune-check, other tuning flags, a gate in CI).
+CACHE_HINT_SECONDS = 30.0
 
 
 @dataclass(frozen=True)
@@ -120,6 +125,11 @@ class ScanCache:
         """The stored scan scored again, or None (absent, unreadable, or not matching its record)."""
         record_path, tensor_path = self.paths(key)
         try:
+            # a regular file of a sane size, never a FIFO or a device a hostile folder put there (a read would block
+            # or never end); the tensors are checked by safetensors, which reads its header's length first
+            for path, limit in ((record_path, MAX_RECORD_BYTES), (tensor_path, MAX_ENTRY_BYTES + HEADER_ALLOWANCE)):
+                if not path.is_file() or path.stat().st_size > limit:
+                    return None
             record = json.loads(record_path.read_text("utf-8"))
             if record.get("schema") != SCAN_CACHE_SCHEMA or record.get("key") != key.fields:
                 return None
@@ -213,9 +223,12 @@ def open_scan_cache(directory: str | Path | None) -> ScanCache | None:
     return ScanCache(Path(directory) / SCAN_SUBDIR) if directory else None
 
 
-def keep_scan_hint(seconds: float) -> str:
-    """What to do so that the next run does not search again (said when a scan took long and nothing kept it)."""
+def keep_scan_hint(seconds: float) -> str | None:
+    """What to do so that the next run does not search again, for a scan that took CACHE_HINT_SECONDS or more
+    with no cache to keep it (None below that)."""
+    if seconds < CACHE_HINT_SECONDS:
+        return None
     return (
-        f"the scan took {seconds:.0f} s; with --cache-dir DIR (or BDCLEAN_CACHE_DIR) it is kept, and the next purify "
-        "of this model on these images with these settings reads it back instead of searching again"
+        f"the scan took {seconds:.0f} s; with --cache-dir DIR (or BDCLEAN_CACHE_DIR) it is kept, and the next run "
+        "on this model and these images with these settings reads it back instead of searching again"
     )

@@ -96,8 +96,6 @@ from .setup import (
     untimed_format,
 )
 
-# A scan this long is worth keeping for the next run: say how (a purify of the same model is often run again).
-CACHE_HINT_SECONDS = 30.0
 PURIFY_OUTPUTS = ("purified.safetensors", "report.json", "report.md", "config.yaml", "clean_indices.txt")
 
 
@@ -247,8 +245,9 @@ def _purify_into(
                 reference=open_clean_reference(opts, bundle, subject, device, reporter),
                 cache=scan_cache,
             )
-        if scan_cache is None and timer.stages["scan"] >= CACHE_HINT_SECONDS:
-            reporter.info(keep_scan_hint(timer.stages["scan"]))
+        hint = keep_scan_hint(timer.stages["scan"]) if scan_cache is None else None
+        if hint:
+            reporter.info(hint)
     # nothing flagged (and no --precaution): nothing to remove, so the input is kept as it is (scanning.guided)
     unchanged = evidence is not None and not evidence.chosen
     with timer.stage("choose_format"):

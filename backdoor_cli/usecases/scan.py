@@ -26,7 +26,7 @@ from ..progress import Reporter
 from ..reports.report import to_json
 from ..reports.scan_report import ScanReport, png_bytes, preview_png, trigger_pixels, trigger_spec_yaml
 from ..runtime import Stopwatch, environment, prepare_model, resolve_device, seed_everything
-from ..scanning.cache import ScanCache
+from ..scanning.cache import ScanCache, keep_scan_hint
 from ..scanning.guided import (
     candidate_below_threshold,
     check_reference,
@@ -126,6 +126,9 @@ def _scan(
             precision="fp32",
             cache=cache,
         )
+    hint = keep_scan_hint(timer.stages["scan"]) if cache is None else None
+    if hint:
+        reporter.info(hint)
     check = None
     # Nothing flagged: the smallest mask is still a candidate the reference may show to be planted (as purify's
     # default unlearns it, scanning.guided.vouch_for_candidate)
