@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -128,6 +129,11 @@ def test_cache_keeps_the_outcomes_and_reads_an_entry_without_them_or_with_wrong_
     assert EvalCache(tmp_path).get(key) is None
     flipped = Outcomes(~result.outcomes.clean_correct, result.outcomes.target_hits).to_dict()
     (tmp_path / f"{key.digest}.json").write_text(json.dumps({**entry, "outcomes": flipped}))
+    assert EvalCache(tmp_path).get(key) is None
+    (tmp_path / f"{key.digest}.json").write_text("[1, 2]")  # JSON, but not an entry
+    assert EvalCache(tmp_path).get(key) is None
+    (tmp_path / f"{key.digest}.json").unlink()
+    os.mkfifo(tmp_path / f"{key.digest}.json")  # a hostile folder's FIFO: never opened (a read would block)
     assert EvalCache(tmp_path).get(key) is None
 
 

@@ -31,6 +31,8 @@ from .paired import Outcomes
 CACHE_ENV = "BDCLEAN_CACHE_DIR"
 CACHE_SCHEMA = "bdclean.eval-cache/1"
 HASH_CHUNK = 1 << 20
+# An entry holds counts and one bit per image and outcome (about 3 bytes an image as JSON): 64 MB is millions of images.
+MAX_ENTRY_BYTES = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -53,11 +55,15 @@ class EvalCache:
             return self._memory[key.digest]
         if self.root is None:
             return None
+        path = self.root / f"{key.digest}.json"
         try:
-            entry = json.loads((self.root / f"{key.digest}.json").read_text("utf-8"))
+            # a regular file of a sane size: a FIFO or a device in a hostile folder would block or never end
+            if not path.is_file() or path.stat().st_size > MAX_ENTRY_BYTES:
+                return None
+            entry = json.loads(path.read_text("utf-8"))
             current = entry.get("schema") == CACHE_SCHEMA
             result = result_from_dict(entry["metrics"], entry["outcomes"]) if current else None
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):  # AttributeError: JSON that is no object
             return None
         if result is not None:
             self._memory[key.digest] = result
