@@ -92,6 +92,14 @@ def test_the_key_follows_everything_the_scan_depends_on():
     assert base not in changed and len(set(changed)) == len(changed)
     fields = scan_key(_model(), images.x, images.y, 3, MEAN, STD, LossAdapter(), PARAMS, 0, "fp32").fields
     assert {"torch", "bdclean", "processor", "threads", "precision"} <= set(fields)
+    assert fields["processor"].startswith("cpu:") and scan_cache.cpu_model()  # the CPU's model, not only its level
+
+
+def test_the_cpu_model_is_read_from_cpuinfo_or_the_platform(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nmodel name\t: AMD EPYC 9R14 96-Core Processor\nflags\t: avx512f\n")
+    assert scan_cache.cpu_model(info) == "AMD EPYC 9R14 96-Core Processor"
+    assert scan_cache.cpu_model(tmp_path / "absent")  # no /proc: the platform's word
 
 
 def _entry(tmp_path):

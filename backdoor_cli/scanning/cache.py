@@ -5,7 +5,7 @@ of 510-640 s for a VGG-16-BN), and a user who runs purify again on the same chec
 `--retune-check`, other tuning flags, in a nightly CI job) gets the same scan: it is a pure function of the
 model's weights and structure, the scan images and their labels, the normalisation, the loss read from the
 output, the search's parameters and seed, its arithmetic, and the software and processor it runs on (a
-search of thousands of steps amplifies rounding, so a different torch, CPU dispatch level, GPU or thread
+search of thousands of steps amplifies rounding, so a different torch, CPU model, GPU or thread
 count is a different entry, never a stale hit). The key hashes exactly those.
 
 Opt-in, as the evaluation cache whose folder it shares (`--cache-dir`, or $BDCLEAN_CACHE_DIR, under `scan/`).
@@ -22,6 +22,7 @@ import hashlib
 import json
 import math
 import os
+import platform
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,10 +107,22 @@ def images_fingerprint(images: torch.Tensor, labels: torch.Tensor) -> str:
 
 
 def processor(device: torch.device) -> str:
-    """What does the arithmetic: the GPU's name, or the CPU's dispatch level (AVX2, AVX512, ...)."""
+    """What does the arithmetic: the GPU's name, or the CPU's model and dispatch level (AVX2, AVX512, ...): two CPUs
+    of one level may still block a convolution differently (cache sizes), and so round a sum in another order."""
     if device.type == "cuda":
         return f"cuda:{torch.cuda.get_device_name(device)}"
-    return f"{device.type}:{cpu_capability().torch_capability}"
+    return f"{device.type}:{cpu_model()}:{cpu_capability().torch_capability}"
+
+
+def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The first processor's model name (Linux), else what the platform says."""
+    try:
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 class ScanCache:
