@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from backdoor_cli.cli import app
 from backdoor_cli.data.datasets import ImageSet
-from backdoor_cli.evaluation.cache import EvalCache, EvalKey, result_from_dict
+from backdoor_cli.evaluation.cache import CacheKey, EvalCache, result_from_dict
 from backdoor_cli.evaluation.measure import EvalResult, build_eval_sets, evaluate_model
 from backdoor_cli.evaluation.metrics import Rate
 from backdoor_cli.reports.report import trigger_lift_line
@@ -61,7 +61,7 @@ def test_cache_round_trip_keeps_it_and_an_entry_without_it_is_a_miss(tmp_path):
     result = evaluate_model(BiasedToZero(), corner_labelled_eval_sets(), MEAN, STD, CPU)
     back = result_from_dict(json.loads(json.dumps(result.to_dict())))
     assert (back.asr_no_trigger.k, back.asr_no_trigger.n) == (10, 30)
-    key = EvalKey("k" * 64, {})
+    key = CacheKey("k" * 64, {})
     old = result.to_dict()
     del old["asr_no_trigger"]  # an entry written before the rate was counted
     entry = {"schema": "bdclean.eval-cache/1", "metrics": old, "outcomes": result.outcomes.to_dict()}

@@ -16,7 +16,7 @@ from torch import nn
 from typer.testing import CliRunner
 
 from backdoor_cli.cli import app
-from backdoor_cli.evaluation.cache import EvalCache, EvalKey
+from backdoor_cli.evaluation.cache import CacheKey, EvalCache
 from backdoor_cli.evaluation.measure import evaluate_model
 from backdoor_cli.evaluation.paired import (
     Outcomes,
@@ -118,7 +118,7 @@ def test_evaluation_keeps_each_images_outcome_and_two_evaluations_pair_up():
 
 def test_cache_keeps_the_outcomes_and_reads_an_entry_without_them_or_with_wrong_ones_as_a_miss(tmp_path):
     result = evaluate_model(ByCorner(wrong=1), corner_labelled_eval_sets(), MEAN, STD, CPU)
-    key = EvalKey("k" * 64, {})
+    key = CacheKey("k" * 64, {})
     EvalCache(tmp_path).put(key, result)
     back = EvalCache(tmp_path).get(key)
     assert torch.equal(back.outcomes.clean_correct, result.outcomes.clean_correct)

@@ -10,6 +10,7 @@ import os
 import pytest
 import torch
 
+from backdoor_cli.data.datasets import ImageSet
 from backdoor_cli.models.output_kind import LossAdapter
 from backdoor_cli.progress import Reporter
 from backdoor_cli.scanning import cache as scan_cache
@@ -66,9 +67,8 @@ def test_the_key_follows_everything_the_scan_depends_on():
     images = tiny_data()
 
     def key(model=None, x=images.x, seed=0, params=PARAMS, adapter=None, mean=MEAN):
-        return scan_key(
-            model or _model(), x, images.y, 3, mean, STD, adapter or LossAdapter(), params, seed, "fp32"
-        ).digest
+        shown = ImageSet(x, images.y)
+        return scan_key(model or _model(), shown, 3, mean, STD, adapter or LossAdapter(), params, seed, "fp32").digest
 
     base = key()
     assert key() == base  # the same inputs, the same key
@@ -90,7 +90,7 @@ def test_the_key_follows_everything_the_scan_depends_on():
         key(mean=MEAN + 0.01),
     ]
     assert base not in changed and len(set(changed)) == len(changed)
-    fields = scan_key(_model(), images.x, images.y, 3, MEAN, STD, LossAdapter(), PARAMS, 0, "fp32").fields
+    fields = scan_key(_model(), images, 3, MEAN, STD, LossAdapter(), PARAMS, 0, "fp32").fields
     assert {"torch", "bdclean", "processor", "threads", "precision"} <= set(fields)
     assert fields["processor"].startswith("cpu:") and scan_cache.cpu_model()  # the CPU's model, not only its level
 

@@ -36,21 +36,26 @@ MAX_ENTRY_BYTES = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True)
-class EvalKey:
-    """What an evaluation depends on, hashed; `fields` is kept beside the entry for people reading it."""
+class CacheKey:
+    """What a cached result (an evaluation, a scan) depends on, hashed; `fields` is kept beside the entry for
+    people reading it."""
 
     digest: str
     fields: dict
 
+    @classmethod
+    def of(cls, fields: dict) -> CacheKey:
+        return cls(hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest(), fields)
+
 
 class EvalCache:
-    """get/put EvalResults by EvalKey; `root` None keeps them in memory for this process only."""
+    """get/put EvalResults by CacheKey; `root` None keeps them in memory for this process only."""
 
     def __init__(self, root: str | Path | None = None):
         self.root = Path(root) if root else None
         self._memory: dict[str, EvalResult] = {}
 
-    def get(self, key: EvalKey) -> EvalResult | None:
+    def get(self, key: CacheKey) -> EvalResult | None:
         if key.digest in self._memory:
             return self._memory[key.digest]
         if self.root is None:
@@ -69,7 +74,7 @@ class EvalCache:
             self._memory[key.digest] = result
         return result
 
-    def put(self, key: EvalKey, result: EvalResult) -> None:
+    def put(self, key: CacheKey, result: EvalResult) -> None:
         self._memory[key.digest] = result
         if self.root is None:
             return
@@ -101,7 +106,7 @@ def eval_key(
     seed: int,
     device: torch.device,
     precision: str = "fp32",
-) -> EvalKey:
+) -> CacheKey:
     """The key of evaluating `subject` (a loaded Subject) on the test split with `trigger`, in `precision`
     (bf16 and fp32 evaluations can differ in a few predictions, so they are different entries)."""
     from .. import __version__
@@ -119,7 +124,7 @@ def eval_key(
         "precision": precision,
         "bdclean": __version__,
     }
-    return EvalKey(_digest(fields), fields)
+    return CacheKey.of(fields)
 
 
 def trigger_fingerprint(trigger) -> str | None:
@@ -160,7 +165,7 @@ def file_sha256(path: str | Path) -> str:
     return hasher.hexdigest()
 
 
-def measured(cache: EvalCache | None, key: EvalKey | None, evaluate) -> tuple[EvalResult, bool]:
+def measured(cache: EvalCache | None, key: CacheKey | None, evaluate) -> tuple[EvalResult, bool]:
     """(the result, whether it came from the cache): `evaluate()` runs only on a miss, and its result is stored."""
     if cache is not None and key is not None:
         found = cache.get(key)
@@ -216,7 +221,3 @@ def hash_tensor(hasher, tensor: torch.Tensor) -> None:
     hasher.update(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
     if tensor.numel():
         hasher.update(tensor.reshape(-1).view(torch.uint8).numpy())  # the buffer itself, no copy
-
-
-def _digest(fields: dict) -> str:
-    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()

@@ -23,12 +23,12 @@ import json
 import math
 import os
 import platform
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ..evaluation.cache import CACHE_ENV, hash_tensor
+from ..data.datasets import ImageSet
+from ..evaluation.cache import CACHE_ENV, CacheKey, hash_tensor
 from ..models.output_kind import LossAdapter
 from ..precision import cpu_capability
 from .inversion import ClassTrigger, InversionParams, ScanResult, score_triggers
@@ -44,18 +44,9 @@ HEADER_ALLOWANCE = 1024 * 1024  # safetensors' own header beside the tensors
 CACHE_HINT_SECONDS = 30.0
 
 
-@dataclass(frozen=True)
-class ScanKey:
-    """What a scan depends on, hashed; `fields` is kept in the entry for people reading it."""
-
-    digest: str
-    fields: dict
-
-
 def scan_key(
     model: torch.nn.Module,
-    images: torch.Tensor,
-    labels: torch.Tensor,
+    images: ImageSet,
     num_classes: int,
     mean: torch.Tensor,
     std: torch.Tensor,
@@ -63,27 +54,25 @@ def scan_key(
     params: InversionParams,
     seed: int,
     precision: str,
-) -> ScanKey:
+) -> CacheKey:
     """The key of scanning `model` (as it is now: weights, buffers, structure, memory format) on `images`."""
     from .. import __version__
 
-    device = images.device
     fields = {
         "model": model_fingerprint(model),
-        "images": images_fingerprint(images, labels),
+        "images": images_fingerprint(images.x, images.y),
         "num_classes": num_classes,
         "normalization": [mean.flatten().tolist(), std.flatten().tolist()],
         "loss": {"kind": adapter.kind, "source": adapter.source, "module": adapter.module},
         "params": params.to_dict(),
         "seed": seed,
         "precision": precision,
-        "processor": processor(device),
+        "processor": processor(images.x.device),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "bdclean": __version__,
     }
-    digest = hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
-    return ScanKey(digest, fields)
+    return CacheKey.of(fields)
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:
@@ -126,15 +115,15 @@ def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
 
 
 class ScanCache:
-    """get/put ScanResults by ScanKey in a folder."""
+    """get/put ScanResults by CacheKey in a folder."""
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
 
-    def paths(self, key: ScanKey) -> tuple[Path, Path]:
+    def paths(self, key: CacheKey) -> tuple[Path, Path]:
         return self.root / f"{key.digest}.json", self.root / f"{key.digest}.safetensors"
 
-    def get(self, key: ScanKey, image_shape: tuple[int, int, int]) -> ScanResult | None:
+    def get(self, key: CacheKey, image_shape: tuple[int, int, int]) -> ScanResult | None:
         """The stored scan scored again, or None (absent, unreadable, or not matching its record)."""
         record_path, tensor_path = self.paths(key)
         try:
@@ -158,7 +147,7 @@ class ScanCache:
         result.cached = key.digest
         return result
 
-    def put(self, key: ScanKey, result: ScanResult) -> bool:
+    def put(self, key: CacheKey, result: ScanResult) -> bool:
         """Store `result`; False when it is too large to keep or the folder cannot be written."""
         masks = torch.stack([t.mask.float() for t in result.triggers]).contiguous()
         patterns = torch.stack([t.pattern.float() for t in result.triggers]).contiguous()

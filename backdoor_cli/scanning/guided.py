@@ -305,7 +305,7 @@ def run_scan(
 
     if cache is None:
         return search()
-    key = scan_key(model, images.x, images.y, num_classes, mean, std, adapter, params, seed, precision)
+    key = scan_key(model, images, num_classes, mean, std, adapter, params, seed, precision)
     found = cache.get(key, images.image_shape)
     if found is not None:
         model.eval()  # as the search leaves it: what runs next sees the model in the same mode either way

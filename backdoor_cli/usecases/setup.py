@@ -182,7 +182,7 @@ def check_gate_inputs(opts, trigger) -> None:
 
 
 def cache_key(cache, subject: Subject, bundle: DatasetBundle, trigger, opts, device, precision: str):
-    """The EvalKey of this evaluation, or None without a cache (hashing the test images costs a little).
+    """The CacheKey of this evaluation, or None without a cache (hashing the test images costs a little).
     The precision is part of it: bf16 and fp32 evaluations may differ in a few predictions."""
     if cache is None:
         return None
